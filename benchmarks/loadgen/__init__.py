@@ -1,0 +1,1 @@
+"""Native load generator and sink for the loopback benchmark (see run_loadgen.py)."""

@@ -1,0 +1,546 @@
+"""Python launcher for the native load generator/sink, plus helpers to run a SUT subprocess.
+
+Import it (run.py, tests) or run it against an already running SUT: run_loadgen.py CONFIG --rate 50.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+_BENCH_DIR = str(Path(__file__).resolve().parents[1])
+if _BENCH_DIR not in sys.path:
+    sys.path.insert(0, _BENCH_DIR)
+
+import benchconfig  # noqa: E402
+from loadgen import native  # noqa: E402
+
+REPO_DIR = Path(_BENCH_DIR).parent
+BASELINE_SCRIPT = Path(_BENCH_DIR) / "baseline" / "run_baseline.py"
+FASTSFU_SCRIPT = Path(_BENCH_DIR) / "sut_fastsfu.py"
+GEN_CPU = 0
+SUT_CPU = 1
+SINK_RCVBUF = 4 << 20
+ERRLEN = 512
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+class HarnessError(RuntimeError):
+    """Something in the harness broke (build, SUT start, generator setup)."""
+
+
+# ---- ctypes mirrors of loadgen.c's structs (checked against lg_struct_sizes at load) ----
+
+
+class LgParams(ctypes.Structure):
+    _fields_ = [
+        ("rate", ctypes.c_double),
+        ("warmup_ns", ctypes.c_int64),
+        ("duration_ns", ctypes.c_int64),
+        ("drain_ns", ctypes.c_int64),
+        ("verify_every", ctypes.c_int32),
+        ("payload_size", ctypes.c_int32),
+    ]
+
+
+_U64 = ctypes.c_uint64
+_I64 = ctypes.c_int64
+
+
+class LgResult(ctypes.Structure):
+    _fields_ = [
+        *[(n, _U64) for n in ("sent_total", "sent_window", "send_errors", "protect_errors")],
+        *[(n, _U64) for n in ("wire_min", "wire_max", "wire_sum")],
+        ("max_send_lag_ns", _I64),
+        *[(n, _U64) for n in ("expected", "received", "duplicates", "reorders", "lat_count", "lat_negative")],
+        *[(n, _I64) for n in ("lat_min_ns", "lat_max_ns", "lat_sum_ns", "p50_ns", "p90_ns", "p99_ns", "p999_ns")],
+        *[(n, _U64) for n in ("received_total", "out_of_window", "rx_batches")],
+        *[
+            (n, _U64)
+            for n in ("bad_packets", "unknown_ssrc", "misrouted", "pt_mismatch", "no_stamp", "ext_not_rewritten")
+        ],
+        *[(n, _U64) for n in ("verified", "verify_failures")],
+        *[(n, _I64) for n in ("window_ns", "elapsed_ns")],
+    ]
+
+
+class LgSubResult(ctypes.Structure):
+    _fields_ = [
+        *[(n, _U64) for n in ("expected", "received", "duplicates", "reorders", "verify_failures")],
+        ("lat_max_ns", _I64),
+    ]
+
+
+def _load_loadgen(path: Path) -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(path))
+    sizes = [ctypes.c_int32() for _ in range(3)]
+    lib.lg_struct_sizes(*[ctypes.byref(s) for s in sizes])
+    expected = [ctypes.sizeof(LgParams), ctypes.sizeof(LgResult), ctypes.sizeof(LgSubResult)]
+    if [s.value for s in sizes] != expected:
+        raise HarnessError(f"loadgen struct layout mismatch: C {[s.value for s in sizes]} vs Python {expected}")
+    vp, i32 = ctypes.c_void_p, ctypes.c_int
+    lib.lg_create.restype = vp
+    lib.lg_create.argtypes = [
+        i32, vp, vp, vp, vp, vp, vp, vp, vp, vp, i32, vp, vp, vp, i32, i32, ctypes.c_uint64, i32,
+        ctypes.c_char_p, i32,
+    ]
+    lib.lg_run_step.restype = i32
+    lib.lg_run_step.argtypes = [vp, ctypes.POINTER(LgParams), ctypes.POINTER(LgResult), vp, ctypes.c_char_p, i32]
+    lib.lg_destroy.restype = None
+    lib.lg_destroy.argtypes = [vp]
+    return lib
+
+
+# ---- results ----
+
+
+@dataclass
+class SubResult:
+    """One subscription (receiver <- sender) in one step."""
+
+    receiver: int
+    sender: int
+    ssrc: int
+    expected: int
+    received: int
+    duplicates: int
+    reorders: int
+    verify_failures: int
+    lat_max_us: float
+
+    @property
+    def loss(self) -> int:
+        return self.expected - self.received
+
+
+@dataclass
+class StepResult:
+    """Everything the generator and sink measured in one step (window counts unless noted)."""
+
+    rate: float
+    duration_s: float
+    raw: dict[str, int]
+    subs: list[SubResult] = field(default_factory=list)
+
+    @property
+    def expected(self) -> int:
+        return self.raw["expected"]
+
+    @property
+    def received(self) -> int:
+        return self.raw["received"]
+
+    @property
+    def loss(self) -> int:
+        return self.expected - self.received
+
+    @property
+    def verify_failures(self) -> int:
+        return self.raw["verify_failures"]
+
+    def metrics(self) -> dict[str, Any]:
+        """The per-step metrics as a flat JSON-ready dict (latencies in µs)."""
+        r = self.raw
+        exp = r["expected"]
+
+        def us(ns: int) -> float | None:
+            return None if ns < 0 or r["lat_count"] == 0 else round(ns / 1000, 1)
+
+        return {
+            "rate": round(self.rate, 3),
+            "duration_s": self.duration_s,
+            "sent": r["sent_window"],
+            "offered_fwd_pps": round(exp / self.duration_s, 1),
+            "received_fwd_pps": round(r["received"] / self.duration_s, 1),
+            "expected": exp,
+            "received": r["received"],
+            "loss": exp - r["received"],
+            "loss_ratio": (exp - r["received"]) / exp if exp else 0.0,
+            "duplicates": r["duplicates"],
+            "reorders": r["reorders"],
+            "p50_us": us(r["p50_ns"]),
+            "p90_us": us(r["p90_ns"]),
+            "p99_us": us(r["p99_ns"]),
+            "p999_us": us(r["p999_ns"]),
+            "lat_min_us": us(r["lat_min_ns"]),
+            "lat_max_us": us(r["lat_max_ns"]),
+            "lat_mean_us": round(r["lat_sum_ns"] / r["lat_count"] / 1000, 1) if r["lat_count"] else None,
+            "verified": r["verified"],
+            "verify_failures": r["verify_failures"],
+            "received_total": r["received_total"],
+            "out_of_window": r["out_of_window"],
+            "wire_bytes_min": r["wire_min"],
+            "wire_bytes_max": r["wire_max"],
+            "wire_bytes_avg": round(r["wire_sum"] / r["sent_total"], 1) if r["sent_total"] else None,
+            "max_send_lag_us": round(r["max_send_lag_ns"] / 1000, 1),
+            "send_errors": r["send_errors"] + r["protect_errors"],
+            "sink_errors": {
+                k: r[k] for k in ("bad_packets", "unknown_ssrc", "misrouted", "pt_mismatch", "no_stamp",
+                                  "ext_not_rewritten", "lat_negative") if r[k]
+            },
+        }
+
+
+# ---- the generator ----
+
+
+class LoadGen:
+    """Generator + sink for one config: owns the sockets and the SRTP sessions for a whole run.
+
+    Sequence numbers, ROC and replay state continue from step to step, so the SUT must stay up
+    between steps; start a new LoadGen for a new SUT process.
+    """
+
+    def __init__(
+        self,
+        config: dict[str, Any],
+        lib_path: Path | None = None,
+        seed: int = 1,
+        rcvbuf: int = SINK_RCVBUF,
+    ) -> None:
+        native.check_libsrtp_version()
+        self.config = benchconfig.validate_config(config)
+        self._lib = _load_loadgen(lib_path or native.build_library(native.LOADGEN_SRC))
+        suite = config["suite"]
+        parts = config["participants"]
+        cons = config["consumers"]
+        n = len(parts)
+        # Sessions must outlive every C call that uses their srtp_t: they live on self.
+        self._up = [native.make_session(suite, p["key_up"], outbound=True, ssrcs=(p["ssrc"],)) for p in parts]
+        self._down = [native.make_session(suite, p["key_down"], outbound=False) for p in parts]
+        self._arrays = [
+            (ctypes.c_uint16 * n)(*[p["gen_port"] for p in parts]),
+            (ctypes.c_uint16 * n)(*[p["sut_port"] for p in parts]),
+            (ctypes.c_uint32 * n)(*[p["ssrc"] for p in parts]),
+            (ctypes.c_uint8 * n)(*[p["pt"] for p in parts]),
+            (ctypes.c_uint8 * n)(*[p["ext_id"] for p in parts]),
+        ]
+        up = native.pointer_array([native.session_pointer(s) for s in self._up])
+        down = native.pointer_array([native.session_pointer(s) for s in self._down])
+        nc = max(1, len(cons))
+        c_recv = (ctypes.c_int32 * nc)(*[c["receiver"] for c in cons])
+        c_send = (ctypes.c_int32 * nc)(*[c["sender"] for c in cons])
+        c_ssrc = (ctypes.c_uint32 * nc)(*[c["ssrc"] for c in cons])
+        self._keep = (up, down, c_recv, c_send, c_ssrc)
+        err = ctypes.create_string_buffer(ERRLEN)
+        a = self._arrays
+        handle = self._lib.lg_create(
+            n, a[0], a[1], a[2], a[3], a[4],
+            native.srtp_function("srtp_protect"), up, native.srtp_function("srtp_unprotect"), down,
+            len(cons), c_recv, c_send, c_ssrc, config["consumer_pt"], config["consumer_ext_id"],
+            seed, rcvbuf, err, ERRLEN,
+        )
+        if not handle:
+            raise HarnessError(f"load generator setup failed: {err.value.decode()}")
+        self._handle: int | None = handle
+        self._subs = (LgSubResult * nc)()
+
+    def run_step(
+        self,
+        rate: float = 50.0,
+        duration: float = 3.0,
+        warmup: float = 0.5,
+        drain: float = 0.3,
+        verify_every: int = 16,
+        payload_size: int = 0,
+        cpu: int | None = GEN_CPU,
+    ) -> StepResult:
+        """Run one step: `warmup` s of traffic not counted, `duration` s counted, `drain` s of receive only.
+
+        The calling thread is pinned to `cpu` for the call (both C threads inherit it) and
+        restored afterwards, so importing this module from pytest does not pin the test run.
+        """
+        if self._handle is None:
+            raise HarnessError("LoadGen is closed")
+        prm = LgParams(
+            rate=rate,
+            warmup_ns=int(warmup * 1e9),
+            duration_ns=int(duration * 1e9),
+            drain_ns=int(drain * 1e9),
+            verify_every=verify_every,
+            payload_size=payload_size,
+        )
+        res = LgResult()
+        err = ctypes.create_string_buffer(ERRLEN)
+        previous = native.pin_current_thread(cpu)
+        try:
+            rc = self._lib.lg_run_step(self._handle, ctypes.byref(prm), ctypes.byref(res), self._subs, err, ERRLEN)
+        finally:
+            if previous is not None:
+                os.sched_setaffinity(0, previous)
+        if rc != 0:
+            raise HarnessError(f"load generator step failed: {err.value.decode()}")
+        raw = {name: getattr(res, name) for name, _ in LgResult._fields_}
+        subs = [
+            SubResult(
+                receiver=c["receiver"],
+                sender=c["sender"],
+                ssrc=c["ssrc"],
+                expected=s.expected,
+                received=s.received,
+                duplicates=s.duplicates,
+                reorders=s.reorders,
+                verify_failures=s.verify_failures,
+                lat_max_us=s.lat_max_ns / 1000,
+            )
+            for c, s in zip(self.config["consumers"], self._subs)
+        ]
+        return StepResult(rate=rate, duration_s=duration, raw=raw, subs=subs)
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._lib.lg_destroy(self._handle)
+            self._handle = None
+
+    def __enter__(self) -> LoadGen:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# ---- the system under test ----
+
+
+def sut_command(kind: str, config_path: str | os.PathLike[str]) -> list[str]:
+    """argv for a SUT: 'baseline' or 'fastsfu' (both obey READY / SIGTERM / final JSON line)."""
+    script = {"baseline": BASELINE_SCRIPT, "fastsfu": FASTSFU_SCRIPT}[kind]
+    return [sys.executable, str(script), str(config_path)]
+
+
+class SutProcess:
+    """A SUT subprocess: started pinned to a CPU, ready when it prints READY, stopped with SIGTERM.
+
+    stdin is a pipe that is never written: a SUT that watches it sees EOF if this process dies.
+    """
+
+    def __init__(self, argv: list[str], cpu: int | None = SUT_CPU, ready_timeout: float = 30.0,
+                 env: dict[str, str] | None = None) -> None:
+        if cpu is not None:
+            # taskset pins before the interpreter starts, so every thread the SUT creates inherits it.
+            argv = ["taskset", "-c", str(cpu), *argv]
+        self.argv = argv
+        self.lines: queue.Queue[str | None] = queue.Queue()
+        self.output: list[str] = []
+        self.proc = subprocess.Popen(
+            argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, cwd=str(REPO_DIR),
+        )
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        try:
+            self._wait_ready(ready_timeout)
+        except BaseException:
+            self.kill()
+            raise
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.put(line.rstrip("\n"))
+        self.lines.put(None)
+
+    def _wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise HarnessError(f"SUT {self.argv} did not print READY within {timeout} s")
+            try:
+                line = self.lines.get(timeout=min(left, 0.5))
+            except queue.Empty:
+                continue
+            if line is None:
+                rc = self.proc.wait(timeout=5)
+                raise HarnessError(f"SUT {self.argv} exited with {rc} before READY: {self.output}")
+            self.output.append(line)
+            if line.strip() == "READY":
+                return
+
+    def cpu_times(self) -> tuple[float, float]:
+        """(user, system) CPU seconds of the whole SUT process from /proc/<pid>/stat."""
+        stat = Path(f"/proc/{self.pid}/stat").read_text()
+        fields = stat[stat.rindex(")") + 2 :].split()
+        # After "pid (comm) ", field 3 (state) is index 0: utime is field 14, stime field 15.
+        return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self, timeout: float = 15.0) -> dict[str, Any]:
+        """SIGTERM, wait, and return the SUT's final JSON line ({} if it printed none)."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+                raise HarnessError(f"SUT {self.argv} ignored SIGTERM for {timeout} s; killed") from None
+        self._reader.join(timeout=5)
+        while True:
+            try:
+                line = self.lines.get_nowait()
+            except queue.Empty:
+                break
+            if line is not None:
+                self.output.append(line)
+        self._close_pipes()
+        for line in reversed(self.output):
+            if line.startswith("{"):
+                try:
+                    return dict(json.loads(line))
+                except ValueError:
+                    break
+        return {}
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                pass
+        self._close_pipes()
+
+    def _close_pipes(self) -> None:
+        for pipe in (self.proc.stdin, self.proc.stdout):
+            if pipe is not None:
+                try:
+                    pipe.close()
+                except OSError:
+                    pass
+
+    def __enter__(self) -> SutProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.kill()
+
+
+def start_sut(kind_or_argv: str | list[str], config_path: str | os.PathLike[str], cpu: int | None = SUT_CPU,
+              ready_timeout: float = 30.0) -> SutProcess:
+    """Start 'baseline', 'fastsfu' or an explicit argv on `config_path`; returns once READY."""
+    argv = sut_command(kind_or_argv, config_path) if isinstance(kind_or_argv, str) else list(kind_or_argv)
+    return SutProcess(argv, cpu=cpu, ready_timeout=ready_timeout)
+
+
+# ---- system counters ----
+
+
+def udp_drops_by_port() -> dict[int, int]:
+    """Kernel receive-queue drops of every IPv4 UDP socket, keyed by local port (/proc/net/udp)."""
+    drops: dict[int, int] = {}
+    try:
+        lines = Path("/proc/net/udp").read_text().splitlines()[1:]
+    except OSError:
+        return drops
+    for line in lines:
+        cols = line.split()
+        if len(cols) >= 13:
+            port = int(cols[1].rsplit(":", 1)[1], 16)
+            drops[port] = drops.get(port, 0) + int(cols[-1])
+    return drops
+
+
+def cpu_busy_seconds(cpu: int) -> float:
+    """Busy time (everything but idle and iowait, softirq included) of one CPU from /proc/stat."""
+    for line in Path("/proc/stat").read_text().splitlines():
+        if line.startswith(f"cpu{cpu} "):
+            v = [int(x) for x in line.split()[1:]]
+            return (sum(v[:8]) - v[3] - v[4]) / CLK_TCK
+    return 0.0
+
+
+def measure_step(
+    gen: LoadGen,
+    sut: SutProcess | None,
+    rate: float,
+    duration: float,
+    warmup: float = 0.5,
+    drain: float = 0.3,
+    verify_every: int = 16,
+    payload_size: int = 0,
+    gen_cpu: int | None = GEN_CPU,
+    sut_cpu: int | None = SUT_CPU,
+) -> tuple[StepResult, dict[str, Any]]:
+    """Run one step and add SUT CPU per forwarded packet and kernel socket drops to its metrics.
+
+    CPU covers the whole call (warm-up and drain included), so it is divided by every forwarded
+    packet the sink received during the call, not only the counted window.
+    """
+    cfg = gen.config
+    gen_ports = {p["gen_port"] for p in cfg["participants"]}
+    sut_ports = {p["sut_port"] for p in cfg["participants"]}
+    d0 = udp_drops_by_port()
+    c0 = sut.cpu_times() if sut else (0.0, 0.0)
+    b0 = cpu_busy_seconds(sut_cpu) if sut_cpu is not None else 0.0
+    t0 = time.monotonic()
+    res = gen.run_step(rate, duration, warmup, drain, verify_every, payload_size, cpu=gen_cpu)
+    wall = time.monotonic() - t0
+    c1 = sut.cpu_times() if sut else (0.0, 0.0)
+    b1 = cpu_busy_seconds(sut_cpu) if sut_cpu is not None else 0.0
+    d1 = udp_drops_by_port()
+    m = res.metrics()
+    fwd = res.raw["received_total"]
+    user, system = c1[0] - c0[0], c1[1] - c0[1]
+    m["nominal_fwd_pps"] = round(rate * len(cfg["consumers"]), 1)
+    if sut is not None:
+        m["sut_cpu_util"] = round((user + system) / wall, 3)
+        m["cpu_user_us_per_pkt"] = round(user * 1e6 / fwd, 3) if fwd else None
+        m["cpu_sys_us_per_pkt"] = round(system * 1e6 / fwd, 3) if fwd else None
+        m["cpu_us_per_pkt"] = round((user + system) * 1e6 / fwd, 3) if fwd else None
+    if sut_cpu is not None:
+        m["core_busy_us_per_pkt"] = round((b1 - b0) * 1e6 / fwd, 3) if fwd else None
+    m["sink_kernel_drops"] = sum(d1.get(p, 0) - d0.get(p, 0) for p in gen_ports)
+    m["sut_kernel_drops"] = sum(d1.get(p, 0) - d0.get(p, 0) for p in sut_ports)
+    return res, m
+
+
+# ---- CLI: drive an already running SUT ----
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("config", help="config JSON written by benchconfig.save_config")
+    ap.add_argument("--rate", type=float, action="append", help="per-publisher pps; repeat for several steps")
+    ap.add_argument("--duration", type=float, default=3.0)
+    ap.add_argument("--warmup", type=float, default=0.5)
+    ap.add_argument("--drain", type=float, default=0.3)
+    ap.add_argument("--verify-every", type=int, default=16)
+    ap.add_argument("--verify-all", action="store_true")
+    ap.add_argument("--payload", type=int, default=0, help="fixed payload size (0: Opus-like 80-120 B)")
+    ap.add_argument("--cpu", type=int, default=GEN_CPU)
+    ap.add_argument("--lib", type=Path, help="prebuilt loadgen .so")
+    args = ap.parse_args(argv)
+    cfg = benchconfig.load_config(args.config)
+    with LoadGen(cfg, lib_path=args.lib) as gen:
+        for rate in args.rate or [50.0]:
+            _, m = measure_step(
+                gen, None, rate, args.duration, args.warmup, args.drain,
+                1 if args.verify_all else args.verify_every, args.payload, args.cpu, None,
+            )
+            print(json.dumps(m), flush=True)
+    return 0
+
+
+__all__ = [
+    "HarnessError", "LoadGen", "StepResult", "SubResult", "SutProcess", "cpu_busy_seconds",
+    "measure_step", "start_sut", "sut_command", "udp_drops_by_port",
+]
+
+if __name__ == "__main__":
+    sys.exit(main())

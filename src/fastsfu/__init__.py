@@ -1,0 +1,23 @@
+"""fastsfu: a voice SFU with a Cython datapath (mediasoup-style API: Engine, Router, transports)."""
+
+from fastsfu.consumer import Consumer
+from fastsfu.engine import Engine, Settings
+from fastsfu.ortc import OrtcError
+from fastsfu.plain_transport import PlainTransport
+from fastsfu.producer import Producer
+from fastsfu.router import Router, RouterLimitError
+from fastsfu.transport import Transport, TransportError
+
+__all__ = [
+    "Consumer",
+    "Engine",
+    "OrtcError",
+    "PlainTransport",
+    "Producer",
+    "Router",
+    "RouterLimitError",
+    "Settings",
+    "Transport",
+    "TransportError",
+]
+__version__ = "0.1.0"

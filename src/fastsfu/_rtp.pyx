@@ -1,0 +1,1408 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
+"""The fastsfu datapath: C tables programmed from Python, and the per-packet RTP forwarder.
+
+Per packet: no Python call, no allocation, no exception (ARCHITECTURE.md, principle 1); the
+rules mirror `fastsfu.rtp.ReferenceForwarder`, and tests compare the two byte for byte.
+"""
+
+from cpython.bytes cimport PyBytes_FromStringAndSize
+from libc.errno cimport EAGAIN, EINTR, errno
+from libc.stdint cimport int16_t, int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t, uintptr_t
+from libc.stdlib cimport calloc, free, realloc
+from libc.string cimport memcmp, memcpy, memset
+from posix.time cimport CLOCK_MONOTONIC, CLOCK_REALTIME, clock_gettime, timespec
+
+from fastsfu._csys cimport (
+    AF_INET, AF_INET6, CMSG_DATA, CMSG_FIRSTHDR, CMSG_NXTHDR, CMSG_SPACE, INET6_ADDRSTRLEN,
+    MSG_DONTWAIT, MSG_TRUNC, SCM_TIMESTAMPNS, SO_TIMESTAMPNS, SOL_SOCKET, cmsghdr, htons,
+    inet_ntop, inet_pton, iovec, mmsghdr, msghdr, ntohs, recvmmsg, sendmmsg, setsockopt, sockaddr,
+    sockaddr_in, sockaddr_in6, socklen_t,
+)
+
+# ---------------------------------------------------------------------------------------------
+# Constants shared with Python (fastsfu.rtp mirrors them).
+
+cdef enum:
+    RECV_BATCH = 64
+    RECV_SLOT = 2048          # larger datagrams arrive with MSG_TRUNC and are dropped
+    OUT_SLOT = 3328           # worst case: 1.5x a one-byte extension block rewritten as two-byte + mid + trailer
+    SRTP_TRAILER = 144        # SRTP_MAX_TAG_LEN + SRTP_MAX_MKI_LEN (libsrtp 2.x)
+    SRTCP_TRAILER = 148       # + the 4-byte SRTCP index
+    MAX_EXT_KINDS = 32
+    KIND_MID = 1              # the extension kind whose value each consumer writes itself
+    MID_MAX = 16
+    SEND_BATCH = 64
+    EVENT_CAP = 256
+    CMSG_BUF = 64
+    MAX_DROPOUT = 3000        # RFC 3550 A.1
+    MAX_MISORDER = 100        # RFC 3550 A.1
+    SRTP_KEEPALIVE_SEQ = 4096 # decrypt at least this often to keep libsrtp's rollover counter in step
+
+# Drop reasons; the names list below is the Python view, in the same order.
+cdef enum:
+    DROP_MALFORMED = 0
+    DROP_OVERSIZE
+    DROP_UNKNOWN_PROTOCOL
+    DROP_UNKNOWN_TUPLE
+    DROP_UNKNOWN_SSRC
+    DROP_UNKNOWN_PT
+    DROP_DECRYPT_FAILED
+    DROP_SRTP_REPLAY
+    DROP_PRODUCER_PAUSED
+    DROP_NO_CONSUMERS
+    DROP_CONSUMER_PAUSED
+    DROP_STALE_SEQ
+    DROP_NO_REMOTE
+    DROP_ENCRYPT_FAILED
+    DROP_SEND_FAILED
+    DROP_QUEUE_AGE
+    DROP_RECV_ERROR
+    N_DROPS
+
+DROP_REASONS = (
+    "malformed", "oversize", "unknown_protocol", "unknown_tuple", "unknown_ssrc", "unknown_pt",
+    "decrypt_failed", "srtp_replay", "producer_paused", "no_consumers", "consumer_paused",
+    "stale_seq", "no_remote", "encrypt_failed", "send_failed", "queue_age", "recv_error",
+)
+
+cdef enum:
+    K_SLOW_STUN = 1
+    K_SLOW_DTLS = 2
+    K_SLOW_RTCP = 3
+    K_EVENT_TUPLE_LEARNED = 1
+    K_EVENT_UNKNOWN_SSRC = 2
+    K_OUTPUT_SEND = 0
+    K_OUTPUT_CAPTURE = 1
+    K_OUTPUT_DISCARD = 2
+
+SLOW_STUN = K_SLOW_STUN
+SLOW_DTLS = K_SLOW_DTLS
+SLOW_RTCP = K_SLOW_RTCP
+EVENT_TUPLE_LEARNED = K_EVENT_TUPLE_LEARNED
+EVENT_UNKNOWN_SSRC = K_EVENT_UNKNOWN_SSRC
+OUTPUT_SEND = K_OUTPUT_SEND
+OUTPUT_CAPTURE = K_OUTPUT_CAPTURE
+OUTPUT_DISCARD = K_OUTPUT_DISCARD
+
+# libsrtp 2.x status codes we tell apart (srtp.h: srtp_err_status_replay_fail, _replay_old).
+cdef enum:
+    SRTP_STATUS_REPLAY_FAIL = 9
+    SRTP_STATUS_REPLAY_OLD = 10
+
+ctypedef int (*srtp_fn)(void *ctx, void *hdr, int *len_ptr) noexcept nogil
+
+cdef srtp_fn g_protect = NULL
+cdef srtp_fn g_unprotect = NULL
+cdef srtp_fn g_protect_rtcp = NULL
+cdef srtp_fn g_unprotect_rtcp = NULL
+
+
+def install_srtp_functions(uintptr_t protect, uintptr_t unprotect, uintptr_t protect_rtcp,
+                           uintptr_t unprotect_rtcp) -> None:
+    """Take libsrtp 2.x entry points (addresses inside pylibsrtp's bundled library)."""
+    global g_protect, g_unprotect, g_protect_rtcp, g_unprotect_rtcp
+    if not (protect and unprotect and protect_rtcp and unprotect_rtcp):
+        raise ValueError("null libsrtp function pointer")
+    g_protect = <srtp_fn>protect
+    g_unprotect = <srtp_fn>unprotect
+    g_protect_rtcp = <srtp_fn>protect_rtcp
+    g_unprotect_rtcp = <srtp_fn>unprotect_rtcp
+
+
+# ---------------------------------------------------------------------------------------------
+# Tables.
+
+ctypedef struct Key:                 # 24 bytes: a 5-tuple (sock, port, v6 address) or (transport, ssrc)
+    uint32_t a
+    uint16_t b                       # always 0 (padding kept zero for memcmp)
+    uint16_t c
+    uint8_t addr[16]
+
+ctypedef struct Entry:
+    Key key
+    int32_t value                    # -1: empty
+
+ctypedef struct Table:               # open addressing, linear probing, backward-shift deletion
+    Entry *entries
+    uint32_t mask
+
+ctypedef struct Socket:
+    int in_use
+    int fd
+    int family
+    int timestamps
+    int comedia_transport            # a comedia transport with no remote yet, or -1
+    int out_head
+    int out_tail
+    int out_count
+    int dirty
+
+ctypedef struct Transport:
+    int in_use
+    int sock
+    int comedia
+    int has_remote
+    uint8_t remote[28]               # sockaddr_in or sockaddr_in6, in the socket's family
+    socklen_t remote_len
+    Key tuple_key
+    void *srtp_in
+    void *srtp_out
+    uint32_t last_unknown_ssrc
+    int reported_unknown
+    uint64_t rx_packets
+    uint64_t rx_bytes
+    uint64_t tx_packets
+    uint64_t tx_bytes
+    uint64_t rtcp_rx
+    uint64_t drops[N_DROPS]
+
+ctypedef struct Producer:
+    int in_use
+    int transport
+    int paused
+    uint32_t ssrc
+    uint8_t pt
+    uint32_t clock_rate
+    uint8_t ext_kind[256]            # extension ID -> kind (0: not forwarded)
+    int32_t *consumers
+    int n_consumers
+    int cap_consumers
+    int n_active
+    uint32_t epoch                   # bumped on resume and on a sequence restart: consumers resync
+    int have_seq
+    int64_t highest                  # extended sequence number (RFC 3550 A.1)
+    int64_t base
+    int64_t expected_prior
+    int have_auth
+    uint16_t last_auth_seq
+    int have_transit
+    uint32_t last_transit
+    uint32_t jitter_q4               # jitter * 16 (RFC 3550 A.8)
+    uint64_t packets
+    uint64_t bytes
+    uint64_t drops
+
+ctypedef struct Consumer:
+    int in_use
+    int producer
+    int transport
+    int paused
+    uint32_t ssrc
+    uint8_t pt
+    uint8_t ext_id[MAX_EXT_KINDS]    # kind -> extension ID on this receiver (0: drop)
+    uint8_t mid_len
+    uint8_t mid[MID_MAX]
+    int sync_needed
+    uint32_t epoch
+    int has_sent
+    int64_t sync_ext
+    int64_t highest_sent
+    uint16_t seq_off
+    uint32_t ts_off
+    uint16_t last_seq
+    uint32_t last_ts
+    int64_t last_ns
+    uint64_t packets
+    uint64_t bytes
+    uint64_t drops
+
+ctypedef struct OutSlot:
+    int next
+    int len
+    socklen_t dest_len
+    uint8_t dest[28]
+    uint8_t data[OUT_SLOT]
+
+ctypedef struct Event:
+    int kind
+    int transport
+    uint32_t value
+
+
+cdef inline uint16_t rd16(const uint8_t *p) noexcept nogil:
+    return (<uint16_t>p[0] << 8) | p[1]
+
+cdef inline uint32_t rd32(const uint8_t *p) noexcept nogil:
+    return (<uint32_t>p[0] << 24) | (<uint32_t>p[1] << 16) | (<uint32_t>p[2] << 8) | p[3]
+
+cdef inline void wr16(uint8_t *p, uint16_t v) noexcept nogil:
+    p[0] = v >> 8
+    p[1] = v & 0xFF
+
+cdef inline void wr32(uint8_t *p, uint32_t v) noexcept nogil:
+    p[0] = v >> 24
+    p[1] = (v >> 16) & 0xFF
+    p[2] = (v >> 8) & 0xFF
+    p[3] = v & 0xFF
+
+
+cdef inline uint32_t key_hash(const Key *k) noexcept nogil:
+    cdef const uint64_t *w = <const uint64_t *>k
+    cdef uint64_t h = w[0] * <uint64_t>0x9E3779B97F4A7C15ULL
+    h ^= w[1] * <uint64_t>0xC2B2AE3D27D4EB4FULL
+    h ^= w[2] * <uint64_t>0x165667B19E3779F9ULL
+    h ^= h >> 29
+    return <uint32_t>(h ^ (h >> 32))
+
+
+cdef int table_init(Table *t, uint32_t min_capacity) except -1:
+    cdef uint32_t cap = 16
+    cdef uint32_t i
+    while cap < min_capacity * 2:
+        cap <<= 1
+    t.entries = <Entry *>calloc(cap, sizeof(Entry))
+    if t.entries == NULL:
+        raise MemoryError()
+    t.mask = cap - 1
+    for i in range(cap):
+        t.entries[i].value = -1
+    return 0
+
+
+cdef inline int32_t table_get(const Table *t, const Key *k) noexcept nogil:
+    cdef uint32_t i = key_hash(k) & t.mask
+    while t.entries[i].value >= 0:
+        if memcmp(&t.entries[i].key, k, sizeof(Key)) == 0:
+            return t.entries[i].value
+        i = (i + 1) & t.mask
+    return -1
+
+
+cdef void table_put(Table *t, const Key *k, int32_t value) noexcept nogil:
+    # Capacity is twice the table's maximum population (set at init), so a free slot exists.
+    cdef uint32_t i = key_hash(k) & t.mask
+    while t.entries[i].value >= 0:
+        if memcmp(&t.entries[i].key, k, sizeof(Key)) == 0:
+            break
+        i = (i + 1) & t.mask
+    t.entries[i].key = k[0]
+    t.entries[i].value = value
+
+
+cdef void table_del(Table *t, const Key *k) noexcept nogil:
+    cdef uint32_t i = key_hash(k) & t.mask
+    cdef uint32_t j, home
+    while t.entries[i].value >= 0:
+        if memcmp(&t.entries[i].key, k, sizeof(Key)) == 0:
+            break
+        i = (i + 1) & t.mask
+    else:
+        return
+    # Backward-shift deletion keeps every probe chain unbroken without tombstones.
+    j = i
+    while True:
+        j = (j + 1) & t.mask
+        if t.entries[j].value < 0:
+            break
+        home = key_hash(&t.entries[j].key) & t.mask
+        if ((j - home) & t.mask) >= ((j - i) & t.mask):
+            t.entries[i] = t.entries[j]
+            i = j
+    t.entries[i].value = -1
+
+
+cdef inline void tuple_key_from_sockaddr(Key *k, int sock, const uint8_t *sa) noexcept nogil:
+    # IPv4 is keyed as a v4-mapped IPv6 address so one key shape serves both families.
+    cdef const sockaddr_in *s4
+    cdef const sockaddr_in6 *s6
+    memset(k, 0, sizeof(Key))
+    k.a = <uint32_t>sock
+    if (<const sockaddr *>sa).sa_family == AF_INET:
+        s4 = <const sockaddr_in *>sa
+        k.c = s4.sin_port
+        k.addr[10] = 0xFF
+        k.addr[11] = 0xFF
+        memcpy(&k.addr[12], &s4.sin_addr, 4)
+    else:
+        s6 = <const sockaddr_in6 *>sa
+        k.c = s6.sin6_port
+        memcpy(k.addr, &s6.sin6_addr, 16)
+
+
+cdef inline void ssrc_key(Key *k, int transport, uint32_t ssrc) noexcept nogil:
+    memset(k, 0, sizeof(Key))
+    k.a = <uint32_t>transport
+    memcpy(k.addr, &ssrc, 4)
+
+
+cdef inline int64_t monotonic_ns() noexcept nogil:
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return <int64_t>ts.tv_sec * 1000000000 + ts.tv_nsec
+
+
+cdef inline int64_t realtime_ns() noexcept nogil:
+    cdef timespec ts
+    clock_gettime(CLOCK_REALTIME, &ts)
+    return <int64_t>ts.tv_sec * 1000000000 + ts.tv_nsec
+
+
+# ---------------------------------------------------------------------------------------------
+# RTP header extensions (RFC 8285): parse either form, rewrite IDs per consumer.
+
+cdef inline int ext_next(const uint8_t *d, int n, int *pos, int two_byte, int *eid, int *elen) noexcept nogil:
+    """Step to the next element; 1 with (eid, elen, pos at data), 0 at the end of the block."""
+    cdef int p = pos[0]
+    cdef int i, l
+    while p < n:
+        if d[p] == 0:                    # padding byte between elements (§4.2, §4.3)
+            p += 1
+            continue
+        if two_byte:
+            if p + 2 > n:
+                return 0
+            i = d[p]
+            l = d[p + 1]
+            p += 2
+        else:
+            i = d[p] >> 4
+            l = (d[p] & 0x0F) + 1
+            if i == 15:                  # RFC 8285 §4.2: stop processing the block
+                return 0
+            p += 1
+        if p + l > n:                    # an element past the block's end: ignore the rest
+            return 0
+        eid[0] = i
+        elen[0] = l
+        pos[0] = p + l
+        return 1
+    return 0
+
+
+cdef int rewrite_extensions(const Producer *prod, const Consumer *cons, const uint8_t *blk,
+                            int blk_len, int profile, uint8_t *out) noexcept nogil:
+    """Write the consumer's extension block (4-byte header + elements + padding) into out.
+
+    Returns its length, 0 when no element survives (then the X bit is cleared).
+    The consumer's MID comes first, then the producer's elements in order, mapped by kind.
+    """
+    cdef int two_byte_in = 0
+    cdef int two_byte_out = 0
+    cdef int pos, eid, elen, kind, oid, w
+    if profile == 0xBEDE:
+        two_byte_in = 0
+    elif (profile & 0xFFF0) == 0x1000:
+        two_byte_in = 1
+    else:
+        blk_len = 0                      # a profile we cannot map: forward no extensions
+    # Pass 1: the one-byte form holds IDs 1..14 and lengths 1..16 only.
+    if cons.mid_len and cons.ext_id[KIND_MID] > 14:
+        two_byte_out = 1
+    pos = 0
+    while ext_next(blk, blk_len, &pos, two_byte_in, &eid, &elen):
+        kind = prod.ext_kind[eid]
+        if kind == 0 or kind == KIND_MID:
+            continue
+        oid = cons.ext_id[kind]
+        if oid and (oid > 14 or elen == 0 or elen > 16):
+            two_byte_out = 1
+    # Pass 2: write.
+    w = 4
+    if cons.mid_len and cons.ext_id[KIND_MID]:
+        if two_byte_out:
+            out[w] = cons.ext_id[KIND_MID]
+            out[w + 1] = cons.mid_len
+            w += 2
+        else:
+            out[w] = (cons.ext_id[KIND_MID] << 4) | (cons.mid_len - 1)
+            w += 1
+        memcpy(&out[w], cons.mid, cons.mid_len)
+        w += cons.mid_len
+    pos = 0
+    while ext_next(blk, blk_len, &pos, two_byte_in, &eid, &elen):
+        kind = prod.ext_kind[eid]
+        if kind == 0 or kind == KIND_MID:
+            continue
+        oid = cons.ext_id[kind]
+        if oid == 0:
+            continue
+        if two_byte_out:
+            out[w] = oid
+            out[w + 1] = elen
+            w += 2
+        else:
+            out[w] = (oid << 4) | (elen - 1)
+            w += 1
+        memcpy(&out[w], &blk[pos - elen], elen)
+        w += elen
+    if w == 4:
+        return 0
+    while w & 3:
+        out[w] = 0
+        w += 1
+    if two_byte_out:
+        wr16(out, 0x1000)
+    else:
+        wr16(out, 0xBEDE)
+    wr16(&out[2], (w - 4) >> 2)
+    return w
+
+
+# ---------------------------------------------------------------------------------------------
+
+cdef class Datapath:
+    """C tables (sockets, transports, producers, consumers) and the RTP forwarder over them."""
+
+    cdef Socket *sockets
+    cdef Transport *transports
+    cdef Producer *producers
+    cdef Consumer *consumers
+    cdef int max_sockets, max_transports, max_producers, max_consumers
+    cdef Table tuples
+    cdef Table ssrcs
+    cdef uint64_t drops[N_DROPS]
+    cdef uint64_t rx_packets, fwd_packets, batches, slow_packets
+    cdef int64_t max_queue_age_ns
+    cdef int output_mode
+    cdef list captured
+    cdef list keepalive                  # Python objects owning the SRTP contexts, per transport
+    # receive side
+    cdef mmsghdr rmsgs[RECV_BATCH]
+    cdef iovec riov[RECV_BATCH]
+    cdef uint8_t raddr[RECV_BATCH][28]
+    cdef uint8_t rctl[RECV_BATCH][CMSG_BUF]
+    cdef uint8_t *rbuf
+    # send side
+    cdef OutSlot *out
+    cdef int n_out, out_free
+    cdef int *dirty
+    cdef int n_dirty
+    cdef mmsghdr smsgs[SEND_BATCH]
+    cdef iovec siov[SEND_BATCH]
+    cdef int sidx[SEND_BATCH]
+    cdef Event events[EVENT_CAP]
+    cdef readonly int pending_events
+    cdef uint64_t events_lost
+
+    def __cinit__(self, int max_sockets=256, int max_transports=4096, int max_producers=4096,
+                  int max_consumers=65536, int out_slots=1024, double max_queue_age_ms=20.0):
+        cdef int i
+        if min(max_sockets, max_transports, max_producers, max_consumers) < 1 or out_slots < SEND_BATCH:
+            raise ValueError("datapath capacities must be positive (out_slots >= 64)")
+        self.max_sockets = max_sockets
+        self.max_transports = max_transports
+        self.max_producers = max_producers
+        self.max_consumers = max_consumers
+        self.sockets = <Socket *>calloc(max_sockets, sizeof(Socket))
+        self.transports = <Transport *>calloc(max_transports, sizeof(Transport))
+        self.producers = <Producer *>calloc(max_producers, sizeof(Producer))
+        self.consumers = <Consumer *>calloc(max_consumers, sizeof(Consumer))
+        self.rbuf = <uint8_t *>calloc(RECV_BATCH, RECV_SLOT)
+        self.out = <OutSlot *>calloc(out_slots, sizeof(OutSlot))
+        self.dirty = <int *>calloc(max_sockets, sizeof(int))
+        if not (self.sockets and self.transports and self.producers and self.consumers and self.rbuf
+                and self.out and self.dirty):
+            raise MemoryError()
+        table_init(&self.tuples, max_transports)
+        table_init(&self.ssrcs, max_producers)
+        self.n_out = out_slots
+        for i in range(out_slots):
+            self.out[i].next = i + 1
+        self.out[out_slots - 1].next = -1
+        self.out_free = 0
+        self.max_queue_age_ns = <int64_t>(max_queue_age_ms * 1e6)
+        self.output_mode = K_OUTPUT_SEND
+        self.captured = []
+        self.keepalive = [None] * max_transports
+        for i in range(RECV_BATCH):
+            self.riov[i].iov_base = self.rbuf + i * RECV_SLOT
+            self.riov[i].iov_len = RECV_SLOT
+            self.rmsgs[i].msg_hdr.msg_iov = &self.riov[i]
+            self.rmsgs[i].msg_hdr.msg_iovlen = 1
+            self.rmsgs[i].msg_hdr.msg_name = self.raddr[i]
+            self.rmsgs[i].msg_hdr.msg_control = self.rctl[i]
+
+    def __dealloc__(self):
+        cdef int i
+        if self.producers != NULL:
+            for i in range(self.max_producers):
+                free(self.producers[i].consumers)
+        free(self.sockets)
+        free(self.transports)
+        free(self.producers)
+        free(self.consumers)
+        free(self.rbuf)
+        free(self.out)
+        free(self.dirty)
+        free(self.tuples.entries)
+        free(self.ssrcs.entries)
+
+    # ----------------------------------------------------------------- programming the tables
+
+    def add_socket(self, int fd, int family, bint timestamps=True) -> int:
+        """Register a non-blocking UDP socket; returns its slot."""
+        cdef int s, one = 1
+        if family != AF_INET and family != AF_INET6:
+            raise ValueError("socket family must be AF_INET or AF_INET6")
+        for s in range(self.max_sockets):
+            if not self.sockets[s].in_use:
+                break
+        else:
+            raise OverflowError("datapath socket table is full")
+        memset(&self.sockets[s], 0, sizeof(Socket))
+        self.sockets[s].in_use = 1
+        self.sockets[s].fd = fd
+        self.sockets[s].family = family
+        self.sockets[s].comedia_transport = -1
+        self.sockets[s].out_head = -1
+        self.sockets[s].out_tail = -1
+        # Kernel arrival times let us drop datagrams that queued longer than max_queue_age.
+        if fd >= 0 and timestamps and self.max_queue_age_ns > 0:
+            self.sockets[s].timestamps = setsockopt(fd, SOL_SOCKET, SO_TIMESTAMPNS, &one, sizeof(one)) == 0
+        return s
+
+    def remove_socket(self, int sock) -> None:
+        cdef int t
+        self._check_socket(sock)
+        for t in range(self.max_transports):
+            if self.transports[t].in_use and self.transports[t].sock == sock:
+                raise ValueError("socket still has transports")
+        self._discard_queue(sock)
+        self.sockets[sock].in_use = 0
+
+    def add_transport(self, int sock, bint comedia=False) -> int:
+        cdef int t
+        self._check_socket(sock)
+        for t in range(self.max_transports):
+            if not self.transports[t].in_use:
+                break
+        else:
+            raise OverflowError("datapath transport table is full")
+        if comedia and self.sockets[sock].comedia_transport >= 0:
+            raise ValueError("the socket already has a comedia transport waiting for its remote")
+        memset(&self.transports[t], 0, sizeof(Transport))
+        self.transports[t].in_use = 1
+        self.transports[t].sock = sock
+        self.transports[t].comedia = comedia
+        if comedia:
+            self.sockets[sock].comedia_transport = t
+        return t
+
+    def set_transport_comedia(self, int t, bint comedia) -> None:
+        """Let the first authenticated RTP packet from an unknown tuple on this socket fix the remote."""
+        cdef Transport *tr
+        self._check_transport(t)
+        tr = &self.transports[t]
+        if comedia == tr.comedia:
+            return
+        if comedia:
+            if self.sockets[tr.sock].comedia_transport >= 0:
+                raise ValueError("the socket already has a comedia transport waiting for its remote")
+            if not tr.has_remote:
+                self.sockets[tr.sock].comedia_transport = t
+        elif self.sockets[tr.sock].comedia_transport == t:
+            self.sockets[tr.sock].comedia_transport = -1
+        tr.comedia = comedia
+
+    def remove_transport(self, int t) -> None:
+        cdef int p, c
+        self._check_transport(t)
+        for c in range(self.max_consumers):
+            if self.consumers[c].in_use and self.consumers[c].transport == t:
+                self.remove_consumer(c)
+        for p in range(self.max_producers):
+            if self.producers[p].in_use and self.producers[p].transport == t:
+                self.remove_producer(p)
+        self._clear_remote(t)
+        if self.sockets[self.transports[t].sock].comedia_transport == t:
+            self.sockets[self.transports[t].sock].comedia_transport = -1
+        self.transports[t].in_use = 0
+        self.keepalive[t] = None
+
+    def set_transport_remote(self, int t, str ip, int port) -> None:
+        """Admit the 5-tuple (local socket, ip, port) and send this transport's packets there."""
+        cdef Transport *tr
+        cdef Socket *so
+        cdef sockaddr_in *s4
+        cdef sockaddr_in6 *s6
+        cdef bytes ipb = ip.encode("ascii")
+        cdef uint8_t v4[4]
+        cdef Key k
+        self._check_transport(t)
+        if not 0 < port < 65536:
+            raise ValueError("port must be 1..65535")
+        tr = &self.transports[t]
+        so = &self.sockets[tr.sock]
+        self._clear_remote(t)
+        memset(tr.remote, 0, 28)
+        if so.family == AF_INET:
+            s4 = <sockaddr_in *>tr.remote
+            s4.sin_family = AF_INET
+            s4.sin_port = htons(port)
+            if inet_pton(AF_INET, ipb, &s4.sin_addr) != 1:
+                raise ValueError(f"not an IPv4 address for an IPv4 socket: {ip!r}")
+            tr.remote_len = sizeof(sockaddr_in)
+        else:
+            s6 = <sockaddr_in6 *>tr.remote
+            s6.sin6_family = AF_INET6
+            s6.sin6_port = htons(port)
+            if inet_pton(AF_INET6, ipb, &s6.sin6_addr) != 1:
+                if inet_pton(AF_INET, ipb, v4) != 1:
+                    raise ValueError(f"not an IP address: {ip!r}")
+                s6.sin6_addr.s6_addr[10] = 0xFF
+                s6.sin6_addr.s6_addr[11] = 0xFF
+                memcpy(&s6.sin6_addr.s6_addr[12], v4, 4)
+            tr.remote_len = sizeof(sockaddr_in6)
+        tuple_key_from_sockaddr(&k, tr.sock, tr.remote)
+        if table_get(&self.tuples, &k) >= 0:
+            raise ValueError(f"the tuple {ip}:{port} already belongs to another transport")
+        self._bind_tuple(t, &k)
+
+    def clear_transport_remote(self, int t) -> None:
+        self._check_transport(t)
+        self._clear_remote(t)
+
+    def set_transport_srtp(self, int t, inbound, outbound) -> None:
+        """Install SRTP contexts (objects with an `address` of a libsrtp srtp_t), or None for plain RTP."""
+        self._check_transport(t)
+        if (inbound is not None or outbound is not None) and g_protect == NULL:
+            raise RuntimeError("libsrtp functions are not installed (import fastsfu.srtp)")
+        self.transports[t].srtp_in = <void *><uintptr_t>(inbound.address if inbound is not None else 0)
+        self.transports[t].srtp_out = <void *><uintptr_t>(outbound.address if outbound is not None else 0)
+        self.keepalive[t] = (inbound, outbound)
+
+    def add_producer(self, int t, uint32_t ssrc, int payload_type, uint32_t clock_rate,
+                     dict ext_kinds) -> int:
+        """Route RTP with this SSRC arriving on transport t; ext_kinds maps extension ID -> kind."""
+        cdef int p
+        cdef Key k
+        cdef Producer *pr
+        self._check_transport(t)
+        if not 0 <= payload_type < 128 or clock_rate == 0:
+            raise ValueError("payload type must be 0..127 and clock rate positive")
+        ssrc_key(&k, t, ssrc)
+        if table_get(&self.ssrcs, &k) >= 0:
+            raise ValueError(f"SSRC {ssrc} is already produced on this transport")
+        for p in range(self.max_producers):
+            if not self.producers[p].in_use:
+                break
+        else:
+            raise OverflowError("datapath producer table is full")
+        memset(&self.producers[p], 0, sizeof(Producer))
+        pr = &self.producers[p]
+        for eid, kind in ext_kinds.items():
+            if not 1 <= eid <= 255 or not 0 <= kind < MAX_EXT_KINDS:
+                raise ValueError("extension IDs must be 1..255 and kinds 0..31")
+            pr.ext_kind[eid] = kind
+        pr.in_use = 1
+        pr.transport = t
+        pr.ssrc = ssrc
+        pr.pt = payload_type
+        pr.clock_rate = clock_rate
+        table_put(&self.ssrcs, &k, p)
+        return p
+
+    def set_producer_paused(self, int p, bint paused) -> None:
+        self._check_producer(p)
+        if self.producers[p].paused and not paused:
+            self.producers[p].epoch += 1     # consumers continue seamlessly after a resume
+        self.producers[p].paused = paused
+
+    def remove_producer(self, int p) -> None:
+        cdef Key k
+        cdef Producer *pr
+        self._check_producer(p)
+        pr = &self.producers[p]
+        while pr.n_consumers:
+            self.remove_consumer(pr.consumers[pr.n_consumers - 1])
+        ssrc_key(&k, pr.transport, pr.ssrc)
+        table_del(&self.ssrcs, &k)
+        free(pr.consumers)
+        pr.consumers = NULL
+        pr.cap_consumers = 0
+        pr.in_use = 0
+
+    def add_consumer(self, int p, int t, uint32_t ssrc, int payload_type, dict ext_ids,
+                     bytes mid=b"", bint paused=False) -> int:
+        """Forward producer p to transport t as SSRC ssrc; ext_ids maps kind -> extension ID."""
+        cdef int c
+        cdef int32_t *grown
+        cdef Producer *pr
+        cdef Consumer *co
+        self._check_producer(p)
+        self._check_transport(t)
+        if not 0 <= payload_type < 128 or len(mid) > MID_MAX:
+            raise ValueError("payload type must be 0..127 and mid at most 16 bytes")
+        for c in range(self.max_consumers):
+            if not self.consumers[c].in_use:
+                break
+        else:
+            raise OverflowError("datapath consumer table is full")
+        pr = &self.producers[p]
+        if pr.n_consumers == pr.cap_consumers:
+            grown = <int32_t *>realloc(pr.consumers, (pr.cap_consumers * 2 + 4) * sizeof(int32_t))
+            if grown == NULL:
+                raise MemoryError()
+            pr.consumers = grown
+            pr.cap_consumers = pr.cap_consumers * 2 + 4
+        memset(&self.consumers[c], 0, sizeof(Consumer))
+        co = &self.consumers[c]
+        for kind, eid in ext_ids.items():
+            if not 0 < kind < MAX_EXT_KINDS or not 0 <= eid <= 255:
+                raise ValueError("extension kinds must be 1..31 and IDs 0..255")
+            co.ext_id[kind] = eid
+        co.mid_len = len(mid)
+        memcpy(co.mid, <const char *>mid, len(mid))
+        co.in_use = 1
+        co.producer = p
+        co.transport = t
+        co.paused = paused
+        co.ssrc = ssrc
+        co.pt = payload_type
+        co.sync_needed = 1
+        co.epoch = pr.epoch
+        pr.consumers[pr.n_consumers] = c
+        pr.n_consumers += 1
+        if not paused:
+            pr.n_active += 1
+        return c
+
+    def set_consumer_paused(self, int c, bint paused) -> None:
+        cdef Consumer *co
+        self._check_consumer(c)
+        co = &self.consumers[c]
+        if co.paused == paused:
+            return
+        co.paused = paused
+        if paused:
+            self.producers[co.producer].n_active -= 1
+        else:
+            self.producers[co.producer].n_active += 1
+            co.sync_needed = 1             # seq/ts continue from the last packet sent (no gap)
+
+    def remove_consumer(self, int c) -> None:
+        cdef int i
+        cdef Consumer *co
+        cdef Producer *pr
+        self._check_consumer(c)
+        co = &self.consumers[c]
+        pr = &self.producers[co.producer]
+        for i in range(pr.n_consumers):
+            if pr.consumers[i] == c:
+                pr.consumers[i] = pr.consumers[pr.n_consumers - 1]
+                pr.n_consumers -= 1
+                break
+        if not co.paused:
+            pr.n_active -= 1
+        co.in_use = 0
+
+    # ----------------------------------------------------------------- I/O
+
+    def drain(self, int sock, int budget=4096):
+        """Receive until EAGAIN (or budget datagrams), forward RTP in C, flush with sendmmsg.
+
+        Returns the slow-path datagrams as a list of (kind, transport, data, (ip, port)),
+        or None when there were none. One Python call per drained batch.
+        """
+        cdef int n, i, kind, t, m, fd, total = 0
+        cdef int64_t now, wall
+        cdef list slow = None
+        self._check_socket(sock)
+        fd = self.sockets[sock].fd
+        while total < budget:
+            for i in range(RECV_BATCH):
+                self.rmsgs[i].msg_hdr.msg_namelen = 28
+                self.rmsgs[i].msg_hdr.msg_controllen = CMSG_BUF if self.sockets[sock].timestamps else 0
+                self.rmsgs[i].msg_hdr.msg_flags = 0
+            with nogil:
+                n = recvmmsg(fd, self.rmsgs, RECV_BATCH, MSG_DONTWAIT, NULL)
+            if n < 0:
+                if errno == EINTR:
+                    continue
+                if errno != EAGAIN:        # EWOULDBLOCK == EAGAIN on Linux
+                    self.drops[DROP_RECV_ERROR] += 1
+                break
+            self.batches += 1
+            now = monotonic_ns()
+            wall = realtime_ns() if self.sockets[sock].timestamps else 0
+            for i in range(n):
+                if self.rmsgs[i].msg_hdr.msg_flags & MSG_TRUNC:
+                    self.drops[DROP_OVERSIZE] += 1
+                    continue
+                if wall and self._too_old(i, wall):
+                    self.drops[DROP_QUEUE_AGE] += 1
+                    continue
+                kind = self._handle(sock, self.rbuf + i * RECV_SLOT, self.rmsgs[i].msg_len,
+                                    self.raddr[i], now, &t, &m)
+                if kind:
+                    if slow is None:
+                        slow = []
+                    slow.append(self._slow_item(kind, t, i, m))
+            self._flush_all()
+            total += n
+            if n < RECV_BATCH:
+                break                      # the queue is empty; a new datagram wakes us again
+        return slow
+
+    def process(self, int sock, const uint8_t[:] data, str ip, int port, int64_t now_ns):
+        """Handle one datagram as if it arrived on sock from (ip, port) at now_ns (tests, benchmarks)."""
+        cdef int t, m, kind, n = data.shape[0]
+        self._check_socket(sock)
+        if n > RECV_SLOT:
+            self.drops[DROP_OVERSIZE] += 1
+            return None
+        self._fake_source(sock, ip, port)
+        if n:
+            memcpy(self.rbuf, &data[0], n)
+        kind = self._handle(sock, self.rbuf, n, self.raddr[0], now_ns, &t, &m)
+        self._flush_all()
+        if kind:
+            return [self._slow_item(kind, t, 0, m)]
+        return None
+
+    def process_many(self, int sock, const uint8_t[:] packed, const uint32_t[:] lengths, str ip,
+                     int port, int64_t now_ns, int64_t step_ns=0) -> int:
+        """Handle back-to-back datagrams (lengths[i] bytes each) from one source; returns the count.
+
+        The in-memory benchmark entry point: one Python call for the whole run.
+        """
+        cdef int i, t, m, kind, off = 0, n = lengths.shape[0]
+        cdef int total = packed.shape[0]
+        self._check_socket(sock)
+        self._fake_source(sock, ip, port)
+        for i in range(n):
+            if lengths[i] > RECV_SLOT or off + <int>lengths[i] > total:
+                raise ValueError("lengths do not fit the packed buffer")
+            memcpy(self.rbuf, &packed[off], lengths[i])
+            off += lengths[i]
+            kind = self._handle(sock, self.rbuf, lengths[i], self.raddr[0], now_ns + i * step_ns, &t, &m)
+            if (i & 63) == 63:
+                self._flush_all()
+        self._flush_all()
+        return n
+
+    def send_rtcp(self, int t, const uint8_t[:] data) -> bool:
+        """Protect (SRTCP) and send one compound RTCP packet on transport t."""
+        cdef int slot, n = data.shape[0]
+        cdef Transport *tr
+        self._check_transport(t)
+        tr = &self.transports[t]
+        if not tr.has_remote:
+            self.drops[DROP_NO_REMOTE] += 1
+            return False
+        if n < 8 or n + SRTCP_TRAILER > OUT_SLOT:
+            raise ValueError("RTCP packet size out of range")
+        slot = self._alloc_out()
+        memcpy(self.out[slot].data, &data[0], n)
+        if tr.srtp_out != NULL and g_protect_rtcp(tr.srtp_out, self.out[slot].data, &n) != 0:
+            self._release_out(slot)
+            self.drops[DROP_ENCRYPT_FAILED] += 1
+            return False
+        self.out[slot].len = n
+        self._enqueue(slot, tr)
+        self._flush_all()
+        return True
+
+    # ----------------------------------------------------------------- output modes and stats
+
+    def set_output_mode(self, int mode) -> None:
+        """K_OUTPUT_SEND (sendmmsg), K_OUTPUT_CAPTURE (keep for take_captured) or K_OUTPUT_DISCARD."""
+        if mode not in (K_OUTPUT_SEND, K_OUTPUT_CAPTURE, K_OUTPUT_DISCARD):
+            raise ValueError("unknown output mode")
+        self.output_mode = mode
+
+    def take_captured(self) -> list:
+        """Datagrams kept in K_OUTPUT_CAPTURE mode: (socket slot, (ip, port), bytes)."""
+        out, self.captured = self.captured, []
+        return out
+
+    def take_events(self) -> list:
+        """(kind, transport, value) events since the last call: learned tuples, unknown SSRCs."""
+        cdef int i
+        out = [(self.events[i].kind, self.events[i].transport, self.events[i].value)
+               for i in range(self.pending_events)]
+        self.pending_events = 0
+        return out
+
+    def drop_counts(self) -> dict:
+        return {DROP_REASONS[i]: self.drops[i] for i in range(N_DROPS)}
+
+    def stats(self) -> dict:
+        return {"rx_packets": self.rx_packets, "forwarded_packets": self.fwd_packets,
+                "batches": self.batches, "slow_path_packets": self.slow_packets,
+                "events_lost": self.events_lost, "drops": self.drop_counts()}
+
+    def transport_stats(self, int t) -> dict:
+        cdef Transport *tr
+        self._check_transport(t)
+        tr = &self.transports[t]
+        return {"rx_packets": tr.rx_packets, "rx_bytes": tr.rx_bytes, "tx_packets": tr.tx_packets,
+                "tx_bytes": tr.tx_bytes, "rtcp_rx_packets": tr.rtcp_rx, "has_remote": bool(tr.has_remote),
+                "remote": self._remote_tuple(tr) if tr.has_remote else None,
+                "drops": {DROP_REASONS[i]: tr.drops[i] for i in range(N_DROPS) if tr.drops[i]}}
+
+    def producer_stats(self, int p) -> dict:
+        cdef Producer *pr
+        cdef int64_t expected
+        self._check_producer(p)
+        pr = &self.producers[p]
+        expected = pr.expected_prior + (pr.highest - pr.base + 1 if pr.have_seq else 0)
+        return {"packets": pr.packets, "bytes": pr.bytes, "drops": pr.drops,
+                "highest_seq": (pr.highest & 0xFFFF) if pr.have_seq else None,
+                "extended_highest_seq": pr.highest if pr.have_seq else None,
+                "expected": expected, "lost": max(0, expected - <int64_t>pr.packets),
+                "jitter": pr.jitter_q4 >> 4, "epoch": pr.epoch,
+                "consumers": pr.n_consumers, "active_consumers": pr.n_active}
+
+    def consumer_stats(self, int c) -> dict:
+        cdef Consumer *co
+        self._check_consumer(c)
+        co = &self.consumers[c]
+        return {"packets": co.packets, "bytes": co.bytes, "drops": co.drops,
+                "last_seq": co.last_seq if co.has_sent else None,
+                "last_timestamp": co.last_ts if co.has_sent else None,
+                "last_send_ns": co.last_ns if co.has_sent else None}
+
+    # ----------------------------------------------------------------- internals (control path)
+
+    cdef int _check_socket(self, int s) except -1:
+        if not (0 <= s < self.max_sockets and self.sockets[s].in_use):
+            raise KeyError(f"no socket {s}")
+        return 0
+
+    cdef int _check_transport(self, int t) except -1:
+        if not (0 <= t < self.max_transports and self.transports[t].in_use):
+            raise KeyError(f"no transport {t}")
+        return 0
+
+    cdef int _check_producer(self, int p) except -1:
+        if not (0 <= p < self.max_producers and self.producers[p].in_use):
+            raise KeyError(f"no producer {p}")
+        return 0
+
+    cdef int _check_consumer(self, int c) except -1:
+        if not (0 <= c < self.max_consumers and self.consumers[c].in_use):
+            raise KeyError(f"no consumer {c}")
+        return 0
+
+    cdef void _bind_tuple(self, int t, Key *k) noexcept nogil:
+        cdef Transport *tr = &self.transports[t]
+        tr.tuple_key = k[0]
+        tr.has_remote = 1
+        table_put(&self.tuples, k, t)
+        if self.sockets[tr.sock].comedia_transport == t:
+            self.sockets[tr.sock].comedia_transport = -1
+
+    cdef void _clear_remote(self, int t) noexcept nogil:
+        cdef Transport *tr = &self.transports[t]
+        if tr.has_remote:
+            table_del(&self.tuples, &tr.tuple_key)
+            tr.has_remote = 0
+            if tr.comedia:
+                self.sockets[tr.sock].comedia_transport = t
+
+    cdef object _remote_tuple(self, Transport *tr):
+        return self._addr_tuple(tr.remote)
+
+    cdef object _addr_tuple(self, const uint8_t *sa):
+        cdef char text[64]
+        cdef const sockaddr_in *s4
+        cdef const sockaddr_in6 *s6
+        if (<const sockaddr *>sa).sa_family == AF_INET:
+            s4 = <const sockaddr_in *>sa
+            inet_ntop(AF_INET, &s4.sin_addr, text, 64)
+            return (text.decode("ascii"), ntohs(s4.sin_port))
+        s6 = <const sockaddr_in6 *>sa
+        inet_ntop(AF_INET6, &s6.sin6_addr, text, 64)
+        return (text.decode("ascii"), ntohs(s6.sin6_port))
+
+    cdef object _slow_item(self, int kind, int t, int i, int n):
+        self.slow_packets += 1
+        return (kind, t, PyBytes_FromStringAndSize(<char *>(self.rbuf + i * RECV_SLOT), n),
+                self._addr_tuple(self.raddr[i]))
+
+    cdef int _fake_source(self, int sock, str ip, int port) except -1:
+        cdef sockaddr_in *s4 = <sockaddr_in *>self.raddr[0]
+        cdef sockaddr_in6 *s6 = <sockaddr_in6 *>self.raddr[0]
+        cdef bytes ipb = ip.encode("ascii")
+        memset(self.raddr[0], 0, 28)
+        if ":" in ip:
+            s6.sin6_family = AF_INET6
+            s6.sin6_port = htons(port)
+            if inet_pton(AF_INET6, ipb, &s6.sin6_addr) != 1:
+                raise ValueError(f"bad address {ip!r}")
+        else:
+            s4.sin_family = AF_INET
+            s4.sin_port = htons(port)
+            if inet_pton(AF_INET, ipb, &s4.sin_addr) != 1:
+                raise ValueError(f"bad address {ip!r}")
+        return 0
+
+    cdef bint _too_old(self, int i, int64_t wall) noexcept nogil:
+        cdef msghdr *m = &self.rmsgs[i].msg_hdr
+        cdef cmsghdr *cm = CMSG_FIRSTHDR(m)
+        cdef timespec ts
+        while cm != NULL:
+            if cm.cmsg_level == SOL_SOCKET and cm.cmsg_type == SCM_TIMESTAMPNS:
+                memcpy(&ts, CMSG_DATA(cm), sizeof(timespec))
+                return wall - (<int64_t>ts.tv_sec * 1000000000 + ts.tv_nsec) > self.max_queue_age_ns
+            cm = CMSG_NXTHDR(m, cm)
+        return False
+
+    cdef inline void _event(self, int kind, int t, uint32_t value) noexcept nogil:
+        if self.pending_events == EVENT_CAP:
+            self.events_lost += 1
+            return
+        self.events[self.pending_events].kind = kind
+        self.events[self.pending_events].transport = t
+        self.events[self.pending_events].value = value
+        self.pending_events += 1
+
+    cdef inline void _drop(self, Transport *tr, int reason) noexcept nogil:
+        self.drops[reason] += 1
+        if tr != NULL:
+            tr.drops[reason] += 1
+
+    # ----------------------------------------------------------------- the per-packet path
+
+    cdef int _handle(self, int sock, uint8_t *buf, int n, const uint8_t *src, int64_t now,
+                     int *out_t, int *out_n) noexcept nogil:
+        """Classify one datagram (RFC 7983 §7) and forward it if it is RTP; returns a SLOW_* kind or 0."""
+        cdef Key k
+        cdef int t, tentative = 0
+        cdef uint8_t b0
+        cdef Transport *tr
+        self.rx_packets += 1
+        out_t[0] = -1
+        if n < 1:
+            self._drop(NULL, DROP_MALFORMED)
+            return 0
+        b0 = buf[0]
+        tuple_key_from_sockaddr(&k, sock, src)
+        t = table_get(&self.tuples, &k)
+        if b0 <= 3:
+            out_t[0] = t                  # ICE finds the transport of an unknown tuple by ufrag
+            out_n[0] = n
+            return K_SLOW_STUN
+        if t < 0:
+            if 128 <= b0 <= 191 and self.sockets[sock].comedia_transport >= 0:
+                t = self.sockets[sock].comedia_transport
+                tentative = 1             # comedia: learn the tuple once a packet authenticates
+            else:
+                self._drop(NULL, DROP_UNKNOWN_TUPLE if (20 <= b0 <= 63 or 128 <= b0 <= 191)
+                           else DROP_UNKNOWN_PROTOCOL)
+                return 0
+        tr = &self.transports[t]
+        if 20 <= b0 <= 63:
+            out_t[0] = t
+            out_n[0] = n
+            return K_SLOW_DTLS
+        if not 128 <= b0 <= 191:          # TURN channels (64-79) and anything else
+            self._drop(tr, DROP_UNKNOWN_PROTOCOL)
+            return 0
+        if n >= 2 and 192 <= buf[1] <= 223:
+            # RTCP (RFC 5761 §4): unprotect here, hand plaintext to Python.
+            if tentative or n < 8 or (b0 >> 6) != 2:
+                self._drop(tr, DROP_UNKNOWN_TUPLE if tentative else DROP_MALFORMED)
+                return 0
+            if tr.srtp_in != NULL and g_unprotect_rtcp(tr.srtp_in, buf, &n) != 0:
+                self._drop(tr, DROP_DECRYPT_FAILED)
+                return 0
+            tr.rtcp_rx += 1
+            out_t[0] = t
+            out_n[0] = n
+            return K_SLOW_RTCP
+        self._rtp(t, tr, buf, n, src, now, tentative)
+        return 0
+
+    cdef void _rtp(self, int t, Transport *tr, uint8_t *buf, int n, const uint8_t *src, int64_t now,
+                   int tentative) noexcept nogil:
+        cdef int hlen, cc, status, p, decrypt, i, c
+        cdef int ext_off = 0, ext_len = 0, profile = 0
+        cdef uint16_t seq
+        cdef uint32_t ssrc, ts
+        cdef Key k
+        cdef Producer *pr
+        cdef int64_t ext
+        # RFC 3550 §5.1 header; every length checked before use.
+        if n < 12 or (buf[0] >> 6) != 2:
+            self._drop(tr, DROP_MALFORMED)
+            return
+        cc = buf[0] & 0x0F
+        hlen = 12 + 4 * cc
+        if buf[0] & 0x10:
+            if hlen + 4 > n:
+                self._drop(tr, DROP_MALFORMED)
+                return
+            profile = rd16(&buf[hlen])
+            ext_len = 4 * rd16(&buf[hlen + 2])
+            ext_off = hlen + 4
+            hlen = ext_off + ext_len
+        if hlen > n:
+            self._drop(tr, DROP_MALFORMED)
+            return
+        ssrc = rd32(&buf[8])
+        ssrc_key(&k, t, ssrc)
+        p = table_get(&self.ssrcs, &k)
+        if p < 0:
+            self._drop(tr, DROP_UNKNOWN_SSRC)
+            if not tentative and not (tr.reported_unknown and tr.last_unknown_ssrc == ssrc):
+                tr.reported_unknown = 1
+                tr.last_unknown_ssrc = ssrc
+                self._event(K_EVENT_UNKNOWN_SSRC, t, ssrc)
+            return
+        pr = &self.producers[p]
+        if (buf[1] & 0x7F) != pr.pt:
+            self._drop(tr, DROP_UNKNOWN_PT)
+            pr.drops += 1
+            return
+        seq = rd16(&buf[2])
+        # Drop early: a packet nobody receives is not decrypted, except now and then so that
+        # libsrtp's rollover counter keeps up (RFC 3711 §3.3.1) and a comedia tuple can be learned.
+        decrypt = (tr.srtp_in != NULL and
+                   (tentative or (not pr.paused and pr.n_active > 0) or not pr.have_auth
+                    or <uint16_t>(seq - pr.last_auth_seq) >= SRTP_KEEPALIVE_SEQ))
+        if decrypt:
+            status = g_unprotect(tr.srtp_in, buf, &n)
+            if status != 0:
+                self._drop(tr, DROP_SRTP_REPLAY if status == SRTP_STATUS_REPLAY_FAIL or
+                           status == SRTP_STATUS_REPLAY_OLD else DROP_DECRYPT_FAILED)
+                pr.drops += 1
+                return
+            pr.have_auth = 1
+            pr.last_auth_seq = seq
+        if (buf[0] & 0x20) and (n <= hlen or buf[n - 1] == 0 or hlen + buf[n - 1] > n):
+            self._drop(tr, DROP_MALFORMED)   # RFC 3550 §5.1 padding count past the payload
+            pr.drops += 1
+            return
+        if hlen > n:
+            self._drop(tr, DROP_MALFORMED)
+            pr.drops += 1
+            return
+        if tentative:
+            tuple_key_from_sockaddr(&k, tr.sock, src)
+            memcpy(tr.remote, src, 28)
+            tr.remote_len = sizeof(sockaddr_in) if (<const sockaddr *>src).sa_family == AF_INET else sizeof(sockaddr_in6)
+            self._bind_tuple(t, &k)
+            self._event(K_EVENT_TUPLE_LEARNED, t, 0)
+        tr.rx_packets += 1
+        tr.rx_bytes += n
+        ts = rd32(&buf[4])
+        ext = self._track(pr, seq, ts, now)
+        pr.packets += 1
+        pr.bytes += n
+        if pr.paused:
+            self._drop(tr, DROP_PRODUCER_PAUSED)
+            return
+        if pr.n_active == 0:
+            self._drop(tr, DROP_NO_CONSUMERS)
+            return
+        for i in range(pr.n_consumers):
+            c = pr.consumers[i]
+            self._forward(pr, &self.consumers[c], buf, n, hlen, ext_off, ext_len, profile, ext, now)
+
+    cdef int64_t _track(self, Producer *pr, uint16_t seq, uint32_t ts, int64_t now) noexcept nogil:
+        """Extended sequence number, restart detection (RFC 3550 A.1) and jitter (A.8)."""
+        cdef int delta
+        cdef int64_t ext
+        cdef uint32_t arrival, transit
+        cdef int32_t d
+        if not pr.have_seq:
+            pr.have_seq = 1
+            pr.highest = seq
+            pr.base = seq
+            pr.have_transit = 0
+            ext = seq
+        else:
+            delta = <int16_t>(seq - <uint16_t>pr.highest)
+            if delta >= MAX_DROPOUT or delta < -MAX_MISORDER:
+                # The sender restarted its sequence: continue the extended space above the old one.
+                pr.expected_prior += pr.highest - pr.base + 1
+                ext = ((pr.highest + 65536) & ~(<int64_t>0xFFFF)) | seq
+                pr.highest = ext
+                pr.base = ext
+                pr.epoch += 1
+                pr.have_transit = 0
+                return ext
+            ext = pr.highest + delta
+            if delta <= 0:
+                return ext               # reordered or duplicate: no jitter sample
+            pr.highest = ext
+        arrival = <uint32_t>((<uint64_t>(now // 1000) * pr.clock_rate) // 1000000)
+        transit = arrival - ts
+        if pr.have_transit:
+            d = <int32_t>(transit - pr.last_transit)
+            if d < 0:
+                d = -d
+            # J += (|D| - J) / 16, kept as J*16 (RFC 3550 A.8)
+            pr.jitter_q4 = <uint32_t>(<int64_t>pr.jitter_q4 + d - ((<int64_t>pr.jitter_q4 + 8) >> 4))
+        pr.last_transit = transit
+        pr.have_transit = 1
+        return ext
+
+    cdef void _forward(self, Producer *pr, Consumer *co, const uint8_t *buf, int n, int hlen,
+                       int ext_off, int ext_len, int profile, int64_t ext, int64_t now) noexcept nogil:
+        cdef Transport *dst = &self.transports[co.transport]
+        cdef int slot, w, body, gap, cc
+        cdef uint16_t out_seq
+        cdef uint32_t out_ts
+        cdef uint8_t *o
+        if co.paused:
+            co.drops += 1
+            self._drop(dst, DROP_CONSUMER_PAUSED)
+            return
+        if not dst.has_remote:
+            co.drops += 1
+            self._drop(dst, DROP_NO_REMOTE)
+            return
+        if co.sync_needed or co.epoch != pr.epoch:
+            # Resync so the receiver sees one continuous stream (mediasoup's SeqManager idea).
+            if co.has_sent:
+                co.seq_off = <uint16_t>(co.last_seq + 1 - <uint16_t>ext)
+                gap = <int>(((now - co.last_ns) // 1000) * pr.clock_rate // 1000000) if now > co.last_ns else 0
+                if gap < 1:
+                    gap = 1
+                co.ts_off = <uint32_t>(co.last_ts + <uint32_t>gap - rd32(&buf[4]))
+            else:
+                co.seq_off = 0
+                co.ts_off = 0
+            co.sync_ext = ext
+            co.highest_sent = ext - 1
+            co.sync_needed = 0
+            co.epoch = pr.epoch
+        elif ext < co.sync_ext:
+            co.drops += 1
+            self._drop(dst, DROP_STALE_SEQ)
+            return
+        out_seq = <uint16_t>(<uint16_t>ext + co.seq_off)
+        out_ts = rd32(&buf[4]) + co.ts_off
+        slot = self._alloc_out()
+        o = self.out[slot].data
+        cc = buf[0] & 0x0F
+        # Fixed header and CSRCs, then the rewritten extension block, then the payload.
+        o[0] = buf[0] & 0xEF
+        o[1] = (buf[1] & 0x80) | co.pt
+        wr16(&o[2], out_seq)
+        wr32(&o[4], out_ts)
+        wr32(&o[8], co.ssrc)
+        memcpy(&o[12], &buf[12], 4 * cc)
+        w = 12 + 4 * cc
+        if ext_off or co.mid_len:
+            body = rewrite_extensions(pr, co, &buf[ext_off], ext_len, profile, &o[w])
+            if body:
+                o[0] |= 0x10
+                w += body
+        if w + (n - hlen) + SRTP_TRAILER > OUT_SLOT:
+            self._release_out(slot)
+            co.drops += 1
+            self._drop(dst, DROP_OVERSIZE)
+            return
+        memcpy(&o[w], &buf[hlen], n - hlen)
+        w += n - hlen
+        if dst.srtp_out != NULL and g_protect(dst.srtp_out, o, &w) != 0:
+            self._release_out(slot)
+            co.drops += 1
+            self._drop(dst, DROP_ENCRYPT_FAILED)
+            return
+        self.out[slot].len = w
+        if ext > co.highest_sent:
+            co.highest_sent = ext
+            co.last_seq = out_seq
+            co.last_ts = out_ts
+            co.last_ns = now
+        co.has_sent = 1
+        co.packets += 1
+        co.bytes += w
+        self.fwd_packets += 1
+        self._enqueue(slot, dst)
+
+    # ----------------------------------------------------------------- output queue
+
+    cdef int _alloc_out(self) noexcept nogil:
+        cdef int slot
+        if self.out_free < 0:
+            with gil:
+                self._flush_all()
+        slot = self.out_free
+        self.out_free = self.out[slot].next
+        return slot
+
+    cdef inline void _release_out(self, int slot) noexcept nogil:
+        self.out[slot].next = self.out_free
+        self.out_free = slot
+
+    cdef inline void _enqueue(self, int slot, Transport *dst) noexcept nogil:
+        cdef Socket *so = &self.sockets[dst.sock]
+        cdef OutSlot *o = &self.out[slot]
+        memcpy(o.dest, dst.remote, 28)
+        o.dest_len = dst.remote_len
+        o.next = -1
+        if so.out_tail >= 0:
+            self.out[so.out_tail].next = slot
+        else:
+            so.out_head = slot
+        so.out_tail = slot
+        so.out_count += 1
+        dst.tx_packets += 1
+        dst.tx_bytes += o.len
+        if not so.dirty:
+            so.dirty = 1
+            self.dirty[self.n_dirty] = dst.sock
+            self.n_dirty += 1
+
+    cdef void _flush_all(self) noexcept:
+        cdef int i
+        for i in range(self.n_dirty):
+            self._flush_socket(self.dirty[i])
+            self.sockets[self.dirty[i]].dirty = 0
+        self.n_dirty = 0
+
+    cdef void _discard_queue(self, int sock) noexcept:
+        cdef Socket *so = &self.sockets[sock]
+        cdef int slot, nxt
+        slot = so.out_head
+        while slot >= 0:
+            nxt = self.out[slot].next
+            self._release_out(slot)
+            slot = nxt
+        so.out_head = -1
+        so.out_tail = -1
+        so.out_count = 0
+
+    cdef void _flush_socket(self, int sock) noexcept:
+        cdef Socket *so = &self.sockets[sock]
+        cdef int slot, m, sent, i, fd = so.fd
+        if self.output_mode != K_OUTPUT_SEND:
+            if self.output_mode == K_OUTPUT_CAPTURE:
+                slot = so.out_head
+                while slot >= 0:
+                    try:
+                        self.captured.append((sock, self._addr_tuple(self.out[slot].dest),
+                                              PyBytes_FromStringAndSize(<char *>self.out[slot].data,
+                                                                        self.out[slot].len)))
+                    except MemoryError:
+                        pass
+                    slot = self.out[slot].next
+            self._discard_queue(sock)
+            return
+        slot = so.out_head
+        while slot >= 0:
+            m = 0
+            while slot >= 0 and m < SEND_BATCH:
+                self.siov[m].iov_base = self.out[slot].data
+                self.siov[m].iov_len = self.out[slot].len
+                self.smsgs[m].msg_hdr.msg_name = self.out[slot].dest
+                self.smsgs[m].msg_hdr.msg_namelen = self.out[slot].dest_len
+                self.smsgs[m].msg_hdr.msg_iov = &self.siov[m]
+                self.smsgs[m].msg_hdr.msg_iovlen = 1
+                self.smsgs[m].msg_hdr.msg_control = NULL
+                self.smsgs[m].msg_hdr.msg_controllen = 0
+                self.smsgs[m].msg_hdr.msg_flags = 0
+                m += 1
+                slot = self.out[slot].next
+            i = 0
+            while i < m:
+                with nogil:
+                    sent = sendmmsg(fd, &self.smsgs[i], m - i, MSG_DONTWAIT)
+                if sent < 0:
+                    if errno == EINTR:
+                        continue
+                    if errno == EAGAIN:
+                        # Never queue in user space: the kernel is full, drop the rest (counted).
+                        self.drops[DROP_SEND_FAILED] += m - i
+                        break
+                    self.drops[DROP_SEND_FAILED] += 1   # this destination failed; go on
+                    i += 1
+                    continue
+                i += sent
+        self._discard_queue(sock)

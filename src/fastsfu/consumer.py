@@ -1,0 +1,151 @@
+"""Consumer: one producer's stream forwarded to one transport, rewritten for its receiver."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import TYPE_CHECKING, Any
+
+from fastsfu.events import EventEmitter
+
+if TYPE_CHECKING:
+    from fastsfu.producer import Producer
+    from fastsfu.transport import Transport
+
+
+class Consumer(EventEmitter):
+    """Forwarding of a producer to a receiving transport with the receiver's SSRC, PT and IDs.
+
+    Events: "transportclose", "producerclose", "producerpause", "producerresume".
+    Observer events: "close", "pause", "resume".
+    """
+
+    def __init__(
+        self,
+        transport: Transport,
+        producer: Producer,
+        rtp_parameters: dict[str, Any],
+        ext_ids: dict[int, int],
+        paused: bool,
+        app_data: dict[str, Any] | None,
+    ) -> None:
+        super().__init__()
+        self.id = str(uuid.uuid4())
+        self.kind = "audio"
+        self.type = "simple"
+        self.transport = transport
+        self.producer = producer
+        self.producer_id = producer.id
+        self.rtp_parameters = rtp_parameters
+        self.app_data: dict[str, Any] = app_data if app_data is not None else {}
+        self.observer = EventEmitter()
+        self._paused = paused
+        self._closed = False
+        self._dp = transport.engine.datapath
+        codec = rtp_parameters["codecs"][0]
+        self.clock_rate: int = codec["clockRate"]
+        mid = rtp_parameters.get("mid", "").encode()
+        self.slot: int = self._dp.add_consumer(
+            producer.slot, transport.slot, self.ssrc, codec["payloadType"], ext_ids, mid, paused
+        )
+        # RTCP receiver reports about this stream (RFC 3550 §6.4.1), for stats.
+        self.fraction_lost = 0
+        self.round_trip_time: float | None = None
+
+    @property
+    def ssrc(self) -> int:
+        return int(self.rtp_parameters["encodings"][0]["ssrc"])
+
+    @property
+    def paused(self) -> bool:
+        return self._paused
+
+    @property
+    def producer_paused(self) -> bool:
+        return self.producer.paused
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def pause(self) -> None:
+        if self._closed or self._paused:
+            return
+        self._paused = True
+        self._dp.set_consumer_paused(self.slot, True)
+        self.observer.emit("pause")
+
+    def resume(self) -> None:
+        """Resume forwarding; sequence numbers and timestamps continue with no gap."""
+        if self._closed or not self._paused:
+            return
+        self._paused = False
+        self._dp.set_consumer_paused(self.slot, False)
+        self.observer.emit("resume")
+
+    def close(self) -> None:
+        if self._close():
+            self.transport._consumer_closed(self)
+
+    def _close(self) -> bool:
+        if self._closed:
+            return False
+        self._closed = True
+        self._dp.remove_consumer(self.slot)
+        self.producer.consumers.pop(self.id, None)
+        self.transport._forget_outbound_stream(self.ssrc)
+        self.observer.emit("close")
+        return True
+
+    def _transport_closed(self) -> None:
+        if self._close():
+            self.emit("transportclose")
+
+    def _producer_closed(self) -> None:
+        if self._close():
+            self.transport._consumer_closed(self)
+            self.emit("producerclose")
+
+    def _on_producer_pause(self) -> None:
+        self.emit("producerpause")
+
+    def _on_producer_resume(self) -> None:
+        self.emit("producerresume")
+
+    def sender_report_state(self) -> tuple[int, int, int] | None:
+        """(RTP timestamp now, packets, octets) for an RTCP SR, or None before the first packet."""
+        s = self._dp.consumer_stats(self.slot)
+        if s["last_timestamp"] is None:
+            return None
+        elapsed_ns = max(0, time.monotonic_ns() - s["last_send_ns"])
+        rtp_now = (s["last_timestamp"] + elapsed_ns * self.clock_rate // 1_000_000_000) & 0xFFFFFFFF
+        return rtp_now, s["packets"], s["bytes"]
+
+    def get_stats(self) -> list[dict[str, Any]]:
+        if self._closed:
+            return []
+        s = self._dp.consumer_stats(self.slot)
+        return [
+            {
+                "type": "outbound-rtp",
+                "kind": "audio",
+                "ssrc": self.ssrc,
+                "mimeType": self.rtp_parameters["codecs"][0]["mimeType"],
+                "packetCount": s["packets"],
+                "byteCount": s["bytes"],
+                "packetsDiscarded": s["drops"],
+                "fractionLost": self.fraction_lost,
+                "roundTripTime": self.round_trip_time,
+            }
+        ]
+
+    def dump(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "producerId": self.producer_id,
+            "kind": self.kind,
+            "type": self.type,
+            "paused": self._paused,
+            "producerPaused": self.producer_paused,
+            "rtpParameters": self.rtp_parameters,
+        }

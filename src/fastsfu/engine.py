@@ -1,0 +1,222 @@
+"""Engine: owns the datapath, the UDP sockets and their asyncio readers, and the RTCP timer.
+
+This is the thin I/O edge of the media path: one `loop.add_reader` per socket whose callback
+drains the socket in C; Python only sees the slow-path datagrams of each batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket as socketlib
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+from fastsfu import _rtp, rtp
+from fastsfu import srtp as _srtp  # noqa: F401 - installs the libsrtp entry points in the datapath
+from fastsfu.events import EventEmitter
+from fastsfu.router import Router
+
+if TYPE_CHECKING:
+    from fastsfu.transport import Transport
+
+log = logging.getLogger("fastsfu")
+
+
+@dataclass
+class Settings:
+    """Limits and knobs of an Engine; every limit is explicit (ARCHITECTURE.md principle 5)."""
+
+    listen_ip: str = "127.0.0.1"
+    max_sockets: int = 1024
+    max_transports: int = 4096
+    max_producers: int = 4096
+    max_consumers: int = 65536
+    max_producers_per_router: int = 1000
+    max_consumers_per_router: int = 100_000
+    # Drop datagrams that waited longer than this in the socket queue (performance.md §5).
+    max_queue_age_ms: float = 20.0
+    # Datagrams drained per readable event before yielding to the loop (fairness between sockets).
+    drain_budget: int = 4096
+    recv_buffer_bytes: int = 1 << 20
+    send_buffer_bytes: int = 1 << 20
+    rtcp_interval: float = 1.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name in (
+            "max_sockets", "max_transports", "max_producers", "max_consumers",
+            "max_producers_per_router", "max_consumers_per_router", "drain_budget",
+        ):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"settings.{name} must be a positive integer")
+        if self.max_queue_age_ms < 0 or self.rtcp_interval <= 0:
+            raise ValueError("settings.max_queue_age_ms must be >= 0 and rtcp_interval > 0")
+
+
+class UdpSocket:
+    """A bound non-blocking UDP socket registered with the datapath and the event loop."""
+
+    def __init__(self, engine: Engine, ip: str, port: int) -> None:
+        family = socketlib.AF_INET6 if ":" in ip else socketlib.AF_INET
+        sock = socketlib.socket(family, socketlib.SOCK_DGRAM)
+        try:
+            sock.setblocking(False)
+            for opt, size in (
+                (socketlib.SO_RCVBUF, engine.settings.recv_buffer_bytes),
+                (socketlib.SO_SNDBUF, engine.settings.send_buffer_bytes),
+            ):
+                sock.setsockopt(socketlib.SOL_SOCKET, opt, size)
+            sock.bind((ip, port))
+            self.slot: int = engine.datapath.add_socket(sock.fileno(), family, True)
+        except BaseException:
+            sock.close()
+            raise
+        self.sock = sock
+        self.local_address: tuple[str, int] = sock.getsockname()[:2]
+
+
+class Engine(EventEmitter):
+    """The media engine: create routers from it (mediasoup's Worker, in-process).
+
+    Must be created and used inside a running asyncio loop. Events: "died" is never emitted by
+    design (no worker process); observer events: "close", "newrouter".
+    """
+
+    def __init__(self, settings: Settings | None = None) -> None:
+        super().__init__()
+        self.settings = settings or Settings()
+        self.loop = asyncio.get_running_loop()
+        s = self.settings
+        self.datapath = _rtp.Datapath(
+            max_sockets=s.max_sockets,
+            max_transports=s.max_transports,
+            max_producers=s.max_producers,
+            max_consumers=s.max_consumers,
+            max_queue_age_ms=s.max_queue_age_ms,
+        )
+        self.observer = EventEmitter()
+        self.routers: dict[str, Router] = {}
+        self.unhandled_datagrams = 0
+        self.slow_path_errors = 0
+        self._sockets: dict[int, UdpSocket] = {}
+        self._transports: dict[int, Transport] = {}
+        self._closed = False
+        self._rtcp_timer: asyncio.TimerHandle | None = self.loop.call_later(s.rtcp_interval, self._rtcp_tick)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def create_router(
+        self, media_codecs: list[dict[str, Any]] | None = None, app_data: dict[str, Any] | None = None
+    ) -> Router:
+        if self._closed:
+            raise RuntimeError("engine closed")
+        router = Router(self, media_codecs, app_data)
+        self.routers[router.id] = router
+        self.observer.emit("newrouter", router)
+        return router
+
+    def close(self) -> None:
+        """Close every router (each emits "engineclose"), the sockets and the timer."""
+        if self._closed:
+            return
+        self._closed = True
+        for router in list(self.routers.values()):
+            router._engine_closed()
+        for sock in list(self._sockets.values()):
+            self._close_socket(sock)
+        if self._rtcp_timer is not None:
+            self._rtcp_timer.cancel()
+            self._rtcp_timer = None
+        self.observer.emit("close")
+
+    async def __aenter__(self) -> Engine:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def stats(self) -> dict[str, Any]:
+        """Datapath totals and drops by reason, plus slow-path counters."""
+        out = self.datapath.stats()
+        out["unhandled_datagrams"] = self.unhandled_datagrams
+        out["slow_path_errors"] = self.slow_path_errors
+        out["routers"] = len(self.routers)
+        out["transports"] = len(self._transports)
+        return out
+
+    # ------------------------------------------------------------------ sockets and transports
+
+    def _open_socket(self, ip: str, port: int) -> UdpSocket:
+        if self._closed:
+            raise RuntimeError("engine closed")
+        sock = UdpSocket(self, ip, port)
+        self._sockets[sock.slot] = sock
+        self.loop.add_reader(sock.sock.fileno(), self._on_readable, sock.slot)
+        return sock
+
+    def _close_socket(self, sock: UdpSocket) -> None:
+        if self._sockets.pop(sock.slot, None) is None:
+            return
+        self.loop.remove_reader(sock.sock.fileno())
+        self.datapath.remove_socket(sock.slot)
+        sock.sock.close()
+
+    def _register_transport(self, transport: Transport) -> None:
+        self._transports[transport.slot] = transport
+
+    def _unregister_transport(self, transport: Transport) -> None:
+        self._transports.pop(transport.slot, None)
+
+    def _router_closed(self, router: Router) -> None:
+        self.routers.pop(router.id, None)
+
+    # ------------------------------------------------------------------ the read path
+
+    def _on_readable(self, slot: int) -> None:
+        # One Python wake-up per drained batch; RTP never surfaces here.
+        slow = self.datapath.drain(slot, self.settings.drain_budget)
+        if slow is not None:
+            for kind, t, data, addr in slow:
+                transport = self._transports.get(t)
+                if transport is None:
+                    self.unhandled_datagrams += 1
+                    continue
+                try:
+                    transport._on_slow_datagram(kind, data, addr)
+                except Exception:
+                    # Bad input must not break the loop or other sessions: count and log.
+                    self.slow_path_errors += 1
+                    log.exception("slow-path datagram handling failed")
+        if self.datapath.pending_events:
+            self._on_events()
+
+    def _on_events(self) -> None:
+        for kind, t, value in self.datapath.take_events():
+            transport = self._transports.get(t)
+            if transport is None:
+                continue
+            if kind == rtp.EVENT_TUPLE_LEARNED:
+                learned = getattr(transport, "_on_tuple_learned", None)
+                if learned is not None:
+                    learned()
+            elif kind == rtp.EVENT_UNKNOWN_SSRC:
+                log.debug("transport %s: RTP with unknown SSRC %d dropped", transport.id, value)
+
+    def _rtcp_tick(self) -> None:
+        self._rtcp_timer = None
+        if self._closed:
+            return
+        for transport in list(self._transports.values()):
+            try:
+                transport.send_rtcp_reports()
+            except Exception:
+                self.slow_path_errors += 1
+                log.exception("RTCP report failed")
+        self._rtcp_timer = self.loop.call_later(self.settings.rtcp_interval, self._rtcp_tick)

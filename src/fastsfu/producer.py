@@ -1,0 +1,136 @@
+"""Producer: one incoming audio stream (an SSRC on a transport), mediasoup's noun and events."""
+
+from __future__ import annotations
+
+import uuid
+from typing import TYPE_CHECKING, Any
+
+from fastsfu.events import EventEmitter
+from fastsfu.ortc import ProducerRtpInfo
+from fastsfu.rtp import EXTENSION_KINDS
+
+if TYPE_CHECKING:
+    from fastsfu.consumer import Consumer
+    from fastsfu.transport import Transport
+
+
+class Producer(EventEmitter):
+    """An audio stream a client sends to a transport.
+
+    Events: "transportclose". Observer events: "close", "pause", "resume".
+    """
+
+    def __init__(
+        self,
+        transport: Transport,
+        rtp_parameters: dict[str, Any],
+        info: ProducerRtpInfo,
+        paused: bool,
+        app_data: dict[str, Any] | None,
+        producer_id: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.id = producer_id or str(uuid.uuid4())
+        self.kind = "audio"
+        self.type = "simple"
+        self.transport = transport
+        self.rtp_parameters = rtp_parameters
+        self.info = info
+        self.app_data: dict[str, Any] = app_data if app_data is not None else {}
+        self.observer = EventEmitter()
+        self.consumers: dict[str, Consumer] = {}
+        self._paused = paused
+        self._closed = False
+        self._dp = transport.engine.datapath
+        ext_kinds = {eid: EXTENSION_KINDS.get(uri, 0) for eid, uri in info.header_extensions.items()}
+        self.slot: int = self._dp.add_producer(
+            transport.slot, info.ssrc, info.payload_type, info.clock_rate, ext_kinds
+        )
+        if paused:
+            self._dp.set_producer_paused(self.slot, True)
+        # RTCP state: the last SR from the sender (RFC 3550 §6.4.1 LSR/DLSR) and the last report.
+        self.last_sr_ntp_mid: int = 0
+        self.last_sr_arrival: float = 0.0
+        self.report_expected: int = 0
+        self.report_received: int = 0
+
+    @property
+    def ssrc(self) -> int:
+        return self.info.ssrc
+
+    @property
+    def paused(self) -> bool:
+        return self._paused
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def pause(self) -> None:
+        if self._closed or self._paused:
+            return
+        self._paused = True
+        self._dp.set_producer_paused(self.slot, True)
+        for consumer in list(self.consumers.values()):
+            consumer._on_producer_pause()
+        self.observer.emit("pause")
+
+    def resume(self) -> None:
+        if self._closed or not self._paused:
+            return
+        self._paused = False
+        self._dp.set_producer_paused(self.slot, False)  # consumers resync: no seq/ts gap
+        for consumer in list(self.consumers.values()):
+            consumer._on_producer_resume()
+        self.observer.emit("resume")
+
+    def close(self) -> None:
+        """Close the producer and its consumers (each emits "producerclose")."""
+        if self._close():
+            self.transport._producer_closed(self)
+
+    def _transport_closed(self) -> None:
+        if self._close():
+            self.emit("transportclose")
+
+    def _close(self) -> bool:
+        if self._closed:
+            return False
+        self._closed = True
+        for consumer in list(self.consumers.values()):
+            consumer._producer_closed()
+        self._dp.remove_producer(self.slot)
+        self.transport._forget_inbound_stream(self.ssrc)
+        self.transport.router._producer_closed(self)
+        self.observer.emit("close")
+        return True
+
+    def get_stats(self) -> list[dict[str, Any]]:
+        if self._closed:
+            return []
+        s = self._dp.producer_stats(self.slot)
+        return [
+            {
+                "type": "inbound-rtp",
+                "kind": "audio",
+                "ssrc": self.ssrc,
+                "mimeType": self.info.mime_type,
+                "packetCount": s["packets"],
+                "byteCount": s["bytes"],
+                "packetsLost": s["lost"],
+                "jitter": s["jitter"],
+                "highestSequenceNumber": s["highest_seq"],
+                "packetsDiscarded": s["drops"],
+                "activeConsumers": s["active_consumers"],
+            }
+        ]
+
+    def dump(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "kind": self.kind,
+            "type": self.type,
+            "paused": self._paused,
+            "rtpParameters": self.rtp_parameters,
+            "consumerIds": list(self.consumers),
+        }

@@ -1,0 +1,123 @@
+"""Router: one room (a voice channel), holding transports and the producers they can consume."""
+
+from __future__ import annotations
+
+import uuid
+from typing import TYPE_CHECKING, Any
+
+from fastsfu import ortc
+from fastsfu.events import EventEmitter
+from fastsfu.plain_transport import PlainTransport
+from fastsfu.srtp import DEFAULT_SUITE
+
+if TYPE_CHECKING:
+    from fastsfu.engine import Engine
+    from fastsfu.producer import Producer
+    from fastsfu.transport import Transport
+
+
+class RouterLimitError(RuntimeError):
+    """A configured limit (producers or consumers per router) would be exceeded."""
+
+
+class Router(EventEmitter):
+    """A room. Events: "engineclose". Observer events: "close", "newtransport"."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        media_codecs: list[dict[str, Any]] | None,
+        app_data: dict[str, Any] | None,
+    ) -> None:
+        super().__init__()
+        self.id = str(uuid.uuid4())
+        self.engine = engine
+        self.rtp_capabilities = ortc.generate_router_rtp_capabilities(media_codecs)
+        self.app_data: dict[str, Any] = app_data if app_data is not None else {}
+        self.observer = EventEmitter()
+        self.transports: dict[str, Transport] = {}
+        self.producers: dict[str, Producer] = {}
+        self._closed = False
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def create_plain_transport(
+        self,
+        listen_ip: str | None = None,
+        port: int = 0,
+        rtcp_mux: bool = True,
+        comedia: bool = False,
+        enable_srtp: bool = False,
+        srtp_crypto_suite: str = DEFAULT_SUITE,
+        app_data: dict[str, Any] | None = None,
+    ) -> PlainTransport:
+        """A PlainTransport on its own UDP socket (port 0: any free port)."""
+        if self._closed:
+            raise RuntimeError("router closed")
+        if not rtcp_mux:
+            raise ValueError("rtcp_mux=False is not supported: RTP and RTCP share the port (RFC 5761)")
+        socket = self.engine._open_socket(listen_ip or self.engine.settings.listen_ip, port)
+        try:
+            transport = PlainTransport(self, socket, comedia, enable_srtp, srtp_crypto_suite, app_data)
+        except BaseException:
+            self.engine._close_socket(socket)
+            raise
+        transport.observer.once("close", lambda: self.engine._close_socket(socket))
+        self.transports[transport.id] = transport
+        self.observer.emit("newtransport", transport)
+        return transport
+
+    def can_consume(self, producer_id: str, rtp_capabilities: dict[str, Any]) -> bool:
+        producer = self.producers.get(producer_id)
+        if producer is None:
+            return False
+        try:
+            return ortc.can_consume(producer.rtp_parameters, self.rtp_capabilities, rtp_capabilities)
+        except ortc.OrtcError:
+            return False
+
+    def close(self) -> None:
+        """Close the router and its transports (each emits "routerclose")."""
+        if self._close():
+            self.engine._router_closed(self)
+
+    def _engine_closed(self) -> None:
+        if self._close():
+            self.emit("engineclose")
+
+    def _close(self) -> bool:
+        if self._closed:
+            return False
+        self._closed = True
+        for transport in list(self.transports.values()):
+            transport._router_closed()
+        self.observer.emit("close")
+        return True
+
+    def _transport_closed(self, transport: Transport) -> None:
+        self.transports.pop(transport.id, None)
+
+    def _producer_added(self, producer: Producer) -> None:
+        self.producers[producer.id] = producer
+
+    def _producer_closed(self, producer: Producer) -> None:
+        self.producers.pop(producer.id, None)
+
+    def _check_producer_limit(self) -> None:
+        if len(self.producers) >= self.engine.settings.max_producers_per_router:
+            raise RouterLimitError("too many producers in this router")
+
+    def _check_consumer_limit(self) -> None:
+        count = sum(len(p.consumers) for p in self.producers.values())
+        if count >= self.engine.settings.max_consumers_per_router:
+            raise RouterLimitError("too many consumers in this router")
+
+    def dump(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "rtpCapabilities": self.rtp_capabilities,
+            "transportIds": list(self.transports),
+            "producerIds": list(self.producers),
+        }

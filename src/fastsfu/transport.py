@@ -1,0 +1,305 @@
+"""Transport base: produce/consume, SRTP streams, RTCP reports and the close cascade.
+
+Concrete transports (PlainTransport now, WebRtcTransport later) decide how the 5-tuple and the
+SRTP keys are learned; everything they share lives here.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from typing import TYPE_CHECKING, Any
+
+from fastsfu import ortc, rtp
+from fastsfu.consumer import Consumer
+from fastsfu.events import EventEmitter
+from fastsfu.producer import Producer
+from fastsfu.srtp import SrtpContext
+
+if TYPE_CHECKING:
+    from fastsfu.engine import Engine, UdpSocket
+    from fastsfu.router import Router
+
+log = logging.getLogger("fastsfu")
+
+NTP_EPOCH_OFFSET = 2_208_988_800  # seconds from 1900 (NTP) to 1970 (Unix), RFC 5905 §6
+
+
+def ntp_now() -> int:
+    """64-bit NTP timestamp of the wall clock (RFC 3550 §4)."""
+    t = time.time() + NTP_EPOCH_OFFSET
+    return (int(t) << 32) | int((t % 1) * (1 << 32))
+
+
+class TransportError(RuntimeError):
+    """A control-plane call that does not fit the transport's state."""
+
+
+class Transport(EventEmitter):
+    """What every transport has: a socket, a datapath slot, producers and consumers.
+
+    Events: "routerclose". Observer events: "close", "newproducer", "newconsumer".
+    """
+
+    def __init__(self, router: Router, socket: UdpSocket, app_data: dict[str, Any] | None) -> None:
+        super().__init__()
+        self.id = str(uuid.uuid4())
+        self.router = router
+        self.engine: Engine = router.engine
+        self.socket = socket
+        self.app_data: dict[str, Any] = app_data if app_data is not None else {}
+        self.observer = EventEmitter()
+        self.producers: dict[str, Producer] = {}
+        self.consumers: dict[str, Consumer] = {}
+        self.srtp_in: SrtpContext | None = None
+        self.srtp_out: SrtpContext | None = None
+        self._closed = False
+        self._next_mid = 0
+        self.rtcp_ssrc = ortc.random_ssrc()  # sender SSRC of our receiver reports
+        self.rtcp_cname = ortc.random_cname()
+        self.rtcp_malformed = 0
+        self.slot: int = self.engine.datapath.add_transport(socket.slot, False)
+        self.engine._register_transport(self)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    # ------------------------------------------------------------------ produce / consume
+
+    def produce(
+        self,
+        rtp_parameters: dict[str, Any],
+        kind: str = "audio",
+        paused: bool = False,
+        app_data: dict[str, Any] | None = None,
+        id: str | None = None,  # noqa: A002 - mediasoup's option name
+    ) -> Producer:
+        """Accept an audio stream from the remote side (mediasoup `transport.produce`)."""
+        self._check_open()
+        if kind != "audio":
+            raise ortc.OrtcError("kind must be 'audio': fastsfu is a voice SFU")
+        params = ortc.validate_rtp_parameters(rtp_parameters)
+        info = ortc.get_producer_rtp_info(params, self.router.rtp_capabilities)
+        if any(p.ssrc == info.ssrc for p in self.producers.values()):
+            raise ortc.OrtcError(f"rtpParameters.encodings[0].ssrc {info.ssrc} is already in use")
+        if id is not None and id in self.router.producers:
+            raise TransportError(f"a producer with id {id!r} already exists")
+        self.router._check_producer_limit()
+        producer = Producer(self, params, info, paused, app_data, id)
+        self.producers[producer.id] = producer
+        if self.srtp_in is not None:
+            self.srtp_in.add_stream(info.ssrc)
+        self.router._producer_added(producer)
+        self.observer.emit("newproducer", producer)
+        return producer
+
+    def consume(
+        self,
+        producer_id: str,
+        rtp_capabilities: dict[str, Any],
+        paused: bool = False,
+        mid: str | None = None,
+        app_data: dict[str, Any] | None = None,
+    ) -> Consumer:
+        """Forward a producer of this router to this transport's remote (mediasoup `transport.consume`)."""
+        self._check_open()
+        producer = self.router.producers.get(producer_id)
+        if producer is None:
+            raise TransportError(f"no producer with id {producer_id!r} in this router")
+        if not ortc.can_consume(producer.rtp_parameters, self.router.rtp_capabilities, rtp_capabilities):
+            raise ortc.OrtcError("cannot consume: the rtpCapabilities have no codec for this producer")
+        self.router._check_consumer_limit()
+        ssrc = self._new_ssrc()
+        if mid is None:
+            mid = str(self._next_mid)
+            self._next_mid += 1
+        params = ortc.get_consumer_rtp_parameters(
+            producer.rtp_parameters, self.router.rtp_capabilities, rtp_capabilities, ssrc, mid
+        )
+        # Only extensions the datapath forwards are announced to the receiver.
+        params["headerExtensions"] = [e for e in params["headerExtensions"] if e["uri"] in rtp.EXTENSION_KINDS]
+        ext_ids = {rtp.EXTENSION_KINDS[e["uri"]]: e["id"] for e in params["headerExtensions"]}
+        if self.srtp_out is not None:
+            self.srtp_out.add_stream(ssrc)
+        consumer = Consumer(self, producer, params, ext_ids, paused, app_data)
+        self.consumers[consumer.id] = consumer
+        producer.consumers[consumer.id] = consumer
+        self.observer.emit("newconsumer", consumer)
+        return consumer
+
+    def _new_ssrc(self) -> int:
+        used = {c.ssrc for c in self.consumers.values()} | {self.rtcp_ssrc}
+        while (ssrc := ortc.random_ssrc()) in used:
+            pass
+        return ssrc
+
+    # ------------------------------------------------------------------ SRTP
+
+    def _install_srtp(self, inbound: SrtpContext | None, outbound: SrtpContext | None) -> None:
+        """Give the datapath new contexts, with a specific stream for every known SSRC
+        (libsrtp then never allocates on a packet, transport.md §7)."""
+        if inbound is not None:
+            for producer in self.producers.values():
+                inbound.add_stream(producer.ssrc)
+        if outbound is not None:
+            for consumer in self.consumers.values():
+                outbound.add_stream(consumer.ssrc)
+        self.engine.datapath.set_transport_srtp(self.slot, inbound, outbound)
+        self.srtp_in, self.srtp_out = inbound, outbound
+
+    def _forget_inbound_stream(self, ssrc: int) -> None:
+        if self.srtp_in is not None:
+            self.srtp_in.remove_stream(ssrc)
+
+    def _forget_outbound_stream(self, ssrc: int) -> None:
+        if self.srtp_out is not None:
+            self.srtp_out.remove_stream(ssrc)
+
+    # ------------------------------------------------------------------ slow path
+
+    def _on_slow_datagram(self, kind: int, data: bytes, addr: tuple[str, int]) -> None:
+        if kind == rtp.SLOW_RTCP:
+            self._on_rtcp(data)
+        else:
+            self.engine.unhandled_datagrams += 1  # STUN/DTLS on a transport that speaks neither
+
+    def _on_rtcp(self, data: bytes) -> None:
+        try:
+            packets = rtp.parse_rtcp(data)
+        except rtp.RtpError:
+            self.rtcp_malformed += 1
+            return
+        now = time.time()
+        by_ssrc = {c.ssrc: c for c in self.consumers.values()}
+        producers = {p.ssrc: p for p in self.producers.values()}
+        for pkt in packets:
+            if pkt.packet_type == rtp.RTCP_SR and pkt.ssrc in producers:
+                producer = producers[pkt.ssrc]
+                producer.last_sr_ntp_mid = (pkt.ntp_timestamp >> 16) & 0xFFFFFFFF
+                producer.last_sr_arrival = now
+            for block in pkt.reports:
+                consumer = by_ssrc.get(block.ssrc)
+                if consumer is None:
+                    continue
+                consumer.fraction_lost = block.fraction_lost
+                if block.lsr:
+                    # RFC 3550 §6.4.1: RTT = A - LSR - DLSR, in 1/65536 s.
+                    a = (ntp_now() >> 16) & 0xFFFFFFFF
+                    rtt = (a - block.lsr - block.dlsr) & 0xFFFFFFFF
+                    if rtt < 0x80000000:
+                        consumer.round_trip_time = rtt / 65536.0
+
+    def rtcp_reports(self) -> list[bytes]:
+        """Compound RTCP packets for now: an SR per sending consumer, an RR for our producers."""
+        out: list[bytes] = []
+        ntp = ntp_now()
+        for consumer in self.consumers.values():
+            state = consumer.sender_report_state()
+            if state is None or consumer.paused:
+                continue
+            rtp_ts, packets, octets = state
+            cname = consumer.rtp_parameters.get("rtcp", {}).get("cname") or self.rtcp_cname
+            out.append(
+                rtp.build_sender_report(consumer.ssrc, ntp, rtp_ts, packets, octets)
+                + rtp.build_sdes_cname(consumer.ssrc, cname)
+            )
+        blocks = [self._report_block(p) for p in self.producers.values() if not p.closed]
+        blocks = [b for b in blocks if b is not None]
+        for i in range(0, len(blocks), 31):  # the RC field holds 31 blocks (RFC 3550 §6.4.2)
+            out.append(
+                rtp.build_receiver_report(self.rtcp_ssrc, blocks[i : i + 31])
+                + rtp.build_sdes_cname(self.rtcp_ssrc, self.rtcp_cname)
+            )
+        return out
+
+    def _report_block(self, producer: Producer) -> rtp.ReportBlock | None:
+        s = self.engine.datapath.producer_stats(producer.slot)
+        if s["extended_highest_seq"] is None:
+            return None
+        expected, received = s["expected"], s["packets"]
+        # RFC 3550 A.3: fraction lost over the interval since the last report.
+        exp_int = expected - producer.report_expected
+        rec_int = received - producer.report_received
+        producer.report_expected, producer.report_received = expected, received
+        lost_int = exp_int - rec_int
+        fraction = 0 if exp_int <= 0 or lost_int <= 0 else min(255, (lost_int << 8) // exp_int)
+        lost = max(-(1 << 23), min((1 << 23) - 1, expected - received))
+        dlsr = 0
+        if producer.last_sr_arrival:
+            dlsr = int((time.time() - producer.last_sr_arrival) * 65536) & 0xFFFFFFFF
+        return rtp.ReportBlock(
+            ssrc=producer.ssrc,
+            fraction_lost=fraction,
+            packets_lost=lost,
+            highest_sequence=s["extended_highest_seq"] & 0xFFFFFFFF,
+            jitter=s["jitter"],
+            lsr=producer.last_sr_ntp_mid,
+            dlsr=dlsr,
+        )
+
+    def send_rtcp_reports(self) -> int:
+        """Send this transport's periodic RTCP; returns how many compound packets went out."""
+        if self._closed or not self.engine.datapath.transport_stats(self.slot)["has_remote"]:
+            return 0
+        sent = 0
+        for packet in self.rtcp_reports():
+            sent += bool(self.engine.datapath.send_rtcp(self.slot, packet))
+        return sent
+
+    # ------------------------------------------------------------------ close
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise TransportError("transport closed")
+
+    def close(self) -> None:
+        """Close the transport, its producers ("transportclose") and its consumers ("transportclose")."""
+        if self._close():
+            self.router._transport_closed(self)
+
+    def _router_closed(self) -> None:
+        if self._close():
+            self.emit("routerclose")
+
+    def _close(self) -> bool:
+        if self._closed:
+            return False
+        self._closed = True
+        for consumer in list(self.consumers.values()):
+            consumer._transport_closed()
+        for producer in list(self.producers.values()):
+            producer._transport_closed()
+        self.engine.datapath.remove_transport(self.slot)
+        self.engine._unregister_transport(self)
+        self.srtp_in = self.srtp_out = None
+        self.observer.emit("close")
+        return True
+
+    def _producer_closed(self, producer: Producer) -> None:
+        self.producers.pop(producer.id, None)
+
+    def _consumer_closed(self, consumer: Consumer) -> None:
+        self.consumers.pop(consumer.id, None)
+
+    # ------------------------------------------------------------------ stats
+
+    def get_stats(self) -> list[dict[str, Any]]:
+        if self._closed:
+            return []
+        s = self.engine.datapath.transport_stats(self.slot)
+        return [
+            {
+                "type": type(self).__name__[0].lower() + type(self).__name__[1:],
+                "transportId": self.id,
+                "timestamp": int(time.time() * 1000),
+                "rtpPacketsReceived": s["rx_packets"],
+                "bytesReceived": s["rx_bytes"],
+                "rtpPacketsSent": s["tx_packets"],
+                "bytesSent": s["tx_bytes"],
+                "rtcpPacketsReceived": s["rtcp_rx_packets"],
+                "rtcpPacketsMalformed": self.rtcp_malformed,
+                "drops": s["drops"],
+            }
+        ]

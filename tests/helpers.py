@@ -1,0 +1,107 @@
+"""Shared test helpers: producer parameters, client capabilities, and an SRTP UDP client."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import socket
+from typing import Any
+
+from fastsfu import ortc
+from fastsfu.rtp import RtpPacket
+from fastsfu.srtp import SrtpContext, generate_key
+
+OPUS_PT = 111
+AUDIO_LEVEL_ID = 1
+MID_ID = 4
+CAPTURE_TIME_ID = 3
+
+
+def producer_params(ssrc: int, pt: int = OPUS_PT, cname: str = "client") -> dict[str, Any]:
+    """RtpParameters as mediasoup-client emits them for an Opus track."""
+    return {
+        "mid": "0",
+        "codecs": [
+            {
+                "mimeType": "audio/opus",
+                "payloadType": pt,
+                "clockRate": 48000,
+                "channels": 2,
+                "parameters": {"minptime": 10, "useinbandfec": 1},
+                "rtcpFeedback": [],
+            }
+        ],
+        "headerExtensions": [
+            {"uri": ortc.URI_AUDIO_LEVEL, "id": AUDIO_LEVEL_ID, "encrypt": False, "parameters": {}},
+            {"uri": ortc.URI_MID, "id": MID_ID, "encrypt": False, "parameters": {}},
+            {"uri": ortc.URI_ABS_CAPTURE_TIME, "id": CAPTURE_TIME_ID, "encrypt": False, "parameters": {}},
+            {"uri": ortc.URI_TRANSPORT_CC, "id": 5, "encrypt": False, "parameters": {}},
+        ],
+        "encodings": [{"ssrc": ssrc, "dtx": False}],
+        "rtcp": {"cname": cname, "reducedSize": True},
+    }
+
+
+def client_caps(opus_pt: int = 109, level_id: int = 12, mid_id: int = 9, capture_id: int = 14) -> dict[str, Any]:
+    """A receiver's RtpCapabilities with its own payload type and extension IDs."""
+    return {
+        "codecs": [
+            {
+                "kind": "audio",
+                "mimeType": "audio/opus",
+                "preferredPayloadType": opus_pt,
+                "clockRate": 48000,
+                "channels": 2,
+                "parameters": {},
+                "rtcpFeedback": [],
+            }
+        ],
+        "headerExtensions": [
+            {"kind": "audio", "uri": ortc.URI_AUDIO_LEVEL, "preferredId": level_id, "direction": "sendrecv"},
+            {"kind": "audio", "uri": ortc.URI_MID, "preferredId": mid_id, "direction": "sendrecv"},
+            {"kind": "audio", "uri": ortc.URI_ABS_CAPTURE_TIME, "preferredId": capture_id, "direction": "sendrecv"},
+        ],
+    }
+
+
+class SrtpClient:
+    """A UDP endpoint on loopback speaking SRTP with pre-shared keys, as an ingest tool would."""
+
+    def __init__(self, suite: str = "AES_CM_128_HMAC_SHA1_80") -> None:
+        self.suite = suite
+        self.key = generate_key(suite)
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.setblocking(False)
+        self.port: int = self.sock.getsockname()[1]
+        self.tx = SrtpContext(suite, self.key, inbound=False)
+        self.rx: SrtpContext | None = None
+
+    @property
+    def srtp_parameters(self) -> dict[str, str]:
+        return {"cryptoSuite": self.suite, "keyBase64": base64.b64encode(self.key).decode()}
+
+    def set_server_parameters(self, params: dict[str, str]) -> None:
+        key = base64.b64decode(params["keyBase64"])
+        self.rx = SrtpContext(params["cryptoSuite"], key, inbound=True)
+
+    def send_rtp(self, server: tuple[str, int], pkt: RtpPacket) -> None:
+        self.sock.sendto(self.tx.protect(bytes(pkt)), server)
+
+    def send_raw(self, server: tuple[str, int], data: bytes) -> None:
+        self.sock.sendto(data, server)
+
+    async def receive(self, count: int, timeout: float = 2.0) -> list[bytes]:
+        """Up to `count` datagrams, waiting at most `timeout` seconds in all."""
+        loop = asyncio.get_running_loop()
+        out: list[bytes] = []
+        deadline = loop.time() + timeout
+        while len(out) < count and loop.time() < deadline:
+            try:
+                out.append(self.sock.recv(4096))
+            except BlockingIOError:
+                await asyncio.sleep(0.002)
+        return out
+
+    def close(self) -> None:
+        self.sock.close()
