@@ -9,7 +9,7 @@ from cpython.bytes cimport PyBytes_FromStringAndSize
 from libc.errno cimport EAGAIN, EINTR, errno
 from libc.stdint cimport int16_t, int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t, uintptr_t
 from libc.stdlib cimport calloc, free, realloc
-from libc.string cimport memcmp, memcpy, memset
+from libc.string cimport memcmp, memcpy, memmove, memset
 from posix.time cimport CLOCK_MONOTONIC, CLOCK_REALTIME, clock_gettime, timespec
 
 from fastsfu._csys cimport (
@@ -52,6 +52,7 @@ cdef enum:
     DROP_NO_CONSUMERS
     DROP_CONSUMER_PAUSED
     DROP_STALE_SEQ
+    DROP_SEQ_JUMP
     DROP_NO_REMOTE
     DROP_ENCRYPT_FAILED
     DROP_SEND_FAILED
@@ -62,7 +63,7 @@ cdef enum:
 DROP_REASONS = (
     "malformed", "oversize", "unknown_protocol", "unknown_tuple", "unknown_ssrc", "unknown_pt",
     "decrypt_failed", "srtp_replay", "producer_paused", "no_consumers", "consumer_paused",
-    "stale_seq", "no_remote", "encrypt_failed", "send_failed", "queue_age", "recv_error",
+    "stale_seq", "seq_jump", "no_remote", "encrypt_failed", "send_failed", "queue_age", "recv_error",
 )
 
 cdef enum:
@@ -170,6 +171,8 @@ ctypedef struct Producer:
     int n_active
     uint32_t epoch                   # bumped on resume and on a sequence restart: consumers resync
     int have_seq
+    int have_bad_seq
+    uint16_t bad_seq                 # RFC 3550 A.1 probation: a jump is believed when seq follows it
     int64_t highest                  # extended sequence number (RFC 3550 A.1)
     int64_t base
     int64_t expected_prior
@@ -779,7 +782,8 @@ cdef class Datapath:
         pr = &self.producers[co.producer]
         for i in range(pr.n_consumers):
             if pr.consumers[i] == c:
-                pr.consumers[i] = pr.consumers[pr.n_consumers - 1]
+                # Keep creation order: fan-out order stays predictable (and matches the reference).
+                memmove(&pr.consumers[i], &pr.consumers[i + 1], (pr.n_consumers - i - 1) * sizeof(int32_t))
                 pr.n_consumers -= 1
                 break
         if not co.paused:
@@ -1181,6 +1185,9 @@ cdef class Datapath:
         ext = self._track(pr, seq, ts, now)
         pr.packets += 1
         pr.bytes += n
+        if ext < 0:
+            self._drop(tr, DROP_SEQ_JUMP)
+            return
         if pr.paused:
             self._drop(tr, DROP_PRODUCER_PAUSED)
             return
@@ -1206,7 +1213,13 @@ cdef class Datapath:
         else:
             delta = <int16_t>(seq - <uint16_t>pr.highest)
             if delta >= MAX_DROPOUT or delta < -MAX_MISORDER:
+                if not (pr.have_bad_seq and seq == pr.bad_seq):
+                    # One stray packet is not a restart: wait for the next in sequence.
+                    pr.have_bad_seq = 1
+                    pr.bad_seq = seq + 1
+                    return -1
                 # The sender restarted its sequence: continue the extended space above the old one.
+                pr.have_bad_seq = 0
                 pr.expected_prior += pr.highest - pr.base + 1
                 ext = ((pr.highest + 65536) & ~(<int64_t>0xFFFF)) | seq
                 pr.highest = ext

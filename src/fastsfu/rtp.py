@@ -334,6 +334,7 @@ class _Producer:
     paused: bool = False
     epoch: int = 0
     highest: int | None = None
+    bad_seq: int | None = None
     base: int = 0
     expected_prior: int = 0
     last_auth_seq: int | None = None
@@ -596,6 +597,9 @@ class ReferenceForwarder:
         ts = struct.unpack_from("!I", data, 4)[0]
         ext = self._track(pr, seq, ts, now)
         pr.packets += 1
+        if ext < 0:
+            self.drops["seq_jump"] += 1
+            return
         if pr.paused:
             self.drops["producer_paused"] += 1
             return
@@ -615,6 +619,10 @@ class ReferenceForwarder:
             if delta >= 0x8000:
                 delta -= 0x10000
             if delta >= MAX_DROPOUT or delta < -MAX_MISORDER:
+                if pr.bad_seq != seq:  # RFC 3550 A.1 probation: believe a jump on the next packet
+                    pr.bad_seq = (seq + 1) & 0xFFFF
+                    return -1
+                pr.bad_seq = None
                 pr.expected_prior += pr.highest - pr.base + 1
                 ext = ((pr.highest + 65536) & ~0xFFFF) | seq
                 pr.highest = pr.base = ext
