@@ -42,7 +42,9 @@ def producer_params(ssrc: int, pt: int = OPUS_PT, cname: str = "client") -> dict
     }
 
 
-def client_caps(opus_pt: int = 109, level_id: int = 12, mid_id: int = 9, capture_id: int = 14) -> dict[str, Any]:
+def client_caps(
+    opus_pt: int = 109, level_id: int = 12, mid_id: int = 9, capture_id: int = 14
+) -> dict[str, Any]:
     """A receiver's RtpCapabilities with its own payload type and extension IDs."""
     return {
         "codecs": [
@@ -59,7 +61,12 @@ def client_caps(opus_pt: int = 109, level_id: int = 12, mid_id: int = 9, capture
         "headerExtensions": [
             {"kind": "audio", "uri": ortc.URI_AUDIO_LEVEL, "preferredId": level_id, "direction": "sendrecv"},
             {"kind": "audio", "uri": ortc.URI_MID, "preferredId": mid_id, "direction": "sendrecv"},
-            {"kind": "audio", "uri": ortc.URI_ABS_CAPTURE_TIME, "preferredId": capture_id, "direction": "sendrecv"},
+            {
+                "kind": "audio",
+                "uri": ortc.URI_ABS_CAPTURE_TIME,
+                "preferredId": capture_id,
+                "direction": "sendrecv",
+            },
         ],
     }
 

@@ -9,10 +9,10 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
+from helpers import client_caps, producer_params
 
 from fastsfu import Engine, OrtcError, RouterLimitError, Settings, TransportError
 from fastsfu.srtp import SrtpError
-from helpers import client_caps, producer_params
 
 
 def run(coro_fn: Callable[..., Awaitable[None]]) -> Callable[..., None]:
@@ -40,7 +40,9 @@ def room(engine: Engine, n: int = 3) -> tuple[Any, list[Any], list[Any], list[li
     router = engine.create_router()
     transports = [router.create_plain_transport() for _ in range(n)]
     producers = [t.produce(producer_params(1000 + i)) for i, t in enumerate(transports)]
-    consumers = [[t.consume(p.id, client_caps()) for p in producers if p.transport is not t] for t in transports]
+    consumers = [
+        [t.consume(p.id, client_caps()) for p in producers if p.transport is not t] for t in transports
+    ]
     return router, transports, producers, consumers
 
 
@@ -63,9 +65,12 @@ async def test_engine_close_cascades_once_with_mediasoup_events() -> None:
     engine.close()
     engine.close()
     assert rec.counts == {
-        "router:engineclose": 1, "router.observer:close": 1,
-        "transport:routerclose": 3, "transport.observer:close": 3,
-        "producer:transportclose": 3, "producer.observer:close": 3,
+        "router:engineclose": 1,
+        "router.observer:close": 1,
+        "transport:routerclose": 3,
+        "transport.observer:close": 3,
+        "producer:transportclose": 3,
+        "producer.observer:close": 3,
         # Each consumer closes once: with its own transport, or earlier with its producer.
         "consumer.observer:close": 6,
         "consumer:transportclose": rec.counts["consumer:transportclose"],
@@ -128,8 +133,14 @@ async def test_pause_resume_events_and_datapath_state() -> None:
         assert engine.datapath.producer_stats(producers[0].slot)["active_consumers"] == 0
         consumer.resume()
         assert engine.datapath.producer_stats(producers[0].slot)["active_consumers"] == 1
-        assert rec.counts == {"c:producerpause": 1, "c:producerresume": 1, "p.observer:pause": 1,
-                              "p.observer:resume": 1, "c.observer:pause": 1, "c.observer:resume": 1}
+        assert rec.counts == {
+            "c:producerpause": 1,
+            "c:producerresume": 1,
+            "p.observer:pause": 1,
+            "p.observer:resume": 1,
+            "c.observer:pause": 1,
+            "c.observer:resume": 1,
+        }
 
 
 @run
@@ -157,13 +168,19 @@ async def test_invalid_calls_raise_clear_errors() -> None:
         with pytest.raises(OrtcError, match="audio"):
             t.produce(producer_params(1), kind="video")
         with pytest.raises(OrtcError, match="payloadType"):
-            t.produce({**producer_params(1), "codecs": [{**producer_params(1)["codecs"][0], "payloadType": True}]})
+            t.produce(
+                {**producer_params(1), "codecs": [{**producer_params(1)["codecs"][0], "payloadType": True}]}
+            )
         p = t.produce(producer_params(1))
         with pytest.raises(OrtcError, match="already in use"):
             t.produce(producer_params(1))
         with pytest.raises(TransportError, match="no producer"):
             t.consume("missing", client_caps())
-        pcmu = {"codecs": [{"kind": "audio", "mimeType": "audio/PCMU", "preferredPayloadType": 0, "clockRate": 8000}]}
+        pcmu = {
+            "codecs": [
+                {"kind": "audio", "mimeType": "audio/PCMU", "preferredPayloadType": 0, "clockRate": 8000}
+            ]
+        }
         with pytest.raises(OrtcError, match="cannot consume"):
             t.consume(p.id, pcmu)
         with pytest.raises(TransportError, match="ip and port"):

@@ -20,8 +20,14 @@ MS = 1_000_000
 class Room:
     """One sender transport with a producer, one receiver transport with a consumer."""
 
-    def __init__(self, srtp: bool = True, ext_kinds: dict[int, int] | None = None,
-                 ext_ids: dict[int, int] | None = None, mid: bytes = b"", consumer: bool = True) -> None:
+    def __init__(
+        self,
+        srtp: bool = True,
+        ext_kinds: dict[int, int] | None = None,
+        ext_ids: dict[int, int] | None = None,
+        mid: bytes = b"",
+        consumer: bool = True,
+    ) -> None:
         self.dp = _rtp.Datapath(max_sockets=2, max_transports=4, max_producers=4, max_consumers=8)
         self.dp.set_output_mode(_rtp.OUTPUT_CAPTURE)
         self.sock = self.dp.add_socket(-1, socket.AF_INET, False)
@@ -32,8 +38,12 @@ class Room:
         self.client = self.server_out = None
         if srtp:
             up, down = generate_key(SUITE), generate_key(SUITE)
-            self.dp.set_transport_srtp(self.tx_t, SrtpContext(SUITE, up, True), SrtpContext(SUITE, generate_key(SUITE), False))
-            self.dp.set_transport_srtp(self.rx_t, SrtpContext(SUITE, generate_key(SUITE), True), SrtpContext(SUITE, down, False))
+            self.dp.set_transport_srtp(
+                self.tx_t, SrtpContext(SUITE, up, True), SrtpContext(SUITE, generate_key(SUITE), False)
+            )
+            self.dp.set_transport_srtp(
+                self.rx_t, SrtpContext(SUITE, generate_key(SUITE), True), SrtpContext(SUITE, down, False)
+            )
             self.client = SrtpContext(SUITE, up, inbound=False)
             self.receiver = SrtpContext(SUITE, down, inbound=True)
         self.producer = self.dp.add_producer(self.tx_t, SSRC, 111, 48000, ext_kinds or {})
@@ -43,8 +53,16 @@ class Room:
         self.now = 10_000 * MS
 
     def packet(self, seq: int, ts: int, **kw: object) -> bytes:
-        data = bytes(RtpPacket(payload_type=kw.pop("pt", 111), sequence_number=seq, timestamp=ts,
-                               ssrc=kw.pop("ssrc", SSRC), payload=kw.pop("payload", b"\x01" * 40), **kw))
+        data = bytes(
+            RtpPacket(
+                payload_type=kw.pop("pt", 111),
+                sequence_number=seq,
+                timestamp=ts,
+                ssrc=kw.pop("ssrc", SSRC),
+                payload=kw.pop("payload", b"\x01" * 40),
+                **kw,
+            )
+        )
         return self.client.protect(data) if self.client else data
 
     def send(self, data: bytes, src: tuple[str, int] = SENDER, dt_ms: float = 20) -> list[RtpPacket]:
@@ -79,7 +97,11 @@ def test_forward_rewrites_ssrc_pt_and_keeps_payload() -> None:
         ("version 3", b"\xc0\x6f" + bytes(30), "unknown_protocol"),
         ("CSRC count past the end", b"\x8f\x6f" + bytes(10) + bytes(8), "malformed"),
         ("extension header past the end", b"\x90\x6f" + bytes(10), "malformed"),
-        ("extension length past the end", b"\x90\x6f" + bytes(2) + bytes(4) + struct.pack("!I", SSRC) + b"\xbe\xde\x00\x40" + bytes(8), "malformed"),
+        (
+            "extension length past the end",
+            b"\x90\x6f" + bytes(2) + bytes(4) + struct.pack("!I", SSRC) + b"\xbe\xde\x00\x40" + bytes(8),
+            "malformed",
+        ),
         ("TURN channel data", b"\x40\x00\x00\x04abcd", "unknown_protocol"),
         ("first byte 255", b"\xff" + bytes(40), "unknown_protocol"),
         ("unknown SSRC", bytes(RtpPacket(111, 1, 1, 0xABCDEF, payload=b"x")), "unknown_ssrc"),
@@ -154,7 +176,9 @@ def test_slow_path_classification() -> None:
     room = Room(srtp=False)
     stun = b"\x00\x01\x00\x00\x21\x12\xa4\x42" + bytes(12)
     dtls = b"\x16\xfe\xfd" + bytes(20)
-    assert room.dp.process(room.sock, stun, "127.0.0.1", 9999, 0) == [(_rtp.SLOW_STUN, -1, stun, ("127.0.0.1", 9999))]
+    assert room.dp.process(room.sock, stun, "127.0.0.1", 9999, 0) == [
+        (_rtp.SLOW_STUN, -1, stun, ("127.0.0.1", 9999))
+    ]
     assert room.dp.process(room.sock, stun, *SENDER, 0) == [(_rtp.SLOW_STUN, room.tx_t, stun, SENDER)]
     assert room.dp.process(room.sock, dtls, *SENDER, 0) == [(_rtp.SLOW_DTLS, room.tx_t, dtls, SENDER)]
     # DTLS only from tuples ICE (or connect) admitted.

@@ -170,7 +170,9 @@ def add_consumer(rng: random.Random, pair: Pair, s: Sender, t: int) -> None:
     ids = rng.sample(list(range(1, 15)) + [15, 200], 3)  # 15 and 200 force the two-byte form
     ext_ids = {kind: eid for kind, eid in zip((1, 2, 3), ids, strict=True) if rng.random() < 0.8}
     mid = rng.choice([b"", b"0", b"12", b"audio"])
-    c = pair.call("add_consumer", s.producer, t, ssrc, rng.choice([100, 109, 111]), ext_ids, mid, rng.random() < 0.1)
+    c = pair.call(
+        "add_consumer", s.producer, t, ssrc, rng.choice([100, 109, 111]), ext_ids, mid, rng.random() < 0.1
+    )
     s.consumers.append(c)
     # The outbound SRTP session needs no stream per SSRC: its template covers any SSRC.
 
@@ -223,7 +225,9 @@ def test_random_traffic_matches_reference(seed: int) -> None:
         for c in s.consumers:
             a, b = pair.dp.consumer_stats(c), pair.ref.consumers[c]
             assert a["packets"] == b.packets
-            assert (a["last_seq"], a["last_timestamp"]) == ((b.last_seq, b.last_ts) if b.has_sent else (None, None))
+            assert (a["last_seq"], a["last_timestamp"]) == (
+                (b.last_seq, b.last_ts) if b.has_sent else (None, None)
+            )
         assert pair.dp.producer_stats(s.producer)["packets"] == pair.ref.producers[s.producer].packets
         assert pair.dp.producer_stats(s.producer)["jitter"] == pair.ref.producers[s.producer].jitter_q4 >> 4
 

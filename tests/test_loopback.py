@@ -7,10 +7,10 @@ import os
 import time
 
 import pytest
+from helpers import AUDIO_LEVEL_ID, MID_ID, SrtpClient, client_caps, producer_params
 
 from fastsfu import Engine, Settings, ortc, rtp
 from fastsfu.rtp import RtpPacket
-from helpers import AUDIO_LEVEL_ID, MID_ID, SrtpClient, client_caps, producer_params
 
 pytestmark = pytest.mark.loopback
 
@@ -23,7 +23,7 @@ async def make_room(engine: Engine, n: int, suite: str) -> tuple[list[SrtpClient
     router = engine.create_router()
     clients = [SrtpClient(suite) for _ in range(n)]
     transports = []
-    for i, c in enumerate(clients):
+    for c in clients:
         t = router.create_plain_transport(enable_srtp=True, srtp_crypto_suite=suite)
         t.connect("127.0.0.1", c.port, c.srtp_parameters)
         c.set_server_parameters(t.srtp_parameters)
@@ -42,8 +42,14 @@ def server_addr(t: object) -> tuple[str, int]:
 
 
 def opus(ssrc: int, seq: int, level: int = 0x85) -> RtpPacket:
-    return RtpPacket(111, seq, seq * 960, ssrc, extensions=[(AUDIO_LEVEL_ID, bytes([level])), (MID_ID, b"0")],
-                     payload=os.urandom(90))
+    return RtpPacket(
+        111,
+        seq,
+        seq * 960,
+        ssrc,
+        extensions=[(AUDIO_LEVEL_ID, bytes([level])), (MID_ID, b"0")],
+        payload=os.urandom(90),
+    )
 
 
 @pytest.mark.parametrize("suite", ["AES_CM_128_HMAC_SHA1_80", "AEAD_AES_128_GCM"])
@@ -60,7 +66,11 @@ def test_everyone_hears_everyone_else(suite: str) -> None:
                 by_ssrc: dict[int, list[RtpPacket]] = {}
                 for pkt in got:
                     by_ssrc.setdefault(pkt.ssrc, []).append(pkt)
-                expected = {consumers[(i, p.ssrc)].ssrc: consumers[(i, p.ssrc)] for p in producers if p.transport is not transports[i]}
+                expected = {
+                    consumers[(i, p.ssrc)].ssrc: consumers[(i, p.ssrc)]
+                    for p in producers
+                    if p.transport is not transports[i]
+                }
                 assert set(by_ssrc) == set(expected)
                 for ssrc, pkts in by_ssrc.items():
                     params = expected[ssrc].rtp_parameters
@@ -113,25 +123,36 @@ def test_rtcp_reports_flow_both_ways() -> None:
                 if seq not in (5, 6):  # two packets lost on the way in
                     speaker.send_rtp(server_addr(transports[0]), opus(5000, seq))
             # The speaker's SR gives the server an LSR to echo (RFC 3550 §6.4.1).
-            speaker.sock.sendto(speaker.tx.protect_rtcp(rtp.build_sender_report(5000, 0x1122334455667788, 0, 18, 1800)),
-                                server_addr(transports[0]))
+            speaker.sock.sendto(
+                speaker.tx.protect_rtcp(rtp.build_sender_report(5000, 0x1122334455667788, 0, 18, 1800)),
+                server_addr(transports[0]),
+            )
             await asyncio.sleep(0.35)
-            reports = [rtp.parse_rtcp(speaker.rx.unprotect_rtcp(d)) for d in await speaker.receive(10, 0.5)
-                       if rtp.is_rtcp(d)]
+            reports = [
+                rtp.parse_rtcp(speaker.rx.unprotect_rtcp(d))
+                for d in await speaker.receive(10, 0.5)
+                if rtp.is_rtcp(d)
+            ]
             blocks = [b for compound in reports for pkt in compound for b in pkt.reports if b.ssrc == 5000]
             assert blocks, "no receiver report about the speaker's stream"
             last = blocks[-1]
             assert (last.highest_sequence, last.packets_lost) == (19, 2)
             assert last.lsr == 0x33445566
             consumer = consumers[(1, 5000)]
-            heard = [speaker for speaker in await listener.receive(60, 0.5)]
-            srs = [p for d in heard if rtp.is_rtcp(d) for p in rtp.parse_rtcp(listener.rx.unprotect_rtcp(d))
-                   if p.packet_type == rtp.RTCP_SR]
+            heard = await listener.receive(60, 0.5)
+            srs = [
+                p
+                for d in heard
+                if rtp.is_rtcp(d)
+                for p in rtp.parse_rtcp(listener.rx.unprotect_rtcp(d))
+                if p.packet_type == rtp.RTCP_SR
+            ]
             assert srs and srs[-1].ssrc == consumer.ssrc and srs[-1].packet_count == 18
             # The listener's RR about the consumer stream feeds consumer stats.
             block = rtp.ReportBlock(consumer.ssrc, 64, 3, 19, 5, lsr=0, dlsr=0)
-            listener.sock.sendto(listener.tx.protect_rtcp(rtp.build_receiver_report(77, [block])),
-                                 server_addr(transports[1]))
+            listener.sock.sendto(
+                listener.tx.protect_rtcp(rtp.build_receiver_report(77, [block])), server_addr(transports[1])
+            )
             await asyncio.sleep(0.05)
             assert consumer.get_stats()[0]["fractionLost"] == 64
             assert transports[1].get_stats()[0]["rtcpPacketsReceived"] == 1
@@ -153,7 +174,9 @@ def test_garbage_flood_does_not_harm_the_room() -> None:
                 await asyncio.sleep(0.001)
             got = await clients[1].receive(40, 5)
             assert len(got) == 40
-            assert [RtpPacket.parse(clients[1].rx.unprotect(d)).sequence_number for d in got] == list(range(40))
+            assert [RtpPacket.parse(clients[1].rx.unprotect(d)).sequence_number for d in got] == list(
+                range(40)
+            )
             drops = engine.stats()["drops"]
             assert drops["unknown_tuple"] + drops["unknown_protocol"] + drops["malformed"] >= 1000
             assert engine.stats()["slow_path_errors"] == 0

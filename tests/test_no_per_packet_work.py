@@ -20,15 +20,24 @@ HERE = Path(__file__).parent
 @pytest.fixture(scope="module")
 def malloc_counter(tmp_path_factory: pytest.TempPathFactory) -> Path:
     lib = tmp_path_factory.mktemp("native") / "malloc_count.so"
-    subprocess.run(["cc", "-O2", "-shared", "-fPIC", "-o", str(lib), str(HERE / "native" / "malloc_count.c"), "-ldl"],
-                   check=True, timeout=60)
+    subprocess.run(
+        ["cc", "-O2", "-shared", "-fPIC", "-o", str(lib), str(HERE / "native" / "malloc_count.c"), "-ldl"],
+        check=True,
+        timeout=60,
+    )
     return lib
 
 
 def probe(lib: Path, n: int, fanout: int) -> dict[str, int]:
     env = dict(os.environ, PYTHONMALLOC="malloc", LD_PRELOAD=str(lib))
-    out = subprocess.run([sys.executable, str(HERE / "native" / "drain_probe.py"), str(n), str(fanout)],
-                         env=env, capture_output=True, text=True, timeout=60, check=True)
+    out = subprocess.run(
+        [sys.executable, str(HERE / "native" / "drain_probe.py"), str(n), str(fanout)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

@@ -41,13 +41,21 @@ def test_datapath_protect_is_byte_identical_to_pylibsrtp(suite: str) -> None:
     # The sender and the oracle use pylibsrtp's Python API with plain templates.
     profile = srtp.suite(suite).profile
     sender = pylibsrtp.Session(pylibsrtp.Policy(up, pylibsrtp.Policy.SSRC_ANY_OUTBOUND, srtp_profile=profile))
-    oracle = pylibsrtp.Session(pylibsrtp.Policy(down, pylibsrtp.Policy.SSRC_ANY_OUTBOUND, srtp_profile=profile))
-    receiver = pylibsrtp.Session(pylibsrtp.Policy(down, pylibsrtp.Policy.SSRC_ANY_INBOUND, srtp_profile=profile))
+    oracle = pylibsrtp.Session(
+        pylibsrtp.Policy(down, pylibsrtp.Policy.SSRC_ANY_OUTBOUND, srtp_profile=profile)
+    )
+    receiver = pylibsrtp.Session(
+        pylibsrtp.Policy(down, pylibsrtp.Policy.SSRC_ANY_INBOUND, srtp_profile=profile)
+    )
     for seq in range(65530, 65550):  # across a rollover (RFC 3711 §3.3.1)
-        plain = bytes(RtpPacket(111, seq & 0xFFFF, seq * 960 & 0xFFFFFFFF, 42, payload=bytes([seq & 0xFF]) * 90))
+        plain = bytes(
+            RtpPacket(111, seq & 0xFFFF, seq * 960 & 0xFFFFFFFF, 42, payload=bytes([seq & 0xFF]) * 90)
+        )
         dp.process(sock, sender.protect(plain), "127.0.0.1", 1000, 0)
         ((_, _, got),) = dp.take_captured()
-        expected_plain = bytes(RtpPacket(100, seq & 0xFFFF, seq * 960 & 0xFFFFFFFF, 4242, payload=bytes([seq & 0xFF]) * 90))
+        expected_plain = bytes(
+            RtpPacket(100, seq & 0xFFFF, seq * 960 & 0xFFFFFFFF, 4242, payload=bytes([seq & 0xFF]) * 90)
+        )
         assert got == oracle.protect(expected_plain)
         assert receiver.unprotect(got) == expected_plain
 

@@ -46,8 +46,13 @@ class Settings:
 
     def __post_init__(self) -> None:
         for name in (
-            "max_sockets", "max_transports", "max_producers", "max_consumers",
-            "max_producers_per_router", "max_consumers_per_router", "drain_budget",
+            "max_sockets",
+            "max_transports",
+            "max_producers",
+            "max_consumers",
+            "max_producers_per_router",
+            "max_consumers_per_router",
+            "drain_budget",
         ):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:

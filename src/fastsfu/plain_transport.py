@@ -32,16 +32,24 @@ class PlainTransport(Transport):
         enable_srtp: bool,
         srtp_crypto_suite: str,
         app_data: dict[str, Any] | None,
+        srtp_key: bytes | None = None,
     ) -> None:
         if enable_srtp:
-            srtp.suite(srtp_crypto_suite)  # reject an unknown suite before any resource exists
+            expected = srtp.suite(
+                srtp_crypto_suite
+            ).master_length  # unknown suite: fail before any resource exists
+            if srtp_key is not None and len(srtp_key) != expected:
+                raise srtp.SrtpError(f"srtp_key must be {expected} bytes for {srtp_crypto_suite}")
+        elif srtp_key is not None:
+            raise srtp.SrtpError("srtp_key given but SRTP is not enabled")
         super().__init__(router, socket, app_data)
         self.comedia = comedia
         self.rtcp_mux = True
         self._connected = False
         self._remote: tuple[str, int] | None = None
         self._srtp_suite = srtp_crypto_suite if enable_srtp else None
-        self._local_key = srtp.generate_key(srtp_crypto_suite) if enable_srtp else b""
+        self._local_key = (srtp_key or srtp.generate_key(srtp_crypto_suite)) if enable_srtp else b""
+        self._fixed_key = srtp_key is not None
         # Plain RTP with comedia can learn its remote right away; with SRTP only once the
         # remote key is known, so that nothing unauthenticated ever teaches a tuple.
         if comedia and not enable_srtp:
@@ -51,7 +59,12 @@ class PlainTransport(Transport):
     def tuple(self) -> dict[str, Any]:
         """mediasoup's TransportTuple of this transport."""
         local_ip, local_port = self.socket.local_address
-        out: dict[str, Any] = {"localIp": local_ip, "localAddress": local_ip, "localPort": local_port, "protocol": "udp"}
+        out: dict[str, Any] = {
+            "localIp": local_ip,
+            "localAddress": local_ip,
+            "localPort": local_port,
+            "protocol": "udp",
+        }
         if self._remote is not None:
             out["remoteIp"], out["remotePort"] = self._remote
         return out
@@ -90,6 +103,10 @@ class PlainTransport(Transport):
                 raise TransportError("srtpParameters are required: SRTP is enabled")
             suite, remote_key = srtp.parse_srtp_parameters(srtp_parameters)
             if suite.name != self._srtp_suite:
+                if self._fixed_key:
+                    raise TransportError(
+                        f"remote suite {suite.name} differs from the provisioned {self._srtp_suite}"
+                    )
                 # mediasoup: our local parameters follow the remote's suite.
                 self._srtp_suite = suite.name
                 self._local_key = srtp.generate_key(suite.name)

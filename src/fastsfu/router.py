@@ -52,15 +52,22 @@ class Router(EventEmitter):
         enable_srtp: bool = False,
         srtp_crypto_suite: str = DEFAULT_SUITE,
         app_data: dict[str, Any] | None = None,
+        srtp_key: bytes | None = None,
     ) -> PlainTransport:
-        """A PlainTransport on its own UDP socket (port 0: any free port)."""
+        """A PlainTransport on its own UDP socket (port 0: any free port).
+
+        `srtp_key` pre-provisions our master key||salt (SDES-style key management); by default
+        a random key is generated and announced in `transport.srtp_parameters`.
+        """
         if self._closed:
             raise RuntimeError("router closed")
         if not rtcp_mux:
             raise ValueError("rtcp_mux=False is not supported: RTP and RTCP share the port (RFC 5761)")
         socket = self.engine._open_socket(listen_ip or self.engine.settings.listen_ip, port)
         try:
-            transport = PlainTransport(self, socket, comedia, enable_srtp, srtp_crypto_suite, app_data)
+            transport = PlainTransport(
+                self, socket, comedia, enable_srtp, srtp_crypto_suite, app_data, srtp_key
+            )
         except BaseException:
             self.engine._close_socket(socket)
             raise

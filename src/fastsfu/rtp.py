@@ -277,7 +277,12 @@ def _rtcp_header(pt: int, count: int, body_len: int) -> bytes:
 
 
 def build_sender_report(
-    ssrc: int, ntp: int, rtp_ts: int, packets: int, octets: int, reports: list[ReportBlock] = ()  # type: ignore[assignment]
+    ssrc: int,
+    ntp: int,
+    rtp_ts: int,
+    packets: int,
+    octets: int,
+    reports: list[ReportBlock] = (),  # type: ignore[assignment]
 ) -> bytes:
     body = struct.pack("!IQIII", ssrc, ntp, rtp_ts, packets & 0xFFFFFFFF, octets & 0xFFFFFFFF)
     body += b"".join(bytes(r) for r in reports)
@@ -444,7 +449,9 @@ class ReferenceForwarder:
         if self.sockets.get(tr.sock) == t:
             self.sockets[tr.sock] = None
 
-    def add_producer(self, t: int, ssrc: int, payload_type: int, clock_rate: int, ext_kinds: dict[int, int]) -> int:
+    def add_producer(
+        self, t: int, ssrc: int, payload_type: int, clock_rate: int, ext_kinds: dict[int, int]
+    ) -> int:
         if (t, ssrc) in self.ssrcs:
             raise ValueError(f"SSRC {ssrc} is already produced on this transport")
         p = self._slot(self.producers)
@@ -466,7 +473,13 @@ class ReferenceForwarder:
         del self.producers[p]
 
     def add_consumer(
-        self, p: int, t: int, ssrc: int, payload_type: int, ext_ids: dict[int, int], mid: bytes = b"",
+        self,
+        p: int,
+        t: int,
+        ssrc: int,
+        payload_type: int,
+        ext_ids: dict[int, int],
+        mid: bytes = b"",
         paused: bool = False,
     ) -> int:
         c = self._slot(self.consumers)
@@ -643,8 +656,16 @@ class ReferenceForwarder:
         return ext
 
     def _forward(
-        self, pr: _Producer, co: _Consumer, data: bytes, hlen: int, ext_off: int, ext_len: int, profile: int,
-        ext: int, now: int,
+        self,
+        pr: _Producer,
+        co: _Consumer,
+        data: bytes,
+        hlen: int,
+        ext_off: int,
+        ext_len: int,
+        profile: int,
+        ext: int,
+        now: int,
     ) -> None:
         dst = self.transports[co.transport]
         if co.paused:

@@ -119,7 +119,9 @@ class Transport(EventEmitter):
             producer.rtp_parameters, self.router.rtp_capabilities, rtp_capabilities, ssrc, mid
         )
         # Only extensions the datapath forwards are announced to the receiver.
-        params["headerExtensions"] = [e for e in params["headerExtensions"] if e["uri"] in rtp.EXTENSION_KINDS]
+        params["headerExtensions"] = [
+            e for e in params["headerExtensions"] if e["uri"] in rtp.EXTENSION_KINDS
+        ]
         ext_ids = {rtp.EXTENSION_KINDS[e["uri"]]: e["id"] for e in params["headerExtensions"]}
         if self.srtp_out is not None:
             self.srtp_out.add_stream(ssrc)

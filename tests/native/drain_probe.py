@@ -46,8 +46,10 @@ def main(n: int, fanout: int) -> None:
         dp.add_consumer(p, t, 100 + i, 100, {2: 3}, b"0")
         keep.append(out)
     sender = SrtpContext(SUITE, up, False)
-    packets = [sender.protect(bytes(RtpPacket(111, s, s * 960, 1, extensions=[(1, b"\x80")], payload=bytes(100))))
-               for s in range(n + 32)]
+    packets = [
+        sender.protect(bytes(RtpPacket(111, s, s * 960, 1, extensions=[(1, b"\x80")], payload=bytes(100))))
+        for s in range(n + 32)
+    ]
     drain = dp.drain
     destination = server.getsockname()
 
@@ -83,8 +85,17 @@ def main(n: int, fanout: int) -> None:
     control_allocations = counter() - before - overhead
     del control
     stats = dp.stats()
-    print(json.dumps({"allocations": allocations, "python_calls": calls, "control_allocations": control_allocations,
-                      "forwarded": stats["forwarded_packets"], "batches": stats["batches"]}))
+    print(
+        json.dumps(
+            {
+                "allocations": allocations,
+                "python_calls": calls,
+                "control_allocations": control_allocations,
+                "forwarded": stats["forwarded_packets"],
+                "batches": stats["batches"],
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -1,0 +1,141 @@
+"""fastsfu as the system under test of the loopback benchmark: one PlainTransport per participant.
+
+Reads the shared JSON config (benchconfig.py), prints READY once every transport is connected,
+forwards until SIGTERM/SIGINT or EOF on a stdin pipe, then prints one JSON line of counters.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+import os
+import signal
+import stat
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import benchconfig  # noqa: E402
+
+from fastsfu import Engine, Settings, ortc  # noqa: E402
+
+
+def producer_parameters(p: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "codecs": [{"mimeType": "audio/opus", "payloadType": p["pt"], "clockRate": 48000, "channels": 2}],
+        "headerExtensions": [{"uri": ortc.URI_ABS_CAPTURE_TIME, "id": p["ext_id"]}],
+        "encodings": [{"ssrc": p["ssrc"]}],
+        "rtcp": {"cname": f"p{p['id']}"},
+    }
+
+
+def receiver_capabilities(cfg: dict[str, Any]) -> dict[str, Any]:
+    # The sink reads the send stamp at consumer_ext_id; the receiver has no MID extension, so
+    # fastsfu does the same rewrite work as the C baseline (SSRC, PT, one extension ID).
+    return {
+        "codecs": [
+            {
+                "kind": "audio",
+                "mimeType": "audio/opus",
+                "preferredPayloadType": cfg["consumer_pt"],
+                "clockRate": 48000,
+                "channels": 2,
+            }
+        ],
+        "headerExtensions": [
+            {
+                "kind": "audio",
+                "uri": ortc.URI_ABS_CAPTURE_TIME,
+                "preferredId": cfg["consumer_ext_id"],
+                "direction": "sendrecv",
+            }
+        ],
+    }
+
+
+async def serve(cfg: dict[str, Any], stop: asyncio.Event) -> dict[str, Any]:
+    n = len(cfg["participants"])
+    settings = Settings(
+        max_sockets=n + 8,
+        max_transports=n + 8,
+        max_producers=n + 8,
+        max_consumers=len(cfg["consumers"]) + 8,
+        max_consumers_per_router=10**6,
+    )
+    async with Engine(settings) as engine:
+        routers: dict[int, Any] = {}
+        transports = []
+        for p in cfg["participants"]:
+            router = routers.get(p["room"]) or routers.setdefault(p["room"], engine.create_router())
+            t = router.create_plain_transport(
+                listen_ip="127.0.0.1",
+                port=p["sut_port"],
+                enable_srtp=True,
+                srtp_crypto_suite=cfg["suite"],
+                srtp_key=bytes.fromhex(p["key_down"]),
+            )
+            t.connect(
+                "127.0.0.1",
+                p["gen_port"],
+                {"cryptoSuite": cfg["suite"], "keyBase64": _b64(bytes.fromhex(p["key_up"]))},
+            )
+            transports.append(t)
+        producers = [
+            t.produce(producer_parameters(p)) for t, p in zip(transports, cfg["participants"], strict=True)
+        ]
+        caps = receiver_capabilities(cfg)
+        for c in cfg["consumers"]:
+            transports[c["receiver"]].consume(producers[c["sender"]].id, caps)
+        print("READY", flush=True)
+        await stop.wait()
+        stats = engine.stats()
+        return {
+            "received": stats["rx_packets"],
+            "forwarded": stats["forwarded_packets"],
+            "decrypt_failures": stats["drops"]["decrypt_failed"] + stats["drops"]["srtp_replay"],
+            "send_failures": stats["drops"]["send_failed"],
+            "batches": stats["batches"],
+            "drops": {k: v for k, v in stats["drops"].items() if v},
+            "ok": True,
+        }
+
+
+def _b64(key: bytes) -> str:
+    return base64.b64encode(key).decode()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("config")
+    ap.add_argument("--cpu", type=int, default=1, help="CPU to pin to (-1: leave affinity alone)")
+    args = ap.parse_args(argv)
+    if args.cpu >= 0:
+        try:
+            os.sched_setaffinity(0, {args.cpu})
+        except OSError as exc:
+            print(f"sut_fastsfu: cannot pin to CPU {args.cpu}: {exc}", file=sys.stderr)
+    cfg = benchconfig.load_config(args.config)
+
+    async def run() -> dict[str, Any]:
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            if stat.S_ISFIFO(os.fstat(0).st_mode):
+                loop.add_reader(0, lambda: os.read(0, 4096) or stop.set())
+        except OSError:
+            pass
+        return await serve(cfg, stop)
+
+    counters = asyncio.run(run())
+    print(json.dumps(counters), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# The whole test suite: lint, unit/differential/loopback tests, micro-benchmarks, and the short
+# loopback load benchmark (fastsfu against the bare C forwarder, same run). Installs what it needs.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/bootstrap.sh
+PY=.venv/bin/python
+export PYTHONDONTWRITEBYTECODE=1
+
+echo "== lint (ruff)"
+.venv/bin/ruff check src tests benchmarks
+
+echo "== tests"
+$PY -m pytest tests -q -p no:cacheprovider
+
+echo "== datapath micro-benchmarks (pytest-benchmark)"
+$PY -m pytest benchmarks/bench_datapath.py -q -p no:cacheprovider -s \
+    --benchmark-columns=median,min,max,rounds --benchmark-sort=name
+
+echo "== loopback load benchmark, short (fastsfu vs bare C forwarder)"
+$PY benchmarks/run.py --quick --json benchmarks/.build/last-run.json

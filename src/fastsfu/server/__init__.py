@@ -1,0 +1,1 @@
+"""The standalone server: command line, demo configuration, stats printing (the I/O edge)."""

@@ -1,0 +1,118 @@
+"""`fastsfu serve`: run the engine with an embedded default configuration and print its stats."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import sys
+import time
+from typing import Any
+
+from fastsfu import __version__
+from fastsfu.engine import Engine, Settings
+from fastsfu.server.demo import DemoRoom
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="fastsfu", description="fastsfu voice SFU")
+    ap.add_argument("--version", action="version", version=f"fastsfu {__version__}")
+    sub = ap.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run the server (for now: a demo room of PlainTransports)")
+    serve.add_argument("--listen-ip", default="127.0.0.1", help="address for the transports' UDP sockets")
+    serve.add_argument(
+        "--speakers", type=int, default=3, help="synthetic SRTP speakers in the demo room (0-64)"
+    )
+    serve.add_argument("--stats-interval", type=float, default=2.0, help="seconds between stats lines")
+    serve.add_argument(
+        "--duration", type=float, default=0.0, help="stop after this many seconds (0: run until Ctrl-C)"
+    )
+    serve.add_argument("--json", action="store_true", help="print stats as JSON lines")
+    serve.add_argument("-v", "--verbose", action="store_true")
+    args = ap.parse_args(argv)
+    if not 0 <= args.speakers <= 64:
+        ap.error("--speakers must be 0..64")
+    if args.stats_interval <= 0 or args.duration < 0:
+        ap.error("--stats-interval must be > 0 and --duration >= 0")
+    return args
+
+
+def stats_line(
+    engine: Engine, room: DemoRoom, last: dict[str, Any], elapsed: float
+) -> tuple[str, dict[str, Any]]:
+    s = engine.stats()
+    fwd = s["forwarded_packets"]
+    rate = (fwd - last.get("forwarded_packets", 0)) / elapsed if elapsed > 0 else 0.0
+    drops = {k: v for k, v in s["drops"].items() if v}
+    heard = sum(sp.received for sp in room.speakers)
+    summary = {
+        "rx_packets": s["rx_packets"],
+        "forwarded_packets": fwd,
+        "forward_pps": round(rate, 1),
+        "delivered_to_speakers": heard,
+        "batches": s["batches"],
+        "transports": s["transports"],
+        "drops": drops,
+    }
+    text = (
+        f"rx {s['rx_packets']:>9}  forwarded {fwd:>9} ({rate:8.1f}/s)  delivered {heard:>9}  "
+        f"batches {s['batches']:>7}  drops {drops or 'none'}"
+    )
+    return text, summary
+
+
+async def serve(args: argparse.Namespace) -> int:
+    engine = Engine(Settings(listen_ip=args.listen_ip))
+    room = DemoRoom(engine, args.speakers, args.listen_ip)
+    print(
+        f"fastsfu {__version__}: demo room {room.router.id} with {len(room.speakers)} SRTP speakers "
+        f"(AEAD_AES_128_GCM) on {args.listen_ip}",
+        flush=True,
+    )
+    for sp in room.speakers:
+        t = sp.transport.tuple
+        print(
+            f"  transport {sp.transport.id}  udp {t['localIp']}:{t['localPort']} <-> "
+            f"{t['remoteIp']}:{t['remotePort']}  producer ssrc {sp.ssrc}",
+            flush=True,
+        )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    if args.duration:
+        loop.call_later(args.duration, stop.set)
+    talker = asyncio.create_task(room.talk(stop))
+    last: dict[str, Any] = {}
+    t_last = time.monotonic()
+    try:
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), args.stats_interval)
+            now = time.monotonic()
+            text, last = stats_line(engine, room, last, now - t_last)
+            t_last = now
+            print(json.dumps(last) if args.json else text, flush=True)
+    finally:
+        await talker
+        room.close()
+        engine.close()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    if args.command == "serve":
+        return asyncio.run(serve(args))
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
