@@ -89,7 +89,8 @@ async def serve(cfg: dict[str, Any], stop: asyncio.Event) -> dict[str, Any]:
         ]
         caps = receiver_capabilities(cfg)
         for c in cfg["consumers"]:
-            transports[c["receiver"]].consume(producers[c["sender"]].id, caps)
+            # The sink tells subscriptions apart by the config's consumer SSRCs.
+            transports[c["receiver"]].consume(producers[c["sender"]].id, caps, ssrc=c["ssrc"])
         print("READY", flush=True)
         await stop.wait()
         stats = engine.stats()

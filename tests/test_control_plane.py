@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import gc
 import os
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -158,6 +159,11 @@ async def test_consumer_parameters_follow_the_receiver() -> None:
         ids = {e["uri"].rsplit(":", 1)[-1]: e["id"] for e in c2.rtp_parameters["headerExtensions"]}
         assert ids["mid"] == 2 and ids["ssrc-audio-level"] == 3
         assert router.can_consume(p.id, client_caps()) and not router.can_consume("nope", client_caps())
+        pinned = b.consume(p.id, client_caps(), ssrc=123456)
+        assert pinned.ssrc == 123456 == pinned.rtp_parameters["encodings"][0]["ssrc"]
+        for bad in (123456, 0, 2**32, True):
+            with pytest.raises(TransportError, match="ssrc"):
+                b.consume(p.id, client_caps(), ssrc=bad)
 
 
 @run
@@ -248,6 +254,8 @@ def test_engine_needs_a_running_loop() -> None:
 @run
 async def test_churn_leaks_no_slots_or_sockets() -> None:
     settings = Settings(max_sockets=8, max_transports=8, max_producers=8, max_consumers=8)
+    gc.collect()  # objects of earlier tests must not close descriptors during the count
+    fds_outside = len(os.listdir("/proc/self/fd"))
     async with Engine(settings) as engine:
         fds_before = len(os.listdir("/proc/self/fd"))
         for _ in range(200):
@@ -258,3 +266,4 @@ async def test_churn_leaks_no_slots_or_sockets() -> None:
             router.close() if _ % 2 else (a.close(), b.close(), router.close())
         assert len(os.listdir("/proc/self/fd")) == fds_before
         assert engine.stats()["transports"] == 0 and engine.routers == {}
+    assert len(os.listdir("/proc/self/fd")) == fds_outside  # the engine's epoll fd is released too

@@ -244,7 +244,7 @@ def test_slow_path_rtcp_is_unprotected_and_matches() -> None:
     protected = client.protect_rtcp(rr)
     a = pair.dp.process(sock, protected, "127.0.0.1", 7000, 0)
     b = pair.ref.process(sock, protected, "127.0.0.1", 7000, 0)
-    assert a == b == [(_rtp.SLOW_RTCP, t, rr, ("127.0.0.1", 7000))]
+    assert a == b == [(_rtp.SLOW_RTCP, t, rr, ("127.0.0.1", 7000), sock)]
     # A second copy is a replay: counted, not delivered.
     assert pair.dp.process(sock, protected, "127.0.0.1", 7000, 0) is None
     assert pair.dp.drop_counts()["decrypt_failed"] == 1

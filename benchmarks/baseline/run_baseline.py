@@ -29,9 +29,19 @@ from loadgen import native  # noqa: E402
 
 ERRLEN = 512
 STOP_JOIN_TIMEOUT_S = 10.0
+TRANSFORM_ERRORS = {-1: "bad arguments", -2: "unprotect failed", -3: "malformed RTP", -4: "protect failed"}
 COUNTER_NAMES = (
-    "received", "forwarded", "decrypt_failures", "send_failures", "protect_failures",
-    "dropped_malformed", "dropped_ssrc", "dropped_pt", "rx_batches", "tx_calls", "wakeups",
+    "received",
+    "forwarded",
+    "decrypt_failures",
+    "send_failures",
+    "protect_failures",
+    "dropped_malformed",
+    "dropped_ssrc",
+    "dropped_pt",
+    "rx_batches",
+    "tx_calls",
+    "wakeups",
 )
 
 
@@ -39,7 +49,7 @@ class FwCounters(ctypes.Structure):
     _fields_ = [(name, ctypes.c_uint64) for name in COUNTER_NAMES]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def load_library(path: Path | None = None) -> ctypes.CDLL:
     """Open forwarder.so (building it if needed) and declare its C signatures."""
     lib = ctypes.CDLL(str(path or native.build_library(native.FORWARDER_SRC)))
@@ -47,8 +57,27 @@ def load_library(path: Path | None = None) -> ctypes.CDLL:
         raise RuntimeError("forwarder counters layout mismatch between C and Python")
     vp, i32 = ctypes.c_void_p, ctypes.c_int
     lib.fw_create.restype = vp
-    lib.fw_create.argtypes = [i32, vp, vp, vp, vp, vp, vp, vp, vp, vp, i32, vp, vp, vp, i32, i32, i32,
-                              ctypes.c_char_p, i32]
+    lib.fw_create.argtypes = [
+        i32,
+        vp,
+        vp,
+        vp,
+        vp,
+        vp,
+        vp,
+        vp,
+        vp,
+        vp,
+        i32,
+        vp,
+        vp,
+        vp,
+        i32,
+        i32,
+        i32,
+        ctypes.c_char_p,
+        i32,
+    ]
     lib.fw_run.restype = i32
     lib.fw_run.argtypes = [vp]
     lib.fw_stop.restype = None
@@ -58,8 +87,21 @@ def load_library(path: Path | None = None) -> ctypes.CDLL:
     lib.fw_destroy.restype = None
     lib.fw_destroy.argtypes = [vp]
     lib.fw_transform.restype = i32
-    lib.fw_transform.argtypes = [vp, vp, vp, vp, ctypes.c_char_p, i32, vp, i32, ctypes.c_uint32, i32, i32, i32,
-                                 ctypes.POINTER(ctypes.c_int)]
+    lib.fw_transform.argtypes = [
+        vp,
+        vp,
+        vp,
+        vp,
+        ctypes.c_char_p,
+        i32,
+        vp,
+        i32,
+        ctypes.c_uint32,
+        i32,
+        i32,
+        i32,
+        ctypes.POINTER(ctypes.c_int),
+    ]
     return lib
 
 
@@ -79,7 +121,9 @@ class Forwarder:
         # Upstream: inbound, keyed by what each participant sends. Downstream: outbound, with one
         # specific stream per consumer SSRC so the first forwarded packet does not allocate.
         # Both lists must stay referenced while C holds their srtp_t pointers.
-        self._up = [native.make_session(suite, p["key_up"], outbound=False, ssrcs=(p["ssrc"],)) for p in parts]
+        self._up = [
+            native.make_session(suite, p["key_up"], outbound=False, ssrcs=(p["ssrc"],)) for p in parts
+        ]
         self._down = [
             native.make_session(suite, p["key_down"], outbound=True, ssrcs=tuple(by_receiver[p["id"]]))
             for p in parts
@@ -100,9 +144,25 @@ class Forwarder:
         k = self._keep
         err = ctypes.create_string_buffer(ERRLEN)
         handle = self._lib.fw_create(
-            n, k[0], k[1], k[2], k[3], k[4],
-            native.srtp_function("srtp_unprotect"), k[5], native.srtp_function("srtp_protect"), k[6],
-            len(cons), k[7], k[8], k[9], config["consumer_pt"], config["consumer_ext_id"], rcvbuf, err, ERRLEN,
+            n,
+            k[0],
+            k[1],
+            k[2],
+            k[3],
+            k[4],
+            native.srtp_function("srtp_unprotect"),
+            k[5],
+            native.srtp_function("srtp_protect"),
+            k[6],
+            len(cons),
+            k[7],
+            k[8],
+            k[9],
+            config["consumer_pt"],
+            config["consumer_ext_id"],
+            rcvbuf,
+            err,
+            ERRLEN,
         )
         if not handle:
             raise RuntimeError(f"forwarder setup failed: {err.value.decode()}")
@@ -155,11 +215,22 @@ def forward_one(
     out = ctypes.create_string_buffer(len(packet) + 160)
     status = ctypes.c_int()
     n = lib.fw_transform(
-        native.srtp_function("srtp_unprotect"), _ctx(up), native.srtp_function("srtp_protect"), _ctx(down),
-        packet, len(packet), out, len(out), consumer_ssrc, consumer_pt, ext_from, ext_to, ctypes.byref(status),
+        native.srtp_function("srtp_unprotect"),
+        _ctx(up),
+        native.srtp_function("srtp_protect"),
+        _ctx(down),
+        packet,
+        len(packet),
+        out,
+        len(out),
+        consumer_ssrc,
+        consumer_pt,
+        ext_from,
+        ext_to,
+        ctypes.byref(status),
     )
     if n < 0:
-        what = {-1: "bad arguments", -2: "unprotect failed", -3: "malformed RTP", -4: "protect failed"}.get(n, "?")
+        what = TRANSFORM_ERRORS.get(n, "?")
         raise ValueError(f"forward_one: {what} (srtp status {status.value})")
     return out.raw[:n]
 

@@ -19,6 +19,7 @@
 #include <errno.h>
 #include <netinet/in.h>
 #include <pthread.h>
+#include <sched.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -56,6 +57,12 @@ typedef struct {
     int64_t drain_ns;     /* receive-only tail so in-flight packets land */
     int32_t verify_every; /* verify the SRTP tag of every n-th packet per subscription; 0 = never */
     int32_t payload_size; /* 0 = Opus-like 80..120 bytes, otherwise fixed */
+    /* 1: the sink polls without sleeping. A sleeping sink makes every SUT send to it pay a
+     * cross-CPU wake-up (an IPI, expensive in a VM), a loopback artefact that a SUT sending to
+     * a NIC never pays and that made the SUT's CPU per packet noisy. */
+    int32_t sink_busy_poll;
+    /* 1: SCHED_FIFO sender thread, so its 1 ms ticks preempt a busy sink on the same core. */
+    int32_t sender_rt;
 } lg_params;
 
 typedef struct {
@@ -72,8 +79,10 @@ typedef struct {
     uint64_t received_total, out_of_window, rx_batches;
     uint64_t bad_packets, unknown_ssrc, misrouted, pt_mismatch, no_stamp, ext_not_rewritten;
     uint64_t verified, verify_failures;
+    uint64_t rtcp; /* RTCP from the SUT (RFC 5761 mux): counted, otherwise ignored */
     /* timing */
     int64_t window_ns, elapsed_ns;
+    int32_t sender_rt_ok, pad;
 } lg_result;
 
 typedef struct {
@@ -304,10 +313,16 @@ static void *sender_main(void *arg)
     lg_step *st = arg;
     lg_t *g = st->g;
     uint8_t buf[SLOT] __attribute__((aligned(64)));
+    if (st->prm.rate <= 0 || g->n == 0)
+        return NULL; /* receive-only step */
     /* The j-th send overall belongs to publisher j % n and is due at start + j * period / n:
      * every publisher keeps the same period, phases spread evenly across it. */
     double step = 1e9 / st->prm.rate / g->n;
     uint64_t j = 0;
+    if (st->prm.sender_rt) {
+        struct sched_param sp = {.sched_priority = 1};
+        st->res.sender_rt_ok = pthread_setschedparam(pthread_self(), SCHED_FIFO, &sp) == 0;
+    }
     for (;;) {
         int64_t due = st->start + (int64_t)((double)j * step);
         if (due >= st->t1)
@@ -359,6 +374,10 @@ static void sink_packet(lg_step *st, int rcv, uint8_t *b, int len, int64_t now)
     r->received_total++;
     if (len < RTP_HDR || (b[0] & 0xC0) != 0x80) {
         r->bad_packets++;
+        return;
+    }
+    if (b[1] >= 192 && b[1] <= 223) {
+        r->rtcp++;
         return;
     }
     int c = lookup_consumer(g, rd32(b + 8));
@@ -443,7 +462,7 @@ static void *receiver_main(void *arg)
         if (now >= st->rx_end)
             break;
         int64_t left_ms = (st->rx_end - now + 999999) / 1000000;
-        int n = epoll_wait(g->ep, evs, 256, left_ms > 5 ? 5 : (int)left_ms);
+        int n = epoll_wait(g->ep, evs, 256, st->prm.sink_busy_poll ? 0 : left_ms > 5 ? 5 : (int)left_ms);
         for (int e = 0; e < n; e++) {
             int rcv = (int)evs[e].data.u32;
             for (int it = 0; it < RX_MAX_BATCHES_PER_WAKE; it++) {
@@ -595,10 +614,11 @@ fail:
     return NULL;
 }
 
-/* Run one step; fills `res` and `subs` (n_cons entries). Returns 0, or -1 with `err` set. */
+/* Run one step; fills `res` and `subs` (n_cons entries). Returns 0, or -1 with `err` set.
+ * rate 0 is a receive-only step, used to drain a SUT's backlog between steps. */
 int lg_run_step(lg_t *g, const lg_params *prm, lg_result *res, lg_sub_result *subs, char *err, int errlen)
 {
-    if (!(prm->rate > 0 && prm->rate <= 100000) || prm->warmup_ns < 0 || prm->duration_ns <= 0 ||
+    if (!(prm->rate >= 0 && prm->rate <= 100000) || prm->warmup_ns < 0 || prm->duration_ns <= 0 ||
         prm->drain_ns < 0 || prm->duration_ns > 3600LL * 1000000000LL || prm->payload_size < 0 ||
         prm->payload_size > MAX_PKT - GEN_HDR - SRTP_MAX_TRAILER) {
         snprintf(err, (size_t)errlen, "invalid step parameters");

@@ -6,15 +6,20 @@ Import it (run.py, tests) or run it against an already running SUT: run_loadgen.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
+import functools
 import json
 import os
 import queue
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +29,7 @@ if _BENCH_DIR not in sys.path:
     sys.path.insert(0, _BENCH_DIR)
 
 import benchconfig  # noqa: E402
+
 from loadgen import native  # noqa: E402
 
 REPO_DIR = Path(_BENCH_DIR).parent
@@ -51,6 +57,8 @@ class LgParams(ctypes.Structure):
         ("drain_ns", ctypes.c_int64),
         ("verify_every", ctypes.c_int32),
         ("payload_size", ctypes.c_int32),
+        ("sink_busy_poll", ctypes.c_int32),
+        ("sender_rt", ctypes.c_int32),
     ]
 
 
@@ -64,14 +72,15 @@ class LgResult(ctypes.Structure):
         *[(n, _U64) for n in ("wire_min", "wire_max", "wire_sum")],
         ("max_send_lag_ns", _I64),
         *[(n, _U64) for n in ("expected", "received", "duplicates", "reorders", "lat_count", "lat_negative")],
-        *[(n, _I64) for n in ("lat_min_ns", "lat_max_ns", "lat_sum_ns", "p50_ns", "p90_ns", "p99_ns", "p999_ns")],
+        *[(n, _I64) for n in ("lat_min_ns", "lat_max_ns", "lat_sum_ns")],
+        *[(n, _I64) for n in ("p50_ns", "p90_ns", "p99_ns", "p999_ns")],
         *[(n, _U64) for n in ("received_total", "out_of_window", "rx_batches")],
-        *[
-            (n, _U64)
-            for n in ("bad_packets", "unknown_ssrc", "misrouted", "pt_mismatch", "no_stamp", "ext_not_rewritten")
-        ],
-        *[(n, _U64) for n in ("verified", "verify_failures")],
+        *[(n, _U64) for n in ("bad_packets", "unknown_ssrc", "misrouted", "pt_mismatch")],
+        *[(n, _U64) for n in ("no_stamp", "ext_not_rewritten")],
+        *[(n, _U64) for n in ("verified", "verify_failures", "rtcp")],
         *[(n, _I64) for n in ("window_ns", "elapsed_ns")],
+        ("sender_rt_ok", ctypes.c_int32),
+        ("pad", ctypes.c_int32),
     ]
 
 
@@ -87,16 +96,42 @@ def _load_loadgen(path: Path) -> ctypes.CDLL:
     sizes = [ctypes.c_int32() for _ in range(3)]
     lib.lg_struct_sizes(*[ctypes.byref(s) for s in sizes])
     expected = [ctypes.sizeof(LgParams), ctypes.sizeof(LgResult), ctypes.sizeof(LgSubResult)]
-    if [s.value for s in sizes] != expected:
-        raise HarnessError(f"loadgen struct layout mismatch: C {[s.value for s in sizes]} vs Python {expected}")
+    got = [s.value for s in sizes]
+    if got != expected:
+        raise HarnessError(f"loadgen struct layout mismatch: C {got} vs Python {expected}")
     vp, i32 = ctypes.c_void_p, ctypes.c_int
     lib.lg_create.restype = vp
     lib.lg_create.argtypes = [
-        i32, vp, vp, vp, vp, vp, vp, vp, vp, vp, i32, vp, vp, vp, i32, i32, ctypes.c_uint64, i32,
-        ctypes.c_char_p, i32,
+        i32,
+        vp,
+        vp,
+        vp,
+        vp,
+        vp,
+        vp,
+        vp,
+        vp,
+        vp,
+        i32,
+        vp,
+        vp,
+        vp,
+        i32,
+        i32,
+        ctypes.c_uint64,
+        i32,
+        ctypes.c_char_p,
+        i32,
     ]
     lib.lg_run_step.restype = i32
-    lib.lg_run_step.argtypes = [vp, ctypes.POINTER(LgParams), ctypes.POINTER(LgResult), vp, ctypes.c_char_p, i32]
+    lib.lg_run_step.argtypes = [
+        vp,
+        ctypes.POINTER(LgParams),
+        ctypes.POINTER(LgResult),
+        vp,
+        ctypes.c_char_p,
+        i32,
+    ]
     lib.lg_destroy.restype = None
     lib.lg_destroy.argtypes = [vp]
     return lib
@@ -179,6 +214,7 @@ class StepResult:
             "verified": r["verified"],
             "verify_failures": r["verify_failures"],
             "received_total": r["received_total"],
+            "rtcp_packets": r["rtcp"],
             "out_of_window": r["out_of_window"],
             "wire_bytes_min": r["wire_min"],
             "wire_bytes_max": r["wire_max"],
@@ -186,8 +222,17 @@ class StepResult:
             "max_send_lag_us": round(r["max_send_lag_ns"] / 1000, 1),
             "send_errors": r["send_errors"] + r["protect_errors"],
             "sink_errors": {
-                k: r[k] for k in ("bad_packets", "unknown_ssrc", "misrouted", "pt_mismatch", "no_stamp",
-                                  "ext_not_rewritten", "lat_negative") if r[k]
+                k: r[k]
+                for k in (
+                    "bad_packets",
+                    "unknown_ssrc",
+                    "misrouted",
+                    "pt_mismatch",
+                    "no_stamp",
+                    "ext_not_rewritten",
+                    "lat_negative",
+                )
+                if r[k]
             },
         }
 
@@ -236,10 +281,26 @@ class LoadGen:
         err = ctypes.create_string_buffer(ERRLEN)
         a = self._arrays
         handle = self._lib.lg_create(
-            n, a[0], a[1], a[2], a[3], a[4],
-            native.srtp_function("srtp_protect"), up, native.srtp_function("srtp_unprotect"), down,
-            len(cons), c_recv, c_send, c_ssrc, config["consumer_pt"], config["consumer_ext_id"],
-            seed, rcvbuf, err, ERRLEN,
+            n,
+            a[0],
+            a[1],
+            a[2],
+            a[3],
+            a[4],
+            native.srtp_function("srtp_protect"),
+            up,
+            native.srtp_function("srtp_unprotect"),
+            down,
+            len(cons),
+            c_recv,
+            c_send,
+            c_ssrc,
+            config["consumer_pt"],
+            config["consumer_ext_id"],
+            seed,
+            rcvbuf,
+            err,
+            ERRLEN,
         )
         if not handle:
             raise HarnessError(f"load generator setup failed: {err.value.decode()}")
@@ -255,11 +316,14 @@ class LoadGen:
         verify_every: int = 16,
         payload_size: int = 0,
         cpu: int | None = GEN_CPU,
+        busy_poll: bool = True,
+        sender_rt: bool = True,
     ) -> StepResult:
         """Run one step: `warmup` s of traffic not counted, `duration` s counted, `drain` s of receive only.
 
-        The calling thread is pinned to `cpu` for the call (both C threads inherit it) and
-        restored afterwards, so importing this module from pytest does not pin the test run.
+        rate 0 only receives (drains a backlog). The calling thread is pinned to `cpu` for the
+        call (both C threads inherit it) and restored afterwards, so importing this module from
+        pytest does not pin the test run. busy_poll/sender_rt: see lg_params in loadgen.c.
         """
         if self._handle is None:
             raise HarnessError("LoadGen is closed")
@@ -270,12 +334,16 @@ class LoadGen:
             drain_ns=int(drain * 1e9),
             verify_every=verify_every,
             payload_size=payload_size,
+            sink_busy_poll=int(busy_poll),
+            sender_rt=int(sender_rt),
         )
         res = LgResult()
         err = ctypes.create_string_buffer(ERRLEN)
         previous = native.pin_current_thread(cpu)
         try:
-            rc = self._lib.lg_run_step(self._handle, ctypes.byref(prm), ctypes.byref(res), self._subs, err, ERRLEN)
+            rc = self._lib.lg_run_step(
+                self._handle, ctypes.byref(prm), ctypes.byref(res), self._subs, err, ERRLEN
+            )
         finally:
             if previous is not None:
                 os.sched_setaffinity(0, previous)
@@ -294,7 +362,7 @@ class LoadGen:
                 verify_failures=s.verify_failures,
                 lat_max_us=s.lat_max_ns / 1000,
             )
-            for c, s in zip(self.config["consumers"], self._subs)
+            for c, s in zip(self.config["consumers"], self._subs, strict=False)
         ]
         return StepResult(rate=rate, duration_s=duration, raw=raw, subs=subs)
 
@@ -319,22 +387,52 @@ def sut_command(kind: str, config_path: str | os.PathLike[str]) -> list[str]:
     return [sys.executable, str(script), str(config_path)]
 
 
+def sut_environment() -> dict[str, str]:
+    """This environment with the repository's src/ first on PYTHONPATH.
+
+    The fastsfu SUT then imports the in-tree build (`setup.py build_ext --inplace`) even when
+    the package is not installed in the venv; an installed package in src/ layout is the same code.
+    """
+    env = dict(os.environ)
+    src = REPO_DIR / "src"
+    if src.is_dir():
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(src), env.get("PYTHONPATH", "")) if p)
+    return env
+
+
 class SutProcess:
     """A SUT subprocess: started pinned to a CPU, ready when it prints READY, stopped with SIGTERM.
 
     stdin is a pipe that is never written: a SUT that watches it sees EOF if this process dies.
     """
 
-    def __init__(self, argv: list[str], cpu: int | None = SUT_CPU, ready_timeout: float = 30.0,
-                 env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        argv: list[str],
+        cpu: int | None = SUT_CPU,
+        ready_timeout: float = 30.0,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        preexec = None
         if cpu is not None:
-            # taskset pins before the interpreter starts, so every thread the SUT creates inherits it.
-            argv = ["taskset", "-c", str(cpu), *argv]
+            # Pin before the interpreter starts, so every thread the SUT creates inherits the mask.
+            if shutil.which("taskset"):
+                argv = ["taskset", "-c", str(cpu), *argv]
+            else:
+                preexec = functools.partial(os.sched_setaffinity, 0, {cpu})
         self.argv = argv
+        if env is None:
+            env = sut_environment()
         self.lines: queue.Queue[str | None] = queue.Queue()
         self.output: list[str] = []
         self.proc = subprocess.Popen(
-            argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, cwd=str(REPO_DIR),
+            argv,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+            cwd=str(REPO_DIR),
+            preexec_fn=preexec,
         )
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
@@ -365,7 +463,9 @@ class SutProcess:
             except queue.Empty:
                 continue
             if line is None:
-                rc = self.proc.wait(timeout=5)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    self.proc.wait(timeout=5)
+                rc = self.proc.returncode
                 raise HarnessError(f"SUT {self.argv} exited with {rc} before READY: {self.output}")
             self.output.append(line)
             if line.strip() == "READY":
@@ -410,19 +510,15 @@ class SutProcess:
     def kill(self) -> None:
         if self.proc.poll() is None:
             self.proc.kill()
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                pass
         self._close_pipes()
 
     def _close_pipes(self) -> None:
         for pipe in (self.proc.stdin, self.proc.stdout):
             if pipe is not None:
-                try:
+                with contextlib.suppress(OSError):
                     pipe.close()
-                except OSError:
-                    pass
 
     def __enter__(self) -> SutProcess:
         return self
@@ -431,8 +527,12 @@ class SutProcess:
         self.kill()
 
 
-def start_sut(kind_or_argv: str | list[str], config_path: str | os.PathLike[str], cpu: int | None = SUT_CPU,
-              ready_timeout: float = 30.0) -> SutProcess:
+def start_sut(
+    kind_or_argv: str | list[str],
+    config_path: str | os.PathLike[str],
+    cpu: int | None = SUT_CPU,
+    ready_timeout: float = 30.0,
+) -> SutProcess:
     """Start 'baseline', 'fastsfu' or an explicit argv on `config_path`; returns once READY."""
     argv = sut_command(kind_or_argv, config_path) if isinstance(kind_or_argv, str) else list(kind_or_argv)
     return SutProcess(argv, cpu=cpu, ready_timeout=ready_timeout)
@@ -441,28 +541,51 @@ def start_sut(kind_or_argv: str | list[str], config_path: str | os.PathLike[str]
 # ---- system counters ----
 
 
-def udp_drops_by_port() -> dict[int, int]:
-    """Kernel receive-queue drops of every IPv4 UDP socket, keyed by local port (/proc/net/udp)."""
-    drops: dict[int, int] = {}
+def udp_sockets() -> dict[int, tuple[int, int]]:
+    """(rx_queue bytes, drops) of every IPv4 UDP socket, keyed by local port (/proc/net/udp)."""
+    out: dict[int, tuple[int, int]] = {}
     try:
         lines = Path("/proc/net/udp").read_text().splitlines()[1:]
     except OSError:
-        return drops
+        return out
     for line in lines:
         cols = line.split()
         if len(cols) >= 13:
             port = int(cols[1].rsplit(":", 1)[1], 16)
-            drops[port] = drops.get(port, 0) + int(cols[-1])
-    return drops
+            rxq = int(cols[4].split(":")[1], 16)
+            q, d = out.get(port, (0, 0))
+            out[port] = (q + rxq, d + int(cols[-1]))
+    return out
 
 
-def cpu_busy_seconds(cpu: int) -> float:
-    """Busy time (everything but idle and iowait, softirq included) of one CPU from /proc/stat."""
+def cpu_state_seconds(cpu: int) -> tuple[float, float]:
+    """(idle + iowait, irq + softirq) seconds of one CPU from /proc/stat.
+
+    Busy time is derived as wall time minus idle: the kernel keeps idle time exactly (NOHZ),
+    while the other columns are tick samples. Without IRQ time accounting (this VM's kernel)
+    softirq run in a task's syscall, e.g. loopback delivery of the SUT's sends, is also in
+    that task's stime, so the softirq figure is informational and overlaps the SUT's CPU.
+    """
     for line in Path("/proc/stat").read_text().splitlines():
         if line.startswith(f"cpu{cpu} "):
             v = [int(x) for x in line.split()[1:]]
-            return (sum(v[:8]) - v[3] - v[4]) / CLK_TCK
-    return 0.0
+            return (v[3] + v[4]) / CLK_TCK, (v[5] + v[6]) / CLK_TCK
+    return 0.0, 0.0
+
+
+def settle(gen: LoadGen, ports: list[int], timeout: float = 10.0, cpu: int | None = GEN_CPU) -> float:
+    """Receive without sending until no socket in `ports` has queued data; returns seconds spent.
+
+    After an overloaded step a SUT can hold seconds of packets in its socket buffers; the next
+    step must not start behind that backlog.
+    """
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        socks = udp_sockets()
+        if all(socks.get(p, (0, 0))[0] == 0 for p in ports):
+            break
+        gen.run_step(rate=0, duration=0.2, warmup=0, drain=0, verify_every=0, cpu=cpu)
+    return time.monotonic() - t0
 
 
 def measure_step(
@@ -476,38 +599,120 @@ def measure_step(
     payload_size: int = 0,
     gen_cpu: int | None = GEN_CPU,
     sut_cpu: int | None = SUT_CPU,
+    busy_poll: bool = True,
+    sender_rt: bool = True,
 ) -> tuple[StepResult, dict[str, Any]]:
     """Run one step and add SUT CPU per forwarded packet and kernel socket drops to its metrics.
 
     CPU covers the whole call (warm-up and drain included), so it is divided by every forwarded
-    packet the sink received during the call, not only the counted window.
+    packet the sink received during the call, not only the counted window. The user/sys split
+    comes from tick sampling and is coarse; their sum is exact (scaled to the scheduler's runtime).
     """
     cfg = gen.config
-    gen_ports = {p["gen_port"] for p in cfg["participants"]}
-    sut_ports = {p["sut_port"] for p in cfg["participants"]}
-    d0 = udp_drops_by_port()
+    gen_ports = [p["gen_port"] for p in cfg["participants"]]
+    sut_ports = [p["sut_port"] for p in cfg["participants"]]
+    d0 = udp_sockets()
     c0 = sut.cpu_times() if sut else (0.0, 0.0)
-    b0 = cpu_busy_seconds(sut_cpu) if sut_cpu is not None else 0.0
+    i0 = cpu_state_seconds(sut_cpu) if sut_cpu is not None else (0.0, 0.0)
     t0 = time.monotonic()
-    res = gen.run_step(rate, duration, warmup, drain, verify_every, payload_size, cpu=gen_cpu)
+    res = gen.run_step(
+        rate, duration, warmup, drain, verify_every, payload_size, gen_cpu, busy_poll, sender_rt
+    )
     wall = time.monotonic() - t0
     c1 = sut.cpu_times() if sut else (0.0, 0.0)
-    b1 = cpu_busy_seconds(sut_cpu) if sut_cpu is not None else 0.0
-    d1 = udp_drops_by_port()
+    i1 = cpu_state_seconds(sut_cpu) if sut_cpu is not None else (0.0, 0.0)
+    d1 = udp_sockets()
     m = res.metrics()
-    fwd = res.raw["received_total"]
+    fwd = res.raw["received_total"] - res.raw["rtcp"]  # forwarded RTP the sink saw during the call
     user, system = c1[0] - c0[0], c1[1] - c0[1]
     m["nominal_fwd_pps"] = round(rate * len(cfg["consumers"]), 1)
     if sut is not None:
         m["sut_cpu_util"] = round((user + system) / wall, 3)
+        m["cpu_us_per_pkt"] = round((user + system) * 1e6 / fwd, 3) if fwd else None
         m["cpu_user_us_per_pkt"] = round(user * 1e6 / fwd, 3) if fwd else None
         m["cpu_sys_us_per_pkt"] = round(system * 1e6 / fwd, 3) if fwd else None
-        m["cpu_us_per_pkt"] = round((user + system) * 1e6 / fwd, 3) if fwd else None
     if sut_cpu is not None:
-        m["core_busy_us_per_pkt"] = round((b1 - b0) * 1e6 / fwd, 3) if fwd else None
-    m["sink_kernel_drops"] = sum(d1.get(p, 0) - d0.get(p, 0) for p in gen_ports)
-    m["sut_kernel_drops"] = sum(d1.get(p, 0) - d0.get(p, 0) for p in sut_ports)
+        # Everything on the SUT's core, softirq and any other process there included.
+        busy = wall - (i1[0] - i0[0])
+        softirq = i1[1] - i0[1]
+        m["core_busy_us_per_pkt"] = round(busy * 1e6 / fwd, 3) if fwd else None
+        m["core_softirq_us_per_pkt"] = round(softirq * 1e6 / fwd, 3) if fwd else None
+        if sut is not None:
+            # Share of the SUT's core used by anything but the SUT (other processes, ksoftirqd):
+            # a noisy step.
+            m["core_other_util"] = round(max(0.0, busy - user - system) / wall, 3)
+
+    def drops(ports: list[int]) -> int:
+        return sum(d1.get(p, (0, 0))[1] - d0.get(p, (0, 0))[1] for p in ports)
+
+    m["sink_kernel_drops"] = drops(gen_ports)
+    m["sut_kernel_drops"] = drops(sut_ports)
+    m["sender_rt"] = bool(res.raw["sender_rt_ok"])
+    # The generator, not the SUT, limited this step: pacing fell behind or the sink dropped.
+    m["generator_limited"] = res.raw["max_send_lag_ns"] > 5_000_000 or m["sink_kernel_drops"] > 0
     return res, m
+
+
+# ---- one SUT driven through the harness ----
+
+
+class Harness:
+    """A running SUT plus a LoadGen on the same config; see harness()."""
+
+    def __init__(
+        self, config: dict[str, Any], sut: SutProcess, gen: LoadGen, gen_cpu: int | None, sut_cpu: int | None
+    ) -> None:
+        self.config = config
+        self.sut = sut
+        self.gen = gen
+        self.gen_cpu = gen_cpu
+        self.sut_cpu = sut_cpu
+        self.final: dict[str, Any] = {}
+
+    def step(self, rate: float = 50.0, duration: float = 1.0, **kw: Any) -> tuple[StepResult, dict[str, Any]]:
+        """measure_step() against this SUT; raises HarnessError if the SUT has died."""
+        if not self.sut.alive():
+            raise HarnessError(f"SUT exited with {self.sut.proc.returncode}: {self.sut.output[-5:]}")
+        kw.setdefault("gen_cpu", self.gen_cpu)
+        kw.setdefault("sut_cpu", self.sut_cpu)
+        return measure_step(self.gen, self.sut, rate, duration, **kw)
+
+    def settle(self, timeout: float = 10.0) -> float:
+        ports = [p["sut_port"] for p in self.config["participants"]]
+        return settle(self.gen, ports, timeout, self.gen_cpu)
+
+
+@contextlib.contextmanager
+def harness(
+    config: dict[str, Any],
+    sut: str | list[str] = "baseline",
+    config_path: str | os.PathLike[str] | None = None,
+    gen_cpu: int | None = GEN_CPU,
+    sut_cpu: int | None = SUT_CPU,
+    ready_timeout: float = 30.0,
+    stop_timeout: float = 15.0,
+    lib_path: Path | None = None,
+) -> Iterator[Harness]:
+    """Start a SUT ('baseline', 'fastsfu' or an argv taking the config path last) on `config`,
+    open a LoadGen on the same config, yield a Harness; on exit stop the SUT and put its final
+    JSON counters in `Harness.final`. The SUT is killed on any error.
+
+        with harness(cfg, "baseline") as h:
+            res, metrics = h.step(rate=50, duration=1.0, verify_every=1)
+        h.final["decrypt_failures"]
+    """
+    with contextlib.ExitStack() as stack:
+        if config_path is None:
+            tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="fastsfu-bench-"))
+            config_path = Path(tmp) / "config.json"
+        benchconfig.save_config(config, config_path)
+        argv = sut_command(sut, config_path) if isinstance(sut, str) else [*sut, str(config_path)]
+        proc = stack.enter_context(SutProcess(argv, cpu=sut_cpu, ready_timeout=ready_timeout))
+        gen = stack.enter_context(LoadGen(config, lib_path=lib_path))
+        h = Harness(config, proc, gen, gen_cpu, sut_cpu)
+        yield h
+        gen.close()
+        h.final = proc.stop(timeout=stop_timeout)
 
 
 # ---- CLI: drive an already running SUT ----
@@ -524,23 +729,28 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--verify-all", action="store_true")
     ap.add_argument("--payload", type=int, default=0, help="fixed payload size (0: Opus-like 80-120 B)")
     ap.add_argument("--cpu", type=int, default=GEN_CPU)
+    ap.add_argument("--sink-sleep", action="store_true", help="sink sleeps in epoll_wait instead of polling")
     ap.add_argument("--lib", type=Path, help="prebuilt loadgen .so")
     args = ap.parse_args(argv)
     cfg = benchconfig.load_config(args.config)
     with LoadGen(cfg, lib_path=args.lib) as gen:
         for rate in args.rate or [50.0]:
             _, m = measure_step(
-                gen, None, rate, args.duration, args.warmup, args.drain,
-                1 if args.verify_all else args.verify_every, args.payload, args.cpu, None,
+                gen,
+                None,
+                rate,
+                args.duration,
+                args.warmup,
+                args.drain,
+                1 if args.verify_all else args.verify_every,
+                args.payload,
+                args.cpu,
+                None,
+                busy_poll=not args.sink_sleep,
             )
             print(json.dumps(m), flush=True)
     return 0
 
-
-__all__ = [
-    "HarnessError", "LoadGen", "StepResult", "SubResult", "SutProcess", "cpu_busy_seconds",
-    "measure_step", "start_sut", "sut_command", "udp_drops_by_port",
-]
 
 if __name__ == "__main__":
     sys.exit(main())

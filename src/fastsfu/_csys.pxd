@@ -83,3 +83,26 @@ cdef extern from "<arpa/inet.h>" nogil:
     int inet_pton(int af, const char *src, void *dst)
     const char *inet_ntop(int af, const void *src, char *dst, socklen_t size)
     int INET6_ADDRSTRLEN
+
+
+cdef extern from "<sys/epoll.h>" nogil:
+    ctypedef union epoll_data_t:
+        void *ptr
+        int fd
+        uint32_t u32
+
+    struct epoll_event:
+        uint32_t events
+        epoll_data_t data
+
+    int EPOLLIN
+    int EPOLL_CLOEXEC
+    int EPOLL_CTL_ADD
+    int EPOLL_CTL_DEL
+    int epoll_create1(int flags)
+    int epoll_ctl(int epfd, int op, int fd, epoll_event *event)
+    int epoll_wait(int epfd, epoll_event *events, int maxevents, int timeout)
+
+
+cdef extern from "<unistd.h>" nogil:
+    int close(int fd)

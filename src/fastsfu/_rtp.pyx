@@ -14,7 +14,8 @@ from posix.time cimport CLOCK_MONOTONIC, CLOCK_REALTIME, clock_gettime, timespec
 
 from fastsfu._csys cimport (
     AF_INET, AF_INET6, CMSG_DATA, CMSG_FIRSTHDR, CMSG_NXTHDR, CMSG_SPACE, INET6_ADDRSTRLEN,
-    MSG_DONTWAIT, MSG_TRUNC, SCM_TIMESTAMPNS, SO_TIMESTAMPNS, SOL_SOCKET, cmsghdr, htons,
+    EPOLL_CLOEXEC, EPOLL_CTL_ADD, EPOLL_CTL_DEL, EPOLLIN, MSG_DONTWAIT, MSG_TRUNC, SCM_TIMESTAMPNS,
+    SO_TIMESTAMPNS, SOL_SOCKET, close, cmsghdr, epoll_create1, epoll_ctl, epoll_event, epoll_wait, htons,
     inet_ntop, inet_pton, iovec, mmsghdr, msghdr, ntohs, recvmmsg, sendmmsg, setsockopt, sockaddr,
     sockaddr_in, sockaddr_in6, socklen_t,
 )
@@ -459,6 +460,7 @@ cdef class Datapath:
     cdef int output_mode
     cdef list captured
     cdef list keepalive                  # Python objects owning the SRTP contexts, per transport
+    cdef list _slow                      # slow-path datagrams of the current drain/poll call
     # receive side
     cdef mmsghdr rmsgs[RECV_BATCH]
     cdef iovec riov[RECV_BATCH]
@@ -475,6 +477,8 @@ cdef class Datapath:
     cdef int sidx[SEND_BATCH]
     cdef Event events[EVENT_CAP]
     cdef readonly int pending_events
+    cdef readonly int epoll_fd           # readable when any registered socket is: one loop reader
+    cdef epoll_event ready[RECV_BATCH]
     cdef uint64_t events_lost
 
     def __cinit__(self, int max_sockets=256, int max_transports=4096, int max_producers=4096,
@@ -504,6 +508,9 @@ cdef class Datapath:
         self.out[out_slots - 1].next = -1
         self.out_free = 0
         self.max_queue_age_ns = <int64_t>(max_queue_age_ms * 1e6)
+        self.epoll_fd = epoll_create1(EPOLL_CLOEXEC)
+        if self.epoll_fd < 0:
+            raise OSError(errno, "epoll_create1 failed")
         self.output_mode = K_OUTPUT_SEND
         self.captured = []
         self.keepalive = [None] * max_transports
@@ -517,6 +524,8 @@ cdef class Datapath:
 
     def __dealloc__(self):
         cdef int i
+        if self.epoll_fd >= 0:
+            close(self.epoll_fd)
         if self.producers != NULL:
             for i in range(self.max_producers):
                 free(self.producers[i].consumers)
@@ -530,11 +539,18 @@ cdef class Datapath:
         free(self.tuples.entries)
         free(self.ssrcs.entries)
 
+    def close(self) -> None:
+        """Release the epoll descriptor now (sockets belong to the caller and stay open)."""
+        if self.epoll_fd >= 0:
+            close(self.epoll_fd)
+            self.epoll_fd = -1
+
     # ----------------------------------------------------------------- programming the tables
 
     def add_socket(self, int fd, int family, bint timestamps=True) -> int:
         """Register a non-blocking UDP socket; returns its slot."""
         cdef int s, one = 1
+        cdef epoll_event ev
         if family != AF_INET and family != AF_INET6:
             raise ValueError("socket family must be AF_INET or AF_INET6")
         for s in range(self.max_sockets):
@@ -552,6 +568,12 @@ cdef class Datapath:
         # Kernel arrival times let us drop datagrams that queued longer than max_queue_age.
         if fd >= 0 and timestamps and self.max_queue_age_ns > 0:
             self.sockets[s].timestamps = setsockopt(fd, SOL_SOCKET, SO_TIMESTAMPNS, &one, sizeof(one)) == 0
+        if fd >= 0:
+            ev.events = EPOLLIN
+            ev.data.u32 = s
+            if epoll_ctl(self.epoll_fd, EPOLL_CTL_ADD, fd, &ev) != 0:
+                self.sockets[s].in_use = 0
+                raise OSError(errno, "epoll_ctl(ADD) failed")
         return s
 
     def remove_socket(self, int sock) -> None:
@@ -561,6 +583,8 @@ cdef class Datapath:
             if self.transports[t].in_use and self.transports[t].sock == sock:
                 raise ValueError("socket still has transports")
         self._discard_queue(sock)
+        if self.sockets[sock].fd >= 0:
+            epoll_ctl(self.epoll_fd, EPOLL_CTL_DEL, self.sockets[sock].fd, NULL)
         self.sockets[sock].in_use = 0
 
     def add_transport(self, int sock, bint comedia=False) -> int:
@@ -793,15 +817,39 @@ cdef class Datapath:
     # ----------------------------------------------------------------- I/O
 
     def drain(self, int sock, int budget=4096):
-        """Receive until EAGAIN (or budget datagrams), forward RTP in C, flush with sendmmsg.
+        """Receive from one socket until EAGAIN (or budget datagrams), forward RTP in C, flush.
 
-        Returns the slow-path datagrams as a list of (kind, transport, data, (ip, port)),
-        or None when there were none. One Python call per drained batch.
+        Returns the slow-path datagrams as a list of (kind, transport, data, (ip, port), socket),
+        or None when there were none.
         """
+        self._check_socket(sock)
+        self._drain(sock, budget)
+        self._flush_all()
+        return self._take_slow()
+
+    def poll(self, int budget=4096):
+        """Drain every ready socket (epoll, no wait), then send everything with one sendmmsg per
+        destination socket. One Python call per loop wake-up, whatever the number of sockets;
+        returns the slow-path datagrams like drain()."""
+        cdef int n, i, total = 0
+        while total < budget:
+            n = epoll_wait(self.epoll_fd, self.ready, RECV_BATCH, 0)
+            if n <= 0:
+                break
+            for i in range(n):
+                if self.sockets[self.ready[i].data.u32].in_use:
+                    total += self._drain(self.ready[i].data.u32, budget)
+            self._flush_all()
+        return self._take_slow()
+
+    cdef object _take_slow(self):
+        out, self._slow = self._slow, None
+        return out
+
+    cdef int _drain(self, int sock, int budget) except -1:
+        """recvmmsg until the queue is empty or budget; outputs stay queued for the caller's flush."""
         cdef int n, i, kind, t, m, fd, total = 0
         cdef int64_t now, wall
-        cdef list slow = None
-        self._check_socket(sock)
         fd = self.sockets[sock].fd
         while total < budget:
             for i in range(RECV_BATCH):
@@ -829,14 +877,13 @@ cdef class Datapath:
                 kind = self._handle(sock, self.rbuf + i * RECV_SLOT, self.rmsgs[i].msg_len,
                                     self.raddr[i], now, &t, &m)
                 if kind:
-                    if slow is None:
-                        slow = []
-                    slow.append(self._slow_item(kind, t, i, m))
-            self._flush_all()
+                    if self._slow is None:
+                        self._slow = []
+                    self._slow.append(self._slow_item(kind, t, i, m, sock))
             total += n
             if n < RECV_BATCH:
                 break                      # the queue is empty; a new datagram wakes us again
-        return slow
+        return total
 
     def process(self, int sock, const uint8_t[:] data, str ip, int port, int64_t now_ns):
         """Handle one datagram as if it arrived on sock from (ip, port) at now_ns (tests, benchmarks)."""
@@ -851,7 +898,7 @@ cdef class Datapath:
         kind = self._handle(sock, self.rbuf, n, self.raddr[0], now_ns, &t, &m)
         self._flush_all()
         if kind:
-            return [self._slow_item(kind, t, 0, m)]
+            return [self._slow_item(kind, t, 0, m, sock)]
         return None
 
     def process_many(self, int sock, const uint8_t[:] packed, const uint32_t[:] lengths, str ip,
@@ -875,8 +922,12 @@ cdef class Datapath:
         self._flush_all()
         return n
 
-    def send_rtcp(self, int t, const uint8_t[:] data) -> bool:
-        """Protect (SRTCP) and send one compound RTCP packet on transport t."""
+    def flush(self) -> None:
+        """Send everything queued (after send_rtcp(..., flush=False) calls)."""
+        self._flush_all()
+
+    def send_rtcp(self, int t, const uint8_t[:] data, bint flush=True) -> bool:
+        """Protect (SRTCP) and queue one compound RTCP packet on transport t; send it unless flush=False."""
         cdef int slot, n = data.shape[0]
         cdef Transport *tr
         self._check_transport(t)
@@ -894,7 +945,8 @@ cdef class Datapath:
             return False
         self.out[slot].len = n
         self._enqueue(slot, tr)
-        self._flush_all()
+        if flush:
+            self._flush_all()
         return True
 
     # ----------------------------------------------------------------- output modes and stats
@@ -1010,10 +1062,10 @@ cdef class Datapath:
         inet_ntop(AF_INET6, &s6.sin6_addr, text, 64)
         return (text.decode("ascii"), ntohs(s6.sin6_port))
 
-    cdef object _slow_item(self, int kind, int t, int i, int n):
+    cdef object _slow_item(self, int kind, int t, int i, int n, int sock):
         self.slow_packets += 1
         return (kind, t, PyBytes_FromStringAndSize(<char *>(self.rbuf + i * RECV_SLOT), n),
-                self._addr_tuple(self.raddr[i]))
+                self._addr_tuple(self.raddr[i]), sock)
 
     cdef int _fake_source(self, int sock, str ip, int port) except -1:
         cdef sockaddr_in *s4 = <sockaddr_in *>self.raddr[0]

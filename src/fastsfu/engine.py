@@ -1,4 +1,4 @@
-"""Engine: owns the datapath, the UDP sockets and their asyncio readers, and the RTCP timer.
+"""Engine: owns the datapath, the UDP sockets and their asyncio readers.
 
 This is the thin I/O edge of the media path: one `loop.add_reader` per socket whose callback
 drains the socket in C; Python only sees the slow-path datagrams of each batch.
@@ -38,10 +38,11 @@ class Settings:
     # Drop datagrams that waited longer than this in the socket queue (performance.md §5).
     max_queue_age_ms: float = 20.0
     # Datagrams drained per readable event before yielding to the loop (fairness between sockets).
-    drain_budget: int = 4096
+    drain_budget: int = 4096  # datagrams per wake-up before yielding to the loop (fairness)
     recv_buffer_bytes: int = 1 << 20
     send_buffer_bytes: int = 1 << 20
-    rtcp_interval: float = 1.0
+    # Mean seconds between a transport's RTCP reports (mediasoup's audio maximum is 5 s).
+    rtcp_interval: float = 5.0
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -109,7 +110,8 @@ class Engine(EventEmitter):
         self._sockets: dict[int, UdpSocket] = {}
         self._transports: dict[int, Transport] = {}
         self._closed = False
-        self._rtcp_timer: asyncio.TimerHandle | None = self.loop.call_later(s.rtcp_interval, self._rtcp_tick)
+        # One reader for all media sockets: the datapath's epoll set (one Python call per wake-up).
+        self.loop.add_reader(self.datapath.epoll_fd, self._on_readable)
 
     @property
     def closed(self) -> bool:
@@ -134,9 +136,8 @@ class Engine(EventEmitter):
             router._engine_closed()
         for sock in list(self._sockets.values()):
             self._close_socket(sock)
-        if self._rtcp_timer is not None:
-            self._rtcp_timer.cancel()
-            self._rtcp_timer = None
+        self.loop.remove_reader(self.datapath.epoll_fd)
+        self.datapath.close()
         self.observer.emit("close")
 
     async def __aenter__(self) -> Engine:
@@ -163,13 +164,11 @@ class Engine(EventEmitter):
             raise RuntimeError("engine closed")
         sock = UdpSocket(self, ip, port)
         self._sockets[sock.slot] = sock
-        self.loop.add_reader(sock.sock.fileno(), self._on_readable, sock.slot)
         return sock
 
     def _close_socket(self, sock: UdpSocket) -> None:
         if self._sockets.pop(sock.slot, None) is None:
             return
-        self.loop.remove_reader(sock.sock.fileno())
         self.datapath.remove_socket(sock.slot)
         sock.sock.close()
 
@@ -184,11 +183,11 @@ class Engine(EventEmitter):
 
     # ------------------------------------------------------------------ the read path
 
-    def _on_readable(self, slot: int) -> None:
-        # One Python wake-up per drained batch; RTP never surfaces here.
-        slow = self.datapath.drain(slot, self.settings.drain_budget)
+    def _on_readable(self) -> None:
+        # One Python wake-up per loop iteration for every ready socket; RTP never surfaces here.
+        slow = self.datapath.poll(self.settings.drain_budget)
         if slow is not None:
-            for kind, t, data, addr in slow:
+            for kind, t, data, addr, _sock in slow:
                 transport = self._transports.get(t)
                 if transport is None:
                     self.unhandled_datagrams += 1
@@ -213,15 +212,3 @@ class Engine(EventEmitter):
                     learned()
             elif kind == rtp.EVENT_UNKNOWN_SSRC:
                 log.debug("transport %s: RTP with unknown SSRC %d dropped", transport.id, value)
-
-    def _rtcp_tick(self) -> None:
-        self._rtcp_timer = None
-        if self._closed:
-            return
-        for transport in list(self._transports.values()):
-            try:
-                transport.send_rtcp_reports()
-            except Exception:
-                self.slow_path_errors += 1
-                log.exception("RTCP report failed")
-        self._rtcp_timer = self.loop.call_later(self.settings.rtcp_interval, self._rtcp_tick)

@@ -294,11 +294,18 @@ def build_receiver_report(ssrc: int, reports: list[ReportBlock]) -> bytes:
     return _rtcp_header(RTCP_RR, len(reports), len(body)) + body
 
 
+def build_sdes(chunks: list[tuple[int, str]]) -> bytes:
+    """SDES with one CNAME item per (ssrc, cname) chunk (RFC 3550 §6.5); at most 31 chunks."""
+    body = b""
+    for ssrc, cname in chunks:
+        value = cname.encode()[:255]
+        chunk = struct.pack("!IBB", ssrc, 1, len(value)) + value + b"\x00"
+        body += chunk + bytes(-len(chunk) % 4)
+    return _rtcp_header(RTCP_SDES, len(chunks), len(body)) + body
+
+
 def build_sdes_cname(ssrc: int, cname: str) -> bytes:
-    value = cname.encode()[:255]
-    chunk = struct.pack("!IBB", ssrc, 1, len(value)) + value + b"\x00"
-    chunk += bytes(-len(chunk) % 4)
-    return _rtcp_header(RTCP_SDES, 1, len(chunk)) + chunk
+    return build_sdes([(ssrc, cname)])
 
 
 def build_bye(ssrcs: list[int]) -> bytes:
@@ -523,7 +530,7 @@ class ReferenceForwarder:
         src = (_canonical(ip), port)
         t = self.tuples.get((sock, *src), -1)
         if b0 <= 3:
-            return [(SLOW_STUN, t, bytes(data), (ip, port))]
+            return [(SLOW_STUN, t, bytes(data), (ip, port), sock)]
         tentative = False
         if t < 0:
             comedia = self.sockets.get(sock)
@@ -535,7 +542,7 @@ class ReferenceForwarder:
                 return None
         tr = self.transports[t]
         if 20 <= b0 <= 63:
-            return [(SLOW_DTLS, t, bytes(data), (ip, port))]
+            return [(SLOW_DTLS, t, bytes(data), (ip, port), sock)]
         if not 128 <= b0 <= 191:
             self.drops["unknown_protocol"] += 1
             return None
@@ -549,7 +556,7 @@ class ReferenceForwarder:
                 except Exception:
                     self.drops["decrypt_failed"] += 1
                     return None
-            return [(SLOW_RTCP, t, bytes(data), (ip, port))]
+            return [(SLOW_RTCP, t, bytes(data), (ip, port), sock)]
         self._rtp(t, tr, bytes(data), src, now_ns, tentative)
         return None
 

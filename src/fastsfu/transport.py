@@ -6,7 +6,9 @@ SRTP keys are learned; everything they share lives here.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import random
 import time
 import uuid
 from typing import TYPE_CHECKING, Any
@@ -23,6 +25,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("fastsfu")
 
+RTCP_MTU = 1200  # bytes of compound RTCP per datagram (before SRTCP's trailer)
 NTP_EPOCH_OFFSET = 2_208_988_800  # seconds from 1900 (NTP) to 1970 (Unix), RFC 5905 §6
 
 
@@ -61,6 +64,8 @@ class Transport(EventEmitter):
         self.rtcp_malformed = 0
         self.slot: int = self.engine.datapath.add_transport(socket.slot, False)
         self.engine._register_transport(self)
+        self._rtcp_timer: asyncio.TimerHandle | None = None
+        self._schedule_rtcp()
 
     @property
     def closed(self) -> bool:
@@ -102,8 +107,13 @@ class Transport(EventEmitter):
         paused: bool = False,
         mid: str | None = None,
         app_data: dict[str, Any] | None = None,
+        ssrc: int | None = None,
     ) -> Consumer:
-        """Forward a producer of this router to this transport's remote (mediasoup `transport.consume`)."""
+        """Forward a producer of this router to this transport's remote (mediasoup `transport.consume`).
+
+        `ssrc` pins the outgoing SSRC (for receivers provisioned with one, such as a gateway);
+        by default a random one unique on this transport is chosen.
+        """
         self._check_open()
         producer = self.router.producers.get(producer_id)
         if producer is None:
@@ -111,7 +121,12 @@ class Transport(EventEmitter):
         if not ortc.can_consume(producer.rtp_parameters, self.router.rtp_capabilities, rtp_capabilities):
             raise ortc.OrtcError("cannot consume: the rtpCapabilities have no codec for this producer")
         self.router._check_consumer_limit()
-        ssrc = self._new_ssrc()
+        if ssrc is None:
+            ssrc = self._new_ssrc()
+        elif isinstance(ssrc, bool) or not isinstance(ssrc, int) or not 0 < ssrc <= 0xFFFFFFFF:
+            raise TransportError("ssrc must be an integer 1..2^32-1")
+        elif ssrc in {c.ssrc for c in self.consumers.values()} | {self.rtcp_ssrc}:
+            raise TransportError(f"ssrc {ssrc} is already used on this transport")
         if mid is None:
             mid = str(self._next_mid)
             self._next_mid += 1
@@ -194,19 +209,33 @@ class Transport(EventEmitter):
                         consumer.round_trip_time = rtt / 65536.0
 
     def rtcp_reports(self) -> list[bytes]:
-        """Compound RTCP packets for now: an SR per sending consumer, an RR for our producers."""
+        """This transport's RTCP now, as few compound packets as fit RTCP_MTU.
+
+        Each compound is SRs (one per sending consumer) or an RR (our producers' report
+        blocks), then one SDES with a CNAME chunk per SSRC (RFC 3550 §6.1), as mediasoup sends.
+        """
         out: list[bytes] = []
         ntp = ntp_now()
+        srs: list[tuple[bytes, tuple[int, str]]] = []
         for consumer in self.consumers.values():
             state = consumer.sender_report_state()
             if state is None or consumer.paused:
                 continue
             rtp_ts, packets, octets = state
             cname = consumer.rtp_parameters.get("rtcp", {}).get("cname") or self.rtcp_cname
-            out.append(
-                rtp.build_sender_report(consumer.ssrc, ntp, rtp_ts, packets, octets)
-                + rtp.build_sdes_cname(consumer.ssrc, cname)
-            )
+            srs.append((rtp.build_sender_report(consumer.ssrc, ntp, rtp_ts, packets, octets), (consumer.ssrc, cname)))
+        # An SR is 28 bytes and its SDES chunk at most 264: 4 pairs always fit 1200 bytes; pack greedily.
+        group: list[tuple[bytes, tuple[int, str]]] = []
+        size = 0
+        for sr, chunk in srs:
+            cost = len(sr) + 12 + len(chunk[1])
+            if group and (size + cost > RTCP_MTU or len(group) == 31):
+                out.append(b"".join(g[0] for g in group) + rtp.build_sdes([g[1] for g in group]))
+                group, size = [], 0
+            group.append((sr, chunk))
+            size += cost
+        if group:
+            out.append(b"".join(g[0] for g in group) + rtp.build_sdes([g[1] for g in group]))
         blocks = [self._report_block(p) for p in self.producers.values() if not p.closed]
         blocks = [b for b in blocks if b is not None]
         for i in range(0, len(blocks), 31):  # the RC field holds 31 blocks (RFC 3550 §6.4.2)
@@ -243,12 +272,29 @@ class Transport(EventEmitter):
 
     def send_rtcp_reports(self) -> int:
         """Send this transport's periodic RTCP; returns how many compound packets went out."""
-        if self._closed or not self.engine.datapath.transport_stats(self.slot)["has_remote"]:
+        dp = self.engine.datapath
+        if self._closed or not dp.transport_stats(self.slot)["has_remote"]:
             return 0
-        sent = 0
-        for packet in self.rtcp_reports():
-            sent += bool(self.engine.datapath.send_rtcp(self.slot, packet))
+        sent = sum(bool(dp.send_rtcp(self.slot, packet, False)) for packet in self.rtcp_reports())
+        dp.flush()
         return sent
+
+    def _schedule_rtcp(self) -> None:
+        # RFC 3550 §6.3.1: randomize each interval to [0.5, 1.5] x T so that transports created
+        # together never report together (one big report tick would stall the datapath).
+        delay = self.engine.settings.rtcp_interval * random.uniform(0.5, 1.5)
+        self._rtcp_timer = self.engine.loop.call_later(delay, self._on_rtcp_timer)
+
+    def _on_rtcp_timer(self) -> None:
+        self._rtcp_timer = None
+        if self._closed:
+            return
+        try:
+            self.send_rtcp_reports()
+        except Exception:
+            self.engine.slow_path_errors += 1
+            log.exception("RTCP report failed")
+        self._schedule_rtcp()
 
     # ------------------------------------------------------------------ close
 
@@ -273,6 +319,9 @@ class Transport(EventEmitter):
             consumer._transport_closed()
         for producer in list(self.producers.values()):
             producer._transport_closed()
+        if self._rtcp_timer is not None:
+            self._rtcp_timer.cancel()
+            self._rtcp_timer = None
         self.engine.datapath.remove_transport(self.slot)
         self.engine._unregister_transport(self)
         self.srtp_in = self.srtp_out = None

@@ -1,0 +1,398 @@
+"""Loopback load benchmark: each SUT (bare C baseline, fastsfu) on core 1, native generator/sink on core 0.
+
+Prints one JSON line per step, then a markdown table of fastsfu/baseline ratios (performance.md §6).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+BENCH_DIR = Path(__file__).resolve().parent
+if str(BENCH_DIR) not in sys.path:
+    sys.path.insert(0, str(BENCH_DIR))
+
+import benchconfig  # noqa: E402
+from loadgen import native, run_loadgen  # noqa: E402
+
+SUTS = ("baseline", "fastsfu")
+P99_FLOOR_US = 5000.0  # performance.md §6.5 (ii) and §6.7: the baseline's validity floor
+SETTLE_TIMEOUT_S = 15.0
+
+
+def log(msg: str) -> None:
+    print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__)
+    add = ap.add_argument
+    add("--sut", choices=[*SUTS, "both"], default="both", help="system(s) under test [both]")
+    add("--quick", action="store_true", help="CI mode: short steps, coarse search (about 20 s per SUT)")
+    add("--suite", action="append", help="cm, gcm, both, or a full suite name; repeatable [cm]")
+    add("--rooms", type=int, default=1, help="scenario A: rooms [1]")
+    add("--size", type=int, default=50, help="scenario A: participants per room, all talking [50]")
+    add("--payload", default="opus", help="'opus' (80-120 B, varying) or a fixed payload size [opus]")
+    add("--fixed-rate", type=float, default=50.0, help="per-publisher pps of the fixed-load step [50]")
+    add("--fixed-duration", type=float, help="counted seconds of the fixed step [3, quick 2]")
+    add("--duration", type=float, help="counted seconds per search step [3, quick 1.5]")
+    add("--warmup", type=float, default=0.5, help="uncounted seconds before each window [0.5]")
+    add("--drain", type=float, default=0.3, help="receive-only seconds after each window [0.3]")
+    add("--start-rate", type=float, default=50.0, help="per-publisher pps of the first search step [50]")
+    add("--step-factor", type=float, help="rate multiplier per search step [1.10, quick 1.25]")
+    add("--max-steps", type=int, help="search steps before refinement [25, quick 5]")
+    add("--refine", type=int, help="bisection steps between last good and first bad [0, quick 1]")
+    add("--repeat", type=int, default=1, help="repeat the search, report the median [1]")
+    add("--verify-every", type=int, default=16, help="verify every n-th SRTP tag per subscription [16]")
+    add("--verify-all", action="store_true", help="verify every packet's SRTP tag")
+    add("--sink-sleep", action="store_true", help="sink sleeps in epoll_wait instead of busy polling")
+    add("--gen-cpu", type=int, default=run_loadgen.GEN_CPU, help="CPU of the generator and sink [0]")
+    add("--sut-cpu", type=int, default=run_loadgen.SUT_CPU, help="CPU of the SUT [1]")
+    add("--build-dir", type=Path, default=native.DEFAULT_BUILD_DIR, help="[benchmarks/.build]")
+    add("--cc", help="C compiler [$CC or cc]")
+    add("--json", type=Path, help="write the JSON summary here")
+    args = ap.parse_args(argv)
+    q = args.quick
+    for name, full, quick in (
+        ("fixed_duration", 3.0, 2.0),
+        ("duration", 3.0, 1.5),
+        ("step_factor", 1.10, 1.25),
+        ("max_steps", 25, 5),
+        ("refine", 0, 1),
+    ):
+        if getattr(args, name) is None:
+            setattr(args, name, quick if q else full)
+    if args.step_factor <= 1.0:
+        ap.error("--step-factor must be > 1")
+    args.payload_size = 0 if args.payload == "opus" else int(args.payload)
+    suites: list[str] = []
+    for s in args.suite or ["cm"]:
+        for one in ["cm", "gcm"] if s == "both" else [s]:
+            full_name = benchconfig.normalize_suite(one)
+            if full_name not in suites:
+                suites.append(full_name)
+    args.suites = suites
+    args.verify = 1 if args.verify_all else args.verify_every
+    return args
+
+
+# ---- one SUT ----
+
+
+class Runner:
+    """Runs the fixed step, the step search and the half-load step against one SUT."""
+
+    def __init__(self, args: argparse.Namespace, sut: str, suite: str, h: run_loadgen.Harness) -> None:
+        self.args = args
+        self.sut = sut
+        self.suite = suite
+        self.h = h
+        self.steps: list[dict[str, Any]] = []
+        self._backlog = False
+
+    def step(self, phase: str, rate: float, duration: float) -> dict[str, Any]:
+        a = self.args
+        if self._backlog:
+            # The previous step left packets queued in the SUT: start clean.
+            self.h.settle(SETTLE_TIMEOUT_S)
+        _, m = self.h.step(
+            rate=rate,
+            duration=duration,
+            warmup=a.warmup,
+            drain=a.drain,
+            verify_every=a.verify,
+            payload_size=a.payload_size,
+            busy_poll=not a.sink_sleep,
+        )
+        self._backlog = m["loss"] > 0
+        line = {"sut": self.sut, "suite": self.suite, "phase": phase, **m}
+        self.steps.append(line)
+        print(json.dumps(line), flush=True)
+        log(
+            f"{self.sut} {phase} rate {rate:.1f}: "
+            f"{m['received_fwd_pps']:.0f}/{m['offered_fwd_pps']:.0f} fwd pps, loss {m['loss']}, "
+            f"p50 {m['p50_us']} us, p99 {m['p99_us']} us, cpu {m['cpu_us_per_pkt']} us/pkt"
+        )
+        if m["sink_errors"]:
+            # e.g. unknown_ssrc: the SUT did not use the config's consumer SSRCs.
+            log(f"{self.sut}: sink saw unexpected packets: {m['sink_errors']}")
+        if m.get("core_other_util", 0) > 0.05 or m["generator_limited"]:
+            log(
+                f"{self.sut}: noisy step (other load on the SUT core {m.get('core_other_util')}, "
+                f"generator limited {m['generator_limited']})"
+            )
+        return m
+
+    def search(self) -> dict[str, Any]:
+        """Raise the rate by step_factor until loss, then bisect `refine` times (§6.5)."""
+        a = self.args
+        rate = a.start_rate
+        good: dict[str, Any] | None = None
+        bad_rate: float | None = None
+        for _ in range(a.max_steps):
+            m = self.step("search", rate, a.duration)
+            if m["loss"] == 0:
+                if good is None or rate > good["rate"]:
+                    good = m
+                if bad_rate is not None:
+                    break
+                rate *= a.step_factor
+            else:
+                bad_rate = rate if bad_rate is None else min(bad_rate, rate)
+                if good is not None:
+                    break
+                rate /= a.step_factor  # the start rate already loses: walk down
+        for _ in range(a.refine):
+            if good is None or bad_rate is None:
+                break
+            mid = math.sqrt(good["rate"] * bad_rate)
+            m = self.step("refine", mid, a.duration)
+            if m["loss"] == 0:
+                good = m
+            else:
+                bad_rate = mid
+        return {"good": good, "first_loss_rate": bad_rate}
+
+    def run(self) -> dict[str, Any]:
+        a = self.args
+        fixed = self.step("fixed", a.fixed_rate, a.fixed_duration)
+        searches = [self.search() for _ in range(a.repeat)]
+        goods = [s["good"] for s in searches if s["good"] is not None]
+        zero_loss = statistics.median([g["offered_fwd_pps"] for g in goods]) if goods else 0.0
+        best_rate = statistics.median([g["rate"] for g in goods]) if goods else 0.0
+        p99_ok = [
+            s["offered_fwd_pps"]
+            for s in self.steps
+            if s["phase"] in ("search", "refine") and s["loss"] == 0 and (s["p99_us"] or 0) <= P99_FLOOR_US
+        ]
+        half = self.step("half", best_rate / 2, a.duration) if best_rate > 0 else None
+        others = [s.get("core_other_util") or 0.0 for s in self.steps]
+        return {
+            "fixed": fixed,
+            "zero_loss_fwd_pps": zero_loss,
+            "zero_loss_rate": best_rate,
+            "zero_loss_p99_5ms_fwd_pps": max(p99_ok) if p99_ok else 0.0,
+            "first_loss_rates": [s["first_loss_rate"] for s in searches],
+            # No step lost packets: the SUT's knee lies above the highest rate tried.
+            "zero_loss_is_lower_bound": any(s["first_loss_rate"] is None for s in searches),
+            "max_core_other_util": max(others) if others else 0.0,
+            "half": half,
+            "steps": self.steps,
+        }
+
+
+def sut_argv(sut: str, args: argparse.Namespace, libs: dict[str, Path]) -> list[str]:
+    """argv without the config path (the harness appends it)."""
+    if sut == "baseline":
+        return [
+            sys.executable,
+            str(run_loadgen.BASELINE_SCRIPT),
+            "--cpu",
+            str(args.sut_cpu),
+            "--lib",
+            str(libs["forwarder"]),
+        ]
+    return [sys.executable, str(run_loadgen.FASTSFU_SCRIPT)]
+
+
+def run_sut(
+    sut: str, suite: str, cfg: dict[str, Any], cfg_path: Path, args: argparse.Namespace, libs: dict[str, Path]
+) -> dict[str, Any]:
+    log(f"starting {sut} ({suite}, {args.rooms} x {args.size})")
+    t0 = time.monotonic()
+    with run_loadgen.harness(
+        cfg,
+        sut_argv(sut, args, libs),
+        cfg_path,
+        gen_cpu=args.gen_cpu,
+        sut_cpu=args.sut_cpu,
+        lib_path=libs["loadgen"],
+    ) as h:
+        result = Runner(args, sut, suite, h).run()
+    result["sut_final"] = h.final
+    result["wall_s"] = round(time.monotonic() - t0, 1)
+    log(f"{sut} done in {result['wall_s']} s; final counters {h.final}")
+    if not h.final:
+        raise run_loadgen.HarnessError(f"{sut} printed no final JSON line")
+    return result
+
+
+# ---- report ----
+
+
+def _get(res: dict[str, Any] | None, *path: str) -> float | None:
+    cur: Any = res
+    for key in path:
+        if not isinstance(cur, dict) or cur.get(key) is None:
+            return None
+        cur = cur[key]
+    return float(cur)
+
+
+METRICS: list[tuple[str, tuple[str, ...]]] = [
+    ("zero-loss fwd pps (step search)", ("zero_loss_fwd_pps",)),
+    ("zero-loss fwd pps with p99 <= 5 ms", ("zero_loss_p99_5ms_fwd_pps",)),
+    ("fixed: received fwd pps", ("fixed", "received_fwd_pps")),
+    ("fixed: loss", ("fixed", "loss")),
+    ("fixed: p50 latency (us)", ("fixed", "p50_us")),
+    ("fixed: p99 latency (us)", ("fixed", "p99_us")),
+    ("fixed: p99.9 latency (us)", ("fixed", "p999_us")),
+    ("fixed: SUT CPU us/pkt", ("fixed", "cpu_us_per_pkt")),
+    ("50% load: SUT CPU us/pkt", ("half", "cpu_us_per_pkt")),
+    ("50% load: user us/pkt (tick-sampled)", ("half", "cpu_user_us_per_pkt")),
+    ("50% load: sys us/pkt (tick-sampled)", ("half", "cpu_sys_us_per_pkt")),
+    ("50% load: p50 latency (us)", ("half", "p50_us")),
+    ("SRTP verify failures (fixed)", ("fixed", "verify_failures")),
+    ("SUT decrypt failures (whole run)", ("sut_final", "decrypt_failures")),
+    ("SUT send failures (whole run)", ("sut_final", "send_failures")),
+    ("SRTP packet size, bytes (avg)", ("fixed", "wire_bytes_avg")),
+    ("max other load on the SUT core (0-1)", ("max_core_other_util",)),
+]
+
+
+def _fmt(v: float | None) -> str:
+    if v is None:
+        return "-"
+    if v == int(v) and abs(v) >= 100:
+        return f"{int(v):,}"
+    return f"{v:.3g}" if abs(v) < 100 else f"{v:,.0f}"
+
+
+def report(summary: dict[str, Any]) -> str:
+    lines: list[str] = []
+    for suite, per_sut in summary["results"].items():
+        base, fast = per_sut.get("baseline"), per_sut.get("fastsfu")
+        lines += [
+            f"### {suite}, {summary['scenario']}",
+            "",
+            "| metric | baseline | fastsfu | ratio |",
+            "|---|---|---|---|",
+        ]
+        ratios: dict[str, float | None] = {}
+        for label, path in METRICS:
+            b, f = _get(base, *path), _get(fast, *path)
+            ratio = f / b if b and f is not None else None
+            ratios[label] = ratio
+            lines.append(f"| {label} | {_fmt(b)} | {_fmt(f)} | {'-' if ratio is None else f'{ratio:.2f}'} |")
+        summary["ratios"][suite] = ratios
+        p50b, p50f = _get(base, "fixed", "p50_us"), _get(fast, "fixed", "p50_us")
+        if p50b is not None and p50f is not None:
+            summary["p50_diff_us"][suite] = p50f - p50b
+            lines.append(f"\nfixed-load p50 difference fastsfu - baseline: {p50f - p50b:+.0f} us")
+        if base and "error" not in base:
+            fx = base["fixed"]
+            valid = fx["loss"] == 0 and (fx["p99_us"] or 0) <= P99_FLOOR_US
+            summary["valid"][suite] = valid
+            if not valid:
+                lines.append("\n**Run invalid**: the baseline missed its own floor at the fixed load (§6.7).")
+        for name, res in per_sut.items():
+            if res and res.get("zero_loss_is_lower_bound"):
+                lines.append(f"\n{name}: no loss at any step; its zero-loss fwd pps is a lower bound.")
+            if res and "error" in res:
+                lines.append(f"\n**{name} failed**: {res['error']}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def machine_info() -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "cpus": os.cpu_count(),
+        "libsrtp_version": hex(native.check_libsrtp_version()),
+    }
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                info["cpu"] = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    with contextlib.suppress(OSError, subprocess.TimeoutExpired):
+        info["commit"] = subprocess.run(
+            ["git", "-C", str(BENCH_DIR), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        ).stdout.strip()
+    return info
+
+
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    # Turn SIGTERM into SystemExit so the context managers stop the SUT on the way out.
+    raise SystemExit(128 + signum)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    suts = list(SUTS) if args.sut == "both" else [args.sut]
+    skipped: dict[str, str] = {}
+    if "fastsfu" in suts and not run_loadgen.FASTSFU_SCRIPT.exists():
+        msg = f"{run_loadgen.FASTSFU_SCRIPT.relative_to(BENCH_DIR.parent)} not found: fastsfu SUT skipped"
+        log(msg)
+        skipped["fastsfu"] = msg
+        suts.remove("fastsfu")
+    if not suts:
+        log("nothing to run")
+        return 2
+    try:
+        libs = native.build_all(args.build_dir, args.cc)
+    except native.BuildError as exc:
+        log(f"build failed: {exc}")
+        return 3
+    log(f"built {libs['loadgen']} and {libs['forwarder']}")
+
+    n = args.rooms * args.size
+    scenario = f"scenario A: {args.rooms} x {args.size} all talking, payload {args.payload}"
+    summary: dict[str, Any] = {
+        "machine": machine_info(),
+        "scenario": scenario,
+        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "skipped": skipped,
+        "results": {},
+        "ratios": {},
+        "p50_diff_us": {},
+        "valid": {},
+    }
+    failed = False
+    t0 = time.monotonic()
+    for suite in args.suites:
+        summary["results"][suite] = {}
+        for sut in suts:
+            # Fresh ports for each SUT: the previous one may still be releasing its sockets.
+            cfg = benchconfig.make_config(args.rooms, args.size, suite, benchconfig.find_free_base_port(n))
+            cfg_path = args.build_dir / f"config-{sut}-{suite}.json"
+            try:
+                result = run_sut(sut, suite, cfg, cfg_path, args, libs)
+            except (run_loadgen.HarnessError, OSError, ValueError) as exc:
+                log(f"{sut} ({suite}) failed: {exc}")
+                result = {"error": str(exc)}
+                failed = True
+            summary["results"][suite][sut] = result
+    summary["wall_s"] = round(time.monotonic() - t0, 1)
+    table = report(summary)
+    print(table, flush=True)
+    for msg in skipped.values():
+        print(f"Note: {msg}", flush=True)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(summary, indent=1) + "\n")
+        log(f"summary written to {args.json}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
