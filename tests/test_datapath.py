@@ -179,8 +179,12 @@ def test_slow_path_classification() -> None:
     assert room.dp.process(room.sock, stun, "127.0.0.1", 9999, 0) == [
         (_rtp.SLOW_STUN, -1, stun, ("127.0.0.1", 9999), room.sock)
     ]
-    assert room.dp.process(room.sock, stun, *SENDER, 0) == [(_rtp.SLOW_STUN, room.tx_t, stun, SENDER, room.sock)]
-    assert room.dp.process(room.sock, dtls, *SENDER, 0) == [(_rtp.SLOW_DTLS, room.tx_t, dtls, SENDER, room.sock)]
+    assert room.dp.process(room.sock, stun, *SENDER, 0) == [
+        (_rtp.SLOW_STUN, room.tx_t, stun, SENDER, room.sock)
+    ]
+    assert room.dp.process(room.sock, dtls, *SENDER, 0) == [
+        (_rtp.SLOW_DTLS, room.tx_t, dtls, SENDER, room.sock)
+    ]
     # DTLS only from tuples ICE (or connect) admitted.
     assert room.dp.process(room.sock, dtls, "127.0.0.1", 9999, 0) is None
     assert room.drops() == {"unknown_tuple": 1}

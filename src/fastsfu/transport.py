@@ -223,7 +223,9 @@ class Transport(EventEmitter):
                 continue
             rtp_ts, packets, octets = state
             cname = consumer.rtp_parameters.get("rtcp", {}).get("cname") or self.rtcp_cname
-            srs.append((rtp.build_sender_report(consumer.ssrc, ntp, rtp_ts, packets, octets), (consumer.ssrc, cname)))
+            srs.append(
+                (rtp.build_sender_report(consumer.ssrc, ntp, rtp_ts, packets, octets), (consumer.ssrc, cname))
+            )
         # An SR is 28 bytes and its SDES chunk at most 264: 4 pairs always fit 1200 bytes; pack greedily.
         group: list[tuple[bytes, tuple[int, str]]] = []
         size = 0
