@@ -26,7 +26,9 @@ if str(BENCH_DIR) not in sys.path:
 import benchconfig  # noqa: E402
 from loadgen import native, run_loadgen  # noqa: E402
 
-SUTS = ("baseline", "fastsfu")
+# fastsfu_nolimit: fastsfu with its 20 ms queue-age drop disabled, i.e. with the baseline's
+# queueing semantics (unbounded socket queues); its zero-loss rate is the like-for-like ratio.
+SUTS = ("baseline", "fastsfu", "fastsfu_nolimit")
 P99_FLOOR_US = 5000.0  # performance.md §6.5 (ii) and §6.7: the baseline's validity floor
 SETTLE_TIMEOUT_S = 15.0
 
@@ -38,7 +40,7 @@ def log(msg: str) -> None:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__)
     add = ap.add_argument
-    add("--sut", choices=[*SUTS, "both"], default="both", help="system(s) under test [both]")
+    add("--sut", choices=[*SUTS, "all"], default="all", help="system(s) under test [all]")
     add("--quick", action="store_true", help="CI mode: short steps, coarse search (about 20 s per SUT)")
     add("--suite", action="append", help="cm, gcm, both, or a full suite name; repeatable [cm]")
     add("--rooms", type=int, default=1, help="scenario A: rooms [1]")
@@ -203,7 +205,10 @@ def sut_argv(sut: str, args: argparse.Namespace, libs: dict[str, Path]) -> list[
             "--lib",
             str(libs["forwarder"]),
         ]
-    return [sys.executable, str(run_loadgen.FASTSFU_SCRIPT)]
+    argv = [sys.executable, str(run_loadgen.FASTSFU_SCRIPT), "--cpu", str(args.sut_cpu)]
+    if sut == "fastsfu_nolimit":
+        argv += ["--max-queue-age-ms", "0"]
+    return argv
 
 
 def run_sut(
@@ -272,20 +277,27 @@ def _fmt(v: float | None) -> str:
 def report(summary: dict[str, Any]) -> str:
     lines: list[str] = []
     for suite, per_sut in summary["results"].items():
-        base, fast = per_sut.get("baseline"), per_sut.get("fastsfu")
+        base, fast, nolimit = per_sut.get("baseline"), per_sut.get("fastsfu"), per_sut.get("fastsfu_nolimit")
         lines += [
             f"### {suite}, {summary['scenario']}",
             "",
-            "| metric | baseline | fastsfu | ratio |",
-            "|---|---|---|---|",
+            "| metric | baseline | fastsfu | ratio | fastsfu, no 20 ms limit | ratio |",
+            "|---|---|---|---|---|---|",
         ]
         ratios: dict[str, float | None] = {}
+        ratios_nolimit: dict[str, float | None] = {}
         for label, path in METRICS:
-            b, f = _get(base, *path), _get(fast, *path)
+            b, f, u = _get(base, *path), _get(fast, *path), _get(nolimit, *path)
             ratio = f / b if b and f is not None else None
+            ratio_u = u / b if b and u is not None else None
             ratios[label] = ratio
-            lines.append(f"| {label} | {_fmt(b)} | {_fmt(f)} | {'-' if ratio is None else f'{ratio:.2f}'} |")
+            ratios_nolimit[label] = ratio_u
+            lines.append(
+                f"| {label} | {_fmt(b)} | {_fmt(f)} | {'-' if ratio is None else f'{ratio:.2f}'} "
+                f"| {_fmt(u)} | {'-' if ratio_u is None else f'{ratio_u:.2f}'} |"
+            )
         summary["ratios"][suite] = ratios
+        summary.setdefault("ratios_nolimit", {})[suite] = ratios_nolimit
         p50b, p50f = _get(base, "fixed", "p50_us"), _get(fast, "fixed", "p50_us")
         if p50b is not None and p50f is not None:
             summary["p50_diff_us"][suite] = p50f - p50b
@@ -338,13 +350,14 @@ def _exit_on_sigterm(signum: int, frame: object) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
-    suts = list(SUTS) if args.sut == "both" else [args.sut]
+    suts = list(SUTS) if args.sut == "all" else [args.sut]
     skipped: dict[str, str] = {}
-    if "fastsfu" in suts and not run_loadgen.FASTSFU_SCRIPT.exists():
-        msg = f"{run_loadgen.FASTSFU_SCRIPT.relative_to(BENCH_DIR.parent)} not found: fastsfu SUT skipped"
-        log(msg)
-        skipped["fastsfu"] = msg
-        suts.remove("fastsfu")
+    if not run_loadgen.FASTSFU_SCRIPT.exists():
+        for name in [s for s in suts if s.startswith("fastsfu")]:
+            msg = f"{run_loadgen.FASTSFU_SCRIPT.relative_to(BENCH_DIR.parent)} not found: {name} SUT skipped"
+            log(msg)
+            skipped[name] = msg
+            suts.remove(name)
     if not suts:
         log("nothing to run")
         return 2

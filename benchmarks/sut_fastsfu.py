@@ -57,9 +57,10 @@ def receiver_capabilities(cfg: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-async def serve(cfg: dict[str, Any], stop: asyncio.Event) -> dict[str, Any]:
+async def serve(cfg: dict[str, Any], stop: asyncio.Event, max_queue_age_ms: float = 20.0) -> dict[str, Any]:
     n = len(cfg["participants"])
     settings = Settings(
+        max_queue_age_ms=max_queue_age_ms,
         max_sockets=n + 8,
         max_transports=n + 8,
         max_producers=n + 8,
@@ -113,6 +114,12 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("config")
     ap.add_argument("--cpu", type=int, default=1, help="CPU to pin to (-1: leave affinity alone)")
+    ap.add_argument(
+        "--max-queue-age-ms",
+        type=float,
+        default=20.0,
+        help="drop datagrams queued longer (0: never, as baseline)",
+    )
     args = ap.parse_args(argv)
     if args.cpu >= 0:
         try:
@@ -131,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
                 loop.add_reader(0, lambda: os.read(0, 4096) or stop.set())
         except OSError:
             pass
-        return await serve(cfg, stop)
+        return await serve(cfg, stop, args.max_queue_age_ms)
 
     counters = asyncio.run(run())
     print(json.dumps(counters), flush=True)
