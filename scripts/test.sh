@@ -7,8 +7,9 @@ scripts/bootstrap.sh
 PY=.venv/bin/python
 export PYTHONDONTWRITEBYTECODE=1
 
-echo "== lint (ruff)"
+echo "== lint (ruff, mypy --strict)"
 .venv/bin/ruff check src tests benchmarks
+.venv/bin/mypy src/fastsfu
 
 echo "== tests"
 $PY -m pytest tests -q -p no:cacheprovider

@@ -23,59 +23,11 @@ from fastsfu._csys cimport (
 # ---------------------------------------------------------------------------------------------
 # Constants shared with Python (fastsfu.rtp mirrors them).
 
-cdef enum:
-    RECV_BATCH = 64
-    RECV_SLOT = 2048          # larger datagrams arrive with MSG_TRUNC and are dropped
-    OUT_SLOT = 3328           # worst case: 1.5x a one-byte extension block rewritten as two-byte + mid + trailer
-    SRTP_TRAILER = 144        # SRTP_MAX_TAG_LEN + SRTP_MAX_MKI_LEN (libsrtp 2.x)
-    SRTCP_TRAILER = 148       # + the 4-byte SRTCP index
-    MAX_EXT_KINDS = 32
-    KIND_MID = 1              # the extension kind whose value each consumer writes itself
-    MID_MAX = 16
-    SEND_BATCH = 64
-    EVENT_CAP = 256
-    CMSG_BUF = 64
-    MAX_DROPOUT = 3000        # RFC 3550 A.1
-    MAX_MISORDER = 100        # RFC 3550 A.1
-    SRTP_KEEPALIVE_SEQ = 4096 # decrypt at least this often to keep libsrtp's rollover counter in step
-
-# Drop reasons; the names list below is the Python view, in the same order.
-cdef enum:
-    DROP_MALFORMED = 0
-    DROP_OVERSIZE
-    DROP_UNKNOWN_PROTOCOL
-    DROP_UNKNOWN_TUPLE
-    DROP_UNKNOWN_SSRC
-    DROP_UNKNOWN_PT
-    DROP_DECRYPT_FAILED
-    DROP_SRTP_REPLAY
-    DROP_PRODUCER_PAUSED
-    DROP_NO_CONSUMERS
-    DROP_CONSUMER_PAUSED
-    DROP_STALE_SEQ
-    DROP_SEQ_JUMP
-    DROP_NO_REMOTE
-    DROP_ENCRYPT_FAILED
-    DROP_SEND_FAILED
-    DROP_QUEUE_AGE
-    DROP_RECV_ERROR
-    N_DROPS
-
 DROP_REASONS = (
     "malformed", "oversize", "unknown_protocol", "unknown_tuple", "unknown_ssrc", "unknown_pt",
     "decrypt_failed", "srtp_replay", "producer_paused", "no_consumers", "consumer_paused",
     "stale_seq", "seq_jump", "no_remote", "encrypt_failed", "send_failed", "queue_age", "recv_error",
 )
-
-cdef enum:
-    K_SLOW_STUN = 1
-    K_SLOW_DTLS = 2
-    K_SLOW_RTCP = 3
-    K_EVENT_TUPLE_LEARNED = 1
-    K_EVENT_UNKNOWN_SSRC = 2
-    K_OUTPUT_SEND = 0
-    K_OUTPUT_CAPTURE = 1
-    K_OUTPUT_DISCARD = 2
 
 SLOW_STUN = K_SLOW_STUN
 SLOW_DTLS = K_SLOW_DTLS
@@ -85,13 +37,6 @@ EVENT_UNKNOWN_SSRC = K_EVENT_UNKNOWN_SSRC
 OUTPUT_SEND = K_OUTPUT_SEND
 OUTPUT_CAPTURE = K_OUTPUT_CAPTURE
 OUTPUT_DISCARD = K_OUTPUT_DISCARD
-
-# libsrtp 2.x status codes we tell apart (srtp.h: srtp_err_status_replay_fail, _replay_old).
-cdef enum:
-    SRTP_STATUS_REPLAY_FAIL = 9
-    SRTP_STATUS_REPLAY_OLD = 10
-
-ctypedef int (*srtp_fn)(void *ctx, void *hdr, int *len_ptr) noexcept nogil
 
 cdef srtp_fn g_protect = NULL
 cdef srtp_fn g_unprotect = NULL
@@ -113,115 +58,6 @@ def install_srtp_functions(uintptr_t protect, uintptr_t unprotect, uintptr_t pro
 
 # ---------------------------------------------------------------------------------------------
 # Tables.
-
-ctypedef struct Key:                 # 24 bytes: a 5-tuple (sock, port, v6 address) or (transport, ssrc)
-    uint32_t a
-    uint16_t b                       # always 0 (padding kept zero for memcmp)
-    uint16_t c
-    uint8_t addr[16]
-
-ctypedef struct Entry:
-    Key key
-    int32_t value                    # -1: empty
-
-ctypedef struct Table:               # open addressing, linear probing, backward-shift deletion
-    Entry *entries
-    uint32_t mask
-
-ctypedef struct Socket:
-    int in_use
-    int fd
-    int family
-    int timestamps
-    int comedia_transport            # a comedia transport with no remote yet, or -1
-    int out_head
-    int out_tail
-    int out_count
-    int dirty
-
-ctypedef struct Transport:
-    int in_use
-    int sock
-    int comedia
-    int has_remote
-    uint8_t remote[28]               # sockaddr_in or sockaddr_in6, in the socket's family
-    socklen_t remote_len
-    Key tuple_key
-    void *srtp_in
-    void *srtp_out
-    uint32_t last_unknown_ssrc
-    int reported_unknown
-    uint64_t rx_packets
-    uint64_t rx_bytes
-    uint64_t tx_packets
-    uint64_t tx_bytes
-    uint64_t rtcp_rx
-    uint64_t drops[N_DROPS]
-
-ctypedef struct Producer:
-    int in_use
-    int transport
-    int paused
-    uint32_t ssrc
-    uint8_t pt
-    uint32_t clock_rate
-    uint8_t ext_kind[256]            # extension ID -> kind (0: not forwarded)
-    int32_t *consumers
-    int n_consumers
-    int cap_consumers
-    int n_active
-    uint32_t epoch                   # bumped on resume and on a sequence restart: consumers resync
-    int have_seq
-    int have_bad_seq
-    uint16_t bad_seq                 # RFC 3550 A.1 probation: a jump is believed when seq follows it
-    int64_t highest                  # extended sequence number (RFC 3550 A.1)
-    int64_t base
-    int64_t expected_prior
-    int have_auth
-    uint16_t last_auth_seq
-    int have_transit
-    uint32_t last_transit
-    uint32_t jitter_q4               # jitter * 16 (RFC 3550 A.8)
-    uint64_t packets
-    uint64_t bytes
-    uint64_t drops
-
-ctypedef struct Consumer:
-    int in_use
-    int producer
-    int transport
-    int paused
-    uint32_t ssrc
-    uint8_t pt
-    uint8_t ext_id[MAX_EXT_KINDS]    # kind -> extension ID on this receiver (0: drop)
-    uint8_t mid_len
-    uint8_t mid[MID_MAX]
-    int sync_needed
-    uint32_t epoch
-    int has_sent
-    int64_t sync_ext
-    int64_t highest_sent
-    uint16_t seq_off
-    uint32_t ts_off
-    uint16_t last_seq
-    uint32_t last_ts
-    int64_t last_ns
-    uint64_t packets
-    uint64_t bytes
-    uint64_t drops
-
-ctypedef struct OutSlot:
-    int next
-    int len
-    socklen_t dest_len
-    uint8_t dest[28]
-    uint8_t data[OUT_SLOT]
-
-ctypedef struct Event:
-    int kind
-    int transport
-    uint32_t value
-
 
 cdef inline uint16_t rd16(const uint8_t *p) noexcept nogil:
     return (<uint16_t>p[0] << 8) | p[1]
@@ -446,40 +282,6 @@ cdef int rewrite_extensions(const Producer *prod, const Consumer *cons, const ui
 
 cdef class Datapath:
     """C tables (sockets, transports, producers, consumers) and the RTP forwarder over them."""
-
-    cdef Socket *sockets
-    cdef Transport *transports
-    cdef Producer *producers
-    cdef Consumer *consumers
-    cdef int max_sockets, max_transports, max_producers, max_consumers
-    cdef Table tuples
-    cdef Table ssrcs
-    cdef uint64_t drops[N_DROPS]
-    cdef uint64_t rx_packets, fwd_packets, batches, slow_packets
-    cdef int64_t max_queue_age_ns
-    cdef int output_mode
-    cdef list captured
-    cdef list keepalive                  # Python objects owning the SRTP contexts, per transport
-    cdef list _slow                      # slow-path datagrams of the current drain/poll call
-    # receive side
-    cdef mmsghdr rmsgs[RECV_BATCH]
-    cdef iovec riov[RECV_BATCH]
-    cdef uint8_t raddr[RECV_BATCH][28]
-    cdef uint8_t rctl[RECV_BATCH][CMSG_BUF]
-    cdef uint8_t *rbuf
-    # send side
-    cdef OutSlot *out
-    cdef int n_out, out_free
-    cdef int *dirty
-    cdef int n_dirty
-    cdef mmsghdr smsgs[SEND_BATCH]
-    cdef iovec siov[SEND_BATCH]
-    cdef int sidx[SEND_BATCH]
-    cdef Event events[EVENT_CAP]
-    cdef readonly int pending_events
-    cdef readonly int epoll_fd           # readable when any registered socket is: one loop reader
-    cdef epoll_event ready[RECV_BATCH]
-    cdef uint64_t events_lost
 
     def __cinit__(self, int max_sockets=256, int max_transports=4096, int max_producers=4096,
                   int max_consumers=65536, int out_slots=1024, double max_queue_age_ms=20.0):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import struct
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -399,7 +400,7 @@ class ReferenceForwarder:
         self.events: list[tuple[int, int, int]] = []
 
     @staticmethod
-    def _slot(table: dict) -> int:
+    def _slot(table: Mapping[int, object]) -> int:
         i = 0
         while i in table:
             i += 1
@@ -521,7 +522,9 @@ class ReferenceForwarder:
 
     # ------------------------------------------------------------------ per packet
 
-    def process(self, sock: int, data: bytes, ip: str, port: int, now_ns: int) -> list | None:
+    def process(
+        self, sock: int, data: bytes, ip: str, port: int, now_ns: int
+    ) -> list[tuple[int, int, bytes, Address, int]] | None:
         """Same contract as `Datapath.process`: outputs go to `captured`, slow path is returned."""
         if not data:
             self.drops["malformed"] += 1

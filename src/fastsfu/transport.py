@@ -238,8 +238,9 @@ class Transport(EventEmitter):
             size += cost
         if group:
             out.append(b"".join(g[0] for g in group) + rtp.build_sdes([g[1] for g in group]))
-        blocks = [self._report_block(p) for p in self.producers.values() if not p.closed]
-        blocks = [b for b in blocks if b is not None]
+        blocks = [
+            b for p in self.producers.values() if not p.closed and (b := self._report_block(p)) is not None
+        ]
         for i in range(0, len(blocks), 31):  # the RC field holds 31 blocks (RFC 3550 §6.4.2)
             out.append(
                 rtp.build_receiver_report(self.rtcp_ssrc, blocks[i : i + 31])

@@ -1,0 +1,232 @@
+# The datapath's C interface: constants, tables and the Datapath class, for other Cython modules
+# (transport-specific crypto, tests) to cimport. Implementation in _rtp.pyx.
+
+from libc.stdint cimport int16_t, int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
+
+from fastsfu._csys cimport epoll_event, iovec, mmsghdr, socklen_t
+
+cdef enum:
+    RECV_BATCH = 64
+    RECV_SLOT = 2048          # larger datagrams arrive with MSG_TRUNC and are dropped
+    OUT_SLOT = 3328           # worst case: 1.5x a one-byte extension block rewritten as two-byte + mid + trailer
+    SRTP_TRAILER = 144        # SRTP_MAX_TAG_LEN + SRTP_MAX_MKI_LEN (libsrtp 2.x)
+    SRTCP_TRAILER = 148       # + the 4-byte SRTCP index
+    MAX_EXT_KINDS = 32
+    KIND_MID = 1              # the extension kind whose value each consumer writes itself
+    MID_MAX = 16
+    SEND_BATCH = 64
+    EVENT_CAP = 256
+    CMSG_BUF = 64
+    MAX_DROPOUT = 3000        # RFC 3550 A.1
+    MAX_MISORDER = 100        # RFC 3550 A.1
+    SRTP_KEEPALIVE_SEQ = 4096 # decrypt at least this often to keep libsrtp's rollover counter in step
+
+# Drop reasons; the names list below is the Python view, in the same order.
+cdef enum:
+    DROP_MALFORMED = 0
+    DROP_OVERSIZE
+    DROP_UNKNOWN_PROTOCOL
+    DROP_UNKNOWN_TUPLE
+    DROP_UNKNOWN_SSRC
+    DROP_UNKNOWN_PT
+    DROP_DECRYPT_FAILED
+    DROP_SRTP_REPLAY
+    DROP_PRODUCER_PAUSED
+    DROP_NO_CONSUMERS
+    DROP_CONSUMER_PAUSED
+    DROP_STALE_SEQ
+    DROP_SEQ_JUMP
+    DROP_NO_REMOTE
+    DROP_ENCRYPT_FAILED
+    DROP_SEND_FAILED
+    DROP_QUEUE_AGE
+    DROP_RECV_ERROR
+    N_DROPS
+
+cdef enum:
+    K_SLOW_STUN = 1
+    K_SLOW_DTLS = 2
+    K_SLOW_RTCP = 3
+    K_EVENT_TUPLE_LEARNED = 1
+    K_EVENT_UNKNOWN_SSRC = 2
+    K_OUTPUT_SEND = 0
+    K_OUTPUT_CAPTURE = 1
+    K_OUTPUT_DISCARD = 2
+
+# libsrtp 2.x status codes we tell apart (srtp.h: srtp_err_status_replay_fail, _replay_old).
+cdef enum:
+    SRTP_STATUS_REPLAY_FAIL = 9
+    SRTP_STATUS_REPLAY_OLD = 10
+
+ctypedef int (*srtp_fn)(void *ctx, void *hdr, int *len_ptr) noexcept nogil
+
+
+ctypedef struct Key:                 # 24 bytes: a 5-tuple (sock, port, v6 address) or (transport, ssrc)
+    uint32_t a
+    uint16_t b                       # always 0 (padding kept zero for memcmp)
+    uint16_t c
+    uint8_t addr[16]
+
+ctypedef struct Entry:
+    Key key
+    int32_t value                    # -1: empty
+
+ctypedef struct Table:               # open addressing, linear probing, backward-shift deletion
+    Entry *entries
+    uint32_t mask
+
+ctypedef struct Socket:
+    int in_use
+    int fd
+    int family
+    int timestamps
+    int comedia_transport            # a comedia transport with no remote yet, or -1
+    int out_head
+    int out_tail
+    int out_count
+    int dirty
+
+ctypedef struct Transport:
+    int in_use
+    int sock
+    int comedia
+    int has_remote
+    uint8_t remote[28]               # sockaddr_in or sockaddr_in6, in the socket's family
+    socklen_t remote_len
+    Key tuple_key
+    void *srtp_in
+    void *srtp_out
+    uint32_t last_unknown_ssrc
+    int reported_unknown
+    uint64_t rx_packets
+    uint64_t rx_bytes
+    uint64_t tx_packets
+    uint64_t tx_bytes
+    uint64_t rtcp_rx
+    uint64_t drops[N_DROPS]
+
+ctypedef struct Producer:
+    int in_use
+    int transport
+    int paused
+    uint32_t ssrc
+    uint8_t pt
+    uint32_t clock_rate
+    uint8_t ext_kind[256]            # extension ID -> kind (0: not forwarded)
+    int32_t *consumers
+    int n_consumers
+    int cap_consumers
+    int n_active
+    uint32_t epoch                   # bumped on resume and on a sequence restart: consumers resync
+    int have_seq
+    int have_bad_seq
+    uint16_t bad_seq                 # RFC 3550 A.1 probation: a jump is believed when seq follows it
+    int64_t highest                  # extended sequence number (RFC 3550 A.1)
+    int64_t base
+    int64_t expected_prior
+    int have_auth
+    uint16_t last_auth_seq
+    int have_transit
+    uint32_t last_transit
+    uint32_t jitter_q4               # jitter * 16 (RFC 3550 A.8)
+    uint64_t packets
+    uint64_t bytes
+    uint64_t drops
+
+ctypedef struct Consumer:
+    int in_use
+    int producer
+    int transport
+    int paused
+    uint32_t ssrc
+    uint8_t pt
+    uint8_t ext_id[MAX_EXT_KINDS]    # kind -> extension ID on this receiver (0: drop)
+    uint8_t mid_len
+    uint8_t mid[MID_MAX]
+    int sync_needed
+    uint32_t epoch
+    int has_sent
+    int64_t sync_ext
+    int64_t highest_sent
+    uint16_t seq_off
+    uint32_t ts_off
+    uint16_t last_seq
+    uint32_t last_ts
+    int64_t last_ns
+    uint64_t packets
+    uint64_t bytes
+    uint64_t drops
+
+ctypedef struct OutSlot:
+    int next
+    int len
+    socklen_t dest_len
+    uint8_t dest[28]
+    uint8_t data[OUT_SLOT]
+
+ctypedef struct Event:
+    int kind
+    int transport
+    uint32_t value
+
+
+cdef class Datapath:
+    cdef Socket *sockets
+    cdef Transport *transports
+    cdef Producer *producers
+    cdef Consumer *consumers
+    cdef int max_sockets, max_transports, max_producers, max_consumers
+    cdef Table tuples
+    cdef Table ssrcs
+    cdef uint64_t drops[N_DROPS]
+    cdef uint64_t rx_packets, fwd_packets, batches, slow_packets
+    cdef int64_t max_queue_age_ns
+    cdef int output_mode
+    cdef list captured
+    cdef list keepalive                  # Python objects owning the SRTP contexts, per transport
+    cdef list _slow                      # slow-path datagrams of the current drain/poll call
+    # receive side
+    cdef mmsghdr rmsgs[RECV_BATCH]
+    cdef iovec riov[RECV_BATCH]
+    cdef uint8_t raddr[RECV_BATCH][28]
+    cdef uint8_t rctl[RECV_BATCH][CMSG_BUF]
+    cdef uint8_t *rbuf
+    # send side
+    cdef OutSlot *out
+    cdef int n_out, out_free
+    cdef int *dirty
+    cdef int n_dirty
+    cdef mmsghdr smsgs[SEND_BATCH]
+    cdef iovec siov[SEND_BATCH]
+    cdef int sidx[SEND_BATCH]
+    cdef Event events[EVENT_CAP]
+    cdef readonly int pending_events
+    cdef readonly int epoll_fd           # readable when any registered socket is: one loop reader
+    cdef epoll_event ready[RECV_BATCH]
+    cdef uint64_t events_lost
+
+    cdef object _take_slow(self)
+    cdef int _drain(self, int sock, int budget) except -1
+    cdef int _check_socket(self, int s) except -1
+    cdef int _check_transport(self, int t) except -1
+    cdef int _check_producer(self, int p) except -1
+    cdef int _check_consumer(self, int c) except -1
+    cdef void _bind_tuple(self, int t, Key *k) noexcept nogil
+    cdef void _clear_remote(self, int t) noexcept nogil
+    cdef object _remote_tuple(self, Transport *tr)
+    cdef object _addr_tuple(self, const uint8_t *sa)
+    cdef object _slow_item(self, int kind, int t, int i, int n, int sock)
+    cdef int _fake_source(self, int sock, str ip, int port) except -1
+    cdef bint _too_old(self, int i, int64_t wall) noexcept nogil
+    cdef void _event(self, int kind, int t, uint32_t value) noexcept nogil
+    cdef void _drop(self, Transport *tr, int reason) noexcept nogil
+    cdef int _handle(self, int sock, uint8_t *buf, int n, const uint8_t *src, int64_t now, int *out_t, int *out_n) noexcept nogil
+    cdef void _rtp(self, int t, Transport *tr, uint8_t *buf, int n, const uint8_t *src, int64_t now, int tentative) noexcept nogil
+    cdef int64_t _track(self, Producer *pr, uint16_t seq, uint32_t ts, int64_t now) noexcept nogil
+    cdef void _forward(self, Producer *pr, Consumer *co, const uint8_t *buf, int n, int hlen, int ext_off, int ext_len, int profile, int64_t ext, int64_t now) noexcept nogil
+    cdef int _alloc_out(self) noexcept nogil
+    cdef void _release_out(self, int slot) noexcept nogil
+    cdef void _enqueue(self, int slot, Transport *dst) noexcept nogil
+    cdef void _flush_all(self) noexcept
+    cdef void _discard_queue(self, int sock) noexcept
+    cdef void _flush_socket(self, int sock) noexcept
