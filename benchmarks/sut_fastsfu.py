@@ -57,10 +57,13 @@ def receiver_capabilities(cfg: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-async def serve(cfg: dict[str, Any], stop: asyncio.Event, max_queue_age_ms: float = 20.0) -> dict[str, Any]:
+async def serve(
+    cfg: dict[str, Any], stop: asyncio.Event, max_queue_age_ms: float = 20.0, out_slots: int = 1024
+) -> dict[str, Any]:
     n = len(cfg["participants"])
     settings = Settings(
         max_queue_age_ms=max_queue_age_ms,
+        out_slots=out_slots,
         max_sockets=n + 8,
         max_transports=n + 8,
         max_producers=n + 8,
@@ -120,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         default=20.0,
         help="drop datagrams queued longer (0: never, as baseline)",
     )
+    ap.add_argument("--out-slots", type=int, default=1024, help="datapath output slots (Settings.out_slots)")
     args = ap.parse_args(argv)
     if args.cpu >= 0:
         try:
@@ -138,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
                 loop.add_reader(0, lambda: os.read(0, 4096) or stop.set())
         except OSError:
             pass
-        return await serve(cfg, stop, args.max_queue_age_ms)
+        return await serve(cfg, stop, args.max_queue_age_ms, args.out_slots)
 
     counters = asyncio.run(run())
     print(json.dumps(counters), flush=True)

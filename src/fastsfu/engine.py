@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket as socketlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
@@ -39,11 +39,12 @@ class Settings:
     max_queue_age_ms: float = 20.0
     # Datagrams drained per readable event before yielding to the loop (fairness between sockets).
     drain_budget: int = 4096  # datagrams per wake-up before yielding to the loop (fairness)
+    # Output slots: forwarded packets queued before sendmmsg; when they run out the datapath flushes.
+    out_slots: int = 1024
     recv_buffer_bytes: int = 1 << 20
     send_buffer_bytes: int = 1 << 20
     # Mean seconds between a transport's RTCP reports (mediasoup's audio maximum is 5 s).
     rtcp_interval: float = 5.0
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for name in (
@@ -102,6 +103,7 @@ class Engine(EventEmitter):
             max_producers=s.max_producers,
             max_consumers=s.max_consumers,
             max_queue_age_ms=s.max_queue_age_ms,
+            out_slots=s.out_slots,
         )
         self.observer = EventEmitter()
         self.routers: dict[str, Router] = {}

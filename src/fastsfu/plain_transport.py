@@ -24,6 +24,8 @@ class PlainTransport(Transport):
     Events (beyond Transport's): "tuple" when comedia learns the remote address.
     """
 
+    STATS_TYPE = "plain-rtp-transport"
+
     def __init__(
         self,
         router: Router,

@@ -45,6 +45,8 @@ class Transport(EventEmitter):
     Events: "routerclose". Observer events: "close", "newproducer", "newconsumer".
     """
 
+    STATS_TYPE = "transport"  # mediasoup's stats "type" of the concrete class
+
     def __init__(self, router: Router, socket: UdpSocket, app_data: dict[str, Any] | None) -> None:
         super().__init__()
         self.id = str(uuid.uuid4())
@@ -345,7 +347,7 @@ class Transport(EventEmitter):
         s = self.engine.datapath.transport_stats(self.slot)
         return [
             {
-                "type": type(self).__name__[0].lower() + type(self).__name__[1:],
+                "type": self.STATS_TYPE,
                 "transportId": self.id,
                 "timestamp": int(time.time() * 1000),
                 "rtpPacketsReceived": s["rx_packets"],
