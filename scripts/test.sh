@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The whole test suite: lint, unit/differential/loopback tests, micro-benchmarks, and the short
-# loopback load benchmark (fastsfu against the bare C forwarder, same run). Installs what it needs.
+# The whole test suite: lint and types, the datapath micro-benchmarks, the short loopback load
+# benchmark (fastsfu against the bare C forwarder, same run), then every test (last, so its
+# summary closes the output). Installs what it needs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/bootstrap.sh
@@ -11,12 +12,12 @@ echo "== lint (ruff, mypy --strict)"
 .venv/bin/ruff check src tests benchmarks
 .venv/bin/mypy src/fastsfu
 
-echo "== tests"
-$PY -m pytest tests -q -p no:cacheprovider
-
 echo "== datapath micro-benchmarks (pytest-benchmark)"
 $PY -m pytest benchmarks/bench_datapath.py -q -p no:cacheprovider -s \
     --benchmark-columns=median,min,max,rounds --benchmark-sort=name
 
-echo "== loopback load benchmark, short (fastsfu vs bare C forwarder)"
-$PY benchmarks/run.py --quick --json benchmarks/.build/last-run.json
+echo "== loopback load benchmark, short (fastsfu vs bare C forwarder, both SRTP suites)"
+$PY benchmarks/run.py --quick --suite both --json benchmarks/.build/last-run.json
+
+echo "== tests"
+$PY -m pytest tests -q -p no:cacheprovider
