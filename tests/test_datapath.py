@@ -93,8 +93,6 @@ def test_forward_rewrites_ssrc_pt_and_keeps_payload() -> None:
     [
         ("empty", b"", "malformed"),
         ("short header", b"\x80\x6f\x00\x01\x00\x00", "malformed"),
-        ("version 1 lands in the TURN range (RFC 7983)", b"\x40\x6f" + bytes(30), "unknown_protocol"),
-        ("version 3", b"\xc0\x6f" + bytes(30), "unknown_protocol"),
         ("CSRC count past the end", b"\x8f\x6f" + bytes(10) + bytes(8), "malformed"),
         ("extension header past the end", b"\x90\x6f" + bytes(10), "malformed"),
         (
@@ -102,8 +100,6 @@ def test_forward_rewrites_ssrc_pt_and_keeps_payload() -> None:
             b"\x90\x6f" + bytes(2) + bytes(4) + struct.pack("!I", SSRC) + b"\xbe\xde\x00\x40" + bytes(8),
             "malformed",
         ),
-        ("TURN channel data", b"\x40\x00\x00\x04abcd", "unknown_protocol"),
-        ("first byte 255", b"\xff" + bytes(40), "unknown_protocol"),
         ("unknown SSRC", bytes(RtpPacket(111, 1, 1, 0xABCDEF, payload=b"x")), "unknown_ssrc"),
         ("wrong payload type", bytes(RtpPacket(8, 1, 1, SSRC, payload=b"x")), "unknown_pt"),
         ("RTCP too short", b"\x80\xc9\x00\x00\x00", "malformed"),
@@ -115,6 +111,25 @@ def test_bad_input_is_dropped_and_counted(name: str, data: bytes, reason: str) -
     assert room.drops() == {reason: 1}, name
     # The room still works afterwards.
     assert len(room.send(room.packet(1, 960))) == 1
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"\x40\x00\x00\x04abcd",  # TURN channel data (RFC 7983: 64-79)
+        b"\x40\x6f" + bytes(30),  # "RTP version 1" lands in the TURN range
+        b"\xc0\x6f" + bytes(30),  # version 3
+        b"\xff" + bytes(40),
+    ],
+)
+def test_unknown_protocols_from_an_admitted_tuple_go_to_python(data: bytes) -> None:
+    room = Room(srtp=False)
+    assert room.dp.process(room.sock, data, *SENDER, 0) == [
+        (_rtp.SLOW_OTHER, room.tx_t, data, SENDER, room.sock)
+    ]
+    # From a tuple nobody admitted the same datagram is dropped in C.
+    assert room.dp.process(room.sock, data, "127.0.0.1", 9999, 0) is None
+    assert room.drops() == {"unknown_protocol": 1}
 
 
 def test_padding_count_past_payload_is_malformed() -> None:

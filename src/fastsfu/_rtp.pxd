@@ -47,6 +47,7 @@ cdef enum:
     K_SLOW_STUN = 1
     K_SLOW_DTLS = 2
     K_SLOW_RTCP = 3
+    K_SLOW_OTHER = 4
     K_EVENT_TUPLE_LEARNED = 1
     K_EVENT_UNKNOWN_SSRC = 2
     K_OUTPUT_SEND = 0

@@ -32,6 +32,7 @@ DROP_REASONS = (
 SLOW_STUN = K_SLOW_STUN
 SLOW_DTLS = K_SLOW_DTLS
 SLOW_RTCP = K_SLOW_RTCP
+SLOW_OTHER = K_SLOW_OTHER
 EVENT_TUPLE_LEARNED = K_EVENT_TUPLE_LEARNED
 EVENT_UNKNOWN_SSRC = K_EVENT_UNKNOWN_SSRC
 OUTPUT_SEND = K_OUTPUT_SEND
@@ -945,9 +946,12 @@ cdef class Datapath:
             out_t[0] = t
             out_n[0] = n
             return K_SLOW_DTLS
-        if not 128 <= b0 <= 191:          # TURN channels (64-79) and anything else
-            self._drop(tr, DROP_UNKNOWN_PROTOCOL)
-            return 0
+        if not 128 <= b0 <= 191:
+            # TURN channels (64-79) and anything else, from a tuple we admitted: C has no use for
+            # it, the transport may (hand it up; Python counts what it does not handle).
+            out_t[0] = t
+            out_n[0] = n
+            return K_SLOW_OTHER
         if n >= 2 and 192 <= buf[1] <= 223:
             # RTCP (RFC 5761 §4): unprotect here, hand plaintext to Python.
             if tentative or n < 8 or (b0 >> 6) != 2:

@@ -16,7 +16,7 @@ from fastsfu import _rtp
 from fastsfu.ortc import URI_ABS_CAPTURE_TIME, URI_AUDIO_LEVEL, URI_MID
 
 DROP_REASONS: tuple[str, ...] = _rtp.DROP_REASONS
-SLOW_STUN, SLOW_DTLS, SLOW_RTCP = _rtp.SLOW_STUN, _rtp.SLOW_DTLS, _rtp.SLOW_RTCP
+SLOW_STUN, SLOW_DTLS, SLOW_RTCP, SLOW_OTHER = _rtp.SLOW_STUN, _rtp.SLOW_DTLS, _rtp.SLOW_RTCP, _rtp.SLOW_OTHER
 EVENT_TUPLE_LEARNED, EVENT_UNKNOWN_SSRC = _rtp.EVENT_TUPLE_LEARNED, _rtp.EVENT_UNKNOWN_SSRC
 
 KIND_MID = 1  # the extension kind each consumer fills with its own MID (RFC 8843 §15)
@@ -547,8 +547,7 @@ class ReferenceForwarder:
         if 20 <= b0 <= 63:
             return [(SLOW_DTLS, t, bytes(data), (ip, port), sock)]
         if not 128 <= b0 <= 191:
-            self.drops["unknown_protocol"] += 1
-            return None
+            return [(SLOW_OTHER, t, bytes(data), (ip, port), sock)]
         if is_rtcp(data):
             if tentative or len(data) < 8 or b0 >> 6 != 2:
                 self.drops["unknown_tuple" if tentative else "malformed"] += 1
