@@ -166,6 +166,8 @@ def test_garbage_flood_does_not_harm_the_room() -> None:
         async with Engine() as engine:
             clients, transports, producers, consumers = await make_room(engine, 2, "AES_CM_128_HMAC_SHA1_80")
             attacker = SrtpClient()
+            # A datagram larger than any receive slot, from the legitimate client itself.
+            clients[0].send_raw(server_addr(transports[0]), os.urandom(9000))
             for seq in range(40):
                 clients[0].send_rtp(server_addr(transports[0]), opus(5000, seq))
                 for _ in range(25):  # 1000 datagrams of junk at the same port, from an unknown tuple
@@ -180,6 +182,7 @@ def test_garbage_flood_does_not_harm_the_room() -> None:
             )
             drops = engine.stats()["drops"]
             assert drops["unknown_tuple"] + drops["unknown_protocol"] + drops["malformed"] >= 1000
+            assert drops["oversize"] == 1  # truncated by recvmmsg (MSG_TRUNC), dropped
             assert engine.stats()["slow_path_errors"] == 0
 
     run(main())
