@@ -223,6 +223,18 @@ def test_sequence_and_timestamp_continue_across_consumer_pause() -> None:
     assert room.drops() == {"no_consumers": 47}
 
 
+def test_resume_after_a_day_keeps_timestamps_continuous() -> None:
+    room = Room(srtp=False)
+    (first,) = room.send(room.packet(1, 1000))
+    room.dp.set_consumer_paused(room.consumer, True)
+    room.dp.set_consumer_paused(room.consumer, False)
+    day_ms = 24 * 3600 * 1000 + 20
+    (out,) = room.send(room.packet(2, 5000), dt_ms=day_ms)
+    # The timestamp advances by the elapsed time in 48 kHz ticks, modulo 2^32 (RFC 3550 §5.1).
+    assert out.sequence_number == 2
+    assert out.timestamp == (1000 + day_ms * 48) & 0xFFFFFFFF
+
+
 def test_paused_producer_is_not_decrypted_and_resumes_continuously() -> None:
     room = Room()
     room.send(room.packet(7, 0))

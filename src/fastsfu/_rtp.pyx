@@ -1104,7 +1104,8 @@ cdef class Datapath:
     cdef void _forward(self, Producer *pr, Consumer *co, const uint8_t *buf, int n, int hlen,
                        int ext_off, int ext_len, int profile, int64_t ext, int64_t now) noexcept nogil:
         cdef Transport *dst = &self.transports[co.transport]
-        cdef int slot, w, body, gap, cc
+        cdef int slot, w, body, cc
+        cdef int64_t gap
         cdef uint16_t out_seq
         cdef uint32_t out_ts
         cdef uint8_t *o
@@ -1120,7 +1121,8 @@ cdef class Datapath:
             # Resync so the receiver sees one continuous stream (mediasoup's SeqManager idea).
             if co.has_sent:
                 co.seq_off = <uint16_t>(co.last_seq + 1 - <uint16_t>ext)
-                gap = <int>(((now - co.last_ns) // 1000) * pr.clock_rate // 1000000) if now > co.last_ns else 0
+                # 64-bit: a pause of hours must not wrap before the modulo-2^32 timestamp math.
+                gap = ((now - co.last_ns) // 1000) * pr.clock_rate // 1000000 if now > co.last_ns else 0
                 if gap < 1:
                     gap = 1
                 co.ts_off = <uint32_t>(co.last_ts + <uint32_t>gap - rd32(&buf[4]))
