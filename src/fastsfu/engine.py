@@ -1,7 +1,8 @@
 """Engine: owns the datapath, the UDP sockets and their asyncio readers.
 
-This is the thin I/O edge of the media path: one `loop.add_reader` per socket whose callback
-drains the socket in C; Python only sees the slow-path datagrams of each batch.
+This is the thin I/O edge of the media path: one `loop.add_reader` on the datapath's epoll
+descriptor, whose callback drains every ready socket in C; Python only sees the slow-path
+datagrams of each wake-up.
 """
 
 from __future__ import annotations
@@ -37,7 +38,6 @@ class Settings:
     max_consumers_per_router: int = 100_000
     # Drop datagrams that waited longer than this in the socket queue (performance.md §5).
     max_queue_age_ms: float = 20.0
-    # Datagrams drained per readable event before yielding to the loop (fairness between sockets).
     drain_budget: int = 4096  # datagrams per wake-up before yielding to the loop (fairness)
     # Output slots: forwarded packets queued before sendmmsg; when they run out the datapath flushes.
     out_slots: int = 1024
