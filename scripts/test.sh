@@ -12,8 +12,8 @@ echo "== lint (ruff, mypy --strict)"
 .venv/bin/ruff check src tests benchmarks
 .venv/bin/mypy src/fastsfu
 
-echo "== micro-benchmarks (pytest-benchmark): datapath, STUN answers"
-$PY -m pytest benchmarks/bench_datapath.py benchmarks/bench_stun.py -q -p no:cacheprovider -s \
+echo "== micro-benchmarks (pytest-benchmark): datapath, STUN answers, DTLS handshakes"
+$PY -m pytest benchmarks/bench_datapath.py benchmarks/bench_stun.py benchmarks/bench_dtls.py -q -p no:cacheprovider -s \
     --benchmark-columns=median,min,max,rounds --benchmark-sort=name
 
 echo "== loopback load benchmark, short (fastsfu vs bare C forwarder, both SRTP suites)"

@@ -7,6 +7,7 @@ from fastsfu.plain_transport import PlainTransport
 from fastsfu.producer import Producer
 from fastsfu.router import Router, RouterLimitError
 from fastsfu.transport import Transport, TransportError
+from fastsfu.webrtc_transport import WebRtcTransport
 
 __all__ = [
     "Consumer",
@@ -19,5 +20,6 @@ __all__ = [
     "Settings",
     "Transport",
     "TransportError",
+    "WebRtcTransport",
 ]
 __version__ = "0.1.0"

@@ -14,8 +14,9 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-from fastsfu import _rtp, rtp
+from fastsfu import _rtp, rtp, stun
 from fastsfu import srtp as _srtp  # noqa: F401 - installs the libsrtp entry points in the datapath
+from fastsfu.dtls import DtlsCertificate
 from fastsfu.events import EventEmitter
 from fastsfu.router import Router
 
@@ -43,8 +44,17 @@ class Settings:
     out_slots: int = 1024
     recv_buffer_bytes: int = 1 << 20
     send_buffer_bytes: int = 1 << 20
-    # Mean seconds between a transport's RTCP reports (mediasoup's audio maximum is 5 s).
-    rtcp_interval: float = 5.0
+    # Mean seconds between a transport's RTCP reports, randomized per transport (RFC 3550 §6.3.1).
+    rtcp_interval: float = 1.0
+    # WebRtcTransports share one UDP port per engine (demuxed by tuple, then STUN ufrag).
+    webrtc_listen_ip: str | None = None  # default: listen_ip
+    webrtc_announced_ip: str | None = None  # the address put in ICE candidates (NAT, containers)
+    webrtc_port: int = 0  # 0: any free port
+    ice_consent_timeout: float = 30.0  # RFC 7675 §5.1, clamped to 10..60 s
+    dtls_handshake_timeout: float = 30.0
+    # PEM certificate and key for DTLS (ECDSA P-256); None: a fresh one per engine.
+    dtls_certificate_pem: bytes | None = None
+    dtls_private_key_pem: bytes | None = None
 
     def __post_init__(self) -> None:
         for name in (
@@ -55,6 +65,7 @@ class Settings:
             "max_producers_per_router",
             "max_consumers_per_router",
             "drain_budget",
+            "out_slots",
         ):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -112,6 +123,9 @@ class Engine(EventEmitter):
         self._sockets: dict[int, UdpSocket] = {}
         self._transports: dict[int, Transport] = {}
         self._closed = False
+        self._dtls_certificate: DtlsCertificate | None = None
+        self._shared_webrtc_socket: UdpSocket | None = None
+        self._ufrags: dict[str, Transport] = {}
         # One reader for all media sockets: the datapath's epoll set (one Python call per wake-up).
         self.loop.add_reader(self.datapath.epoll_fd, self._on_readable)
 
@@ -183,6 +197,44 @@ class Engine(EventEmitter):
     def _router_closed(self, router: Router) -> None:
         self.routers.pop(router.id, None)
 
+    # ------------------------------------------------------------------ WebRTC: shared port, ufrags
+
+    @property
+    def dtls_certificate(self) -> DtlsCertificate:
+        """The engine's DTLS certificate (loaded from Settings or generated once)."""
+        if self._dtls_certificate is None:
+            s = self.settings
+            if s.dtls_certificate_pem is not None and s.dtls_private_key_pem is not None:
+                self._dtls_certificate = DtlsCertificate.load_pem(
+                    s.dtls_certificate_pem, s.dtls_private_key_pem
+                )
+            else:
+                self._dtls_certificate = DtlsCertificate.generate()
+        return self._dtls_certificate
+
+    def _webrtc_socket(self) -> UdpSocket:
+        if self._shared_webrtc_socket is None:
+            s = self.settings
+            self._shared_webrtc_socket = self._open_socket(s.webrtc_listen_ip or s.listen_ip, s.webrtc_port)
+        return self._shared_webrtc_socket
+
+    def _register_ufrag(self, ufrag: str, transport: Transport) -> None:
+        if ufrag in self._ufrags:
+            raise ValueError("ICE username fragment already in use")
+        self._ufrags[ufrag] = transport
+
+    def _unregister_ufrag(self, ufrag: str) -> None:
+        self._ufrags.pop(ufrag, None)
+
+    def _transport_for_stun(self, data: bytes) -> Transport | None:
+        try:
+            username = stun.parse_message(data).get(stun.ATTR_USERNAME)
+        except stun.StunError:
+            return None
+        if username is None:
+            return None
+        return self._ufrags.get(username.split(b":", 1)[0].decode("utf-8", "replace"))
+
     # ------------------------------------------------------------------ the read path
 
     def _on_readable(self) -> None:
@@ -191,6 +243,8 @@ class Engine(EventEmitter):
         if slow is not None:
             for kind, t, data, addr, _sock in slow:
                 transport = self._transports.get(t)
+                if transport is None and kind == rtp.SLOW_STUN:
+                    transport = self._transport_for_stun(data)  # a new tuple: find it by ufrag
                 if transport is None:
                     self.unhandled_datagrams += 1
                     continue

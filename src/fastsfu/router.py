@@ -9,6 +9,7 @@ from fastsfu import ortc
 from fastsfu.events import EventEmitter
 from fastsfu.plain_transport import PlainTransport
 from fastsfu.srtp import DEFAULT_SUITE
+from fastsfu.webrtc_transport import WebRtcTransport
 
 if TYPE_CHECKING:
     from fastsfu.engine import Engine
@@ -72,6 +73,36 @@ class Router(EventEmitter):
             self.engine._close_socket(socket)
             raise
         transport.observer.once("close", lambda: self.engine._close_socket(socket))
+        self.transports[transport.id] = transport
+        self.observer.emit("newtransport", transport)
+        return transport
+
+    def create_webrtc_transport(
+        self,
+        listen_ip: str | None = None,
+        announced_ip: str | None = None,
+        port: int | None = None,
+        app_data: dict[str, Any] | None = None,
+    ) -> WebRtcTransport:
+        """A WebRtcTransport (ICE-lite, DTLS, SRTP). By default it shares the engine's WebRTC port;
+        `listen_ip` or `port` give it a socket of its own."""
+        if self._closed:
+            raise RuntimeError("router closed")
+        settings = self.engine.settings
+        own = listen_ip is not None or port is not None
+        socket = (
+            self.engine._open_socket(listen_ip or settings.webrtc_listen_ip or settings.listen_ip, port or 0)
+            if own
+            else self.engine._webrtc_socket()
+        )
+        try:
+            transport = WebRtcTransport(self, socket, announced_ip or settings.webrtc_announced_ip, app_data)
+        except BaseException:
+            if own:
+                self.engine._close_socket(socket)
+            raise
+        if own:
+            transport.observer.once("close", lambda: self.engine._close_socket(socket))
         self.transports[transport.id] = transport
         self.observer.emit("newtransport", transport)
         return transport

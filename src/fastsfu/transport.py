@@ -7,6 +7,7 @@ SRTP keys are learned; everything they share lives here.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import random
 import time
@@ -64,6 +65,7 @@ class Transport(EventEmitter):
         self.rtcp_ssrc = ortc.random_ssrc()  # sender SSRC of our receiver reports
         self.rtcp_cname = ortc.random_cname()
         self.rtcp_malformed = 0
+        self.rtcp_received: collections.Counter[int] = collections.Counter()  # by packet type
         self.slot: int = self.engine.datapath.add_transport(socket.slot, False)
         self.engine._register_transport(self)
         self._rtcp_timer: asyncio.TimerHandle | None = None
@@ -194,6 +196,9 @@ class Transport(EventEmitter):
         by_ssrc = {c.ssrc: c for c in self.consumers.values()}
         producers = {p.ssrc: p for p in self.producers.values()}
         for pkt in packets:
+            self.rtcp_received[pkt.packet_type] += (
+                1  # SR, RR, SDES, BYE, transport-cc (RTPFB): counted, not forwarded
+            )
             if pkt.packet_type == rtp.RTCP_SR and pkt.ssrc in producers:
                 producer = producers[pkt.ssrc]
                 producer.last_sr_ntp_mid = (pkt.ntp_timestamp >> 16) & 0xFFFFFFFF
@@ -356,6 +361,7 @@ class Transport(EventEmitter):
                 "bytesSent": s["tx_bytes"],
                 "rtcpPacketsReceived": s["rtcp_rx_packets"],
                 "rtcpPacketsMalformed": self.rtcp_malformed,
+                "rtcpPacketsByType": dict(self.rtcp_received),
                 "drops": s["drops"],
             }
         ]

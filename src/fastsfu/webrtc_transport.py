@@ -1,0 +1,312 @@
+"""WebRtcTransport: ICE-lite + DTLS 1.2 + SRTP for one browser-style peer, mediasoup-shaped.
+
+ICE admits the selected tuple into the datapath, DTLS exports the SRTP keys into it; both are
+sans-I/O objects driven here with the loop's clock and one timer per transport.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING, Any
+
+from fastsfu import rtp
+from fastsfu.dtls import DtlsClosed, DtlsConnected, DtlsFailed, DtlsTransport
+from fastsfu.ice import IceDisconnected, IceRestarted, IceSelectedTuple, IceServer
+from fastsfu.srtp import SrtpContext
+from fastsfu.transport import Transport, TransportError
+
+if TYPE_CHECKING:
+    from fastsfu.engine import UdpSocket
+    from fastsfu.router import Router
+
+log = logging.getLogger("fastsfu")
+
+DTLS_ROLES = ("auto", "client", "server")
+# Host candidate priority (RFC 8445 §5.1.2.1): type preference 126, local preference 65535, component 1.
+HOST_PRIORITY = (126 << 24) | (65535 << 8) | (256 - 1)
+
+
+class WebRtcTransport(Transport):
+    """Events (beyond Transport's): "icestatechange", "iceselectedtuplechange", "dtlsstatechange"."""
+
+    STATS_TYPE = "webrtc-transport"
+
+    def __init__(
+        self, router: Router, socket: UdpSocket, announced_ip: str | None, app_data: dict[str, Any] | None
+    ) -> None:
+        super().__init__(router, socket, app_data)
+        settings = self.engine.settings
+        self.ice = IceServer(consent_timeout=settings.ice_consent_timeout)
+        self.engine._register_ufrag(self.ice.credentials.ufrag, self)
+        self._ufrags = [self.ice.credentials.ufrag]
+        self._announced_ip = announced_ip
+        self.ice_state = "new"
+        self.dtls_state = "new"
+        self._dtls: DtlsTransport | None = None
+        self._dtls_role: str | None = None
+        self._remote_fingerprints: list[dict[str, str]] | None = None
+        self._connected = False
+        self._timer: asyncio.TimerHandle | None = None
+        self.slow_path_dropped = 0
+
+    # ------------------------------------------------------------------ mediasoup's parameters
+
+    @property
+    def ice_parameters(self) -> dict[str, Any]:
+        return {
+            "usernameFragment": self.ice.credentials.ufrag,
+            "password": self.ice.credentials.pwd,
+            "iceLite": True,
+        }
+
+    @property
+    def ice_candidates(self) -> list[dict[str, Any]]:
+        local_ip, port = self.socket.local_address
+        ip = self._announced_ip or local_ip
+        return [
+            {
+                "foundation": "udpcandidate",
+                "priority": HOST_PRIORITY,
+                "ip": ip,
+                "address": ip,
+                "protocol": "udp",
+                "port": port,
+                "type": "host",
+            }
+        ]
+
+    @property
+    def dtls_parameters(self) -> dict[str, Any]:
+        return {"role": "auto", "fingerprints": self.engine.dtls_certificate.fingerprints()}
+
+    @property
+    def ice_selected_tuple(self) -> dict[str, Any] | None:
+        addr = self.ice.selected_tuple
+        if addr is None:
+            return None
+        local_ip, local_port = self.socket.local_address
+        return {
+            "localIp": local_ip,
+            "localAddress": local_ip,
+            "localPort": local_port,
+            "remoteIp": addr[0],
+            "remotePort": addr[1],
+            "protocol": "udp",
+        }
+
+    # ------------------------------------------------------------------ connect / restart
+
+    def connect(self, dtls_parameters: dict[str, Any]) -> None:
+        """The remote's DTLS parameters (role and certificate fingerprints), mediasoup style."""
+        self._check_open()
+        if self._connected:
+            raise TransportError("connect() already called")
+        if not isinstance(dtls_parameters, dict):
+            raise TransportError("dtlsParameters must be an object")
+        role = dtls_parameters.get("role", "auto")
+        fingerprints = dtls_parameters.get("fingerprints")
+        if role not in DTLS_ROLES:
+            raise TransportError(f"dtlsParameters.role must be one of {', '.join(DTLS_ROLES)}")
+        if (
+            not isinstance(fingerprints, list)
+            or not fingerprints
+            or not all(
+                isinstance(f, dict)
+                and isinstance(f.get("algorithm"), str)
+                and isinstance(f.get("value"), str)
+                for f in fingerprints
+            )
+        ):
+            raise TransportError("dtlsParameters.fingerprints must be a non-empty list of {algorithm, value}")
+        # mediasoup: a remote client makes us the server; a remote server or "auto" makes us the client.
+        our_role = "server" if role == "client" else "client"
+        if self._dtls is not None and self._dtls_role != our_role:
+            # A ClientHello arrived before connect() and made us a server, but the peer says
+            # it is the server: follow signaling.
+            self._dtls = None
+        self._connected = True
+        self._remote_fingerprints = fingerprints
+        dtls = self._ensure_dtls(our_role)
+        dtls.set_remote_fingerprints(fingerprints)
+        if our_role == "client" and self.ice.selected_tuple is not None:
+            dtls.start(self._now())
+        self._pump()
+
+    def restart_ice(self) -> dict[str, Any]:
+        """New ICE credentials (RFC 8445 §9); the old ones work until a check uses the new."""
+        self._check_open()
+        creds = self.ice.restart()
+        self.engine._register_ufrag(creds.ufrag, self)
+        self._ufrags.append(creds.ufrag)
+        return self.ice_parameters
+
+    # ------------------------------------------------------------------ slow path
+
+    def _now(self) -> float:
+        return self.engine.loop.time()
+
+    def _on_slow_datagram(self, kind: int, data: bytes, addr: tuple[str, int]) -> None:
+        if kind == rtp.SLOW_STUN:
+            self.ice.receive_datagram(data, addr, self._now())
+        elif kind == rtp.SLOW_DTLS:
+            if self._dtls is None:
+                # A ClientHello before connect(): the peer is the DTLS client (transport.md §3.9).
+                self._ensure_dtls("server")
+            assert self._dtls is not None
+            self._dtls.receive_datagram(data, self._now())
+        elif kind == rtp.SLOW_RTCP:
+            self._on_rtcp(data)
+        else:
+            self.engine.unhandled_datagrams += 1
+        self._pump()
+
+    def _ensure_dtls(self, role: str) -> DtlsTransport:
+        if self._dtls is None:
+            self._dtls = DtlsTransport(
+                self.engine.dtls_certificate,
+                role,
+                handshake_timeout=self.engine.settings.dtls_handshake_timeout,
+            )
+            self._dtls_role = role
+            if role == "server":
+                self._dtls.start(self._now())  # arms the handshake deadline
+            if self._remote_fingerprints is not None:
+                self._dtls.set_remote_fingerprints(self._remote_fingerprints)
+        return self._dtls
+
+    def _send(self, data: bytes, addr: tuple[str, int]) -> None:
+        try:
+            self.socket.sock.sendto(data, addr)
+        except OSError:
+            self.slow_path_dropped += 1  # a full socket buffer: the protocols retransmit
+
+    def _pump(self) -> None:
+        """Send what ICE and DTLS produced, handle their events, re-arm the one timer."""
+        if self._closed:
+            return
+        now = self._now()
+        for data, addr in self.ice.datagrams_to_send(now):
+            self._send(data, addr)
+        while (ice_event := self.ice.next_event()) is not None:
+            self._on_ice_event(ice_event)
+        if self._dtls is not None:
+            target = self.ice.selected_tuple
+            for data in self._dtls.datagrams_to_send(now):
+                if target is not None:
+                    self._send(data, target)
+            while (dtls_event := self._dtls.next_event()) is not None:
+                self._on_dtls_event(dtls_event)
+        self._rearm()
+
+    def _on_ice_event(self, event: IceSelectedTuple | IceDisconnected | IceRestarted) -> None:
+        if isinstance(event, IceSelectedTuple):
+            ip, port = event.addr
+            try:
+                self.engine.datapath.set_transport_remote(self.slot, ip, port)
+            except ValueError:
+                log.warning("transport %s: tuple %s:%d belongs to another transport", self.id, ip, port)
+                return
+            self._set_ice_state("completed")
+            self.emit("iceselectedtuplechange", self.ice_selected_tuple)
+            if self._dtls is not None and self._dtls_role == "client" and self._dtls.state == "new":
+                self._dtls.start(self._now())
+        elif isinstance(event, IceDisconnected):
+            # No valid check for the consent timeout (RFC 7675 §5.1): stop sending and close.
+            self.engine.datapath.clear_transport_remote(self.slot)
+            self._set_ice_state("disconnected")
+            self.engine.loop.call_soon(self.close)
+        elif isinstance(event, IceRestarted):
+            for ufrag in self._ufrags[:-1]:
+                self.engine._unregister_ufrag(ufrag)
+            self._ufrags = self._ufrags[-1:]
+
+    def _on_dtls_event(self, event: DtlsConnected | DtlsFailed | DtlsClosed) -> None:
+        if isinstance(event, DtlsConnected):
+            # RFC 5764 §4.2: keys exported from the handshake; ours encrypt what we send.
+            self._install_srtp(
+                SrtpContext(event.srtp_suite, event.remote_key, inbound=True),
+                SrtpContext(event.srtp_suite, event.local_key, inbound=False),
+            )
+            self._set_dtls_state("connected")
+        elif isinstance(event, DtlsFailed):
+            log.warning("transport %s: DTLS failed: %s", self.id, event.reason)
+            self._set_dtls_state("failed")
+        else:
+            self._set_dtls_state("closed")
+
+    def _set_ice_state(self, state: str) -> None:
+        if state != self.ice_state:
+            self.ice_state = state
+            self.emit("icestatechange", state)
+
+    def _set_dtls_state(self, state: str) -> None:
+        if state != self.dtls_state:
+            self.dtls_state = state
+            self.emit("dtlsstatechange", state)
+
+    def _rearm(self) -> None:
+        deadlines = [
+            t for t in (self.ice.get_timer(), self._dtls.get_timer() if self._dtls else None) if t is not None
+        ]
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if deadlines:
+            self._timer = self.engine.loop.call_at(min(deadlines), self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if self._closed:
+            return
+        now = self._now()
+        self.ice.handle_timer(now)
+        if self._dtls is not None:
+            self._dtls.handle_timer(now)
+        self._pump()
+
+    # ------------------------------------------------------------------ close, stats
+
+    def _close(self) -> bool:
+        if self._closed:
+            return False
+        if self._dtls is not None and self.ice.selected_tuple is not None:
+            self._dtls.close()  # close_notify (RFC 5246 §7.2.1)
+            for data in self._dtls.datagrams_to_send(self._now()):
+                self._send(data, self.ice.selected_tuple)
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        for ufrag in self._ufrags:
+            self.engine._unregister_ufrag(ufrag)
+        self.ice_state = "closed"
+        self.dtls_state = "closed"
+        return super()._close()
+
+    def get_stats(self) -> list[dict[str, Any]]:
+        stats = super().get_stats()
+        if stats:
+            stats[0].update(
+                {
+                    "iceRole": "controlled",
+                    "iceState": self.ice_state,
+                    "dtlsState": self.dtls_state,
+                    "iceSelectedTuple": self.ice_selected_tuple,
+                    "iceCounters": dict(self.ice.counters),
+                    "dtlsCounters": dict(self._dtls.counters) if self._dtls else {},
+                }
+            )
+        return stats
+
+    def dump(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "iceParameters": self.ice_parameters,
+            "iceCandidates": self.ice_candidates,
+            "iceState": self.ice_state,
+            "iceSelectedTuple": self.ice_selected_tuple,
+            "dtlsParameters": self.dtls_parameters,
+            "dtlsState": self.dtls_state,
+            "producerIds": list(self.producers),
+            "consumerIds": list(self.consumers),
+        }

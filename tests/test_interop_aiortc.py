@@ -1,0 +1,175 @@
+"""Two aiortc 1.16 clients (ORTC classes: ICE, DTLS, RTP) join one Router over ICE-lite + DTLS-SRTP;
+Opus from one is forwarded by the datapath and decoded by the other (issue 3, real-stack proof)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+aiortc = pytest.importorskip("aiortc")
+from aioice import ice as aioice_ice  # noqa: E402
+from aiortc import (  # noqa: E402
+    RTCCertificate,
+    RTCDtlsFingerprint,
+    RTCDtlsParameters,
+    RTCDtlsTransport,
+    RTCIceCandidate,
+    RTCIceGatherer,
+    RTCIceParameters,
+    RTCIceTransport,
+    RTCRtpCodecParameters,
+    RTCRtpReceiver,
+    RTCRtpSender,
+)
+from aiortc.mediastreams import AudioStreamTrack  # noqa: E402
+from aiortc.rtcrtpparameters import (  # noqa: E402
+    RTCRtcpParameters,
+    RTCRtpDecodingParameters,
+    RTCRtpReceiveParameters,
+    RTCRtpSendParameters,
+)
+from aiortc.rtcrtpreceiver import RemoteStreamTrack  # noqa: E402
+
+from fastsfu import Engine  # noqa: E402
+
+pytestmark = [pytest.mark.loopback, pytest.mark.timeout(60)]
+
+OPUS = RTCRtpCodecParameters(mimeType="audio/opus", clockRate=48000, channels=2, payloadType=111)
+CLIENT_CAPS = {
+    "codecs": [
+        {
+            "kind": "audio",
+            "mimeType": "audio/opus",
+            "preferredPayloadType": 111,
+            "clockRate": 48000,
+            "channels": 2,
+        }
+    ],
+    "headerExtensions": [],
+}
+
+
+@pytest.fixture(autouse=True)
+def loopback_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Keep aiortc's ICE on 127.0.0.1 (testing.md §2, §6.6): no other interface is ever used.
+    monkeypatch.setattr(aioice_ice, "get_host_addresses", lambda use_ipv4, use_ipv6: ["127.0.0.1"])
+
+
+class Client:
+    """An aiortc endpoint speaking to one fastsfu WebRtcTransport in the given DTLS role."""
+
+    def __init__(self, transport: Any, aiortc_role: str) -> None:
+        self.server = transport
+        self.role = aiortc_role
+        self.gatherer = RTCIceGatherer(iceServers=[])
+        self.ice = RTCIceTransport(self.gatherer)
+        self.dtls = RTCDtlsTransport(self.ice, [RTCCertificate.generateCertificate()])
+        # In ORTC mode aiortc picks its DTLS role from its ICE role (controlling: server) and
+        # ignores the remote's; force the other role through its private setter to test both.
+        self.dtls._set_role(aiortc_role)
+
+    async def connect(self) -> None:
+        await self.gatherer.gather()
+        params = self.server.ice_parameters
+        for c in self.server.ice_candidates:
+            await self.ice.addRemoteCandidate(
+                RTCIceCandidate(
+                    component=1,
+                    foundation=c["foundation"],
+                    ip=c["ip"],
+                    port=c["port"],
+                    priority=c["priority"],
+                    protocol="udp",
+                    type="host",
+                )
+            )
+        await self.ice.addRemoteCandidate(None)  # end of candidates
+        local = self.dtls.getLocalParameters()
+        self.server.connect(
+            {
+                "role": self.role,
+                "fingerprints": [{"algorithm": f.algorithm, "value": f.value} for f in local.fingerprints],
+            }
+        )
+        remote = RTCDtlsParameters(
+            fingerprints=[
+                RTCDtlsFingerprint(f["algorithm"], f["value"])
+                for f in self.server.dtls_parameters["fingerprints"]
+            ],
+            role="auto",
+        )
+        await asyncio.wait_for(
+            self.ice.start(
+                RTCIceParameters(
+                    usernameFragment=params["usernameFragment"], password=params["password"], iceLite=True
+                )
+            ),
+            10,
+        )
+        await asyncio.wait_for(self.dtls.start(remote), 10)
+
+    async def stop(self) -> None:
+        await self.dtls.stop()
+        await self.ice.stop()
+
+
+@pytest.mark.parametrize("aiortc_role", ["server", "client"])
+def test_two_aiortc_clients_hear_each_other_through_the_datapath(aiortc_role: str) -> None:
+    async def main() -> None:
+        async with Engine() as engine:
+            router = engine.create_router()
+            t_a, t_b = router.create_webrtc_transport(), router.create_webrtc_transport()
+            alice, bob = Client(t_a, aiortc_role), Client(t_b, aiortc_role)
+            await asyncio.gather(alice.connect(), bob.connect())
+            assert t_a.dtls_state == t_b.dtls_state == "connected"
+            assert t_a.ice_selected_tuple is not None
+
+            # Alice sends Opus (aiortc encodes a generated track); fastsfu forwards to Bob.
+            sender = RTCRtpSender(AudioStreamTrack(), alice.dtls)
+            ssrc = sender._ssrc
+            await sender.send(
+                RTCRtpSendParameters(codecs=[OPUS], rtcp=RTCRtcpParameters(cname="alice", ssrc=ssrc))
+            )
+            producer = t_a.produce(
+                {
+                    "codecs": [
+                        {"mimeType": "audio/opus", "payloadType": 111, "clockRate": 48000, "channels": 2}
+                    ],
+                    "encodings": [{"ssrc": ssrc}],
+                    "rtcp": {"cname": "alice"},
+                }
+            )
+            consumer = t_b.consume(producer.id, CLIENT_CAPS)
+            receiver = RTCRtpReceiver("audio", bob.dtls)
+            receiver._track = RemoteStreamTrack(kind="audio")  # RTCPeerConnection does this for its receivers
+            await receiver.receive(
+                RTCRtpReceiveParameters(
+                    codecs=[
+                        RTCRtpCodecParameters(
+                            mimeType="audio/opus",
+                            clockRate=48000,
+                            channels=2,
+                            payloadType=consumer.rtp_parameters["codecs"][0]["payloadType"],
+                        )
+                    ],
+                    encodings=[RTCRtpDecodingParameters(ssrc=consumer.ssrc, payloadType=111)],
+                    rtcp=RTCRtcpParameters(cname="bob"),
+                )
+            )
+            frames = []
+            for _ in range(10):
+                frame = await asyncio.wait_for(receiver.track.recv(), 5)
+                frames.append(frame)
+            # Decoded Opus: 20 ms of 48 kHz audio per frame.
+            assert all(f.sample_rate == 48000 and f.samples == 960 for f in frames)
+            assert producer.get_stats()[0]["packetCount"] >= 10
+            assert consumer.get_stats()[0]["packetCount"] >= 10
+            assert engine.stats()["drops"]["decrypt_failed"] == 0
+            await sender.stop()
+            await receiver.stop()
+            await alice.stop()
+            await bob.stop()
+
+    asyncio.run(asyncio.wait_for(main(), 45))

@@ -1,0 +1,215 @@
+"""WebRtcTransport end to end on loopback with a scripted client: STUN checks on the shared port,
+DTLS (our own client role against the transport's server role), then SRTP media both ways."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import struct
+from typing import Any
+
+import pytest
+from helpers import client_caps, producer_params
+
+from fastsfu import Engine, Settings, TransportError, stun
+from fastsfu.dtls import DtlsCertificate, DtlsConnected, DtlsTransport
+from fastsfu.rtp import RtpPacket
+from fastsfu.srtp import SrtpContext
+
+pytestmark = [pytest.mark.loopback, pytest.mark.timeout(60)]
+
+
+class WebRtcClient:
+    """ICE (controlling, checks only), DTLS client, SRTP: the minimum a browser does."""
+
+    def __init__(self, transport: Any) -> None:
+        self.transport = transport
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.setblocking(False)
+        c = transport.ice_candidates[0]
+        self.server = (c["ip"], c["port"])
+        self.cert = DtlsCertificate.generate()
+        self.dtls: DtlsTransport | None = None
+        self.keys: DtlsConnected | None = None
+
+    def check(self, use_candidate: bool = True, pwd: str | None = None, ufrag: str | None = None) -> bytes:
+        params = self.transport.ice_parameters
+        tid = os.urandom(12)
+        attrs = [
+            (stun.ATTR_USERNAME, f"{ufrag or params['usernameFragment']}:client".encode()),
+            (stun.ATTR_PRIORITY, struct.pack("!I", 1853824767)),
+            (stun.ATTR_ICE_CONTROLLING, os.urandom(8)),
+        ]
+        if use_candidate:
+            attrs.append((stun.ATTR_USE_CANDIDATE, b""))
+        self.sock.sendto(
+            stun.build_message(stun.BINDING_REQUEST, tid, attrs, (pwd or params["password"]).encode()),
+            self.server,
+        )
+        return tid
+
+    async def recv(self, timeout: float = 2.0) -> bytes | None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while loop.time() < deadline:
+            try:
+                return self.sock.recv(4096)
+            except BlockingIOError:
+                await asyncio.sleep(0.002)
+        return None
+
+    async def handshake(self, role_seen_by_server: str = "client") -> DtlsConnected:
+        loop = asyncio.get_running_loop()
+        self.dtls = DtlsTransport(self.cert, "client")
+        self.dtls.set_remote_fingerprints(self.transport.dtls_parameters["fingerprints"])
+        self.transport.connect({"role": role_seen_by_server, "fingerprints": self.cert.fingerprints()})
+        self.dtls.start(loop.time())
+        deadline = loop.time() + 10
+        while loop.time() < deadline:
+            for data in self.dtls.datagrams_to_send(loop.time()):
+                self.sock.sendto(data, self.server)
+            event = self.dtls.next_event()
+            if isinstance(event, DtlsConnected):
+                self.keys = event
+                return event
+            assert event is None, event
+            data = await self.recv(0.05)
+            if data is not None and 20 <= data[0] <= 63:
+                self.dtls.receive_datagram(data, loop.time())
+            self.dtls.handle_timer(loop.time()) if (t := self.dtls.get_timer()) and t <= loop.time() else None
+        raise AssertionError("DTLS handshake did not complete")
+
+
+async def connect(client: WebRtcClient) -> None:
+    client.check()
+    resp = stun.parse_message(await client.recv())
+    assert resp.message_type == stun.BINDING_SUCCESS
+    assert stun.verify_integrity(resp, client.transport.ice_parameters["password"].encode())
+    await client.handshake()
+    for _ in range(100):
+        if client.transport.dtls_state == "connected":
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"server DTLS state {client.transport.dtls_state}")
+
+
+def run(coro: Any) -> None:
+    asyncio.run(asyncio.wait_for(coro, 45))
+
+
+def test_shared_port_ice_dtls_srtp_end_to_end() -> None:
+    async def main() -> None:
+        async with Engine() as engine:
+            router = engine.create_router()
+            ta, tb = router.create_webrtc_transport(), router.create_webrtc_transport()
+            assert ta.ice_candidates[0]["port"] == tb.ice_candidates[0]["port"]  # one shared port
+            assert ta.ice_candidates[0]["ip"] == ta.ice_candidates[0]["address"] == "127.0.0.1"
+            assert ta.ice_parameters["iceLite"] and ta.dtls_parameters["role"] == "auto"
+            states = []
+            ta.on("dtlsstatechange", states.append)
+            a, b = WebRtcClient(ta), WebRtcClient(tb)
+            await connect(a)
+            await connect(b)
+            assert states == ["connected"] and ta.ice_state == "completed"
+            assert a.keys is not None and a.keys.peer_fingerprint == engine.dtls_certificate.fingerprint(
+                "sha-256"
+            )
+
+            producer = ta.produce(producer_params(4242))
+            consumer = tb.consume(producer.id, client_caps())
+            sender = SrtpContext(a.keys.srtp_suite, a.keys.local_key, inbound=False)
+            receiver = SrtpContext(b.keys.srtp_suite, b.keys.remote_key, inbound=True)
+            for seq in range(5):
+                a.sock.sendto(
+                    sender.protect(bytes(RtpPacket(111, seq, seq * 960, 4242, payload=b"opus" * 10))),
+                    a.server,
+                )
+            got = []
+            while len(got) < 5 and (data := await b.recv()) is not None:
+                if 128 <= data[0] <= 191 and not (192 <= data[1] <= 223):
+                    got.append(RtpPacket.parse(receiver.unprotect(data)))
+            assert [p.sequence_number for p in got] == list(range(5))
+            assert {p.ssrc for p in got} == {consumer.ssrc}
+
+    run(main())
+
+
+def test_bad_checks_and_strangers_are_refused() -> None:
+    async def main() -> None:
+        async with Engine() as engine:
+            t = engine.create_router().create_webrtc_transport()
+            c = WebRtcClient(t)
+            c.check(pwd="wrong-password-wrong-password")
+            resp = stun.parse_message(await c.recv())
+            assert stun.decode_error_code(resp.get(stun.ATTR_ERROR_CODE))[0] == 401
+            c.check(ufrag="nobody")  # no transport has this ufrag: dropped, counted
+            assert await c.recv(0.2) is None
+            c.sock.sendto(b"\x16\xfe\xfd" + os.urandom(40), c.server)  # DTLS from an unvalidated tuple
+            await asyncio.sleep(0.05)
+            stats = engine.stats()
+            assert stats["unhandled_datagrams"] == 1 and stats["drops"]["unknown_tuple"] == 1
+            assert t.ice_state == "new" and t.ice_selected_tuple is None
+
+    run(main())
+
+
+def test_wrong_peer_fingerprint_fails_dtls() -> None:
+    async def main() -> None:
+        async with Engine() as engine:
+            t = engine.create_router().create_webrtc_transport()
+            c = WebRtcClient(t)
+            c.check()
+            await c.recv()
+            c.dtls = DtlsTransport(c.cert, "client")
+            c.dtls.set_remote_fingerprints(t.dtls_parameters["fingerprints"])
+            t.connect(
+                {"role": "client", "fingerprints": DtlsCertificate.generate().fingerprints()}
+            )  # not c's cert
+            loop = asyncio.get_running_loop()
+            c.dtls.start(loop.time())
+            for _ in range(200):
+                for data in c.dtls.datagrams_to_send(loop.time()):
+                    c.sock.sendto(data, c.server)
+                data = await c.recv(0.02)
+                if data is not None:
+                    c.dtls.receive_datagram(data, loop.time())
+                if t.dtls_state == "failed":
+                    break
+            assert t.dtls_state == "failed"
+            assert t.srtp_in is None  # no keys reached the datapath
+
+    run(main())
+
+
+def test_connect_validation_restart_and_consent_loss() -> None:
+    async def main() -> None:
+        async with Engine(Settings(ice_consent_timeout=10)) as engine:
+            t = engine.create_router().create_webrtc_transport()
+            for bad in (
+                {"role": "both", "fingerprints": []},
+                {"fingerprints": []},
+                "x",
+                {"fingerprints": [{"a": 1}]},
+            ):
+                with pytest.raises(TransportError):
+                    t.connect(bad)  # type: ignore[arg-type]
+            c = WebRtcClient(t)
+            old = t.ice_parameters
+            new = t.restart_ice()
+            assert new["usernameFragment"] != old["usernameFragment"] and new["password"] != old["password"]
+            c.check(ufrag=old["usernameFragment"], pwd=old["password"])  # old credentials still valid
+            assert stun.parse_message(await c.recv()).message_type == stun.BINDING_SUCCESS
+            c.check()  # the new ones complete the restart
+            assert stun.parse_message(await c.recv()).message_type == stun.BINDING_SUCCESS
+            assert t.ice_selected_tuple is not None
+            closed = []
+            t.observer.on("close", lambda: closed.append(True))
+            # No check for the consent timeout: the transport stops sending and closes.
+            t.ice.handle_timer(asyncio.get_running_loop().time() + 11)
+            t._pump()
+            await asyncio.sleep(0.01)
+            assert t.ice_state == "closed" and closed == [True]
+
+    run(main())
