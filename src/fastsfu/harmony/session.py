@@ -1,0 +1,362 @@
+"""Harmony protocol.voice.v1: one session state machine per StreamMessage stream (harmony.md §3).
+
+Synchronous and independent of how frames arrive: a front-end (grpc.aio, hRPC WebSocket) feeds
+requests to `handle()`, drains `take_outgoing()`, enforces `timeout()`, and calls `close()` when
+the stream ends. Room changes happen in one step with no await, so fan-out is atomic (§3.3).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import deque
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from fastsfu import ortc
+from fastsfu._proto.protocol.voice.v1 import voice_pb2
+from fastsfu.transport import TransportError
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from fastsfu.consumer import Consumer
+    from fastsfu.engine import Engine
+    from fastsfu.producer import Producer
+    from fastsfu.router import Router
+    from fastsfu.webrtc_transport import WebRtcTransport
+
+Req = voice_pb2.StreamMessageRequest
+Resp = voice_pb2.StreamMessageResponse
+
+# harmony.md §6: identifier -> gRPC status code name (front-ends map the name to their own codes).
+GRPC_CODES = {
+    "fastsfu.voice-message-timeout": "DEADLINE_EXCEEDED",
+    "fastsfu.voice-unexpected-message": "INVALID_ARGUMENT",
+    "fastsfu.voice-invalid-json": "INVALID_ARGUMENT",
+    "fastsfu.voice-incompatible-capabilities": "INVALID_ARGUMENT",
+    "fastsfu.voice-bad-dtls-parameters": "INVALID_ARGUMENT",
+    "fastsfu.voice-create-producer": "INVALID_ARGUMENT",
+    "fastsfu.voice-create-consumer": "INTERNAL",
+    "fastsfu.voice-transport-failed": "UNAVAILABLE",
+    "fastsfu.voice-session-replaced": "ABORTED",
+    "fastsfu.voice-already-connected": "ALREADY_EXISTS",
+    "fastsfu.voice-room-full": "RESOURCE_EXHAUSTED",
+    "h.not-enough-permissions": "PERMISSION_DENIED",
+    "hrpc.internal-server-error": "INTERNAL",
+}
+
+
+class VoiceError(Exception):
+    """A protocol error: sent to the client (gRPC status or hRPC Error frame), then the stream ends."""
+
+    def __init__(self, identifier: str, human_message: str) -> None:
+        super().__init__(f"{identifier}: {human_message}")
+        self.identifier = identifier
+        self.human_message = human_message
+
+    @property
+    def grpc_code(self) -> str:
+        return GRPC_CODES.get(self.identifier, "INTERNAL")
+
+
+@dataclass
+class VoiceSettings:
+    """Session policies (harmony.md §3.1, §3.5, §8)."""
+
+    id_quoting: str = "json"  # "json": IDs as JSON string literals, as scherzo sends them; or "bare"
+    duplicate_session: str = "replace"  # or "reject"
+    max_users_per_room: int = 50
+    init_timeout: float = 10.0
+    prepare_timeout: float = 10.0
+    join_timeout: float = 30.0  # covers a microphone permission prompt
+    max_outbox: int = 4096  # queued responses before a client that does not read is dropped
+
+    def __post_init__(self) -> None:
+        if self.id_quoting not in ("json", "bare") or self.duplicate_session not in ("replace", "reject"):
+            raise ValueError("id_quoting must be json|bare and duplicate_session replace|reject")
+        if self.max_users_per_room < 1 or self.max_outbox < 16:
+            raise ValueError("max_users_per_room must be >= 1 and max_outbox >= 16")
+
+
+@dataclass
+class _Room:
+    key: tuple[int, int]
+    router: Router
+    members: dict[int, VoiceSession]
+
+
+class VoiceRooms:
+    """All voice channels of one server: rooms by (guild, channel) and sessions by user."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        settings: VoiceSettings | None = None,
+        authorize: Callable[[int, int, int], None] | None = None,  # raises VoiceError (h.*) to refuse
+    ) -> None:
+        self.engine = engine
+        self.settings = settings or VoiceSettings()
+        self.authorize = authorize
+        self.rooms: dict[tuple[int, int], _Room] = {}
+        self.sessions: dict[int, VoiceSession] = {}  # user -> the session that passed Initialize
+
+    def open_session(self, user_id: int) -> VoiceSession:
+        """A new stream from an authenticated user."""
+        return VoiceSession(self, user_id)
+
+    def _room(self, key: tuple[int, int]) -> _Room:
+        room = self.rooms.get(key)
+        if room is None:
+            room = self.rooms[key] = _Room(key, self.engine.create_router(app_data={"voice": key}), {})
+        return room
+
+    def _release(self, room: _Room) -> None:
+        if not room.members and not any(s._room is room for s in self.sessions.values()):
+            self.rooms.pop(room.key, None)
+            room.router.close()
+
+
+class VoiceSession:
+    """INIT -> PREPARE -> JOIN -> JOINED (harmony.md §3.1), then closed exactly once."""
+
+    def __init__(self, rooms: VoiceRooms, user_id: int) -> None:
+        self.rooms = rooms
+        self.user_id = user_id
+        self.state = "init"
+        self.outbox: deque[Resp | VoiceError] = deque()
+        self._room: _Room | None = None
+        self._caps: dict[str, Any] | None = None
+        self.consumer_transport: WebRtcTransport | None = None
+        self.producer_transport: WebRtcTransport | None = None
+        self.producer: Producer | None = None
+        self.consumers: dict[str, Consumer] = {}  # by bare consumer id
+
+    # ------------------------------------------------------------------ front-end interface
+
+    def timeout(self) -> float | None:
+        s = self.rooms.settings
+        return {"init": s.init_timeout, "prepare": s.prepare_timeout, "join": s.join_timeout}.get(self.state)
+
+    def take_outgoing(self) -> list[Resp | VoiceError]:
+        out = list(self.outbox)
+        self.outbox.clear()
+        return out
+
+    def handle(self, request: Req) -> None:
+        """One request; raises VoiceError when the stream must end with that error."""
+        if self.state == "closed":
+            return
+        kind = request.WhichOneof("message")
+        expected = {"init": "initialize", "prepare": "prepare_for_join_channel", "join": "join_channel"}
+        if self.state == "joined":
+            if kind == "resume_consumer":
+                self._resume(request.resume_consumer.consumer_id)
+            return  # anything else once joined is ignored (harmony.md §3.1)
+        if kind != expected[self.state]:
+            raise VoiceError(
+                "fastsfu.voice-unexpected-message", f"expected {expected[self.state]}, got {kind}"
+            )
+        if kind == "initialize":
+            self._initialize(request.initialize.guild_id, request.initialize.channel_id)
+        elif kind == "prepare_for_join_channel":
+            self._prepare(request.prepare_for_join_channel.rtp_capabilities)
+        else:
+            self._join(request.join_channel)
+
+    def timed_out(self) -> VoiceError:
+        return VoiceError("fastsfu.voice-message-timeout", f"no message in state {self.state}")
+
+    def close(self) -> None:
+        """The stream ended (any reason): leave exactly once (harmony.md §3.6)."""
+        if self.state == "closed":
+            return
+        was_member = self._room is not None and self._room.members.get(self.user_id) is self
+        self.state = "closed"
+        room = self._room
+        if room is not None and was_member:
+            del room.members[self.user_id]
+        if self.rooms.sessions.get(self.user_id) is self:
+            del self.rooms.sessions[self.user_id]
+        for transport in (self.producer_transport, self.consumer_transport):
+            if transport is not None:
+                transport.close()  # closes the producer, its consumers elsewhere, and ours
+        if room is not None:
+            if was_member:
+                for member in room.members.values():
+                    member._send(Resp(user_left=Resp.UserLeft(user_id=self.user_id)))
+            self.rooms._release(room)
+
+    # ------------------------------------------------------------------ states
+
+    def _initialize(self, guild_id: int, channel_id: int) -> None:
+        rooms = self.rooms
+        if rooms.authorize is not None:
+            rooms.authorize(self.user_id, guild_id, channel_id)
+        old = rooms.sessions.get(self.user_id)
+        if old is not None and old is not self:
+            if rooms.settings.duplicate_session == "reject":
+                raise VoiceError("fastsfu.voice-already-connected", "this user already has a voice session")
+            # replace: the old session leaves fully (UserLeft) before this one can join.
+            old.outbox.append(
+                VoiceError("fastsfu.voice-session-replaced", "a newer session of this user took over")
+            )
+            old.close()
+        room = rooms._room((guild_id, channel_id))
+        if len(room.members) >= rooms.settings.max_users_per_room:
+            rooms._release(room)
+            raise VoiceError("fastsfu.voice-room-full", "the voice channel is full")
+        rooms.sessions[self.user_id] = self
+        self._room = room
+        self.state = "prepare"
+        self._send(
+            Resp(initialized=Resp.Initialized(rtp_capabilities=json.dumps(room.router.rtp_capabilities)))
+        )
+
+    def _prepare(self, caps_json: str) -> None:
+        assert self._room is not None
+        caps = self._json(caps_json, "rtp_capabilities")
+        try:
+            caps = ortc.validate_rtp_capabilities(caps)
+        except ortc.OrtcError as exc:
+            raise VoiceError("fastsfu.voice-incompatible-capabilities", str(exc)) from None
+        router_codec = self._room.router.rtp_capabilities["codecs"][0]
+        if not any(
+            c["mimeType"].lower() == "audio/opus"
+            and c["clockRate"] == 48000
+            and c.get("channels") == 2
+            and c.get("preferredPayloadType") == router_codec["preferredPayloadType"]
+            for c in caps["codecs"]
+        ):
+            raise VoiceError(
+                "fastsfu.voice-incompatible-capabilities", "no receivable Opus 48000/2 at the router's PT"
+            )
+        self._caps = caps
+        router = self._room.router
+        self.consumer_transport = router.create_webrtc_transport(
+            app_data={"user": self.user_id, "role": "consumer"}
+        )
+        self.producer_transport = router.create_webrtc_transport(
+            app_data={"user": self.user_id, "role": "producer"}
+        )
+        self.state = "join"
+        self._send(
+            Resp(
+                prepared_for_join_channel=Resp.PreparedForJoinChannel(
+                    consumer_transport_options=self._transport_options(self.consumer_transport),
+                    producer_transport_options=self._transport_options(self.producer_transport),
+                )
+            )
+        )
+
+    def _join(self, join: Req.JoinChannel) -> None:
+        room, caps = self._room, self._caps
+        assert room is not None and caps is not None
+        assert self.producer_transport is not None and self.consumer_transport is not None
+        rtp_parameters = self._json(join.rtp_paramaters, "rtp_paramaters")
+        for transport, field in (
+            (self.producer_transport, "producer_dtls_paramaters"),
+            (self.consumer_transport, "consumer_dtls_paramaters"),
+        ):
+            dtls = self._json(getattr(join, field), field)
+            own = {f["value"].upper() for f in transport.dtls_parameters["fingerprints"]}
+            theirs = dtls.get("fingerprints") if isinstance(dtls, dict) else None
+            if isinstance(theirs, list) and any(
+                isinstance(f, dict) and str(f.get("value", "")).upper() in own for f in theirs
+            ):
+                raise VoiceError(
+                    "fastsfu.voice-bad-dtls-parameters", f"{field} echoes the server's fingerprint"
+                )
+            try:
+                transport.connect(dtls)
+            except TransportError as exc:
+                raise VoiceError("fastsfu.voice-bad-dtls-parameters", f"{field}: {exc}") from None
+        try:
+            self.producer = self.producer_transport.produce(rtp_parameters)
+        except (ortc.OrtcError, TransportError) as exc:
+            raise VoiceError("fastsfu.voice-create-producer", str(exc)) from None
+        if len(room.members) >= self.rooms.settings.max_users_per_room:
+            raise VoiceError("fastsfu.voice-room-full", "the voice channel is full")
+        # The join commit: one step, no await (harmony.md §3.3).
+        others = []
+        for member in room.members.values():
+            assert (
+                member.producer is not None
+                and member.consumer_transport is not None
+                and member._caps is not None
+            )
+            mine = self._consume(self.consumer_transport, member.producer, caps, self)
+            others.append(self._consumer_options(member.user_id, member.producer, mine))
+            theirs = self._consume(member.consumer_transport, self.producer, member._caps, member)
+            member._send(
+                Resp(
+                    user_joined=Resp.UserJoined(
+                        data=self._consumer_options(self.user_id, self.producer, theirs)
+                    )
+                )
+            )
+        room.members[self.user_id] = self
+        self.state = "joined"
+        self._send(Resp(joined_channel=Resp.JoinedChannel(other_users=others)))
+
+    def _resume(self, consumer_id: str) -> None:
+        # Accept the quoted form (what we send with id_quoting=json) and the bare one (§3.4).
+        bare = consumer_id
+        if consumer_id.startswith('"'):
+            try:
+                bare = json.loads(consumer_id)
+            except ValueError:
+                return
+        consumer = self.consumers.get(bare) if isinstance(bare, str) else None
+        if consumer is not None:
+            consumer.resume()  # idempotent; only this session's consumers are reachable
+
+    # ------------------------------------------------------------------ helpers
+
+    def _send(self, message: Resp | VoiceError) -> None:
+        if self.state == "closed" and not isinstance(message, VoiceError):
+            return
+        if len(self.outbox) >= self.rooms.settings.max_outbox:
+            # A client that stops reading must not grow memory without bound: drop it.
+            self.outbox.clear()
+            self.outbox.append(VoiceError("hrpc.internal-server-error", "client is not reading its stream"))
+            self.close()
+            return
+        self.outbox.append(message)
+
+    def _id(self, value: str) -> str:
+        return json.dumps(value) if self.rooms.settings.id_quoting == "json" else value
+
+    @staticmethod
+    def _json(text: str, field: str) -> Any:
+        try:
+            return json.loads(text)
+        except ValueError:
+            raise VoiceError("fastsfu.voice-invalid-json", f"{field} is not valid JSON") from None
+
+    def _transport_options(self, transport: WebRtcTransport) -> voice_pb2.TransportOptions:
+        return voice_pb2.TransportOptions(
+            id=self._id(transport.id),
+            dtls_parameters=json.dumps(transport.dtls_parameters),
+            ice_candidates=[json.dumps(c) for c in transport.ice_candidates],
+            ice_parameters=json.dumps(transport.ice_parameters),
+        )
+
+    def _consume(
+        self, transport: WebRtcTransport, producer: Producer, caps: dict[str, Any], owner: VoiceSession
+    ) -> Consumer:
+        try:
+            consumer = transport.consume(producer.id, caps, paused=True)  # resumed by ResumeConsumer
+        except (ortc.OrtcError, TransportError) as exc:
+            raise VoiceError("fastsfu.voice-create-consumer", str(exc)) from None
+        owner.consumers[consumer.id] = consumer
+        return consumer
+
+    def _consumer_options(
+        self, user_id: int, producer: Producer, consumer: Consumer
+    ) -> voice_pb2.UserConsumerOptions:
+        return voice_pb2.UserConsumerOptions(
+            user_id=user_id,
+            producer_id=self._id(producer.id),
+            consumer_id=self._id(consumer.id),
+            rtp_parameters=json.dumps(consumer.rtp_parameters),
+        )
