@@ -30,6 +30,14 @@ Resp = voice_pb2.StreamMessageResponse
 
 # harmony.md §6: identifier -> gRPC status code name (front-ends map the name to their own codes).
 GRPC_CODES = {
+    "h.blank-session": "UNAUTHENTICATED",
+    "h.bad-session": "UNAUTHENTICATED",
+    "h.bad-guild-id": "NOT_FOUND",
+    "h.bad-channel-id": "NOT_FOUND",
+    "h.not-joined": "PERMISSION_DENIED",
+    "fastsfu.voice-not-voice-channel": "FAILED_PRECONDITION",
+    "fastsfu.voice-bad-frame": "INVALID_ARGUMENT",
+    "hrpc.resource-exhausted": "RESOURCE_EXHAUSTED",
     "fastsfu.voice-message-timeout": "DEADLINE_EXCEEDED",
     "fastsfu.voice-unexpected-message": "INVALID_ARGUMENT",
     "fastsfu.voice-invalid-json": "INVALID_ARGUMENT",
@@ -130,6 +138,9 @@ class VoiceSession:
         self.producer_transport: WebRtcTransport | None = None
         self.producer: Producer | None = None
         self.consumers: dict[str, Consumer] = {}  # by bare consumer id
+        # Called whenever something is queued, also from other sessions' steps (UserJoined,
+        # UserLeft, session-replaced): the front-end wakes up and drains take_outgoing().
+        self.on_output: Callable[[], None] | None = None
 
     # ------------------------------------------------------------------ front-end interface
 
@@ -197,9 +208,7 @@ class VoiceSession:
             if rooms.settings.duplicate_session == "reject":
                 raise VoiceError("fastsfu.voice-already-connected", "this user already has a voice session")
             # replace: the old session leaves fully (UserLeft) before this one can join.
-            old.outbox.append(
-                VoiceError("fastsfu.voice-session-replaced", "a newer session of this user took over")
-            )
+            old._send(VoiceError("fastsfu.voice-session-replaced", "a newer session of this user took over"))
             old.close()
         room = rooms._room((guild_id, channel_id))
         if len(room.members) >= rooms.settings.max_users_per_room:
@@ -320,8 +329,10 @@ class VoiceSession:
             self.outbox.clear()
             self.outbox.append(VoiceError("hrpc.internal-server-error", "client is not reading its stream"))
             self.close()
-            return
-        self.outbox.append(message)
+        else:
+            self.outbox.append(message)
+        if self.on_output is not None:
+            self.on_output()
 
     def _id(self, value: str) -> str:
         return json.dumps(value) if self.rooms.settings.id_quoting == "json" else value
