@@ -1,0 +1,139 @@
+"""protocol.voice.v1 over hRPC (WebSocket), what Harmony's web clients speak (harmony.md §2.1).
+
+GET /protocol.voice.v1.VoiceService/StreamMessage with subprotocol `hrpc1`; binary frames: a raw
+StreamMessageRequest from the client; `0x00` + StreamMessageResponse or `0x01` + hrpc.v1.Error from us.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from aiohttp import WSMsgType, web
+
+from fastsfu._proto.hrpc.v1 import hrpc_pb2
+from fastsfu._proto.protocol.voice.v1 import voice_pb2
+from fastsfu.harmony.grpc_server import Authenticate
+from fastsfu.harmony.session import VoiceError, VoiceRooms
+
+log = logging.getLogger("fastsfu.harmony")
+
+STREAM_PATH = "/protocol.voice.v1.VoiceService/StreamMessage"
+SUBPROTOCOL = "hrpc1"
+MAX_FRAME = 64 * 1024
+PING_INTERVAL = 20.0  # hrpc-rs sends none; browsers answer pings by themselves
+
+
+def token_from_request(request: web.Request) -> str:
+    """Authorization header (raw, harmony_rust_sdk), else the last Sec-WebSocket-Protocol item
+    that is not `hrpc1` (browsers cannot set headers), per harmony.md §2.3."""
+    header = request.headers.get("Authorization", "")
+    if header:
+        return header[7:] if header.startswith("Bearer ") else header
+    items = [p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",") if p.strip()]
+    if items and items[-1] != SUBPROTOCOL:
+        return items[-1]
+    return ""
+
+
+def _error_body(identifier: str, message: str) -> bytes:
+    return bytes(hrpc_pb2.Error(identifier=identifier, human_message=message).SerializeToString())
+
+
+def _http_error(status: int, identifier: str, message: str) -> web.Response:
+    return web.Response(
+        status=status,
+        body=_error_body(identifier, message),
+        headers={"Content-Type": "application/hrpc", "hrpc-version": "1"},
+    )
+
+
+class HrpcVoiceEndpoint:
+    """The WebSocket endpoint; mount it with `app.router.add_get(STREAM_PATH, endpoint.handle)`."""
+
+    def __init__(self, rooms: VoiceRooms, authenticate: Authenticate) -> None:
+        self.rooms = rooms
+        self.authenticate = authenticate
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        ws = web.WebSocketResponse(protocols=(SUBPROTOCOL,), heartbeat=PING_INTERVAL, max_msg_size=MAX_FRAME)
+        if not ws.can_prepare(request).ok:
+            return _http_error(400, "hrpc.http.bad-streaming-request", "this endpoint is a WebSocket stream")
+        token = token_from_request(request)
+        await ws.prepare(request)  # answers exactly `hrpc1` when offered, never the token
+        try:
+            user_id = self.authenticate(token)
+        except VoiceError as exc:
+            await self._fail(ws, exc)
+            return ws
+        session = self.rooms.open_session(user_id)
+        wake = asyncio.Event()
+        session.on_output = wake.set
+        receiver = asyncio.ensure_future(ws.receive())
+        try:
+            while True:
+                wake.clear()
+                for message in session.take_outgoing():
+                    if isinstance(message, VoiceError):
+                        await self._fail(ws, message)
+                        return ws
+                    await ws.send_bytes(b"\x00" + message.SerializeToString())
+                waker = asyncio.ensure_future(wake.wait())
+                done, _ = await asyncio.wait(
+                    {receiver, waker}, timeout=session.timeout(), return_when=asyncio.FIRST_COMPLETED
+                )
+                waker.cancel()
+                if receiver not in done:
+                    if not done:
+                        await self._fail(ws, session.timed_out())
+                        return ws
+                    continue
+                msg = receiver.result()
+                if msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED, WSMsgType.ERROR):
+                    return ws  # any close, with or without a status code, is a leave (§2.1)
+                if msg.type != WSMsgType.BINARY:
+                    await self._fail(ws, VoiceError("fastsfu.voice-bad-frame", "expected a binary frame"))
+                    return ws
+                try:
+                    req = voice_pb2.StreamMessageRequest.FromString(msg.data)
+                except Exception:  # protobuf's DecodeError
+                    await self._fail(
+                        ws, VoiceError("fastsfu.voice-bad-frame", "undecodable StreamMessageRequest")
+                    )
+                    return ws
+                receiver = asyncio.ensure_future(ws.receive())
+                try:
+                    session.handle(req)
+                except VoiceError as exc:
+                    for message in session.take_outgoing():
+                        if not isinstance(message, VoiceError):
+                            await ws.send_bytes(b"\x00" + message.SerializeToString())
+                    await self._fail(ws, exc)
+                    return ws
+        finally:
+            receiver.cancel()
+            session.on_output = None
+            session.close()
+            if not ws.closed:
+                await ws.close()
+
+    @staticmethod
+    async def _fail(ws: web.WebSocketResponse, error: VoiceError) -> None:
+        """The 0x01 error frame, then a clean close (code 1000)."""
+        log.info("voice stream ends: %s", error)
+        if not ws.closed:
+            await ws.send_bytes(b"\x01" + _error_body(error.identifier, error.human_message))
+            await ws.close(code=1000)
+
+
+def make_app(rooms: VoiceRooms, authenticate: Authenticate) -> web.Application:
+    """An aiohttp app serving the hRPC voice stream; other paths answer hrpc.not-found."""
+    endpoint = HrpcVoiceEndpoint(rooms, authenticate)
+    app = web.Application()
+    app.router.add_get(STREAM_PATH, endpoint.handle)
+
+    async def not_found(request: web.Request) -> web.Response:
+        return _http_error(404, "hrpc.not-found", f"no such endpoint: {request.path}")
+
+    app.router.add_route("*", "/{tail:.*}", not_found)
+    return app

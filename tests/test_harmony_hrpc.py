@@ -1,0 +1,162 @@
+"""protocol.voice.v1 over hRPC WebSocket (harmony.md §2.1): subprotocol, frame opcodes, the flow
+with two members, and every error path, through a real aiohttp server and client on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from fastsfu import Engine
+from fastsfu._proto.hrpc.v1 import hrpc_pb2
+from fastsfu._proto.protocol.voice.v1 import voice_pb2
+from fastsfu.dtls import DtlsCertificate
+from fastsfu.harmony import VoiceError, VoiceRooms
+from fastsfu.harmony.hrpc_server import STREAM_PATH, make_app
+
+pytestmark = [pytest.mark.loopback, pytest.mark.timeout(60)]
+Req, Resp = voice_pb2.StreamMessageRequest, voice_pb2.StreamMessageResponse
+TOKENS = {"tok-1": 1, "tok-2": 2}
+CAPS = {
+    "codecs": [
+        {
+            "mimeType": "audio/opus",
+            "kind": "audio",
+            "preferredPayloadType": 100,
+            "clockRate": 48000,
+            "channels": 2,
+        }
+    ],
+    "headerExtensions": [],
+}
+
+
+def authenticate(token: str) -> int:
+    if token not in TOKENS:
+        raise VoiceError("h.blank-session", "unknown token")
+    return TOKENS[token]
+
+
+def serve(body: Callable[[str, aiohttp.ClientSession], Awaitable[None]]) -> None:
+    async def main() -> None:
+        async with Engine() as engine:
+            runner = web.AppRunner(make_app(VoiceRooms(engine), authenticate))
+            await runner.setup()
+            site = web.TCPSite(runner, "127.0.0.1", 0)
+            await site.start()
+            port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+            try:
+                async with aiohttp.ClientSession() as http:
+                    await body(f"http://127.0.0.1:{port}", http)
+            finally:
+                await runner.cleanup()
+
+    asyncio.run(asyncio.wait_for(main(), 45))
+
+
+async def recv(ws: aiohttp.ClientWebSocketResponse) -> tuple[int, Any]:
+    msg = await asyncio.wait_for(ws.receive(), 10)
+    assert msg.type == aiohttp.WSMsgType.BINARY, msg
+    op, body = msg.data[0], msg.data[1:]
+    return op, (Resp.FromString(body) if op == 0 else hrpc_pb2.Error.FromString(body))
+
+
+async def join(ws: aiohttp.ClientWebSocketResponse) -> Resp:
+    await ws.send_bytes(Req(initialize=Req.Initialize(guild_id=1, channel_id=2)).SerializeToString())
+    assert (await recv(ws))[1].WhichOneof("message") == "initialized"
+    await ws.send_bytes(
+        Req(
+            prepare_for_join_channel=Req.PrepareForJoinChannel(rtp_capabilities=json.dumps(CAPS))
+        ).SerializeToString()
+    )
+    assert (await recv(ws))[1].WhichOneof("message") == "prepared_for_join_channel"
+    dtls = json.dumps({"role": "client", "fingerprints": DtlsCertificate.generate().fingerprints()[:1]})
+    params = {
+        "codecs": [{"mimeType": "audio/opus", "payloadType": 111, "clockRate": 48000, "channels": 2}],
+        "encodings": [{"ssrc": id(ws) & 0xFFFFFF}],
+        "rtcp": {"cname": "c"},
+    }
+    await ws.send_bytes(
+        Req(
+            join_channel=Req.JoinChannel(
+                rtp_paramaters=json.dumps(params),
+                producer_dtls_paramaters=dtls,
+                consumer_dtls_paramaters=dtls,
+            )
+        ).SerializeToString()
+    )
+    op, joined = await recv(ws)
+    assert op == 0 and joined.WhichOneof("message") == "joined_channel"
+    return joined
+
+
+def test_flow_over_hrpc_with_two_members() -> None:
+    async def body(base: str, http: aiohttp.ClientSession) -> None:
+        a = await http.ws_connect(base + STREAM_PATH, protocols=("hrpc1", "tok-1"))
+        assert a.protocol == "hrpc1"  # exactly hrpc1, never the token
+        await join(a)
+        b = await http.ws_connect(base + STREAM_PATH, headers={"Authorization": "tok-2"})
+        assert b.protocol is None  # no subprotocol offered: none answered
+        joined = await join(b)
+        assert [u.user_id for u in joined.joined_channel.other_users] == [1]
+        op, user_joined = await recv(a)
+        assert op == 0 and user_joined.user_joined.data.user_id == 2
+        await b.close()  # a leave, as `complete()` does in the browser transport
+        op, left = await recv(a)
+        assert op == 0 and left.user_left.user_id == 2
+        await a.close()
+
+    serve(body)
+
+
+@pytest.mark.parametrize(
+    ("token", "frame", "identifier"),
+    [
+        ("nope", None, "h.blank-session"),
+        ("tok-1", "text", "fastsfu.voice-bad-frame"),
+        ("tok-1", b"\xff\xff\xff", "fastsfu.voice-bad-frame"),
+        (
+            "tok-1",
+            Req(resume_consumer=Req.ResumeConsumer(consumer_id="x")).SerializeToString(),
+            "fastsfu.voice-unexpected-message",
+        ),
+        ("tok-1", b"", "fastsfu.voice-unexpected-message"),  # empty frame: no oneof set
+        ("tok-1", b"\x0a" * 70000, "close"),  # larger than the 64 KiB frame limit
+    ],
+)
+def test_errors_are_an_error_frame_then_a_clean_close(token: str, frame: Any, identifier: str) -> None:
+    async def body(base: str, http: aiohttp.ClientSession) -> None:
+        ws = await http.ws_connect(base + STREAM_PATH, protocols=("hrpc1", token), max_msg_size=0)
+        if isinstance(frame, str):
+            await ws.send_str(frame)
+        elif frame is not None:
+            await ws.send_bytes(frame)
+        if identifier == "close":
+            msg = await asyncio.wait_for(ws.receive(), 10)
+            assert msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.CLOSING)
+            return
+        op, error = await recv(ws)
+        assert op == 1 and error.identifier == identifier and error.human_message
+        msg = await asyncio.wait_for(ws.receive(), 10)
+        assert msg.type == aiohttp.WSMsgType.CLOSE and msg.data == 1000
+
+    serve(body)
+
+
+def test_http_errors_before_the_upgrade() -> None:
+    async def body(base: str, http: aiohttp.ClientSession) -> None:
+        async with http.get(base + STREAM_PATH) as resp:
+            assert resp.status == 400 and resp.headers["Content-Type"] == "application/hrpc"
+            assert (
+                hrpc_pb2.Error.FromString(await resp.read()).identifier == "hrpc.http.bad-streaming-request"
+            )
+        async with http.get(base + "/protocol.chat.v1.ChatService/Nope") as resp:
+            assert resp.status == 404
+            assert hrpc_pb2.Error.FromString(await resp.read()).identifier == "hrpc.not-found"
+
+    serve(body)
