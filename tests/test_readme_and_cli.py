@@ -23,13 +23,14 @@ def test_readme_example_runs() -> None:
     assert lines[2] == "alice left"
 
 
-def test_serve_runs_the_demo_room_and_prints_stats() -> None:
+def test_serve_demo_runs_the_demo_room_and_prints_stats() -> None:
     out = subprocess.run(
         [
             sys.executable,
             "-m",
             "fastsfu.server.cli",
             "serve",
+            "--demo",
             "--duration",
             "2.5",
             "--stats-interval",
@@ -58,3 +59,77 @@ def test_serve_rejects_bad_arguments() -> None:
         timeout=30,
     )
     assert out.returncode == 2 and "--speakers" in out.stderr
+
+
+SECRET = "cli-test-secret-0123456789abcdefghijklmnop"
+
+
+def test_serve_runs_the_harmony_server_over_grpc_and_hrpc_and_stops_on_sigterm() -> None:
+    import asyncio
+    import signal
+
+    import aiohttp
+    import grpc
+
+    from fastsfu._proto.protocol.voice.v1 import voice_pb2, voice_pb2_grpc
+
+    Req = voice_pb2.StreamMessageRequest
+    token = subprocess.run(
+        [sys.executable, "-m", "fastsfu.server.cli", "token", "--user", "42", "--secret", SECRET],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    ).stdout.strip()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "fastsfu.server.cli",
+            "serve",
+            "--hrpc-port",
+            "0",
+            "--grpc-port",
+            "0",
+            "--token-secret",
+            SECRET,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        lines = [proc.stdout.readline().strip() for _ in range(3)]  # type: ignore[union-attr]
+        hrpc_url = lines[0].split()[-1]
+        grpc_addr = lines[1].split()[-1]
+        assert hrpc_url.startswith("ws://127.0.0.1:") and lines[2].startswith("fastsfu: media udp 127.0.0.1:")
+
+        async def clients() -> None:
+            async with grpc.aio.insecure_channel(grpc_addr) as channel:
+                call = voice_pb2_grpc.VoiceServiceStub(channel).StreamMessage(
+                    metadata=(("authorization", token),)
+                )
+                await call.write(Req(initialize=Req.Initialize(guild_id=1, channel_id=1)))
+                assert (await asyncio.wait_for(call.read(), 10)).WhichOneof("message") == "initialized"
+                call.cancel()
+            async with aiohttp.ClientSession() as http:
+                ws = await http.ws_connect(hrpc_url, protocols=("hrpc1", token))
+                await ws.send_bytes(
+                    Req(initialize=Req.Initialize(guild_id=1, channel_id=2)).SerializeToString()
+                )
+                msg = await asyncio.wait_for(ws.receive(), 10)
+                assert msg.data[0] == 0
+                assert (
+                    voice_pb2.StreamMessageResponse.FromString(msg.data[1:]).WhichOneof("message")
+                    == "initialized"
+                )
+                await ws.close()
+
+        asyncio.run(asyncio.wait_for(clients(), 30))
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=20)
+        assert proc.returncode == 0 and "shutting down" in out
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)

@@ -1,4 +1,4 @@
-"""`fastsfu serve`: run the engine with an embedded default configuration and print its stats."""
+"""The command line: `fastsfu serve` (the Harmony voice server, or `--demo`) and `fastsfu token`."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import signal
 import sys
 import time
@@ -14,29 +15,55 @@ from typing import Any
 
 from fastsfu import __version__
 from fastsfu.engine import Engine, Settings
+from fastsfu.harmony.auth import TokenAuth
 from fastsfu.server.demo import DemoRoom
+from fastsfu.server.harmony_server import ServerConfig, serve_harmony
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="fastsfu", description="fastsfu voice SFU")
     ap.add_argument("--version", action="version", version=f"fastsfu {__version__}")
     sub = ap.add_subparsers(dest="command", required=True)
-    serve = sub.add_parser("serve", help="run the server (for now: a demo room of PlainTransports)")
-    serve.add_argument("--listen-ip", default="127.0.0.1", help="address for the transports' UDP sockets")
+    serve = sub.add_parser("serve", help="run the Harmony voice server (or --demo: a demo room)")
+    serve.add_argument("--listen-ip", default="127.0.0.1", help="address for every listener and UDP socket")
+    serve.add_argument("--announced-ip", default=None, help="address put in ICE candidates (NAT, containers)")
+    serve.add_argument("--hrpc-port", type=int, default=2289, help="hRPC WebSocket port (0: any)")
+    serve.add_argument("--grpc-port", type=int, default=2290, help="gRPC port (0: any)")
+    serve.add_argument("--media-port", type=int, default=0, help="shared WebRTC UDP port (0: any)")
     serve.add_argument(
-        "--speakers", type=int, default=3, help="synthetic SRTP speakers in the demo room (0-64)"
+        "--token-secret",
+        default=os.environ.get("FASTSFU_TOKEN_SECRET"),
+        help="HS256 secret for session tokens (env FASTSFU_TOKEN_SECRET; default: generated)",
     )
-    serve.add_argument("--stats-interval", type=float, default=2.0, help="seconds between stats lines")
     serve.add_argument(
-        "--duration", type=float, default=0.0, help="stop after this many seconds (0: run until Ctrl-C)"
+        "--demo", action="store_true", help="instead: a demo room of PlainTransports with speakers"
     )
-    serve.add_argument("--json", action="store_true", help="print stats as JSON lines")
+    serve.add_argument("--speakers", type=int, default=3, help="--demo: synthetic SRTP speakers (0-64)")
+    serve.add_argument(
+        "--stats-interval", type=float, default=2.0, help="--demo: seconds between stats lines"
+    )
+    serve.add_argument(
+        "--duration", type=float, default=0.0, help="stop after this many seconds (0: until Ctrl-C)"
+    )
+    serve.add_argument("--json", action="store_true", help="--demo: print stats as JSON lines")
     serve.add_argument("-v", "--verbose", action="store_true")
+    token = sub.add_parser("token", help="mint a session token for a user")
+    token.add_argument("--user", type=int, required=True, help="Harmony user ID")
+    token.add_argument(
+        "--secret", default=os.environ.get("FASTSFU_TOKEN_SECRET"), help="the server's token secret"
+    )
+    token.add_argument("--ttl", type=float, default=86400.0, help="seconds of validity")
     args = ap.parse_args(argv)
-    if not 0 <= args.speakers <= 64:
-        ap.error("--speakers must be 0..64")
-    if args.stats_interval <= 0 or args.duration < 0:
-        ap.error("--stats-interval must be > 0 and --duration >= 0")
+    if args.command == "serve":
+        if not 0 <= args.speakers <= 64:
+            ap.error("--speakers must be 0..64")
+        if args.stats_interval <= 0 or args.duration < 0:
+            ap.error("--stats-interval must be > 0 and --duration >= 0")
+        for name in ("hrpc_port", "grpc_port", "media_port"):
+            if not 0 <= getattr(args, name) < 65536:
+                ap.error(f"--{name.replace('_', '-')} must be 0..65535")
+    elif not args.secret:
+        ap.error("--secret (or FASTSFU_TOKEN_SECRET) is required")
     return args
 
 
@@ -64,7 +91,7 @@ def stats_line(
     return text, summary
 
 
-async def serve(args: argparse.Namespace) -> int:
+async def serve_demo(args: argparse.Namespace) -> int:
     engine = Engine(Settings(listen_ip=args.listen_ip))
     room = DemoRoom(engine, args.speakers, args.listen_ip)
     print(
@@ -105,13 +132,25 @@ async def serve(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.command == "token":
+        print(TokenAuth(args.secret).mint(args.user, args.ttl))
+        return 0
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    if args.command == "serve":
-        return asyncio.run(serve(args))
-    return 2
+    if args.demo:
+        return asyncio.run(serve_demo(args))
+    config = ServerConfig(
+        listen_ip=args.listen_ip,
+        announced_ip=args.announced_ip,
+        hrpc_port=args.hrpc_port,
+        grpc_port=args.grpc_port,
+        media_port=args.media_port,
+        token_secret=args.token_secret,
+        duration=args.duration,
+    )
+    return asyncio.run(serve_harmony(config))
 
 
 if __name__ == "__main__":
