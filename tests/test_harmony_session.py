@@ -378,3 +378,22 @@ def test_authorize_hook_refuses() -> None:
             assert rooms.rooms == {}
 
     asyncio.run(main())
+
+
+def test_a_dead_transport_ends_the_session_with_transport_failed() -> None:
+    async def body(rooms: VoiceRooms) -> None:
+        a, _ = join(rooms, 1)
+        b, _ = join(rooms, 2)
+        messages(a)
+        assert b.producer_transport is not None
+        b.producer_transport.close()  # what ICE consent expiry does (RFC 7675)
+        (err,) = messages(b)
+        assert isinstance(err, VoiceError) and err.identifier == "fastsfu.voice-transport-failed"
+        assert err.grpc_code == "UNAVAILABLE"
+        assert [m.user_left.user_id for m in messages(a)] == [2]
+        assert b.state == "closed" and 2 not in rooms.sessions
+        a.consumer_transport._set_dtls_state("failed")  # a DTLS failure on A's side
+        (err,) = messages(a)
+        assert err.identifier == "fastsfu.voice-transport-failed" and rooms.rooms == {}
+
+    run(body)

@@ -247,6 +247,10 @@ class VoiceSession:
         self.producer_transport = router.create_webrtc_transport(
             app_data={"user": self.user_id, "role": "producer"}
         )
+        for transport in (self.consumer_transport, self.producer_transport):
+            # harmony.md §3.6: consent expiry (the transport closes) or a DTLS failure ends the session.
+            transport.observer.once("close", lambda: self._transport_failed("ICE consent expired"))
+            transport.on("dtlsstatechange", self._on_dtls_state)
         self.state = "join"
         self._send(
             Resp(
@@ -318,6 +322,16 @@ class VoiceSession:
         consumer = self.consumers.get(bare) if isinstance(bare, str) else None
         if consumer is not None:
             consumer.resume()  # idempotent; only this session's consumers are reachable
+
+    def _on_dtls_state(self, state: str) -> None:
+        if state == "failed":
+            self._transport_failed("DTLS failed")
+
+    def _transport_failed(self, reason: str) -> None:
+        if self.state == "closed":
+            return  # our own close() is closing the transports
+        self._send(VoiceError("fastsfu.voice-transport-failed", reason))
+        self.close()
 
     # ------------------------------------------------------------------ helpers
 
