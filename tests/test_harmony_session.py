@@ -190,6 +190,7 @@ def test_leave_sends_user_left_once_and_frees_the_room() -> None:
         b.close()
         assert [m.user_left.user_id for m in messages(a)] == [2]
         assert a_consumer.closed and a_consumer.id not in a.consumer_transport.consumers
+        assert a.consumers == {}  # no stale entries after the producer left
         assert b.producer is not None and b.producer.closed
         assert b.producer_transport.closed and b.consumer_transport.closed
         assert list(rooms.rooms.values())[0].members.keys() == {1}

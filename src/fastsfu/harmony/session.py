@@ -374,6 +374,8 @@ class VoiceSession:
         except (ortc.OrtcError, TransportError) as exc:
             raise VoiceError("fastsfu.voice-create-consumer", str(exc)) from None
         owner.consumers[consumer.id] = consumer
+        # Forget it when it closes (its producer left): long sessions with churn stay bounded.
+        consumer.observer.once("close", lambda: owner.consumers.pop(consumer.id, None))
         return consumer
 
     def _consumer_options(
