@@ -11,16 +11,7 @@ import grpc
 import pytest
 
 pytest.importorskip("aiortc")
-from aioice import ice as aioice_ice  # noqa: E402
 from aiortc import (  # noqa: E402
-    RTCCertificate,
-    RTCDtlsFingerprint,
-    RTCDtlsParameters,
-    RTCDtlsTransport,
-    RTCIceCandidate,
-    RTCIceGatherer,
-    RTCIceParameters,
-    RTCIceTransport,
     RTCRtpCodecParameters,
     RTCRtpReceiver,
     RTCRtpSender,
@@ -33,16 +24,18 @@ from aiortc.rtcrtpparameters import (  # noqa: E402
     RTCRtpSendParameters,
 )
 from aiortc.rtcrtpreceiver import RemoteStreamTrack  # noqa: E402
+from aiortc_helpers import AiortcLeg  # noqa: E402
 
 from fastsfu import Engine  # noqa: E402
 from fastsfu._proto.hrpc.v1 import hrpc_pb2  # noqa: E402
 from fastsfu._proto.protocol.voice.v1 import voice_pb2, voice_pb2_grpc  # noqa: E402
-from fastsfu.harmony import VoiceError, VoiceRooms  # noqa: E402
+from fastsfu.harmony import VoiceRooms  # noqa: E402
+from fastsfu.harmony.auth import StaticTokens  # noqa: E402
 from fastsfu.harmony.grpc_server import start_grpc_server  # noqa: E402
 
-pytestmark = [pytest.mark.loopback, pytest.mark.timeout(90)]
+pytestmark = [pytest.mark.loopback, pytest.mark.timeout(90), pytest.mark.usefixtures("aiortc_loopback")]
 Req, Resp = voice_pb2.StreamMessageRequest, voice_pb2.StreamMessageResponse
-TOKENS = {"tok-1": 1, "tok-2": 2, "tok-3": 3}
+TOKENS = StaticTokens({"tok-1": 1, "tok-2": 2, "tok-3": 3})
 CAPS = {
     "codecs": [
         {
@@ -57,57 +50,13 @@ CAPS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def loopback_only(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(aioice_ice, "get_host_addresses", lambda use_ipv4, use_ipv6: ["127.0.0.1"])
-
-
-def authenticate(token: str) -> int:
-    if token not in TOKENS:
-        raise VoiceError("h.blank-session", "unknown token")
-    return TOKENS[token]
-
-
-class Leg:
-    """One aiortc ICE + DTLS transport (aiortc is ICE-controlling, so its DTLS role is server)."""
-
-    def __init__(self) -> None:
-        self.gatherer = RTCIceGatherer(iceServers=[])
-        self.ice = RTCIceTransport(self.gatherer)
-        self.dtls = RTCDtlsTransport(self.ice, [RTCCertificate.generateCertificate()])
-
-    def dtls_parameters(self) -> str:
-        fps = [
-            {"algorithm": f.algorithm, "value": f.value} for f in self.dtls.getLocalParameters().fingerprints
-        ]
-        return json.dumps({"role": "server", "fingerprints": fps})
-
-    async def start(self, options: Any) -> None:
-        for text in options.ice_candidates:
-            c = json.loads(text)
-            await self.ice.addRemoteCandidate(
-                RTCIceCandidate(
-                    component=1,
-                    foundation=c["foundation"],
-                    ip=c["ip"],
-                    port=c["port"],
-                    priority=c["priority"],
-                    protocol="udp",
-                    type="host",
-                )
-            )
-        await self.ice.addRemoteCandidate(None)
-        ice = json.loads(options.ice_parameters)
-        dtls = json.loads(options.dtls_parameters)
-        await self.ice.start(
-            RTCIceParameters(usernameFragment=ice["usernameFragment"], password=ice["password"], iceLite=True)
-        )
-        await self.dtls.start(
-            RTCDtlsParameters(
-                fingerprints=[RTCDtlsFingerprint(f["algorithm"], f["value"]) for f in dtls["fingerprints"]],
-                role="auto",
-            )
-        )
+def start(leg: AiortcLeg, options: Any) -> Any:
+    """Start a leg from the server's TransportOptions (JSON strings, as the protocol carries them)."""
+    return leg.start(
+        [json.loads(c) for c in options.ice_candidates],
+        json.loads(options.ice_parameters),
+        json.loads(options.dtls_parameters),
+    )
 
 
 class Member:
@@ -116,7 +65,7 @@ class Member:
         self.call = voice_pb2_grpc.VoiceServiceStub(self.channel).StreamMessage(
             metadata=(("authorization", token),)
         )
-        self.producer, self.consumer = Leg(), Leg()
+        self.producer, self.consumer = AiortcLeg(), AiortcLeg()
         self.received: list[Resp] = []
         self.receivers: dict[int, RTCRtpReceiver] = {}
         self.reader: asyncio.Task[None] | None = None
@@ -145,8 +94,8 @@ class Member:
             Req(
                 join_channel=Req.JoinChannel(
                     rtp_paramaters=json.dumps(params),
-                    producer_dtls_paramaters=self.producer.dtls_parameters(),
-                    consumer_dtls_paramaters=self.consumer.dtls_parameters(),
+                    producer_dtls_paramaters=json.dumps(self.producer.dtls_parameters()),
+                    consumer_dtls_paramaters=json.dumps(self.consumer.dtls_parameters()),
                 )
             )
         )
@@ -154,8 +103,8 @@ class Member:
         assert joined.WhichOneof("message") == "joined_channel"
         await asyncio.wait_for(
             asyncio.gather(
-                self.producer.start(prep.producer_transport_options),
-                self.consumer.start(prep.consumer_transport_options),
+                start(self.producer, prep.producer_transport_options),
+                start(self.consumer, prep.consumer_transport_options),
             ),
             15,
         )
@@ -216,8 +165,7 @@ class Member:
         for r in self.receivers.values():
             await r.stop()
         for leg in (self.producer, self.consumer):
-            await leg.dtls.stop()
-            await leg.ice.stop()
+            await leg.stop()
         if self.reader:
             self.reader.cancel()
         await self.channel.close()
@@ -227,7 +175,7 @@ def test_three_aiortc_clients_over_grpc() -> None:
     async def main() -> None:
         async with Engine() as engine:
             rooms = VoiceRooms(engine)
-            server, port = await start_grpc_server(rooms, authenticate)
+            server, port = await start_grpc_server(rooms, TOKENS.authenticate)
             try:
                 members = [Member(port, f"tok-{i}") for i in (1, 2, 3)]
                 for m in members:  # one after the other: each later joiner is a UserJoined for the earlier
@@ -272,7 +220,7 @@ def test_three_aiortc_clients_over_grpc() -> None:
 def test_bad_token_and_wrong_first_message_end_with_a_status() -> None:
     async def main() -> None:
         async with Engine() as engine:
-            server, port = await start_grpc_server(VoiceRooms(engine), authenticate)
+            server, port = await start_grpc_server(VoiceRooms(engine), TOKENS.authenticate)
             try:
                 async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
                     stub = voice_pb2_grpc.VoiceServiceStub(channel)

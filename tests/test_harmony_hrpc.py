@@ -16,12 +16,13 @@ from fastsfu import Engine
 from fastsfu._proto.hrpc.v1 import hrpc_pb2
 from fastsfu._proto.protocol.voice.v1 import voice_pb2
 from fastsfu.dtls import DtlsCertificate
-from fastsfu.harmony import VoiceError, VoiceRooms
+from fastsfu.harmony import VoiceRooms
+from fastsfu.harmony.auth import StaticTokens
 from fastsfu.harmony.hrpc_server import STREAM_PATH, make_app
 
 pytestmark = [pytest.mark.loopback, pytest.mark.timeout(60)]
 Req, Resp = voice_pb2.StreamMessageRequest, voice_pb2.StreamMessageResponse
-TOKENS = {"tok-1": 1, "tok-2": 2}
+TOKENS = StaticTokens({"tok-1": 1, "tok-2": 2})
 CAPS = {
     "codecs": [
         {
@@ -36,16 +37,10 @@ CAPS = {
 }
 
 
-def authenticate(token: str) -> int:
-    if token not in TOKENS:
-        raise VoiceError("h.blank-session", "unknown token")
-    return TOKENS[token]
-
-
 def serve(body: Callable[[str, aiohttp.ClientSession], Awaitable[None]]) -> None:
     async def main() -> None:
         async with Engine() as engine:
-            runner = web.AppRunner(make_app(VoiceRooms(engine), authenticate))
+            runner = web.AppRunner(make_app(VoiceRooms(engine), TOKENS.authenticate))
             await runner.setup()
             site = web.TCPSite(runner, "127.0.0.1", 0)
             await site.start()

@@ -9,16 +9,7 @@ from typing import Any
 import pytest
 
 aiortc = pytest.importorskip("aiortc")
-from aioice import ice as aioice_ice  # noqa: E402
 from aiortc import (  # noqa: E402
-    RTCCertificate,
-    RTCDtlsFingerprint,
-    RTCDtlsParameters,
-    RTCDtlsTransport,
-    RTCIceCandidate,
-    RTCIceGatherer,
-    RTCIceParameters,
-    RTCIceTransport,
     RTCRtpCodecParameters,
     RTCRtpReceiver,
     RTCRtpSender,
@@ -31,10 +22,11 @@ from aiortc.rtcrtpparameters import (  # noqa: E402
     RTCRtpSendParameters,
 )
 from aiortc.rtcrtpreceiver import RemoteStreamTrack  # noqa: E402
+from aiortc_helpers import AiortcLeg  # noqa: E402
 
 from fastsfu import Engine  # noqa: E402
 
-pytestmark = [pytest.mark.loopback, pytest.mark.timeout(60)]
+pytestmark = [pytest.mark.loopback, pytest.mark.timeout(60), pytest.mark.usefixtures("aiortc_loopback")]
 
 OPUS = RTCRtpCodecParameters(mimeType="audio/opus", clockRate=48000, channels=2, payloadType=111)
 CLIENT_CAPS = {
@@ -51,68 +43,26 @@ CLIENT_CAPS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def loopback_only(monkeypatch: pytest.MonkeyPatch) -> None:
-    # Keep aiortc's ICE on 127.0.0.1 (testing.md §2, §6.6): no other interface is ever used.
-    monkeypatch.setattr(aioice_ice, "get_host_addresses", lambda use_ipv4, use_ipv6: ["127.0.0.1"])
-
-
 class Client:
     """An aiortc endpoint speaking to one fastsfu WebRtcTransport in the given DTLS role."""
 
     def __init__(self, transport: Any, aiortc_role: str) -> None:
         self.server = transport
-        self.role = aiortc_role
-        self.gatherer = RTCIceGatherer(iceServers=[])
-        self.ice = RTCIceTransport(self.gatherer)
-        self.dtls = RTCDtlsTransport(self.ice, [RTCCertificate.generateCertificate()])
-        # In ORTC mode aiortc picks its DTLS role from its ICE role (controlling: server) and
-        # ignores the remote's; force the other role through its private setter to test both.
-        self.dtls._set_role(aiortc_role)
+        self.leg = AiortcLeg(aiortc_role)
+        self.dtls = self.leg.dtls
 
     async def connect(self) -> None:
-        await self.gatherer.gather()
-        params = self.server.ice_parameters
-        for c in self.server.ice_candidates:
-            await self.ice.addRemoteCandidate(
-                RTCIceCandidate(
-                    component=1,
-                    foundation=c["foundation"],
-                    ip=c["ip"],
-                    port=c["port"],
-                    priority=c["priority"],
-                    protocol="udp",
-                    type="host",
-                )
-            )
-        await self.ice.addRemoteCandidate(None)  # end of candidates
-        local = self.dtls.getLocalParameters()
-        self.server.connect(
-            {
-                "role": self.role,
-                "fingerprints": [{"algorithm": f.algorithm, "value": f.value} for f in local.fingerprints],
-            }
-        )
-        remote = RTCDtlsParameters(
-            fingerprints=[
-                RTCDtlsFingerprint(f["algorithm"], f["value"])
-                for f in self.server.dtls_parameters["fingerprints"]
-            ],
-            role="auto",
-        )
+        await self.leg.gatherer.gather()
+        self.server.connect(self.leg.dtls_parameters())
         await asyncio.wait_for(
-            self.ice.start(
-                RTCIceParameters(
-                    usernameFragment=params["usernameFragment"], password=params["password"], iceLite=True
-                )
+            self.leg.start(
+                self.server.ice_candidates, self.server.ice_parameters, self.server.dtls_parameters
             ),
-            10,
+            20,
         )
-        await asyncio.wait_for(self.dtls.start(remote), 10)
 
     async def stop(self) -> None:
-        await self.dtls.stop()
-        await self.ice.stop()
+        await self.leg.stop()
 
 
 @pytest.mark.parametrize("aiortc_role", ["server", "client"])

@@ -249,4 +249,3 @@ async def run_chromium_pair(chromium_path: str, args: list[str]) -> None:
             raise
         finally:
             await runner.cleanup()
-

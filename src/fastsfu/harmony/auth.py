@@ -59,3 +59,16 @@ class TokenAuth:
         if not 0 <= user_id < 2**64:
             raise VoiceError("h.blank-session", "invalid subject in session token")
         return user_id
+
+
+class StaticTokens:
+    """A fixed token -> user ID map, for development and tests (harmony.md §2.3)."""
+
+    def __init__(self, tokens: dict[str, int]) -> None:
+        self.tokens = dict(tokens)
+
+    def authenticate(self, token: str) -> int:
+        try:
+            return self.tokens[token]
+        except KeyError:
+            raise VoiceError("h.blank-session", "unknown session token") from None
