@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable, Sequence
 
 from aiohttp import WSMsgType, web
 
@@ -126,11 +127,18 @@ class HrpcVoiceEndpoint:
             await ws.close(code=1000)
 
 
-def make_app(rooms: VoiceRooms, authenticate: Authenticate) -> web.Application:
-    """An aiohttp app serving the hRPC voice stream; other paths answer hrpc.not-found."""
+def make_app(
+    rooms: VoiceRooms,
+    authenticate: Authenticate,
+    mounts: Sequence[Callable[[web.Application], None]] = (),
+) -> web.Application:
+    """An aiohttp app serving the hRPC voice stream; each of `mounts` adds its own routes (the demo
+    page, /metrics); every other path answers hrpc.not-found."""
     endpoint = HrpcVoiceEndpoint(rooms, authenticate)
     app = web.Application()
     app.router.add_get(STREAM_PATH, endpoint.handle)
+    for mount in mounts:
+        mount(app)
 
     async def not_found(request: web.Request) -> web.Response:
         return _http_error(404, "hrpc.not-found", f"no such endpoint: {request.path}")

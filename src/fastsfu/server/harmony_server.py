@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from aiohttp import web
@@ -44,7 +45,8 @@ async def serve_harmony(config: ServerConfig, voice: VoiceSettings | None = None
         grpc_server, grpc_port = await start_grpc_server(
             rooms, auth.authenticate, f"{config.listen_ip}:{config.grpc_port}"
         )
-        runner = web.AppRunner(make_app(rooms, auth.authenticate))
+        mounts: list[Callable[[web.Application], None]] = []
+        runner = web.AppRunner(make_app(rooms, auth.authenticate, mounts))
         await runner.setup()
         site = web.TCPSite(runner, config.listen_ip, config.hrpc_port)
         await site.start()
