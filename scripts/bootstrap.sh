@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Create .venv and install fastsfu (building the Cython datapath) with its test tools.
+# Create .venv and install fastsfu (building the Cython datapath) with its test tools, then build
+# the browser bundles (scripts/web_build.sh).
 # Idempotent: re-running only rebuilds when sources changed. Used by `make serve` and `make test`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,4 +24,12 @@ if [ ! -f "$stamp" ] || [ -n "$(find pyproject.toml setup.py src -newer "$stamp"
     "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --upgrade pip
     "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -e ".[test]"
     touch "$stamp"
+fi
+
+# The /demo page's bundle and the browser-test bundle, from the pinned npm packages of web/.
+if ! scripts/web_build.sh; then
+    if [ "${CI:-}" = "true" ]; then
+        exit 1
+    fi
+    echo "bootstrap: the /demo page will be unavailable until scripts/web_build.sh succeeds" >&2
 fi

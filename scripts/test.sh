@@ -9,9 +9,10 @@ scripts/bootstrap.sh
 PY=.venv/bin/python
 export PYTHONDONTWRITEBYTECODE=1
 
-echo "== lint (ruff, mypy --strict)"
+echo "== lint (ruff, mypy --strict, tsc --strict on web/)"
 .venv/bin/ruff check src tests benchmarks
 .venv/bin/mypy src/fastsfu
+(cd web && node_modules/.bin/tsc -p .)
 
 echo "== micro-benchmarks (pytest-benchmark): datapath, STUN answers, DTLS handshakes"
 $PY -m pytest benchmarks/bench_datapath.py benchmarks/bench_stun.py benchmarks/bench_dtls.py -q -p no:cacheprovider -s \
@@ -20,12 +21,12 @@ $PY -m pytest benchmarks/bench_datapath.py benchmarks/bench_stun.py benchmarks/b
 echo "== loopback load benchmark, short (fastsfu vs bare C forwarder, both SRTP suites)"
 $PY benchmarks/run.py --quick --suite both --json benchmarks/.build/last-run.json
 
-echo "== headless Chromium + mediasoup-client interop, in a loopback-only network namespace"
-# No network inside the namespace (testing.md §2): browser_setup.sh installs Chromium and bundles
-# mediasoup-client first. Needs root for apt-get and unshare (CI runs as root); elsewhere it skips.
+echo "== headless Chromium: mediasoup-client interop and the /demo page over hRPC, in a loopback-only network namespace"
+# No network inside the namespace (testing.md §2): browser_setup.sh installs Chromium first (the
+# bundles were built by bootstrap.sh). Needs root for apt-get and unshare (CI runs as root); elsewhere it skips.
 if scripts/browser_setup.sh && unshare -n true 2>/dev/null; then
     unshare -n -- sh -c 'ip link set lo up && ip route add default dev lo src 127.0.0.1 2>/dev/null;
-        exec .venv/bin/python -m pytest tests/test_interop_chromium.py -q -p no:cacheprovider'
+        exec .venv/bin/python -m pytest tests -m browser -q -p no:cacheprovider'
 elif [ "${CI:-}" = "true" ]; then
     echo "browser interop: setup failed or no network namespace (unshare -n needs root)" >&2
     exit 1
@@ -34,4 +35,4 @@ else
 fi
 
 echo "== tests"
-$PY -m pytest tests -q -p no:cacheprovider --ignore=tests/test_interop_chromium.py
+$PY -m pytest tests -m "not browser" -q -p no:cacheprovider

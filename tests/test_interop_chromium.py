@@ -2,20 +2,15 @@
 its fake microphone over ICE-lite + DTLS-SRTP, a second page consumes that producer and decodes it.
 
 Runs only inside a fresh loopback-only network namespace (testing.md §2); scripts/test.sh does
-`unshare -n` and scripts/browser_setup.sh installs Chromium and builds tests/browser/static/harness.js
-first. Outside a lo-only namespace the test skips (developer machine) or fails (CI=true).
+`unshare -n`, scripts/browser_setup.sh installs Chromium and scripts/web_build.sh builds
+tests/browser/static/harness.js first. Outside a lo-only namespace the test skips (developer
+machine) or fails (CI=true).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import math
-import os
-import shutil
-import socket
-import struct
-import wave
 from pathlib import Path
 from typing import Any
 
@@ -24,72 +19,14 @@ import pytest
 aiohttp_web = pytest.importorskip("aiohttp.web")
 playwright_async = pytest.importorskip("playwright.async_api")
 
+from chromium_helpers import chromium_args, find_chromium, require_bundle, require_loopback_namespace  # noqa: E402
+
 from fastsfu import Engine, Settings  # noqa: E402
 
 pytestmark = [pytest.mark.browser, pytest.mark.loopback, pytest.mark.timeout(90)]
 
 STATIC = Path(__file__).parent / "browser" / "static"
-IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
-
-# testing.md §3.3. --allow-loopback-in-peer-connection is required in a lo-only namespace.
-CHROMIUM_ARGS = [
-    "--allow-loopback-in-peer-connection",
-    "--use-fake-device-for-media-stream",
-    "--use-fake-ui-for-media-stream",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--disable-quic",
-]
 MEASURE_SECONDS = 3
-
-
-def write_tone(path: Path, seconds: int = 2, hz: float = 440.0, rate: int = 48000) -> Path:
-    """A 440 Hz tone for --use-file-for-fake-audio-capture (Chromium loops it), so the receiving
-    page can show real audio energy rather than the fake device's near-silence."""
-    frames = b"".join(
-        struct.pack("<h", int(12000 * math.sin(2 * math.pi * hz * i / rate))) for i in range(seconds * rate)
-    )
-    with wave.open(str(path), "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(rate)
-        w.writeframes(frames)
-    return path
-
-
-def _unavailable(reason: str) -> None:
-    if IN_CI:
-        pytest.fail(reason)
-    pytest.skip(reason)
-
-
-@pytest.fixture
-def loopback_namespace() -> None:
-    """The test must run where `lo` is the only interface (testing.md §2)."""
-    names = [name for _, name in socket.if_nameindex()]
-    if names != ["lo"]:
-        _unavailable(f"not in a loopback-only network namespace (interfaces: {names}); run scripts/test.sh")
-
-
-@pytest.fixture
-def chromium_path() -> str:
-    for candidate in ("/usr/lib/chromium/chromium", shutil.which("chromium")):
-        if candidate and os.access(candidate, os.X_OK):
-            return candidate
-    _unavailable("chromium is not installed; run scripts/browser_setup.sh")
-    raise AssertionError("unreachable")
-
-
-@pytest.fixture
-def harness_bundle() -> Path:
-    bundle = STATIC / "harness.js"
-    if not bundle.is_file():
-        _unavailable(f"{bundle} is missing; run scripts/browser_setup.sh")
-    return bundle
 
 
 class Signaling:
@@ -164,11 +101,11 @@ async def wait_result(page: Any, timeout_ms: int) -> dict[str, Any]:
     return result
 
 
-def test_chromium_send_and_receive(
-    loopback_namespace: None, chromium_path: str, harness_bundle: Path, tmp_path: Path
-) -> None:
-    args = [*CHROMIUM_ARGS, f"--use-file-for-fake-audio-capture={write_tone(tmp_path / 'tone.wav')}"]
-    asyncio.run(asyncio.wait_for(run_chromium_pair(chromium_path, args), 75))
+def test_chromium_send_and_receive(tmp_path: Path) -> None:
+    require_loopback_namespace()
+    chromium = find_chromium()
+    require_bundle(STATIC / "harness.js")
+    asyncio.run(asyncio.wait_for(run_chromium_pair(chromium, chromium_args(tmp_path)), 75))
 
 
 async def run_chromium_pair(chromium_path: str, args: list[str]) -> None:

@@ -99,7 +99,7 @@ def test_serve_runs_the_harmony_server_over_grpc_and_hrpc_and_stops_on_sigterm()
         text=True,
     )
     try:
-        lines = [proc.stdout.readline().strip() for _ in range(3)]  # type: ignore[union-attr]
+        lines = [proc.stdout.readline().strip() for _ in range(4)]  # type: ignore[union-attr]
         hrpc_url = lines[0].split()[-1]
         grpc_addr = lines[1].split()[-1]
         assert hrpc_url.startswith("ws://127.0.0.1:") and lines[2].startswith("fastsfu: media udp 127.0.0.1:")
@@ -124,6 +124,13 @@ def test_serve_runs_the_harmony_server_over_grpc_and_hrpc_and_stops_on_sigterm()
                     == "initialized"
                 )
                 await ws.close()
+                # The demo page and its bundle (built by scripts/web_build.sh) are served.
+                demo_url = lines[3].split()[-1]
+                assert demo_url == hrpc_url.replace("ws://", "http://").split("/protocol.")[0] + "/demo/"
+                async with http.get(demo_url) as page:
+                    assert page.status == 200 and '<script src="/demo/demo.js">' in await page.text()
+                async with http.get(demo_url + "demo.js") as bundle:
+                    assert bundle.status == 200 and "protocol.voice.v1.VoiceService" in await bundle.text()
 
         asyncio.run(asyncio.wait_for(clients(), 30))
         proc.send_signal(signal.SIGTERM)

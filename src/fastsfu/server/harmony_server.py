@@ -19,6 +19,7 @@ from fastsfu.harmony.auth import TokenAuth, generate_secret
 from fastsfu.harmony.grpc_server import start_grpc_server
 from fastsfu.harmony.hrpc_server import STREAM_PATH, make_app
 from fastsfu.harmony.session import VoiceRooms, VoiceSettings
+from fastsfu.server.demo_page import mount_demo
 
 log = logging.getLogger("fastsfu")
 
@@ -45,7 +46,7 @@ async def serve_harmony(config: ServerConfig, voice: VoiceSettings | None = None
         grpc_server, grpc_port = await start_grpc_server(
             rooms, auth.authenticate, f"{config.listen_ip}:{config.grpc_port}"
         )
-        mounts: list[Callable[[web.Application], None]] = []
+        mounts: list[Callable[[web.Application], None]] = [mount_demo]
         runner = web.AppRunner(make_app(rooms, auth.authenticate, mounts))
         await runner.setup()
         site = web.TCPSite(runner, config.listen_ip, config.hrpc_port)
@@ -55,8 +56,13 @@ async def serve_harmony(config: ServerConfig, voice: VoiceSettings | None = None
         print(f"fastsfu: hRPC ws://{config.listen_ip}:{hrpc_port}{STREAM_PATH}", flush=True)
         print(f"fastsfu: gRPC {config.listen_ip}:{grpc_port}", flush=True)
         print(f"fastsfu: media udp {media[0]}:{media[1]}", flush=True)
+        demo = f"http://{config.listen_ip}:{hrpc_port}/demo/"
+        print(f"fastsfu: demo page {demo}", flush=True)
         if config.token_secret is None:
+            # Tokens only this run can verify: open both links (two browsers or profiles) to talk.
             print(f"fastsfu: generated token secret; a token for user 1: {auth.mint(1)}", flush=True)
+            for user in (1, 2):
+                print(f"fastsfu: join as user {user}: {demo}?autojoin=1#token={auth.mint(user)}", flush=True)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
