@@ -47,6 +47,9 @@ extensions = [
         ["src/fastsfu/_rtp.pyx"],
         # No libsrtp headers or library: libsrtp is reached through function pointers taken
         # from pylibsrtp's bundled build at run time (transport.md §7).
+        # OpenSSL (for Discord's AEAD modes, _aead.h) likewise, through pointers set at import.
+        include_dirs=["src/fastsfu"],
+        depends=["src/fastsfu/_aead.h"],
         extra_compile_args=["-O2", "-fno-strict-aliasing"],
     ),
 ]

@@ -237,6 +237,19 @@ def test_bad_token_and_wrong_first_message_end_with_a_status() -> None:
                     assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT
                     trailer = dict(exc.value.trailing_metadata())["hrpc-error-bin"]
                     assert hrpc_pb2.Error.FromString(trailer).identifier == "fastsfu.voice-unexpected-message"
+                    # An oversize message (64 KiB limit): grpc refuses it, the server goes on.
+                    call = stub.StreamMessage(metadata=(("authorization", "tok-1"),))
+                    huge = "x" * 70_000
+                    await call.write(
+                        Req(prepare_for_join_channel=Req.PrepareForJoinChannel(rtp_capabilities=huge))
+                    )
+                    with pytest.raises(grpc.aio.AioRpcError) as exc:
+                        await call.read()
+                    assert exc.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                    call = stub.StreamMessage(metadata=(("authorization", "tok-1"),))
+                    await call.write(Req(initialize=Req.Initialize(guild_id=1, channel_id=1)))
+                    assert (await call.read()).WhichOneof("message") == "initialized"
+                    call.cancel()
             finally:
                 await server.stop(grace=None)
 

@@ -121,7 +121,8 @@ def test_flow_over_hrpc_with_two_members() -> None:
             "fastsfu.voice-unexpected-message",
         ),
         ("tok-1", b"", "fastsfu.voice-unexpected-message"),  # empty frame: no oneof set
-        ("tok-1", b"\x0a" * 70000, "close"),  # larger than the 64 KiB frame limit
+        ("tok-1", b"\x0a" * 70000, "fastsfu.voice-bad-frame"),  # over the 64 KiB frame limit
+        ("tok-1", b"\x0a" * (1024 * 1024 + 1), "close"),  # never buffered: close 1009 at once
     ],
 )
 def test_errors_are_an_error_frame_then_a_clean_close(token: str, frame: Any, identifier: str) -> None:
@@ -133,7 +134,7 @@ def test_errors_are_an_error_frame_then_a_clean_close(token: str, frame: Any, id
             await ws.send_bytes(frame)
         if identifier == "close":
             msg = await asyncio.wait_for(ws.receive(), 10)
-            assert msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.CLOSING)
+            assert msg.type == aiohttp.WSMsgType.CLOSE and msg.data == 1009, msg  # message too big
             return
         op, error = await recv(ws)
         assert op == 1 and error.identifier == identifier and error.human_message
@@ -155,3 +156,51 @@ def test_http_errors_before_the_upgrade() -> None:
             assert hrpc_pb2.Error.FromString(await resp.read()).identifier == "hrpc.not-found"
 
     serve(body)
+
+
+def test_a_client_that_stops_mid_flow_times_out_and_one_that_vanishes_is_cleaned_up() -> None:
+    from fastsfu.harmony import VoiceSettings
+
+    async def main() -> None:
+        async with Engine() as engine:
+            rooms = VoiceRooms(engine, VoiceSettings(init_timeout=0.3, prepare_timeout=0.3, join_timeout=0.3))
+            runner = web.AppRunner(make_app(rooms, TOKENS.authenticate))
+            await runner.setup()
+            site = web.TCPSite(runner, "127.0.0.1", 0)
+            await site.start()
+            url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}{STREAM_PATH}"  # type: ignore[union-attr]
+            try:
+                async with aiohttp.ClientSession() as http:
+                    # Silent after PrepareForJoinChannel: the JOIN deadline passes.
+                    ws = await http.ws_connect(url, protocols=("hrpc1", "tok-1"))
+                    await ws.send_bytes(
+                        Req(initialize=Req.Initialize(guild_id=1, channel_id=2)).SerializeToString()
+                    )
+                    await recv(ws)
+                    caps = json.dumps(CAPS)
+                    prepare = Req(prepare_for_join_channel=Req.PrepareForJoinChannel(rtp_capabilities=caps))
+                    await ws.send_bytes(prepare.SerializeToString())
+                    assert (await recv(ws))[1].WhichOneof("message") == "prepared_for_join_channel"
+                    assert engine.stats()["transports"] == 2
+                    op, error = await recv(ws)
+                    assert op == 1 and error.identifier == "fastsfu.voice-message-timeout"
+                    assert (await asyncio.wait_for(ws.receive(), 5)).type == aiohttp.WSMsgType.CLOSE
+                    # Vanishes (TCP closed, no close frame) after Initialize; no deadline helps here.
+                    rooms.settings.prepare_timeout = 60.0
+                    ws = await http.ws_connect(url, protocols=("hrpc1", "tok-2"))
+                    await ws.send_bytes(
+                        Req(initialize=Req.Initialize(guild_id=1, channel_id=2)).SerializeToString()
+                    )
+                    await recv(ws)
+                    assert rooms.sessions and rooms.rooms
+                    ws._response.connection.transport.abort()  # type: ignore[union-attr]
+                for _ in range(50):
+                    if not rooms.sessions and not rooms.open_sessions:
+                        break
+                    await asyncio.sleep(0.05)
+                assert not rooms.sessions and not rooms.open_sessions and not rooms.rooms
+                assert engine.stats()["transports"] == 0 and engine.stats()["routers"] == 0
+            finally:
+                await runner.cleanup()
+
+    asyncio.run(asyncio.wait_for(main(), 30))

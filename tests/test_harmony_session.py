@@ -398,3 +398,93 @@ def test_a_dead_transport_ends_the_session_with_transport_failed() -> None:
         assert err.identifier == "fastsfu.voice-transport-failed" and rooms.rooms == {}
 
     run(body)
+
+
+GOOD_DTLS = {"role": "client", "fingerprints": DtlsCertificate.generate().fingerprints()[:1]}
+# Values a broken or hostile client may put in any JSON string field: not JSON, JSON of the wrong
+# shape, wrong types inside the right shape, and nesting deep enough to exhaust a recursive parser.
+BAD_JSON = [
+    "",
+    "{",
+    "null",
+    "[]",
+    "5",
+    '"x"',
+    "NaN",
+    "[" * 50_000 + "]" * 50_000,
+    "{}",
+    '{"codecs": 5}',
+    '{"codecs": [5]}',
+    '{"codecs": [{"mimeType": 5}]}',
+    '{"codecs": [{"mimeType": "audio/opus", "clockRate": "48000", "payloadType": "x"}]}',
+    '{"codecs": [{"mimeType": "audio/opus", "clockRate": 48000, "channels": 2, "payloadType": 111}],'
+    ' "encodings": {"ssrc": 1}}',
+    '{"codecs": [{"mimeType": "audio/opus", "clockRate": 48000, "channels": 2, "payloadType": 111}],'
+    ' "encodings": [{"ssrc": -1}], "headerExtensions": [{"uri": 5, "id": "x"}]}',
+    '{"headerExtensions": 7, "codecs": []}',
+    '{"fingerprints": "x"}',
+    '{"fingerprints": [5, null, {"algorithm": 5, "value": null}]}',
+    '{"role": 7, "fingerprints": [{"algorithm": "sha-256", "value": "zz"}]}',
+    '{"role": "server", "fingerprints": [{"algorithm": "md5", "value": "AA:BB"}]}',
+]
+FIELD_ERRORS = {
+    "rtp_capabilities": {"fastsfu.voice-invalid-json", "fastsfu.voice-incompatible-capabilities"},
+    "rtp_paramaters": {"fastsfu.voice-invalid-json", "fastsfu.voice-create-producer"},
+    "producer_dtls_paramaters": {"fastsfu.voice-invalid-json", "fastsfu.voice-bad-dtls-parameters"},
+    "consumer_dtls_paramaters": {"fastsfu.voice-invalid-json", "fastsfu.voice-bad-dtls-parameters"},
+}
+
+
+@pytest.mark.parametrize("field", sorted(FIELD_ERRORS))
+def test_invalid_json_in_any_string_field_is_a_clear_error(field: str) -> None:
+    """Every bad value ends that session with the field's documented error (never an internal
+    error or an exception escaping the state machine); a member already in the room is unaffected."""
+
+    async def body(rooms: VoiceRooms) -> None:
+        member, _ = join(rooms, 1)
+        for i, bad in enumerate(BAD_JSON):
+            s = rooms.open_session(100 + i)
+            s.handle(Req(initialize=Req.Initialize(guild_id=GUILD, channel_id=CHANNEL)))
+            caps = bad if field == "rtp_capabilities" else json.dumps(CLIENT_CAPS)
+            with pytest.raises(VoiceError) as exc:
+                s.handle(Req(prepare_for_join_channel=Req.PrepareForJoinChannel(rtp_capabilities=caps)))
+                fields = {
+                    "rtp_paramaters": json.dumps(chromium_producer(5000 + i)),
+                    "producer_dtls_paramaters": json.dumps(GOOD_DTLS),
+                    "consumer_dtls_paramaters": json.dumps(GOOD_DTLS),
+                }
+                fields[field] = bad
+                s.handle(Req(join_channel=Req.JoinChannel(**fields)))
+            assert exc.value.identifier in FIELD_ERRORS[field], (bad[:80], exc.value)
+            s.close()
+            assert list(rooms.rooms[(GUILD, CHANNEL)].members) == [1]
+            assert messages(member) == []  # no UserJoined / UserLeft for a join that failed
+        member.close()
+        assert rooms.rooms == {} and rooms.sessions == {}
+
+    run(body)
+
+
+def test_a_join_that_fails_half_way_takes_back_its_user_joined() -> None:
+    """The router runs out of consumers in the middle of the join commit: the member that already
+    heard UserJoined hears UserLeft, the joiner gets voice-create-consumer, the room goes on."""
+
+    async def main() -> None:
+        from fastsfu import Settings
+
+        async with Engine(Settings(max_consumers_per_router=4)) as engine:
+            rooms = VoiceRooms(engine)
+            one, _ = join(rooms, 1)
+            two, _ = join(rooms, 2)  # consumers 1<-2 and 2<-1
+            assert [m.WhichOneof("message") for m in messages(one)] == ["user_joined"]
+            with pytest.raises(VoiceError) as exc:
+                join(rooms, 3)  # 3<-1 and 1<-3 fit, 3<-2 does not
+            assert exc.value.identifier == "fastsfu.voice-create-consumer"
+            rooms.sessions[3].close()
+            heard = [m.WhichOneof("message") for m in messages(one)]
+            assert heard == ["user_joined", "user_left"], heard
+            assert messages(two) == []
+            assert sorted(rooms.rooms[(GUILD, CHANNEL)].members) == [1, 2]
+            assert len(one.consumers) == 1 and len(two.consumers) == 1  # only each other's
+
+    asyncio.run(asyncio.wait_for(main(), 30))

@@ -1,7 +1,7 @@
 # The datapath's C interface: constants, tables and the Datapath class, for other Cython modules
 # (transport-specific crypto, tests) to cimport. Implementation in _rtp.pyx.
 
-from libc.stdint cimport int16_t, int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
+from libc.stdint cimport int16_t, int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t, uintptr_t
 
 from fastsfu._csys cimport epoll_event, iovec, mmsghdr, socklen_t
 
@@ -41,6 +41,7 @@ cdef enum:
     DROP_SEND_FAILED
     DROP_QUEUE_AGE
     DROP_RECV_ERROR
+    DROP_AEAD_REPLAY                 # a Discord transport-encryption nonce seen before
     N_DROPS
 
 cdef enum:
@@ -60,6 +61,29 @@ cdef enum:
     SRTP_STATUS_REPLAY_OLD = 10
 
 ctypedef int (*srtp_fn)(void *ctx, void *hdr, int *len_ptr) noexcept nogil
+
+# Discord's rtpsize AEAD modes (discord-gateway.md §6.4), implemented in _aead.h.
+cdef extern from "_aead.h" nogil:
+    ctypedef struct fsfu_aead:
+        int mode
+        uint32_t out_counter
+        int have_in
+        uint32_t in_highest
+    enum:
+        FSFU_AEAD_AES256GCM
+        FSFU_AEAD_XCHACHA20
+        FSFU_AEAD_SUFFIX
+        FSFU_AEAD_OK
+        FSFU_AEAD_FAIL
+        FSFU_AEAD_REPLAY
+        FSFU_AEAD_SHORT
+    void fsfu_evp_install(const uintptr_t *f)
+    int fsfu_evp_installed()
+    int fsfu_aead_init(fsfu_aead *a, int mode, const uint8_t *key)
+    void fsfu_aead_free(fsfu_aead *a)
+    int fsfu_aead_seal(fsfu_aead *a, uint8_t *buf, int n, int clear)
+    int fsfu_aead_open(fsfu_aead *a, uint8_t *buf, int n, int clear)
+    void fsfu_hchacha20(uint8_t *out, const uint8_t *key, const uint8_t *nonce16)
 
 
 ctypedef struct Key:                 # 24 bytes: a 5-tuple (sock, port, v6 address) or (transport, ssrc)
@@ -97,6 +121,7 @@ ctypedef struct Transport:
     Key tuple_key
     void *srtp_in
     void *srtp_out
+    fsfu_aead *aead                  # Discord transport encryption instead of SRTP, or NULL
     uint32_t last_unknown_ssrc
     int reported_unknown
     uint64_t rx_packets
@@ -171,6 +196,11 @@ ctypedef struct Event:
     uint32_t value
 
 
+cdef class AeadContext:
+    cdef fsfu_aead ctx
+    cdef int ready
+
+
 cdef class Datapath:
     cdef Socket *sockets
     cdef Transport *transports
@@ -180,7 +210,7 @@ cdef class Datapath:
     cdef Table tuples
     cdef Table ssrcs
     cdef uint64_t drops[N_DROPS]
-    cdef uint64_t rx_packets, fwd_packets, batches, slow_packets
+    cdef uint64_t rx_packets, rx_bytes, fwd_packets, fwd_bytes, batches, slow_packets
     cdef int64_t max_queue_age_ns
     cdef int output_mode
     cdef list captured

@@ -27,6 +27,7 @@ DROP_REASONS = (
     "malformed", "oversize", "unknown_protocol", "unknown_tuple", "unknown_ssrc", "unknown_pt",
     "decrypt_failed", "srtp_replay", "producer_paused", "no_consumers", "consumer_paused",
     "stale_seq", "seq_jump", "no_remote", "encrypt_failed", "send_failed", "queue_age", "recv_error",
+    "aead_replay",
 )
 
 SLOW_STUN = K_SLOW_STUN
@@ -55,6 +56,89 @@ def install_srtp_functions(uintptr_t protect, uintptr_t unprotect, uintptr_t pro
     g_unprotect = <srtp_fn>unprotect
     g_protect_rtcp = <srtp_fn>protect_rtcp
     g_unprotect_rtcp = <srtp_fn>unprotect_rtcp
+
+
+AEAD_MODES = {"aead_aes256_gcm_rtpsize": FSFU_AEAD_AES256GCM,
+              "aead_xchacha20_poly1305_rtpsize": FSFU_AEAD_XCHACHA20}
+AEAD_SUFFIX = FSFU_AEAD_SUFFIX
+
+
+def install_aead_functions(tuple addresses) -> None:
+    """Take the 11 OpenSSL EVP entry points _aead.h uses (from pylibsrtp's bundled library)."""
+    cdef uintptr_t f[11]
+    cdef int i
+    if len(addresses) != 11 or not all(addresses):
+        raise ValueError("need 11 non-null OpenSSL function addresses")
+    for i in range(11):
+        f[i] = addresses[i]
+    fsfu_evp_install(f)
+
+
+def hchacha20(const uint8_t[:] key, const uint8_t[:] nonce16) -> bytes:
+    """HChaCha20 (draft-irtf-cfrg-xchacha-03 §2.2), exposed for the known-answer test."""
+    cdef uint8_t out[32]
+    if key.shape[0] != 32 or nonce16.shape[0] != 16:
+        raise ValueError("HChaCha20 takes a 32-byte key and a 16-byte nonce")
+    fsfu_hchacha20(out, &key[0], &nonce16[0])
+    return PyBytes_FromStringAndSize(<char *>out, 32)
+
+
+cdef class AeadContext:
+    """One direction's state of a Discord rtpsize AEAD mode (discord-gateway.md §6.4): the key,
+    cipher contexts, the outbound nonce counter and the inbound replay window. A transport owns
+    one; `seal`/`open` exist for tests and the slow path, the datapath calls the C functions."""
+
+    def __cinit__(self, str mode, const uint8_t[:] key):
+        self.ready = 0
+        if not fsfu_evp_installed():
+            raise RuntimeError("OpenSSL functions are not installed (import fastsfu.discord.crypto)")
+        if mode not in AEAD_MODES:
+            raise ValueError(f"unknown transport encryption mode {mode!r}")
+        if key.shape[0] != 32:
+            raise ValueError("the secret key is 32 bytes")
+        if fsfu_aead_init(&self.ctx, AEAD_MODES[mode], &key[0]) != 0:
+            fsfu_aead_free(&self.ctx)
+            raise MemoryError("cannot create the cipher contexts")
+        self.ready = 1
+
+    def __dealloc__(self):
+        if self.ready:
+            fsfu_aead_free(&self.ctx)
+
+    @property
+    def out_counter(self) -> int:
+        return self.ctx.out_counter
+
+    @out_counter.setter
+    def out_counter(self, uint32_t value) -> None:
+        self.ctx.out_counter = value
+
+    def seal(self, const uint8_t[:] packet, int clear) -> bytes:
+        """packet[:clear] stays clear (AAD); the rest is encrypted; tag and counter appended."""
+        cdef int n = packet.shape[0], r
+        cdef bytearray buf
+        if not 0 <= clear <= n:
+            raise ValueError("clear part longer than the packet")
+        buf = bytearray(n + FSFU_AEAD_SUFFIX)
+        if n:
+            memcpy(<uint8_t *><char *>buf, &packet[0], n)
+        r = fsfu_aead_seal(&self.ctx, <uint8_t *><char *>buf, n, clear)
+        if r < 0:
+            raise ValueError("encryption failed")
+        return bytes(buf)
+
+    def open(self, const uint8_t[:] packet, int clear) -> bytes:
+        """Authenticate and decrypt; ValueError on a bad tag, a replayed counter or a short packet."""
+        cdef int n = packet.shape[0], r
+        cdef bytearray buf = bytearray(packet)
+        if n == 0 or clear < 0:
+            raise ValueError("short packet")
+        r = fsfu_aead_open(&self.ctx, <uint8_t *><char *>buf, n, clear)
+        if r == FSFU_AEAD_REPLAY:
+            raise ValueError("replayed nonce")
+        if r < 0:
+            raise ValueError("authentication failed" if r == FSFU_AEAD_FAIL else "short packet")
+        return bytes(buf[:r])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -487,9 +571,20 @@ cdef class Datapath:
         self._check_transport(t)
         if (inbound is not None or outbound is not None) and g_protect == NULL:
             raise RuntimeError("libsrtp functions are not installed (import fastsfu.srtp)")
+        if self.transports[t].aead != NULL:
+            raise ValueError("the transport uses Discord transport encryption")
         self.transports[t].srtp_in = <void *><uintptr_t>(inbound.address if inbound is not None else 0)
         self.transports[t].srtp_out = <void *><uintptr_t>(outbound.address if outbound is not None else 0)
         self.keepalive[t] = (inbound, outbound)
+
+    def set_transport_aead(self, int t, AeadContext context) -> None:
+        """Protect this transport with a Discord rtpsize AEAD mode (None: none). Its receivers get
+        CC 0 and no CSRCs, as Discord clients require (discord-gateway.md §6.3)."""
+        self._check_transport(t)
+        if context is not None and (self.transports[t].srtp_in != NULL or self.transports[t].srtp_out != NULL):
+            raise ValueError("the transport uses SRTP")
+        self.transports[t].aead = &context.ctx if context is not None else NULL
+        self.keepalive[t] = context
 
     def add_producer(self, int t, uint32_t ssrc, int payload_type, uint32_t clock_rate,
                      dict ext_kinds) -> int:
@@ -746,6 +841,12 @@ cdef class Datapath:
             self._release_out(slot)
             self.drops[DROP_ENCRYPT_FAILED] += 1
             return False
+        if tr.aead != NULL:
+            n = fsfu_aead_seal(tr.aead, self.out[slot].data, n, 8)
+            if n < 0:
+                self._release_out(slot)
+                self.drops[DROP_ENCRYPT_FAILED] += 1
+                return False
         self.out[slot].len = n
         self._enqueue(slot, tr)
         if flush:
@@ -777,7 +878,8 @@ cdef class Datapath:
         return {DROP_REASONS[i]: self.drops[i] for i in range(N_DROPS)}
 
     def stats(self) -> dict:
-        return {"rx_packets": self.rx_packets, "forwarded_packets": self.fwd_packets,
+        return {"rx_packets": self.rx_packets, "rx_bytes": self.rx_bytes,
+                "forwarded_packets": self.fwd_packets, "forwarded_bytes": self.fwd_bytes,
                 "batches": self.batches, "slow_path_packets": self.slow_packets,
                 "events_lost": self.events_lost, "drops": self.drop_counts()}
 
@@ -918,7 +1020,7 @@ cdef class Datapath:
                      int *out_t, int *out_n) noexcept nogil:
         """Classify one datagram (RFC 7983 §7) and forward it if it is RTP; returns a SLOW_* kind or 0."""
         cdef Key k
-        cdef int t, tentative = 0
+        cdef int t, tentative = 0, status
         cdef uint8_t b0
         cdef Transport *tr
         self.rx_packets += 1
@@ -926,12 +1028,18 @@ cdef class Datapath:
         if n < 1:
             self._drop(NULL, DROP_MALFORMED)
             return 0
+        self.rx_bytes += n
         b0 = buf[0]
         tuple_key_from_sockaddr(&k, sock, src)
         t = table_get(&self.tuples, &k)
+        if t >= 0 and self.transports[t].aead != NULL and n == 8:
+            # A Discord keep-alive: classified by length, its first byte is arbitrary (§6.2).
+            out_t[0] = t
+            out_n[0] = n
+            return K_SLOW_OTHER
         if b0 <= 3:
             out_t[0] = t                  # ICE finds the transport of an unknown tuple by ufrag
-            out_n[0] = n
+            out_n[0] = n                  # (and Discord IP discovery by SSRC)
             return K_SLOW_STUN
         if t < 0:
             if 128 <= b0 <= 191 and self.sockets[sock].comedia_transport >= 0:
@@ -942,7 +1050,7 @@ cdef class Datapath:
                            else DROP_UNKNOWN_PROTOCOL)
                 return 0
         tr = &self.transports[t]
-        if 20 <= b0 <= 63:
+        if 20 <= b0 <= 63 and tr.aead == NULL:
             out_t[0] = t
             out_n[0] = n
             return K_SLOW_DTLS
@@ -960,6 +1068,13 @@ cdef class Datapath:
             if tr.srtp_in != NULL and g_unprotect_rtcp(tr.srtp_in, buf, &n) != 0:
                 self._drop(tr, DROP_DECRYPT_FAILED)
                 return 0
+            if tr.aead != NULL:
+                # rtpsize AEAD: the 8-byte fixed RTCP header is the clear part (§6.3).
+                status = fsfu_aead_open(tr.aead, buf, n, 8)
+                if status < 0:
+                    self._drop(tr, DROP_AEAD_REPLAY if status == FSFU_AEAD_REPLAY else DROP_DECRYPT_FAILED)
+                    return 0
+                n = status
             tr.rtcp_rx += 1
             out_t[0] = t
             out_n[0] = n
@@ -969,7 +1084,7 @@ cdef class Datapath:
 
     cdef void _rtp(self, int t, Transport *tr, uint8_t *buf, int n, const uint8_t *src, int64_t now,
                    int tentative) noexcept nogil:
-        cdef int hlen, cc, status, p, decrypt, i, c
+        cdef int hlen, cc, status, p, decrypt, i, c, clear
         cdef int ext_off = 0, ext_len = 0, profile = 0
         cdef uint16_t seq
         cdef uint32_t ssrc, ts
@@ -990,6 +1105,9 @@ cdef class Datapath:
             ext_len = 4 * rd16(&buf[hlen + 2])
             ext_off = hlen + 4
             hlen = ext_off + ext_len
+        # Discord's rtpsize modes leave the fixed header, CSRCs and extension preamble clear and
+        # encrypt the extension elements with the payload (discord-gateway.md §6.4).
+        clear = ext_off if ext_off else hlen
         if hlen > n:
             self._drop(tr, DROP_MALFORMED)
             return
@@ -1011,6 +1129,17 @@ cdef class Datapath:
         seq = rd16(&buf[2])
         # Drop early: a packet nobody receives is not decrypted, except now and then so that
         # libsrtp's rollover counter keeps up (RFC 3711 §3.3.1) and a comedia tuple can be learned.
+        if tr.aead != NULL:
+            # No rollover counter to keep up: decrypt only what someone receives.
+            if tentative or (not pr.paused and pr.n_active > 0):
+                status = fsfu_aead_open(tr.aead, buf, n, clear)
+                if status < 0:
+                    self._drop(tr, DROP_AEAD_REPLAY if status == FSFU_AEAD_REPLAY else DROP_DECRYPT_FAILED)
+                    pr.drops += 1
+                    return
+                n = status
+                pr.have_auth = 1
+                pr.last_auth_seq = seq
         decrypt = (tr.srtp_in != NULL and
                    (tentative or (not pr.paused and pr.n_active > 0) or not pr.have_auth
                     or <uint16_t>(seq - pr.last_auth_seq) >= SRTP_KEEPALIVE_SEQ))
@@ -1141,9 +1270,10 @@ cdef class Datapath:
         out_ts = rd32(&buf[4]) + co.ts_off
         slot = self._alloc_out()
         o = self.out[slot].data
-        cc = buf[0] & 0x0F
+        # Discord clients read a 12-byte header and ignore CC: send them none (§6.3).
+        cc = 0 if dst.aead != NULL else buf[0] & 0x0F
         # Fixed header and CSRCs, then the rewritten extension block, then the payload.
-        o[0] = buf[0] & 0xEF
+        o[0] = (buf[0] & 0xE0) | cc
         o[1] = (buf[1] & 0x80) | co.pt
         wr16(&o[2], out_seq)
         wr32(&o[4], out_ts)
@@ -1167,6 +1297,14 @@ cdef class Datapath:
             co.drops += 1
             self._drop(dst, DROP_ENCRYPT_FAILED)
             return
+        if dst.aead != NULL:
+            # Clear part: the 12-byte header, plus the extension preamble if we wrote one.
+            w = fsfu_aead_seal(dst.aead, o, w, 16 if o[0] & 0x10 else 12)
+            if w < 0:
+                self._release_out(slot)
+                co.drops += 1
+                self._drop(dst, DROP_ENCRYPT_FAILED)
+                return
         self.out[slot].len = w
         if ext > co.highest_sent:
             co.highest_sent = ext
@@ -1177,6 +1315,7 @@ cdef class Datapath:
         co.packets += 1
         co.bytes += w
         self.fwd_packets += 1
+        self.fwd_bytes += w
         self._enqueue(slot, dst)
 
     # ----------------------------------------------------------------- output queue

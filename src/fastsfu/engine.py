@@ -120,8 +120,12 @@ class Engine(EventEmitter):
         self.routers: dict[str, Router] = {}
         self.unhandled_datagrams = 0
         self.slow_path_errors = 0
+        # WebRtcTransport handshake failures (monitoring: a rise means clients cannot connect).
+        self.dtls_failures = 0
+        self.ice_consent_expiries = 0
         self._sockets: dict[int, UdpSocket] = {}
         self._transports: dict[int, Transport] = {}
+        self._discord_ssrcs: dict[int, Transport] = {}
         self._closed = False
         self._dtls_certificate: DtlsCertificate | None = None
         self._shared_webrtc_socket: UdpSocket | None = None
@@ -165,10 +169,12 @@ class Engine(EventEmitter):
         self.close()
 
     def stats(self) -> dict[str, Any]:
-        """Datapath totals and drops by reason, plus slow-path counters."""
+        """Datapath totals (packets and bytes) and drops by reason, plus slow-path and handshake counters."""
         out = self.datapath.stats()
         out["unhandled_datagrams"] = self.unhandled_datagrams
         out["slow_path_errors"] = self.slow_path_errors
+        out["dtls_failures"] = self.dtls_failures
+        out["ice_consent_expiries"] = self.ice_consent_expiries
         out["routers"] = len(self.routers)
         out["transports"] = len(self._transports)
         return out
@@ -226,6 +232,22 @@ class Engine(EventEmitter):
     def _unregister_ufrag(self, ufrag: str) -> None:
         self._ufrags.pop(ufrag, None)
 
+    def _register_discord_ssrc(self, ssrc: int, transport: Transport) -> None:
+        # IP discovery finds its transport by READY's SSRC, so SSRCs are unique per engine.
+        if ssrc in self._discord_ssrcs:
+            raise ValueError(f"SSRC {ssrc} is already in use by a Discord transport")
+        self._discord_ssrcs[ssrc] = transport
+
+    def _unregister_discord_ssrc(self, ssrc: int, transport: Transport) -> None:
+        if self._discord_ssrcs.get(ssrc) is transport:
+            del self._discord_ssrcs[ssrc]
+
+    def _transport_for_discovery(self, data: bytes) -> Transport | None:
+        """The Discord transport a 74-byte IP discovery request names (discord-gateway.md §6.1)."""
+        if len(data) != 74 or data[:4] != b"\x00\x01\x00\x46":
+            return None
+        return self._discord_ssrcs.get(int.from_bytes(data[4:8], "big"))
+
     def _transport_for_stun(self, data: bytes) -> Transport | None:
         try:
             username = stun.parse_message(data).get(stun.ATTR_USERNAME)
@@ -244,7 +266,8 @@ class Engine(EventEmitter):
             for kind, t, data, addr, _sock in slow:
                 transport = self._transports.get(t)
                 if transport is None and kind == rtp.SLOW_STUN:
-                    transport = self._transport_for_stun(data)  # a new tuple: find it by ufrag
+                    # A new tuple: ICE names its transport by ufrag, Discord's IP discovery by SSRC.
+                    transport = self._transport_for_stun(data) or self._transport_for_discovery(data)
                 if transport is None:
                     self.unhandled_datagrams += 1
                     continue

@@ -12,6 +12,7 @@ from fastsfu.srtp import DEFAULT_SUITE
 from fastsfu.webrtc_transport import WebRtcTransport
 
 if TYPE_CHECKING:
+    from fastsfu.discord.udp_transport import DiscordUdpTransport
     from fastsfu.engine import Engine
     from fastsfu.producer import Producer
     from fastsfu.transport import Transport
@@ -103,6 +104,23 @@ class Router(EventEmitter):
             raise
         if own:
             transport.observer.once("close", lambda: self.engine._close_socket(socket))
+        self.transports[transport.id] = transport
+        self.observer.emit("newtransport", transport)
+        return transport
+
+    def create_discord_udp_transport(
+        self, ssrc: int, announced_ip: str | None = None, app_data: dict[str, Any] | None = None
+    ) -> DiscordUdpTransport:
+        """A Discord `udp` protocol transport for READY's `ssrc`, on the engine's shared media port
+        (discord-gateway.md §6): IP discovery admits the client, rtpsize AEAD protects the media."""
+        from fastsfu.discord.udp_transport import DiscordUdpTransport
+
+        if self._closed:
+            raise RuntimeError("router closed")
+        settings = self.engine.settings
+        transport = DiscordUdpTransport(
+            self, self.engine._webrtc_socket(), ssrc, announced_ip or settings.webrtc_announced_ip, app_data
+        )
         self.transports[transport.id] = transport
         self.observer.emit("newtransport", transport)
         return transport

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from fastsfu import rtp
 from fastsfu.dtls import DtlsClosed, DtlsConnected, DtlsFailed, DtlsTransport
+from fastsfu.dtls.crypto import FINGERPRINT_ALGORITHMS
 from fastsfu.ice import IceDisconnected, IceRestarted, IceSelectedTuple, IceServer
 from fastsfu.srtp import SrtpContext
 from fastsfu.transport import Transport, TransportError
@@ -119,6 +120,10 @@ class WebRtcTransport(Transport):
             )
         ):
             raise TransportError("dtlsParameters.fingerprints must be a non-empty list of {algorithm, value}")
+        if not any(f["algorithm"].lower() in FINGERPRINT_ALGORITHMS for f in fingerprints):
+            # No certificate could ever match: fail now, not at the handshake (harmony.md §5).
+            supported = ", ".join(FINGERPRINT_ALGORITHMS)
+            raise TransportError(f"dtlsParameters.fingerprints has no supported algorithm ({supported})")
         # mediasoup: a remote client makes us the server; a remote server or "auto" makes us the client.
         our_role = "server" if role == "client" else "client"
         if self._dtls is not None and self._dtls_role != our_role:
@@ -214,6 +219,7 @@ class WebRtcTransport(Transport):
         elif isinstance(event, IceDisconnected):
             # No valid check for the consent timeout (RFC 7675 §5.1): stop sending and close.
             self.engine.datapath.clear_transport_remote(self.slot)
+            self.engine.ice_consent_expiries += 1
             self._set_ice_state("disconnected")
             self.engine.loop.call_soon(self.close)
         elif isinstance(event, IceRestarted):
@@ -231,6 +237,7 @@ class WebRtcTransport(Transport):
             self._set_dtls_state("connected")
         elif isinstance(event, DtlsFailed):
             log.warning("transport %s: DTLS failed: %s", self.id, event.reason)
+            self.engine.dtls_failures += 1
             self._set_dtls_state("failed")
         else:
             self._set_dtls_state("closed")

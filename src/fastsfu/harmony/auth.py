@@ -1,12 +1,13 @@
-"""Default authentication: HS256-signed tokens (JWT, RFC 7519) whose subject is the Harmony user ID.
-
-A homeserver can plug in its own `authenticate(token) -> user_id` instead (harmony.md §2.3).
+"""Default authentication: HS256-signed tokens (JWT, RFC 7519) whose subject is the Harmony user ID,
+and a static (guild, channel) authorization policy. A homeserver can plug in its own
+`authenticate(token) -> user_id` and `authorize(user_id, guild_id, channel_id)` (harmony.md §2.3).
 """
 
 from __future__ import annotations
 
 import secrets
 import time
+from dataclasses import dataclass, field
 
 import jwt
 
@@ -72,3 +73,31 @@ class StaticTokens:
             return self.tokens[token]
         except KeyError:
             raise VoiceError("h.blank-session", "unknown session token") from None
+
+
+@dataclass(frozen=True)
+class GuildPolicy:
+    """What a static policy knows of one guild; None means "any"."""
+
+    voice_channels: frozenset[int] | None = None  # None: every other channel ID is a voice channel
+    other_channels: frozenset[int] = field(default_factory=frozenset)  # exist, but not voice channels
+    members: frozenset[int] | None = None  # None: every authenticated user is a member
+
+
+class StaticAuthorization:
+    """`authorize(user_id, guild_id, channel_id)` from a fixed table of guilds (harmony.md §2.3, §6);
+    for a voice server without a homeserver hook, and for tests."""
+
+    def __init__(self, guilds: dict[int, GuildPolicy]) -> None:
+        self.guilds = dict(guilds)
+
+    def authorize(self, user_id: int, guild_id: int, channel_id: int) -> None:
+        guild = self.guilds.get(guild_id)
+        if guild is None:
+            raise VoiceError("h.bad-guild-id", f"no guild {guild_id}")
+        if guild.members is not None and user_id not in guild.members:
+            raise VoiceError("h.not-joined", f"not a member of guild {guild_id}")
+        if channel_id in guild.other_channels:
+            raise VoiceError("fastsfu.voice-not-voice-channel", f"{channel_id} is not a voice channel")
+        if guild.voice_channels is not None and channel_id not in guild.voice_channels:
+            raise VoiceError("h.bad-channel-id", f"no channel {channel_id} in guild {guild_id}")

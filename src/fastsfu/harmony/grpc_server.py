@@ -2,6 +2,7 @@
 
 Token from the `authorization` metadata (an optional `Bearer ` is stripped, harmony.md §2.2);
 errors end the RPC with a status, a human message and the hrpc.v1.Error in `hrpc-error-bin`.
+The server also answers grpc.health.v1.Health.
 """
 
 from __future__ import annotations
@@ -11,14 +12,28 @@ import logging
 from collections.abc import AsyncIterator, Callable
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from fastsfu._proto.hrpc.v1 import hrpc_pb2
 from fastsfu._proto.protocol.voice.v1 import voice_pb2, voice_pb2_grpc
+from fastsfu.harmony.health import Health
+from fastsfu.harmony.rate_limit import RateLimiter, rate_limited
 from fastsfu.harmony.session import VoiceError, VoiceRooms
 
 log = logging.getLogger("fastsfu.harmony")
 
 Authenticate = Callable[[str], int]  # token -> user id; raises VoiceError("h.blank-session", ...)
+SERVICE_NAME = "protocol.voice.v1.VoiceService"
+
+
+def peer_address(peer: str) -> str:
+    """The IP of a grpc peer string: `ipv4:1.2.3.4:5`, `ipv6:[::1]:5` (anything else as is)."""
+    kind, _, rest = peer.partition(":")
+    if kind == "ipv4":
+        return rest.rpartition(":")[0]
+    if kind == "ipv6":
+        return rest.rpartition(":")[0].strip("[]")
+    return peer
 
 
 def token_from_metadata(metadata: tuple[tuple[str, str | bytes], ...] | None) -> str:
@@ -32,20 +47,31 @@ def token_from_metadata(metadata: tuple[tuple[str, str | bytes], ...] | None) ->
 class VoiceServicer(voice_pb2_grpc.VoiceServiceServicer):  # type: ignore[misc]  # generated, not analysed
     """`/protocol.voice.v1.VoiceService/StreamMessage`: one VoiceSession per call."""
 
-    def __init__(self, rooms: VoiceRooms, authenticate: Authenticate) -> None:
+    def __init__(
+        self, rooms: VoiceRooms, authenticate: Authenticate, rate_limit: RateLimiter | None = None
+    ) -> None:
         self.rooms = rooms
         self.authenticate = authenticate
+        self.rate_limit = rate_limit
 
     async def StreamMessage(  # noqa: N802 - the generated servicer's method name
         self,
         request_iterator: AsyncIterator[voice_pb2.StreamMessageRequest],
         context: grpc.aio.ServicerContext[voice_pb2.StreamMessageRequest, voice_pb2.StreamMessageResponse],
     ) -> AsyncIterator[voice_pb2.StreamMessageResponse]:
+        remote = peer_address(context.peer())
+        # Counted before authentication, so a flood of bad tokens is limited too.
+        wait = self.rate_limit.check(remote) if self.rate_limit is not None else 0.0
+        if wait > 0:
+            await self._abort(context, rate_limited(wait), remote)
+            return
         try:
             user_id = self.authenticate(token_from_metadata(context.invocation_metadata()))
         except VoiceError as exc:
-            await self._abort(context, exc)
+            await self._abort(context, exc, remote)
             return
+        self.rooms.streams_opened["grpc"] += 1
+        log.debug("voice stream opened", extra={"user_id": user_id, "remote": remote, "frontend": "grpc"})
         session = self.rooms.open_session(user_id)
         events: asyncio.Queue[voice_pb2.StreamMessageRequest | None] = asyncio.Queue()
         wake = asyncio.Event()
@@ -66,9 +92,11 @@ class VoiceServicer(voice_pb2_grpc.VoiceServiceServicer):  # type: ignore[misc] 
                 wake.clear()
                 for message in session.take_outgoing():
                     if isinstance(message, VoiceError):
-                        await self._abort(context, message)
+                        await self._abort(context, message, remote, user_id)
                         return
                     yield message
+                if session.state == "closed":
+                    return  # closed by the server with nothing to report (shutdown)
                 timeout = session.timeout()
                 getter = asyncio.ensure_future(events.get())
                 waker = asyncio.ensure_future(wake.wait())
@@ -79,7 +107,7 @@ class VoiceServicer(voice_pb2_grpc.VoiceServiceServicer):  # type: ignore[misc] 
                 if getter not in done:
                     getter.cancel()
                     if not done:  # the state's deadline passed with no message
-                        await self._abort(context, session.timed_out())
+                        await self._abort(context, session.timed_out(), remote, user_id)
                         return
                     continue
                 request = getter.result()
@@ -91,19 +119,26 @@ class VoiceServicer(voice_pb2_grpc.VoiceServiceServicer):  # type: ignore[misc] 
                     for message in session.take_outgoing():
                         if not isinstance(message, VoiceError):
                             yield message
-                    await self._abort(context, exc)
+                    await self._abort(context, exc, remote, user_id)
                     return
         finally:
             reader.cancel()
             session.on_output = None
             session.close()
 
-    @staticmethod
-    async def _abort(context: grpc.aio.ServicerContext[object, object], error: VoiceError) -> None:
+    async def _abort(
+        self,
+        context: grpc.aio.ServicerContext[object, object],
+        error: VoiceError,
+        remote: str,
+        user_id: int | None = None,
+    ) -> None:
         detail = hrpc_pb2.Error(
-            identifier=error.identifier, human_message=error.human_message
+            identifier=error.identifier, human_message=error.human_message, details=error.details
         ).SerializeToString()
-        log.info("voice stream ends: %s", error)
+        self.rooms.stream_errors[error.identifier] += 1
+        extra = {"identifier": error.identifier, "user_id": user_id, "remote": remote, "frontend": "grpc"}
+        log.info("voice stream ends: %s", error, extra=extra)
         await context.abort(
             grpc.StatusCode[error.grpc_code],
             error.human_message,
@@ -112,9 +147,15 @@ class VoiceServicer(voice_pb2_grpc.VoiceServiceServicer):  # type: ignore[misc] 
 
 
 async def start_grpc_server(
-    rooms: VoiceRooms, authenticate: Authenticate, address: str = "127.0.0.1:0"
+    rooms: VoiceRooms,
+    authenticate: Authenticate,
+    address: str = "127.0.0.1:0",
+    rate_limit: RateLimiter | None = None,
+    health: Health | None = None,
 ) -> tuple[grpc.aio.Server, int]:
-    """Serve VoiceService on `address`; returns the server and the bound port."""
+    """Serve VoiceService and grpc.health.v1.Health (SERVING for "" and the voice service) on
+    `address`; returns the server and the bound port. Pass `health` to flip it at shutdown
+    (`health.shutdown()`); `rate_limit` None: no limit."""
     server = grpc.aio.server(
         options=[
             ("grpc.keepalive_time_ms", 20_000),
@@ -122,7 +163,16 @@ async def start_grpc_server(
             ("grpc.max_receive_message_length", 64 * 1024),
         ]
     )
-    voice_pb2_grpc.add_VoiceServiceServicer_to_server(VoiceServicer(rooms, authenticate), server)
-    port = server.add_insecure_port(address)
+    voice_pb2_grpc.add_VoiceServiceServicer_to_server(VoiceServicer(rooms, authenticate, rate_limit), server)
+    health = health or Health()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    try:
+        port = server.add_insecure_port(address)
+    except RuntimeError as exc:  # grpc's "Failed to bind": the same error as any other listener's
+        raise OSError(
+            f"gRPC cannot listen on {address}: the port is taken or the address is not local"
+        ) from exc
+    for service in ("", SERVICE_NAME):
+        health.set(service, health_pb2.HealthCheckResponse.SERVING)
     await server.start()
     return server, port

@@ -15,6 +15,7 @@ from aiohttp import WSMsgType, web
 from fastsfu._proto.hrpc.v1 import hrpc_pb2
 from fastsfu._proto.protocol.voice.v1 import voice_pb2
 from fastsfu.harmony.grpc_server import Authenticate
+from fastsfu.harmony.rate_limit import RateLimiter, rate_limited
 from fastsfu.harmony.session import VoiceError, VoiceRooms
 
 log = logging.getLogger("fastsfu.harmony")
@@ -22,6 +23,9 @@ log = logging.getLogger("fastsfu.harmony")
 STREAM_PATH = "/protocol.voice.v1.VoiceService/StreamMessage"
 SUBPROTOCOL = "hrpc1"
 MAX_FRAME = 64 * 1024
+# Frames up to this size are read and refused in-band (voice-bad-frame, which a browser can show);
+# larger ones make aiohttp close with 1009 before buffering them, so memory stays bounded.
+HARD_FRAME_LIMIT = 1024 * 1024
 PING_INTERVAL = 20.0  # hrpc-rs sends none; browsers answer pings by themselves
 
 
@@ -37,8 +41,9 @@ def token_from_request(request: web.Request) -> str:
     return ""
 
 
-def _error_body(identifier: str, message: str) -> bytes:
-    return bytes(hrpc_pb2.Error(identifier=identifier, human_message=message).SerializeToString())
+def _error_body(identifier: str, message: str, details: bytes = b"") -> bytes:
+    error = hrpc_pb2.Error(identifier=identifier, human_message=message, details=details)
+    return bytes(error.SerializeToString())
 
 
 def _http_error(status: int, identifier: str, message: str) -> web.Response:
@@ -52,21 +57,35 @@ def _http_error(status: int, identifier: str, message: str) -> web.Response:
 class HrpcVoiceEndpoint:
     """The WebSocket endpoint; mount it with `app.router.add_get(STREAM_PATH, endpoint.handle)`."""
 
-    def __init__(self, rooms: VoiceRooms, authenticate: Authenticate) -> None:
+    def __init__(
+        self, rooms: VoiceRooms, authenticate: Authenticate, rate_limit: RateLimiter | None = None
+    ) -> None:
         self.rooms = rooms
         self.authenticate = authenticate
+        self.rate_limit = rate_limit
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
-        ws = web.WebSocketResponse(protocols=(SUBPROTOCOL,), heartbeat=PING_INTERVAL, max_msg_size=MAX_FRAME)
+        ws = web.WebSocketResponse(
+            protocols=(SUBPROTOCOL,), heartbeat=PING_INTERVAL, max_msg_size=HARD_FRAME_LIMIT
+        )
         if not ws.can_prepare(request).ok:
             return _http_error(400, "hrpc.http.bad-streaming-request", "this endpoint is a WebSocket stream")
         token = token_from_request(request)
         await ws.prepare(request)  # answers exactly `hrpc1` when offered, never the token
+        remote = request.remote or ""
+        # Counted before authentication: a flood of bad tokens is limited too. Refused in-band,
+        # after the upgrade, because browsers cannot read an HTTP error (harmony.md §2.1).
+        wait = self.rate_limit.check(remote) if self.rate_limit is not None else 0.0
+        if wait > 0:
+            await self._fail(ws, rate_limited(wait), remote)
+            return ws
         try:
             user_id = self.authenticate(token)
         except VoiceError as exc:
-            await self._fail(ws, exc)
+            await self._fail(ws, exc, remote)
             return ws
+        self.rooms.streams_opened["hrpc"] += 1
+        log.debug("voice stream opened", extra={"user_id": user_id, "remote": remote, "frontend": "hrpc"})
         session = self.rooms.open_session(user_id)
         wake = asyncio.Event()
         session.on_output = wake.set
@@ -76,9 +95,11 @@ class HrpcVoiceEndpoint:
                 wake.clear()
                 for message in session.take_outgoing():
                     if isinstance(message, VoiceError):
-                        await self._fail(ws, message)
+                        await self._fail(ws, message, remote, user_id)
                         return ws
                     await ws.send_bytes(b"\x00" + message.SerializeToString())
+                if session.state == "closed":
+                    return ws  # closed by the server with nothing to report (shutdown)
                 waker = asyncio.ensure_future(wake.wait())
                 done, _ = await asyncio.wait(
                     {receiver, waker}, timeout=session.timeout(), return_when=asyncio.FIRST_COMPLETED
@@ -86,21 +107,21 @@ class HrpcVoiceEndpoint:
                 waker.cancel()
                 if receiver not in done:
                     if not done:
-                        await self._fail(ws, session.timed_out())
+                        await self._fail(ws, session.timed_out(), remote, user_id)
                         return ws
                     continue
                 msg = receiver.result()
                 if msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED, WSMsgType.ERROR):
                     return ws  # any close, with or without a status code, is a leave (§2.1)
-                if msg.type != WSMsgType.BINARY:
-                    await self._fail(ws, VoiceError("fastsfu.voice-bad-frame", "expected a binary frame"))
+                if msg.type != WSMsgType.BINARY or len(msg.data) > MAX_FRAME:
+                    why = "expected a binary frame" if msg.type != WSMsgType.BINARY else "frame over 64 KiB"
+                    await self._fail(ws, VoiceError("fastsfu.voice-bad-frame", why), remote, user_id)
                     return ws
                 try:
                     req = voice_pb2.StreamMessageRequest.FromString(msg.data)
                 except Exception:  # protobuf's DecodeError
-                    await self._fail(
-                        ws, VoiceError("fastsfu.voice-bad-frame", "undecodable StreamMessageRequest")
-                    )
+                    error = VoiceError("fastsfu.voice-bad-frame", "undecodable StreamMessageRequest")
+                    await self._fail(ws, error, remote, user_id)
                     return ws
                 receiver = asyncio.ensure_future(ws.receive())
                 try:
@@ -109,7 +130,7 @@ class HrpcVoiceEndpoint:
                     for message in session.take_outgoing():
                         if not isinstance(message, VoiceError):
                             await ws.send_bytes(b"\x00" + message.SerializeToString())
-                    await self._fail(ws, exc)
+                    await self._fail(ws, exc, remote, user_id)
                     return ws
         finally:
             receiver.cancel()
@@ -118,12 +139,15 @@ class HrpcVoiceEndpoint:
             if not ws.closed:
                 await ws.close()
 
-    @staticmethod
-    async def _fail(ws: web.WebSocketResponse, error: VoiceError) -> None:
+    async def _fail(
+        self, ws: web.WebSocketResponse, error: VoiceError, remote: str, user_id: int | None = None
+    ) -> None:
         """The 0x01 error frame, then a clean close (code 1000)."""
-        log.info("voice stream ends: %s", error)
+        self.rooms.stream_errors[error.identifier] += 1
+        extra = {"identifier": error.identifier, "user_id": user_id, "remote": remote, "frontend": "hrpc"}
+        log.info("voice stream ends: %s", error, extra=extra)
         if not ws.closed:
-            await ws.send_bytes(b"\x01" + _error_body(error.identifier, error.human_message))
+            await ws.send_bytes(b"\x01" + _error_body(error.identifier, error.human_message, error.details))
             await ws.close(code=1000)
 
 
@@ -131,10 +155,11 @@ def make_app(
     rooms: VoiceRooms,
     authenticate: Authenticate,
     mounts: Sequence[Callable[[web.Application], None]] = (),
+    rate_limit: RateLimiter | None = None,
 ) -> web.Application:
     """An aiohttp app serving the hRPC voice stream; each of `mounts` adds its own routes (the demo
-    page, /metrics); every other path answers hrpc.not-found."""
-    endpoint = HrpcVoiceEndpoint(rooms, authenticate)
+    page, /metrics); every other path answers hrpc.not-found. `rate_limit` None: no limit."""
+    endpoint = HrpcVoiceEndpoint(rooms, authenticate, rate_limit)
     app = web.Application()
     app.router.add_get(STREAM_PATH, endpoint.handle)
     for mount in mounts:

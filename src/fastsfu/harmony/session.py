@@ -8,12 +8,14 @@ the stream ends. Room changes happen in one step with no await, so fan-out is at
 from __future__ import annotations
 
 import json
-from collections import deque
+import logging
+from collections import Counter, deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from fastsfu import ortc
 from fastsfu._proto.protocol.voice.v1 import voice_pb2
+from fastsfu.router import RouterLimitError
 from fastsfu.transport import TransportError
 
 if TYPE_CHECKING:
@@ -24,6 +26,11 @@ if TYPE_CHECKING:
     from fastsfu.producer import Producer
     from fastsfu.router import Router
     from fastsfu.webrtc_transport import WebRtcTransport
+
+log = logging.getLogger("fastsfu.harmony")
+
+# Why a producer or consumer cannot be created: bad parameters, or a router or datapath table full.
+CREATE_ERRORS = (ortc.OrtcError, TransportError, RouterLimitError, OverflowError)
 
 Req = voice_pb2.StreamMessageRequest
 Resp = voice_pb2.StreamMessageResponse
@@ -57,10 +64,11 @@ GRPC_CODES = {
 class VoiceError(Exception):
     """A protocol error: sent to the client (gRPC status or hRPC Error frame), then the stream ends."""
 
-    def __init__(self, identifier: str, human_message: str) -> None:
+    def __init__(self, identifier: str, human_message: str, details: bytes = b"") -> None:
         super().__init__(f"{identifier}: {human_message}")
         self.identifier = identifier
         self.human_message = human_message
+        self.details = details  # hrpc.v1.Error.details, e.g. a serialized RetryInfo
 
     @property
     def grpc_code(self) -> str:
@@ -107,10 +115,16 @@ class VoiceRooms:
         self.authorize = authorize
         self.rooms: dict[tuple[int, int], _Room] = {}
         self.sessions: dict[int, VoiceSession] = {}  # user -> the session that passed Initialize
+        self.open_sessions: set[VoiceSession] = set()  # every stream's session, until it closes
+        # Counted by the front-ends for monitoring: streams opened (by front-end) and ended by error.
+        self.streams_opened: Counter[str] = Counter()
+        self.stream_errors: Counter[str] = Counter()  # by identifier
 
     def open_session(self, user_id: int) -> VoiceSession:
         """A new stream from an authenticated user."""
-        return VoiceSession(self, user_id)
+        session = VoiceSession(self, user_id)
+        self.open_sessions.add(session)
+        return session
 
     def _room(self, key: tuple[int, int]) -> _Room:
         room = self.rooms.get(key)
@@ -167,12 +181,18 @@ class VoiceSession:
             raise VoiceError(
                 "fastsfu.voice-unexpected-message", f"expected {expected[self.state]}, got {kind}"
             )
-        if kind == "initialize":
-            self._initialize(request.initialize.guild_id, request.initialize.channel_id)
-        elif kind == "prepare_for_join_channel":
-            self._prepare(request.prepare_for_join_channel.rtp_capabilities)
-        else:
-            self._join(request.join_channel)
+        try:
+            if kind == "initialize":
+                self._initialize(request.initialize.guild_id, request.initialize.channel_id)
+            elif kind == "prepare_for_join_channel":
+                self._prepare(request.prepare_for_join_channel.rtp_capabilities)
+            else:
+                self._join(request.join_channel)
+        except VoiceError:
+            raise
+        except Exception as exc:  # a bug: this stream ends with an error, the others go on
+            log.exception("voice session of user %d failed in state %s", self.user_id, self.state)
+            raise VoiceError("hrpc.internal-server-error", "internal error") from exc
 
     def timed_out(self) -> VoiceError:
         return VoiceError("fastsfu.voice-message-timeout", f"no message in state {self.state}")
@@ -183,6 +203,7 @@ class VoiceSession:
             return
         was_member = self._room is not None and self._room.members.get(self.user_id) is self
         self.state = "closed"
+        self.rooms.open_sessions.discard(self)
         room = self._room
         if room is not None and was_member:
             del room.members[self.user_id]
@@ -196,6 +217,8 @@ class VoiceSession:
                 for member in room.members.values():
                     member._send(Resp(user_left=Resp.UserLeft(user_id=self.user_id)))
             self.rooms._release(room)
+        if self.on_output is not None:
+            self.on_output()  # closed by the server (shutdown): the front-end ends the stream
 
     # ------------------------------------------------------------------ states
 
@@ -285,28 +308,37 @@ class VoiceSession:
                 raise VoiceError("fastsfu.voice-bad-dtls-parameters", f"{field}: {exc}") from None
         try:
             self.producer = self.producer_transport.produce(rtp_parameters)
-        except (ortc.OrtcError, TransportError) as exc:
+        except CREATE_ERRORS as exc:
             raise VoiceError("fastsfu.voice-create-producer", str(exc)) from None
         if len(room.members) >= self.rooms.settings.max_users_per_room:
             raise VoiceError("fastsfu.voice-room-full", "the voice channel is full")
         # The join commit: one step, no await (harmony.md §3.3).
         others = []
-        for member in room.members.values():
-            assert (
-                member.producer is not None
-                and member.consumer_transport is not None
-                and member._caps is not None
-            )
-            mine = self._consume(self.consumer_transport, member.producer, caps, self)
-            others.append(self._consumer_options(member.user_id, member.producer, mine))
-            theirs = self._consume(member.consumer_transport, self.producer, member._caps, member)
-            member._send(
-                Resp(
-                    user_joined=Resp.UserJoined(
-                        data=self._consumer_options(self.user_id, self.producer, theirs)
+        notified: list[VoiceSession] = []
+        try:
+            for member in room.members.values():
+                assert (
+                    member.producer is not None
+                    and member.consumer_transport is not None
+                    and member._caps is not None
+                )
+                mine = self._consume(self.consumer_transport, member.producer, caps, self)
+                others.append(self._consumer_options(member.user_id, member.producer, mine))
+                theirs = self._consume(member.consumer_transport, self.producer, member._caps, member)
+                member._send(
+                    Resp(
+                        user_joined=Resp.UserJoined(
+                            data=self._consumer_options(self.user_id, self.producer, theirs)
+                        )
                     )
                 )
-            )
+                notified.append(member)
+        except VoiceError:
+            # The join failed half-way: whoever heard UserJoined hears UserLeft, so no member
+            # keeps a consumer of a producer that is about to close.
+            for member in notified:
+                member._send(Resp(user_left=Resp.UserLeft(user_id=self.user_id)))
+            raise
         room.members[self.user_id] = self
         self.state = "joined"
         self._send(Resp(joined_channel=Resp.JoinedChannel(other_users=others)))
@@ -355,7 +387,7 @@ class VoiceSession:
     def _json(text: str, field: str) -> Any:
         try:
             return json.loads(text)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nesting deeper than the parser's stack
             raise VoiceError("fastsfu.voice-invalid-json", f"{field} is not valid JSON") from None
 
     def _transport_options(self, transport: WebRtcTransport) -> voice_pb2.TransportOptions:
@@ -371,7 +403,7 @@ class VoiceSession:
     ) -> Consumer:
         try:
             consumer = transport.consume(producer.id, caps, paused=True)  # resumed by ResumeConsumer
-        except (ortc.OrtcError, TransportError) as exc:
+        except CREATE_ERRORS as exc:
             raise VoiceError("fastsfu.voice-create-consumer", str(exc)) from None
         owner.consumers[consumer.id] = consumer
         # Forget it when it closes (its producer left): long sessions with churn stay bounded.

@@ -16,24 +16,26 @@ from typing import Any
 from fastsfu import __version__
 from fastsfu.engine import Engine, Settings
 from fastsfu.harmony.auth import TokenAuth
+from fastsfu.server.config import ConfigError, add_arguments, flag_values, load_config
 from fastsfu.server.demo import DemoRoom
-from fastsfu.server.harmony_server import ServerConfig, serve_harmony
+from fastsfu.server.harmony_server import serve_harmony
+from fastsfu.server.logs import setup_logging
+
+log = logging.getLogger("fastsfu")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="fastsfu", description="fastsfu voice SFU")
     ap.add_argument("--version", action="version", version=f"fastsfu {__version__}")
     sub = ap.add_subparsers(dest="command", required=True)
-    serve = sub.add_parser("serve", help="run the Harmony voice server (or --demo: a demo room)")
-    serve.add_argument("--listen-ip", default="127.0.0.1", help="address for every listener and UDP socket")
-    serve.add_argument("--announced-ip", default=None, help="address put in ICE candidates (NAT, containers)")
-    serve.add_argument("--hrpc-port", type=int, default=2289, help="hRPC WebSocket port (0: any)")
-    serve.add_argument("--grpc-port", type=int, default=2290, help="gRPC port (0: any)")
-    serve.add_argument("--media-port", type=int, default=0, help="shared WebRTC UDP port (0: any)")
+    serve = sub.add_parser(
+        "serve",
+        help="run the Harmony voice server (or --demo: a demo room)",
+        description="Embedded defaults < --config TOML file < FASTSFU_* environment < flags.",
+    )
+    add_arguments(serve)
     serve.add_argument(
-        "--token-secret",
-        default=os.environ.get("FASTSFU_TOKEN_SECRET"),
-        help="HS256 secret for session tokens (env FASTSFU_TOKEN_SECRET; default: generated)",
+        "--print-config", action="store_true", help="print the effective configuration (JSON) and exit"
     )
     serve.add_argument(
         "--demo", action="store_true", help="instead: a demo room of PlainTransports with speakers"
@@ -46,7 +48,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--duration", type=float, default=0.0, help="stop after this many seconds (0: until Ctrl-C)"
     )
     serve.add_argument("--json", action="store_true", help="--demo: print stats as JSON lines")
-    serve.add_argument("-v", "--verbose", action="store_true")
+    serve.add_argument("-v", "--verbose", action="store_true", help="same as --log-level debug")
     token = sub.add_parser("token", help="mint a session token for a user")
     token.add_argument("--user", type=int, required=True, help="Harmony user ID")
     token.add_argument(
@@ -59,9 +61,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             ap.error("--speakers must be 0..64")
         if args.stats_interval <= 0 or args.duration < 0:
             ap.error("--stats-interval must be > 0 and --duration >= 0")
-        for name in ("hrpc_port", "grpc_port", "media_port"):
-            if not 0 <= getattr(args, name) < 65536:
-                ap.error(f"--{name.replace('_', '-')} must be 0..65535")
     elif not args.secret:
         ap.error("--secret (or FASTSFU_TOKEN_SECRET) is required")
     return args
@@ -91,12 +90,12 @@ def stats_line(
     return text, summary
 
 
-async def serve_demo(args: argparse.Namespace) -> int:
-    engine = Engine(Settings(listen_ip=args.listen_ip))
-    room = DemoRoom(engine, args.speakers, args.listen_ip)
+async def serve_demo(args: argparse.Namespace, listen_ip: str) -> int:
+    engine = Engine(Settings(listen_ip=listen_ip))
+    room = DemoRoom(engine, args.speakers, listen_ip)
     print(
         f"fastsfu {__version__}: demo room {room.router.id} with {len(room.speakers)} SRTP speakers "
-        f"(AEAD_AES_128_GCM) on {args.listen_ip}",
+        f"(AEAD_AES_128_GCM) on {listen_ip}",
         flush=True,
     )
     for sp in room.speakers:
@@ -135,22 +134,25 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "token":
         print(TokenAuth(args.secret).mint(args.user, args.ttl))
         return 0
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    try:
+        config = load_config(args.config, os.environ, flag_values(args), args.duration)
+    except ConfigError as exc:
+        # A bad value is the operator's to fix: one line and exit code 2 (as argparse), no traceback.
+        print(f"fastsfu serve: error: {exc}", file=sys.stderr)
+        return 2
+    if args.verbose:
+        config.log.level = "debug"
+    if args.print_config:
+        print(json.dumps(config.redacted(), indent=2, sort_keys=True))
+        return 0
+    setup_logging(config.log.level, config.log.format)
     if args.demo:
-        return asyncio.run(serve_demo(args))
-    config = ServerConfig(
-        listen_ip=args.listen_ip,
-        announced_ip=args.announced_ip,
-        hrpc_port=args.hrpc_port,
-        grpc_port=args.grpc_port,
-        media_port=args.media_port,
-        token_secret=args.token_secret,
-        duration=args.duration,
-    )
-    return asyncio.run(serve_harmony(config))
+        return asyncio.run(serve_demo(args, config.listen_ip))
+    try:
+        return asyncio.run(serve_harmony(config))
+    except OSError as exc:  # e.g. a port already in use
+        log.error("cannot serve: %s", exc)
+        return 1
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """The Harmony voice server: VoiceService over gRPC and hRPC WebSocket, one shared UDP media port.
 
 Embedded defaults need no configuration (127.0.0.1, hRPC on Harmony's port 2289, gRPC on 2290, a
-generated DTLS certificate and token secret); SIGTERM leaves every session cleanly (UserLeft).
+generated DTLS certificate and token secret; see config.py); /metrics and gRPC health for operators.
+SIGTERM flips health to NOT_SERVING, then leaves every session cleanly (UserLeft).
 """
 
 from __future__ import annotations
@@ -10,47 +11,58 @@ import asyncio
 import logging
 import signal
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from aiohttp import web
 
 from fastsfu.engine import Engine, Settings
-from fastsfu.harmony.auth import TokenAuth, generate_secret
+from fastsfu.harmony.auth import StaticAuthorization, TokenAuth, generate_secret
 from fastsfu.harmony.grpc_server import start_grpc_server
+from fastsfu.harmony.health import Health
 from fastsfu.harmony.hrpc_server import STREAM_PATH, make_app
+from fastsfu.harmony.rate_limit import RateLimiter
 from fastsfu.harmony.session import VoiceRooms, VoiceSettings
+from fastsfu.server.config import ServerConfig
 from fastsfu.server.demo_page import mount_demo
+from fastsfu.server.metrics import METRICS_PATH, metrics_mount
 
 log = logging.getLogger("fastsfu")
 
-
-@dataclass
-class ServerConfig:
-    listen_ip: str = "127.0.0.1"
-    announced_ip: str | None = None
-    hrpc_port: int = 2289  # Harmony's default port
-    grpc_port: int = 2290
-    media_port: int = 0  # the shared WebRTC UDP port; 0: any free port
-    token_secret: str | None = None  # None: generated at start (tokens then only work until restart)
-    duration: float = 0.0  # stop after this many seconds; 0: until SIGINT/SIGTERM
+__all__ = ["ServerConfig", "serve_harmony"]
 
 
 async def serve_harmony(config: ServerConfig, voice: VoiceSettings | None = None) -> int:
     secret = config.token_secret or generate_secret()
     auth = TokenAuth(secret)
+    pem = config.dtls_pem()
     settings = Settings(
-        listen_ip=config.listen_ip, webrtc_port=config.media_port, webrtc_announced_ip=config.announced_ip
+        listen_ip=config.listen_ip,
+        webrtc_port=config.media_port,
+        webrtc_announced_ip=config.announced_ip,
+        dtls_certificate_pem=pem[0] if pem else None,
+        dtls_private_key_pem=pem[1] if pem else None,
     )
+    policy = StaticAuthorization(config.auth).authorize if config.auth is not None else None
+    limit = config.rate_limit
+    # One limiter for both front-ends: the limit is per address, whichever protocol it speaks.
+    rate_limit = RateLimiter(limit.burst, limit.interval, limit.max_addresses) if limit.burst else None
+    health = Health()
     async with Engine(settings) as engine:
-        rooms = VoiceRooms(engine, voice)
+        rooms = VoiceRooms(engine, voice or config.voice, policy)
         grpc_server, grpc_port = await start_grpc_server(
-            rooms, auth.authenticate, f"{config.listen_ip}:{config.grpc_port}"
+            rooms, auth.authenticate, f"{config.listen_ip}:{config.grpc_port}", rate_limit, health
         )
         mounts: list[Callable[[web.Application], None]] = [mount_demo]
-        runner = web.AppRunner(make_app(rooms, auth.authenticate, mounts))
+        if config.metrics:
+            mounts.append(metrics_mount(rooms, rate_limit))
+        runner = web.AppRunner(make_app(rooms, auth.authenticate, mounts, rate_limit))
         await runner.setup()
         site = web.TCPSite(runner, config.listen_ip, config.hrpc_port)
-        await site.start()
+        try:
+            await site.start()
+        except OSError:  # e.g. the port is taken: stop what already runs, then report it
+            await runner.cleanup()
+            await grpc_server.stop(grace=None)
+            raise
         hrpc_port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
         media = engine._webrtc_socket().local_address
         print(f"fastsfu: hRPC ws://{config.listen_ip}:{hrpc_port}{STREAM_PATH}", flush=True)
@@ -58,6 +70,8 @@ async def serve_harmony(config: ServerConfig, voice: VoiceSettings | None = None
         print(f"fastsfu: media udp {media[0]}:{media[1]}", flush=True)
         demo = f"http://{config.listen_ip}:{hrpc_port}/demo/"
         print(f"fastsfu: demo page {demo}", flush=True)
+        if config.metrics:
+            print(f"fastsfu: metrics http://{config.listen_ip}:{hrpc_port}{METRICS_PATH}", flush=True)
         if config.token_secret is None:
             # Tokens only this run can verify: open both links (two browsers or profiles) to talk.
             print(f"fastsfu: generated token secret; a token for user 1: {auth.mint(1)}", flush=True)
@@ -72,9 +86,12 @@ async def serve_harmony(config: ServerConfig, voice: VoiceSettings | None = None
         try:
             await stop.wait()
         finally:
+            # Health first, so load balancers stop sending new streams while sessions end.
+            health.shutdown()
             print("fastsfu: shutting down", flush=True)
-            # Every session leaves (members get UserLeft), then the listeners and sockets close.
-            for session in list(rooms.sessions.values()):
+            # Every session leaves (members get UserLeft) and its stream ends, then the listeners
+            # and sockets close.
+            for session in list(rooms.open_sessions):
                 session.close()
             await runner.cleanup()
             await grpc_server.stop(grace=2.0)

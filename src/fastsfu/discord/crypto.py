@@ -1,0 +1,59 @@
+"""Discord's transport encryption (discord-gateway.md §6.4): the rtpsize AEAD modes in C.
+
+The datapath's `_aead.h` calls OpenSSL through function pointers taken here, once, from the library
+pylibsrtp bundles (the same one libsrtp uses), so nothing new is needed at build or run time.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+from pylibsrtp import _binding
+
+from fastsfu import _rtp
+from fastsfu._rtp import AEAD_SUFFIX, AeadContext, hchacha20
+
+# READY's order: both bots take the first mode they support (§6.4, §8).
+MODES: tuple[str, ...] = ("aead_aes256_gcm_rtpsize", "aead_xchacha20_poly1305_rtpsize")
+
+_EVP_FUNCTIONS = (
+    "EVP_CIPHER_CTX_new",
+    "EVP_CIPHER_CTX_free",
+    "EVP_CIPHER_CTX_ctrl",
+    "EVP_EncryptInit_ex",
+    "EVP_EncryptUpdate",
+    "EVP_EncryptFinal_ex",
+    "EVP_DecryptInit_ex",
+    "EVP_DecryptUpdate",
+    "EVP_DecryptFinal_ex",
+    "EVP_aes_256_gcm",
+    "EVP_chacha20_poly1305",
+)
+
+
+def _install() -> None:
+    library = ctypes.CDLL(_binding.__file__)  # already loaded: dlopen returns the same handle
+    try:
+        addresses = tuple(
+            int(ctypes.cast(getattr(library, name), ctypes.c_void_p).value or 0) for name in _EVP_FUNCTIONS
+        )
+    except AttributeError as exc:
+        raise ImportError(
+            f"pylibsrtp's bundled OpenSSL lacks {exc}; Discord transports are unavailable"
+        ) from None
+    _rtp.install_aead_functions(addresses)
+
+
+def rtp_clear_length(packet: bytes) -> int:
+    """The clear part of an rtpsize packet: fixed header, CSRCs and the extension preamble."""
+    if len(packet) < 12:
+        raise ValueError("short RTP packet")
+    clear = 12 + 4 * (packet[0] & 0x0F) + (4 if packet[0] & 0x10 else 0)
+    if clear > len(packet):
+        raise ValueError("RTP header longer than the packet")
+    return clear
+
+
+_install()
+
+__all__ = ["AEAD_SUFFIX", "MODES", "AeadContext", "hchacha20", "rtp_clear_length"]

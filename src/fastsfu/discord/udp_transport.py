@@ -1,0 +1,188 @@
+"""The Discord `udp` protocol's transport (discord-gateway.md §6): IP discovery, keep-alives and RTP
+protected with an rtpsize AEAD mode, on the engine's shared media port.
+
+IP discovery admits the client's address; media is then decrypted, rewritten (PT 120, CC 0) and
+re-encrypted per receiver in the datapath, with each receiver's own nonce counter.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import secrets
+import struct
+from typing import TYPE_CHECKING, Any
+
+from fastsfu import rtp
+from fastsfu.discord.crypto import MODES, AeadContext
+from fastsfu.transport import Transport, TransportError
+
+if TYPE_CHECKING:
+    from fastsfu.engine import UdpSocket
+    from fastsfu.router import Router
+
+log = logging.getLogger("fastsfu.discord")
+
+DISCOVERY_LEN = 74
+DISCOVERY_REQUEST = 1
+DISCOVERY_RESPONSE = 2
+OPUS_PT = 120  # what Discord clients send and accept (§6.3)
+PING_MAGIC = 0x1337CAFE
+PONG_MAGIC = 0x1337F00D
+
+# What a Discord client receives: Opus on PT 120, no header extensions (§6.3).
+DISCORD_RTP_CAPABILITIES: dict[str, Any] = {
+    "codecs": [
+        {
+            "kind": "audio",
+            "mimeType": "audio/opus",
+            "preferredPayloadType": OPUS_PT,
+            "clockRate": 48000,
+            "channels": 2,
+        }
+    ],
+    "headerExtensions": [],
+}
+
+
+def parse_discovery_request(data: bytes) -> int | None:
+    """The SSRC of a 74-byte IP discovery request (type 1, length 70, §6.1), else None."""
+    if len(data) != DISCOVERY_LEN:
+        return None
+    kind, length, ssrc = struct.unpack_from("!HHI", data)
+    if kind != DISCOVERY_REQUEST or length != DISCOVERY_LEN - 4:
+        return None
+    return int(ssrc)
+
+
+def discovery_response(ssrc: int, ip: str, port: int) -> bytes:
+    """Type 2, length 70, the SSRC, the observed address (ASCII, NUL-padded to 64) and port."""
+    address = ip.encode("ascii")
+    if len(address) >= 64:
+        raise ValueError("address too long for IP discovery")
+    return struct.pack("!HHI64sH", DISCOVERY_RESPONSE, DISCOVERY_LEN - 4, ssrc, address, port)
+
+
+def rtp_parameters(ssrc: int) -> dict[str, Any]:
+    """The producer parameters of a Discord sender: Opus on PT 120 with READY's SSRC."""
+    return {
+        "codecs": [{"mimeType": "audio/opus", "payloadType": OPUS_PT, "clockRate": 48000, "channels": 2}],
+        "encodings": [{"ssrc": ssrc}],
+        "rtcp": {"cname": f"discord-{ssrc}", "reducedSize": True},
+    }
+
+
+class DiscordUdpTransport(Transport):
+    """One Discord voice session's media: `ssrc` is READY's; `select_mode()` makes the op 4 key."""
+
+    STATS_TYPE = "discord-udp-transport"
+
+    def __init__(
+        self,
+        router: Router,
+        socket: UdpSocket,
+        ssrc: int,
+        announced_ip: str | None,
+        app_data: dict[str, Any] | None,
+    ) -> None:
+        super().__init__(router, socket, app_data)
+        self.ssrc = ssrc
+        self.announced_ip = announced_ip
+        self.mode: str | None = None
+        self.remote: tuple[str, int] | None = None
+        self.discoveries = 0
+        self.discoveries_refused = 0
+        self.keepalives = 0
+        self._context: AeadContext | None = None
+        try:
+            self.engine._register_discord_ssrc(ssrc, self)
+        except BaseException:
+            super()._close()
+            raise
+
+    @property
+    def local_address(self) -> tuple[str, int]:
+        """READY's `ip` and `port`: the address clients send to and expect replies from (§8)."""
+        ip, port = self.socket.local_address
+        return (self.announced_ip or ip, port)
+
+    def select_mode(self, mode: str) -> bytes:
+        """Install a fresh 32-byte key for `mode` (op 4's secret_key) and return it."""
+        self._check_open()
+        if mode not in MODES:
+            raise TransportError(f"unknown encryption mode {mode!r}")
+        key = secrets.token_bytes(32)
+        # One context per transport: inbound replay window and this receiver's outbound counter.
+        context = AeadContext(mode, key)
+        self.engine.datapath.set_transport_aead(self.slot, context)
+        self._context = context
+        self.mode = mode
+        return key
+
+    # ------------------------------------------------------------------ slow path
+
+    def _on_slow_datagram(self, kind: int, data: bytes, addr: tuple[str, int]) -> None:
+        if kind == rtp.SLOW_STUN and parse_discovery_request(data) == self.ssrc:
+            self._on_discovery(addr)
+        elif kind == rtp.SLOW_OTHER and len(data) == 8:
+            self._on_keepalive(data, addr)
+        elif kind == rtp.SLOW_RTCP:
+            self._on_rtcp(data)
+        else:
+            self.engine.unhandled_datagrams += 1
+
+    def _on_discovery(self, addr: tuple[str, int]) -> None:
+        ip, port = addr[0], addr[1]
+        # Re-binding to another address once media has flowed would let anyone who learns the
+        # SSRC steal the stream: only a client that has not sent media yet may move.
+        moving = self.remote is not None and self.remote != (ip, port)
+        if moving and self.engine.datapath.transport_stats(self.slot)["rx_packets"] > 0:
+            self.discoveries_refused += 1
+            log.info("transport %s: IP discovery from a new address %s:%d refused", self.id, ip, port)
+            return
+        if self.remote != (ip, port):
+            try:
+                self.engine.datapath.set_transport_remote(self.slot, ip, port)
+            except ValueError:
+                self.discoveries_refused += 1  # the tuple belongs to another transport
+                return
+            self.remote = (ip, port)
+        self.discoveries += 1
+        self._send(discovery_response(self.ssrc, ip, port), (ip, port))
+
+    def _on_keepalive(self, data: bytes, addr: tuple[str, int]) -> None:
+        if self.remote is None or (addr[0], addr[1]) != self.remote:
+            return
+        self.keepalives += 1
+        for order in ("big", "little"):
+            if int.from_bytes(data[:4], order) == PING_MAGIC:  # native ping: answer pong (§6.2)
+                self._send(PONG_MAGIC.to_bytes(4, order) + data[4:], addr)
+                return
+        self._send(data, addr)  # a keep-alive: echoing is harmless and old clients expect it
+
+    def _send(self, data: bytes, addr: tuple[str, int]) -> None:
+        # A full socket buffer: the client retries discovery; keep-alives are best effort.
+        with contextlib.suppress(OSError):
+            self.socket.sock.sendto(data, addr)
+
+    def _close(self) -> bool:
+        if not super()._close():
+            return False
+        self.engine._unregister_discord_ssrc(self.ssrc, self)
+        return True
+
+    def get_stats(self) -> list[dict[str, Any]]:
+        stats = super().get_stats()
+        if not stats:
+            return stats
+        stats[0].update(
+            {
+                "mode": self.mode,
+                "ssrc": self.ssrc,
+                "remote": list(self.remote) if self.remote else None,
+                "discoveries": self.discoveries,
+                "discoveriesRefused": self.discoveries_refused,
+                "keepalives": self.keepalives,
+            }
+        )
+        return stats

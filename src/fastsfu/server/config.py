@@ -1,0 +1,380 @@
+"""The configuration of `fastsfu serve`: embedded defaults, overridden by a TOML file, then by
+`FASTSFU_*` environment variables, then by command-line flags (each scalar knob has all three).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import ipaddress
+import math
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fastsfu.dtls import DtlsCertificate
+from fastsfu.harmony.auth import GuildPolicy
+from fastsfu.harmony.session import VoiceSettings
+from fastsfu.server.logs import FORMATS, LEVELS
+
+MAX_ID = 2**64  # Harmony IDs are unsigned 64-bit
+
+
+class ConfigError(Exception):
+    """A bad configuration value: reported as one line, exit code 2."""
+
+
+@dataclass
+class RateLimitConfig:
+    """New streams per remote address (harmony.md §3.5): `burst` at once, then one per `interval` s."""
+
+    burst: int = 5  # 0: no limit
+    interval: float = 10.0
+    max_addresses: int = 65536  # addresses tracked at most (bounded memory)
+
+
+@dataclass
+class LogConfig:
+    level: str = "info"
+    format: str = "text"  # or "json": one object per line
+
+
+@dataclass
+class ServerConfig:
+    listen_ip: str = "127.0.0.1"
+    announced_ip: str | None = None  # put in ICE candidates (NAT, containers); None: listen_ip
+    hrpc_port: int = 2289  # Harmony's default port
+    grpc_port: int = 2290
+    media_port: int = 0  # the shared WebRTC UDP port; 0: any free port
+    token_secret: str | None = None  # None: generated at start (tokens then only work until restart)
+    dtls_certificate: str | None = None  # PEM file (ECDSA P-256); None: generated at start
+    dtls_private_key: str | None = None  # PEM file, with dtls_certificate
+    metrics: bool = True  # GET /metrics (Prometheus) on the hRPC listener
+    duration: float = 0.0  # stop after this many seconds; 0: until SIGINT/SIGTERM (flag only)
+    voice: VoiceSettings = field(default_factory=VoiceSettings)
+    rate_limit: RateLimitConfig = field(default_factory=RateLimitConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    # Static authorization by guild ID ([auth.guilds.<id>]); None: every (guild, channel) is allowed.
+    auth: dict[int, GuildPolicy] | None = None
+
+    def dtls_pem(self) -> tuple[bytes, bytes] | None:
+        """The DTLS certificate and key PEM bytes, or None for a generated certificate."""
+        if self.dtls_certificate is None or self.dtls_private_key is None:
+            return None
+        return _read(self.dtls_certificate), _read(self.dtls_private_key)
+
+    def redacted(self) -> dict[str, Any]:
+        """The effective configuration as plain data, the token secret hidden (for --print-config)."""
+        out = dataclasses.asdict(self)
+        if self.token_secret is not None:
+            out["token_secret"] = "<set>"
+        if self.auth is not None:
+            out["auth"] = {
+                str(g): {k: "any" if v is None else sorted(v) for k, v in vars(p).items()}
+                for g, p in self.auth.items()
+            }
+        return out
+
+
+@dataclass(frozen=True)
+class Option:
+    """One scalar knob: `key` in the TOML file (dotted: section.name), a flag and an env variable."""
+
+    key: str
+    flag: str
+    kind: type
+    help: str
+    choices: tuple[str, ...] = ()
+    minimum: float | None = None
+    maximum: float | None = None
+    ip: bool = False  # the value must be an IP address
+    metavar: str = ""
+
+    @property
+    def env(self) -> str:
+        return "FASTSFU_" + self.flag[2:].upper().replace("-", "_")
+
+
+OPTIONS = (
+    Option(
+        "listen_ip", "--listen-ip", str, "address for every listener and UDP socket", ip=True, metavar="IP"
+    ),
+    Option(
+        "announced_ip",
+        "--announced-ip",
+        str,
+        "address put in ICE candidates (NAT, containers)",
+        ip=True,
+        metavar="IP",
+    ),
+    Option(
+        "hrpc_port",
+        "--hrpc-port",
+        int,
+        "hRPC WebSocket (and /metrics) port; 0: any",
+        minimum=0,
+        maximum=65535,
+    ),
+    Option("grpc_port", "--grpc-port", int, "gRPC port; 0: any", minimum=0, maximum=65535),
+    Option("media_port", "--media-port", int, "shared WebRTC UDP port; 0: any", minimum=0, maximum=65535),
+    Option(
+        "token_secret",
+        "--token-secret",
+        str,
+        "HS256 secret for session tokens (default: generated)",
+        metavar="SECRET",
+    ),
+    Option(
+        "dtls_certificate",
+        "--dtls-certificate",
+        str,
+        "DTLS certificate PEM file (ECDSA P-256)",
+        metavar="PATH",
+    ),
+    Option("dtls_private_key", "--dtls-private-key", str, "DTLS private key PEM file", metavar="PATH"),
+    Option("metrics", "--metrics", bool, "serve Prometheus metrics at /metrics on the hRPC port"),
+    Option("voice.id_quoting", "--id-quoting", str, "IDs as JSON string literals or bare", ("json", "bare")),
+    Option(
+        "voice.duplicate_session",
+        "--duplicate-session",
+        str,
+        "a user's second session replaces or is rejected",
+        ("replace", "reject"),
+    ),
+    Option("voice.max_users_per_room", "--max-users-per-room", int, "members per voice channel", minimum=1),
+    Option("voice.init_timeout", "--init-timeout", float, "seconds to wait for Initialize", minimum=0.001),
+    Option(
+        "voice.prepare_timeout",
+        "--prepare-timeout",
+        float,
+        "seconds for PrepareForJoinChannel",
+        minimum=0.001,
+    ),
+    Option("voice.join_timeout", "--join-timeout", float, "seconds to wait for JoinChannel", minimum=0.001),
+    Option(
+        "voice.max_outbox", "--max-outbox", int, "queued responses before a non-reader is dropped", minimum=16
+    ),
+    Option(
+        "rate_limit.burst",
+        "--rate-limit-burst",
+        int,
+        "new streams per address at once; 0: no limit",
+        minimum=0,
+    ),
+    Option(
+        "rate_limit.interval", "--rate-limit-interval", float, "seconds per further stream", minimum=0.001
+    ),
+    Option(
+        "rate_limit.max_addresses", "--rate-limit-max-addresses", int, "addresses tracked at most", minimum=1
+    ),
+    Option("log.level", "--log-level", str, "log level", LEVELS),
+    Option("log.format", "--log-format", str, "log format: text, or json (one object per line)", FORMATS),
+)
+_BY_KEY = {o.key: o for o in OPTIONS}
+SECTIONS = ("voice", "rate_limit", "log")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """--config and one flag per option; a flag left out leaves the lower layers' value."""
+    parser.add_argument("--config", default=None, help="TOML configuration file (env FASTSFU_CONFIG)")
+    for o in OPTIONS:
+        dest = "opt_" + o.key.replace(".", "__")
+        text = f"{o.help} (env {o.env})"
+        if o.kind is bool:
+            parser.add_argument(
+                o.flag, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=text
+            )
+        else:
+            metavar = o.metavar or ("|".join(o.choices) if o.choices else o.kind.__name__.upper())
+            parser.add_argument(o.flag, dest=dest, default=None, metavar=metavar, help=text)
+
+
+def flag_values(args: argparse.Namespace) -> dict[str, Any]:
+    """The options given on the command line, by key."""
+    out = {}
+    for o in OPTIONS:
+        value = getattr(args, "opt_" + o.key.replace(".", "__"), None)
+        if value is not None:
+            out[o.key] = value
+    return out
+
+
+def load_config(
+    path: str | None, env: Mapping[str, str], flags: Mapping[str, Any], duration: float = 0.0
+) -> ServerConfig:
+    """Defaults < the TOML file at `path` (else env FASTSFU_CONFIG) < env < flags; ConfigError if bad."""
+    values: dict[str, Any] = {}
+    auth = None
+    path = path or env.get("FASTSFU_CONFIG") or None
+    if path is not None:
+        file_values, auth = _parse_file(path)
+        values.update(file_values)
+    for o in OPTIONS:
+        raw = env.get(o.env)
+        if raw:  # an empty variable counts as unset
+            values[o.key] = _coerce(o, raw, o.env, from_text=True)
+    for key, raw in flags.items():
+        o = _BY_KEY[key]
+        values[key] = _coerce(o, raw, o.flag, from_text=not isinstance(raw, bool))
+    config = _build(values, auth, duration)
+    _check_dtls(config)
+    return config
+
+
+# ---------------------------------------------------------------------- parsing and checks
+
+
+def _read(path: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror or exc}") from None
+
+
+def _parse_file(path: str) -> tuple[dict[str, Any], dict[int, GuildPolicy] | None]:
+    try:
+        data = tomllib.loads(_read(path).decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    values: dict[str, Any] = {}
+    auth = None
+    for name, value in data.items():
+        if name == "auth":
+            auth = _parse_auth(path, value)
+        elif name in SECTIONS:
+            if not isinstance(value, dict):
+                raise ConfigError(f"{path}: [{name}] must be a table")
+            for sub, item in value.items():
+                values.update(_file_value(path, f"{name}.{sub}", item))
+        else:
+            values.update(_file_value(path, name, value))
+    return values, auth
+
+
+def _file_value(path: str, key: str, value: Any) -> dict[str, Any]:
+    o = _BY_KEY.get(key)
+    if o is None:
+        raise ConfigError(f"{path}: unknown key {key!r}")
+    return {key: _coerce(o, value, f"{path}: {key}", from_text=False)}
+
+
+def _coerce(o: Option, value: Any, where: str, from_text: bool) -> Any:
+    """`value` (text from env or a flag, or a typed TOML value) as the option's type, checked."""
+    kind = o.kind.__name__
+    if from_text and o.kind is not str:
+        text = str(value).strip()
+        if o.kind is bool:
+            lowered = text.lower()
+            if lowered not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+                raise ConfigError(f"{where}: expected true or false, got {text!r}")
+            value = lowered in ("1", "true", "yes", "on")
+        else:
+            try:
+                value = o.kind(text)
+            except ValueError:
+                raise ConfigError(
+                    f"{where}: expected {'an' if kind == 'int' else 'a'} {kind}, got {text!r}"
+                ) from None
+    if o.kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, o.kind) or (o.kind is int and isinstance(value, bool)):
+        raise ConfigError(f"{where}: expected {kind}, got {type(value).__name__} {value!r}")
+    return _check(o, value, where)
+
+
+def _check(o: Option, value: Any, where: str) -> Any:
+    """Range, choice and form checks of a value of the right type."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{where}: must be a finite number")
+    if o.choices and value not in o.choices:
+        raise ConfigError(f"{where}: must be one of {', '.join(o.choices)}, got {value!r}")
+    if o.minimum is not None and value < o.minimum:
+        raise ConfigError(f"{where}: must be at least {o.minimum:g}, got {value!r}")
+    if o.maximum is not None and value > o.maximum:
+        raise ConfigError(f"{where}: must be at most {o.maximum:g}, got {value!r}")
+    if o.ip:
+        try:
+            ipaddress.ip_address(value)
+        except ValueError:
+            raise ConfigError(f"{where}: not an IP address: {value!r}") from None
+    if isinstance(value, str) and not value:
+        raise ConfigError(f"{where}: must not be empty")
+    return value
+
+
+def _parse_auth(path: str, value: Any) -> dict[int, GuildPolicy]:
+    if not isinstance(value, dict) or set(value) - {"guilds"}:
+        raise ConfigError(f"{path}: [auth] takes one table, [auth.guilds.<guild id>]")
+    guilds = value.get("guilds", {})
+    if not isinstance(guilds, dict):
+        raise ConfigError(f"{path}: auth.guilds must be a table of guild IDs")
+    out = {}
+    for gid, policy in guilds.items():
+        where = f"{path}: auth.guilds.{gid}"
+        guild_id = _id(gid, where)
+        if not isinstance(policy, dict):
+            raise ConfigError(f"{where} must be a table")
+        unknown = set(policy) - {"voice_channels", "other_channels", "members"}
+        if unknown:
+            raise ConfigError(f"{where}: unknown key {sorted(unknown)[0]!r}")
+        voice = _id_set(policy.get("voice_channels", "any"), f"{where}.voice_channels", allow_any=True)
+        other = _id_set(policy.get("other_channels", []), f"{where}.other_channels", allow_any=False)
+        members = _id_set(policy.get("members", "any"), f"{where}.members", allow_any=True)
+        assert other is not None
+        if voice is not None and voice & other:
+            raise ConfigError(f"{where}: a channel cannot be in both voice_channels and other_channels")
+        out[guild_id] = GuildPolicy(voice, other, members)
+    return out
+
+
+def _id(value: Any, where: str) -> int:
+    number = value
+    if isinstance(value, str):  # a TOML table key: [auth.guilds.1] gives "1"
+        number = int(value) if value.isascii() and value.isdigit() else None
+    if not isinstance(number, int) or isinstance(number, bool) or not 0 <= number < MAX_ID:
+        raise ConfigError(f"{where}: not a Harmony ID (unsigned 64-bit integer): {value!r}")
+    return number
+
+
+def _id_set(value: Any, where: str, allow_any: bool) -> frozenset[int] | None:
+    if allow_any and value == "any":
+        return None
+    if not isinstance(value, list):
+        alternative = ' or "any"' if allow_any else ""
+        raise ConfigError(f"{where}: expected a list of IDs{alternative}")
+    return frozenset(_id(v, where) for v in value)
+
+
+def _build(values: dict[str, Any], auth: dict[int, GuildPolicy] | None, duration: float) -> ServerConfig:
+    top = {k: v for k, v in values.items() if "." not in k}
+    sections: dict[str, dict[str, Any]] = {s: {} for s in SECTIONS}
+    for key, value in values.items():
+        if "." in key:
+            section, name = key.split(".", 1)
+            sections[section][name] = value
+    try:
+        voice = VoiceSettings(**sections["voice"])
+    except ValueError as exc:
+        raise ConfigError(f"voice: {exc}") from None
+    return ServerConfig(
+        **top,
+        duration=duration,
+        voice=voice,
+        rate_limit=RateLimitConfig(**sections["rate_limit"]),
+        log=LogConfig(**sections["log"]),
+        auth=auth,
+    )
+
+
+def _check_dtls(config: ServerConfig) -> None:
+    if (config.dtls_certificate is None) != (config.dtls_private_key is None):
+        raise ConfigError("dtls_certificate and dtls_private_key must be given together")
+    pem = config.dtls_pem()
+    if pem is None:
+        return
+    try:
+        DtlsCertificate.load_pem(*pem)
+    except Exception as exc:  # cryptography raises ValueError or its own types on bad PEM
+        raise ConfigError(f"DTLS certificate {config.dtls_certificate}: {exc}") from None

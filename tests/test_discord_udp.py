@@ -1,0 +1,368 @@
+"""Discord's `udp` transport (discord-gateway.md §6): the rtpsize AEAD modes in C checked against
+independent implementations (cryptography's AES-GCM, PyNaCl's XChaCha20-Poly1305), and the
+transport through real sockets on 127.0.0.1: IP discovery, keep-alives, forwarding with PT 120 and
+CC 0 re-encrypted per receiver, and bad input (tampering, replays, malformed discovery)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import struct
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import nacl.bindings
+import pytest
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from fastsfu import Engine
+from fastsfu.discord.crypto import MODES, AeadContext, hchacha20, rtp_clear_length
+from fastsfu.discord.udp_transport import (
+    DISCORD_RTP_CAPABILITIES,
+    DiscordUdpTransport,
+    discovery_response,
+    parse_discovery_request,
+    rtp_parameters,
+)
+
+pytestmark = pytest.mark.loopback
+
+AES, XCHACHA = MODES
+
+
+def ref_seal(mode: str, key: bytes, packet: bytes, clear: int, counter: int) -> bytes:
+    """Discord's wire layout, built with other libraries: clear ‖ ciphertext ‖ tag ‖ counter (BE)."""
+    suffix = counter.to_bytes(4, "big")
+    if mode == AES:
+        sealed = AESGCM(key).encrypt(suffix + bytes(8), packet[clear:], packet[:clear])
+    else:
+        sealed = nacl.bindings.crypto_aead_xchacha20poly1305_ietf_encrypt(
+            packet[clear:], packet[:clear], suffix + bytes(20), key
+        )
+    return packet[:clear] + sealed + suffix
+
+
+def ref_open(mode: str, key: bytes, packet: bytes, clear: int) -> tuple[bytes, int]:
+    counter = packet[-4:]
+    body = packet[clear:-4]
+    if mode == AES:
+        plain = AESGCM(key).decrypt(counter + bytes(8), body, packet[:clear])
+    else:
+        plain = nacl.bindings.crypto_aead_xchacha20poly1305_ietf_decrypt(
+            body, packet[:clear], counter + bytes(20), key
+        )
+    return packet[:clear] + plain, int.from_bytes(counter, "big")
+
+
+def rtp_packet(ssrc: int, seq: int, payload: bytes, *, csrcs: int = 0, extension: bytes = b"") -> bytes:
+    b0 = 0x80 | csrcs | (0x10 if extension else 0)
+    header = struct.pack("!BBHII", b0, 120, seq, seq * 960, ssrc) + b"".join(
+        struct.pack("!I", 0xC0 + i) for i in range(csrcs)
+    )
+    if extension:
+        padded = extension + bytes(-len(extension) % 4)
+        header += struct.pack("!HH", 0xBEDE, len(padded) // 4) + padded
+    return header + payload
+
+
+# ---------------------------------------------------------------------------------------------- crypto
+
+
+def test_hchacha20_known_answer() -> None:
+    # draft-irtf-cfrg-xchacha-03 §2.2.1
+    key = bytes(range(32))
+    nonce = bytes.fromhex("000000090000004a0000000031415927")
+    expected = "82413b4227b27bfed30e42508a877d73a0f9e4d58a74a853c12ec41326d3ecdc"
+    assert hchacha20(key, nonce).hex() == expected
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize(
+    "packet",
+    [
+        rtp_packet(7, 1, b""),
+        rtp_packet(7, 2, os.urandom(160)),
+        rtp_packet(7, 3, os.urandom(60), csrcs=2),
+        rtp_packet(7, 4, os.urandom(60), extension=b"\x10\x85\x30\x01\x02\x03"),
+    ],
+)
+def test_seal_and_open_match_independent_implementations(mode: str, packet: bytes) -> None:
+    key = os.urandom(32)
+    clear = rtp_clear_length(packet)
+    ours = AeadContext(mode, key)
+    for counter in (0, 1, 0xFFFFFFFF):
+        ours.out_counter = counter
+        sealed = ours.seal(packet, clear)
+        assert sealed == ref_seal(mode, key, packet, clear, counter)
+        assert ref_open(mode, key, sealed, clear) == (packet, counter)
+        assert AeadContext(mode, key).open(sealed, clear) == packet
+    assert ours.out_counter == 0  # wrapped past 2^32 - 1
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_open_refuses_tampering_replays_and_short_packets(mode: str) -> None:
+    key = os.urandom(32)
+    packet = rtp_packet(9, 1, os.urandom(40))
+    rx = AeadContext(mode, key)
+    sealed = [ref_seal(mode, key, packet, 12, c) for c in range(200)]
+    for i in (0, 12, len(sealed[5]) - 20, len(sealed[5]) - 1):  # header (AAD), body, tag, counter
+        bad = bytearray(sealed[5])
+        bad[i] ^= 0x01
+        with pytest.raises(ValueError, match="authentication failed"):
+            rx.open(bytes(bad), 12)
+    with pytest.raises(ValueError):
+        AeadContext(mode, os.urandom(32)).open(sealed[5], 12)  # another key
+    with pytest.raises(ValueError, match="short"):
+        rx.open(sealed[0][:31], 12)
+    # Out of order within 64 is fine, a repeat or anything 64 or more behind is a replay.
+    for c in (100, 98, 99, 40, 37):
+        assert rx.open(sealed[c], 12) == packet
+    for c in (100, 98, 36, 10):
+        with pytest.raises(ValueError, match="replayed"):
+            rx.open(sealed[c], 12)
+    # Failed attempts leave no trace: the genuine packet still opens.
+    assert rx.open(sealed[101], 12) == packet
+
+
+def test_replay_window_crosses_the_counter_wrap() -> None:
+    key = os.urandom(32)
+    rx = AeadContext(XCHACHA, key)
+    packet = rtp_packet(1, 1, b"x" * 10)
+    for c in (0xFFFFFFFE, 0xFFFFFFFF, 0, 1):
+        assert rx.open(ref_seal(XCHACHA, key, packet, 12, c), 12) == packet
+    with pytest.raises(ValueError, match="replayed"):
+        rx.open(ref_seal(XCHACHA, key, packet, 12, 0xFFFFFFFF), 12)
+
+
+def test_discovery_codec() -> None:
+    request = struct.pack("!HHI66x", 1, 70, 0xDEADBEEF)
+    assert parse_discovery_request(request) == 0xDEADBEEF
+    assert parse_discovery_request(request[:-1]) is None
+    assert parse_discovery_request(struct.pack("!HHI66x", 2, 70, 5)) is None
+    assert parse_discovery_request(struct.pack("!HHI66x", 1, 66, 5)) is None
+    response = discovery_response(0xDEADBEEF, "127.0.0.1", 40000)
+    assert len(response) == 74 and response[:8] == struct.pack("!HHI", 2, 70, 0xDEADBEEF)
+    assert response[8:72].rstrip(b"\0") == b"127.0.0.1" and response[72:] == struct.pack("!H", 40000)
+
+
+# ---------------------------------------------------------------------------------------------- transport
+
+
+class Client:
+    """A Discord client's UDP side, with the reference crypto above."""
+
+    def __init__(self, ssrc: int, mode: str, host: str = "127.0.0.1") -> None:
+        self.ssrc = ssrc
+        self.mode = mode
+        self.key = b""
+        self.counter = 0
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind((host, 0))
+        self.sock.setblocking(False)
+        self.server: tuple[str, int] = ("127.0.0.1", 0)
+        self.rtcp: list[bytes] = []
+
+    @property
+    def address(self) -> tuple[str, int]:
+        host, port = self.sock.getsockname()
+        return host, port
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendto(data, self.server)
+
+    def discovery(self) -> None:
+        self.send(struct.pack("!HHI66x", 1, 70, self.ssrc))
+
+    def send_rtp(self, packet: bytes, counter: int | None = None) -> bytes:
+        if counter is None:
+            counter, self.counter = self.counter, self.counter + 1
+        sealed = ref_seal(self.mode, self.key, packet, rtp_clear_length(packet), counter)
+        self.send(sealed)
+        return sealed
+
+    async def recv(self, timeout: float = 2.0) -> bytes:
+        """The next datagram that is not RTCP (the server's reports come on their own timers;
+        djs drops them by payload type too)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            data = await asyncio.wait_for(loop.sock_recv(self.sock, 4096), max(deadline - loop.time(), 0))
+            if len(data) >= 2 and 192 <= data[1] <= 223 and len(data) != 74:
+                self.rtcp.append(data)
+                continue
+            return data
+
+    async def recv_none(self, wait: float = 0.2) -> None:
+        with pytest.raises(TimeoutError):
+            data = await self.recv(wait)
+            raise AssertionError(f"unexpected datagram {data!r}")
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+Room = tuple[Engine, list[Client], list[DiscordUdpTransport], Any, Any]
+
+
+def run_room(body: Callable[[Room], Awaitable[None]]) -> None:
+    """Two Discord sessions in one router: A sends with AES-GCM, B receives with XChaCha."""
+
+    async def main() -> None:
+        async with Engine() as engine:
+            router = engine.create_router()
+            clients = [Client(1001, AES), Client(1002, XCHACHA)]
+            transports = [router.create_discord_udp_transport(c.ssrc) for c in clients]
+            for c, t in zip(clients, transports, strict=True):
+                c.server = t.local_address
+                c.key = t.select_mode(c.mode)
+            producer = transports[0].produce(rtp_parameters(1001))
+            consumer = transports[1].consume(producer.id, DISCORD_RTP_CAPABILITIES, ssrc=1001)
+            try:
+                await body((engine, clients, transports, producer, consumer))
+            finally:
+                for c in clients:
+                    c.close()
+
+    asyncio.run(asyncio.wait_for(main(), 20))
+
+
+async def discover(client: Client) -> None:
+    client.discovery()
+    response = await client.recv()
+    assert len(response) == 74 and response[:8] == struct.pack("!HHI", 2, 70, client.ssrc)
+    ip = response[8:72].split(b"\0", 1)[0].decode()
+    assert (ip, struct.unpack("!H", response[72:])[0]) == client.address
+
+
+def test_discovery_then_forwarding_rewrites_and_reencrypts_per_receiver() -> None:
+    async def body(room: Room) -> None:
+        engine, (a, b), (ta, tb), producer, consumer = room
+        await discover(a)
+        await discover(b)
+        assert ta.remote == a.address and tb.remote == b.address
+        sent = []
+        for seq in range(20):
+            # Native clients add CSRCs and one-byte extensions: receivers get neither (§6.3).
+            payload = bytes([seq]) * 50
+            sent.append(payload)
+            a.send_rtp(
+                rtp_packet(1001, 100 + seq, payload, csrcs=seq % 3, extension=b"\x10\x85" if seq % 2 else b"")
+            )
+        for seq in range(20):
+            plain, counter = ref_open(XCHACHA, b.key, await b.recv(), 12)
+            assert counter == seq  # B's own counter, from 0
+            b0, pt, out_seq, ts, ssrc = struct.unpack_from("!BBHII", plain)
+            assert b0 == 0x80 and pt == 120 and ssrc == 1001  # V=2, no X, CC 0, PT 120
+            assert plain[12:] == sent[seq]
+            assert out_seq == (100 + seq) & 0xFFFF and ts == (100 + seq) * 960
+        assert producer.get_stats()[0]["packetCount"] == 20
+        assert consumer.get_stats()[0]["packetCount"] == 20
+        assert engine.stats()["drops"]["decrypt_failed"] == 0
+
+    run_room(body)
+
+
+def test_bad_input_is_counted_and_the_stream_goes_on() -> None:
+    async def body(room: Room) -> None:
+        engine, (a, b), (ta, tb), producer, consumer = room
+        await discover(a)
+        await discover(b)
+        good = a.send_rtp(rtp_packet(1001, 1, b"first"))
+        assert ref_open(XCHACHA, b.key, await b.recv(), 12)[0][12:] == b"first"
+        a.send(good)  # replayed nonce
+        tampered = bytearray(ref_seal(AES, a.key, rtp_packet(1001, 2, b"second"), 12, 77))
+        tampered[-10] ^= 1  # inside the tag
+        a.send(bytes(tampered))
+        a.send(ref_seal(AES, os.urandom(32), rtp_packet(1001, 3, b"forged"), 12, 50))  # wrong key
+        a.send(good[:25])  # shorter than header + tag + counter
+        a.send(struct.pack("!HHI65x", 1, 70, 1001))  # 73-byte discovery
+        a.send(struct.pack("!HHI66x", 1, 71, 1001))  # wrong length field
+        a.send(struct.pack("!HHI66x", 1, 70, 4242))  # unknown SSRC
+        await b.recv_none()
+        await a.recv_none()  # no discovery answer for any of those
+        drops = engine.stats()["drops"]
+        assert drops["aead_replay"] == 1 and drops["decrypt_failed"] == 3, drops
+        assert engine.stats()["unhandled_datagrams"] >= 2
+        # A forged discovery from another address cannot move a stream that has carried media.
+        thief = Client(1001, AES)
+        thief.server = a.server
+        try:
+            thief.discovery()
+            await thief.recv_none()
+        finally:
+            thief.close()
+        assert ta.remote == a.address and ta.discoveries_refused == 1
+        a.send_rtp(rtp_packet(1001, 4, b"still here"))
+        assert ref_open(XCHACHA, b.key, await b.recv(), 12)[0][12:] == b"still here"
+
+    run_room(body)
+
+
+def test_keepalives_are_echoed_and_pings_answered() -> None:
+    async def body(room: Room) -> None:
+        engine, (a, b), (ta, tb), producer, consumer = room
+        await discover(a)
+        keepalive = struct.pack("<I4x", 7)
+        a.send(keepalive)
+        assert await a.recv() == keepalive
+        a.send(struct.pack("!II", 0x1337CAFE, 9))
+        assert await a.recv() == struct.pack("!II", 0x1337F00D, 9)
+        assert ta.keepalives == 2
+        b.send(keepalive)  # before discovery: not admitted, no answer
+        await b.recv_none()
+
+    run_room(body)
+
+
+def test_only_receivers_with_a_discovered_address_get_media_and_close_frees_the_ssrc() -> None:
+    async def body(room: Room) -> None:
+        engine, (a, b), (ta, tb), producer, consumer = room
+        await discover(a)
+        a.send_rtp(rtp_packet(1001, 1, b"nobody hears"))
+        await b.recv_none()
+        assert engine.stats()["drops"]["no_remote"] == 1
+        router = ta.router
+        with pytest.raises(ValueError, match="already in use"):
+            router.create_discord_udp_transport(1001)
+        ta.close()
+        assert producer.closed and consumer.closed
+        again = router.create_discord_udp_transport(1001)  # the SSRC is free again
+        assert again.ssrc == 1001
+
+    run_room(body)
+
+
+def test_server_rtcp_is_sealed_with_the_receivers_mode() -> None:
+    """Sender reports go out with the 8-byte RTCP header as the clear part (§6.3)."""
+
+    async def main() -> None:
+        from fastsfu import Settings
+
+        async with Engine(Settings(rtcp_interval=0.1)) as engine:
+            router = engine.create_router()
+            a, b = Client(2001, AES), Client(2002, XCHACHA)
+            ta, tb = (router.create_discord_udp_transport(c.ssrc) for c in (a, b))
+            try:
+                for c, t in ((a, ta), (b, tb)):
+                    c.server = t.local_address
+                    c.key = t.select_mode(c.mode)
+                    await discover(c)
+                producer = ta.produce(rtp_parameters(2001))
+                tb.consume(producer.id, DISCORD_RTP_CAPABILITIES, ssrc=2001)
+                a.send_rtp(rtp_packet(2001, 1, b"hello"))
+                await b.recv()
+                for _ in range(40):
+                    if b.rtcp:
+                        break
+                    await asyncio.sleep(0.05)
+                    with contextlib.suppress(TimeoutError):
+                        await b.recv(0.01)
+                plain, _ = ref_open(XCHACHA, b.key, b.rtcp[0], 8)
+                assert plain[1] == 200 and struct.unpack_from("!I", plain, 4)[0] == 2001  # SR of 2001
+            finally:
+                a.close()
+                b.close()
+
+    asyncio.run(asyncio.wait_for(main(), 20))

@@ -1,0 +1,263 @@
+"""`fastsfu serve` configuration: defaults < TOML file < FASTSFU_* environment < flags; bad values
+exit 2 with one line; the static authorization policy gives each harmony.md §6 identifier through the
+real hRPC and gRPC front-ends."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import aiohttp
+import grpc
+import pytest
+from aiohttp import web
+
+from fastsfu import Engine
+from fastsfu._proto.hrpc.v1 import hrpc_pb2
+from fastsfu._proto.protocol.voice.v1 import voice_pb2, voice_pb2_grpc
+from fastsfu.dtls import DtlsCertificate
+from fastsfu.harmony import VoiceRooms
+from fastsfu.harmony.auth import StaticAuthorization, StaticTokens
+from fastsfu.harmony.grpc_server import start_grpc_server
+from fastsfu.harmony.hrpc_server import STREAM_PATH, make_app
+from fastsfu.server.config import ConfigError, ServerConfig, load_config
+
+Req, Resp = voice_pb2.StreamMessageRequest, voice_pb2.StreamMessageResponse
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith("FASTSFU_")}
+    return subprocess.run(
+        [sys.executable, "-m", "fastsfu.server.cli", "serve", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**base, **(env or {})},
+    )
+
+
+def test_defaults_need_no_configuration() -> None:
+    config = load_config(None, {}, {})
+    assert config == ServerConfig()
+    assert (config.listen_ip, config.hrpc_port, config.grpc_port, config.media_port) == (
+        "127.0.0.1",
+        2289,
+        2290,
+        0,
+    )
+    assert config.token_secret is None and config.dtls_pem() is None and config.auth is None
+    assert (config.rate_limit.burst, config.rate_limit.interval) == (5, 10.0)
+    assert (config.log.level, config.log.format) == ("info", "text")
+
+
+def test_precedence_defaults_toml_env_flags(tmp_path: Path) -> None:
+    toml = tmp_path / "fastsfu.toml"
+    toml.write_text(
+        'listen_ip = "127.0.0.2"\nhrpc_port = 1111\ngrpc_port = 2222\nmedia_port = 3333\n'
+        "[voice]\nmax_users_per_room = 7\njoin_timeout = 12\n"
+        '[log]\nformat = "json"\nlevel = "warning"\n'
+    )
+    env = {"FASTSFU_GRPC_PORT": "4444", "FASTSFU_MEDIA_PORT": "5555", "FASTSFU_JOIN_TIMEOUT": "13.5"}
+    config = load_config(str(toml), env, {"media_port": "6666", "log.level": "debug"})
+    assert config.listen_ip == "127.0.0.2"  # file over default
+    assert config.hrpc_port == 1111  # file
+    assert config.grpc_port == 4444  # env over file
+    assert config.media_port == 6666  # flag over env over file
+    assert config.voice.max_users_per_room == 7 and config.voice.join_timeout == 13.5
+    assert config.voice.init_timeout == 10.0  # untouched default
+    assert (config.log.format, config.log.level) == ("json", "debug")
+    # FASTSFU_CONFIG names the file when no --config is given.
+    assert load_config(None, {"FASTSFU_CONFIG": str(toml)}, {}).hrpc_port == 1111
+
+
+def test_precedence_through_the_command_line(tmp_path: Path) -> None:
+    toml = tmp_path / "fastsfu.toml"
+    toml.write_text("hrpc_port = 1111\ngrpc_port = 2222\nmedia_port = 3333\n[rate_limit]\nburst = 9\n")
+    out = cli(
+        "--config",
+        str(toml),
+        "--media-port",
+        "6666",
+        "--no-metrics",
+        "--print-config",
+        env={"FASTSFU_GRPC_PORT": "4444", "FASTSFU_MEDIA_PORT": "5555", "FASTSFU_TOKEN_SECRET": "s3cret-x"},
+    )
+    assert out.returncode == 0, out.stderr
+    printed = json.loads(out.stdout)
+    assert (printed["hrpc_port"], printed["grpc_port"], printed["media_port"]) == (1111, 4444, 6666)
+    assert printed["rate_limit"]["burst"] == 9 and printed["metrics"] is False
+    assert printed["token_secret"] == "<set>" and "s3cret-x" not in out.stdout
+
+
+@pytest.mark.parametrize(
+    ("toml", "args", "env", "message"),
+    [
+        ("hrpc_port = 'x'\n", (), {}, "hrpc_port: expected int"),
+        ("hrpc_prot = 1\n", (), {}, "unknown key 'hrpc_prot'"),
+        ("[voice]\ntimeout = 1\n", (), {}, "unknown key 'voice.timeout'"),
+        ("[voice]\nid_quoting = 'yes'\n", (), {}, "must be one of json, bare"),
+        ("hrpc_port = \n", (), {}, "not valid TOML"),
+        ("[auth.guilds.abc]\n", (), {}, "not a Harmony ID"),
+        ("[auth.guilds.1]\nvoice_channels = 'some'\n", (), {}, 'list of IDs or "any"'),
+        ("[auth.guilds.1]\nvoice_channels = [1]\nother_channels = [1]\n", (), {}, "both"),
+        ("", ("--hrpc-port", "70000"), {}, "--hrpc-port: must be at most 65535"),
+        ("", ("--listen-ip", "example.org"), {}, "--listen-ip: not an IP address"),
+        ("", (), {"FASTSFU_JOIN_TIMEOUT": "soon"}, "FASTSFU_JOIN_TIMEOUT: expected a float"),
+        ("", (), {"FASTSFU_LOG_FORMAT": "xml"}, "FASTSFU_LOG_FORMAT: must be one of text, json"),
+        ("", ("--dtls-certificate", "/nonexistent.pem"), {}, "must be given together"),
+        ("", ("--dtls-certificate", "/no/c.pem", "--dtls-private-key", "/no/k.pem"), {}, "cannot read"),
+    ],
+)
+def test_bad_configuration_exits_2_with_a_message(
+    tmp_path: Path, toml: str, args: tuple[str, ...], env: dict[str, str], message: str
+) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(toml)
+    out = cli("--config", str(path), *args, "--duration", "0.1", env=env)
+    assert out.returncode == 2
+    assert message in out.stderr and "Traceback" not in out.stderr
+    assert out.stderr.startswith("fastsfu serve: error: ") and out.stderr.count("\n") == 1
+
+
+def test_missing_config_file_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config("/nonexistent/fastsfu.toml", {}, {})
+
+
+def test_dtls_certificate_files_are_loaded(tmp_path: Path) -> None:
+    cert = DtlsCertificate.generate()
+    (tmp_path / "c.pem").write_bytes(cert.certificate_pem())
+    (tmp_path / "k.pem").write_bytes(cert.private_key_pem())
+    config = load_config(
+        None,
+        {"FASTSFU_DTLS_CERTIFICATE": str(tmp_path / "c.pem")},
+        {"dtls_private_key": str(tmp_path / "k.pem")},
+    )
+    pem = config.dtls_pem()
+    assert pem is not None
+    assert DtlsCertificate.load_pem(*pem).fingerprint() == cert.fingerprint()
+    (tmp_path / "k.pem").write_bytes(DtlsCertificate.generate().private_key_pem())  # not this cert's key
+    with pytest.raises(ConfigError, match="does not belong"):
+        load_config(
+            None,
+            {},
+            {"dtls_certificate": str(tmp_path / "c.pem"), "dtls_private_key": str(tmp_path / "k.pem")},
+        )
+
+
+def test_example_config_file_is_valid() -> None:
+    config = load_config(str(ROOT / "fastsfu.example.toml"), {}, {})
+    assert config.auth is not None and config.rate_limit.burst >= 1
+
+
+POLICY = """
+[auth.guilds.1]
+voice_channels = [10]
+other_channels = [11]
+members = [1, 2]
+
+[auth.guilds.2]
+"""
+TOKENS = StaticTokens({"tok-1": 1, "tok-3": 3})
+
+
+def policy_rooms(engine: Engine, tmp_path: Path) -> VoiceRooms:
+    path = tmp_path / "policy.toml"
+    path.write_text(POLICY)
+    config = load_config(str(path), {}, {})
+    assert config.auth is not None
+    return VoiceRooms(engine, config.voice, StaticAuthorization(config.auth).authorize)
+
+
+@pytest.mark.loopback
+@pytest.mark.timeout(60)
+def test_static_policy_gives_each_identifier_over_hrpc(tmp_path: Path) -> None:
+    cases = [
+        ("tok-1", 9, 10, "h.bad-guild-id"),
+        ("tok-1", 1, 12, "h.bad-channel-id"),
+        ("tok-1", 1, 11, "fastsfu.voice-not-voice-channel"),
+        ("tok-3", 1, 10, "h.not-joined"),
+        ("tok-1", 1, 10, "initialized"),
+        ("tok-3", 2, 12345, "initialized"),  # a guild with no lists: any channel, any member
+    ]
+
+    async def main() -> None:
+        async with Engine() as engine:
+            runner = web.AppRunner(make_app(policy_rooms(engine, tmp_path), TOKENS.authenticate))
+            await runner.setup()
+            site = web.TCPSite(runner, "127.0.0.1", 0)
+            await site.start()
+            port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+            try:
+                async with aiohttp.ClientSession() as http:
+                    for token, guild, channel, expected in cases:
+                        ws = await http.ws_connect(
+                            f"http://127.0.0.1:{port}{STREAM_PATH}", protocols=("hrpc1", token)
+                        )
+                        await ws.send_bytes(
+                            Req(
+                                initialize=Req.Initialize(guild_id=guild, channel_id=channel)
+                            ).SerializeToString()
+                        )
+                        msg = await asyncio.wait_for(ws.receive(), 10)
+                        if expected == "initialized":
+                            assert msg.data[0] == 0
+                            assert Resp.FromString(msg.data[1:]).WhichOneof("message") == "initialized"
+                        else:
+                            assert msg.data[0] == 1, (guild, channel)
+                            assert hrpc_pb2.Error.FromString(msg.data[1:]).identifier == expected
+                        await ws.close()
+            finally:
+                await runner.cleanup()
+
+    asyncio.run(asyncio.wait_for(main(), 45))
+
+
+@pytest.mark.loopback
+@pytest.mark.timeout(60)
+def test_static_policy_maps_to_grpc_status_codes(tmp_path: Path) -> None:
+    cases = [
+        (9, 10, grpc.StatusCode.NOT_FOUND, "h.bad-guild-id"),
+        (1, 12, grpc.StatusCode.NOT_FOUND, "h.bad-channel-id"),
+        (1, 11, grpc.StatusCode.FAILED_PRECONDITION, "fastsfu.voice-not-voice-channel"),
+    ]
+
+    async def main() -> None:
+        async with Engine() as engine:
+            server, port = await start_grpc_server(policy_rooms(engine, tmp_path), TOKENS.authenticate)
+            try:
+                async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                    stub = voice_pb2_grpc.VoiceServiceStub(channel)
+                    for guild, channel_id, code, identifier in cases:
+                        call = stub.StreamMessage(metadata=(("authorization", "tok-1"),))
+                        await call.write(
+                            Req(initialize=Req.Initialize(guild_id=guild, channel_id=channel_id))
+                        )
+                        with pytest.raises(grpc.aio.AioRpcError) as exc:
+                            await asyncio.wait_for(call.read(), 10)
+                        assert exc.value.code() == code
+                        trailer = dict(exc.value.trailing_metadata())["hrpc-error-bin"]
+                        assert hrpc_pb2.Error.FromString(trailer).identifier == identifier
+            finally:
+                await server.stop(grace=None)
+
+    asyncio.run(asyncio.wait_for(main(), 45))
+
+
+@pytest.mark.loopback
+@pytest.mark.parametrize("flag", ["--hrpc-port", "--grpc-port"])
+def test_a_taken_port_is_one_log_line_and_exit_1(flag: str) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        other = "--grpc-port" if flag == "--hrpc-port" else "--hrpc-port"
+        out = cli(flag, port, other, "0", "--duration", "5")
+    assert out.returncode == 1
+    assert "cannot serve" in out.stderr and port in out.stderr and "Traceback" not in out.stderr
