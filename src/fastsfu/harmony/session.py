@@ -10,8 +10,8 @@ from __future__ import annotations
 import json
 import logging
 from collections import Counter, deque
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
 
 from fastsfu import ortc
 from fastsfu._proto.protocol.voice.v1 import voice_pb2
@@ -94,11 +94,29 @@ class VoiceSettings:
             raise ValueError("max_users_per_room must be >= 1 and max_outbox >= 16")
 
 
+class RoomMember(Protocol):
+    """A user in a room, whatever protocol it speaks (Harmony session, Discord gateway session):
+    rooms shared across protocols fan out through these two calls."""
+
+    user_id: int
+    producer: Producer | None
+
+    def member_joined(self, user_id: int, producer: Producer) -> None:
+        """Another user joined: consume `producer` on your own transport and tell your client.
+        Raise VoiceError("fastsfu.voice-create-consumer", ...) if that is impossible."""
+        ...
+
+    def member_left(self, user_id: int) -> None:
+        """A user who joined (and of whom you were told) left: tell your client."""
+        ...
+
+
 @dataclass
 class _Room:
-    key: tuple[int, int]
+    key: tuple[Any, ...]  # (guild_id, channel_id); rooms of other protocols use their own keys
     router: Router
-    members: dict[int, VoiceSession]
+    members: dict[int, RoomMember]
+    holders: set[object] = field(default_factory=set)  # not yet members, but holding transports
 
 
 class VoiceRooms:
@@ -113,7 +131,7 @@ class VoiceRooms:
         self.engine = engine
         self.settings = settings or VoiceSettings()
         self.authorize = authorize
-        self.rooms: dict[tuple[int, int], _Room] = {}
+        self.rooms: dict[tuple[Any, ...], _Room] = {}
         self.sessions: dict[int, VoiceSession] = {}  # user -> the session that passed Initialize
         self.open_sessions: set[VoiceSession] = set()  # every stream's session, until it closes
         # Counted by the front-ends for monitoring: streams opened (by front-end) and ended by error.
@@ -126,14 +144,14 @@ class VoiceRooms:
         self.open_sessions.add(session)
         return session
 
-    def _room(self, key: tuple[int, int]) -> _Room:
+    def _room(self, key: tuple[Any, ...]) -> _Room:
         room = self.rooms.get(key)
         if room is None:
             room = self.rooms[key] = _Room(key, self.engine.create_router(app_data={"voice": key}), {})
         return room
 
     def _release(self, room: _Room) -> None:
-        if not room.members and not any(s._room is room for s in self.sessions.values()):
+        if not room.members and not room.holders and not any(s._room is room for s in self.sessions.values()):
             self.rooms.pop(room.key, None)
             room.router.close()
 
@@ -214,8 +232,8 @@ class VoiceSession:
                 transport.close()  # closes the producer, its consumers elsewhere, and ours
         if room is not None:
             if was_member:
-                for member in room.members.values():
-                    member._send(Resp(user_left=Resp.UserLeft(user_id=self.user_id)))
+                for member in list(room.members.values()):
+                    member.member_left(self.user_id)
             self.rooms._release(room)
         if self.on_output is not None:
             self.on_output()  # closed by the server (shutdown): the front-end ends the stream
@@ -289,23 +307,23 @@ class VoiceSession:
         assert room is not None and caps is not None
         assert self.producer_transport is not None and self.consumer_transport is not None
         rtp_parameters = self._json(join.rtp_paramaters, "rtp_paramaters")
-        for transport, field in (
+        for transport, field_name in (
             (self.producer_transport, "producer_dtls_paramaters"),
             (self.consumer_transport, "consumer_dtls_paramaters"),
         ):
-            dtls = self._json(getattr(join, field), field)
+            dtls = self._json(getattr(join, field_name), field_name)
             own = {f["value"].upper() for f in transport.dtls_parameters["fingerprints"]}
             theirs = dtls.get("fingerprints") if isinstance(dtls, dict) else None
             if isinstance(theirs, list) and any(
                 isinstance(f, dict) and str(f.get("value", "")).upper() in own for f in theirs
             ):
                 raise VoiceError(
-                    "fastsfu.voice-bad-dtls-parameters", f"{field} echoes the server's fingerprint"
+                    "fastsfu.voice-bad-dtls-parameters", f"{field_name} echoes the server's fingerprint"
                 )
             try:
                 transport.connect(dtls)
             except TransportError as exc:
-                raise VoiceError("fastsfu.voice-bad-dtls-parameters", f"{field}: {exc}") from None
+                raise VoiceError("fastsfu.voice-bad-dtls-parameters", f"{field_name}: {exc}") from None
         try:
             self.producer = self.producer_transport.produce(rtp_parameters)
         except CREATE_ERRORS as exc:
@@ -314,34 +332,36 @@ class VoiceSession:
             raise VoiceError("fastsfu.voice-room-full", "the voice channel is full")
         # The join commit: one step, no await (harmony.md §3.3).
         others = []
-        notified: list[VoiceSession] = []
+        notified: list[RoomMember] = []
         try:
-            for member in room.members.values():
-                assert (
-                    member.producer is not None
-                    and member.consumer_transport is not None
-                    and member._caps is not None
-                )
+            for member in list(room.members.values()):
+                assert member.producer is not None
                 mine = self._consume(self.consumer_transport, member.producer, caps, self)
                 others.append(self._consumer_options(member.user_id, member.producer, mine))
-                theirs = self._consume(member.consumer_transport, self.producer, member._caps, member)
-                member._send(
-                    Resp(
-                        user_joined=Resp.UserJoined(
-                            data=self._consumer_options(self.user_id, self.producer, theirs)
-                        )
-                    )
-                )
+                member.member_joined(self.user_id, self.producer)  # unicast, never to the joiner
                 notified.append(member)
         except VoiceError:
             # The join failed half-way: whoever heard UserJoined hears UserLeft, so no member
             # keeps a consumer of a producer that is about to close.
             for member in notified:
-                member._send(Resp(user_left=Resp.UserLeft(user_id=self.user_id)))
+                member.member_left(self.user_id)
             raise
         room.members[self.user_id] = self
         self.state = "joined"
         self._send(Resp(joined_channel=Resp.JoinedChannel(other_users=others)))
+
+    # ------------------------------------------------------------------ RoomMember
+
+    def member_joined(self, user_id: int, producer: Producer) -> None:
+        """A paused consumer on this user's transport, built with this user's caps, and UserJoined."""
+        assert self.consumer_transport is not None and self._caps is not None
+        consumer = self._consume(self.consumer_transport, producer, self._caps, self)
+        self._send(
+            Resp(user_joined=Resp.UserJoined(data=self._consumer_options(user_id, producer, consumer)))
+        )
+
+    def member_left(self, user_id: int) -> None:
+        self._send(Resp(user_left=Resp.UserLeft(user_id=user_id)))
 
     def _resume(self, consumer_id: str) -> None:
         # Accept the quoted form (what we send with id_quoting=json) and the bare one (§3.4).
