@@ -6,6 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/bootstrap.sh
+scripts/discord_clients_setup.sh  # @discordjs/voice for the Discord gateway interop tests
 PY=.venv/bin/python
 export PYTHONDONTWRITEBYTECODE=1
 

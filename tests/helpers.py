@@ -110,5 +110,17 @@ class SrtpClient:
                 await asyncio.sleep(0.002)
         return out
 
+    async def receive_rtp(self, count: int, timeout: float = 2.0) -> list[bytes]:
+        """Like receive(), skipping RTCP (RFC 5761 §4: PT 192-223), which the server's report
+        timers may send at any moment."""
+        loop = asyncio.get_running_loop()
+        out: list[bytes] = []
+        deadline = loop.time() + timeout
+        while len(out) < count and loop.time() < deadline:
+            for d in await self.receive(count - len(out), max(deadline - loop.time(), 0)):
+                if not (len(d) > 1 and 192 <= d[1] <= 223):
+                    out.append(d)
+        return out
+
     def close(self) -> None:
         self.sock.close()

@@ -8,14 +8,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import socket
 import struct
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import nacl.bindings
 import pytest
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from discord_helpers import AES, XCHACHA, Client, discover, ref_open, ref_seal, rtp_packet
 
 from fastsfu import Engine
 from fastsfu.discord.crypto import MODES, AeadContext, hchacha20, rtp_clear_length
@@ -28,43 +26,6 @@ from fastsfu.discord.udp_transport import (
 )
 
 pytestmark = pytest.mark.loopback
-
-AES, XCHACHA = MODES
-
-
-def ref_seal(mode: str, key: bytes, packet: bytes, clear: int, counter: int) -> bytes:
-    """Discord's wire layout, built with other libraries: clear ‖ ciphertext ‖ tag ‖ counter (BE)."""
-    suffix = counter.to_bytes(4, "big")
-    if mode == AES:
-        sealed = AESGCM(key).encrypt(suffix + bytes(8), packet[clear:], packet[:clear])
-    else:
-        sealed = nacl.bindings.crypto_aead_xchacha20poly1305_ietf_encrypt(
-            packet[clear:], packet[:clear], suffix + bytes(20), key
-        )
-    return packet[:clear] + sealed + suffix
-
-
-def ref_open(mode: str, key: bytes, packet: bytes, clear: int) -> tuple[bytes, int]:
-    counter = packet[-4:]
-    body = packet[clear:-4]
-    if mode == AES:
-        plain = AESGCM(key).decrypt(counter + bytes(8), body, packet[:clear])
-    else:
-        plain = nacl.bindings.crypto_aead_xchacha20poly1305_ietf_decrypt(
-            body, packet[:clear], counter + bytes(20), key
-        )
-    return packet[:clear] + plain, int.from_bytes(counter, "big")
-
-
-def rtp_packet(ssrc: int, seq: int, payload: bytes, *, csrcs: int = 0, extension: bytes = b"") -> bytes:
-    b0 = 0x80 | csrcs | (0x10 if extension else 0)
-    header = struct.pack("!BBHII", b0, 120, seq, seq * 960, ssrc) + b"".join(
-        struct.pack("!I", 0xC0 + i) for i in range(csrcs)
-    )
-    if extension:
-        padded = extension + bytes(-len(extension) % 4)
-        header += struct.pack("!HH", 0xBEDE, len(padded) // 4) + padded
-    return header + payload
 
 
 # ---------------------------------------------------------------------------------------------- crypto
@@ -150,59 +111,6 @@ def test_discovery_codec() -> None:
 # ---------------------------------------------------------------------------------------------- transport
 
 
-class Client:
-    """A Discord client's UDP side, with the reference crypto above."""
-
-    def __init__(self, ssrc: int, mode: str, host: str = "127.0.0.1") -> None:
-        self.ssrc = ssrc
-        self.mode = mode
-        self.key = b""
-        self.counter = 0
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.bind((host, 0))
-        self.sock.setblocking(False)
-        self.server: tuple[str, int] = ("127.0.0.1", 0)
-        self.rtcp: list[bytes] = []
-
-    @property
-    def address(self) -> tuple[str, int]:
-        host, port = self.sock.getsockname()
-        return host, port
-
-    def send(self, data: bytes) -> None:
-        self.sock.sendto(data, self.server)
-
-    def discovery(self) -> None:
-        self.send(struct.pack("!HHI66x", 1, 70, self.ssrc))
-
-    def send_rtp(self, packet: bytes, counter: int | None = None) -> bytes:
-        if counter is None:
-            counter, self.counter = self.counter, self.counter + 1
-        sealed = ref_seal(self.mode, self.key, packet, rtp_clear_length(packet), counter)
-        self.send(sealed)
-        return sealed
-
-    async def recv(self, timeout: float = 2.0) -> bytes:
-        """The next datagram that is not RTCP (the server's reports come on their own timers;
-        djs drops them by payload type too)."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while True:
-            data = await asyncio.wait_for(loop.sock_recv(self.sock, 4096), max(deadline - loop.time(), 0))
-            if len(data) >= 2 and 192 <= data[1] <= 223 and len(data) != 74:
-                self.rtcp.append(data)
-                continue
-            return data
-
-    async def recv_none(self, wait: float = 0.2) -> None:
-        with pytest.raises(TimeoutError):
-            data = await self.recv(wait)
-            raise AssertionError(f"unexpected datagram {data!r}")
-
-    def close(self) -> None:
-        self.sock.close()
-
-
 Room = tuple[Engine, list[Client], list[DiscordUdpTransport], Any, Any]
 
 
@@ -226,14 +134,6 @@ def run_room(body: Callable[[Room], Awaitable[None]]) -> None:
                     c.close()
 
     asyncio.run(asyncio.wait_for(main(), 20))
-
-
-async def discover(client: Client) -> None:
-    client.discovery()
-    response = await client.recv()
-    assert len(response) == 74 and response[:8] == struct.pack("!HHI", 2, 70, client.ssrc)
-    ip = response[8:72].split(b"\0", 1)[0].decode()
-    assert (ip, struct.unpack("!H", response[72:])[0]) == client.address
 
 
 def test_discovery_then_forwarding_rewrites_and_reencrypts_per_receiver() -> None:

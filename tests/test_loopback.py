@@ -62,7 +62,7 @@ def test_everyone_hears_everyone_else(suite: str) -> None:
                     c.send_rtp(server_addr(transports[i]), opus(5000 + i, 1000 + seq))
                 await asyncio.sleep(0.002)
             for i, c in enumerate(clients):
-                got = [RtpPacket.parse(c.rx.unprotect(d)) for d in await c.receive(75, timeout=5)]
+                got = [RtpPacket.parse(c.rx.unprotect(d)) for d in await c.receive_rtp(75, timeout=5)]
                 by_ssrc: dict[int, list[RtpPacket]] = {}
                 for pkt in got:
                     by_ssrc.setdefault(pkt.ssrc, []).append(pkt)
@@ -106,7 +106,7 @@ def test_comedia_learns_the_remote_and_emits_tuple() -> None:
             sender.send_rtp(server_addr(a), opus(1, 10))
             await asyncio.sleep(0.05)
             sender.send_rtp(server_addr(a), opus(1, 11))
-            got = await listener.receive(2)
+            got = await listener.receive_rtp(2)
             assert [RtpPacket.parse(d).ssrc for d in got] == [c.ssrc, c.ssrc]
             assert tuples == [a.tuple] and a.tuple["remotePort"] == sender.port
             assert b.tuple["remotePort"] == listener.port
@@ -175,7 +175,7 @@ def test_garbage_flood_does_not_harm_the_room() -> None:
                 # ...and forged RTP with the victim's SSRC from a known-looking shape
                 attacker.send_raw(server_addr(transports[0]), bytes(opus(5000, 100 + seq)))
                 await asyncio.sleep(0.001)
-            got = await clients[1].receive(40, 5)
+            got = await clients[1].receive_rtp(40, 5)
             assert len(got) == 40
             assert [RtpPacket.parse(clients[1].rx.unprotect(d)).sequence_number for d in got] == list(
                 range(40)
@@ -197,9 +197,9 @@ def test_datagrams_queued_too_long_are_dropped_not_forwarded() -> None:
             time.sleep(0.06)  # the loop is stuck: these packets are already 60 ms old when drained
             await asyncio.sleep(0.05)
             assert engine.stats()["drops"]["queue_age"] == 10
-            assert await clients[1].receive(1, 0.1) == []
+            assert await clients[1].receive_rtp(1, 0.1) == []
             clients[0].send_rtp(server_addr(transports[0]), opus(5000, 10))
-            assert len(await clients[1].receive(1, 2)) == 1
+            assert len(await clients[1].receive_rtp(1, 2)) == 1
 
     run(main())
 
@@ -217,7 +217,7 @@ def test_pause_resume_over_the_wire_keeps_srtp_happy() -> None:
                     consumer.resume()
                 clients[0].send_rtp(server_addr(transports[0]), opus(5000, 40000 + seq))
                 await asyncio.sleep(0.003)
-                for d in await clients[1].receive(1, 0.05):
+                for d in await clients[1].receive_rtp(1, 0.05):
                     seqs.append(RtpPacket.parse(clients[1].rx.unprotect(d)).sequence_number)
             assert seqs == list(range(40000, 40020))  # continuous: no gap where the pause was
 

@@ -8,6 +8,7 @@ import argparse
 import dataclasses
 import ipaddress
 import math
+import ssl
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -42,6 +43,20 @@ class LogConfig:
 
 
 @dataclass
+class DiscordConfig:
+    """The Discord-style voice gateway (discord-gateway.md): WebSocket on `port`, wss with a
+    certificate; media on the shared UDP port. `rooms` maps a server_id to a Harmony room."""
+
+    port: int = 2291  # 0: any free port; -1: off
+    tls_certificate: str | None = None  # PEM file: wss (discord.py and @discordjs/voice need it)
+    tls_private_key: str | None = None
+    only_mapped: bool = False  # refuse (4011) server_ids that `rooms` does not map
+    resume_grace: float = 60.0  # seconds a dropped session waits for RESUME
+    heartbeat_interval: float = 13.75  # seconds, sent in HELLO
+    rooms: dict[str, tuple[int, int]] = field(default_factory=dict)  # server_id -> (guild, channel)
+
+
+@dataclass
 class ServerConfig:
     listen_ip: str = "127.0.0.1"
     announced_ip: str | None = None  # put in ICE candidates (NAT, containers); None: listen_ip
@@ -56,6 +71,7 @@ class ServerConfig:
     voice: VoiceSettings = field(default_factory=VoiceSettings)
     rate_limit: RateLimitConfig = field(default_factory=RateLimitConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    discord: DiscordConfig = field(default_factory=DiscordConfig)
     # Static authorization by guild ID ([auth.guilds.<id>]); None: every (guild, channel) is allowed.
     auth: dict[int, GuildPolicy] | None = None
 
@@ -169,11 +185,54 @@ OPTIONS = (
     Option(
         "rate_limit.max_addresses", "--rate-limit-max-addresses", int, "addresses tracked at most", minimum=1
     ),
+    Option(
+        "discord.port",
+        "--discord-port",
+        int,
+        "Discord voice gateway port; 0: any, -1: off",
+        minimum=-1,
+        maximum=65535,
+    ),
+    Option(
+        "discord.tls_certificate",
+        "--discord-tls-certificate",
+        str,
+        "certificate PEM file for wss on the Discord gateway",
+        metavar="PATH",
+    ),
+    Option(
+        "discord.tls_private_key",
+        "--discord-tls-private-key",
+        str,
+        "its private key PEM file",
+        metavar="PATH",
+    ),
+    Option(
+        "discord.only_mapped",
+        "--discord-only-mapped",
+        bool,
+        "serve only server_ids mapped in [discord.rooms]",
+    ),
+    Option(
+        "discord.resume_grace",
+        "--discord-resume-grace",
+        float,
+        "seconds a dropped Discord session waits for RESUME",
+        minimum=0.0,
+    ),
+    Option(
+        "discord.heartbeat_interval",
+        "--discord-heartbeat-interval",
+        float,
+        "seconds between Discord client heartbeats (HELLO)",
+        minimum=1.0,
+        maximum=60.0,
+    ),
     Option("log.level", "--log-level", str, "log level", LEVELS),
     Option("log.format", "--log-format", str, "log format: text, or json (one object per line)", FORMATS),
 )
 _BY_KEY = {o.key: o for o in OPTIONS}
-SECTIONS = ("voice", "rate_limit", "log")
+SECTIONS = ("voice", "rate_limit", "log", "discord")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -220,6 +279,7 @@ def load_config(
         values[key] = _coerce(o, raw, o.flag, from_text=not isinstance(raw, bool))
     config = _build(values, auth, duration)
     _check_dtls(config)
+    _check_discord_tls(config)
     return config
 
 
@@ -247,7 +307,10 @@ def _parse_file(path: str) -> tuple[dict[str, Any], dict[int, GuildPolicy] | Non
             if not isinstance(value, dict):
                 raise ConfigError(f"{path}: [{name}] must be a table")
             for sub, item in value.items():
-                values.update(_file_value(path, f"{name}.{sub}", item))
+                if name == "discord" and sub == "rooms":
+                    values["discord.rooms"] = _parse_discord_rooms(path, item)
+                else:
+                    values.update(_file_value(path, f"{name}.{sub}", item))
         else:
             values.update(_file_value(path, name, value))
     return values, auth
@@ -329,6 +392,19 @@ def _parse_auth(path: str, value: Any) -> dict[int, GuildPolicy]:
     return out
 
 
+def _parse_discord_rooms(path: str, value: Any) -> dict[str, tuple[int, int]]:
+    """[discord.rooms]: "<server_id>" = [guild_id, channel_id], a Harmony room shared with Discord."""
+    if not isinstance(value, dict):
+        raise ConfigError(f"{path}: [discord.rooms] must be a table of server_id = [guild_id, channel_id]")
+    out = {}
+    for server_id, room in value.items():
+        where = f"{path}: discord.rooms.{server_id}"
+        if not isinstance(room, list) or len(room) != 2:
+            raise ConfigError(f"{where}: expected [guild_id, channel_id]")
+        out[str(server_id)] = (_id(room[0], where), _id(room[1], where))
+    return out
+
+
 def _id(value: Any, where: str) -> int:
     number = value
     if isinstance(value, str):  # a TOML table key: [auth.guilds.1] gives "1"
@@ -364,8 +440,22 @@ def _build(values: dict[str, Any], auth: dict[int, GuildPolicy] | None, duration
         voice=voice,
         rate_limit=RateLimitConfig(**sections["rate_limit"]),
         log=LogConfig(**sections["log"]),
+        discord=DiscordConfig(**sections["discord"]),
         auth=auth,
     )
+
+
+def _check_discord_tls(config: ServerConfig) -> None:
+    d = config.discord
+    if (d.tls_certificate is None) != (d.tls_private_key is None):
+        raise ConfigError("discord tls_certificate and tls_private_key must be given together")
+    if d.tls_certificate is not None and d.tls_private_key is not None:
+        try:
+            ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(
+                d.tls_certificate, d.tls_private_key
+            )
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"discord TLS certificate {d.tls_certificate}: {exc}") from None
 
 
 def _check_dtls(config: ServerConfig) -> None:

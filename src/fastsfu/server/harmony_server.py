@@ -1,4 +1,5 @@
-"""The Harmony voice server: VoiceService over gRPC and hRPC WebSocket, one shared UDP media port.
+"""The voice server: Harmony's VoiceService over gRPC and hRPC WebSocket and the Discord-style voice
+gateway, with rooms shared across protocols and one UDP media port.
 
 Embedded defaults need no configuration (127.0.0.1, hRPC on Harmony's port 2289, gRPC on 2290, a
 generated DTLS certificate and token secret; see config.py); /metrics and gRPC health for operators.
@@ -10,10 +11,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import ssl
 from collections.abc import Callable
 
 from aiohttp import web
 
+from fastsfu.discord.gateway import Gateway, GatewayConfig
+from fastsfu.discord.voice import DiscordVoice
+from fastsfu.discord.ws_server import make_gateway_app
 from fastsfu.engine import Engine, Settings
 from fastsfu.harmony.auth import StaticAuthorization, TokenAuth, generate_secret
 from fastsfu.harmony.grpc_server import start_grpc_server
@@ -64,6 +69,7 @@ async def serve_harmony(config: ServerConfig, voice: VoiceSettings | None = None
             await grpc_server.stop(grace=None)
             raise
         hrpc_port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        gateway, discord_runner, discord_url = await _start_discord(config, rooms, auth.authenticate)
         media = engine._webrtc_socket().local_address
         print(f"fastsfu: hRPC ws://{config.listen_ip}:{hrpc_port}{STREAM_PATH}", flush=True)
         print(f"fastsfu: gRPC {config.listen_ip}:{grpc_port}", flush=True)
@@ -72,6 +78,8 @@ async def serve_harmony(config: ServerConfig, voice: VoiceSettings | None = None
         print(f"fastsfu: demo page {demo}", flush=True)
         if config.metrics:
             print(f"fastsfu: metrics http://{config.listen_ip}:{hrpc_port}{METRICS_PATH}", flush=True)
+        if discord_url:
+            print(f"fastsfu: Discord voice gateway {discord_url}", flush=True)
         if config.token_secret is None:
             # Tokens only this run can verify: open both links (two browsers or profiles) to talk.
             print(f"fastsfu: generated token secret; a token for user 1: {auth.mint(1)}", flush=True)
@@ -89,10 +97,43 @@ async def serve_harmony(config: ServerConfig, voice: VoiceSettings | None = None
             # Health first, so load balancers stop sending new streams while sessions end.
             health.shutdown()
             print("fastsfu: shutting down", flush=True)
+            if gateway is not None:
+                gateway.shutdown()  # 4015: Discord clients resume against the next instance
             # Every session leaves (members get UserLeft) and its stream ends, then the listeners
             # and sockets close.
             for session in list(rooms.open_sessions):
                 session.close()
             await runner.cleanup()
+            if discord_runner is not None:
+                await discord_runner.cleanup()
             await grpc_server.stop(grace=2.0)
     return 0
+
+
+async def _start_discord(
+    config: ServerConfig, rooms: VoiceRooms, authenticate: Callable[[str], int]
+) -> tuple[Gateway | None, web.AppRunner | None, str]:
+    """The Discord voice gateway on its own port (ws, or wss with a certificate), sharing rooms,
+    auth and the media port with the Harmony service; off when the port is -1."""
+    d = config.discord
+    if d.port < 0:
+        return None, None, ""
+    voice = DiscordVoice(rooms, authenticate, d.rooms, d.only_mapped, config.announced_ip)
+    gateway = Gateway(
+        voice,
+        GatewayConfig(heartbeat_interval_ms=round(d.heartbeat_interval * 1000), resume_grace=d.resume_grace),
+    )
+    tls = None
+    if d.tls_certificate is not None and d.tls_private_key is not None:
+        tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        tls.load_cert_chain(d.tls_certificate, d.tls_private_key)
+    runner = web.AppRunner(make_gateway_app(gateway), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, config.listen_ip, d.port, ssl_context=tls)
+    try:
+        await site.start()
+    except OSError:
+        await runner.cleanup()
+        raise
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    return gateway, runner, f"{'wss' if tls else 'ws'}://{config.listen_ip}:{port}/?v=8"

@@ -1,0 +1,257 @@
+"""The media side of the Discord gateway: each session gets a Discord UDP transport and joins a room
+shared with Harmony users (discord-gateway.md §2, §3, §11.1 items 3-7).
+
+A configured map puts a Discord server_id into a Harmony (guild_id, channel_id) room; other
+server_ids get rooms of their own. Members of either protocol fan out through RoomMember.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import uuid
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from fastsfu.consumer import Consumer
+from fastsfu.discord.crypto import MODES
+from fastsfu.discord.gateway import GatewayError, GatewayHandler, Session
+from fastsfu.discord.opcodes import CloseCode, Op
+from fastsfu.discord.udp_transport import DISCORD_RTP_CAPABILITIES, DiscordUdpTransport, rtp_parameters
+from fastsfu.harmony.session import CREATE_ERRORS, RoomMember, VoiceError, VoiceRooms, _Room
+from fastsfu.producer import Producer
+from fastsfu.transport import TransportError
+
+log = logging.getLogger("fastsfu.discord")
+
+Authenticate = Callable[[str], int]  # token -> user id; raises VoiceError (the Harmony hook)
+
+# Harmony authorization identifiers -> the Discord close code a client understands (§5).
+_AUTHZ_CLOSE = {"h.bad-guild-id": CloseCode.SERVER_NOT_FOUND, "h.bad-channel-id": CloseCode.SERVER_NOT_FOUND}
+
+
+class DiscordMember:
+    """One Discord gateway session in a room: its transport, producer and consumers of the others."""
+
+    def __init__(self, session: Session, user_id: int, room: _Room, transport: DiscordUdpTransport) -> None:
+        self.session = session
+        self.user_id = user_id
+        self.room = room
+        self.transport = transport
+        self.producer: Producer | None = None
+        self.consumers: dict[int, Consumer] = {}  # by the sending user
+        self.speaking = 0  # the last SPEAKING bitmask, replayed to newcomers (§3 op 5)
+        self.joined = False
+
+    @property
+    def ssrc(self) -> int:
+        return self.transport.ssrc
+
+    # ------------------------------------------------------------------ RoomMember
+
+    def member_joined(self, user_id: int, producer: Producer) -> None:
+        consumer = self._consume(user_id, producer)
+        self.session.send(Op.CLIENTS_CONNECT, {"user_ids": [str(user_id)]})
+        self._announce(user_id, consumer.ssrc, _speaking_of(self.room, user_id))
+
+    def member_left(self, user_id: int) -> None:
+        self.consumers.pop(user_id, None)  # closed with its producer already
+        self.session.send(Op.CLIENT_DISCONNECT, {"user_id": str(user_id)})
+
+    # ------------------------------------------------------------------ helpers
+
+    def _consume(self, user_id: int, producer: Producer) -> Consumer:
+        """Forward `producer` here under its own SSRC when free (so SPEAKING's ssrc is the
+        sender's), else a fresh one; PT 120, no extensions, CC 0 (§6.3)."""
+        try:
+            try:
+                consumer = self.transport.consume(producer.id, DISCORD_RTP_CAPABILITIES, ssrc=producer.ssrc)
+            except TransportError:
+                consumer = self.transport.consume(producer.id, DISCORD_RTP_CAPABILITIES)
+        except CREATE_ERRORS as exc:
+            raise VoiceError("fastsfu.voice-create-consumer", str(exc)) from None
+        self.consumers[user_id] = consumer
+        consumer.observer.once("close", lambda: self._forget(user_id, consumer))
+        return consumer
+
+    def _forget(self, user_id: int, consumer: Consumer) -> None:
+        if self.consumers.get(user_id) is consumer:
+            del self.consumers[user_id]
+
+    def _announce(self, user_id: int, ssrc: int, speaking: int) -> None:
+        # djs maps SSRC -> user only from a server SPEAKING with user_id (§3 op 5, §8).
+        self.session.send(Op.SPEAKING, {"user_id": str(user_id), "ssrc": ssrc, "speaking": speaking})
+
+
+def _speaking_of(room: _Room, user_id: int) -> int:
+    member = room.members.get(user_id)
+    # A Harmony user has no SPEAKING of its own: announce it as a microphone (bit 1).
+    return member.speaking if isinstance(member, DiscordMember) else 1
+
+
+class DiscordVoice(GatewayHandler):
+    """GatewayHandler: IDENTIFY allocates an SSRC and a UDP transport, SELECT_PROTOCOL keys it and
+    joins the room, SPEAKING is relayed, the end of a session leaves the room exactly once."""
+
+    def __init__(
+        self,
+        rooms: VoiceRooms,
+        authenticate: Authenticate,
+        room_map: Mapping[str, tuple[int, int]] | None = None,
+        only_mapped: bool = False,
+        announced_ip: str | None = None,
+    ) -> None:
+        self.rooms = rooms
+        self.authenticate = authenticate
+        self.room_map = dict(room_map or {})
+        self.only_mapped = only_mapped
+        self.announced_ip = announced_ip
+
+    # ------------------------------------------------------------------ IDENTIFY
+
+    def identify(self, session: Session, d: dict[str, Any]) -> dict[str, Any]:
+        try:
+            token_user = self.authenticate(session.token)
+        except VoiceError as exc:
+            raise GatewayError(CloseCode.AUTHENTICATION_FAILED, exc.human_message) from None
+        user_id = int(session.user_id)
+        if token_user != user_id:
+            raise GatewayError(CloseCode.AUTHENTICATION_FAILED, "the token belongs to another user")
+        key = self._room_key(session.server_id)
+        if self.rooms.authorize is not None and len(key) == 2 and isinstance(key[0], int):
+            try:
+                self.rooms.authorize(user_id, key[0], key[1])
+            except VoiceError as exc:
+                code = _AUTHZ_CLOSE.get(exc.identifier, CloseCode.AUTHENTICATION_FAILED)
+                raise GatewayError(code, exc.human_message) from None
+        room = self.rooms._room(key)
+        try:
+            transport = room.router.create_discord_udp_transport(
+                self._free_ssrc(), self.announced_ip, app_data={"discord_user": user_id}
+            )
+        except (*CREATE_ERRORS, ValueError) as exc:
+            self.rooms._release(room)
+            raise GatewayError(CloseCode.BAD_REQUEST, f"cannot allocate media: {exc}") from None
+        member = DiscordMember(session, user_id, room, transport)
+        room.holders.add(member)
+        session.attachment = member
+        ip, port = transport.local_address
+        return {
+            "ssrc": transport.ssrc,
+            "ip": ip,
+            "port": port,
+            "modes": list(MODES),
+            "experiments": [],
+            "streams": [],
+        }
+
+    def _room_key(self, server_id: str) -> tuple[Any, ...]:
+        mapped = self.room_map.get(server_id)
+        if mapped is not None:
+            return mapped
+        if self.only_mapped:
+            raise GatewayError(CloseCode.SERVER_NOT_FOUND, f"no voice server {server_id!r} here")
+        return ("discord", server_id)
+
+    def _free_ssrc(self) -> int:
+        """A non-zero SSRC unused by Discord sessions of this engine and by producers of any room."""
+        taken = {p.ssrc for room in self.rooms.rooms.values() for p in room.router.producers.values()}
+        for _ in range(64):
+            ssrc = secrets.randbelow(2**32 - 1) + 1
+            if ssrc not in taken and ssrc not in self.rooms.engine._discord_ssrcs:
+                return ssrc
+        raise ValueError("no free SSRC")
+
+    # ------------------------------------------------------------------ SELECT_PROTOCOL
+
+    def select_protocol(self, session: Session, d: dict[str, Any]) -> dict[str, Any]:
+        member = self._member(session)
+        if d["protocol"] != "udp":
+            raise GatewayError(CloseCode.UNKNOWN_PROTOCOL, "only the udp protocol is served")
+        data = d.get("data")
+        mode = data.get("mode") if isinstance(data, dict) else None
+        if mode not in MODES:
+            raise GatewayError(CloseCode.UNKNOWN_ENCRYPTION_MODE, f"unknown encryption mode {mode!r}")
+        key = member.transport.select_mode(mode)
+        self._join(member)
+        return {
+            "mode": mode,
+            "secret_key": list(key),
+            "audio_codec": "opus",
+            "video_codec": "H264",
+            "media_session_id": uuid.uuid4().hex,
+            "dave_protocol_version": 0,  # DAVE declined; discord.py needs the field (§8)
+        }
+
+    def _join(self, member: DiscordMember) -> None:
+        """The room commit, one step with no await: consumers both ways, then the announcements
+        (delivered after op 4)."""
+        room = member.room
+        if member.user_id in room.members:
+            raise GatewayError(CloseCode.BAD_REQUEST, "this user is already in the voice channel")
+        if len(room.members) >= self.rooms.settings.max_users_per_room:
+            raise GatewayError(CloseCode.BAD_REQUEST, "the voice channel is full")
+        try:
+            member.producer = member.transport.produce(rtp_parameters(member.ssrc))
+        except CREATE_ERRORS as exc:
+            raise GatewayError(CloseCode.BAD_REQUEST, f"cannot create the producer: {exc}") from None
+        others: list[RoomMember] = list(room.members.values())
+        notified: list[RoomMember] = []
+        try:
+            for other in others:
+                if other.producer is not None:
+                    member._consume(other.user_id, other.producer)
+                other.member_joined(member.user_id, member.producer)
+                notified.append(other)
+        except VoiceError as exc:
+            for other in notified:
+                other.member_left(member.user_id)
+            raise GatewayError(CloseCode.BAD_REQUEST, exc.human_message) from None
+        room.holders.discard(member)
+        room.members[member.user_id] = member
+        member.joined = True
+        if others:
+            member.session.send(Op.CLIENTS_CONNECT, {"user_ids": [str(o.user_id) for o in others]})
+        for other in others:
+            consumer = member.consumers.get(other.user_id)
+            if consumer is not None:
+                member._announce(other.user_id, consumer.ssrc, _speaking_of(room, other.user_id))
+
+    # ------------------------------------------------------------------ SPEAKING and the end
+
+    def speaking(self, session: Session, d: dict[str, Any]) -> None:
+        member = self._member(session)
+        if d["ssrc"] != member.ssrc:
+            raise GatewayError(CloseCode.BAD_REQUEST, "SPEAKING with an SSRC that is not yours")
+        member.speaking = d["speaking"]
+        if not member.joined:
+            return
+        # Relay to every Discord member, with the SSRC that member receives this user under.
+        for other in member.room.members.values():
+            if isinstance(other, DiscordMember) and other is not member:
+                consumer = other.consumers.get(member.user_id)
+                if consumer is not None:
+                    other._announce(member.user_id, consumer.ssrc, member.speaking)
+
+    def ended(self, session: Session) -> None:
+        member = session.attachment
+        if not isinstance(member, DiscordMember):
+            return
+        session.attachment = None
+        room = member.room
+        room.holders.discard(member)
+        was_member = room.members.get(member.user_id) is member
+        if was_member:
+            del room.members[member.user_id]
+        member.transport.close()  # its producer, and its consumers on the others' transports
+        if was_member:
+            for other in list(room.members.values()):
+                other.member_left(member.user_id)
+        self.rooms._release(room)
+
+    @staticmethod
+    def _member(session: Session) -> DiscordMember:
+        member = session.attachment
+        if not isinstance(member, DiscordMember):
+            raise GatewayError(CloseCode.BAD_REQUEST, "no media for this session")
+        return member

@@ -1,0 +1,108 @@
+"""The Discord voice gateway's WebSocket edge (aiohttp): `wss://host:port/?v=8` (also `?v=8` on any
+path), JSON text frames fed to the sans-I/O core, its output and closes written back.
+
+TLS comes from the listener's ssl context (a configured certificate), or from a proxy in front.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from aiohttp import WSMessage, WSMsgType, web
+
+from fastsfu.discord.gateway import Close, Gateway, parse_version
+
+log = logging.getLogger("fastsfu.discord")
+
+# aiohttp refuses frames past this (close 1009) before buffering them; the core refuses anything
+# over its own limit (64 KiB) with 4002, which clients understand.
+HARD_FRAME_LIMIT = 1024 * 1024
+
+
+class GatewayEndpoint:
+    """One handler for every WebSocket; `run_timers()` expires suspended sessions."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        version = parse_version(request.query_string)
+        if not self.gateway.accepts_version(version):
+            return web.Response(status=400, text="voice gateway version 4 to 8 required (?v=8)\n")
+        ws = web.WebSocketResponse(max_msg_size=HARD_FRAME_LIMIT, autoping=True)
+        if not ws.can_prepare(request).ok:
+            return web.Response(status=400, text="this is a WebSocket endpoint\n")
+        await ws.prepare(request)
+        loop = asyncio.get_running_loop()
+        connection = self.gateway.connect(version, loop.time())
+        wake = asyncio.Event()
+        connection.on_output = wake.set
+        receiver: asyncio.Future[WSMessage] | None = None
+        try:
+            while True:
+                wake.clear()
+                for output in connection.poll_output():
+                    if isinstance(output, Close):
+                        await ws.close(code=output.code, message=output.reason.encode())
+                        return ws
+                    await ws.send_str(output.text)
+                if receiver is None:
+                    receiver = asyncio.ensure_future(ws.receive())
+                deadline = connection.next_deadline()
+                timeout = None if deadline is None else max(deadline - loop.time(), 0.0)
+                waker: asyncio.Future[Any] = asyncio.ensure_future(wake.wait())
+                pending: set[asyncio.Future[Any]] = {receiver, waker}
+                done, _ = await asyncio.wait(pending, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+                waker.cancel()
+                if receiver not in done:
+                    if not done:
+                        connection.handle_timer(loop.time())
+                    continue
+                msg = receiver.result()
+                receiver = None
+                if msg.type in (WSMsgType.TEXT, WSMsgType.BINARY):
+                    connection.receive(msg.data, loop.time())
+                else:  # close, error, or the socket went away: the session may RESUME later
+                    connection.transport_closed(loop.time())
+                    return ws
+        finally:
+            if receiver is not None:
+                receiver.cancel()
+            connection.on_output = None
+            if not connection.closed:
+                connection.transport_closed(loop.time())
+            if not ws.closed:
+                await ws.close()
+
+    async def run_timers(self) -> None:
+        """Expire suspended sessions at the gateway's deadlines (resume grace), until cancelled."""
+        loop = asyncio.get_running_loop()
+        while True:
+            deadline = self.gateway.next_deadline()
+            delay = 1.0 if deadline is None else min(max(deadline - loop.time(), 0.01), 1.0)
+            await asyncio.sleep(delay)
+            try:
+                self.gateway.handle_timer(loop.time())
+            except Exception:
+                log.exception("gateway timer failed")
+
+
+def make_gateway_app(gateway: Gateway) -> web.Application:
+    """The voice gateway on every path (clients connect to `/?v=8` or `?v=8`)."""
+    endpoint = GatewayEndpoint(gateway)
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", endpoint.handle)
+
+    async def timers(app: web.Application) -> AsyncIterator[None]:
+        task = asyncio.ensure_future(endpoint.run_timers())
+        yield
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    app.cleanup_ctx.append(timers)
+    return app

@@ -1,0 +1,265 @@
+"""The Discord voice gateway end to end on loopback: a real aiohttp WebSocket server (the gateway core
+plus DiscordVoice) and hand-written clients speaking JSON and UDP exactly as discord-gateway.md §2
+shows, with the crypto of other libraries. Also the room shared with a Harmony user (aiortc)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import struct
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from discord_helpers import AES, XCHACHA, Client, discover, ref_open, rtp_packet
+
+from fastsfu import Engine
+from fastsfu.discord.gateway import Gateway, GatewayConfig
+from fastsfu.discord.voice import DiscordVoice
+from fastsfu.discord.ws_server import make_gateway_app
+from fastsfu.harmony import VoiceRooms
+from fastsfu.harmony.auth import TokenAuth
+
+pytestmark = [pytest.mark.loopback, pytest.mark.timeout(60)]
+
+SECRET = "discord-voice-test-secret-0123456789abcdef"
+AUTH = TokenAuth(SECRET)
+SERVER_ID = "41"
+
+
+class GatewayClient:
+    """One voice connection: the WebSocket side of a bot, plus its UDP client."""
+
+    def __init__(self, ws: aiohttp.ClientWebSocketResponse, user_id: int) -> None:
+        self.ws = ws
+        self.user_id = user_id
+        self.events: list[dict[str, Any]] = []  # everything received after op 4
+        self.udp: Client | None = None
+        self.ready: dict[str, Any] = {}
+
+    async def recv(self, timeout: float = 5.0) -> dict[str, Any]:
+        msg = await asyncio.wait_for(self.ws.receive(), timeout)
+        assert msg.type == aiohttp.WSMsgType.TEXT, (msg.type, msg.data, msg.extra)
+        data: dict[str, Any] = json.loads(msg.data)
+        return data
+
+    async def expect(self, op: int) -> dict[str, Any]:
+        while True:
+            message = await self.recv()
+            if message["op"] == op:
+                return message
+            self.events.append(message)
+
+    async def send(self, op: int, d: Any) -> None:
+        await self.ws.send_str(json.dumps({"op": op, "d": d}))
+
+    async def close_code(self, timeout: float = 5.0) -> int | None:
+        while True:
+            msg = await asyncio.wait_for(self.ws.receive(), timeout)
+            if msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED):
+                return self.ws.close_code
+            if msg.type == aiohttp.WSMsgType.TEXT:
+                self.events.append(json.loads(msg.data))
+
+
+Serve = Callable[[str, aiohttp.ClientSession, VoiceRooms], Awaitable[None]]
+
+
+def serve(
+    body: Serve, room_map: dict[str, tuple[int, int]] | None = None, resume_grace: float = 60.0
+) -> None:
+    async def main() -> None:
+        async with Engine() as engine:
+            rooms = VoiceRooms(engine)
+            gateway = Gateway(
+                DiscordVoice(rooms, AUTH.authenticate, room_map), GatewayConfig(resume_grace=resume_grace)
+            )
+            runner = web.AppRunner(make_gateway_app(gateway))
+            await runner.setup()
+            site = web.TCPSite(runner, "127.0.0.1", 0)
+            await site.start()
+            port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+            try:
+                async with aiohttp.ClientSession() as http:
+                    await body(f"ws://127.0.0.1:{port}/?v=8", http, rooms)
+            finally:
+                gateway.shutdown()
+                await runner.cleanup()
+
+    asyncio.run(asyncio.wait_for(main(), 50))
+
+
+async def connect(
+    url: str, http: aiohttp.ClientSession, user_id: int, mode: str, session_id: str = ""
+) -> GatewayClient:
+    """HELLO, IDENTIFY, READY, IP discovery, SELECT_PROTOCOL, op 4: the §2 transcript."""
+    client = GatewayClient(await http.ws_connect(url), user_id)
+    hello = await client.recv()
+    assert hello["op"] == 8 and hello["d"]["heartbeat_interval"] > 0
+    await client.send(
+        0,
+        {
+            "server_id": SERVER_ID,
+            "user_id": str(user_id),
+            "session_id": session_id or f"s{user_id}",
+            "token": AUTH.mint(user_id),
+            "max_dave_protocol_version": 1,
+        },
+    )
+    ready = await client.recv()
+    assert ready["op"] == 2, ready
+    d = ready["d"]
+    client.ready = d
+    assert d["modes"][:2] == ["aead_aes256_gcm_rtpsize", "aead_xchacha20_poly1305_rtpsize"]
+    assert d["ip"] == "127.0.0.1" and 0 < d["ssrc"] < 2**32
+    udp = Client(d["ssrc"], mode)
+    udp.server = (d["ip"], d["port"])
+    await discover(udp)
+    client.udp = udp
+    ip, port = udp.address
+    await client.send(1, {"protocol": "udp", "data": {"address": ip, "port": port, "mode": mode}})
+    session = await client.expect(4)
+    assert session["seq"] == 1 and session["d"]["mode"] == mode
+    assert session["d"]["dave_protocol_version"] == 0 and len(session["d"]["secret_key"]) == 32
+    udp.key = bytes(session["d"]["secret_key"])
+    return client
+
+
+def test_two_bots_hear_each_other_with_different_modes() -> None:
+    async def body(url: str, http: aiohttp.ClientSession, rooms: VoiceRooms) -> None:
+        a = await connect(url, http, 1001, XCHACHA)
+        b = await connect(url, http, 1002, AES)
+        assert a.udp is not None and b.udp is not None
+        # B learns A at once (op 11, then op 5 mapping A's SSRC); A hears of B the same way.
+        connect_b = await b.expect(11)
+        assert connect_b["d"]["user_ids"] == ["1001"]
+        speaking = await b.expect(5)
+        assert speaking["d"] == {"user_id": "1001", "ssrc": a.udp.ssrc, "speaking": 0}
+        assert (await a.expect(11))["d"]["user_ids"] == ["1002"]
+        assert (await a.expect(5))["d"]["ssrc"] == b.udp.ssrc
+        # A speaks: op 5 relayed to B with A's user ID, then RTP reaches B under A's SSRC.
+        await a.send(5, {"speaking": 1, "delay": 0, "ssrc": a.udp.ssrc})
+        assert (await b.expect(5))["d"] == {"user_id": "1001", "ssrc": a.udp.ssrc, "speaking": 1}
+        frames = [bytes([0xFC, i]) + b"opus" * 10 for i in range(30)]
+        for seq, frame in enumerate(frames):
+            a.udp.send_rtp(rtp_packet(a.udp.ssrc, 5000 + seq, frame))
+        for frame in frames:
+            plain, _ = ref_open(AES, b.udp.key, await b.udp.recv(), 12)
+            assert plain[1] == 120 and struct.unpack_from("!I", plain, 8)[0] == a.udp.ssrc
+            assert plain[12:] == frame
+        for seq, frame in enumerate(frames[:5]):
+            b.udp.send_rtp(rtp_packet(b.udp.ssrc, 9000 + seq, frame))
+        for frame in frames[:5]:
+            assert ref_open(XCHACHA, a.udp.key, await a.udp.recv(), 12)[0][12:] == frame
+        # B's socket closes: it may RESUME within the grace period, after which it has left and
+        # A gets CLIENT_DISCONNECT once.
+        await b.ws.close()
+        await asyncio.sleep(0.3)
+        assert sorted(rooms.rooms[("discord", SERVER_ID)].members) == [1001, 1002]
+        assert (await a.expect(13))["d"] == {"user_id": "1002"}
+        room = rooms.rooms[("discord", SERVER_ID)]
+        for _ in range(50):
+            if list(room.members) == [1001]:
+                break
+            await asyncio.sleep(0.05)
+        assert list(room.members) == [1001]
+        await a.ws.close()
+
+    serve(body, resume_grace=1.0)
+
+
+@pytest.mark.parametrize(
+    ("identify", "code"),
+    [
+        ({"token": "not-a-token"}, 4004),
+        ({"token": AUTH.mint(7)}, 4004),  # another user's token
+        ({"server_id": "999"}, 4011),  # not in the room map, and only mapped servers are served
+    ],
+)
+def test_identify_refusals(identify: dict[str, Any], code: int) -> None:
+    async def main() -> None:
+        async with Engine() as engine:
+            rooms = VoiceRooms(engine)
+            voice = DiscordVoice(rooms, AUTH.authenticate, {SERVER_ID: (1, 2)}, only_mapped=True)
+            runner = web.AppRunner(make_gateway_app(Gateway(voice)))
+            await runner.setup()
+            site = web.TCPSite(runner, "127.0.0.1", 0)
+            await site.start()
+            port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+            try:
+                async with aiohttp.ClientSession() as http:
+                    client = GatewayClient(await http.ws_connect(f"ws://127.0.0.1:{port}?v=8"), 5)
+                    await client.recv()
+                    d = {"server_id": SERVER_ID, "user_id": "5", "session_id": "s", "token": AUTH.mint(5)}
+                    await client.send(0, d | identify)
+                    assert await client.close_code() == code
+                    assert not rooms.rooms and engine.stats()["transports"] == 0
+            finally:
+                await runner.cleanup()
+
+    asyncio.run(asyncio.wait_for(main(), 30))
+
+
+def test_unknown_mode_and_protocol_close_and_free_the_media() -> None:
+    async def body(url: str, http: aiohttp.ClientSession, rooms: VoiceRooms) -> None:
+        for select, code in (
+            (
+                {"protocol": "udp", "data": {"address": "127.0.0.1", "port": 1, "mode": "xsalsa20_poly1305"}},
+                4016,
+            ),
+            ({"protocol": "sctp", "data": {}}, 4012),
+        ):
+            client = GatewayClient(await http.ws_connect(url), 5)
+            await client.recv()
+            token = AUTH.mint(5)
+            await client.send(0, {"server_id": SERVER_ID, "user_id": "5", "session_id": "s5", "token": token})
+            await client.expect(2)
+            await client.send(1, select)
+            assert await client.close_code() == code
+            for _ in range(50):
+                if not rooms.rooms:
+                    break
+                await asyncio.sleep(0.02)
+            assert not rooms.rooms and rooms.engine.stats()["transports"] == 0
+
+    serve(body)
+
+
+def test_bad_http_requests_and_versions() -> None:
+    async def body(url: str, http: aiohttp.ClientSession, rooms: VoiceRooms) -> None:
+        base = url.split("?")[0]
+        for query in ("", "?v=3", "?v=9", "?v=x"):
+            async with http.get(base + query, headers={"Connection": "Upgrade", "Upgrade": "websocket"}) as r:
+                assert r.status == 400
+        async with http.get(url) as r:  # not a WebSocket upgrade
+            assert r.status == 400
+
+    serve(body)
+
+
+def test_resume_keeps_media_flowing() -> None:
+    """The socket drops (no close frame); RESUME on a new socket replays, and the UDP media goes on."""
+
+    async def body(url: str, http: aiohttp.ClientSession, rooms: VoiceRooms) -> None:
+        a = await connect(url, http, 1001, XCHACHA, session_id="sa")
+        b = await connect(url, http, 1002, AES, session_id="sb")
+        assert a.udp is not None and b.udp is not None
+        await b.expect(5)
+        b.ws._response.connection.transport.abort()  # type: ignore[union-attr]
+        await asyncio.sleep(0.2)
+        a.udp.send_rtp(rtp_packet(a.udp.ssrc, 1, b"during the outage"))
+        assert ref_open(AES, b.udp.key, await b.udp.recv(), 12)[0][12:] == b"during the outage"
+        resumed = GatewayClient(await http.ws_connect(url), 1002)
+        await resumed.recv()  # HELLO
+        token = AUTH.mint(1002)
+        await resumed.send(7, {"server_id": SERVER_ID, "session_id": "sb", "token": token, "seq_ack": 1})
+        assert (await resumed.recv())["op"] == 9
+        replayed = [await resumed.recv() for _ in range(2)]  # op 11 and op 5 after op 4 (seq 1)
+        assert [m["op"] for m in replayed] == [11, 5] and [m["seq"] for m in replayed] == [2, 3]
+        a.udp.send_rtp(rtp_packet(a.udp.ssrc, 2, b"after resume"))
+        assert ref_open(AES, b.udp.key, await b.udp.recv(), 12)[0][12:] == b"after resume"
+        assert sorted(rooms.rooms[("discord", SERVER_ID)].members) == [1001, 1002]
+
+    serve(body)
