@@ -38,6 +38,7 @@ class GatewayClient:
         self.events: list[dict[str, Any]] = []  # everything received after op 4
         self.udp: Client | None = None
         self.ready: dict[str, Any] = {}
+        self.token = ""
 
     async def recv(self, timeout: float = 5.0) -> dict[str, Any]:
         msg = await asyncio.wait_for(self.ws.receive(), timeout)
@@ -96,6 +97,7 @@ async def connect(
 ) -> GatewayClient:
     """HELLO, IDENTIFY, READY, IP discovery, SELECT_PROTOCOL, op 4: the §2 transcript."""
     client = GatewayClient(await http.ws_connect(url), user_id)
+    client.token = AUTH.mint(user_id)  # RESUME sends the same token again
     hello = await client.recv()
     assert hello["op"] == 8 and hello["d"]["heartbeat_interval"] > 0
     await client.send(
@@ -104,7 +106,7 @@ async def connect(
             "server_id": SERVER_ID,
             "user_id": str(user_id),
             "session_id": session_id or f"s{user_id}",
-            "token": AUTH.mint(user_id),
+            "token": client.token,
             "max_dave_protocol_version": 1,
         },
     )
@@ -253,8 +255,7 @@ def test_resume_keeps_media_flowing() -> None:
         assert ref_open(AES, b.udp.key, await b.udp.recv(), 12)[0][12:] == b"during the outage"
         resumed = GatewayClient(await http.ws_connect(url), 1002)
         await resumed.recv()  # HELLO
-        token = AUTH.mint(1002)
-        await resumed.send(7, {"server_id": SERVER_ID, "session_id": "sb", "token": token, "seq_ack": 1})
+        await resumed.send(7, {"server_id": SERVER_ID, "session_id": "sb", "token": b.token, "seq_ack": 1})
         assert (await resumed.recv())["op"] == 9
         replayed = [await resumed.recv() for _ in range(2)]  # op 11 and op 5 after op 4 (seq 1)
         assert [m["op"] for m in replayed] == [11, 5] and [m["seq"] for m in replayed] == [2, 3]
@@ -263,3 +264,189 @@ def test_resume_keeps_media_flowing() -> None:
         assert sorted(rooms.rooms[("discord", SERVER_ID)].members) == [1001, 1002]
 
     serve(body)
+
+
+def fragment_from_offer(sdp: str) -> str:
+    """What the Discord web client sends in op 1 (§7.1): ICE credentials, fingerprint, rtpmap and
+    extmap lines of its local offer, with no m=, mid, setup or candidate lines."""
+    keep = ("a=ice-ufrag:", "a=ice-pwd:", "a=fingerprint:", "a=extmap:", "a=rtpmap:")
+    lines = [line for line in sdp.splitlines() if line.startswith(keep)]
+    return "\n".join(dict.fromkeys(lines))  # once each (a session- and a media-level copy)
+
+
+def browser_answer(template: str, offer_sdp: str, ssrcs: list[int]) -> str:
+    """The full remote answer a web client synthesises from op 4's template (§7.2)."""
+    attrs = dict(
+        line.split(":", 1) for line in template.splitlines() if line.startswith("a=") and ":" in line
+    )
+    port = template.split()[1]
+    ip = next(line for line in template.splitlines() if line.startswith("c=")).split()[-1]
+    mid = next(line for line in offer_sdp.splitlines() if line.startswith("a=mid:")).split(":", 1)[1]
+    pt = next(
+        line.split(":", 1)[1].split()[0] for line in offer_sdp.splitlines() if "opus/48000" in line.lower()
+    )
+    return (
+        "\r\n".join(
+            [
+                "v=0",
+                "o=- 1 1 IN IP4 127.0.0.1",
+                "s=-",
+                "t=0 0",
+                f"a=group:BUNDLE {mid}",
+                "a=ice-lite",
+                f"m=audio {port} UDP/TLS/RTP/SAVPF {pt}",
+                f"c=IN IP4 {ip}",
+                f"a=mid:{mid}",
+                "a=rtcp-mux",
+                "a=sendrecv",
+                f"a=ice-ufrag:{attrs['a=ice-ufrag']}",
+                f"a=ice-pwd:{attrs['a=ice-pwd']}",
+                f"a=fingerprint:{attrs['a=fingerprint']}",
+                "a=setup:passive",
+                f"a=rtpmap:{pt} opus/48000/2",
+                attrs["a=candidate"].join(["a=candidate:", ""]),
+                "a=end-of-candidates",
+                *(f"a=ssrc:{s} cname:discord-{s}" for s in ssrcs),
+            ]
+        )
+        + "\r\n"
+    )
+
+
+@pytest.mark.usefixtures("aiortc_loopback")
+def test_webrtc_protocol_with_an_aiortc_browser_and_a_udp_bot() -> None:
+    """SELECT_PROTOCOL webrtc: a template answer, ICE-lite + DTLS + SRTP on the shared port, the
+    browser's SSRC learned from SPEAKING; it and a udp client hear each other (PT 111 <-> 120)."""
+    from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+    from aiortc.mediastreams import AudioStreamTrack
+    from discord_clients import opus_tone_frames
+
+    async def body(url: str, http: aiohttp.ClientSession, rooms: VoiceRooms) -> None:
+        bot = await connect(url, http, 1001, XCHACHA)
+        assert bot.udp is not None
+        pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        tracks: list[Any] = []
+        pc.on("track", tracks.append)
+        pc.addTrack(AudioStreamTrack())
+        try:
+            await pc.setLocalDescription(await pc.createOffer())
+            offer_sdp = pc.localDescription.sdp
+            browser = GatewayClient(await http.ws_connect(url), 1002)
+            await browser.recv()
+            token = AUTH.mint(1002)
+            await browser.send(
+                0, {"server_id": SERVER_ID, "user_id": "1002", "session_id": "w", "token": token}
+            )
+            await browser.expect(2)
+            fragment = fragment_from_offer(offer_sdp)
+            codecs = [{"name": "opus", "type": "audio", "priority": 1000, "payload_type": 111}]
+            await browser.send(1, {"protocol": "webrtc", "data": fragment, "sdp": fragment, "codecs": codecs})
+            description = (await browser.expect(4))["d"]
+            assert description["dave_protocol_version"] == 0 and "a=ice-ufrag:" in description["sdp"]
+            video = await browser.expect(12)  # the bot's audio SSRC, for the browser's a=ssrc lines
+            assert video["d"]["user_id"] == "1001" and video["d"]["audio_ssrc"] == bot.udp.ssrc
+            answer_sdp = browser_answer(description["sdp"], offer_sdp, [bot.udp.ssrc])
+            await pc.setRemoteDescription(RTCSessionDescription(answer_sdp, "answer"))
+            for _ in range(100):
+                if pc.connectionState == "connected":
+                    break
+                await asyncio.sleep(0.05)
+            assert pc.connectionState == "connected"
+            my_ssrc = pc.getSenders()[0]._ssrc
+            await browser.send(5, {"speaking": 1, "delay": 0, "ssrc": my_ssrc})
+            # The bot learns the browser (op 11, op 5 with its SSRC), then hears its audio.
+            assert (await bot.expect(11))["d"]["user_ids"] == ["1002"]
+            assert (await bot.expect(5))["d"] == {"user_id": "1002", "ssrc": my_ssrc, "speaking": 1}
+            heard = 0
+            for _ in range(20):
+                plain, _ = ref_open(XCHACHA, bot.udp.key, await bot.udp.recv(), 12)
+                heard += plain[1] & 0x7F == 120 and struct.unpack_from("!I", plain, 8)[0] == my_ssrc
+            assert heard == 20
+            # The bot speaks real Opus: aiortc decodes it from the SRTP the SFU sends (PT 120 -> 111).
+            frames = opus_tone_frames(60, 440.0)
+            for seq, frame in enumerate(frames):
+                bot.udp.send_rtp(rtp_packet(bot.udp.ssrc, 100 + seq, frame))
+                await asyncio.sleep(0.005)
+            for _ in range(50):
+                if tracks:
+                    break
+                await asyncio.sleep(0.05)
+            assert tracks, "no remote track"
+            decoded = 0
+            for _ in range(10):
+                frame = await asyncio.wait_for(tracks[0].recv(), 5)
+                decoded += frame.samples == 960
+            assert decoded == 10
+            await browser.ws.close()
+        finally:
+            await pc.close()
+
+    serve(body)
+
+
+def test_bad_clients_get_their_close_code_and_the_room_is_undisturbed() -> None:
+    """§5 close codes through the real edge while two members talk: invalid JSON (4002), an op
+    before IDENTIFY (4003), a bad token (4004), a second IDENTIFY (4005), a bad webrtc fragment
+    (4020), a huge frame (4002); media between the members keeps flowing, the room is unchanged."""
+
+    async def body(url: str, http: aiohttp.ClientSession, rooms: VoiceRooms) -> None:
+        a = await connect(url, http, 1001, XCHACHA)
+        b = await connect(url, http, 1002, AES)
+        assert a.udp is not None and b.udp is not None
+        good = {"server_id": SERVER_ID, "user_id": "9", "session_id": "bad", "token": AUTH.mint(9)}
+        cases: list[tuple[list[Any], int]] = [
+            (["{not json"], 4002),
+            ([{"op": 5, "d": {"speaking": 1, "delay": 0, "ssrc": 1}}], 4003),
+            ([{"op": 0, "d": good | {"token": "forged"}}], 4004),
+            ([{"op": 0, "d": good}, {"op": 0, "d": good}], 4005),
+            ([{"op": 0, "d": good}, {"op": 1, "d": {"protocol": "webrtc", "data": "a=nothing"}}], 4020),
+            (["x" * 200_000], 4002),
+        ]
+        for seq, (frames, code) in enumerate(cases):
+            bad = GatewayClient(await http.ws_connect(url), 9)
+            await bad.recv()  # HELLO
+            for frame in frames:
+                await bad.ws.send_str(frame if isinstance(frame, str) else json.dumps(frame))
+            assert await bad.close_code() == code, frames
+            a.udp.send_rtp(rtp_packet(a.udp.ssrc, seq, b"still talking %d" % seq))
+            plain, _ = ref_open(AES, b.udp.key, await b.udp.recv(), 12)
+            assert plain[12:] == b"still talking %d" % seq
+        for _ in range(50):
+            if rooms.engine.stats()["transports"] == 2:
+                break
+            await asyncio.sleep(0.02)
+        assert sorted(rooms.rooms[("discord", SERVER_ID)].members) == [1001, 1002]
+        assert rooms.engine.stats()["transports"] == 2  # every refused session's media is freed
+        assert not [m for m in a.events + b.events if m["op"] in (11, 13)]  # nobody heard of user 9
+
+    serve(body)
+
+
+def test_missed_heartbeats_close_4009_through_the_edge() -> None:
+    async def main() -> None:
+        async with Engine() as engine:
+            rooms = VoiceRooms(engine)
+            config = GatewayConfig(heartbeat_interval_ms=200, resume_grace=0.0)
+            gateway = Gateway(DiscordVoice(rooms, AUTH.authenticate), config)
+            runner = web.AppRunner(make_gateway_app(gateway))
+            await runner.setup()
+            site = web.TCPSite(runner, "127.0.0.1", 0)
+            await site.start()
+            port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+            try:
+                async with aiohttp.ClientSession() as http:
+                    client = GatewayClient(await http.ws_connect(f"ws://127.0.0.1:{port}/?v=8"), 5)
+                    await client.recv()
+                    d = {"server_id": SERVER_ID, "user_id": "5", "session_id": "s", "token": AUTH.mint(5)}
+                    await client.send(0, d)
+                    await client.expect(2)
+                    assert await client.close_code() == 4009  # no heartbeat within 2 intervals
+                for _ in range(100):  # grace 0: the session ends, its media is freed
+                    if not rooms.rooms:
+                        break
+                    await asyncio.sleep(0.05)
+                assert not rooms.rooms and engine.stats()["transports"] == 0
+            finally:
+                await runner.cleanup()
+
+    asyncio.run(asyncio.wait_for(main(), 30))

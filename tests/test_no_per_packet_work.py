@@ -28,10 +28,10 @@ def malloc_counter(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return lib
 
 
-def probe(lib: Path, n: int, fanout: int) -> dict[str, int]:
+def probe(lib: Path, n: int, fanout: int, kind: str = "srtp") -> dict[str, int]:
     env = dict(os.environ, PYTHONMALLOC="malloc", LD_PRELOAD=str(lib))
     out = subprocess.run(
-        [sys.executable, str(HERE / "native" / "drain_probe.py"), str(n), str(fanout)],
+        [sys.executable, str(HERE / "native" / "drain_probe.py"), str(n), str(fanout), kind],
         env=env,
         capture_output=True,
         text=True,
@@ -42,9 +42,11 @@ def probe(lib: Path, n: int, fanout: int) -> dict[str, int]:
 
 
 @pytest.mark.parametrize("fanout", [1, 10])
-def test_counts_do_not_grow_with_packets(malloc_counter: Path, fanout: int) -> None:
-    small = probe(malloc_counter, 32, fanout)
-    large = probe(malloc_counter, 320, fanout)
+@pytest.mark.parametrize("kind", ["srtp", "aead_aes256_gcm_rtpsize", "aead_xchacha20_poly1305_rtpsize"])
+def test_counts_do_not_grow_with_packets(malloc_counter: Path, fanout: int, kind: str) -> None:
+    """SRTP, and Discord's AEAD modes (OpenSSL through _aead.h), alike."""
+    small = probe(malloc_counter, 32, fanout, kind)
+    large = probe(malloc_counter, 320, fanout, kind)
     assert small["forwarded"] == (32 + 32) * fanout and large["forwarded"] == (320 + 32) * fanout
     assert large["batches"] > small["batches"]  # recvmmsg takes 64 datagrams a batch
     assert small["control_allocations"] >= 10  # the counter sees Python objects being made

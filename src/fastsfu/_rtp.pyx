@@ -83,6 +83,45 @@ def hchacha20(const uint8_t[:] key, const uint8_t[:] nonce16) -> bytes:
     return PyBytes_FromStringAndSize(<char *>out, 32)
 
 
+cdef int rtp_clear_part(const uint8_t *p, int n) noexcept nogil:
+    """rtpsize's clear part: fixed header, CSRCs, extension preamble (-1 if past the packet)."""
+    cdef int clear
+    if n < 12:
+        return -1
+    clear = 12 + 4 * (p[0] & 0x0F) + (4 if p[0] & 0x10 else 0)
+    return clear if clear <= n else -1
+
+
+cdef int aead_protect_rtp(void *ctx, void *hdr, int *len_ptr) noexcept nogil:
+    """srtp_protect's shape over a Discord AEAD context (for C callers such as the benchmark's
+    load generator, which take SRTP function pointers)."""
+    cdef int clear = rtp_clear_part(<uint8_t *>hdr, len_ptr[0]), r
+    if clear < 0:
+        return 1
+    r = fsfu_aead_seal(<fsfu_aead *>ctx, <uint8_t *>hdr, len_ptr[0], clear)
+    if r < 0:
+        return 1
+    len_ptr[0] = r
+    return 0
+
+
+cdef int aead_unprotect_rtp(void *ctx, void *hdr, int *len_ptr) noexcept nogil:
+    cdef int clear = rtp_clear_part(<uint8_t *>hdr, len_ptr[0]), r
+    if clear < 0:
+        return 1
+    r = fsfu_aead_open(<fsfu_aead *>ctx, <uint8_t *>hdr, len_ptr[0], clear)
+    if r < 0:
+        return SRTP_STATUS_REPLAY_FAIL if r == FSFU_AEAD_REPLAY else 7  # 7: srtp_err_status_auth_fail
+    len_ptr[0] = r
+    return 0
+
+
+def aead_rtp_functions() -> tuple[int, int]:
+    """Addresses of (protect, unprotect) with srtp_protect's signature, taking an AeadContext's
+    `address`: C code written for libsrtp drives Discord's modes unchanged."""
+    return <uintptr_t>aead_protect_rtp, <uintptr_t>aead_unprotect_rtp
+
+
 cdef class AeadContext:
     """One direction's state of a Discord rtpsize AEAD mode (discord-gateway.md §6.4): the key,
     cipher contexts, the outbound nonce counter and the inbound replay window. A transport owns
@@ -104,6 +143,11 @@ cdef class AeadContext:
     def __dealloc__(self):
         if self.ready:
             fsfu_aead_free(&self.ctx)
+
+    @property
+    def address(self) -> int:
+        """The C context's address (for aead_rtp_functions); valid while this object lives."""
+        return <uintptr_t>&self.ctx
 
     @property
     def out_counter(self) -> int:

@@ -1,12 +1,16 @@
-"""Subprocess for test_no_per_packet_work: drains N SRTP packets through a real socket and
-prints (allocations, python calls, forwarded) measured around the drain calls only."""
+"""Subprocess for test_no_per_packet_work: drains N protected packets (SRTP, or a Discord AEAD
+mode) through a real socket and prints (allocations, python calls, forwarded) measured around the
+drain calls only."""
 
 from __future__ import annotations
 
 import ctypes
 import json
+import os
 import socket
 import sys
+from collections.abc import Callable
+from typing import Any
 
 from fastsfu import _rtp
 from fastsfu.rtp import RtpPacket
@@ -15,7 +19,46 @@ from fastsfu.srtp import SrtpContext, generate_key
 SUITE = "AES_CM_128_HMAC_SHA1_80"
 
 
-def main(n: int, fanout: int) -> None:
+def protection(
+    kind: str,
+) -> tuple[Callable[[], Any], Callable[[bytes], bytes], Callable[[Any, int, Any, Any], None]]:
+    """(make an outbound context, protect a client packet, install contexts on a transport)."""
+    if kind == "srtp":
+        up = generate_key(SUITE)
+        sender = SrtpContext(SUITE, up, False)
+
+        def install_srtp(dp: Any, t: int, inbound: Any, outbound: Any) -> None:
+            if inbound is not None:
+                inbound.add_stream(1)
+            dp.set_transport_srtp(t, inbound, outbound)
+
+        return (
+            lambda: (SrtpContext(SUITE, up, True), lambda ssrc: _out_srtp(ssrc)),  # type: ignore[return-value]
+            sender.protect,
+            install_srtp,
+        )
+    from fastsfu.discord.crypto import AeadContext, rtp_clear_length
+
+    key = os.urandom(32)
+    client = AeadContext(kind, key)
+
+    def install_aead(dp: Any, t: int, inbound: Any, outbound: Any) -> None:
+        dp.set_transport_aead(t, inbound if inbound is not None else outbound)
+
+    return (
+        lambda: (AeadContext(kind, key), lambda ssrc: AeadContext(kind, os.urandom(32))),  # type: ignore[return-value]
+        lambda packet: client.seal(packet, rtp_clear_length(packet)),
+        install_aead,
+    )
+
+
+def _out_srtp(ssrc: int) -> SrtpContext:
+    out = SrtpContext(SUITE, generate_key(SUITE), False)
+    out.add_stream(ssrc)
+    return out
+
+
+def main(n: int, fanout: int, kind: str) -> None:
     counter = ctypes.CDLL(None).malloc_count
     counter.restype = ctypes.c_uint64
     dp = _rtp.Datapath()
@@ -29,25 +72,22 @@ def main(n: int, fanout: int) -> None:
     client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     client.bind(("127.0.0.1", 0))
     sock = dp.add_socket(server.fileno(), socket.AF_INET, True)
-    up = generate_key(SUITE)
+    contexts, protect, install = protection(kind)
+    inbound, make_outbound = contexts()
     t_in = dp.add_transport(sock)
     dp.set_transport_remote(t_in, *client.getsockname())
-    inbound = SrtpContext(SUITE, up, True)
-    inbound.add_stream(1)
-    dp.set_transport_srtp(t_in, inbound, None)
+    install(dp, t_in, inbound, None)
     p = dp.add_producer(t_in, 1, 111, 48000, {1: 2})
-    keep = []
+    keep = [inbound]
     for i in range(fanout):
         t = dp.add_transport(sock)
         dp.set_transport_remote(t, "127.0.0.1", sink.getsockname()[1] if i == 0 else 9 + i)
-        out = SrtpContext(SUITE, generate_key(SUITE), False)
-        out.add_stream(100 + i)
-        dp.set_transport_srtp(t, None, out)
+        out = make_outbound(100 + i)
+        install(dp, t, None, out)
         dp.add_consumer(p, t, 100 + i, 100, {2: 3}, b"0")
         keep.append(out)
-    sender = SrtpContext(SUITE, up, False)
     packets = [
-        sender.protect(bytes(RtpPacket(111, s, s * 960, 1, extensions=[(1, b"\x80")], payload=bytes(100))))
+        protect(bytes(RtpPacket(111, s, s * 960, 1, extensions=[(1, b"\x80")], payload=bytes(100))))
         for s in range(n + 32)
     ]
     poll = dp.poll  # what the Engine calls when the epoll fd is readable
@@ -99,4 +139,4 @@ def main(n: int, fanout: int) -> None:
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]), int(sys.argv[2]))
+    main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3] if len(sys.argv) > 3 else "srtp")

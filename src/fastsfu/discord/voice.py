@@ -18,9 +18,10 @@ from fastsfu.discord.crypto import MODES
 from fastsfu.discord.gateway import GatewayError, GatewayHandler, Session
 from fastsfu.discord.opcodes import CloseCode, Op
 from fastsfu.discord.udp_transport import DISCORD_RTP_CAPABILITIES, DiscordUdpTransport, rtp_parameters
+from fastsfu.discord.webrtc_sdp import SdpError, WebRtcOffer, answer, parse_fragment
 from fastsfu.harmony.session import CREATE_ERRORS, RoomMember, VoiceError, VoiceRooms, _Room
 from fastsfu.producer import Producer
-from fastsfu.transport import TransportError
+from fastsfu.transport import Transport, TransportError
 
 log = logging.getLogger("fastsfu.discord")
 
@@ -31,21 +32,25 @@ _AUTHZ_CLOSE = {"h.bad-guild-id": CloseCode.SERVER_NOT_FOUND, "h.bad-channel-id"
 
 
 class DiscordMember:
-    """One Discord gateway session in a room: its transport, producer and consumers of the others."""
+    """One Discord gateway session in a room: its transport (udp, or webrtc once selected), its
+    producer and its consumers of the others."""
 
     def __init__(self, session: Session, user_id: int, room: _Room, transport: DiscordUdpTransport) -> None:
         self.session = session
         self.user_id = user_id
         self.room = room
-        self.transport = transport
+        self.udp: DiscordUdpTransport | None = transport
+        self.transport: Transport = transport
+        self.offer: WebRtcOffer | None = None  # the browser's fragment, for the webrtc protocol
+        self.ssrc: int | None = transport.ssrc  # READY's (udp) or the first announced (webrtc)
         self.producer: Producer | None = None
         self.consumers: dict[int, Consumer] = {}  # by the sending user
         self.speaking = 0  # the last SPEAKING bitmask, replayed to newcomers (§3 op 5)
         self.joined = False
 
     @property
-    def ssrc(self) -> int:
-        return self.transport.ssrc
+    def receive_capabilities(self) -> dict[str, Any]:
+        return self.offer.rtp_capabilities() if self.offer is not None else DISCORD_RTP_CAPABILITIES
 
     # ------------------------------------------------------------------ RoomMember
 
@@ -62,12 +67,14 @@ class DiscordMember:
 
     def _consume(self, user_id: int, producer: Producer) -> Consumer:
         """Forward `producer` here under its own SSRC when free (so SPEAKING's ssrc is the
-        sender's), else a fresh one; PT 120, no extensions, CC 0 (§6.3)."""
+        sender's), else a fresh one. udp receivers get PT 120, no extensions and CC 0 (§6.3);
+        webrtc receivers their own Opus PT and extension IDs (§7.3)."""
+        caps = self.receive_capabilities
         try:
             try:
-                consumer = self.transport.consume(producer.id, DISCORD_RTP_CAPABILITIES, ssrc=producer.ssrc)
+                consumer = self.transport.consume(producer.id, caps, ssrc=producer.ssrc)
             except TransportError:
-                consumer = self.transport.consume(producer.id, DISCORD_RTP_CAPABILITIES)
+                consumer = self.transport.consume(producer.id, caps)
         except CREATE_ERRORS as exc:
             raise VoiceError("fastsfu.voice-create-consumer", str(exc)) from None
         self.consumers[user_id] = consumer
@@ -79,6 +86,16 @@ class DiscordMember:
             del self.consumers[user_id]
 
     def _announce(self, user_id: int, ssrc: int, speaking: int) -> None:
+        if self.offer is not None:
+            # A browser builds its remote description's a=ssrc lines from op 12 (§7.2, §7.3).
+            video = {
+                "user_id": str(user_id),
+                "audio_ssrc": ssrc,
+                "video_ssrc": 0,
+                "rtx_ssrc": 0,
+                "streams": [],
+            }
+            self.session.send(Op.VIDEO, video)
         # djs maps SSRC -> user only from a server SPEAKING with user_id (§3 op 5, §8).
         self.session.send(Op.SPEAKING, {"user_id": str(user_id), "ssrc": ssrc, "speaking": speaking})
 
@@ -100,8 +117,10 @@ class DiscordVoice(GatewayHandler):
         room_map: Mapping[str, tuple[int, int]] | None = None,
         only_mapped: bool = False,
         announced_ip: str | None = None,
+        webrtc: bool = True,
     ) -> None:
         self.rooms = rooms
+        self.webrtc = webrtc
         self.authenticate = authenticate
         self.room_map = dict(room_map or {})
         self.only_mapped = only_mapped
@@ -166,13 +185,18 @@ class DiscordVoice(GatewayHandler):
 
     def select_protocol(self, session: Session, d: dict[str, Any]) -> dict[str, Any]:
         member = self._member(session)
-        if d["protocol"] != "udp":
-            raise GatewayError(CloseCode.UNKNOWN_PROTOCOL, "only the udp protocol is served")
+        if d["protocol"] == "webrtc":
+            return self._select_webrtc(member, d)
         data = d.get("data")
         mode = data.get("mode") if isinstance(data, dict) else None
         if mode not in MODES:
             raise GatewayError(CloseCode.UNKNOWN_ENCRYPTION_MODE, f"unknown encryption mode {mode!r}")
-        key = member.transport.select_mode(mode)
+        assert member.udp is not None
+        key = member.udp.select_mode(mode)
+        try:
+            member.producer = member.udp.produce(rtp_parameters(member.udp.ssrc))
+        except CREATE_ERRORS as exc:
+            raise GatewayError(CloseCode.BAD_REQUEST, f"cannot create the producer: {exc}") from None
         self._join(member)
         return {
             "mode": mode,
@@ -183,6 +207,51 @@ class DiscordVoice(GatewayHandler):
             "dave_protocol_version": 0,  # DAVE declined; discord.py needs the field (§8)
         }
 
+    def _select_webrtc(self, member: DiscordMember, d: dict[str, Any]) -> dict[str, Any]:
+        """§7: ICE-lite, DTLS passive and SRTP on the shared port; the producer comes with the
+        first SSRC the browser announces (SPEAKING or VIDEO)."""
+        if not self.webrtc:
+            raise GatewayError(CloseCode.UNKNOWN_PROTOCOL, "the webrtc protocol is disabled")
+        fragment = d.get("sdp") if isinstance(d.get("sdp"), str) else d.get("data")
+        try:
+            offer = parse_fragment(fragment if isinstance(fragment, str) else "", d.get("codecs"))
+        except SdpError as exc:
+            raise GatewayError(CloseCode.BAD_REQUEST, str(exc)) from None
+        router = member.room.router
+        try:
+            webrtc = router.create_webrtc_transport(app_data={"discord_user": member.user_id})
+        except (*CREATE_ERRORS, ValueError) as exc:
+            raise GatewayError(CloseCode.BAD_REQUEST, f"cannot allocate media: {exc}") from None
+        try:
+            webrtc.connect({"role": "client", "fingerprints": offer.fingerprints})  # we are passive
+        except TransportError as exc:
+            webrtc.close()
+            raise GatewayError(CloseCode.BAD_REQUEST, f"bad DTLS parameters: {exc}") from None
+        if member.udp is not None:
+            member.udp.close()  # READY's SSRC and the udp transport are not used by a browser
+            member.udp = None
+        member.transport = webrtc
+        member.offer = offer
+        member.ssrc = None
+        session = member.session
+        webrtc.observer.once("close", lambda: self._media_gone(session))
+        self._join(member)
+        member.session.send(Op.MEDIA_SINK_WANTS, {"any": 100})
+        candidate = webrtc.ice_candidates[0]
+        fingerprint = next(f for f in webrtc.dtls_parameters["fingerprints"] if f["algorithm"] == "sha-256")
+        return {
+            "audio_codec": "opus",
+            "video_codec": "H264",
+            "media_session_id": uuid.uuid4().hex,
+            "sdp": answer(candidate["ip"], candidate["port"], webrtc.ice_parameters, fingerprint),
+            "dave_protocol_version": 0,
+        }
+
+    def _media_gone(self, session: Session) -> None:
+        """The browser's transport closed (ICE consent expired, DTLS failed): end the session."""
+        if session.state in ("active", "suspended"):
+            session.close(CloseCode.DISCONNECTED, "media connection lost")
+
     def _join(self, member: DiscordMember) -> None:
         """The room commit, one step with no await: consumers both ways, then the announcements
         (delivered after op 4)."""
@@ -191,21 +260,14 @@ class DiscordVoice(GatewayHandler):
             raise GatewayError(CloseCode.BAD_REQUEST, "this user is already in the voice channel")
         if len(room.members) >= self.rooms.settings.max_users_per_room:
             raise GatewayError(CloseCode.BAD_REQUEST, "the voice channel is full")
-        try:
-            member.producer = member.transport.produce(rtp_parameters(member.ssrc))
-        except CREATE_ERRORS as exc:
-            raise GatewayError(CloseCode.BAD_REQUEST, f"cannot create the producer: {exc}") from None
         others: list[RoomMember] = list(room.members.values())
-        notified: list[RoomMember] = []
         try:
             for other in others:
                 if other.producer is not None:
                     member._consume(other.user_id, other.producer)
-                other.member_joined(member.user_id, member.producer)
-                notified.append(other)
+            if member.producer is not None:
+                self._publish(member, others)
         except VoiceError as exc:
-            for other in notified:
-                other.member_left(member.user_id)
             raise GatewayError(CloseCode.BAD_REQUEST, exc.human_message) from None
         room.holders.discard(member)
         room.members[member.user_id] = member
@@ -217,21 +279,62 @@ class DiscordVoice(GatewayHandler):
             if consumer is not None:
                 member._announce(other.user_id, consumer.ssrc, _speaking_of(room, other.user_id))
 
+    @staticmethod
+    def _publish(member: DiscordMember, others: list[RoomMember]) -> None:
+        """Tell every other member about `member`'s producer, all or none (VoiceError)."""
+        assert member.producer is not None
+        notified: list[RoomMember] = []
+        try:
+            for other in others:
+                other.member_joined(member.user_id, member.producer)
+                notified.append(other)
+        except VoiceError:
+            for other in notified:
+                other.member_left(member.user_id)
+            raise
+
     # ------------------------------------------------------------------ SPEAKING and the end
 
     def speaking(self, session: Session, d: dict[str, Any]) -> None:
         member = self._member(session)
-        if d["ssrc"] != member.ssrc:
-            raise GatewayError(CloseCode.BAD_REQUEST, "SPEAKING with an SSRC that is not yours")
         member.speaking = d["speaking"]
-        if not member.joined:
-            return
+        if self._claim_ssrc(member, d["ssrc"]) or not member.joined:
+            return  # just announced to the room with this speaking state, or not in it yet
         # Relay to every Discord member, with the SSRC that member receives this user under.
         for other in member.room.members.values():
             if isinstance(other, DiscordMember) and other is not member:
                 consumer = other.consumers.get(member.user_id)
                 if consumer is not None:
                     other._announce(member.user_id, consumer.ssrc, member.speaking)
+
+    def video(self, session: Session, d: dict[str, Any]) -> None:
+        """VIDEO (op 12): a browser announces its audio SSRC here too (§7.1); video is ignored."""
+        audio = d.get("audio_ssrc")
+        if isinstance(audio, int) and not isinstance(audio, bool) and 0 < audio < 2**32:
+            member = self._member(session)
+            if member.offer is not None:
+                self._claim_ssrc(member, audio)
+
+    def _claim_ssrc(self, member: DiscordMember, ssrc: int) -> bool:
+        """udp: SPEAKING's ssrc must be READY's. webrtc: the first non-zero one is the browser's
+        audio SSRC; its producer is created then and announced to the room (§7.1, §7.3): True."""
+        if member.offer is None or member.ssrc is not None:
+            if ssrc != member.ssrc:
+                raise GatewayError(CloseCode.BAD_REQUEST, "SPEAKING with an SSRC that is not yours")
+            return False
+        if ssrc == 0 or not member.joined:
+            return False
+        try:
+            member.producer = member.transport.produce(member.offer.rtp_parameters(ssrc))
+        except CREATE_ERRORS as exc:
+            raise GatewayError(CloseCode.BAD_REQUEST, f"cannot create the producer: {exc}") from None
+        member.ssrc = ssrc
+        others = [o for o in member.room.members.values() if o is not member]
+        try:
+            self._publish(member, others)
+        except VoiceError as exc:
+            raise GatewayError(CloseCode.BAD_REQUEST, exc.human_message) from None
+        return True
 
     def ended(self, session: Session) -> None:
         member = session.attachment
@@ -243,8 +346,11 @@ class DiscordVoice(GatewayHandler):
         was_member = room.members.get(member.user_id) is member
         if was_member:
             del room.members[member.user_id]
+        announced = member.producer is not None
         member.transport.close()  # its producer, and its consumers on the others' transports
-        if was_member:
+        if member.udp is not None and member.udp is not member.transport:
+            member.udp.close()
+        if was_member and announced:  # only those who were told of this user hear it left
             for other in list(room.members.values()):
                 other.member_left(member.user_id)
         self.rooms._release(room)

@@ -335,9 +335,9 @@ class VoiceSession:
         notified: list[RoomMember] = []
         try:
             for member in list(room.members.values()):
-                assert member.producer is not None
-                mine = self._consume(self.consumer_transport, member.producer, caps, self)
-                others.append(self._consumer_options(member.user_id, member.producer, mine))
+                if member.producer is not None:  # a member of another protocol may not send yet
+                    mine = self._consume(self.consumer_transport, member.producer, caps, self)
+                    others.append(self._consumer_options(member.user_id, member.producer, mine))
                 member.member_joined(self.user_id, self.producer)  # unicast, never to the joiner
                 notified.append(member)
         except VoiceError:
