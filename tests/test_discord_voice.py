@@ -59,7 +59,9 @@ class GatewayClient:
     async def close_code(self, timeout: float = 5.0) -> int | None:
         while True:
             msg = await asyncio.wait_for(self.ws.receive(), timeout)
-            if msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED):
+            if msg.type == aiohttp.WSMsgType.CLOSE:
+                return int(msg.data)  # the server's code (aiohttp may report its own afterwards)
+            if msg.type == aiohttp.WSMsgType.CLOSED:
                 return self.ws.close_code
             if msg.type == aiohttp.WSMsgType.TEXT:
                 self.events.append(json.loads(msg.data))
@@ -69,14 +71,18 @@ Serve = Callable[[str, aiohttp.ClientSession, VoiceRooms], Awaitable[None]]
 
 
 def serve(
-    body: Serve, room_map: dict[str, tuple[int, int]] | None = None, resume_grace: float = 60.0
+    body: Serve,
+    room_map: dict[str, tuple[int, int]] | None = None,
+    resume_grace: float = 60.0,
+    voices: list[DiscordVoice] | None = None,
 ) -> None:
     async def main() -> None:
         async with Engine() as engine:
             rooms = VoiceRooms(engine)
-            gateway = Gateway(
-                DiscordVoice(rooms, AUTH.authenticate, room_map), GatewayConfig(resume_grace=resume_grace)
-            )
+            voice = DiscordVoice(rooms, AUTH.authenticate, room_map)
+            if voices is not None:
+                voices.append(voice)
+            gateway = Gateway(voice, GatewayConfig(resume_grace=resume_grace))
             runner = web.AppRunner(make_gateway_app(gateway))
             await runner.setup()
             site = web.TCPSite(runner, "127.0.0.1", 0)
@@ -139,6 +145,11 @@ def test_two_bots_hear_each_other_with_different_modes() -> None:
         assert connect_b["d"]["user_ids"] == ["1001"]
         speaking = await b.expect(5)
         assert speaking["d"] == {"user_id": "1001", "ssrc": a.udp.ssrc, "speaking": 0}
+        introductions = [(m["op"], m["d"]) for m in b.events if m["op"] in (18, 20)]
+        assert introductions == [
+            (18, {"user_id": "1001", "flags": 0}),
+            (20, {"user_id": "1001", "platform": 0}),
+        ]
         assert (await a.expect(11))["d"]["user_ids"] == ["1002"]
         assert (await a.expect(5))["d"]["ssrc"] == b.udp.ssrc
         # A speaks: op 5 relayed to B with A's user ID, then RTP reaches B under A's SSRC.
@@ -257,8 +268,8 @@ def test_resume_keeps_media_flowing() -> None:
         await resumed.recv()  # HELLO
         await resumed.send(7, {"server_id": SERVER_ID, "session_id": "sb", "token": b.token, "seq_ack": 1})
         assert (await resumed.recv())["op"] == 9
-        replayed = [await resumed.recv() for _ in range(2)]  # op 11 and op 5 after op 4 (seq 1)
-        assert [m["op"] for m in replayed] == [11, 5] and [m["seq"] for m in replayed] == [2, 3]
+        replayed = [await resumed.recv() for _ in range(4)]  # what followed op 4 (seq 1)
+        assert [m["op"] for m in replayed] == [11, 18, 20, 5] and [m["seq"] for m in replayed] == [2, 3, 4, 5]
         a.udp.send_rtp(rtp_packet(a.udp.ssrc, 2, b"after resume"))
         assert ref_open(AES, b.udp.key, await b.udp.recv(), 12)[0][12:] == b"after resume"
         assert sorted(rooms.rooms[("discord", SERVER_ID)].members) == [1001, 1002]
@@ -450,3 +461,31 @@ def test_missed_heartbeats_close_4009_through_the_edge() -> None:
                 await runner.cleanup()
 
     asyncio.run(asyncio.wait_for(main(), 30))
+
+
+def test_server_initiated_kick_and_call_end() -> None:
+    """4014 for one user (no reconnect, the others stay), 4022 for the whole room (§5); a v6+
+    VOICE_BACKEND_VERSION is answered."""
+    voices: list[DiscordVoice] = []
+
+    async def body(url: str, http: aiohttp.ClientSession, rooms: VoiceRooms) -> None:
+        a = await connect(url, http, 1001, XCHACHA)
+        b = await connect(url, http, 1002, AES)
+        c = await connect(url, http, 1003, AES)
+        await a.send(16, {})
+        assert set((await a.expect(16))["d"]) == {"voice", "rtc_worker"}
+        (voice,) = voices
+        key = voice.room_key(SERVER_ID)
+        assert voice.disconnect(1002) == 1
+        assert await b.close_code() == 4014
+        assert (await a.expect(13))["d"] == {"user_id": "1002"}
+        assert sorted(rooms.rooms[key].members) == [1001, 1003]
+        assert voice.end_room(key) == 2
+        assert await a.close_code() == 4022 and await c.close_code() == 4022
+        for _ in range(50):
+            if not rooms.rooms:
+                break
+            await asyncio.sleep(0.02)
+        assert not rooms.rooms and rooms.engine.stats()["transports"] == 0
+
+    serve(body, voices=voices)

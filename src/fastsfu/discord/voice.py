@@ -13,6 +13,7 @@ import uuid
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from fastsfu import __version__
 from fastsfu.consumer import Consumer
 from fastsfu.discord.crypto import MODES
 from fastsfu.discord.gateway import GatewayError, GatewayHandler, Session
@@ -57,6 +58,7 @@ class DiscordMember:
     def member_joined(self, user_id: int, producer: Producer) -> None:
         consumer = self._consume(user_id, producer)
         self.session.send(Op.CLIENTS_CONNECT, {"user_ids": [str(user_id)]})
+        self._introduce(user_id)
         self._announce(user_id, consumer.ssrc, _speaking_of(self.room, user_id))
 
     def member_left(self, user_id: int) -> None:
@@ -84,6 +86,12 @@ class DiscordMember:
     def _forget(self, user_id: int, consumer: Consumer) -> None:
         if self.consumers.get(user_id) is consumer:
             del self.consumers[user_id]
+
+    def _introduce(self, user_id: int) -> None:
+        """CLIENT_FLAGS and CLIENT_PLATFORM for a member (§3 "other ops"): no clip or recording
+        permissions, desktop; real clients expect both for every user in the call."""
+        self.session.send(Op.CLIENT_FLAGS, {"user_id": str(user_id), "flags": 0})
+        self.session.send(Op.CLIENT_PLATFORM, {"user_id": str(user_id), "platform": 0})
 
     def _announce(self, user_id: int, ssrc: int, speaking: int) -> None:
         if self.offer is not None:
@@ -165,12 +173,9 @@ class DiscordVoice(GatewayHandler):
         }
 
     def _room_key(self, server_id: str) -> tuple[Any, ...]:
-        mapped = self.room_map.get(server_id)
-        if mapped is not None:
-            return mapped
-        if self.only_mapped:
+        if self.only_mapped and server_id not in self.room_map:
             raise GatewayError(CloseCode.SERVER_NOT_FOUND, f"no voice server {server_id!r} here")
-        return ("discord", server_id)
+        return self.room_key(server_id)
 
     def _free_ssrc(self) -> int:
         """A non-zero SSRC unused by Discord sessions of this engine and by producers of any room."""
@@ -275,6 +280,7 @@ class DiscordVoice(GatewayHandler):
         if others:
             member.session.send(Op.CLIENTS_CONNECT, {"user_ids": [str(o.user_id) for o in others]})
         for other in others:
+            member._introduce(other.user_id)
             consumer = member.consumers.get(other.user_id)
             if consumer is not None:
                 member._announce(other.user_id, consumer.ssrc, _speaking_of(room, other.user_id))
@@ -335,6 +341,36 @@ class DiscordVoice(GatewayHandler):
         except VoiceError as exc:
             raise GatewayError(CloseCode.BAD_REQUEST, exc.human_message) from None
         return True
+
+    def other_op(self, session: Session, op: int, d: Any) -> None:
+        if op == Op.VOICE_BACKEND_VERSION:  # C->S {}: answer with our versions (§3, v6+)
+            session.send(op, {"voice": __version__, "rtc_worker": __version__}, replayable=False)
+
+    # ------------------------------------------------------------------ server-initiated ends
+
+    def disconnect(self, user_id: int, key: tuple[Any, ...] | None = None) -> int:
+        """Kick a user (4014: clients do not reconnect) from the room `key`, or from every room.
+        Returns how many sessions were closed."""
+        return self._close_members(CloseCode.DISCONNECTED, "disconnected", key, user_id)
+
+    def end_room(self, key: tuple[Any, ...]) -> int:
+        """The call is over (4022): every Discord member of the room leaves."""
+        return self._close_members(CloseCode.CALL_TERMINATED, "call terminated", key, None)
+
+    def room_key(self, server_id: str) -> tuple[Any, ...]:
+        """The room a Discord server_id joins: its mapped Harmony room, or one of its own."""
+        return self.room_map.get(server_id) or ("discord", server_id)
+
+    def _close_members(self, code: int, reason: str, key: tuple[Any, ...] | None, user_id: int | None) -> int:
+        closed = 0
+        for room_key, room in list(self.rooms.rooms.items()):
+            if key is not None and room_key != key:
+                continue
+            for member in [*room.members.values(), *room.holders]:
+                if isinstance(member, DiscordMember) and user_id in (None, member.user_id):
+                    member.session.close(code, reason)
+                    closed += 1
+        return closed
 
     def ended(self, session: Session) -> None:
         member = session.attachment
