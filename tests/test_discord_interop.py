@@ -167,6 +167,13 @@ def test_discord_py_and_discordjs_hear_each_other(tmp_path: Path) -> None:
             assert result.frames_sent == len(djs_frames)
             assert heard[: len(djs_frames)] == djs_frames, (len(heard), dpy.raw["receive_failures"])
             assert dpy.raw["receive_failures"] == 0
+            # /metrics: both sessions wait for a RESUME (their sockets closed with 1000).
+            import aiohttp
+
+            async with aiohttp.ClientSession() as http, http.get(server.address("fastsfu: metrics")) as r:
+                text = await r.text()
+            assert 'fastsfu_discord_sessions{state="suspended"} 2.0' in text, text
+            assert "fastsfu_discord_connections 0.0" in text
 
     asyncio.run(asyncio.wait_for(main(), 100))
 

@@ -112,6 +112,16 @@ def test_precedence_through_the_command_line(tmp_path: Path) -> None:
         ("", (), {"FASTSFU_LOG_FORMAT": "xml"}, "FASTSFU_LOG_FORMAT: must be one of text, json"),
         ("", ("--dtls-certificate", "/nonexistent.pem"), {}, "must be given together"),
         ("", ("--dtls-certificate", "/no/c.pem", "--dtls-private-key", "/no/k.pem"), {}, "cannot read"),
+        ("[discord.rooms]\n41 = [1]\n", (), {}, "expected [guild_id, channel_id]"),
+        ("[discord.rooms]\n41 = [1, -2]\n", (), {}, "not a Harmony ID"),
+        ("[discord]\nport = 70000\n", (), {}, "discord.port: must be at most 65535"),
+        ("", ("--discord-tls-certificate", "/no/c.pem"), {}, "must be given together"),
+        (
+            "",
+            ("--discord-tls-certificate", "/no/c.pem", "--discord-tls-private-key", "/no/k.pem"),
+            {},
+            "discord TLS",
+        ),
     ],
 )
 def test_bad_configuration_exits_2_with_a_message(

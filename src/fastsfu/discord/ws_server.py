@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import Counter
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -28,6 +29,7 @@ class GatewayEndpoint:
 
     def __init__(self, gateway: Gateway) -> None:
         self.gateway = gateway
+        self.closes: Counter[int] = Counter()  # close codes sent, for /metrics
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         version = parse_version(request.query_string)
@@ -47,6 +49,7 @@ class GatewayEndpoint:
                 wake.clear()
                 for output in connection.poll_output():
                     if isinstance(output, Close):
+                        self.closes[output.code] += 1
                         await ws.close(code=output.code, message=output.reason.encode())
                         return ws
                     await ws.send_str(output.text)
@@ -91,9 +94,9 @@ class GatewayEndpoint:
                 log.exception("gateway timer failed")
 
 
-def make_gateway_app(gateway: Gateway) -> web.Application:
+def make_gateway_app(gateway: Gateway, endpoint: GatewayEndpoint | None = None) -> web.Application:
     """The voice gateway on every path (clients connect to `/?v=8` or `?v=8`)."""
-    endpoint = GatewayEndpoint(gateway)
+    endpoint = endpoint or GatewayEndpoint(gateway)
     app = web.Application()
     app.router.add_get("/{tail:.*}", endpoint.handle)
 

@@ -18,7 +18,7 @@ from aiohttp import web
 
 from fastsfu.discord.gateway import Gateway, GatewayConfig
 from fastsfu.discord.voice import DiscordVoice
-from fastsfu.discord.ws_server import make_gateway_app
+from fastsfu.discord.ws_server import GatewayEndpoint, make_gateway_app
 from fastsfu.engine import Engine, Settings
 from fastsfu.harmony.auth import StaticAuthorization, TokenAuth, generate_secret
 from fastsfu.harmony.grpc_server import start_grpc_server
@@ -56,9 +56,10 @@ async def serve_harmony(config: ServerConfig, voice: VoiceSettings | None = None
         grpc_server, grpc_port = await start_grpc_server(
             rooms, auth.authenticate, f"{config.listen_ip}:{config.grpc_port}", rate_limit, health
         )
+        discord = _discord_endpoint(config, rooms, auth.authenticate)
         mounts: list[Callable[[web.Application], None]] = [mount_demo]
         if config.metrics:
-            mounts.append(metrics_mount(rooms, rate_limit))
+            mounts.append(metrics_mount(rooms, rate_limit, discord))
         runner = web.AppRunner(make_app(rooms, auth.authenticate, mounts, rate_limit))
         await runner.setup()
         site = web.TCPSite(runner, config.listen_ip, config.hrpc_port)
@@ -69,7 +70,13 @@ async def serve_harmony(config: ServerConfig, voice: VoiceSettings | None = None
             await grpc_server.stop(grace=None)
             raise
         hrpc_port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        gateway, discord_runner, discord_url = await _start_discord(config, rooms, auth.authenticate)
+        gateway = discord.gateway if discord is not None else None
+        try:
+            discord_runner, discord_url = await _start_discord(config, discord)
+        except OSError:  # the Discord port is taken: stop what already runs, then report it
+            await runner.cleanup()
+            await grpc_server.stop(grace=None)
+            raise
         media = engine._webrtc_socket().local_address
         print(f"fastsfu: hRPC ws://{config.listen_ip}:{hrpc_port}{STREAM_PATH}", flush=True)
         print(f"fastsfu: gRPC {config.listen_ip}:{grpc_port}", flush=True)
@@ -110,24 +117,34 @@ async def serve_harmony(config: ServerConfig, voice: VoiceSettings | None = None
     return 0
 
 
-async def _start_discord(
+def _discord_endpoint(
     config: ServerConfig, rooms: VoiceRooms, authenticate: Callable[[str], int]
-) -> tuple[Gateway | None, web.AppRunner | None, str]:
-    """The Discord voice gateway on its own port (ws, or wss with a certificate), sharing rooms,
-    auth and the media port with the Harmony service; off when the port is -1."""
+) -> GatewayEndpoint | None:
+    """The Discord voice gateway (sharing rooms, auth and the media port with the Harmony
+    service), or None when its port is -1."""
     d = config.discord
     if d.port < 0:
-        return None, None, ""
+        return None
     voice = DiscordVoice(rooms, authenticate, d.rooms, d.only_mapped, config.announced_ip)
     gateway = Gateway(
         voice,
         GatewayConfig(heartbeat_interval_ms=round(d.heartbeat_interval * 1000), resume_grace=d.resume_grace),
     )
+    return GatewayEndpoint(gateway)
+
+
+async def _start_discord(
+    config: ServerConfig, endpoint: GatewayEndpoint | None
+) -> tuple[web.AppRunner | None, str]:
+    """Listen on the Discord gateway's port: ws, or wss with the configured certificate."""
+    if endpoint is None:
+        return None, ""
+    d = config.discord
     tls = None
     if d.tls_certificate is not None and d.tls_private_key is not None:
         tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         tls.load_cert_chain(d.tls_certificate, d.tls_private_key)
-    runner = web.AppRunner(make_gateway_app(gateway), access_log=None)
+    runner = web.AppRunner(make_gateway_app(endpoint.gateway, endpoint), access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, config.listen_ip, d.port, ssl_context=tls)
     try:
@@ -136,4 +153,4 @@ async def _start_discord(
         await runner.cleanup()
         raise
     port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    return gateway, runner, f"{'wss' if tls else 'ws'}://{config.listen_ip}:{port}/?v=8"
+    return runner, f"{'wss' if tls else 'ws'}://{config.listen_ip}:{port}/?v=8"

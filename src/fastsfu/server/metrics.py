@@ -4,6 +4,7 @@ engine's datapath totals, the rooms, the front-ends' counters), so nothing is do
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Iterator
 
 from aiohttp import web
@@ -11,6 +12,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector, CollectorRegistry
 
+from fastsfu.discord.ws_server import GatewayEndpoint
 from fastsfu.harmony.rate_limit import RateLimiter
 from fastsfu.harmony.session import VoiceRooms
 
@@ -28,9 +30,15 @@ def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
 class ServerCollector(Collector):
     """Every `fastsfu_*` metric of one server."""
 
-    def __init__(self, rooms: VoiceRooms, rate_limit: RateLimiter | None = None) -> None:
+    def __init__(
+        self,
+        rooms: VoiceRooms,
+        rate_limit: RateLimiter | None = None,
+        discord: GatewayEndpoint | None = None,
+    ) -> None:
         self.rooms = rooms
         self.rate_limit = rate_limit
+        self.discord = discord
 
     def collect(self) -> Iterator[Metric]:
         rooms, engine = self.rooms, self.rooms.engine
@@ -60,6 +68,8 @@ class ServerCollector(Collector):
             yield _gauge(
                 "fastsfu_rate_limit_addresses", "Addresses the rate limit tracks", len(self.rate_limit)
             )
+        if self.discord is not None:
+            yield from self._discord(self.discord)
         if engine.closed:
             return
         s = engine.stats()
@@ -81,13 +91,31 @@ class ServerCollector(Collector):
         failures.add_metric(["ice_consent"], s["ice_consent_expiries"])
         yield failures
 
+    @staticmethod
+    def _discord(endpoint: GatewayEndpoint) -> Iterator[Metric]:
+        gateway = endpoint.gateway
+        sessions = GaugeMetricFamily("fastsfu_discord_sessions", "Discord voice sessions", labels=["state"])
+        states = Counter(session.state for session in gateway.sessions.values())
+        for state in ("identifying", "active", "suspended"):
+            sessions.add_metric([state], states[state])
+        yield sessions
+        yield _gauge(
+            "fastsfu_discord_connections", "Open Discord gateway WebSockets", gateway.connection_count
+        )
+        closes = CounterMetricFamily(
+            "fastsfu_discord_closes", "Discord gateway closes sent, by code", labels=["code"]
+        )
+        for code, count in sorted(endpoint.closes.items()):
+            closes.add_metric([str(code)], count)
+        yield closes
+
 
 def metrics_mount(
-    rooms: VoiceRooms, rate_limit: RateLimiter | None = None
+    rooms: VoiceRooms, rate_limit: RateLimiter | None = None, discord: GatewayEndpoint | None = None
 ) -> Callable[[web.Application], None]:
     """A `make_app` mount adding GET /metrics; its own registry, so servers in one process never clash."""
     registry = CollectorRegistry()
-    registry.register(ServerCollector(rooms, rate_limit))
+    registry.register(ServerCollector(rooms, rate_limit, discord))
 
     async def metrics(request: web.Request) -> web.Response:
         return web.Response(body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
