@@ -16,7 +16,14 @@ import pytest
 from discord_helpers import AES, XCHACHA, Client, discover, ref_open, ref_seal, rtp_packet
 
 from fastsfu import Engine
-from fastsfu.discord.crypto import MODES, AeadContext, hchacha20, rtp_clear_length
+from fastsfu.discord.crypto import (
+    LEGACY_MODES,
+    MODES,
+    AeadContext,
+    hchacha20,
+    legacy_modes_available,
+    rtp_clear_length,
+)
 from fastsfu.discord.udp_transport import (
     DISCORD_RTP_CAPABILITIES,
     DiscordUdpTransport,
@@ -264,5 +271,119 @@ def test_server_rtcp_is_sealed_with_the_receivers_mode() -> None:
             finally:
                 a.close()
                 b.close()
+
+    asyncio.run(asyncio.wait_for(main(), 20))
+
+
+def test_select_mode_installs_a_provisioned_key() -> None:
+    """select_mode(mode, key): the given key, not a fresh one (the load benchmark provisions keys)."""
+    from fastsfu.transport import TransportError
+
+    async def main() -> None:
+        async with Engine() as engine:
+            router = engine.create_router()
+            a, b = Client(3001, AES), Client(3002, XCHACHA)
+            ta, tb = (router.create_discord_udp_transport(c.ssrc) for c in (a, b))
+            try:
+                with pytest.raises(TransportError, match="32 bytes"):
+                    ta.select_mode(AES, key=bytes(31))
+                assert ta.mode is None
+                for c, t in ((a, ta), (b, tb)):
+                    c.server = t.local_address
+                    c.key = os.urandom(32)
+                    assert t.select_mode(c.mode, key=c.key) == c.key
+                    await discover(c)
+                assert ta.select_mode(AES) != a.key  # without a key: a fresh random one
+                ta.select_mode(AES, key=a.key)
+                producer = ta.produce(rtp_parameters(3001))
+                tb.consume(producer.id, DISCORD_RTP_CAPABILITIES, ssrc=3001)
+                a.send_rtp(rtp_packet(3001, 1, b"provisioned"))
+                assert ref_open(XCHACHA, b.key, await b.recv(), 12)[0][12:] == b"provisioned"
+            finally:
+                a.close()
+                b.close()
+
+    asyncio.run(asyncio.wait_for(main(), 20))
+
+
+# ---------------------------------------------------------------------------------------------- legacy
+
+
+def legacy_ref_seal(mode: str, key: bytes, packet: bytes, counter: int, nonce24: bytes = b"") -> bytes:
+    """The legacy wire layouts of §6.4 built with PyNaCl's SecretBox: hdr ‖ MAC ‖ ct ‖ suffix."""
+    import nacl.secret
+
+    clear = rtp_clear_length(packet) if mode == "xsalsa20_poly1305_lite_rtpsize" else 12
+    if mode == "xsalsa20_poly1305":
+        nonce, suffix = packet[:12] + bytes(12), b""
+    elif mode == "xsalsa20_poly1305_suffix":
+        nonce = suffix = nonce24
+    else:
+        nonce, suffix = counter.to_bytes(4, "big") + bytes(20), counter.to_bytes(4, "big")
+    box = nacl.secret.SecretBox(key).encrypt(packet[clear:], nonce)
+    return packet[:clear] + box.ciphertext + suffix  # ciphertext = MAC ‖ ct
+
+
+@pytest.mark.parametrize("mode", LEGACY_MODES)
+def test_legacy_modes_match_pynacl(mode: str) -> None:
+    assert legacy_modes_available()
+    key = os.urandom(32)
+    packet = rtp_packet(7, 3, os.urandom(60), csrcs=1, extension=b"\x10\x85")
+    ours, peer = AeadContext(mode, key), AeadContext(mode, key)
+    clear = ours.rtp_clear(packet)
+    assert clear == (rtp_clear_length(packet) if mode.endswith("rtpsize") else 12)
+    ours.out_counter = 9
+    sealed = ours.seal(packet, clear)
+    if mode == "xsalsa20_poly1305_suffix":
+        assert sealed == legacy_ref_seal(mode, key, packet, 0, sealed[-24:])
+    else:
+        assert sealed == legacy_ref_seal(mode, key, packet, 9)
+    assert peer.open(sealed, clear) == packet
+    bad = bytearray(sealed)
+    bad[clear + 3] ^= 1
+    with pytest.raises(ValueError, match="authentication failed"):
+        AeadContext(mode, key).open(bytes(bad), clear)
+    if "lite" in mode:  # a counter nonce: replays are refused
+        with pytest.raises(ValueError, match="replayed"):
+            peer.open(sealed, clear)
+
+
+@pytest.mark.parametrize("mode", LEGACY_MODES)
+def test_a_legacy_sender_is_heard_by_an_aead_receiver_and_back(mode: str) -> None:
+    """The datapath opens older modes before reading CSRCs and extensions (they are encrypted)."""
+
+    async def main() -> None:
+        async with Engine() as engine:
+            router = engine.create_router()
+            old, new = Client(4001, mode), Client(4002, AES)
+            t_old, t_new = (router.create_discord_udp_transport(c.ssrc) for c in (old, new))
+            try:
+                for c, t in ((old, t_old), (new, t_new)):
+                    c.server = t.local_address
+                    c.key = t.select_mode(c.mode)
+                    await discover(c)
+                p_old, p_new = t_old.produce(rtp_parameters(4001)), t_new.produce(rtp_parameters(4002))
+                t_new.consume(p_old.id, DISCORD_RTP_CAPABILITIES, ssrc=4001)
+                t_old.consume(p_new.id, DISCORD_RTP_CAPABILITIES, ssrc=4002)
+                packet = rtp_packet(4001, 5, b"from the past", csrcs=2, extension=b"\x10\x85")
+                old.send(legacy_ref_seal(mode, old.key, packet, 1, os.urandom(24)))
+                plain, _ = ref_open(AES, new.key, await new.recv(), 12)
+                assert plain[0] == 0x80 and plain[12:] == b"from the past"  # CC 0, no extension
+                new.send_rtp(rtp_packet(4002, 6, b"to the past"))
+                import nacl.secret
+
+                data = await old.recv()
+                trailer = {"xsalsa20_poly1305": 0, "xsalsa20_poly1305_suffix": 24}.get(mode, 4)
+                nonce = {
+                    0: data[:12] + bytes(12),
+                    24: data[-24:] if trailer == 24 else b"",
+                    4: data[-4:] + bytes(20),
+                }[trailer]
+                box = data[12 : len(data) - trailer]
+                assert nacl.secret.SecretBox(old.key).decrypt(box, nonce) == b"to the past"
+                assert engine.stats()["drops"]["decrypt_failed"] == 0
+            finally:
+                old.close()
+                new.close()
 
     asyncio.run(asyncio.wait_for(main(), 20))

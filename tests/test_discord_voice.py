@@ -75,11 +75,12 @@ def serve(
     room_map: dict[str, tuple[int, int]] | None = None,
     resume_grace: float = 60.0,
     voices: list[DiscordVoice] | None = None,
+    legacy_modes: bool = False,
 ) -> None:
     async def main() -> None:
         async with Engine() as engine:
             rooms = VoiceRooms(engine)
-            voice = DiscordVoice(rooms, AUTH.authenticate, room_map)
+            voice = DiscordVoice(rooms, AUTH.authenticate, room_map, legacy_modes=legacy_modes)
             if voices is not None:
                 voices.append(voice)
             gateway = Gateway(voice, GatewayConfig(resume_grace=resume_grace))
@@ -489,3 +490,32 @@ def test_server_initiated_kick_and_call_end() -> None:
         assert not rooms.rooms and rooms.engine.stats()["transports"] == 0
 
     serve(body, voices=voices)
+
+
+@pytest.mark.parametrize("enabled", [False, True])
+def test_legacy_modes_only_behind_the_setting_and_after_the_aead_ones(enabled: bool) -> None:
+    async def body(url: str, http: aiohttp.ClientSession, rooms: VoiceRooms) -> None:
+        client = GatewayClient(await http.ws_connect(url), 5)
+        await client.recv()
+        token = AUTH.mint(5)
+        await client.send(0, {"server_id": SERVER_ID, "user_id": "5", "session_id": "s5", "token": token})
+        modes = (await client.expect(2))["d"]["modes"]
+        legacy = [
+            "xsalsa20_poly1305_lite_rtpsize",
+            "xsalsa20_poly1305_lite",
+            "xsalsa20_poly1305_suffix",
+            "xsalsa20_poly1305",
+        ]
+        aead = ["aead_aes256_gcm_rtpsize", "aead_xchacha20_poly1305_rtpsize"]
+        assert modes == (aead + legacy if enabled else aead)
+        select = {
+            "protocol": "udp",
+            "data": {"address": "127.0.0.1", "port": 9, "mode": "xsalsa20_poly1305_lite"},
+        }
+        await client.send(1, select)
+        if enabled:
+            assert (await client.expect(4))["d"]["mode"] == "xsalsa20_poly1305_lite"
+        else:
+            assert await client.close_code() == 4016
+
+    serve(body, legacy_modes=enabled)

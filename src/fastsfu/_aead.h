@@ -10,6 +10,7 @@
 #define FASTSFU_AEAD_H
 
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 typedef struct fsfu_evp_cipher fsfu_evp_cipher;
@@ -56,7 +57,37 @@ static inline int fsfu_evp_installed(void) { return fsfu_evp.ctx_new != NULL; }
 #define FSFU_EVP_CTRL_AEAD_SET_TAG 0x11 /* EVP_CTRL_AEAD_SET_TAG */
 
 enum { FSFU_AEAD_AES256GCM = 1, FSFU_AEAD_XCHACHA20 = 2 };
+/* Legacy modes (discontinued by Discord in 2024; offered only behind a setting): XSalsa20-Poly1305
+ * secretbox from the libsodium PyNaCl bundles, through its NaCl-style entry points. */
+enum {
+    FSFU_AEAD_XSALSA_LITE_RTPSIZE = 3, /* rtpsize clear part, counter nonce, hdr|MAC|ct|counter4 */
+    FSFU_AEAD_XSALSA_LITE = 4,         /* 12-byte clear part, counter nonce, hdr|MAC|ct|counter4 */
+    FSFU_AEAD_XSALSA_SUFFIX = 5,       /* 12-byte clear part, random nonce, hdr|MAC|ct|nonce24 */
+    FSFU_AEAD_XSALSA = 6,              /* 12-byte clear part, nonce = header, hdr|MAC|ct */
+};
 enum { FSFU_AEAD_TAG = 16, FSFU_AEAD_SUFFIX = 20 /* tag + 4-byte counter */ };
+enum { FSFU_AEAD_MAX_OVERHEAD = 40 /* MAC + 24-byte nonce (suffix mode) */ };
+enum { FSFU_SCRATCH = 3400 /* >= the datapath's OUT_SLOT + 32 */ };
+
+typedef struct {
+    int (*secretbox)(uint8_t *c, const uint8_t *m, unsigned long long mlen, const uint8_t *n,
+                     const uint8_t *k);
+    int (*secretbox_open)(uint8_t *m, const uint8_t *c, unsigned long long clen, const uint8_t *n,
+                          const uint8_t *k);
+    void (*randombytes)(uint8_t *buf, unsigned long long len);
+} fsfu_nacl_api;
+
+static fsfu_nacl_api fsfu_nacl;          /* filled in at import when PyNaCl is there */
+
+static inline void fsfu_nacl_install(uintptr_t box, uintptr_t open, uintptr_t random) {
+    fsfu_nacl.secretbox = (int (*)(uint8_t *, const uint8_t *, unsigned long long, const uint8_t *,
+                                   const uint8_t *))box;
+    fsfu_nacl.secretbox_open = (int (*)(uint8_t *, const uint8_t *, unsigned long long,
+                                        const uint8_t *, const uint8_t *))open;
+    fsfu_nacl.randombytes = (void (*)(uint8_t *, unsigned long long))random;
+}
+
+static inline int fsfu_nacl_installed(void) { return fsfu_nacl.secretbox != NULL; }
 enum { FSFU_AEAD_OK = 0, FSFU_AEAD_FAIL = -1, FSFU_AEAD_REPLAY = -2, FSFU_AEAD_SHORT = -3 };
 
 typedef struct {
@@ -68,7 +99,23 @@ typedef struct {
     int have_in;
     uint32_t in_highest;               /* highest authenticated inbound counter */
     uint64_t in_window;                /* bit i: in_highest - i was seen (i < 64) */
+    uint8_t *scratch;                  /* legacy modes: NaCl's zero-padded buffers (FSFU_SCRATCH) */
 } fsfu_aead;
+
+static inline int fsfu_aead_legacy(const fsfu_aead *a) { return a->mode >= FSFU_AEAD_XSALSA_LITE_RTPSIZE; }
+
+/* The clear part of an RTP packet under this mode: rtpsize modes keep the CSRCs and the extension
+ * preamble clear (§6.4); the older modes only the 12-byte fixed header. -1: shorter than that. */
+static inline int fsfu_aead_rtp_clear(const fsfu_aead *a, const uint8_t *p, int n) {
+    int clear;
+    if (n < 12) return -1;
+    if (a->mode == FSFU_AEAD_AES256GCM || a->mode == FSFU_AEAD_XCHACHA20 ||
+        a->mode == FSFU_AEAD_XSALSA_LITE_RTPSIZE)
+        clear = 12 + 4 * (p[0] & 0x0F) + ((p[0] & 0x10) ? 4 : 0);
+    else
+        clear = 12;
+    return clear <= n ? clear : -1;
+}
 
 static inline uint32_t fsfu_le32(const uint8_t *p) {
     return (uint32_t)p[0] | ((uint32_t)p[1] << 8) | ((uint32_t)p[2] << 16) | ((uint32_t)p[3] << 24);
@@ -109,6 +156,13 @@ static inline void fsfu_hchacha20(uint8_t out[32], const uint8_t key[32], const 
 static inline int fsfu_aead_init(fsfu_aead *a, int mode, const uint8_t key[32]) {
     const fsfu_evp_cipher *cipher;
     memset(a, 0, sizeof(*a));
+    if (mode >= FSFU_AEAD_XSALSA_LITE_RTPSIZE && mode <= FSFU_AEAD_XSALSA) {
+        if (!fsfu_nacl_installed()) return -1;
+        a->mode = mode;
+        memcpy(a->key, key, 32);
+        a->scratch = (uint8_t *)malloc(FSFU_SCRATCH);   /* once, at the control plane */
+        return a->scratch == NULL ? -1 : 0;
+    }
     if (mode == FSFU_AEAD_AES256GCM) cipher = fsfu_evp.aes_256_gcm();
     else if (mode == FSFU_AEAD_XCHACHA20) cipher = fsfu_evp.chacha20_poly1305();
     else return -1;
@@ -131,7 +185,46 @@ static inline void fsfu_aead_free(fsfu_aead *a) {
     if (a->enc != NULL) fsfu_evp.ctx_free(a->enc);
     if (a->dec != NULL) fsfu_evp.ctx_free(a->dec);
     a->enc = a->dec = NULL;
+    if (a->scratch != NULL) free(a->scratch);
+    a->scratch = NULL;
     memset(a->key, 0, 32);
+}
+
+/* The 24-byte nonce of a legacy packet being sealed; writes the wire suffix, returns its length. */
+static inline int fsfu_legacy_nonce(fsfu_aead *a, const uint8_t *hdr, uint8_t nonce[24], uint8_t suffix[24]) {
+    uint32_t counter;
+    memset(nonce, 0, 24);
+    switch (a->mode) {
+    case FSFU_AEAD_XSALSA_SUFFIX:
+        fsfu_nacl.randombytes(nonce, 24);
+        memcpy(suffix, nonce, 24);
+        return 24;
+    case FSFU_AEAD_XSALSA:
+        memcpy(nonce, hdr, 12);
+        return 0;
+    default:
+        counter = a->out_counter++;
+        nonce[0] = (uint8_t)(counter >> 24); nonce[1] = (uint8_t)(counter >> 16);
+        nonce[2] = (uint8_t)(counter >> 8); nonce[3] = (uint8_t)counter;
+        memcpy(suffix, nonce, 4);
+        return 4;
+    }
+}
+
+/* secretbox over buf[clear:n]: hdr | MAC16 | ct | suffix. NaCl's API wants 32 leading zero bytes
+ * in, and gives 16 leading zero bytes out, hence the scratch buffer. */
+static inline int fsfu_legacy_seal(fsfu_aead *a, uint8_t *buf, int n, int clear) {
+    uint8_t nonce[24], suffix[24];
+    int body = n - clear, extra;
+    if (body < 0 || body + 32 > FSFU_SCRATCH) return -1;
+    extra = fsfu_legacy_nonce(a, buf, nonce, suffix);
+    memset(a->scratch, 0, 32);
+    memcpy(a->scratch + 32, buf + clear, (size_t)body);
+    if (fsfu_nacl.secretbox(a->scratch, a->scratch, (unsigned long long)body + 32, nonce, a->key) != 0)
+        return -1;
+    memcpy(buf + clear, a->scratch + 16, (size_t)body + 16);
+    memcpy(buf + clear + 16 + body, suffix, (size_t)extra);
+    return n + 16 + extra;
 }
 
 /* The key and IV of one packet: Discord's nonce is the counter (big-endian) and zeros. */
@@ -159,7 +252,9 @@ static inline int fsfu_aead_seal(fsfu_aead *a, uint8_t *buf, int n, int clear) {
     uint8_t subkey[32], iv[12];
     const uint8_t *key;
     int outl = 0, fin = 0;
-    uint32_t counter = a->out_counter++;
+    uint32_t counter;
+    if (fsfu_aead_legacy(a)) return fsfu_legacy_seal(a, buf, n, clear);
+    counter = a->out_counter++;
     fsfu_aead_packet_key(a, counter, subkey, iv, &key);
     if (fsfu_evp.enc_init(a->enc, NULL, NULL, key, iv) != 1) return FSFU_AEAD_FAIL;
     if (clear > 0 && fsfu_evp.enc_update(a->enc, NULL, &outl, buf, clear) != 1) return FSFU_AEAD_FAIL;
@@ -201,6 +296,33 @@ static inline void fsfu_aead_accept(fsfu_aead *a, uint32_t counter) {
     }
 }
 
+static inline int fsfu_legacy_open(fsfu_aead *a, uint8_t *buf, int n, int clear) {
+    uint8_t nonce[24];
+    int trailer, body;
+    uint32_t counter = 0;
+    trailer = a->mode == FSFU_AEAD_XSALSA_SUFFIX ? 24 : a->mode == FSFU_AEAD_XSALSA ? 0 : 4;
+    if (n < clear + 16 + trailer) return FSFU_AEAD_SHORT;
+    body = n - clear - 16 - trailer;
+    if (body + 32 > FSFU_SCRATCH) return FSFU_AEAD_SHORT;
+    memset(nonce, 0, 24);
+    if (a->mode == FSFU_AEAD_XSALSA) {
+        memcpy(nonce, buf, 12);
+    } else if (a->mode == FSFU_AEAD_XSALSA_SUFFIX) {
+        memcpy(nonce, buf + n - 24, 24);
+    } else {
+        memcpy(nonce, buf + n - 4, 4);
+        counter = ((uint32_t)nonce[0] << 24) | ((uint32_t)nonce[1] << 16) | ((uint32_t)nonce[2] << 8) | nonce[3];
+        if (fsfu_aead_replayed(a, counter)) return FSFU_AEAD_REPLAY;
+    }
+    memset(a->scratch, 0, 16);
+    memcpy(a->scratch + 16, buf + clear, (size_t)body + 16);
+    if (fsfu_nacl.secretbox_open(a->scratch, a->scratch, (unsigned long long)body + 32, nonce, a->key) != 0)
+        return FSFU_AEAD_FAIL;
+    memcpy(buf + clear, a->scratch + 32, (size_t)body);
+    if (trailer == 4) fsfu_aead_accept(a, counter);
+    return clear + body;
+}
+
 /* Authenticate and decrypt buf (clear header, ciphertext, tag, counter) in place.
  * Returns the plaintext length (n - 20) or FSFU_AEAD_FAIL / _REPLAY / _SHORT. */
 static inline int fsfu_aead_open(fsfu_aead *a, uint8_t *buf, int n, int clear) {
@@ -208,6 +330,7 @@ static inline int fsfu_aead_open(fsfu_aead *a, uint8_t *buf, int n, int clear) {
     const uint8_t *key;
     int outl = 0, fin = 0, body;
     uint32_t counter;
+    if (fsfu_aead_legacy(a)) return fsfu_legacy_open(a, buf, n, clear);
     if (n < clear + FSFU_AEAD_SUFFIX) return FSFU_AEAD_SHORT;
     counter = ((uint32_t)buf[n - 4] << 24) | ((uint32_t)buf[n - 3] << 16) |
               ((uint32_t)buf[n - 2] << 8) | (uint32_t)buf[n - 1];

@@ -72,13 +72,22 @@ cdef extern from "_aead.h" nogil:
     enum:
         FSFU_AEAD_AES256GCM
         FSFU_AEAD_XCHACHA20
+        FSFU_AEAD_XSALSA_LITE_RTPSIZE
+        FSFU_AEAD_XSALSA_LITE
+        FSFU_AEAD_XSALSA_SUFFIX
+        FSFU_AEAD_XSALSA
         FSFU_AEAD_SUFFIX
+        FSFU_AEAD_MAX_OVERHEAD
         FSFU_AEAD_OK
         FSFU_AEAD_FAIL
         FSFU_AEAD_REPLAY
         FSFU_AEAD_SHORT
     void fsfu_evp_install(const uintptr_t *f)
     int fsfu_evp_installed()
+    void fsfu_nacl_install(uintptr_t box, uintptr_t open, uintptr_t random)
+    int fsfu_nacl_installed()
+    int fsfu_aead_legacy(const fsfu_aead *a)
+    int fsfu_aead_rtp_clear(const fsfu_aead *a, const uint8_t *p, int n)
     int fsfu_aead_init(fsfu_aead *a, int mode, const uint8_t *key)
     void fsfu_aead_free(fsfu_aead *a)
     int fsfu_aead_seal(fsfu_aead *a, uint8_t *buf, int n, int clear)

@@ -59,8 +59,25 @@ def install_srtp_functions(uintptr_t protect, uintptr_t unprotect, uintptr_t pro
 
 
 AEAD_MODES = {"aead_aes256_gcm_rtpsize": FSFU_AEAD_AES256GCM,
-              "aead_xchacha20_poly1305_rtpsize": FSFU_AEAD_XCHACHA20}
+              "aead_xchacha20_poly1305_rtpsize": FSFU_AEAD_XCHACHA20,
+              # legacy (discord-gateway.md §6.4): only behind a setting, with PyNaCl's libsodium
+              "xsalsa20_poly1305_lite_rtpsize": FSFU_AEAD_XSALSA_LITE_RTPSIZE,
+              "xsalsa20_poly1305_lite": FSFU_AEAD_XSALSA_LITE,
+              "xsalsa20_poly1305_suffix": FSFU_AEAD_XSALSA_SUFFIX,
+              "xsalsa20_poly1305": FSFU_AEAD_XSALSA}
 AEAD_SUFFIX = FSFU_AEAD_SUFFIX
+AEAD_MAX_OVERHEAD = FSFU_AEAD_MAX_OVERHEAD
+
+
+def install_nacl_functions(uintptr_t secretbox, uintptr_t secretbox_open, uintptr_t randombytes) -> None:
+    """Take libsodium's crypto_secretbox, crypto_secretbox_open and randombytes (PyNaCl's)."""
+    if not (secretbox and secretbox_open and randombytes):
+        raise ValueError("null libsodium function pointer")
+    fsfu_nacl_install(secretbox, secretbox_open, randombytes)
+
+
+def nacl_installed() -> bool:
+    return bool(fsfu_nacl_installed())
 
 
 def install_aead_functions(tuple addresses) -> None:
@@ -83,19 +100,10 @@ def hchacha20(const uint8_t[:] key, const uint8_t[:] nonce16) -> bytes:
     return PyBytes_FromStringAndSize(<char *>out, 32)
 
 
-cdef int rtp_clear_part(const uint8_t *p, int n) noexcept nogil:
-    """rtpsize's clear part: fixed header, CSRCs, extension preamble (-1 if past the packet)."""
-    cdef int clear
-    if n < 12:
-        return -1
-    clear = 12 + 4 * (p[0] & 0x0F) + (4 if p[0] & 0x10 else 0)
-    return clear if clear <= n else -1
-
-
 cdef int aead_protect_rtp(void *ctx, void *hdr, int *len_ptr) noexcept nogil:
     """srtp_protect's shape over a Discord AEAD context (for C callers such as the benchmark's
     load generator, which take SRTP function pointers)."""
-    cdef int clear = rtp_clear_part(<uint8_t *>hdr, len_ptr[0]), r
+    cdef int clear = fsfu_aead_rtp_clear(<fsfu_aead *>ctx, <uint8_t *>hdr, len_ptr[0]), r
     if clear < 0:
         return 1
     r = fsfu_aead_seal(<fsfu_aead *>ctx, <uint8_t *>hdr, len_ptr[0], clear)
@@ -106,7 +114,7 @@ cdef int aead_protect_rtp(void *ctx, void *hdr, int *len_ptr) noexcept nogil:
 
 
 cdef int aead_unprotect_rtp(void *ctx, void *hdr, int *len_ptr) noexcept nogil:
-    cdef int clear = rtp_clear_part(<uint8_t *>hdr, len_ptr[0]), r
+    cdef int clear = fsfu_aead_rtp_clear(<fsfu_aead *>ctx, <uint8_t *>hdr, len_ptr[0]), r
     if clear < 0:
         return 1
     r = fsfu_aead_open(<fsfu_aead *>ctx, <uint8_t *>hdr, len_ptr[0], clear)
@@ -135,6 +143,8 @@ cdef class AeadContext:
             raise ValueError(f"unknown transport encryption mode {mode!r}")
         if key.shape[0] != 32:
             raise ValueError("the secret key is 32 bytes")
+        if AEAD_MODES[mode] >= FSFU_AEAD_XSALSA_LITE_RTPSIZE and not fsfu_nacl_installed():
+            raise RuntimeError(f"{mode} needs PyNaCl (pip install 'fastsfu[discord-legacy]')")
         if fsfu_aead_init(&self.ctx, AEAD_MODES[mode], &key[0]) != 0:
             fsfu_aead_free(&self.ctx)
             raise MemoryError("cannot create the cipher contexts")
@@ -163,13 +173,21 @@ cdef class AeadContext:
         cdef bytearray buf
         if not 0 <= clear <= n:
             raise ValueError("clear part longer than the packet")
-        buf = bytearray(n + FSFU_AEAD_SUFFIX)
+        buf = bytearray(n + FSFU_AEAD_MAX_OVERHEAD)
         if n:
             memcpy(<uint8_t *><char *>buf, &packet[0], n)
         r = fsfu_aead_seal(&self.ctx, <uint8_t *><char *>buf, n, clear)
         if r < 0:
             raise ValueError("encryption failed")
-        return bytes(buf)
+        return bytes(buf[:r])
+
+    def rtp_clear(self, const uint8_t[:] packet) -> int:
+        """This mode's clear part of an RTP packet (rtpsize: header, CSRCs, extension preamble;
+        older modes: the fixed 12 bytes); ValueError if the packet is shorter."""
+        cdef int r = fsfu_aead_rtp_clear(&self.ctx, &packet[0], packet.shape[0]) if packet.shape[0] else -1
+        if r < 0:
+            raise ValueError("short RTP packet")
+        return r
 
     def open(self, const uint8_t[:] packet, int clear) -> bytes:
         """Authenticate and decrypt; ValueError on a bad tag, a replayed counter or a short packet."""
@@ -1139,6 +1157,16 @@ cdef class Datapath:
         if n < 12 or (buf[0] >> 6) != 2:
             self._drop(tr, DROP_MALFORMED)
             return
+        if tr.aead != NULL and fsfu_aead_legacy(tr.aead):
+            # Discord's older modes (but lite_rtpsize) encrypt everything after the fixed 12
+            # bytes, CSRCs and extension included: open the packet before reading those (§6.4).
+            status = fsfu_aead_rtp_clear(tr.aead, buf, n)
+            if status >= 0:
+                status = fsfu_aead_open(tr.aead, buf, n, status)
+            if status < 0:
+                self._drop(tr, DROP_AEAD_REPLAY if status == FSFU_AEAD_REPLAY else DROP_DECRYPT_FAILED)
+                return
+            n = status
         cc = buf[0] & 0x0F
         hlen = 12 + 4 * cc
         if buf[0] & 0x10:
@@ -1173,7 +1201,7 @@ cdef class Datapath:
         seq = rd16(&buf[2])
         # Drop early: a packet nobody receives is not decrypted, except now and then so that
         # libsrtp's rollover counter keeps up (RFC 3711 §3.3.1) and a comedia tuple can be learned.
-        if tr.aead != NULL:
+        if tr.aead != NULL and not fsfu_aead_legacy(tr.aead):
             # No rollover counter to keep up: decrypt only what someone receives.
             if tentative or (not pr.paused and pr.n_active > 0):
                 status = fsfu_aead_open(tr.aead, buf, n, clear)
@@ -1342,8 +1370,8 @@ cdef class Datapath:
             self._drop(dst, DROP_ENCRYPT_FAILED)
             return
         if dst.aead != NULL:
-            # Clear part: the 12-byte header, plus the extension preamble if we wrote one.
-            w = fsfu_aead_seal(dst.aead, o, w, 16 if o[0] & 0x10 else 12)
+            # Clear part: the 12-byte header, plus (rtpsize modes) the extension preamble we wrote.
+            w = fsfu_aead_seal(dst.aead, o, w, fsfu_aead_rtp_clear(dst.aead, o, w))
             if w < 0:
                 self._release_out(slot)
                 co.drops += 1

@@ -15,6 +15,13 @@ from fastsfu._rtp import AEAD_SUFFIX, AeadContext, hchacha20
 
 # READY's order: both bots take the first mode they support (§6.4, §8).
 MODES: tuple[str, ...] = ("aead_aes256_gcm_rtpsize", "aead_xchacha20_poly1305_rtpsize")
+# Discontinued by Discord in 2024; offered only behind a setting, after MODES, and only with PyNaCl.
+LEGACY_MODES: tuple[str, ...] = (
+    "xsalsa20_poly1305_lite_rtpsize",
+    "xsalsa20_poly1305_lite",
+    "xsalsa20_poly1305_suffix",
+    "xsalsa20_poly1305",
+)
 
 _EVP_FUNCTIONS = (
     "EVP_CIPHER_CTX_new",
@@ -44,6 +51,26 @@ def _install() -> None:
     _rtp.install_aead_functions(addresses)
 
 
+def _install_nacl() -> bool:
+    """libsodium's secretbox from PyNaCl (optional: `fastsfu[discord-legacy]`), for LEGACY_MODES."""
+    try:
+        from nacl._sodium import ffi, lib  # type: ignore[import-not-found]  # compiled, no stubs
+    except ImportError:
+        return False
+
+    def address(name: str) -> int:
+        return int(ffi.cast("uintptr_t", ffi.addressof(lib, name)))
+
+    _rtp.install_nacl_functions(
+        address("crypto_secretbox"), address("crypto_secretbox_open"), address("randombytes")
+    )
+    return True
+
+
+def legacy_modes_available() -> bool:
+    return _rtp.nacl_installed()
+
+
 def rtp_clear_length(packet: bytes) -> int:
     """The clear part of an rtpsize packet: fixed header, CSRCs and the extension preamble."""
     if len(packet) < 12:
@@ -55,5 +82,14 @@ def rtp_clear_length(packet: bytes) -> int:
 
 
 _install()
+_install_nacl()
 
-__all__ = ["AEAD_SUFFIX", "MODES", "AeadContext", "hchacha20", "rtp_clear_length"]
+__all__ = [
+    "AEAD_SUFFIX",
+    "LEGACY_MODES",
+    "MODES",
+    "AeadContext",
+    "hchacha20",
+    "legacy_modes_available",
+    "rtp_clear_length",
+]

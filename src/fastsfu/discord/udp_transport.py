@@ -14,7 +14,7 @@ import struct
 from typing import TYPE_CHECKING, Any
 
 from fastsfu import rtp
-from fastsfu.discord.crypto import MODES, AeadContext
+from fastsfu.discord.crypto import LEGACY_MODES, MODES, AeadContext
 from fastsfu.transport import Transport, TransportError
 
 if TYPE_CHECKING:
@@ -106,12 +106,19 @@ class DiscordUdpTransport(Transport):
         ip, port = self.socket.local_address
         return (self.announced_ip or ip, port)
 
-    def select_mode(self, mode: str) -> bytes:
-        """Install a fresh 32-byte key for `mode` (op 4's secret_key) and return it."""
+    def select_mode(self, mode: str, key: bytes | None = None) -> bytes:
+        """Install a fresh 32-byte key for `mode` (op 4's secret_key) and return it.
+
+        `key` provisions a given key instead (benchmarks and tests that share it out of band).
+        """
         self._check_open()
-        if mode not in MODES:
+        if mode not in MODES and mode not in LEGACY_MODES:
             raise TransportError(f"unknown encryption mode {mode!r}")
-        key = secrets.token_bytes(32)
+        if key is None:
+            key = secrets.token_bytes(32)
+        elif len(key) != 32:
+            raise TransportError("a Discord transport key is 32 bytes")
+        key = bytes(key)
         # One context per transport: inbound replay window and this receiver's outbound counter.
         context = AeadContext(mode, key)
         self.engine.datapath.set_transport_aead(self.slot, context)

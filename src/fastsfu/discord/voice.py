@@ -15,7 +15,7 @@ from typing import Any
 
 from fastsfu import __version__
 from fastsfu.consumer import Consumer
-from fastsfu.discord.crypto import MODES
+from fastsfu.discord.crypto import LEGACY_MODES, MODES, legacy_modes_available
 from fastsfu.discord.gateway import GatewayError, GatewayHandler, Session
 from fastsfu.discord.opcodes import CloseCode, Op
 from fastsfu.discord.udp_transport import DISCORD_RTP_CAPABILITIES, DiscordUdpTransport, rtp_parameters
@@ -126,9 +126,16 @@ class DiscordVoice(GatewayHandler):
         only_mapped: bool = False,
         announced_ip: str | None = None,
         webrtc: bool = True,
+        legacy_modes: bool = False,
     ) -> None:
         self.rooms = rooms
         self.webrtc = webrtc
+        # READY's modes: the AEAD ones first, legacy ones (if enabled and PyNaCl is there) after.
+        self.modes = MODES + (LEGACY_MODES if legacy_modes and legacy_modes_available() else ())
+        if legacy_modes and not legacy_modes_available():
+            log.warning(
+                "legacy Discord modes need PyNaCl (pip install 'fastsfu[discord-legacy]'): not offered"
+            )
         self.authenticate = authenticate
         self.room_map = dict(room_map or {})
         self.only_mapped = only_mapped
@@ -167,7 +174,7 @@ class DiscordVoice(GatewayHandler):
             "ssrc": transport.ssrc,
             "ip": ip,
             "port": port,
-            "modes": list(MODES),
+            "modes": list(self.modes),
             "experiments": [],
             "streams": [],
         }
@@ -194,7 +201,7 @@ class DiscordVoice(GatewayHandler):
             return self._select_webrtc(member, d)
         data = d.get("data")
         mode = data.get("mode") if isinstance(data, dict) else None
-        if mode not in MODES:
+        if mode not in self.modes:
             raise GatewayError(CloseCode.UNKNOWN_ENCRYPTION_MODE, f"unknown encryption mode {mode!r}")
         assert member.udp is not None
         key = member.udp.select_mode(mode)

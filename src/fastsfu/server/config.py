@@ -51,6 +51,7 @@ class DiscordConfig:
     tls_certificate: str | None = None  # PEM file: wss (discord.py and @discordjs/voice need it)
     tls_private_key: str | None = None
     only_mapped: bool = False  # refuse (4011) server_ids that `rooms` does not map
+    legacy_modes: bool = False  # also offer the xsalsa20_poly1305* modes (after the AEAD ones; PyNaCl)
     resume_grace: float = 60.0  # seconds a dropped session waits for RESUME
     heartbeat_interval: float = 13.75  # seconds, sent in HELLO
     rooms: dict[str, tuple[int, int]] = field(default_factory=dict)  # server_id -> (guild, channel)
@@ -212,6 +213,12 @@ OPTIONS = (
         "--discord-only-mapped",
         bool,
         "serve only server_ids mapped in [discord.rooms]",
+    ),
+    Option(
+        "discord.legacy_modes",
+        "--discord-legacy-modes",
+        bool,
+        "also offer the discontinued xsalsa20_poly1305 modes (needs PyNaCl)",
     ),
     Option(
         "discord.resume_grace",

@@ -125,7 +125,9 @@ def _discord_endpoint(
     d = config.discord
     if d.port < 0:
         return None
-    voice = DiscordVoice(rooms, authenticate, d.rooms, d.only_mapped, config.announced_ip)
+    voice = DiscordVoice(
+        rooms, authenticate, d.rooms, d.only_mapped, config.announced_ip, legacy_modes=d.legacy_modes
+    )
     gateway = Gateway(
         voice,
         GatewayConfig(heartbeat_interval_ms=round(d.heartbeat_interval * 1000), resume_grace=d.resume_grace),
