@@ -17,22 +17,12 @@ from aiortc.rtcrtpparameters import (
 )
 from aiortc.rtcrtpreceiver import RemoteStreamTrack
 from aiortc_helpers import AiortcLeg
+from helpers import OPUS_CAPS
 
 from fastsfu._proto.protocol.voice.v1 import voice_pb2, voice_pb2_grpc
 
 Req, Resp = voice_pb2.StreamMessageRequest, voice_pb2.StreamMessageResponse
-CAPS = {
-    "codecs": [
-        {
-            "mimeType": "audio/opus",
-            "kind": "audio",
-            "preferredPayloadType": 100,
-            "clockRate": 48000,
-            "channels": 2,
-        }
-    ],
-    "headerExtensions": [],
-}
+CAPS = OPUS_CAPS
 
 
 def start(leg: AiortcLeg, options: Any) -> Any:

@@ -1,11 +1,17 @@
-"""Shared test helpers: producer parameters, client capabilities, and an SRTP UDP client."""
+"""Shared test helpers: producer parameters, client capabilities, an SRTP UDP client, and an
+aiohttp app served on a free loopback port."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import socket
+import ssl
+from collections.abc import AsyncIterator
 from typing import Any
+
+from aiohttp import web
 
 from fastsfu import ortc
 from fastsfu.rtp import RtpPacket
@@ -15,6 +21,33 @@ OPUS_PT = 111
 AUDIO_LEVEL_ID = 1
 MID_ID = 4
 CAPTURE_TIME_ID = 3
+
+# A receiver's RtpCapabilities in the Harmony tests: Opus at the router's PT, no extensions.
+OPUS_CAPS: dict[str, Any] = {
+    "codecs": [
+        {
+            "mimeType": "audio/opus",
+            "kind": "audio",
+            "preferredPayloadType": 100,
+            "clockRate": 48000,
+            "channels": 2,
+        }
+    ],
+    "headerExtensions": [],
+}
+
+
+@contextlib.asynccontextmanager
+async def serve_app(app: web.Application, ssl_context: ssl.SSLContext | None = None) -> AsyncIterator[int]:
+    """Serve `app` on 127.0.0.1 at a free port (yielded) until the block ends."""
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=ssl_context)
+        await site.start()
+        yield site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    finally:
+        await runner.cleanup()
 
 
 def producer_params(ssrc: int, pt: int = OPUS_PT, cname: str = "client") -> dict[str, Any]:

@@ -20,6 +20,7 @@ aiohttp_web = pytest.importorskip("aiohttp.web")
 playwright_async = pytest.importorskip("playwright.async_api")
 
 from chromium_helpers import chromium_args, find_chromium, require_bundle, require_loopback_namespace  # noqa: E402
+from helpers import serve_app  # noqa: E402
 
 from fastsfu import Engine, Settings  # noqa: E402
 from fastsfu.harmony import VoiceRooms  # noqa: E402
@@ -51,103 +52,103 @@ async def wait_state(page: Any, states: str, timeout_ms: int = 30_000) -> dict[s
 
 
 async def run_demo(chromium: str, args: list[str]) -> None:
-    web = aiohttp_web
     console: list[str] = []
     auth = TokenAuth("demo-test-secret-of-at-least-thirty-two-bytes")
     async with Engine(Settings(listen_ip="127.0.0.1")) as engine:
         rooms = VoiceRooms(engine)
-        runner = web.AppRunner(make_app(rooms, auth.authenticate, [mount_demo]), access_log=None)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        async with serve_app(make_app(rooms, auth.authenticate, [mount_demo])) as port:
 
-        def url(user_id: int | None, token: str | None = None) -> str:
-            token = token if token is not None else auth.mint(user_id or 0)
-            return f"http://127.0.0.1:{port}/demo/?guild={GUILD}&channel={CHANNEL}&autojoin=1#token={token}"
-
-        try:
-            async with playwright_async.async_playwright() as pw:
-                browser = await asyncio.wait_for(
-                    pw.chromium.launch(executable_path=chromium, args=args, timeout=30_000), 40
+            def url(user_id: int | None, token: str | None = None) -> str:
+                token = token if token is not None else auth.mint(user_id or 0)
+                return (
+                    f"http://127.0.0.1:{port}/demo/?guild={GUILD}&channel={CHANNEL}&autojoin=1#token={token}"
                 )
-                try:
-                    pages = []
-                    for user in (1, 2):  # separate contexts: no shared storage, two "people"
-                        context = await browser.new_context()
-                        page = await context.new_page()
-                        page.on("console", lambda m, u=user: console.append(f"user {u}: {m.text}"))
-                        await page.goto(url(user), timeout=15_000)
-                        pages.append(page)
-                    one, two = pages
-                    state_one = await wait_state(one, "joined,error,closed")
-                    assert state_one["state"] == "joined", state_one
-                    await one.wait_for_function("fastsfuDemo.peers().length === 1", timeout=30_000)
-                    await two.wait_for_function("fastsfuDemo.peers().length === 1", timeout=30_000)
-                    assert (await wait_state(two, "joined"))["peers"] == ["1"]
-                    assert (await wait_state(one, "joined"))["peers"] == ["2"]
 
-                    room = rooms.rooms[(GUILD, CHANNEL)]
-                    assert sorted(room.members) == [1, 2]
-                    await asyncio.sleep(MEASURE_SECONDS)
-                    stats_one = await one.evaluate("fastsfuDemo.stats()")
-                    stats_two = await two.evaluate("fastsfuDemo.stats()")
-                    server = {
-                        user: {
-                            "producer": s.producer.get_stats()[0] if s.producer else None,
-                            "consumers": [c.get_stats()[0] for c in s.consumers.values()],
-                        }
-                        for user, s in room.members.items()
-                    }
-                    engine_stats = engine.stats()
-                    print(
-                        "demo page:",
-                        json.dumps(
-                            {"one": stats_one, "two": stats_two, "server": server, "engine": engine_stats},
-                            default=str,
-                            sort_keys=True,
-                        ),
+            try:
+                async with playwright_async.async_playwright() as pw:
+                    browser = await asyncio.wait_for(
+                        pw.chromium.launch(executable_path=chromium, args=args, timeout=30_000), 40
                     )
-                    for stats, other in ((stats_one, "2"), (stats_two, "1")):
-                        assert stats["packetsSent"] > 50, stats
-                        (peer,) = stats["peers"]
-                        assert peer["userId"] == other, stats
-                        assert peer["packetsReceived"] > 50, stats
-                        assert peer["totalSamplesReceived"] > 0, stats
-                        # The tone, not the fake device's silence: the audio-level header
-                        # extension and the decoded audio both went through the SFU.
-                        assert (peer["ssrcAudioLevel"] or 0) > 1e-4, stats
-                        assert peer["totalAudioEnergy"] > 0, stats
-                    for user, s in server.items():
-                        assert s["producer"]["packetCount"] > 50, (user, server)
-                        assert [c["packetCount"] > 50 for c in s["consumers"]] == [True], (user, server)
-                    assert engine_stats["drops"]["decrypt_failed"] == 0, engine_stats
+                    try:
+                        pages = []
+                        for user in (1, 2):  # separate contexts: no shared storage, two "people"
+                            context = await browser.new_context()
+                            page = await context.new_page()
+                            page.on("console", lambda m, u=user: console.append(f"user {u}: {m.text}"))
+                            await page.goto(url(user), timeout=15_000)
+                            pages.append(page)
+                        one, two = pages
+                        state_one = await wait_state(one, "joined,error,closed")
+                        assert state_one["state"] == "joined", state_one
+                        await one.wait_for_function("fastsfuDemo.peers().length === 1", timeout=30_000)
+                        await two.wait_for_function("fastsfuDemo.peers().length === 1", timeout=30_000)
+                        assert (await wait_state(two, "joined"))["peers"] == ["1"]
+                        assert (await wait_state(one, "joined"))["peers"] == ["2"]
 
-                    # A bad token: the page shows the hRPC error the server sent (RpcError code).
-                    intruder = await (await browser.new_context()).new_page()
-                    intruder.on("console", lambda m: console.append(f"intruder: {m.text}"))
-                    await intruder.goto(url(None, token="not-a-token"), timeout=15_000)
-                    bad = await wait_state(intruder, "error,closed")
-                    assert bad["state"] == "error" and bad["error"].startswith("h.blank-session"), bad
-                    assert sorted(room.members) == [1, 2]
+                        room = rooms.rooms[(GUILD, CHANNEL)]
+                        assert sorted(room.members) == [1, 2]
+                        await asyncio.sleep(MEASURE_SECONDS)
+                        stats_one = await one.evaluate("fastsfuDemo.stats()")
+                        stats_two = await two.evaluate("fastsfuDemo.stats()")
+                        server = {
+                            user: {
+                                "producer": s.producer.get_stats()[0] if s.producer else None,
+                                "consumers": [c.get_stats()[0] for c in s.consumers.values()],
+                            }
+                            for user, s in room.members.items()
+                        }
+                        engine_stats = engine.stats()
+                        print(
+                            "demo page:",
+                            json.dumps(
+                                {
+                                    "one": stats_one,
+                                    "two": stats_two,
+                                    "server": server,
+                                    "engine": engine_stats,
+                                },
+                                default=str,
+                                sort_keys=True,
+                            ),
+                        )
+                        for stats, other in ((stats_one, "2"), (stats_two, "1")):
+                            assert stats["packetsSent"] > 50, stats
+                            (peer,) = stats["peers"]
+                            assert peer["userId"] == other, stats
+                            assert peer["packetsReceived"] > 50, stats
+                            assert peer["totalSamplesReceived"] > 0, stats
+                            # The tone, not the fake device's silence: the audio-level header
+                            # extension and the decoded audio both went through the SFU.
+                            assert (peer["ssrcAudioLevel"] or 0) > 1e-4, stats
+                            assert peer["totalAudioEnergy"] > 0, stats
+                        for user, s in server.items():
+                            assert s["producer"]["packetCount"] > 50, (user, server)
+                            assert [c["packetCount"] > 50 for c in s["consumers"]] == [True], (user, server)
+                        assert engine_stats["drops"]["decrypt_failed"] == 0, engine_stats
 
-                    # User 1 leaves with the Leave button: user 2 gets UserLeft and closes its consumer.
-                    await one.click("#leave")
-                    assert (await wait_state(one, "closed"))["peers"] == []
-                    await two.wait_for_function("fastsfuDemo.peers().length === 0", timeout=15_000)
-                    assert sorted(room.members) == [2]
-                    assert (await wait_state(two, "joined"))["state"] == "joined"
-                    await two.click("#leave")
-                    await wait_state(two, "closed")
-                    for _ in range(50):  # the server sees the WebSocket close a moment later
-                        if not rooms.rooms and not rooms.sessions:
-                            break
-                        await asyncio.sleep(0.1)
-                    assert not rooms.rooms and not rooms.sessions, (rooms.rooms, rooms.sessions)
-                finally:
-                    await asyncio.wait_for(browser.close(), 15)
-        except BaseException:
-            print("\n".join(console[-80:]))
-            raise
-        finally:
-            await runner.cleanup()
+                        # A bad token: the page shows the hRPC error the server sent (RpcError code).
+                        intruder = await (await browser.new_context()).new_page()
+                        intruder.on("console", lambda m: console.append(f"intruder: {m.text}"))
+                        await intruder.goto(url(None, token="not-a-token"), timeout=15_000)
+                        bad = await wait_state(intruder, "error,closed")
+                        assert bad["state"] == "error" and bad["error"].startswith("h.blank-session"), bad
+                        assert sorted(room.members) == [1, 2]
+
+                        # User 1 leaves with the Leave button: user 2 gets UserLeft and closes its consumer.
+                        await one.click("#leave")
+                        assert (await wait_state(one, "closed"))["peers"] == []
+                        await two.wait_for_function("fastsfuDemo.peers().length === 0", timeout=15_000)
+                        assert sorted(room.members) == [2]
+                        assert (await wait_state(two, "joined"))["state"] == "joined"
+                        await two.click("#leave")
+                        await wait_state(two, "closed")
+                        for _ in range(50):  # the server sees the WebSocket close a moment later
+                            if not rooms.rooms and not rooms.sessions:
+                                break
+                            await asyncio.sleep(0.1)
+                        assert not rooms.rooms and not rooms.sessions, (rooms.rooms, rooms.sessions)
+                    finally:
+                        await asyncio.wait_for(browser.close(), 15)
+            except BaseException:
+                print("\n".join(console[-80:]))
+                raise

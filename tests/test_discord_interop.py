@@ -27,6 +27,7 @@ from discord_clients import (
     start_djs_client,
     start_dpy_bot,
 )
+from helpers import serve_app
 
 from fastsfu.harmony.auth import TokenAuth
 
@@ -242,8 +243,6 @@ def test_discordjs_resumes_after_4015_and_audio_continues(tmp_path: Path) -> Non
     async def main() -> None:
         import ssl
 
-        from aiohttp import web
-
         from fastsfu import Engine, Settings
         from fastsfu.discord.gateway import Gateway
         from fastsfu.discord.voice import DiscordVoice
@@ -255,53 +254,49 @@ def test_discordjs_resumes_after_4015_and_audio_continues(tmp_path: Path) -> Non
         tls.load_cert_chain(cert, key)
         async with Engine(Settings(listen_ip="127.0.0.1")) as engine:
             gateway = Gateway(DiscordVoice(VoiceRooms(engine), AUTH.authenticate))
-            runner = web.AppRunner(make_gateway_app(gateway))
-            await runner.setup()
-            site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=tls)
-            await site.start()
-            endpoint = f"127.0.0.1:{site._server.sockets[0].getsockname()[1]}"  # type: ignore[union-attr]
-            try:
-                djs = await start_djs_client(
-                    endpoint,
-                    **ids(DJS_USER),
-                    receive_from=[DPY_USER],
-                    expect_frames={DPY_USER: len(frames)},
-                    expect_resume=True,
-                    duration=25,
-                    cafile=cert,
-                )
-                await djs.wait_event("ready", 15)
-                bot = await start_dpy_bot(endpoint, **ids(DPY_USER), frames=frames, cafile=cert, hold=1.0)
-                await bot.wait_event("connected", 15)
-                await asyncio.sleep(1.5)  # about 60 frames in
-                session = gateway.session(f"session-{DJS_USER}")
-                assert session is not None
-                session.close(4015, "voice server restarting")
-                await djs.wait_event("resumed", 10)
-                for _ in range(50):
-                    if session.state == "active":
-                        break
-                    await asyncio.sleep(0.02)
-                assert session.state == "active" and gateway.session(f"session-{DJS_USER}") is session
-                result = await djs.result()
-                dpy = await bot.result()
-                print(
-                    "djs:",
-                    json.dumps(
-                        {
-                            "resumes": result.resumes,
-                            "close": result.ws_close_codes,
-                            "received": {k: len(v) for k, v in result.received.items()},
-                            "states": result.networking_states[-8:],
-                            "errors": result.errors,
-                        }
-                    ),
-                )
-                assert dpy.ok, (dpy.error, dpy.stderr[-2000:])
-                assert 4015 in result.ws_close_codes and result.resumes == 1, result.ws_close_codes
-                assert result.received.get(DPY_USER) == frames  # every frame: UDP never stopped
-            finally:
-                gateway.shutdown()
-                await runner.cleanup()
+            async with serve_app(make_gateway_app(gateway), tls) as port:
+                endpoint = f"127.0.0.1:{port}"
+                try:
+                    djs = await start_djs_client(
+                        endpoint,
+                        **ids(DJS_USER),
+                        receive_from=[DPY_USER],
+                        expect_frames={DPY_USER: len(frames)},
+                        expect_resume=True,
+                        duration=25,
+                        cafile=cert,
+                    )
+                    await djs.wait_event("ready", 15)
+                    bot = await start_dpy_bot(endpoint, **ids(DPY_USER), frames=frames, cafile=cert, hold=1.0)
+                    await bot.wait_event("connected", 15)
+                    await asyncio.sleep(1.5)  # about 60 frames in
+                    session = gateway.session(f"session-{DJS_USER}")
+                    assert session is not None
+                    session.close(4015, "voice server restarting")
+                    await djs.wait_event("resumed", 10)
+                    for _ in range(50):
+                        if session.state == "active":
+                            break
+                        await asyncio.sleep(0.02)
+                    assert session.state == "active" and gateway.session(f"session-{DJS_USER}") is session
+                    result = await djs.result()
+                    dpy = await bot.result()
+                    print(
+                        "djs:",
+                        json.dumps(
+                            {
+                                "resumes": result.resumes,
+                                "close": result.ws_close_codes,
+                                "received": {k: len(v) for k, v in result.received.items()},
+                                "states": result.networking_states[-8:],
+                                "errors": result.errors,
+                            }
+                        ),
+                    )
+                    assert dpy.ok, (dpy.error, dpy.stderr[-2000:])
+                    assert 4015 in result.ws_close_codes and result.resumes == 1, result.ws_close_codes
+                    assert result.received.get(DPY_USER) == frames  # every frame: UDP never stopped
+                finally:
+                    gateway.shutdown()
 
     asyncio.run(asyncio.wait_for(main(), 100))

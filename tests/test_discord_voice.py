@@ -12,8 +12,8 @@ from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp import web
 from discord_helpers import AES, XCHACHA, Client, discover, ref_open, rtp_packet
+from helpers import serve_app
 
 from fastsfu import Engine
 from fastsfu.discord.gateway import Gateway, GatewayConfig
@@ -84,17 +84,12 @@ def serve(
             if voices is not None:
                 voices.append(voice)
             gateway = Gateway(voice, GatewayConfig(resume_grace=resume_grace))
-            runner = web.AppRunner(make_gateway_app(gateway))
-            await runner.setup()
-            site = web.TCPSite(runner, "127.0.0.1", 0)
-            await site.start()
-            port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-            try:
-                async with aiohttp.ClientSession() as http:
-                    await body(f"ws://127.0.0.1:{port}/?v=8", http, rooms)
-            finally:
-                gateway.shutdown()
-                await runner.cleanup()
+            async with serve_app(make_gateway_app(gateway)) as port:
+                try:
+                    async with aiohttp.ClientSession() as http:
+                        await body(f"ws://127.0.0.1:{port}/?v=8", http, rooms)
+                finally:
+                    gateway.shutdown()
 
     asyncio.run(asyncio.wait_for(main(), 50))
 
@@ -197,21 +192,13 @@ def test_identify_refusals(identify: dict[str, Any], code: int) -> None:
         async with Engine() as engine:
             rooms = VoiceRooms(engine)
             voice = DiscordVoice(rooms, AUTH.authenticate, {SERVER_ID: (1, 2)}, only_mapped=True)
-            runner = web.AppRunner(make_gateway_app(Gateway(voice)))
-            await runner.setup()
-            site = web.TCPSite(runner, "127.0.0.1", 0)
-            await site.start()
-            port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-            try:
-                async with aiohttp.ClientSession() as http:
-                    client = GatewayClient(await http.ws_connect(f"ws://127.0.0.1:{port}?v=8"), 5)
-                    await client.recv()
-                    d = {"server_id": SERVER_ID, "user_id": "5", "session_id": "s", "token": AUTH.mint(5)}
-                    await client.send(0, d | identify)
-                    assert await client.close_code() == code
-                    assert not rooms.rooms and engine.stats()["transports"] == 0
-            finally:
-                await runner.cleanup()
+            async with serve_app(make_gateway_app(Gateway(voice))) as port, aiohttp.ClientSession() as http:
+                client = GatewayClient(await http.ws_connect(f"ws://127.0.0.1:{port}?v=8"), 5)
+                await client.recv()
+                d = {"server_id": SERVER_ID, "user_id": "5", "session_id": "s", "token": AUTH.mint(5)}
+                await client.send(0, d | identify)
+                assert await client.close_code() == code
+                assert not rooms.rooms and engine.stats()["transports"] == 0
 
     asyncio.run(asyncio.wait_for(main(), 30))
 
@@ -440,12 +427,7 @@ def test_missed_heartbeats_close_4009_through_the_edge() -> None:
             rooms = VoiceRooms(engine)
             config = GatewayConfig(heartbeat_interval_ms=200, resume_grace=0.0)
             gateway = Gateway(DiscordVoice(rooms, AUTH.authenticate), config)
-            runner = web.AppRunner(make_gateway_app(gateway))
-            await runner.setup()
-            site = web.TCPSite(runner, "127.0.0.1", 0)
-            await site.start()
-            port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-            try:
+            async with serve_app(make_gateway_app(gateway)) as port:
                 async with aiohttp.ClientSession() as http:
                     client = GatewayClient(await http.ws_connect(f"ws://127.0.0.1:{port}/?v=8"), 5)
                     await client.recv()
@@ -458,8 +440,6 @@ def test_missed_heartbeats_close_4009_through_the_edge() -> None:
                         break
                     await asyncio.sleep(0.05)
                 assert not rooms.rooms and engine.stats()["transports"] == 0
-            finally:
-                await runner.cleanup()
 
     asyncio.run(asyncio.wait_for(main(), 30))
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp import web
+from helpers import OPUS_CAPS, serve_app
 
 from fastsfu import Engine
 from fastsfu._proto.hrpc.v1 import hrpc_pb2
@@ -23,33 +23,17 @@ from fastsfu.harmony.hrpc_server import STREAM_PATH, make_app
 pytestmark = [pytest.mark.loopback, pytest.mark.timeout(60)]
 Req, Resp = voice_pb2.StreamMessageRequest, voice_pb2.StreamMessageResponse
 TOKENS = StaticTokens({"tok-1": 1, "tok-2": 2})
-CAPS = {
-    "codecs": [
-        {
-            "mimeType": "audio/opus",
-            "kind": "audio",
-            "preferredPayloadType": 100,
-            "clockRate": 48000,
-            "channels": 2,
-        }
-    ],
-    "headerExtensions": [],
-}
+CAPS = OPUS_CAPS
 
 
 def serve(body: Callable[[str, aiohttp.ClientSession], Awaitable[None]]) -> None:
     async def main() -> None:
-        async with Engine() as engine:
-            runner = web.AppRunner(make_app(VoiceRooms(engine), TOKENS.authenticate))
-            await runner.setup()
-            site = web.TCPSite(runner, "127.0.0.1", 0)
-            await site.start()
-            port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-            try:
-                async with aiohttp.ClientSession() as http:
-                    await body(f"http://127.0.0.1:{port}", http)
-            finally:
-                await runner.cleanup()
+        async with (
+            Engine() as engine,
+            serve_app(make_app(VoiceRooms(engine), TOKENS.authenticate)) as port,
+            aiohttp.ClientSession() as http,
+        ):
+            await body(f"http://127.0.0.1:{port}", http)
 
     asyncio.run(asyncio.wait_for(main(), 45))
 
@@ -164,12 +148,8 @@ def test_a_client_that_stops_mid_flow_times_out_and_one_that_vanishes_is_cleaned
     async def main() -> None:
         async with Engine() as engine:
             rooms = VoiceRooms(engine, VoiceSettings(init_timeout=0.3, prepare_timeout=0.3, join_timeout=0.3))
-            runner = web.AppRunner(make_app(rooms, TOKENS.authenticate))
-            await runner.setup()
-            site = web.TCPSite(runner, "127.0.0.1", 0)
-            await site.start()
-            url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}{STREAM_PATH}"  # type: ignore[union-attr]
-            try:
+            async with serve_app(make_app(rooms, TOKENS.authenticate)) as port:
+                url = f"http://127.0.0.1:{port}{STREAM_PATH}"
                 async with aiohttp.ClientSession() as http:
                     # Silent after PrepareForJoinChannel: the JOIN deadline passes.
                     ws = await http.ws_connect(url, protocols=("hrpc1", "tok-1"))
@@ -200,7 +180,5 @@ def test_a_client_that_stops_mid_flow_times_out_and_one_that_vanishes_is_cleaned
                     await asyncio.sleep(0.05)
                 assert not rooms.sessions and not rooms.open_sessions and not rooms.rooms
                 assert engine.stats()["transports"] == 0 and engine.stats()["routers"] == 0
-            finally:
-                await runner.cleanup()
 
     asyncio.run(asyncio.wait_for(main(), 30))

@@ -9,7 +9,7 @@ import asyncio
 import aiohttp
 import grpc
 import pytest
-from aiohttp import web
+from helpers import serve_app
 
 from fastsfu import Engine
 from fastsfu._proto.hrpc.v1 import hrpc_pb2
@@ -103,48 +103,44 @@ def test_both_front_ends_share_the_limit_per_address() -> None:
             rooms = VoiceRooms(engine)
             limit = RateLimiter(burst=2, interval=30.0)
             grpc_server, grpc_port = await start_grpc_server(rooms, TOKENS.authenticate, rate_limit=limit)
-            runner = web.AppRunner(make_app(rooms, TOKENS.authenticate, rate_limit=limit))
-            await runner.setup()
-            site = web.TCPSite(runner, "127.0.0.1", 0)
-            await site.start()
-            url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}{STREAM_PATH}"  # type: ignore[union-attr]
-            try:
-                async with aiohttp.ClientSession() as http:
-                    # Two from 127.0.0.1 (the burst), one over each protocol.
-                    op, first = await hrpc_open(http, url, "tok-1")
-                    assert op == 0 and first.WhichOneof("message") == "initialized"  # type: ignore[attr-defined]
-                    async with grpc.aio.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
-                        stub = voice_pb2_grpc.VoiceServiceStub(channel)
-                        call = stub.StreamMessage(metadata=(("authorization", "tok-2"),))
-                        await call.write(Req(initialize=Req.Initialize(guild_id=1, channel_id=1)))
-                        assert (await asyncio.wait_for(call.read(), 10)).WhichOneof(
-                            "message"
-                        ) == "initialized"
-                        call.cancel()
-                        # The third, over gRPC: RESOURCE_EXHAUSTED, before authentication (bad token).
-                        call = stub.StreamMessage(metadata=(("authorization", "not-a-token"),))
-                        with pytest.raises(grpc.aio.AioRpcError) as exc:
-                            await asyncio.wait_for(call.read(), 10)
-                        assert exc.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-                        error = hrpc_pb2.Error.FromString(
-                            dict(exc.value.trailing_metadata())["hrpc-error-bin"]
-                        )
-                        assert error.identifier == "hrpc.resource-exhausted"
-                        assert 29 <= hrpc_pb2.RetryInfo.FromString(error.details).retry_after <= 30
-                    # The fourth, over hRPC: an in-band error frame with RetryInfo, then close 1000.
-                    op, refused = await hrpc_open(http, url, "tok-3")
-                    assert op == 1 and refused.identifier == "hrpc.resource-exhausted"  # type: ignore[attr-defined]
-                    assert hrpc_pb2.RetryInfo.FromString(refused.details).retry_after >= 29  # type: ignore[attr-defined]
-                # Another source address has its own budget.
-                connector = aiohttp.TCPConnector(local_addr=("127.0.0.2", 0))
-                async with aiohttp.ClientSession(connector=connector) as other:
-                    op, resp = await hrpc_open(other, url, "tok-4")
-                    assert op == 0 and resp.WhichOneof("message") == "initialized"  # type: ignore[attr-defined]
-                assert limit.rejected == 2
-                assert rooms.stream_errors["hrpc.resource-exhausted"] == 2
-            finally:
-                await runner.cleanup()
-                await grpc_server.stop(grace=None)
+            async with serve_app(make_app(rooms, TOKENS.authenticate, rate_limit=limit)) as port:
+                url = f"http://127.0.0.1:{port}{STREAM_PATH}"
+                try:
+                    async with aiohttp.ClientSession() as http:
+                        # Two from 127.0.0.1 (the burst), one over each protocol.
+                        op, first = await hrpc_open(http, url, "tok-1")
+                        assert op == 0 and first.WhichOneof("message") == "initialized"  # type: ignore[attr-defined]
+                        async with grpc.aio.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+                            stub = voice_pb2_grpc.VoiceServiceStub(channel)
+                            call = stub.StreamMessage(metadata=(("authorization", "tok-2"),))
+                            await call.write(Req(initialize=Req.Initialize(guild_id=1, channel_id=1)))
+                            assert (await asyncio.wait_for(call.read(), 10)).WhichOneof(
+                                "message"
+                            ) == "initialized"
+                            call.cancel()
+                            # The third, over gRPC: RESOURCE_EXHAUSTED, before authentication (bad token).
+                            call = stub.StreamMessage(metadata=(("authorization", "not-a-token"),))
+                            with pytest.raises(grpc.aio.AioRpcError) as exc:
+                                await asyncio.wait_for(call.read(), 10)
+                            assert exc.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                            error = hrpc_pb2.Error.FromString(
+                                dict(exc.value.trailing_metadata())["hrpc-error-bin"]
+                            )
+                            assert error.identifier == "hrpc.resource-exhausted"
+                            assert 29 <= hrpc_pb2.RetryInfo.FromString(error.details).retry_after <= 30
+                        # The fourth, over hRPC: an in-band error frame with RetryInfo, then close 1000.
+                        op, refused = await hrpc_open(http, url, "tok-3")
+                        assert op == 1 and refused.identifier == "hrpc.resource-exhausted"  # type: ignore[attr-defined]
+                        assert hrpc_pb2.RetryInfo.FromString(refused.details).retry_after >= 29  # type: ignore[attr-defined]
+                    # Another source address has its own budget.
+                    connector = aiohttp.TCPConnector(local_addr=("127.0.0.2", 0))
+                    async with aiohttp.ClientSession(connector=connector) as other:
+                        op, resp = await hrpc_open(other, url, "tok-4")
+                        assert op == 0 and resp.WhichOneof("message") == "initialized"  # type: ignore[attr-defined]
+                    assert limit.rejected == 2
+                    assert rooms.stream_errors["hrpc.resource-exhausted"] == 2
+                finally:
+                    await grpc_server.stop(grace=None)
 
     asyncio.run(asyncio.wait_for(main(), 45))
 
@@ -153,18 +149,11 @@ def test_both_front_ends_share_the_limit_per_address() -> None:
 @pytest.mark.timeout(60)
 def test_without_a_limiter_many_quick_streams_are_fine() -> None:
     async def main() -> None:
-        async with Engine() as engine:
-            runner = web.AppRunner(make_app(VoiceRooms(engine), TOKENS.authenticate))
-            await runner.setup()
-            site = web.TCPSite(runner, "127.0.0.1", 0)
-            await site.start()
-            url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}{STREAM_PATH}"  # type: ignore[union-attr]
-            try:
-                async with aiohttp.ClientSession() as http:
-                    for _ in range(10):
-                        op, _resp = await hrpc_open(http, url, "tok-1")
-                        assert op == 0
-            finally:
-                await runner.cleanup()
+        async with Engine() as engine, serve_app(make_app(VoiceRooms(engine), TOKENS.authenticate)) as port:
+            url = f"http://127.0.0.1:{port}{STREAM_PATH}"
+            async with aiohttp.ClientSession() as http:
+                for _ in range(10):
+                    op, _resp = await hrpc_open(http, url, "tok-1")
+                    assert op == 0
 
     asyncio.run(asyncio.wait_for(main(), 45))

@@ -15,7 +15,7 @@ from pathlib import Path
 import aiohttp
 import grpc
 import pytest
-from aiohttp import web
+from helpers import serve_app
 
 from fastsfu import Engine
 from fastsfu._proto.hrpc.v1 import hrpc_pb2
@@ -198,33 +198,26 @@ def test_static_policy_gives_each_identifier_over_hrpc(tmp_path: Path) -> None:
     ]
 
     async def main() -> None:
-        async with Engine() as engine:
-            runner = web.AppRunner(make_app(policy_rooms(engine, tmp_path), TOKENS.authenticate))
-            await runner.setup()
-            site = web.TCPSite(runner, "127.0.0.1", 0)
-            await site.start()
-            port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-            try:
-                async with aiohttp.ClientSession() as http:
-                    for token, guild, channel, expected in cases:
-                        ws = await http.ws_connect(
-                            f"http://127.0.0.1:{port}{STREAM_PATH}", protocols=("hrpc1", token)
-                        )
-                        await ws.send_bytes(
-                            Req(
-                                initialize=Req.Initialize(guild_id=guild, channel_id=channel)
-                            ).SerializeToString()
-                        )
-                        msg = await asyncio.wait_for(ws.receive(), 10)
-                        if expected == "initialized":
-                            assert msg.data[0] == 0
-                            assert Resp.FromString(msg.data[1:]).WhichOneof("message") == "initialized"
-                        else:
-                            assert msg.data[0] == 1, (guild, channel)
-                            assert hrpc_pb2.Error.FromString(msg.data[1:]).identifier == expected
-                        await ws.close()
-            finally:
-                await runner.cleanup()
+        async with (
+            Engine() as engine,
+            serve_app(make_app(policy_rooms(engine, tmp_path), TOKENS.authenticate)) as port,
+            aiohttp.ClientSession() as http,
+        ):
+            for token, guild, channel, expected in cases:
+                ws = await http.ws_connect(
+                    f"http://127.0.0.1:{port}{STREAM_PATH}", protocols=("hrpc1", token)
+                )
+                await ws.send_bytes(
+                    Req(initialize=Req.Initialize(guild_id=guild, channel_id=channel)).SerializeToString()
+                )
+                msg = await asyncio.wait_for(ws.receive(), 10)
+                if expected == "initialized":
+                    assert msg.data[0] == 0
+                    assert Resp.FromString(msg.data[1:]).WhichOneof("message") == "initialized"
+                else:
+                    assert msg.data[0] == 1, (guild, channel)
+                    assert hrpc_pb2.Error.FromString(msg.data[1:]).identifier == expected
+                await ws.close()
 
     asyncio.run(asyncio.wait_for(main(), 45))
 

@@ -19,8 +19,8 @@ import time
 import aiohttp
 import grpc
 import pytest
-from aiohttp import web
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from helpers import OPUS_CAPS, serve_app
 
 from fastsfu import Engine
 from fastsfu._proto.hrpc.v1 import hrpc_pb2
@@ -37,18 +37,7 @@ pytestmark = [pytest.mark.loopback]
 Req, Resp = voice_pb2.StreamMessageRequest, voice_pb2.StreamMessageResponse
 SECRET = "ops-test-secret-0123456789abcdefghijklmnop"
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
-CAPS = {
-    "codecs": [
-        {
-            "mimeType": "audio/opus",
-            "kind": "audio",
-            "preferredPayloadType": 100,
-            "clockRate": 48000,
-            "channels": 2,
-        }
-    ],
-    "headerExtensions": [],
-}
+CAPS = OPUS_CAPS
 SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})? (\S+)$")
 
 
@@ -258,48 +247,48 @@ def test_forwarded_packets_and_bytes_on_metrics() -> None:
     async def main() -> None:
         async with Engine() as engine:
             rooms = VoiceRooms(engine)
-            runner = web.AppRunner(make_app(rooms, StaticTokens({}).authenticate, [metrics_mount(rooms)]))
-            await runner.setup()
-            site = web.TCPSite(runner, "127.0.0.1", 0)
-            await site.start()
-            base = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"  # type: ignore[union-attr]
-            router = engine.create_router()
-            alice, bob = (socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(2))
-            try:
-                for s in (alice, bob):
-                    s.bind(("127.0.0.1", 0))
-                    s.settimeout(5)
-                suite = "AEAD_AES_128_GCM"
-                key = generate_key(suite)
-                a = router.create_plain_transport(enable_srtp=True, srtp_crypto_suite=suite)
-                b = router.create_plain_transport(enable_srtp=True, srtp_crypto_suite=suite)
-                a.connect("127.0.0.1", alice.getsockname()[1], srtp_parameters(suite, key))
-                b.connect("127.0.0.1", bob.getsockname()[1], srtp_parameters(suite, generate_key(suite)))
-                producer = a.produce(
-                    {"codecs": [opus], "encodings": [{"ssrc": 4242}], "rtcp": {"cname": "a"}}
-                )
-                consumer = b.consume(producer.id, caps)
-                sender = SrtpContext(suite, key, inbound=False)
-                for seq in range(1, 6):
-                    packet = RtpPacket(111, seq, 960 * seq, 4242, payload=b"opus" * 20)
-                    alice.sendto(sender.protect(bytes(packet)), (a.tuple["localIp"], a.tuple["localPort"]))
-                sent = 0
-                async with aiohttp.ClientSession() as http:
-                    for _ in range(100):
-                        metrics = await scrape(http, base)
-                        if metrics["fastsfu_forwarded_packets_total"] >= 5:
-                            break
-                        await asyncio.sleep(0.05)
-                    for _ in range(5):  # already in bob's socket buffer: forwarded means sent
-                        sent += len(bob.recv(2048))
-                stats = consumer.get_stats()[0]
-                assert metrics["fastsfu_forwarded_packets_total"] == 5 == stats["packetCount"]
-                assert metrics["fastsfu_forwarded_bytes_total"] == sent == stats["byteCount"]
-                assert metrics["fastsfu_received_bytes_total"] >= sent
-                assert metrics["fastsfu_transports"] == 2 and metrics["fastsfu_rooms"] == 0
-            finally:
-                alice.close()
-                bob.close()
-                await runner.cleanup()
+            async with serve_app(
+                make_app(rooms, StaticTokens({}).authenticate, [metrics_mount(rooms)])
+            ) as port:
+                base = f"http://127.0.0.1:{port}"
+                router = engine.create_router()
+                alice, bob = (socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(2))
+                try:
+                    for s in (alice, bob):
+                        s.bind(("127.0.0.1", 0))
+                        s.settimeout(5)
+                    suite = "AEAD_AES_128_GCM"
+                    key = generate_key(suite)
+                    a = router.create_plain_transport(enable_srtp=True, srtp_crypto_suite=suite)
+                    b = router.create_plain_transport(enable_srtp=True, srtp_crypto_suite=suite)
+                    a.connect("127.0.0.1", alice.getsockname()[1], srtp_parameters(suite, key))
+                    b.connect("127.0.0.1", bob.getsockname()[1], srtp_parameters(suite, generate_key(suite)))
+                    producer = a.produce(
+                        {"codecs": [opus], "encodings": [{"ssrc": 4242}], "rtcp": {"cname": "a"}}
+                    )
+                    consumer = b.consume(producer.id, caps)
+                    sender = SrtpContext(suite, key, inbound=False)
+                    for seq in range(1, 6):
+                        packet = RtpPacket(111, seq, 960 * seq, 4242, payload=b"opus" * 20)
+                        alice.sendto(
+                            sender.protect(bytes(packet)), (a.tuple["localIp"], a.tuple["localPort"])
+                        )
+                    sent = 0
+                    async with aiohttp.ClientSession() as http:
+                        for _ in range(100):
+                            metrics = await scrape(http, base)
+                            if metrics["fastsfu_forwarded_packets_total"] >= 5:
+                                break
+                            await asyncio.sleep(0.05)
+                        for _ in range(5):  # already in bob's socket buffer: forwarded means sent
+                            sent += len(bob.recv(2048))
+                    stats = consumer.get_stats()[0]
+                    assert metrics["fastsfu_forwarded_packets_total"] == 5 == stats["packetCount"]
+                    assert metrics["fastsfu_forwarded_bytes_total"] == sent == stats["byteCount"]
+                    assert metrics["fastsfu_received_bytes_total"] >= sent
+                    assert metrics["fastsfu_transports"] == 2 and metrics["fastsfu_rooms"] == 0
+                finally:
+                    alice.close()
+                    bob.close()
 
     asyncio.run(asyncio.wait_for(main(), 45))
