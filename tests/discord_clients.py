@@ -685,7 +685,7 @@ async def start_dpy_bot(
     log_level: str = "WARNING",
     python: str | None = None,
 ) -> DpyBot:
-    """Start tests/dpy_bot.py; see :func:`run_dpy_bot` for the arguments."""
+    """Start tests/dpy_bot.py (see :func:`run_dpy_bot`); the keywords below are its options."""
     if send_via not in ("direct", "player"):
         raise ValueError("send_via must be 'direct' or 'player'")
     budget = connect_timeout + start_delay + len(frames) * frame_interval + hold + 15.0
@@ -716,27 +716,7 @@ async def start_dpy_bot(
     return await _spawn(DpyBot, "dpy_bot", argv, args, env, deadline)
 
 
-async def run_dpy_bot(
-    endpoint: str,
-    *,
-    guild_id: int,
-    channel_id: int,
-    user_id: int,
-    session_id: str,
-    token: str,
-    frames: Sequence[bytes] = (),
-    cafile: str | os.PathLike[str] | None = None,
-    frame_interval: float = 0.02,
-    connect_timeout: float = 10.0,
-    send_via: str = "direct",
-    speaking: bool = False,
-    start_delay: float = 0.2,
-    hold: float = 0.2,
-    scheme: str = "wss",
-    timeout: float | None = None,
-    log_level: str = "WARNING",
-    python: str | None = None,
-) -> DpyResult:
+async def run_dpy_bot(endpoint: str, **options: Any) -> DpyResult:
     """Run a discord.py 2.7.1 voice bot against ``endpoint`` (``"127.0.0.1:PORT"``) per §9.2.
 
     The bot joins through a FakeGuild that delivers VOICE_STATE_UPDATE (``session_id``) and
@@ -762,26 +742,7 @@ async def run_dpy_bot(
     test can assert e.g. the ``KeyError`` a missing ``dave_protocol_version`` causes.
     HarnessError only when the process produced no result at all.
     """
-    bot = await start_dpy_bot(
-        endpoint,
-        guild_id=guild_id,
-        channel_id=channel_id,
-        user_id=user_id,
-        session_id=session_id,
-        token=token,
-        frames=frames,
-        cafile=cafile,
-        frame_interval=frame_interval,
-        connect_timeout=connect_timeout,
-        send_via=send_via,
-        speaking=speaking,
-        start_delay=start_delay,
-        hold=hold,
-        scheme=scheme,
-        timeout=timeout,
-        log_level=log_level,
-        python=python,
-    )
+    bot = await start_dpy_bot(endpoint, **options)
     try:
         return await bot.result()
     finally:
@@ -884,34 +845,7 @@ async def start_djs_client(
     return await _spawn(DjsClient, "djs_client", argv, args, env, deadline)
 
 
-async def run_djs_client(
-    endpoint: str,
-    *,
-    guild_id: int,
-    channel_id: int,
-    user_id: int,
-    session_id: str,
-    token: str,
-    frames: Sequence[bytes] = (),
-    receive_from: Iterable[int] = (),
-    expect_frames: Mapping[int, int] | None = None,
-    expect_resume: bool = False,
-    exit_on_disconnect: bool = True,
-    send_via: str = "player",
-    play_delay: float = 0.0,
-    announce_speaking: float = 0.2,
-    frame_interval: float = 0.02,
-    silence_padding_frames: int = 5,
-    duration: float = 10.0,
-    linger: float = 0.2,
-    ready_timeout: float = 10.0,
-    max_rejoins: int = 0,
-    max_rtp_records: int = 5000,
-    cafile: str | os.PathLike[str] | None = None,
-    debug: bool = False,
-    timeout: float | None = None,
-    node: str | None = None,
-) -> DjsResult:
+async def run_djs_client(endpoint: str, **options: Any) -> DjsResult:
     """Run an @discordjs/voice 0.19.2 client against ``endpoint`` (``"127.0.0.1:PORT"``) per §9.3.
 
     Joins with the fake adapter (state update, then server update; ``daveEncryption: false``),
@@ -939,33 +873,7 @@ async def run_djs_client(
     fake adapter answers; beyond that sendPayload returns false (Disconnected, reason 1).
     ``cafile`` becomes ``NODE_EXTRA_CA_CERTS``. ``timeout`` is the hard subprocess limit.
     """
-    client = await start_djs_client(
-        endpoint,
-        guild_id=guild_id,
-        channel_id=channel_id,
-        user_id=user_id,
-        session_id=session_id,
-        token=token,
-        frames=frames,
-        receive_from=receive_from,
-        expect_frames=expect_frames,
-        expect_resume=expect_resume,
-        exit_on_disconnect=exit_on_disconnect,
-        send_via=send_via,
-        play_delay=play_delay,
-        announce_speaking=announce_speaking,
-        frame_interval=frame_interval,
-        silence_padding_frames=silence_padding_frames,
-        duration=duration,
-        linger=linger,
-        ready_timeout=ready_timeout,
-        max_rejoins=max_rejoins,
-        max_rtp_records=max_rtp_records,
-        cafile=cafile,
-        debug=debug,
-        timeout=timeout,
-        node=node,
-    )
+    client = await start_djs_client(endpoint, **options)
     try:
         return await client.result()
     finally:
