@@ -488,3 +488,61 @@ def test_a_join_that_fails_half_way_takes_back_its_user_joined() -> None:
             assert len(one.consumers) == 1 and len(two.consumers) == 1  # only each other's
 
     asyncio.run(asyncio.wait_for(main(), 30))
+
+
+# pymediasoup 1.5.0 (harmony.md §4.4, §4.5): send transport hard-coded DTLS "server" with a
+# sha-512 fingerprint, recv transport "client"; PT 96, mid 1, audio-level 2, rtcp.mux.
+PYMEDIASOUP_RTP = {
+    "mid": "0",
+    "codecs": [
+        {
+            "mimeType": "audio/opus",
+            "clockRate": 48000,
+            "channels": 2,
+            "rtcpFeedback": [],
+            "parameters": {},
+            "payloadType": 96,
+        }
+    ],
+    "headerExtensions": [
+        {"uri": "urn:ietf:params:rtp-hdrext:sdes:mid", "id": 1, "encrypt": False, "parameters": {}},
+        {"uri": "urn:ietf:params:rtp-hdrext:ssrc-audio-level", "id": 2, "encrypt": False, "parameters": {}},
+    ],
+    "encodings": [{"ssrc": 1091587578, "dtx": False}],
+    "rtcp": {"cname": "3f87fbe4-98a8-4d9e-9e22-8345972ed01e", "reducedSize": True, "mux": True},
+}
+
+
+def test_pymediasoup_json_joins_and_makes_us_the_dtls_client_of_its_send_transport() -> None:
+    async def body(rooms: VoiceRooms) -> None:
+        chromium, _ = join(rooms, 1)
+        s = rooms.open_session(2)
+        s.handle(Req(initialize=Req.Initialize(guild_id=GUILD, channel_id=CHANNEL)))
+        s.handle(
+            Req(prepare_for_join_channel=Req.PrepareForJoinChannel(rtp_capabilities=json.dumps(CLIENT_CAPS)))
+        )
+        sha512 = [f for f in DtlsCertificate.generate().fingerprints() if f["algorithm"] == "sha-512"]
+        assert sha512
+        s.handle(
+            Req(
+                join_channel=Req.JoinChannel(
+                    rtp_paramaters=json.dumps(PYMEDIASOUP_RTP),
+                    producer_dtls_paramaters=json.dumps({"role": "server", "fingerprints": sha512}),
+                    consumer_dtls_paramaters=json.dumps({"role": "client", "fingerprints": sha512}),
+                )
+            )
+        )
+        out = messages(s)
+        assert [m.WhichOneof("message") for m in out][-1] == "joined_channel"
+        assert s.producer is not None and s.producer.ssrc == 1091587578
+        assert s.producer_transport is not None and s.producer_transport._dtls_role == "client"
+        assert s.consumer_transport is not None and s.consumer_transport._dtls_role == "server"
+        # The Chromium member's consumer of it uses the router's PT and that member's own IDs.
+        (joined,) = [m.user_joined.data for m in messages(chromium)]
+        params = json.loads(joined.rtp_parameters)
+        assert params["codecs"][0]["payloadType"] == 100
+        assert [e["uri"] for e in params["headerExtensions"]] == [
+            "urn:ietf:params:rtp-hdrext:ssrc-audio-level"
+        ]
+
+    run(body)
