@@ -2,22 +2,41 @@
 
 No sockets: `Datapath.process_many` runs the real per-packet path (SRTP unprotect once, per
 consumer copy + rewrite + SRTP protect) with output discarded after encryption. Fan-out 1/10/50,
-AES-CM-80 and AES-128-GCM; the last case shows the cost without SRTP.
+AES-CM-80 and AES-128-GCM; the Discord UDP transport's rtpsize AEAD modes (AES-256-GCM and
+XChaCha20-Poly1305: open once, per consumer copy + rewrite + seal with that receiver's counter);
+the last case shows the cost without encryption.
 """
 
 from __future__ import annotations
 
+import os
 import socket
 from array import array
 
 import pytest
 
 from fastsfu import _rtp
+from fastsfu.discord.crypto import AeadContext  # also installs the OpenSSL pointers
 from fastsfu.rtp import RtpPacket
 from fastsfu.srtp import SrtpContext, generate_key
 
 PACKETS_PER_ROUND = 2000
 ROUNDS = 12
+DISCORD_MODES = {
+    "discord_aes256_gcm": "aead_aes256_gcm_rtpsize",
+    "discord_xchacha20": "aead_xchacha20_poly1305_rtpsize",
+}
+
+
+class Sealer:
+    """The sender side of a Discord transport: seal() where SRTP suites call protect()."""
+
+    def __init__(self, mode: str, key: bytes) -> None:
+        self.ctx = AeadContext(mode, key)
+
+    def protect(self, packet: bytes) -> bytes:
+        # rtpsize: the fixed header and the extension preamble stay clear (12 + 4 bytes here).
+        return self.ctx.seal(packet, 16)
 
 
 class Fixture:
@@ -29,24 +48,39 @@ class Fixture:
         self.sock = self.dp.add_socket(-1, socket.AF_INET, False)
         t_in = self.dp.add_transport(self.sock)
         self.dp.set_transport_remote(t_in, "127.0.0.1", 4000)
-        up = generate_key(suite) if suite else b""
-        self.keep = []
-        if suite:
+        mode = DISCORD_MODES.get(suite or "")
+        up = os.urandom(32) if mode else generate_key(suite) if suite else b""
+        self.keep: list[object] = []
+        if mode:
+            # One context per Discord transport (its replay window and its own outbound counter).
+            ctx = AeadContext(mode, up)
+            self.dp.set_transport_aead(t_in, ctx)
+            self.keep.append(ctx)
+        elif suite:
             inbound = SrtpContext(suite, up, inbound=True)
             inbound.add_stream(1)
             self.dp.set_transport_srtp(t_in, inbound, None)
             self.keep.append(inbound)
+        # The same rewrite in every case (SSRC, PT, one extension ID), so only the crypto differs.
         p = self.dp.add_producer(t_in, 1, 111, 48000, {3: 3})
         for i in range(fanout):
             t = self.dp.add_transport(self.sock)
             self.dp.set_transport_remote(t, "127.0.0.1", 5000 + i)
-            if suite:
+            if mode:
+                ctx = AeadContext(mode, os.urandom(32))
+                self.dp.set_transport_aead(t, ctx)
+                self.keep.append(ctx)
+            elif suite:
                 out = SrtpContext(suite, generate_key(suite), inbound=False)
                 out.add_stream(100 + i)
                 self.dp.set_transport_srtp(t, None, out)
                 self.keep.append(out)
             self.dp.add_consumer(p, t, 100 + i, 100, {3: 7})
-        sender = SrtpContext(suite, up, inbound=False) if suite else None
+        sender: SrtpContext | Sealer | None = None
+        if mode:
+            sender = Sealer(mode, up)
+        elif suite:
+            sender = SrtpContext(suite, up, inbound=False)
         self.rounds = []
         seq = 0
         for _ in range(ROUNDS + 2):
@@ -81,7 +115,9 @@ class Fixture:
 
 @pytest.mark.parametrize("fanout", [1, 10, 50])
 @pytest.mark.parametrize(
-    "suite", ["AES_CM_128_HMAC_SHA1_80", "AEAD_AES_128_GCM", None], ids=["cm", "gcm", "plain"]
+    "suite",
+    ["AES_CM_128_HMAC_SHA1_80", "AEAD_AES_128_GCM", *DISCORD_MODES, None],
+    ids=["cm", "gcm", "discord_aes256_gcm", "discord_xchacha20", "plain"],
 )
 def test_forward_in_memory(benchmark: pytest.FixtureRequest, fanout: int, suite: str | None) -> None:
     fx = Fixture(fanout, suite)

@@ -15,11 +15,29 @@ from typing import Any
 
 SUITE_CM = "AES_CM_128_HMAC_SHA1_80"
 SUITE_GCM = "AEAD_AES_128_GCM"
-# Master key || master salt lengths (RFC 3711 / RFC 7714).
-KEY_LENGTHS = {SUITE_CM: 30, SUITE_GCM: 28}
-SUITE_ALIASES = {"cm": SUITE_CM, "gcm": SUITE_GCM, SUITE_CM.lower(): SUITE_CM, SUITE_GCM.lower(): SUITE_GCM}
+# Discord's `udp` transport (discord-gateway.md §6): its rtpsize AEAD modes, one 32-byte key per
+# transport for both directions, every transport on the engine's one shared media port.
+SUITE_DISCORD_AES = "DISCORD_AES256_GCM"
+SUITE_DISCORD_XCHACHA = "DISCORD_XCHACHA20"
+DISCORD_MODES = {
+    SUITE_DISCORD_AES: "aead_aes256_gcm_rtpsize",
+    SUITE_DISCORD_XCHACHA: "aead_xchacha20_poly1305_rtpsize",
+}
+SRTP_SUITES = (SUITE_CM, SUITE_GCM)
+DISCORD_SUITES = tuple(DISCORD_MODES)
+# Master key || master salt lengths (RFC 3711 / RFC 7714); Discord's secret_key.
+KEY_LENGTHS = {SUITE_CM: 30, SUITE_GCM: 28, SUITE_DISCORD_AES: 32, SUITE_DISCORD_XCHACHA: 32}
+SUITE_ALIASES = {
+    "cm": SUITE_CM,
+    "gcm": SUITE_GCM,
+    "discord-aes": SUITE_DISCORD_AES,
+    "discord-xchacha": SUITE_DISCORD_XCHACHA,
+    **{name.lower(): name for name in KEY_LENGTHS},
+    **{mode: suite for suite, mode in DISCORD_MODES.items()},
+}
 
 PUBLISHER_PT = 111
+DISCORD_PT = 120  # what Discord clients send and accept, both ways (discord-gateway.md §6.3)
 PUBLISHER_EXT_ID = 3
 CONSUMER_PT = 100
 CONSUMER_EXT_ID = 7
@@ -73,11 +91,16 @@ class BenchConfig:
 
 
 def normalize_suite(suite: str) -> str:
-    """Accept the full suite name or the short aliases `cm` / `gcm`."""
+    """Accept the full suite name, a Discord mode name or the short aliases (`cm`, `gcm`, ...)."""
     try:
         return SUITE_ALIASES[suite.lower()]
     except KeyError:
-        raise ValueError(f"unknown SRTP suite {suite!r}; use {SUITE_CM} or {SUITE_GCM}") from None
+        raise ValueError(f"unknown suite {suite!r}; use one of {', '.join(KEY_LENGTHS)}") from None
+
+
+def is_discord(suite: str) -> bool:
+    """A Discord `udp` transport suite rather than SRTP over a PlainTransport."""
+    return normalize_suite(suite) in DISCORD_MODES
 
 
 def port_gap(n_participants: int) -> int:
@@ -90,6 +113,9 @@ def make_config(rooms: int, size: int, suite: str, base_port: int, seed: int = 1
 
     SUT ports are base_port + id, generator ports base_port + port_gap + id. Keys come from a
     seeded PRNG so that two runs (and both SUTs) see the same keys: they are test keys only.
+
+    Discord suites: every participant's SUT port is base_port (the engine's shared media port),
+    both directions use one key (key_down == key_up), and publishers and consumers use PT 120.
     """
     if rooms < 1 or size < 2:
         raise ValueError("need rooms >= 1 and size >= 2")
@@ -100,19 +126,22 @@ def make_config(rooms: int, size: int, suite: str, base_port: int, seed: int = 1
         raise ValueError(f"port range {base_port}..{base_port + gap + n} is not usable")
     rng = random.Random(seed)
     klen = KEY_LENGTHS[suite]
-    cfg = BenchConfig(suite=suite)
+    discord = suite in DISCORD_MODES
+    cfg = BenchConfig(suite=suite, consumer_pt=DISCORD_PT if discord else CONSUMER_PT)
     for pid in range(n):
+        key_up = rng.randbytes(klen).hex()
+        key_down = rng.randbytes(klen).hex()
         cfg.participants.append(
             Participant(
                 id=pid,
                 room=pid // size,
-                sut_port=base_port + pid,
+                sut_port=base_port if discord else base_port + pid,
                 gen_port=base_port + gap + pid,
                 ssrc=PARTICIPANT_SSRC_BASE + pid + 1,
-                pt=PUBLISHER_PT,
+                pt=DISCORD_PT if discord else PUBLISHER_PT,
                 ext_id=PUBLISHER_EXT_ID,
-                key_up=rng.randbytes(klen).hex(),
-                key_down=rng.randbytes(klen).hex(),
+                key_up=key_up,
+                key_down=key_up if discord else key_down,
             )
         )
     for room in range(rooms):
@@ -139,6 +168,11 @@ def validate_config(cfg: dict[str, Any]) -> dict[str, Any]:
         for k in ("key_up", "key_down"):
             if len(bytes.fromhex(p[k])) != klen:
                 raise ValueError(f"participant {idx}: {k} must be {klen} bytes for {suite}")
+        if suite in DISCORD_MODES:
+            if p["key_down"] != p["key_up"] or p["sut_port"] != parts[0]["sut_port"]:
+                raise ValueError(f"participant {idx}: Discord suites use one key and one shared SUT port")
+            if p["pt"] != DISCORD_PT:
+                raise ValueError(f"participant {idx}: Discord suites send PT {DISCORD_PT}")
     ssrcs: set[int] = set()
     for c in cfg["consumers"]:
         Consumer(**c)

@@ -1,6 +1,8 @@
 """Loopback load benchmark: each SUT (bare C baseline, fastsfu) on core 1, native generator/sink on core 0.
 
 Prints one JSON line per step, then a markdown table of fastsfu/baseline ratios (performance.md §6).
+Discord suites (`--suite discord`) run fastsfu's Discord UDP transport and compare it with fastsfu's
+SRTP AEAD_AES_128_GCM case of the same run; the C baseline has no Discord mode and skips them.
 """
 
 from __future__ import annotations
@@ -31,6 +33,15 @@ from loadgen import native, run_loadgen  # noqa: E402
 SUTS = ("baseline", "fastsfu", "fastsfu_nolimit")
 P99_FLOOR_US = 5000.0  # performance.md §6.5 (ii) and §6.7: the baseline's validity floor
 SETTLE_TIMEOUT_S = 15.0
+# The reference the Discord suites are compared with (same SUT, same run).
+DISCORD_REFERENCE = benchconfig.SUITE_GCM
+BASELINE_NO_DISCORD = "the C baseline forwarder has no Discord mode: baseline skipped"
+SUITE_GROUPS = {
+    "both": ["cm", "gcm"],
+    # The Discord modes plus their same-run SRTP reference.
+    "discord": [DISCORD_REFERENCE, *benchconfig.DISCORD_SUITES],
+    "all": ["cm", "gcm", *benchconfig.DISCORD_SUITES],
+}
 
 
 def log(msg: str) -> None:
@@ -42,7 +53,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add = ap.add_argument
     add("--sut", choices=[*SUTS, "all"], default="all", help="system(s) under test [all]")
     add("--quick", action="store_true", help="CI mode: short steps, coarse search (about 20 s per SUT)")
-    add("--suite", action="append", help="cm, gcm, both, or a full suite name; repeatable [cm]")
+    add(
+        "--suite",
+        action="append",
+        help="cm, gcm, both (cm + gcm), discord (gcm + both Discord modes: DISCORD_AES256_GCM, "
+        "DISCORD_XCHACHA20), all, or a suite name; repeatable [cm]",
+    )
     add("--rooms", type=int, default=1, help="scenario A: rooms [1]")
     add("--size", type=int, default=50, help="scenario A: participants per room, all talking [50]")
     add("--payload", default="opus", help="'opus' (80-120 B, varying) or a fixed payload size [opus]")
@@ -56,6 +72,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--max-steps", type=int, help="search steps before refinement [25, quick 5]")
     add("--refine", type=int, help="bisection steps between last good and first bad [0, quick 1]")
     add("--repeat", type=int, default=1, help="repeat the search, report the median [1]")
+    add("--fixed-only", action="store_true", help="run only the fixed step (no search, no 50%% step)")
+    add(
+        "--fixed-repeat",
+        type=int,
+        default=1,
+        help="run the fixed step n times; the one with the median CPU per packet is reported [1]",
+    )
+    add(
+        "--discord-search",
+        action="store_true",
+        help="with --quick: step-search the Discord suites too (by default quick runs only their fixed step)",
+    )
     add("--verify-every", type=int, default=16, help="verify every n-th SRTP tag per subscription [16]")
     add("--verify-all", action="store_true", help="verify every packet's SRTP tag")
     add("--sink-sleep", action="store_true", help="sink sleeps in epoll_wait instead of busy polling")
@@ -77,11 +105,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             setattr(args, name, quick if q else full)
     if args.step_factor <= 1.0:
         ap.error("--step-factor must be > 1")
+    if args.fixed_repeat < 1:
+        ap.error("--fixed-repeat must be >= 1")
     args.payload_size = 0 if args.payload == "opus" else int(args.payload)
     suites: list[str] = []
     for s in args.suite or ["cm"]:
-        for one in ["cm", "gcm"] if s == "both" else [s]:
-            full_name = benchconfig.normalize_suite(one)
+        for one in SUITE_GROUPS.get(s.lower(), [s]):
+            try:
+                full_name = benchconfig.normalize_suite(one)
+            except ValueError as exc:
+                ap.error(str(exc))
             if full_name not in suites:
                 suites.append(full_name)
     args.suites = suites
@@ -102,6 +135,7 @@ class Runner:
         self.h = h
         self.steps: list[dict[str, Any]] = []
         self._backlog = False
+        self.fixed_only = fixed_only(args, suite)
 
     def step(self, phase: str, rate: float, duration: float) -> dict[str, Any]:
         a = self.args
@@ -166,9 +200,27 @@ class Runner:
                 bad_rate = mid
         return {"good": good, "first_loss_rate": bad_rate}
 
+    def fixed(self) -> dict[str, Any]:
+        """The fixed step, `fixed_repeat` times: the one with the median CPU per packet stands for all."""
+        a = self.args
+        runs = [self.step("fixed", a.fixed_rate, a.fixed_duration) for _ in range(a.fixed_repeat)]
+        ranked = sorted(runs, key=lambda m: m.get("cpu_us_per_pkt") or math.inf)
+        return ranked[(len(ranked) - 1) // 2]
+
+    def _fixed_repeats(self) -> dict[str, Any]:
+        runs = [s for s in self.steps if s["phase"] == "fixed"]
+        if len(runs) < 2:
+            return {}
+        return {
+            "fixed_cpu_us_per_pkt_all": [s.get("cpu_us_per_pkt") for s in runs],
+            "fixed_loss_all": [s["loss"] for s in runs],
+        }
+
     def run(self) -> dict[str, Any]:
         a = self.args
-        fixed = self.step("fixed", a.fixed_rate, a.fixed_duration)
+        fixed = self.fixed()
+        if self.fixed_only:
+            return {"fixed": fixed, "fixed_only": True, **self._fixed_repeats(), "steps": self.steps}
         searches = [self.search() for _ in range(a.repeat)]
         goods = [s["good"] for s in searches if s["good"] is not None]
         zero_loss = statistics.median([g["offered_fwd_pps"] for g in goods]) if goods else 0.0
@@ -182,6 +234,7 @@ class Runner:
         others = [s.get("core_other_util") or 0.0 for s in self.steps]
         return {
             "fixed": fixed,
+            **self._fixed_repeats(),
             "zero_loss_fwd_pps": zero_loss,
             "zero_loss_rate": best_rate,
             "zero_loss_p99_5ms_fwd_pps": max(p99_ok) if p99_ok else 0.0,
@@ -192,6 +245,11 @@ class Runner:
             "half": half,
             "steps": self.steps,
         }
+
+
+def fixed_only(args: argparse.Namespace, suite: str) -> bool:
+    """Only the fixed step: --fixed-only, or a Discord suite in --quick (one step per mode keeps CI short)."""
+    return bool(args.fixed_only or (args.quick and benchconfig.is_discord(suite) and not args.discord_search))
 
 
 def sut_argv(sut: str, args: argparse.Namespace, libs: dict[str, Path]) -> list[str]:
@@ -226,6 +284,10 @@ def run_sut(
     ) as h:
         result = Runner(args, sut, suite, h).run()
     result["sut_final"] = h.final
+    # Throughput per core (performance.md: one core's worth of CPU time) = 1e6 / CPU us per fwd packet.
+    for phase in ("fixed", "half"):
+        cpu = _get(result, phase, "cpu_us_per_pkt")
+        result[f"{phase}_pps_per_core"] = round(1e6 / cpu) if cpu else None
     result["wall_s"] = round(time.monotonic() - t0, 1)
     log(f"{sut} done in {result['wall_s']} s; final counters {h.final}")
     if not h.final:
@@ -254,14 +316,17 @@ METRICS: list[tuple[str, tuple[str, ...]]] = [
     ("fixed: p99 latency (us)", ("fixed", "p99_us")),
     ("fixed: p99.9 latency (us)", ("fixed", "p999_us")),
     ("fixed: SUT CPU us/pkt", ("fixed", "cpu_us_per_pkt")),
+    ("fixed: fwd pps per core (1e6 / CPU us/pkt)", ("fixed_pps_per_core",)),
     ("50% load: SUT CPU us/pkt", ("half", "cpu_us_per_pkt")),
+    ("50% load: fwd pps per core", ("half_pps_per_core",)),
     ("50% load: user us/pkt (tick-sampled)", ("half", "cpu_user_us_per_pkt")),
     ("50% load: sys us/pkt (tick-sampled)", ("half", "cpu_sys_us_per_pkt")),
     ("50% load: p50 latency (us)", ("half", "p50_us")),
-    ("SRTP verify failures (fixed)", ("fixed", "verify_failures")),
+    ("sink: tags verified (fixed)", ("fixed", "verified")),
+    ("sink: tag verify failures (fixed)", ("fixed", "verify_failures")),
     ("SUT decrypt failures (whole run)", ("sut_final", "decrypt_failures")),
     ("SUT send failures (whole run)", ("sut_final", "send_failures")),
-    ("SRTP packet size, bytes (avg)", ("fixed", "wire_bytes_avg")),
+    ("sent packet size, bytes (avg)", ("fixed", "wire_bytes_avg")),
     ("max other load on the SUT core (0-1)", ("max_core_other_util",)),
 ]
 
@@ -274,10 +339,92 @@ def _fmt(v: float | None) -> str:
     return f"{v:.3g}" if abs(v) < 100 else f"{v:,.0f}"
 
 
+def _ratio(num: float | None, den: float | None) -> str:
+    return "-" if num is None or not den else f"{num / den:.2f}"
+
+
+# Rows of the Discord-vs-SRTP comparison: (label, path into a SUT's result).
+DISCORD_METRICS: list[tuple[str, tuple[str, ...]]] = [
+    ("zero-loss fwd pps (step search)", ("zero_loss_fwd_pps",)),
+    ("zero-loss fwd pps with p99 <= 5 ms", ("zero_loss_p99_5ms_fwd_pps",)),
+    ("fixed: received fwd pps", ("fixed", "received_fwd_pps")),
+    ("fixed: loss", ("fixed", "loss")),
+    ("fixed: SUT CPU us/pkt", ("fixed", "cpu_us_per_pkt")),
+    ("fixed: fwd pps per core (1e6 / CPU us/pkt)", ("fixed_pps_per_core",)),
+    ("50% load: SUT CPU us/pkt", ("half", "cpu_us_per_pkt")),
+    ("50% load: fwd pps per core", ("half_pps_per_core",)),
+    ("fixed: p50 latency (us)", ("fixed", "p50_us")),
+    ("fixed: p99 latency (us)", ("fixed", "p99_us")),
+    ("sink: tags verified (fixed)", ("fixed", "verified")),
+    ("sink: tag verify failures (fixed)", ("fixed", "verify_failures")),
+    ("SUT decrypt failures (whole run)", ("sut_final", "decrypt_failures")),
+    ("sent packet size, bytes (avg)", ("fixed", "wire_bytes_avg")),
+]
+
+
+def discord_report(summary: dict[str, Any]) -> list[str]:
+    """fastsfu's Discord UDP transport against its own SRTP GCM case, per SUT, same run."""
+    results = summary["results"]
+    ref_suite = DISCORD_REFERENCE
+    modes = [s for s in benchconfig.DISCORD_SUITES if s in results]
+    if not modes:
+        return []
+    lines: list[str] = []
+    out: dict[str, Any] = {}
+    for sut in ("fastsfu", "fastsfu_nolimit"):
+        ref = results.get(ref_suite, {}).get(sut)
+        per_mode = [results[m].get(sut) for m in modes]
+        if all(r is None for r in per_mode):
+            continue
+        title = "fastsfu" if sut == "fastsfu" else "fastsfu, no 20 ms limit"
+        head = " | ".join(f"Discord {m.removeprefix('DISCORD_')} | ratio" for m in modes)
+        lines += [
+            f"### Discord UDP transport vs SRTP ({title}), {summary['scenario']}",
+            "",
+            f"| metric | SRTP {ref_suite} | {head} |",
+            "|---|---|" + "---|---|" * len(modes),
+        ]
+        rows: dict[str, Any] = {}
+        for label, path in DISCORD_METRICS:
+            r = _get(ref, *path)
+            vals = [_get(res, *path) for res in per_mode]
+            cells = " | ".join(f"{_fmt(v)} | {_ratio(v, r)}" for v in vals)
+            lines.append(f"| {label} | {_fmt(r)} | {cells} |")
+            row: dict[str, float | None] = {ref_suite: r}
+            for m, v in zip(modes, vals, strict=True):
+                row[m] = v
+                row[f"{m}/{ref_suite}"] = v / r if v is not None and r else None
+            rows[label] = row
+        out[sut] = rows
+        if ref is None:
+            lines.append(f"\nNo {ref_suite} run for {sut} in this run: no ratios (add `--suite gcm`).")
+        lines.append("")
+    if out:
+        lines.append(
+            "Ratios are Discord / SRTP GCM of the same SUT in the same run. The Discord sink opens every "
+            "packet (its send stamp is encrypted), the SRTP sink verifies a sample."
+        )
+        lines.append("")
+    summary["discord_vs_srtp"] = out
+    return lines
+
+
 def report(summary: dict[str, Any]) -> str:
     lines: list[str] = []
     for suite, per_sut in summary["results"].items():
         base, fast, nolimit = per_sut.get("baseline"), per_sut.get("fastsfu"), per_sut.get("fastsfu_nolimit")
+        if benchconfig.is_discord(suite):
+            lines += [
+                f"### {suite} (Discord UDP transport), {summary['scenario']}",
+                "",
+                "| metric | fastsfu | fastsfu, no 20 ms limit |",
+                "|---|---|---|",
+            ]
+            for label, path in METRICS:
+                lines.append(f"| {label} | {_fmt(_get(fast, *path))} | {_fmt(_get(nolimit, *path))} |")
+            lines += _notes(per_sut)
+            lines.append("")
+            continue
         lines += [
             f"### {suite}, {summary['scenario']}",
             "",
@@ -302,19 +449,35 @@ def report(summary: dict[str, Any]) -> str:
         if p50b is not None and p50f is not None:
             summary["p50_diff_us"][suite] = p50f - p50b
             lines.append(f"\nfixed-load p50 difference fastsfu - baseline: {p50f - p50b:+.0f} us")
-        if base and "error" not in base:
+        if base and "fixed" in base:
             fx = base["fixed"]
             valid = fx["loss"] == 0 and (fx["p99_us"] or 0) <= P99_FLOOR_US
             summary["valid"][suite] = valid
             if not valid:
                 lines.append("\n**Run invalid**: the baseline missed its own floor at the fixed load (§6.7).")
-        for name, res in per_sut.items():
-            if res and res.get("zero_loss_is_lower_bound"):
-                lines.append(f"\n{name}: no loss at any step; its zero-loss fwd pps is a lower bound.")
-            if res and "error" in res:
-                lines.append(f"\n**{name} failed**: {res['error']}")
+        lines += _notes(per_sut)
         lines.append("")
+    lines += discord_report(summary)
     return "\n".join(lines)
+
+
+def _notes(per_sut: dict[str, Any]) -> list[str]:
+    lines: list[str] = []
+    for name, res in per_sut.items():
+        if res and res.get("zero_loss_is_lower_bound"):
+            lines.append(f"\n{name}: no loss at any step; its zero-loss fwd pps is a lower bound.")
+        if res and res.get("fixed_only"):
+            lines.append(f"\n{name}: fixed step only (no step search, no 50% step).")
+        if res and res.get("fixed_cpu_us_per_pkt_all"):
+            lines.append(
+                f"\n{name}: fixed step x{len(res['fixed_loss_all'])}, median CPU shown; "
+                f"CPU us/pkt {res['fixed_cpu_us_per_pkt_all']}, loss {res['fixed_loss_all']}."
+            )
+        if res and "skipped" in res:
+            lines.append(f"\n{name}: {res['skipped']}.")
+        if res and "error" in res:
+            lines.append(f"\n**{name} failed**: {res['error']}")
+    return lines
 
 
 def machine_info() -> dict[str, Any]:
@@ -339,6 +502,16 @@ def machine_info() -> dict[str, Any]:
             timeout=10,
             check=False,
         ).stdout.strip()
+        # Uncommitted changes under src/ or benchmarks/: the measured code is not exactly the commit.
+        info["dirty"] = bool(
+            subprocess.run(
+                ["git", "-C", str(BENCH_DIR.parent), "status", "--porcelain", "--", "src", "benchmarks"],
+                capture_output=True,
+                text=True,
+                timeout=10,
+                check=False,
+            ).stdout.strip()
+        )
     return info
 
 
@@ -385,6 +558,10 @@ def main(argv: list[str] | None = None) -> int:
     for suite in args.suites:
         summary["results"][suite] = {}
         for sut in suts:
+            if sut == "baseline" and benchconfig.is_discord(suite):
+                log(f"{suite}: {BASELINE_NO_DISCORD}")
+                summary["results"][suite][sut] = {"skipped": BASELINE_NO_DISCORD}
+                continue
             # Fresh ports for each SUT: the previous one may still be releasing its sockets.
             cfg = benchconfig.make_config(args.rooms, args.size, suite, benchconfig.find_free_base_port(n))
             cfg_path = args.build_dir / f"config-{sut}-{suite}.json"

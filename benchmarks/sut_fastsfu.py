@@ -1,7 +1,9 @@
-"""fastsfu as the system under test of the loopback benchmark: one PlainTransport per participant.
+"""fastsfu as the system under test of the loopback benchmark: one PlainTransport per participant,
+or for the Discord suites one Discord UDP transport per participant on the engine's shared port.
 
-Reads the shared JSON config (benchconfig.py), prints READY once every transport is connected,
+Reads the shared JSON config (benchconfig.py), prints READY once every transport is set up,
 forwards until SIGTERM/SIGINT or EOF on a stdin pipe, then prints one JSON line of counters.
+Discord transports learn the generator's address from its IP discovery requests, after READY.
 """
 
 from __future__ import annotations
@@ -33,6 +35,16 @@ def producer_parameters(p: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def discord_producer_parameters(p: dict[str, Any]) -> dict[str, Any]:
+    """A Discord sender's parameters (udp_transport.rtp_parameters: PT 120, its SSRC), plus the
+    generator's send-stamp extension so that it reaches the sink rewritten like the SRTP case."""
+    from fastsfu.discord.udp_transport import rtp_parameters
+
+    params = rtp_parameters(p["ssrc"])
+    params["headerExtensions"] = [{"uri": ortc.URI_ABS_CAPTURE_TIME, "id": p["ext_id"]}]
+    return params
+
+
 def receiver_capabilities(cfg: dict[str, Any]) -> dict[str, Any]:
     # The sink reads the send stamp at consumer_ext_id; the receiver has no MID extension, so
     # fastsfu does the same rewrite work as the C baseline (SSRC, PT, one extension ID).
@@ -61,7 +73,11 @@ async def serve(
     cfg: dict[str, Any], stop: asyncio.Event, max_queue_age_ms: float = 20.0, out_slots: int = 1024
 ) -> dict[str, Any]:
     n = len(cfg["participants"])
+    discord = benchconfig.is_discord(cfg["suite"])
     settings = Settings(
+        webrtc_listen_ip="127.0.0.1",
+        # Discord transports share the engine's media port; SRTP ones do not use it.
+        webrtc_port=cfg["participants"][0]["sut_port"] if discord else 0,
         max_queue_age_ms=max_queue_age_ms,
         out_slots=out_slots,
         max_sockets=n + 8,
@@ -75,6 +91,12 @@ async def serve(
         transports = []
         for p in cfg["participants"]:
             router = routers.get(p["room"]) or routers.setdefault(p["room"], engine.create_router())
+            if discord:
+                dt = router.create_discord_udp_transport(p["ssrc"])
+                # The generator holds the same key (one per transport, both directions).
+                dt.select_mode(benchconfig.DISCORD_MODES[cfg["suite"]], key=bytes.fromhex(p["key_up"]))
+                transports.append(dt)
+                continue
             t = router.create_plain_transport(
                 listen_ip="127.0.0.1",
                 port=p["sut_port"],
@@ -88,9 +110,8 @@ async def serve(
                 {"cryptoSuite": cfg["suite"], "keyBase64": _b64(bytes.fromhex(p["key_up"]))},
             )
             transports.append(t)
-        producers = [
-            t.produce(producer_parameters(p)) for t, p in zip(transports, cfg["participants"], strict=True)
-        ]
+        params = discord_producer_parameters if discord else producer_parameters
+        producers = [t.produce(params(p)) for t, p in zip(transports, cfg["participants"], strict=True)]
         caps = receiver_capabilities(cfg)
         for c in cfg["consumers"]:
             # The sink tells subscriptions apart by the config's consumer SSRCs.
@@ -101,7 +122,9 @@ async def serve(
         return {
             "received": stats["rx_packets"],
             "forwarded": stats["forwarded_packets"],
-            "decrypt_failures": stats["drops"]["decrypt_failed"] + stats["drops"]["srtp_replay"],
+            "decrypt_failures": stats["drops"]["decrypt_failed"]
+            + stats["drops"]["srtp_replay"]
+            + stats["drops"].get("aead_replay", 0),
             "send_failures": stats["drops"]["send_failed"],
             "batches": stats["batches"],
             "drops": {k: v for k, v in stats["drops"].items() if v},

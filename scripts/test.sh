@@ -19,8 +19,8 @@ echo "== micro-benchmarks (pytest-benchmark): datapath, STUN answers, DTLS hands
 $PY -m pytest benchmarks/bench_datapath.py benchmarks/bench_stun.py benchmarks/bench_dtls.py -q -p no:cacheprovider -s \
     --benchmark-columns=median,min,max,rounds --benchmark-sort=name
 
-echo "== loopback load benchmark, short (fastsfu vs bare C forwarder, both SRTP suites)"
-$PY benchmarks/run.py --quick --suite both --json benchmarks/.build/last-run.json
+echo "== loopback load benchmark, short (fastsfu vs bare C forwarder, both SRTP suites; Discord UDP vs SRTP GCM)"
+$PY benchmarks/run.py --quick --suite both --suite discord --json benchmarks/.build/last-run.json
 
 echo "== headless Chromium: mediasoup-client interop and the /demo page over hRPC, in a loopback-only network namespace"
 # No network inside the namespace (testing.md §2): browser_setup.sh installs Chromium first (the

@@ -260,6 +260,9 @@ def main(argv: list[str] | None = None) -> int:
         except OSError as exc:
             print(f"run_baseline: cannot pin to CPU {args.cpu}: {exc}", file=sys.stderr)
     cfg = benchconfig.load_config(args.config)
+    if benchconfig.is_discord(cfg["suite"]):
+        print(f"run_baseline: the C baseline forwarder has no Discord mode ({cfg['suite']})", flush=True)
+        return 2
     fw = Forwarder(cfg, lib_path=args.lib, rcvbuf=args.rcvbuf)
 
     stop = threading.Event()

@@ -14,6 +14,11 @@
  *     RTP header extension, and verifies the SRTP tag of a sample.
  * Loss is exact: both threads classify packets by the send stamp carried in the packet, so the
  * sender's per-publisher count of packets stamped inside the window is the sink's expectation.
+ *
+ * Discord's rtpsize AEAD modes (LG_OPEN_FIRST) plug in the same way: Python passes fastsfu's
+ * aead_rtp_functions(), which have srtp_protect's signature, and AeadContext addresses. Those
+ * modes encrypt the header extension elements, so the sink opens (verifies and decrypts) every
+ * forwarded packet before it reads the send stamp.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -30,6 +35,11 @@
 #include <unistd.h>
 
 typedef int (*srtp_fn)(void *ctx, void *rtp_hdr, int *len_ptr);
+
+/* lg_create flags */
+#define LG_OPEN_FIRST 1 /* the stamp is encrypted (Discord rtpsize): unprotect every packet first */
+#define STATUS_REPLAY_FAIL 9 /* srtp_err_status_replay_fail, also fastsfu's AEAD replay */
+#define STATUS_REPLAY_OLD 10
 
 #define MAX_PKT 1500
 #define SRTP_MAX_TRAILER 144 /* room libsrtp may append after the packet */
@@ -79,7 +89,8 @@ typedef struct {
     uint64_t received_total, out_of_window, rx_batches;
     uint64_t bad_packets, unknown_ssrc, misrouted, pt_mismatch, no_stamp, ext_not_rewritten;
     uint64_t verified, verify_failures;
-    uint64_t rtcp; /* RTCP from the SUT (RFC 5761 mux): counted, otherwise ignored */
+    uint64_t rtcp;     /* RTCP from the SUT (RFC 5761 mux): counted, otherwise ignored */
+    uint64_t replayed; /* LG_OPEN_FIRST: refused as a replay, so no stamp could be read */
     /* timing */
     int64_t window_ns, elapsed_ns;
     int32_t sender_rt_ok, pad;
@@ -124,6 +135,7 @@ typedef struct lg {
     uint32_t hash_mask;
     srtp_fn protect, unprotect;
     uint8_t consumer_pt, consumer_ext_id;
+    int flags;
     int ep;
     uint8_t payload[MAX_PKT + 256];
     uint64_t hist[H_N];
@@ -392,6 +404,22 @@ static void sink_packet(lg_step *st, int rcv, uint8_t *b, int len, int64_t now)
     }
     if ((b[1] & 0x7f) != g->consumer_pt)
         r->pt_mismatch++;
+    if (g->flags & LG_OPEN_FIRST) {
+        /* The extension elements are encrypted: open the packet (tag check and decryption in
+         * place) before reading the stamp. Every packet is verified; one that fails is also lost. */
+        int l = len, rc = g->unprotect(g->p[rcv].down_ctx, b, &l);
+        r->verified++;
+        if (rc == STATUS_REPLAY_FAIL || rc == STATUS_REPLAY_OLD) {
+            r->replayed++;
+            return;
+        }
+        if (rc != 0) {
+            r->verify_failures++;
+            s->r.verify_failures++;
+            return;
+        }
+        len = l;
+    }
     const uint8_t *v;
     if (ext_find(b, len, g->consumer_ext_id, &v) != 8) {
         if (ext_find(b, len, g->p[s->sender].ext_id, &v) == 8)
@@ -431,7 +459,8 @@ static void sink_packet(lg_step *st, int rcv, uint8_t *b, int len, int64_t now)
     }
     /* Verify after the header is read: unprotect decrypts in place. Duplicates would only
      * fail the replay check, which says nothing about the tag. */
-    if (kind != SEQ_DUP && st->prm.verify_every > 0 && s->vcount++ % (uint64_t)st->prm.verify_every == 0) {
+    if (!(g->flags & LG_OPEN_FIRST) && kind != SEQ_DUP && st->prm.verify_every > 0 &&
+        s->vcount++ % (uint64_t)st->prm.verify_every == 0) {
         int l = len;
         r->verified++;
         if (g->unprotect(g->p[rcv].down_ctx, b, &l) != 0) {
@@ -495,6 +524,9 @@ void lg_struct_sizes(int32_t *params, int32_t *result, int32_t *sub)
     *sub = (int32_t)sizeof(lg_sub_result);
 }
 
+/* A participant's socket, e.g. for Discord IP discovery from Python before the first step. */
+int lg_fd(const lg_t *g, int i) { return g && i >= 0 && i < g->n ? g->p[i].fd : -1; }
+
 void lg_destroy(lg_t *g)
 {
     if (!g)
@@ -515,7 +547,7 @@ lg_t *lg_create(int n, const uint16_t *gen_ports, const uint16_t *sut_ports, con
                 const uint8_t *pts, const uint8_t *ext_ids, void *protect_fn, void *const *up_ctx,
                 void *unprotect_fn, void *const *down_ctx, int n_cons, const int32_t *cons_recv,
                 const int32_t *cons_send, const uint32_t *cons_ssrc, int consumer_pt, int consumer_ext_id,
-                uint64_t seed, int rcvbuf, char *err, int errlen)
+                uint64_t seed, int rcvbuf, int flags, char *err, int errlen)
 {
     lg_t *g = calloc(1, sizeof *g);
     if (!g) {
@@ -529,6 +561,7 @@ lg_t *lg_create(int n, const uint16_t *gen_ports, const uint16_t *sut_ports, con
     g->unprotect = (srtp_fn)unprotect_fn;
     g->consumer_pt = (uint8_t)consumer_pt;
     g->consumer_ext_id = (uint8_t)consumer_ext_id;
+    g->flags = flags;
     uint32_t hsize = 16;
     while (hsize < 2u * (uint32_t)n_cons)
         hsize <<= 1;

@@ -1,6 +1,8 @@
 """Native helpers shared by the load generator and the baseline launchers.
 
 Compiles the C benchmark libraries and hands pylibsrtp's bundled libsrtp to C as raw pointers.
+For Discord suites it hands over fastsfu's rtpsize AEAD instead: `fastsfu._rtp.aead_rtp_functions()`
+has srtp_protect's signature and takes an `AeadContext.address` where libsrtp takes an srtp_t.
 """
 
 from __future__ import annotations
@@ -9,13 +11,16 @@ import ctypes
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import pylibsrtp
 from pylibsrtp import _binding
 
 BENCH_DIR = Path(__file__).resolve().parents[1]
+SRC_DIR = BENCH_DIR.parent / "src"
 DEFAULT_BUILD_DIR = BENCH_DIR / ".build"
 LOADGEN_SRC = BENCH_DIR / "loadgen" / "loadgen.c"
 FORWARDER_SRC = BENCH_DIR / "baseline" / "forwarder.c"
@@ -27,6 +32,11 @@ _ffi, _lib = _binding.ffi, _binding.lib
 PROFILES = {
     "AES_CM_128_HMAC_SHA1_80": pylibsrtp.Policy.SRTP_PROFILE_AES128_CM_SHA1_80,
     "AEAD_AES_128_GCM": pylibsrtp.Policy.SRTP_PROFILE_AEAD_AES_128_GCM,
+}
+# Discord suite -> fastsfu's rtpsize AEAD mode (benchconfig.DISCORD_MODES).
+DISCORD_MODES = {
+    "DISCORD_AES256_GCM": "aead_aes256_gcm_rtpsize",
+    "DISCORD_XCHACHA20": "aead_xchacha20_poly1305_rtpsize",
 }
 
 
@@ -89,6 +99,8 @@ def make_session(suite: str, key_hex: str, outbound: bool, ssrcs: tuple[int, ...
     The specific streams exist so that libsrtp does not clone (malloc) a stream on the first
     packet of each SSRC in the middle of a measurement.
     """
+    if suite in DISCORD_MODES:
+        raise ValueError(f"{suite} is a Discord transport mode, not an SRTP suite (no libsrtp session)")
     profile = PROFILES[suite]
     key = bytes.fromhex(key_hex)
     any_type = pylibsrtp.Policy.SSRC_ANY_OUTBOUND if outbound else pylibsrtp.Policy.SSRC_ANY_INBOUND
@@ -105,6 +117,44 @@ def make_session(suite: str, key_hex: str, outbound: bool, ssrcs: tuple[int, ...
 def session_pointer(session: pylibsrtp.Session) -> int:
     """The session's srtp_t as an int; the caller must keep `session` alive while C uses it."""
     return int(_ffi.cast("uintptr_t", session._srtp[0]))
+
+
+def _discord_crypto() -> Any:
+    """fastsfu.discord.crypto (importing it installs the OpenSSL pointers fastsfu's AEAD uses)."""
+    try:
+        import fastsfu.discord.crypto as crypto
+    except ImportError:
+        # Not installed in this environment: use the in-tree build (setup.py build_ext --inplace).
+        if str(SRC_DIR) in sys.path:
+            raise
+        sys.path.insert(0, str(SRC_DIR))
+        import fastsfu.discord.crypto as crypto
+    return crypto
+
+
+def crypto_functions(suite: str) -> tuple[int, int]:
+    """(protect, unprotect) addresses with srtp_protect's signature for `suite`: libsrtp's for
+    the SRTP suites, fastsfu's rtpsize AEAD for the Discord ones."""
+    if suite in DISCORD_MODES:
+        _discord_crypto()
+        from fastsfu import _rtp
+
+        protect, unprotect = _rtp.aead_rtp_functions()
+        return int(protect), int(unprotect)
+    return srtp_function("srtp_protect"), srtp_function("srtp_unprotect")
+
+
+def make_context(suite: str, key_hex: str, outbound: bool, ssrcs: tuple[int, ...] = ()) -> tuple[Any, int]:
+    """(owner, pointer) of one direction's crypto state for crypto_functions(suite).
+
+    SRTP: make_session() and its srtp_t. Discord: a fresh `AeadContext` (its own nonce counter
+    and replay window) and its address. Keep `owner` alive while C uses the pointer.
+    """
+    if suite in DISCORD_MODES:
+        context = _discord_crypto().AeadContext(DISCORD_MODES[suite], bytes.fromhex(key_hex))
+        return context, int(context.address)
+    session = make_session(suite, key_hex, outbound, ssrcs)
+    return session, session_pointer(session)
 
 
 def pointer_array(values: list[int]) -> ctypes.Array[ctypes.c_void_p]:

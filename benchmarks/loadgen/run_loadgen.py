@@ -12,8 +12,11 @@ import functools
 import json
 import os
 import queue
+import select
 import shutil
 import signal
+import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -38,6 +41,8 @@ FASTSFU_SCRIPT = Path(_BENCH_DIR) / "sut_fastsfu.py"
 GEN_CPU = 0
 SUT_CPU = 1
 SINK_RCVBUF = 4 << 20
+LG_OPEN_FIRST = 1  # loadgen.c: the sink opens every packet before reading the stamp (Discord)
+DISCOVERY_TIMEOUT_S = 5.0
 ERRLEN = 512
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -77,7 +82,7 @@ class LgResult(ctypes.Structure):
         *[(n, _U64) for n in ("received_total", "out_of_window", "rx_batches")],
         *[(n, _U64) for n in ("bad_packets", "unknown_ssrc", "misrouted", "pt_mismatch")],
         *[(n, _U64) for n in ("no_stamp", "ext_not_rewritten")],
-        *[(n, _U64) for n in ("verified", "verify_failures", "rtcp")],
+        *[(n, _U64) for n in ("verified", "verify_failures", "rtcp", "replayed")],
         *[(n, _I64) for n in ("window_ns", "elapsed_ns")],
         ("sender_rt_ok", ctypes.c_int32),
         ("pad", ctypes.c_int32),
@@ -120,9 +125,12 @@ def _load_loadgen(path: Path) -> ctypes.CDLL:
         i32,
         ctypes.c_uint64,
         i32,
+        i32,
         ctypes.c_char_p,
         i32,
     ]
+    lib.lg_fd.restype = i32
+    lib.lg_fd.argtypes = [vp, i32]
     lib.lg_run_step.restype = i32
     lib.lg_run_step.argtypes = [
         vp,
@@ -231,6 +239,7 @@ class StepResult:
                     "no_stamp",
                     "ext_not_rewritten",
                     "lat_negative",
+                    "replayed",
                 )
                 if r[k]
             },
@@ -245,6 +254,10 @@ class LoadGen:
 
     Sequence numbers, ROC and replay state continue from step to step, so the SUT must stay up
     between steps; start a new LoadGen for a new SUT process.
+
+    Discord suites: the crypto is fastsfu's rtpsize AEAD (one AeadContext per direction and
+    participant, both with the participant's key), the sink opens every packet to read its stamp,
+    and each participant's socket does a real IP discovery against the SUT before the first step.
     """
 
     def __init__(
@@ -261,9 +274,13 @@ class LoadGen:
         parts = config["participants"]
         cons = config["consumers"]
         n = len(parts)
-        # Sessions must outlive every C call that uses their srtp_t: they live on self.
-        self._up = [native.make_session(suite, p["key_up"], outbound=True, ssrcs=(p["ssrc"],)) for p in parts]
-        self._down = [native.make_session(suite, p["key_down"], outbound=False) for p in parts]
+        self.discord = benchconfig.is_discord(suite)
+        # Contexts must outlive every C call that uses their pointers: they live on self.
+        up = [native.make_context(suite, p["key_up"], outbound=True, ssrcs=(p["ssrc"],)) for p in parts]
+        down = [native.make_context(suite, p["key_down"], outbound=False) for p in parts]
+        self._up = [owner for owner, _ in up]
+        self._down = [owner for owner, _ in down]
+        protect_fn, unprotect_fn = native.crypto_functions(suite)
         self._arrays = [
             (ctypes.c_uint16 * n)(*[p["gen_port"] for p in parts]),
             (ctypes.c_uint16 * n)(*[p["sut_port"] for p in parts]),
@@ -271,13 +288,13 @@ class LoadGen:
             (ctypes.c_uint8 * n)(*[p["pt"] for p in parts]),
             (ctypes.c_uint8 * n)(*[p["ext_id"] for p in parts]),
         ]
-        up = native.pointer_array([native.session_pointer(s) for s in self._up])
-        down = native.pointer_array([native.session_pointer(s) for s in self._down])
+        up_ptrs = native.pointer_array([ptr for _, ptr in up])
+        down_ptrs = native.pointer_array([ptr for _, ptr in down])
         nc = max(1, len(cons))
         c_recv = (ctypes.c_int32 * nc)(*[c["receiver"] for c in cons])
         c_send = (ctypes.c_int32 * nc)(*[c["sender"] for c in cons])
         c_ssrc = (ctypes.c_uint32 * nc)(*[c["ssrc"] for c in cons])
-        self._keep = (up, down, c_recv, c_send, c_ssrc)
+        self._keep = (up_ptrs, down_ptrs, c_recv, c_send, c_ssrc)
         err = ctypes.create_string_buffer(ERRLEN)
         a = self._arrays
         handle = self._lib.lg_create(
@@ -287,10 +304,10 @@ class LoadGen:
             a[2],
             a[3],
             a[4],
-            native.srtp_function("srtp_protect"),
-            up,
-            native.srtp_function("srtp_unprotect"),
-            down,
+            protect_fn,
+            up_ptrs,
+            unprotect_fn,
+            down_ptrs,
             len(cons),
             c_recv,
             c_send,
@@ -299,6 +316,7 @@ class LoadGen:
             config["consumer_ext_id"],
             seed,
             rcvbuf,
+            LG_OPEN_FIRST if self.discord else 0,
             err,
             ERRLEN,
         )
@@ -306,6 +324,47 @@ class LoadGen:
             raise HarnessError(f"load generator setup failed: {err.value.decode()}")
         self._handle: int | None = handle
         self._subs = (LgSubResult * nc)()
+        if self.discord:
+            try:
+                self.discover()
+            except BaseException:
+                self.close()
+                raise
+
+    def discover(self, timeout: float = DISCOVERY_TIMEOUT_S) -> None:
+        """Discord IP discovery (discord-gateway.md §6.1) from every participant's own socket: the
+        74-byte request with its SSRC, answered with the generator's address. This is what admits
+        the generator's address at the SUT, as a Discord client's discovery does."""
+        if self._handle is None:
+            raise HarnessError("LoadGen is closed")
+        parts = self.config["participants"]
+        socks: dict[int, socket.socket] = {}
+        try:
+            for i in range(len(parts)):
+                # A duplicate of the C socket (same port, same file description) that stays
+                # blocking: readiness comes from select() and reads use MSG_DONTWAIT.
+                socks[i] = socket.socket(fileno=os.dup(self._lib.lg_fd(self._handle, i)))
+            pending = set(socks)
+            deadline = time.monotonic() + timeout
+            while pending and time.monotonic() < deadline:
+                for i in sorted(pending):
+                    p = parts[i]
+                    socks[i].sendto(struct.pack("!HHI66x", 1, 70, p["ssrc"]), ("127.0.0.1", p["sut_port"]))
+                wait_until = min(deadline, time.monotonic() + 0.5)
+                while pending and time.monotonic() < wait_until:
+                    by_fd = {socks[i].fileno(): i for i in pending}
+                    ready, _, _ = select.select(list(by_fd), [], [], max(0.0, wait_until - time.monotonic()))
+                    for fd in ready:
+                        i = by_fd[fd]
+                        with contextlib.suppress(BlockingIOError):
+                            data = socks[i].recv(2048, socket.MSG_DONTWAIT)
+                            if _discovery_answer_ok(data, parts[i]):
+                                pending.discard(i)
+            if pending:
+                raise HarnessError(f"IP discovery unanswered for participants {sorted(pending)[:10]}")
+        finally:
+            for s in socks.values():
+                s.close()
 
     def run_step(
         self,
@@ -376,6 +435,15 @@ class LoadGen:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _discovery_answer_ok(data: bytes, p: dict[str, Any]) -> bool:
+    """A type 2 answer naming this participant's SSRC and its address as the SUT saw it."""
+    if len(data) != 74:
+        return False
+    kind, length, ssrc, ip, port = struct.unpack("!HHI64sH", data)
+    address = ip.split(b"\0", 1)[0].decode("ascii", "replace")
+    return (kind, length, ssrc, address, port) == (2, 70, p["ssrc"], "127.0.0.1", p["gen_port"])
 
 
 # ---- the system under test ----
@@ -643,7 +711,8 @@ def measure_step(
             m["core_other_util"] = round(max(0.0, busy - user - system) / wall, 3)
 
     def drops(ports: list[int]) -> int:
-        return sum(d1.get(p, (0, 0))[1] - d0.get(p, (0, 0))[1] for p in ports)
+        # A set: Discord participants all share one SUT port.
+        return sum(d1.get(p, (0, 0))[1] - d0.get(p, (0, 0))[1] for p in set(ports))
 
     m["sink_kernel_drops"] = drops(gen_ports)
     m["sut_kernel_drops"] = drops(sut_ports)
@@ -678,7 +747,7 @@ class Harness:
         return measure_step(self.gen, self.sut, rate, duration, **kw)
 
     def settle(self, timeout: float = 10.0) -> float:
-        ports = [p["sut_port"] for p in self.config["participants"]]
+        ports = sorted({p["sut_port"] for p in self.config["participants"]})
         return settle(self.gen, ports, timeout, self.gen_cpu)
 
 
