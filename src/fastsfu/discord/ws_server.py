@@ -72,6 +72,8 @@ class GatewayEndpoint:
                 else:  # close, error, or the socket went away: the session may RESUME later
                     connection.transport_closed(loop.time())
                     return ws
+        except ConnectionError:  # the client went away while we wrote: the same as a drop
+            return ws
         finally:
             if receiver is not None:
                 receiver.cancel()

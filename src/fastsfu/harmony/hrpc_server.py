@@ -132,6 +132,8 @@ class HrpcVoiceEndpoint:
                             await ws.send_bytes(b"\x00" + message.SerializeToString())
                     await self._fail(ws, exc, remote, user_id)
                     return ws
+        except ConnectionError:  # the client went away while we wrote: a leave (harmony.md §2.1)
+            return ws
         finally:
             receiver.cancel()
             session.on_output = None
