@@ -244,9 +244,12 @@ class Engine(EventEmitter):
 
     def _transport_for_discovery(self, data: bytes) -> Transport | None:
         """The Discord transport a 74-byte IP discovery request names (discord-gateway.md §6.1)."""
-        if len(data) != 74 or data[:4] != b"\x00\x01\x00\x46":
+        if not self._discord_ssrcs:
             return None
-        return self._discord_ssrcs.get(int.from_bytes(data[4:8], "big"))
+        from fastsfu.discord.udp_transport import parse_discovery_request  # only with Discord transports
+
+        ssrc = parse_discovery_request(data)
+        return self._discord_ssrcs.get(ssrc) if ssrc is not None else None
 
     def _transport_for_stun(self, data: bytes) -> Transport | None:
         try:
