@@ -8,7 +8,6 @@ import contextlib
 import json
 import logging
 import os
-import signal
 import sys
 import time
 from typing import Any
@@ -19,6 +18,7 @@ from fastsfu.harmony.auth import TokenAuth
 from fastsfu.server.config import ConfigError, add_arguments, flag_values, load_config
 from fastsfu.server.demo import DemoRoom
 from fastsfu.server.harmony_server import serve_harmony
+from fastsfu.server.lifecycle import stop_event
 from fastsfu.server.logs import setup_logging
 
 log = logging.getLogger("fastsfu")
@@ -105,12 +105,7 @@ async def serve_demo(args: argparse.Namespace, listen_ip: str) -> int:
             f"{t['remoteIp']}:{t['remotePort']}  producer ssrc {sp.ssrc}",
             flush=True,
         )
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    if args.duration:
-        loop.call_later(args.duration, stop.set)
+    stop = stop_event(args.duration)
     talker = asyncio.create_task(room.talk(stop))
     last: dict[str, Any] = {}
     t_last = time.monotonic()

@@ -8,9 +8,7 @@ SIGTERM flips health to NOT_SERVING, then leaves every session cleanly (UserLeft
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import signal
 import ssl
 from collections.abc import Callable
 
@@ -28,6 +26,7 @@ from fastsfu.harmony.rate_limit import RateLimiter
 from fastsfu.harmony.session import VoiceRooms, VoiceSettings
 from fastsfu.server.config import ServerConfig
 from fastsfu.server.demo_page import mount_demo
+from fastsfu.server.lifecycle import stop_event
 from fastsfu.server.metrics import METRICS_PATH, metrics_mount
 
 log = logging.getLogger("fastsfu")
@@ -92,12 +91,7 @@ async def serve_harmony(config: ServerConfig, voice: VoiceSettings | None = None
             print(f"fastsfu: generated token secret; a token for user 1: {auth.mint(1)}", flush=True)
             for user in (1, 2):
                 print(f"fastsfu: join as user {user}: {demo}?autojoin=1#token={auth.mint(user)}", flush=True)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        if config.duration:
-            loop.call_later(config.duration, stop.set)
+        stop = stop_event(config.duration)
         try:
             await stop.wait()
         finally:
