@@ -10,7 +10,9 @@ scripts/web_build.sh.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -28,10 +30,11 @@ from fastsfu.harmony.auth import TokenAuth  # noqa: E402
 from fastsfu.harmony.hrpc_server import make_app  # noqa: E402
 from fastsfu.server.demo_page import BUNDLE, mount_demo  # noqa: E402
 
-pytestmark = [pytest.mark.browser, pytest.mark.loopback, pytest.mark.timeout(120)]
+pytestmark = [pytest.mark.browser, pytest.mark.loopback, pytest.mark.timeout(180)]
 
 GUILD, CHANNEL = 7, 9
 MEASURE_SECONDS = 3
+ALONE_SECONDS = 60
 
 
 def test_demo_page_two_browsers_hear_each_other(tmp_path: Path) -> None:
@@ -39,6 +42,17 @@ def test_demo_page_two_browsers_hear_each_other(tmp_path: Path) -> None:
     chromium = find_chromium()
     require_bundle(BUNDLE)
     asyncio.run(asyncio.wait_for(run_demo(chromium, chromium_args(tmp_path)), 100))
+
+
+def test_demo_page_member_alone_for_a_minute_then_hears_the_next(tmp_path: Path) -> None:
+    """mediasoup-client connects its receive transport only when it first consumes, so a member
+    alone in a channel sends no DTLS on it: with the server's default settings it stays joined
+    for 60 s (the DTLS handshake timeout is 30 s and counts from the first DTLS datagram), then a
+    second member joins and both hear each other."""
+    require_loopback_namespace()
+    chromium = find_chromium()
+    require_bundle(BUNDLE)
+    asyncio.run(asyncio.wait_for(run_alone_then_pair(chromium, chromium_args(tmp_path)), 150))
 
 
 async def wait_state(page: Any, states: str, timeout_ms: int = 30_000) -> dict[str, Any]:
@@ -51,104 +65,144 @@ async def wait_state(page: Any, states: str, timeout_ms: int = 30_000) -> dict[s
     return result
 
 
-async def run_demo(chromium: str, args: list[str]) -> None:
-    console: list[str] = []
+async def check_both_hear(one: Any, two: Any, room: Any, engine: Engine) -> None:
+    """Pages `one` (user 1) and `two` (user 2) each hear the other, per the browsers' getStats and
+    the server's counters."""
+    assert sorted(room.members) == [1, 2]
+    await asyncio.sleep(MEASURE_SECONDS)
+    stats_one = await one.evaluate("fastsfuDemo.stats()")
+    stats_two = await two.evaluate("fastsfuDemo.stats()")
+    server = {
+        user: {
+            "producer": s.producer.get_stats()[0] if s.producer else None,
+            "consumers": [c.get_stats()[0] for c in s.consumers.values()],
+        }
+        for user, s in room.members.items()
+    }
+    engine_stats = engine.stats()
+    print(
+        "demo page:",
+        json.dumps(
+            {
+                "one": stats_one,
+                "two": stats_two,
+                "server": server,
+                "engine": engine_stats,
+            },
+            default=str,
+            sort_keys=True,
+        ),
+    )
+    for stats, other in ((stats_one, "2"), (stats_two, "1")):
+        assert stats["packetsSent"] > 50, stats
+        (peer,) = stats["peers"]
+        assert peer["userId"] == other, stats
+        assert peer["packetsReceived"] > 50, stats
+        assert peer["totalSamplesReceived"] > 0, stats
+        # The tone, not the fake device's silence: the audio-level header
+        # extension and the decoded audio both went through the SFU.
+        assert (peer["ssrcAudioLevel"] or 0) > 1e-4, stats
+        assert peer["totalAudioEnergy"] > 0, stats
+    for user, s in server.items():
+        assert s["producer"]["packetCount"] > 50, (user, server)
+        assert [c["packetCount"] > 50 for c in s["consumers"]] == [True], (user, server)
+    assert engine_stats["drops"]["decrypt_failed"] == 0, engine_stats
+
+
+@contextlib.asynccontextmanager
+async def demo_browser(chromium: str, args: list[str]) -> AsyncIterator[DemoRun]:
+    """An Engine, the Harmony rooms and the demo page over hRPC, and one Chromium; on failure
+    the last console lines of every page are printed."""
     auth = TokenAuth("demo-test-secret-of-at-least-thirty-two-bytes")
     async with Engine(Settings(listen_ip="127.0.0.1")) as engine:
         rooms = VoiceRooms(engine)
         async with serve_app(make_app(rooms, auth.authenticate, [mount_demo])) as port:
-
-            def url(user_id: int | None, token: str | None = None) -> str:
-                token = token if token is not None else auth.mint(user_id or 0)
-                return (
-                    f"http://127.0.0.1:{port}/demo/?guild={GUILD}&channel={CHANNEL}&autojoin=1#token={token}"
-                )
-
+            run = DemoRun(engine, rooms, auth, port)
             try:
                 async with playwright_async.async_playwright() as pw:
-                    browser = await asyncio.wait_for(
+                    run.browser = await asyncio.wait_for(
                         pw.chromium.launch(executable_path=chromium, args=args, timeout=30_000), 40
                     )
                     try:
-                        pages = []
-                        for user in (1, 2):  # separate contexts: no shared storage, two "people"
-                            context = await browser.new_context()
-                            page = await context.new_page()
-                            page.on("console", lambda m, u=user: console.append(f"user {u}: {m.text}"))
-                            await page.goto(url(user), timeout=15_000)
-                            pages.append(page)
-                        one, two = pages
-                        state_one = await wait_state(one, "joined,error,closed")
-                        assert state_one["state"] == "joined", state_one
-                        await one.wait_for_function("fastsfuDemo.peers().length === 1", timeout=30_000)
-                        await two.wait_for_function("fastsfuDemo.peers().length === 1", timeout=30_000)
-                        assert (await wait_state(two, "joined"))["peers"] == ["1"]
-                        assert (await wait_state(one, "joined"))["peers"] == ["2"]
-
-                        room = rooms.rooms[(GUILD, CHANNEL)]
-                        assert sorted(room.members) == [1, 2]
-                        await asyncio.sleep(MEASURE_SECONDS)
-                        stats_one = await one.evaluate("fastsfuDemo.stats()")
-                        stats_two = await two.evaluate("fastsfuDemo.stats()")
-                        server = {
-                            user: {
-                                "producer": s.producer.get_stats()[0] if s.producer else None,
-                                "consumers": [c.get_stats()[0] for c in s.consumers.values()],
-                            }
-                            for user, s in room.members.items()
-                        }
-                        engine_stats = engine.stats()
-                        print(
-                            "demo page:",
-                            json.dumps(
-                                {
-                                    "one": stats_one,
-                                    "two": stats_two,
-                                    "server": server,
-                                    "engine": engine_stats,
-                                },
-                                default=str,
-                                sort_keys=True,
-                            ),
-                        )
-                        for stats, other in ((stats_one, "2"), (stats_two, "1")):
-                            assert stats["packetsSent"] > 50, stats
-                            (peer,) = stats["peers"]
-                            assert peer["userId"] == other, stats
-                            assert peer["packetsReceived"] > 50, stats
-                            assert peer["totalSamplesReceived"] > 0, stats
-                            # The tone, not the fake device's silence: the audio-level header
-                            # extension and the decoded audio both went through the SFU.
-                            assert (peer["ssrcAudioLevel"] or 0) > 1e-4, stats
-                            assert peer["totalAudioEnergy"] > 0, stats
-                        for user, s in server.items():
-                            assert s["producer"]["packetCount"] > 50, (user, server)
-                            assert [c["packetCount"] > 50 for c in s["consumers"]] == [True], (user, server)
-                        assert engine_stats["drops"]["decrypt_failed"] == 0, engine_stats
-
-                        # A bad token: the page shows the hRPC error the server sent (RpcError code).
-                        intruder = await (await browser.new_context()).new_page()
-                        intruder.on("console", lambda m: console.append(f"intruder: {m.text}"))
-                        await intruder.goto(url(None, token="not-a-token"), timeout=15_000)
-                        bad = await wait_state(intruder, "error,closed")
-                        assert bad["state"] == "error" and bad["error"].startswith("h.blank-session"), bad
-                        assert sorted(room.members) == [1, 2]
-
-                        # User 1 leaves with the Leave button: user 2 gets UserLeft and closes its consumer.
-                        await one.click("#leave")
-                        assert (await wait_state(one, "closed"))["peers"] == []
-                        await two.wait_for_function("fastsfuDemo.peers().length === 0", timeout=15_000)
-                        assert sorted(room.members) == [2]
-                        assert (await wait_state(two, "joined"))["state"] == "joined"
-                        await two.click("#leave")
-                        await wait_state(two, "closed")
-                        for _ in range(50):  # the server sees the WebSocket close a moment later
-                            if not rooms.rooms and not rooms.sessions:
-                                break
-                            await asyncio.sleep(0.1)
-                        assert not rooms.rooms and not rooms.sessions, (rooms.rooms, rooms.sessions)
+                        yield run
                     finally:
-                        await asyncio.wait_for(browser.close(), 15)
+                        await asyncio.wait_for(run.browser.close(), 15)
             except BaseException:
-                print("\n".join(console[-80:]))
+                print("\n".join(run.console[-80:]))
                 raise
+
+
+class DemoRun:
+    def __init__(self, engine: Engine, rooms: VoiceRooms, auth: TokenAuth, port: int) -> None:
+        self.engine, self.rooms, self.auth, self.port = engine, rooms, auth, port
+        self.browser: Any = None
+        self.console: list[str] = []
+
+    def url(self, user_id: int | None, token: str | None = None) -> str:
+        token = token if token is not None else self.auth.mint(user_id or 0)
+        return f"http://127.0.0.1:{self.port}/demo/?guild={GUILD}&channel={CHANNEL}&autojoin=1#token={token}"
+
+    async def open(self, user: int | str, token: str | None = None) -> Any:
+        """A page in its own browser context (no shared storage: another "person")."""
+        page = await (await self.browser.new_context()).new_page()
+        page.on("console", lambda m: self.console.append(f"user {user}: {m.text}"))
+        await page.goto(self.url(user if isinstance(user, int) else None, token), timeout=15_000)
+        return page
+
+
+async def run_demo(chromium: str, args: list[str]) -> None:
+    async with demo_browser(chromium, args) as run:
+        rooms, engine = run.rooms, run.engine
+        one, two = await run.open(1), await run.open(2)
+        state_one = await wait_state(one, "joined,error,closed")
+        assert state_one["state"] == "joined", state_one
+        await one.wait_for_function("fastsfuDemo.peers().length === 1", timeout=30_000)
+        await two.wait_for_function("fastsfuDemo.peers().length === 1", timeout=30_000)
+        assert (await wait_state(two, "joined"))["peers"] == ["1"]
+        assert (await wait_state(one, "joined"))["peers"] == ["2"]
+
+        room = rooms.rooms[(GUILD, CHANNEL)]
+        await check_both_hear(one, two, room, engine)
+
+        # A bad token: the page shows the hRPC error the server sent (RpcError code).
+        intruder = await run.open("intruder", token="not-a-token")
+        bad = await wait_state(intruder, "error,closed")
+        assert bad["state"] == "error" and bad["error"].startswith("h.blank-session"), bad
+        assert sorted(room.members) == [1, 2]
+
+        # User 1 leaves with the Leave button: user 2 gets UserLeft and closes its consumer.
+        await one.click("#leave")
+        assert (await wait_state(one, "closed"))["peers"] == []
+        await two.wait_for_function("fastsfuDemo.peers().length === 0", timeout=15_000)
+        assert sorted(room.members) == [2]
+        assert (await wait_state(two, "joined"))["state"] == "joined"
+        await two.click("#leave")
+        await wait_state(two, "closed")
+        for _ in range(50):  # the server sees the WebSocket close a moment later
+            if not rooms.rooms and not rooms.sessions:
+                break
+            await asyncio.sleep(0.1)
+        assert not rooms.rooms and not rooms.sessions, (rooms.rooms, rooms.sessions)
+
+
+async def run_alone_then_pair(chromium: str, args: list[str]) -> None:
+    async with demo_browser(chromium, args) as run:
+        failed: list[str] = []
+        one = await run.open(1)
+        assert (await wait_state(one, "joined,error,closed"))["state"] == "joined"
+        session = run.rooms.sessions[1]
+        assert session.consumer_transport is not None and session.producer_transport is not None
+        for t in (session.consumer_transport, session.producer_transport):
+            t.on("dtlsstatechange", lambda s, t=t: failed.append(f"{t.id} {s}") if s == "failed" else None)
+        # The receive transport has had its DTLS parameters since JoinChannel and seen no DTLS.
+        assert session.consumer_transport.dtls_state == "new"
+        await asyncio.sleep(ALONE_SECONDS)
+        state = await wait_state(one, "joined,error,closed", timeout_ms=1_000)
+        assert (state["state"], state["peers"], state["error"]) == ("joined", [], None), state
+        assert sorted(run.rooms.rooms[(GUILD, CHANNEL)].members) == [1]
+        assert not failed and run.engine.dtls_failures == 0, failed
+        two = await run.open(2)
+        await one.wait_for_function("fastsfuDemo.peers().length === 1", timeout=30_000)
+        await two.wait_for_function("fastsfuDemo.peers().length === 1", timeout=30_000)
+        await check_both_hear(one, two, run.rooms.rooms[(GUILD, CHANNEL)], run.engine)
+        assert session.consumer_transport.dtls_state == "connected"

@@ -60,11 +60,16 @@ class WebRtcClient:
                 await asyncio.sleep(0.002)
         return None
 
-    async def handshake(self, role_seen_by_server: str = "client") -> DtlsConnected:
+    def signal(self, role_seen_by_server: str = "client") -> None:
+        """What the signaling channel does: hand our DTLS parameters to the transport."""
+        self.transport.connect({"role": role_seen_by_server, "fingerprints": self.cert.fingerprints()})
+
+    async def handshake(self, role_seen_by_server: str | None = "client") -> DtlsConnected:
         loop = asyncio.get_running_loop()
         self.dtls = DtlsTransport(self.cert, "client")
         self.dtls.set_remote_fingerprints(self.transport.dtls_parameters["fingerprints"])
-        self.transport.connect({"role": role_seen_by_server, "fingerprints": self.cert.fingerprints()})
+        if role_seen_by_server is not None:
+            self.signal(role_seen_by_server)
         self.dtls.start(loop.time())
         deadline = loop.time() + 10
         while loop.time() < deadline:
@@ -132,6 +137,46 @@ def test_shared_port_ice_dtls_srtp_end_to_end() -> None:
                     got.append(RtpPacket.parse(receiver.unprotect(data)))
             assert [p.sequence_number for p in got] == list(range(5))
             assert {p.ssrc for p in got} == {consumer.ssrc}
+
+    run(main())
+
+
+def test_idle_transport_waits_for_its_first_dtls_datagram() -> None:
+    """mediasoup-client connects a receive transport only when it first consumes: a transport
+    that was given DTLS parameters but never saw a DTLS datagram does not time out on that account
+    (issue: a member alone in a channel was dropped after 30 s). Once the peer starts the
+    handshake, the deadline applies."""
+
+    async def main() -> None:
+        async with Engine(Settings(dtls_handshake_timeout=0.3)) as engine:
+            router = engine.create_router()
+            idle, started = router.create_webrtc_transport(), router.create_webrtc_transport()
+            failures: list[str] = []
+            for t in (idle, started):
+                t.on("dtlsstatechange", lambda s, t=t: s == "failed" and failures.append(f"{t.id} {s}"))
+            a, b = WebRtcClient(idle), WebRtcClient(started)
+            a.signal()  # the JoinChannel: DTLS parameters now, media maybe much later
+            b.signal()
+            b.check()
+            assert await b.recv() is not None
+            # One ClientHello flight, then silence: this handshake has started and must time out.
+            hello = DtlsTransport(b.cert, "client")
+            hello.start(asyncio.get_running_loop().time())
+            for data in hello.datagrams_to_send(asyncio.get_running_loop().time()):
+                b.sock.sendto(data, b.server)
+            await asyncio.sleep(1.0)  # over three handshake timeouts
+            assert idle.dtls_state == "new" and not idle.closed, idle.dtls_state
+            assert started.dtls_state == "failed" and failures == [f"{started.id} failed"]
+            assert engine.dtls_failures == 1
+            # The idle one still connects when its peer finally shows up.
+            a.check()
+            assert await a.recv() is not None
+            await a.handshake(role_seen_by_server=None)
+            for _ in range(100):
+                if idle.dtls_state == "connected":
+                    break
+                await asyncio.sleep(0.01)
+            assert idle.dtls_state == "connected"
 
     run(main())
 

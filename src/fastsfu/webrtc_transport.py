@@ -174,8 +174,11 @@ class WebRtcTransport(Transport):
                 handshake_timeout=self.engine.settings.dtls_handshake_timeout,
             )
             self._dtls_role = role
-            if role == "server":
-                self._dtls.start(self._now())  # arms the handshake deadline
+            # No deadline yet: as a server the handshake (and its timeout) starts with the first
+            # DTLS datagram from the peer, as a client with our ClientHello once ICE selected a
+            # tuple. mediasoup-client connects a receive transport only when it first consumes, so
+            # a member alone in a channel may send nothing for minutes; ICE consent (RFC 7675) and
+            # the signaling session's own timeouts still end a transport that is really dead.
             if self._remote_fingerprints is not None:
                 self._dtls.set_remote_fingerprints(self._remote_fingerprints)
         return self._dtls
