@@ -174,6 +174,12 @@ def test_metrics_health_json_logs_and_sigterm_through_the_cli() -> None:
                 assert metrics['fastsfu_voice_stream_errors_total{identifier="h.blank-session"}'] == 1
                 assert metrics['fastsfu_handshake_failures_total{kind="dtls"}'] == 0
                 assert "fastsfu_forwarded_bytes_total" in metrics
+                # The start-up heap is frozen out of every collection, and each pause is measured.
+                assert metrics["fastsfu_gc_frozen_objects"] > 10_000
+                young = metrics['fastsfu_gc_pause_seconds_count{generation="0"}']
+                assert young >= 1
+                assert metrics['fastsfu_gc_pause_seconds_bucket{generation="0",le="+Inf"}'] == young
+                assert 0 < metrics['fastsfu_gc_pause_max_seconds{generation="0"}'] < 1
 
                 sigterm_at.append(time.monotonic())
                 proc.send_signal(signal.SIGTERM)

@@ -26,6 +26,7 @@ from fastsfu.harmony.rate_limit import RateLimiter
 from fastsfu.harmony.session import VoiceRooms, VoiceSettings
 from fastsfu.server.config import ServerConfig
 from fastsfu.server.demo_page import mount_demo
+from fastsfu.server.gc_health import GcMonitor, freeze_startup_heap
 from fastsfu.server.lifecycle import stop_event
 from fastsfu.server.metrics import METRICS_PATH, metrics_mount
 
@@ -57,8 +58,9 @@ async def serve_harmony(config: ServerConfig, voice: VoiceSettings | None = None
         )
         discord = _discord_endpoint(config, rooms, auth.authenticate)
         mounts: list[Callable[[web.Application], None]] = [mount_demo]
+        gc_monitor = GcMonitor().install()
         if config.metrics:
-            mounts.append(metrics_mount(rooms, rate_limit, discord))
+            mounts.append(metrics_mount(rooms, rate_limit, discord, gc_monitor))
         runner = web.AppRunner(make_app(rooms, auth.authenticate, mounts, rate_limit))
         await runner.setup()
         site = web.TCPSite(runner, config.listen_ip, config.hrpc_port)
@@ -92,9 +94,13 @@ async def serve_harmony(config: ServerConfig, voice: VoiceSettings | None = None
             for user in (1, 2):
                 print(f"fastsfu: join as user {user}: {demo}?autojoin=1#token={auth.mint(user)}", flush=True)
         stop = stop_event(config.duration)
+        # Everything built so far lives as long as the process: keep it out of every collection.
+        gc_monitor.frozen = freeze_startup_heap()
+        log.debug("gc: %d start-up objects frozen", gc_monitor.frozen)
         try:
             await stop.wait()
         finally:
+            gc_monitor.uninstall()
             # Health first, so load balancers stop sending new streams while sessions end.
             health.shutdown()
             print("fastsfu: shutting down", flush=True)

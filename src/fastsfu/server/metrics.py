@@ -9,12 +9,13 @@ from collections.abc import Callable, Iterator
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from fastsfu.discord.ws_server import GatewayEndpoint
 from fastsfu.harmony.rate_limit import RateLimiter
 from fastsfu.harmony.session import VoiceRooms
+from fastsfu.server.gc_health import PAUSE_BUCKETS, GcMonitor
 
 METRICS_PATH = "/metrics"
 
@@ -35,10 +36,12 @@ class ServerCollector(Collector):
         rooms: VoiceRooms,
         rate_limit: RateLimiter | None = None,
         discord: GatewayEndpoint | None = None,
+        gc_monitor: GcMonitor | None = None,
     ) -> None:
         self.rooms = rooms
         self.rate_limit = rate_limit
         self.discord = discord
+        self.gc_monitor = gc_monitor
 
     def collect(self) -> Iterator[Metric]:
         rooms, engine = self.rooms, self.rooms.engine
@@ -70,6 +73,8 @@ class ServerCollector(Collector):
             )
         if self.discord is not None:
             yield from self._discord(self.discord)
+        if self.gc_monitor is not None:
+            yield from self._gc(self.gc_monitor)
         if engine.closed:
             return
         s = engine.stats()
@@ -92,6 +97,27 @@ class ServerCollector(Collector):
         yield failures
 
     @staticmethod
+    def _gc(monitor: GcMonitor) -> Iterator[Metric]:
+        pauses = HistogramMetricFamily(
+            "fastsfu_gc_pause_seconds",
+            "Pauses of the event loop's thread for Python's cyclic garbage collector, by generation",
+            labels=["generation"],
+        )
+        longest = GaugeMetricFamily(
+            "fastsfu_gc_pause_max_seconds", "The longest collection pause so far", labels=["generation"]
+        )
+        for generation in range(3):
+            buckets = [(str(bound), monitor.buckets[generation][i]) for i, bound in enumerate(PAUSE_BUCKETS)]
+            buckets.append(("+Inf", monitor.collections[generation]))
+            pauses.add_metric([str(generation)], buckets, monitor.pause_total[generation])
+            longest.add_metric([str(generation)], monitor.pause_max[generation])
+        yield pauses
+        yield longest
+        yield _gauge(
+            "fastsfu_gc_frozen_objects", "Start-up objects kept out of every collection", monitor.frozen
+        )
+
+    @staticmethod
     def _discord(endpoint: GatewayEndpoint) -> Iterator[Metric]:
         gateway = endpoint.gateway
         sessions = GaugeMetricFamily("fastsfu_discord_sessions", "Discord voice sessions", labels=["state"])
@@ -111,11 +137,14 @@ class ServerCollector(Collector):
 
 
 def metrics_mount(
-    rooms: VoiceRooms, rate_limit: RateLimiter | None = None, discord: GatewayEndpoint | None = None
+    rooms: VoiceRooms,
+    rate_limit: RateLimiter | None = None,
+    discord: GatewayEndpoint | None = None,
+    gc_monitor: GcMonitor | None = None,
 ) -> Callable[[web.Application], None]:
     """A `make_app` mount adding GET /metrics; its own registry, so servers in one process never clash."""
     registry = CollectorRegistry()
-    registry.register(ServerCollector(rooms, rate_limit, discord))
+    registry.register(ServerCollector(rooms, rate_limit, discord, gc_monitor))
 
     async def metrics(request: web.Request) -> web.Response:
         return web.Response(body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
