@@ -19,6 +19,9 @@ echo "== micro-benchmarks (pytest-benchmark): datapath, STUN answers, DTLS hands
 $PY -m pytest benchmarks/bench_datapath.py benchmarks/bench_stun.py benchmarks/bench_dtls.py -q -p no:cacheprovider -s \
     --benchmark-columns=median,min,max,rounds --benchmark-sort=name
 
+echo "== event-loop time of one join (Harmony and Discord, rooms of 10 and 50)"
+$PY benchmarks/join_loop_time.py --members 10 50 --repeat 2
+
 echo "== loopback load benchmark, short (fastsfu vs bare C forwarder, both SRTP suites; Discord UDP vs SRTP GCM)"
 $PY benchmarks/run.py --quick --suite both --suite discord --json benchmarks/.build/last-run.json
 

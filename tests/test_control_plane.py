@@ -164,6 +164,17 @@ async def test_consumer_parameters_follow_the_receiver() -> None:
         for bad in (123456, 0, 2**32, True):
             with pytest.raises(TransportError, match="ssrc"):
                 b.consume(p.id, client_caps(), ssrc=bad)
+        # The transport reuses its last validation of the receiver's capabilities only while
+        # they are equal: the same dict changed in place is validated (and honoured) again.
+        caps = client_caps(opus_pt=109)
+        assert b.consume(p.id, caps).rtp_parameters["codecs"][0]["payloadType"] == 109
+        caps["codecs"][0]["preferredPayloadType"] = 101
+        assert b.consume(p.id, caps).rtp_parameters["codecs"][0]["payloadType"] == 101
+        caps["codecs"][0]["preferredPayloadType"] = "101"
+        with pytest.raises(OrtcError, match="preferredPayloadType"):
+            b.consume(p.id, caps)
+        with pytest.raises(TransportError, match="mid"):
+            b.consume(p.id, client_caps(), mid="")
 
 
 @run
@@ -234,9 +245,17 @@ async def test_router_limits() -> None:
         b.produce(producer_params(2))
         with pytest.raises(RouterLimitError):
             c.produce(producer_params(3))
-        b.consume(p.id, client_caps())
+        first = b.consume(p.id, client_caps())
         with pytest.raises(RouterLimitError):
             c.consume(p.id, client_caps())
+        # Every way a consumer goes frees its place: its own close, its transport's, its producer's.
+        first.close()
+        second = c.consume(p.id, client_caps())
+        c.close()
+        third = b.consume(p.id, client_caps(), ssrc=second.ssrc)  # the SSRC is free on b too
+        p.close()
+        assert third.closed
+        b.consume(b.produce(producer_params(4)).id, client_caps(), ssrc=third.ssrc)
 
 
 def test_settings_are_validated() -> None:

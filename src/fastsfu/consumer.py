@@ -93,7 +93,7 @@ class Consumer(EventEmitter):
         self._closed = True
         self._dp.remove_consumer(self.slot)
         self.producer.consumers.pop(self.id, None)
-        self.transport._forget_outbound_stream(self.ssrc)
+        self.transport._release_consumer_ssrc(self.ssrc)
         self.observer.emit("close")
         return True
 

@@ -596,14 +596,26 @@ def get_consumer_rtp_parameters(
     _int_in(ssrc, "ssrc", 0, _MAX_U32)
     if mid is not None:
         _str(mid, "mid", non_empty=True)
-
-    selected = _select_codecs(producer, router, remote)
-    if selected is None:
+    params = consumer_rtp_parameters(producer, router, remote, ssrc, mid)
+    if params is None:
         codec = _producer_codec(producer, "producerRtpParameters")
         _fail(
             "remoteRtpCapabilities.codecs",
             f"cannot consume: no codec matching {_describe(codec)}",
         )
+    return params
+
+
+def consumer_rtp_parameters(
+    producer: dict[str, Any], router: dict[str, Any], remote: dict[str, Any], ssrc: int, mid: str | None
+) -> dict[str, Any] | None:
+    """`get_consumer_rtp_parameters` for inputs that are already validated (a Producer's
+    rtp_parameters, a Router's rtp_capabilities, what `validate_rtp_capabilities` returned), or
+    None when the remote cannot receive the producer's codec. Validating costs far more than
+    deriving, and a join in a room of N derives N of these on the event loop."""
+    selected = _select_codecs(producer, router, remote)
+    if selected is None:
+        return None
     codec, router_codec, remote_codec = selected
 
     # Header extensions: the router must be willing to send the extension and
@@ -670,7 +682,8 @@ def get_consumer_rtp_parameters(
         consumer_codec["channels"] = router_codec["channels"]
     # The producer's fmtp (e.g. stereo/useinbandfec as actually sent) describes
     # the stream the consumer receives, so it overrides the router defaults.
-    consumer_codec["parameters"] = copy.deepcopy({**router_codec["parameters"], **codec["parameters"]})
+    # (Validated parameters hold only strings and numbers: a flat copy is a full copy.)
+    consumer_codec["parameters"] = {**router_codec["parameters"], **codec["parameters"]}
     consumer_codec["rtcpFeedback"] = rtcp_feedback
 
     result: JsonDict = {}

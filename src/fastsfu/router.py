@@ -38,6 +38,7 @@ class Router(EventEmitter):
         self.app_data: dict[str, Any] = app_data if app_data is not None else {}
         self.observer = EventEmitter()
         self.transports: dict[str, Transport] = {}
+        self._consumer_count = 0  # open consumers over all transports (the limit's count)
         self.producers: dict[str, Producer] = {}
         self._closed = False
 
@@ -166,8 +167,7 @@ class Router(EventEmitter):
             raise RouterLimitError("too many producers in this router")
 
     def _check_consumer_limit(self) -> None:
-        count = sum(len(p.consumers) for p in self.producers.values())
-        if count >= self.engine.settings.max_consumers_per_router:
+        if self._consumer_count >= self.engine.settings.max_consumers_per_router:
             raise RouterLimitError("too many consumers in this router")
 
     def dump(self) -> dict[str, Any]:

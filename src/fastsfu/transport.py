@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import copy
 import logging
 import random
 import time
@@ -64,6 +65,8 @@ class Transport(EventEmitter):
         self._next_mid = 0
         self.rtcp_ssrc = ortc.random_ssrc()  # sender SSRC of our receiver reports
         self.rtcp_cname = ortc.random_cname()
+        self._caps_cache: tuple[dict[str, Any], dict[str, Any]] | None = None
+        self._consumer_ssrcs: set[int] = {self.rtcp_ssrc}  # SSRCs we send: RTCP's and each consumer's
         self.rtcp_malformed = 0
         self.rtcp_received: collections.Counter[int] = collections.Counter()  # by packet type
         self.slot: int = self.engine.datapath.add_transport(socket.slot, False)
@@ -122,21 +125,26 @@ class Transport(EventEmitter):
         producer = self.router.producers.get(producer_id)
         if producer is None:
             raise TransportError(f"no producer with id {producer_id!r} in this router")
-        if not ortc.can_consume(producer.rtp_parameters, self.router.rtp_capabilities, rtp_capabilities):
-            raise ortc.OrtcError("cannot consume: the rtpCapabilities have no codec for this producer")
+        remote_caps = self._validated_caps(rtp_capabilities)
         self.router._check_consumer_limit()
         if ssrc is None:
             ssrc = self._new_ssrc()
         elif isinstance(ssrc, bool) or not isinstance(ssrc, int) or not 0 < ssrc <= 0xFFFFFFFF:
             raise TransportError("ssrc must be an integer 1..2^32-1")
-        elif ssrc in {c.ssrc for c in self.consumers.values()} | {self.rtcp_ssrc}:
+        elif ssrc in self._consumer_ssrcs:
             raise TransportError(f"ssrc {ssrc} is already used on this transport")
         if mid is None:
             mid = str(self._next_mid)
             self._next_mid += 1
-        params = ortc.get_consumer_rtp_parameters(
-            producer.rtp_parameters, self.router.rtp_capabilities, rtp_capabilities, ssrc, mid
+        elif not isinstance(mid, str) or not mid:
+            raise TransportError("mid must be a non-empty string")
+        # The producer's parameters were validated by produce() and the router made its own
+        # capabilities: only the remote's need checking, and _validated_caps does that once.
+        params = ortc.consumer_rtp_parameters(
+            producer.rtp_parameters, self.router.rtp_capabilities, remote_caps, ssrc, mid
         )
+        if params is None:
+            raise ortc.OrtcError("cannot consume: the rtpCapabilities have no codec for this producer")
         # Only extensions the datapath forwards are announced to the receiver.
         params["headerExtensions"] = [
             e for e in params["headerExtensions"] if e["uri"] in rtp.EXTENSION_KINDS
@@ -145,14 +153,25 @@ class Transport(EventEmitter):
         if self.srtp_out is not None:
             self.srtp_out.add_stream(ssrc)
         consumer = Consumer(self, producer, params, ext_ids, paused, app_data)
+        self._consumer_ssrcs.add(ssrc)
+        self.router._consumer_count += 1
         self.consumers[consumer.id] = consumer
         producer.consumers[consumer.id] = consumer
         self.observer.emit("newconsumer", consumer)
         return consumer
 
+    def _validated_caps(self, rtp_capabilities: dict[str, Any]) -> dict[str, Any]:
+        """The remote's capabilities, validated; a receiver passes the same ones for every
+        consumer, so the last validation is reused while they compare equal (a C-level compare)."""
+        cached = self._caps_cache
+        if cached is not None and cached[0] == rtp_capabilities:
+            return cached[1]
+        validated = ortc.validate_rtp_capabilities(rtp_capabilities)
+        self._caps_cache = (copy.deepcopy(rtp_capabilities), validated)
+        return validated
+
     def _new_ssrc(self) -> int:
-        used = {c.ssrc for c in self.consumers.values()} | {self.rtcp_ssrc}
-        while (ssrc := ortc.random_ssrc()) in used:
+        while (ssrc := ortc.random_ssrc()) in self._consumer_ssrcs:
             pass
         return ssrc
 
@@ -174,9 +193,12 @@ class Transport(EventEmitter):
         if self.srtp_in is not None:
             self.srtp_in.remove_stream(ssrc)
 
-    def _forget_outbound_stream(self, ssrc: int) -> None:
+    def _release_consumer_ssrc(self, ssrc: int) -> None:
+        """A consumer of this transport closed: its SSRC, SRTP stream and router slot are free."""
         if self.srtp_out is not None:
             self.srtp_out.remove_stream(ssrc)
+        self._consumer_ssrcs.discard(ssrc)
+        self.router._consumer_count -= 1
 
     # ------------------------------------------------------------------ slow path
 
