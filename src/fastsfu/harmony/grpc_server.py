@@ -15,7 +15,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from fastsfu._proto.hrpc.v1 import hrpc_pb2
-from fastsfu._proto.protocol.voice.v1 import voice_pb2, voice_pb2_grpc
+from fastsfu._proto.protocol.voice.v1 import voice_pb2
 from fastsfu.harmony.health import Health
 from fastsfu.harmony.rate_limit import RateLimiter, rate_limited
 from fastsfu.harmony.session import VoiceError, VoiceRooms
@@ -44,7 +44,17 @@ def token_from_metadata(metadata: tuple[tuple[str, str | bytes], ...] | None) ->
     return ""
 
 
-class VoiceServicer(voice_pb2_grpc.VoiceServiceServicer):  # type: ignore[misc]  # generated, not analysed
+def decode_request(data: bytes) -> voice_pb2.StreamMessageRequest | VoiceError:
+    """The request deserializer. It never raises: grpc.aio would raise its error inside the
+    request iterator, where it looks like a broken stream; the servicer answers it instead."""
+    try:
+        request: voice_pb2.StreamMessageRequest = voice_pb2.StreamMessageRequest.FromString(data)
+    except Exception:  # protobuf's DecodeError: bad wire format, bad UTF-8 in a string field
+        return VoiceError("fastsfu.voice-bad-frame", "undecodable StreamMessageRequest")
+    return request
+
+
+class VoiceServicer:
     """`/protocol.voice.v1.VoiceService/StreamMessage`: one VoiceSession per call."""
 
     def __init__(
@@ -54,9 +64,9 @@ class VoiceServicer(voice_pb2_grpc.VoiceServiceServicer):  # type: ignore[misc] 
         self.authenticate = authenticate
         self.rate_limit = rate_limit
 
-    async def StreamMessage(  # noqa: N802 - the generated servicer's method name
+    async def StreamMessage(  # noqa: N802 - the RPC's name in voice.proto
         self,
-        request_iterator: AsyncIterator[voice_pb2.StreamMessageRequest],
+        request_iterator: AsyncIterator[voice_pb2.StreamMessageRequest | VoiceError],  # decode_request
         context: grpc.aio.ServicerContext[voice_pb2.StreamMessageRequest, voice_pb2.StreamMessageResponse],
     ) -> AsyncIterator[voice_pb2.StreamMessageResponse]:
         remote = peer_address(context.peer())
@@ -73,7 +83,7 @@ class VoiceServicer(voice_pb2_grpc.VoiceServiceServicer):  # type: ignore[misc] 
         self.rooms.streams_opened["grpc"] += 1
         log.debug("voice stream opened", extra={"user_id": user_id, "remote": remote, "frontend": "grpc"})
         session = self.rooms.open_session(user_id)
-        events: asyncio.Queue[voice_pb2.StreamMessageRequest | None] = asyncio.Queue()
+        events: asyncio.Queue[voice_pb2.StreamMessageRequest | VoiceError | None] = asyncio.Queue()
         wake = asyncio.Event()
         session.on_output = wake.set
 
@@ -81,6 +91,8 @@ class VoiceServicer(voice_pb2_grpc.VoiceServiceServicer):  # type: ignore[misc] 
             try:
                 async for request in request_iterator:
                     await events.put(request)
+                    if isinstance(request, VoiceError):
+                        return  # the stream ends on it: read no further
             except Exception:  # a cancelled or broken stream is a leave (harmony.md §3.6)
                 pass
             finally:
@@ -113,6 +125,9 @@ class VoiceServicer(voice_pb2_grpc.VoiceServiceServicer):  # type: ignore[misc] 
                 request = getter.result()
                 if request is None:
                     return  # the client half-closed: leave
+                if isinstance(request, VoiceError):  # undecodable: as hRPC's bad frame
+                    await self._abort(context, request, remote, user_id)
+                    return
                 try:
                     session.handle(request)
                 except VoiceError as exc:
@@ -163,7 +178,14 @@ async def start_grpc_server(
             ("grpc.max_receive_message_length", 64 * 1024),
         ]
     )
-    voice_pb2_grpc.add_VoiceServiceServicer_to_server(VoiceServicer(rooms, authenticate, rate_limit), server)
+    stream = grpc.stream_stream_rpc_method_handler(
+        VoiceServicer(rooms, authenticate, rate_limit).StreamMessage,
+        request_deserializer=decode_request,
+        response_serializer=voice_pb2.StreamMessageResponse.SerializeToString,
+    )
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(SERVICE_NAME, {"StreamMessage": stream}),)
+    )
     health = health or Health()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     try:
