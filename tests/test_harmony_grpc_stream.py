@@ -1,10 +1,13 @@
 """The gRPC StreamMessage edge through a real grpc.aio server and raw client calls on loopback: an
-undecodable message ends the stream with voice-bad-frame (a leave for the room)."""
+undecodable message ends the stream with voice-bad-frame (a leave for the room), and streams
+cancelled, disconnected, timed out or cut by a server stop at any stage leave no task behind."""
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
+import logging
 from typing import Any
 
 import grpc
@@ -153,3 +156,81 @@ def test_decodable_messages_keep_their_meaning_and_a_half_close_is_a_clean_leave
         a.cancel()
 
     serve(body)
+
+
+def test_ended_streams_leave_no_task_pending(caplog: pytest.LogCaptureFixture) -> None:
+    """Streams that a client cancels, that lose their connection, time out or are cut by a
+    server stop, at every stage of the flow: afterwards no task of theirs is left in the loop."""
+    caplog.set_level(logging.ERROR)
+    reported: list[str] = []
+
+    async def stage_then(call: Any, user: int, stage: str) -> None:
+        await advance(call, user, stage)
+        if stage != "opened":
+            await asyncio.sleep(0.01 * (user % 4))  # some while the server waits, some while it works
+
+    async def settled(rooms: VoiceRooms, baseline: set[asyncio.Task[Any]]) -> list[asyncio.Task[Any]]:
+        """The tasks over the baseline's count once every session has closed (bounded wait).
+        A count, not identities: a grpc server keeps one pending task that waits for the next
+        call, and replaces it with a new one after each call."""
+        for _ in range(200):
+            now = asyncio.all_tasks() - {asyncio.current_task()}
+            if len(now) <= len(baseline) and not rooms.open_sessions:
+                return []
+            await asyncio.sleep(0.025)
+        assert rooms.open_sessions == set()
+        return [t for t in now if t not in baseline]
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        loop.set_exception_handler(lambda _loop, context: reported.append(str(context.get("message"))))
+        settings = VoiceSettings(init_timeout=0.5)
+        async with Engine() as engine:
+            rooms = VoiceRooms(engine, settings)
+            baseline = set(asyncio.all_tasks())
+            server, port = await start_grpc_server(rooms, TOKENS.authenticate)
+            channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+            try:
+                await channel.channel_ready()
+                serving = set(asyncio.all_tasks())
+                user = iter(range(1, 80))
+
+                # 30 streams the client cancels, 6 at each stage.
+                calls = [(raw_call(channel, u), u, s) for s in STAGES for u in [next(user) for _ in range(6)]]
+                await asyncio.gather(*(stage_then(c, u, s) for c, u, s in calls))
+                for call, _, _ in calls:
+                    call.cancel()
+                # 5 streams that send nothing: the init timeout ends them.
+                timed = [raw_call(channel, next(user)) for _ in range(5)]
+                for code in await asyncio.gather(*(status(c) for c in timed)):
+                    assert code == (grpc.StatusCode.DEADLINE_EXCEEDED, "fastsfu.voice-message-timeout")
+                assert await settled(rooms, serving) == []
+
+                # 10 streams whose connection closes under them.
+                other = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+                calls = [
+                    (raw_call(other, u), u, STAGES[i % 5])
+                    for i, u in enumerate(next(user) for _ in range(10))
+                ]
+                await asyncio.gather(*(stage_then(c, u, s) for c, u, s in calls))
+                await other.close()
+                assert await settled(rooms, serving) == []
+
+                # 5 streams open while the server stops.
+                calls = [
+                    (raw_call(channel, u), u, STAGES[i]) for i, u in enumerate(next(user) for _ in range(5))
+                ]
+                await asyncio.gather(*(stage_then(c, u, s) for c, u, s in calls))
+                await server.stop(grace=None)
+                await channel.close()
+                assert await settled(rooms, baseline) == []
+            finally:  # idempotent: also on a failed assertion
+                await server.stop(grace=None)
+                await channel.close()
+        gc.collect()  # a task nobody references any more would now be destroyed while pending
+        await asyncio.sleep(0)
+
+    asyncio.run(asyncio.wait_for(main(), 60))
+    assert [m for m in reported if "destroyed but it is pending" in m] == []
+    assert reported == []
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []

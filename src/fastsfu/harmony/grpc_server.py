@@ -54,6 +54,11 @@ def decode_request(data: bytes) -> voice_pb2.StreamMessageRequest | VoiceError:
     return request
 
 
+# What the reader hands to the stream loop: a request, a bad-frame error, or END.
+Inbound = voice_pb2.StreamMessageRequest | VoiceError | None
+END = None  # the client half-closed, cancelled, or its connection broke: a leave (harmony.md §3.6)
+
+
 class VoiceServicer:
     """`/protocol.voice.v1.VoiceService/StreamMessage`: one VoiceSession per call."""
 
@@ -83,20 +88,24 @@ class VoiceServicer:
         self.rooms.streams_opened["grpc"] += 1
         log.debug("voice stream opened", extra={"user_id": user_id, "remote": remote, "frontend": "grpc"})
         session = self.rooms.open_session(user_id)
-        events: asyncio.Queue[voice_pb2.StreamMessageRequest | VoiceError | None] = asyncio.Queue()
+        # No task per wait: the loop sleeps on one Event, set by the reader (after it queued
+        # something) and by the session (output queued); a one-slot inbox makes the reader wait
+        # for the loop, so grpc's flow control holds back a client that sends too fast.
+        inbox: asyncio.Queue[Inbound] = asyncio.Queue(maxsize=1)
         wake = asyncio.Event()
         session.on_output = wake.set
 
         async def read() -> None:
             try:
                 async for request in request_iterator:
-                    await events.put(request)
+                    await inbox.put(request)
+                    wake.set()
                     if isinstance(request, VoiceError):
                         return  # the stream ends on it: read no further
-            except Exception:  # a cancelled or broken stream is a leave (harmony.md §3.6)
-                pass
-            finally:
-                await events.put(None)
+            except Exception as exc:  # grpc's error for a cancelled or broken call
+                log.debug("voice stream read ended: %r", exc, extra={"user_id": user_id, "remote": remote})
+            await inbox.put(END)
+            wake.set()
 
         reader = asyncio.create_task(read())
         try:
@@ -109,22 +118,18 @@ class VoiceServicer:
                     yield message
                 if session.state == "closed":
                     return  # closed by the server with nothing to report (shutdown)
-                timeout = session.timeout()
-                getter = asyncio.ensure_future(events.get())
-                waker = asyncio.ensure_future(wake.wait())
-                done, _ = await asyncio.wait(
-                    {getter, waker}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
-                )
-                waker.cancel()
-                if getter not in done:
-                    getter.cancel()
-                    if not done:  # the state's deadline passed with no message
+                try:
+                    request = inbox.get_nowait()
+                except asyncio.QueueEmpty:
+                    try:
+                        async with asyncio.timeout(session.timeout()):
+                            await wake.wait()
+                    except TimeoutError:  # the state's deadline passed with no message
                         await self._abort(context, session.timed_out(), remote, user_id)
                         return
                     continue
-                request = getter.result()
-                if request is None:
-                    return  # the client half-closed: leave
+                if request is END:
+                    return  # a leave: status OK
                 if isinstance(request, VoiceError):  # undecodable: as hRPC's bad frame
                     await self._abort(context, request, remote, user_id)
                     return
@@ -140,6 +145,8 @@ class VoiceServicer:
             reader.cancel()
             session.on_output = None
             session.close()
+            # Awaited, so no task outlives its stream (a cancelled RPC included).
+            await asyncio.wait((reader,))
 
     async def _abort(
         self,
