@@ -15,7 +15,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from fastsfu._proto.hrpc.v1 import hrpc_pb2
-from fastsfu._proto.protocol.voice.v1 import voice_pb2, voice_pb2_grpc
+from fastsfu._proto.protocol.voice.v1 import voice_pb2
 from fastsfu.harmony.health import Health
 from fastsfu.harmony.rate_limit import RateLimiter, rate_limited
 from fastsfu.harmony.session import VoiceError, VoiceRooms
@@ -44,7 +44,22 @@ def token_from_metadata(metadata: tuple[tuple[str, str | bytes], ...] | None) ->
     return ""
 
 
-class VoiceServicer(voice_pb2_grpc.VoiceServiceServicer):  # type: ignore[misc]  # generated, not analysed
+def decode_request(data: bytes) -> voice_pb2.StreamMessageRequest | VoiceError:
+    """The request deserializer. It never raises: grpc.aio would raise its error inside the
+    request iterator, where it looks like a broken stream; the servicer answers it instead."""
+    try:
+        request: voice_pb2.StreamMessageRequest = voice_pb2.StreamMessageRequest.FromString(data)
+    except Exception:  # protobuf's DecodeError: bad wire format, bad UTF-8 in a string field
+        return VoiceError("fastsfu.voice-bad-frame", "undecodable StreamMessageRequest")
+    return request
+
+
+# What the reader hands to the stream loop: a request, a bad-frame error, or END.
+Inbound = voice_pb2.StreamMessageRequest | VoiceError | None
+END = None  # the client half-closed, cancelled, or its connection broke: a leave (harmony.md §3.6)
+
+
+class VoiceServicer:
     """`/protocol.voice.v1.VoiceService/StreamMessage`: one VoiceSession per call."""
 
     def __init__(
@@ -54,9 +69,9 @@ class VoiceServicer(voice_pb2_grpc.VoiceServiceServicer):  # type: ignore[misc] 
         self.authenticate = authenticate
         self.rate_limit = rate_limit
 
-    async def StreamMessage(  # noqa: N802 - the generated servicer's method name
+    async def StreamMessage(  # noqa: N802 - the RPC's name in voice.proto
         self,
-        request_iterator: AsyncIterator[voice_pb2.StreamMessageRequest],
+        request_iterator: AsyncIterator[voice_pb2.StreamMessageRequest | VoiceError],  # decode_request
         context: grpc.aio.ServicerContext[voice_pb2.StreamMessageRequest, voice_pb2.StreamMessageResponse],
     ) -> AsyncIterator[voice_pb2.StreamMessageResponse]:
         remote = peer_address(context.peer())
@@ -73,18 +88,24 @@ class VoiceServicer(voice_pb2_grpc.VoiceServiceServicer):  # type: ignore[misc] 
         self.rooms.streams_opened["grpc"] += 1
         log.debug("voice stream opened", extra={"user_id": user_id, "remote": remote, "frontend": "grpc"})
         session = self.rooms.open_session(user_id)
-        events: asyncio.Queue[voice_pb2.StreamMessageRequest | None] = asyncio.Queue()
+        # No task per wait: the loop sleeps on one Event, set by the reader (after it queued
+        # something) and by the session (output queued); a one-slot inbox makes the reader wait
+        # for the loop, so grpc's flow control holds back a client that sends too fast.
+        inbox: asyncio.Queue[Inbound] = asyncio.Queue(maxsize=1)
         wake = asyncio.Event()
         session.on_output = wake.set
 
         async def read() -> None:
             try:
                 async for request in request_iterator:
-                    await events.put(request)
-            except Exception:  # a cancelled or broken stream is a leave (harmony.md §3.6)
-                pass
-            finally:
-                await events.put(None)
+                    await inbox.put(request)
+                    wake.set()
+                    if isinstance(request, VoiceError):
+                        return  # the stream ends on it: read no further
+            except Exception as exc:  # grpc's error for a cancelled or broken call
+                log.debug("voice stream read ended: %r", exc, extra={"user_id": user_id, "remote": remote})
+            await inbox.put(END)
+            wake.set()
 
         reader = asyncio.create_task(read())
         try:
@@ -97,22 +118,21 @@ class VoiceServicer(voice_pb2_grpc.VoiceServiceServicer):  # type: ignore[misc] 
                     yield message
                 if session.state == "closed":
                     return  # closed by the server with nothing to report (shutdown)
-                timeout = session.timeout()
-                getter = asyncio.ensure_future(events.get())
-                waker = asyncio.ensure_future(wake.wait())
-                done, _ = await asyncio.wait(
-                    {getter, waker}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
-                )
-                waker.cancel()
-                if getter not in done:
-                    getter.cancel()
-                    if not done:  # the state's deadline passed with no message
+                try:
+                    request = inbox.get_nowait()
+                except asyncio.QueueEmpty:
+                    try:
+                        async with asyncio.timeout(session.timeout()):
+                            await wake.wait()
+                    except TimeoutError:  # the state's deadline passed with no message
                         await self._abort(context, session.timed_out(), remote, user_id)
                         return
                     continue
-                request = getter.result()
-                if request is None:
-                    return  # the client half-closed: leave
+                if request is END:
+                    return  # a leave: status OK
+                if isinstance(request, VoiceError):  # undecodable: as hRPC's bad frame
+                    await self._abort(context, request, remote, user_id)
+                    return
                 try:
                     session.handle(request)
                 except VoiceError as exc:
@@ -125,6 +145,8 @@ class VoiceServicer(voice_pb2_grpc.VoiceServiceServicer):  # type: ignore[misc] 
             reader.cancel()
             session.on_output = None
             session.close()
+            # Awaited, so no task outlives its stream (a cancelled RPC included).
+            await asyncio.wait((reader,))
 
     async def _abort(
         self,
@@ -163,7 +185,14 @@ async def start_grpc_server(
             ("grpc.max_receive_message_length", 64 * 1024),
         ]
     )
-    voice_pb2_grpc.add_VoiceServiceServicer_to_server(VoiceServicer(rooms, authenticate, rate_limit), server)
+    stream = grpc.stream_stream_rpc_method_handler(
+        VoiceServicer(rooms, authenticate, rate_limit).StreamMessage,
+        request_deserializer=decode_request,
+        response_serializer=voice_pb2.StreamMessageResponse.SerializeToString,
+    )
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(SERVICE_NAME, {"StreamMessage": stream}),)
+    )
     health = health or Health()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     try:
