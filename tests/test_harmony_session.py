@@ -12,7 +12,7 @@ import pytest
 
 from fastsfu import Engine
 from fastsfu._proto.protocol.voice.v1 import voice_pb2
-from fastsfu.dtls import DtlsCertificate
+from fastsfu.dtls import DtlsCertificate, DtlsFailed
 from fastsfu.harmony import VoiceError, VoiceRooms, VoiceSession, VoiceSettings
 
 Req, Resp = voice_pb2.StreamMessageRequest, voice_pb2.StreamMessageResponse
@@ -393,9 +393,12 @@ def test_a_dead_transport_ends_the_session_with_transport_failed() -> None:
         assert err.grpc_code == "UNAVAILABLE"
         assert [m.user_left.user_id for m in messages(a)] == [2]
         assert b.state == "closed" and 2 not in rooms.sessions
-        a.consumer_transport._set_dtls_state("failed")  # a DTLS failure on A's side
+        assert a.consumer_transport is not None
+        a.consumer_transport._on_dtls_event(DtlsFailed("bad record MAC"))  # a DTLS failure on A's side
+        await asyncio.sleep(0)  # the transport closes itself on the next loop step
         (err,) = messages(a)
         assert err.identifier == "fastsfu.voice-transport-failed" and rooms.rooms == {}
+        assert err.human_message == "DTLS failed: bad record MAC"
 
     run(body)
 

@@ -224,6 +224,37 @@ def test_wrong_peer_fingerprint_fails_dtls() -> None:
                     break
             assert t.dtls_state == "failed"
             assert t.srtp_in is None  # no keys reached the datapath
+            await asyncio.sleep(0)  # a failed transport closes itself on the next loop step
+            assert t.closed and t.close_reason is not None and t.close_reason.startswith("DTLS failed")
+
+    run(main())
+
+
+def test_peer_dtls_close_closes_the_transport_at_once() -> None:
+    """A browser leaving sends close_notify (RFC 5246 §7.2.1): the transport closes within a loop
+    step (its producer and consumers with it), not 30 s later at ICE consent expiry."""
+
+    async def main() -> None:
+        async with Engine() as engine:
+            router = engine.create_router()
+            ta, tb = router.create_webrtc_transport(), router.create_webrtc_transport()
+            a, b = WebRtcClient(ta), WebRtcClient(tb)
+            await connect(a)
+            await connect(b)
+            producer = ta.produce(producer_params(4242))
+            consumer = tb.consume(producer.id, client_caps())
+            closed = asyncio.Event()
+            ta.observer.once("close", closed.set)
+            loop = asyncio.get_running_loop()
+            assert a.dtls is not None
+            a.dtls.close()
+            (alert,) = a.dtls.datagrams_to_send(loop.time())
+            sent = loop.time()
+            a.sock.sendto(alert, a.server)
+            await asyncio.wait_for(closed.wait(), 1)
+            print(f"close_notify to transport close: {(loop.time() - sent) * 1e3:.2f} ms")
+            assert ta.close_reason == "DTLS closed by the peer" and ta.dtls_state == "closed"
+            assert producer.closed and consumer.closed and not tb.closed
 
     run(main())
 

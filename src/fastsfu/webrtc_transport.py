@@ -44,6 +44,9 @@ class WebRtcTransport(Transport):
         self._announced_ip = announced_ip
         self.ice_state = "new"
         self.dtls_state = "new"
+        # Why the transport closed itself (consent expiry, DTLS failure or the peer's DTLS close);
+        # None while open or when closed by its owner.
+        self.close_reason: str | None = None
         self._dtls: DtlsTransport | None = None
         self._dtls_role: str | None = None
         self._remote_fingerprints: list[dict[str, str]] | None = None
@@ -224,7 +227,7 @@ class WebRtcTransport(Transport):
             self.engine.datapath.clear_transport_remote(self.slot)
             self.engine.ice_consent_expiries += 1
             self._set_ice_state("disconnected")
-            self.engine.loop.call_soon(self.close)
+            self._close_soon("ICE consent expired")
         elif isinstance(event, IceRestarted):
             for ufrag in self._ufrags[:-1]:
                 self.engine._unregister_ufrag(ufrag)
@@ -242,8 +245,19 @@ class WebRtcTransport(Transport):
             log.warning("transport %s: DTLS failed: %s", self.id, event.reason)
             self.engine.dtls_failures += 1
             self._set_dtls_state("failed")
+            self._close_soon(f"DTLS failed: {event.reason}")
         else:
+            # The peer's close_notify or fatal alert (RFC 5246 §7.2): it is gone, and no media can
+            # follow on this association, so the transport closes now rather than waiting for ICE
+            # consent to expire (RFC 7675 §5.1: up to 30 s of a ghost member).
             self._set_dtls_state("closed")
+            self._close_soon("DTLS closed by the peer")
+
+    def _close_soon(self, reason: str) -> None:
+        """Close after the current callback (its listeners may still be running), once."""
+        if self.close_reason is None:
+            self.close_reason = reason
+            self.engine.loop.call_soon(self.close)
 
     def _set_ice_state(self, state: str) -> None:
         if state != self.ice_state:
@@ -290,7 +304,8 @@ class WebRtcTransport(Transport):
         for ufrag in self._ufrags:
             self.engine._unregister_ufrag(ufrag)
         self.ice_state = "closed"
-        self.dtls_state = "closed"
+        if self.dtls_state != "failed":  # a failure stays visible in dump() and stats
+            self.dtls_state = "closed"
         return super()._close()
 
     def get_stats(self) -> list[dict[str, Any]]:

@@ -289,9 +289,11 @@ class VoiceSession:
             app_data={"user": self.user_id, "role": "producer"}
         )
         for transport in (self.consumer_transport, self.producer_transport):
-            # harmony.md §3.6: consent expiry (the transport closes) or a DTLS failure ends the session.
-            transport.observer.once("close", lambda: self._transport_failed("ICE consent expired"))
-            transport.on("dtlsstatechange", self._on_dtls_state)
+            # Consent expiry (RFC 7675 §5.1), a DTLS failure or the peer's DTLS close (RFC 5246
+            # §7.2) closes the transport, and that ends the session: the others get UserLeft.
+            transport.observer.once(
+                "close", lambda t=transport: self._transport_failed(t.close_reason or "closed")
+            )
         self.state = "join"
         self._send(
             Resp(
@@ -374,10 +376,6 @@ class VoiceSession:
         consumer = self.consumers.get(bare) if isinstance(bare, str) else None
         if consumer is not None:
             consumer.resume()  # idempotent; only this session's consumers are reachable
-
-    def _on_dtls_state(self, state: str) -> None:
-        if state == "failed":
-            self._transport_failed("DTLS failed")
 
     def _transport_failed(self, reason: str) -> None:
         if self.state == "closed":
