@@ -207,6 +207,27 @@ def test_bad_input_is_counted_and_the_stream_goes_on() -> None:
     run_room(body)
 
 
+def test_roaming_needs_an_rtpsize_aead_key_and_an_ssrc_of_its_own() -> None:
+    """Only a transport keyed with an rtpsize AEAD mode (a replay window) may move on proof of the
+    key; its SSRC names it among the socket's unknown addresses, so it is unique and freed on close."""
+
+    async def main() -> None:
+        async with Engine() as engine:
+            router = engine.create_router()
+            first = router.create_discord_udp_transport(1001)
+            with pytest.raises(ValueError, match="rtpsize AEAD"):
+                engine.datapath.set_transport_roaming(first.slot, 1001)  # no key yet
+            first.select_mode(AES)  # roams with READY's SSRC from now on
+            second = router.create_discord_udp_transport(1002)
+            second.select_mode(XCHACHA)
+            with pytest.raises(ValueError, match="already roams"):
+                engine.datapath.set_transport_roaming(second.slot, 1001)
+            first.close()
+            engine.datapath.set_transport_roaming(second.slot, 1001)  # freed with its transport
+
+    asyncio.run(asyncio.wait_for(main(), 10))
+
+
 def test_keepalives_are_echoed_and_pings_answered() -> None:
     async def body(room: Room) -> None:
         engine, (a, b), (ta, tb), producer, consumer = room
