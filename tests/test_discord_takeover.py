@@ -1,6 +1,7 @@
-"""Taking over another member's media, through the real edge (the aiohttp gateway, the engine's
-UDP port, /metrics): an IP discovery from another loopback address never moves a bound session,
-only a packet that authenticates with its key does (NAT rebinding)."""
+"""Taking over another member's media or session, through the real edge (the aiohttp gateway, the
+engine's UDP port, /metrics): an IP discovery from another loopback address never moves a bound
+session, only a packet that authenticates with its key does (NAT rebinding); another user's IDENTIFY
+or RESUME with a member's session_id never replaces or resumes that member's session."""
 
 from __future__ import annotations
 
@@ -231,5 +232,102 @@ def test_proof_of_the_key_wins_over_a_discovery_that_raced_the_client() -> None:
         finally:
             racer.close()
             client.close()
+
+    serve(body)
+
+
+# ---------------------------------------------------------------------------------------------- sessions
+
+
+async def identify(edge: Edge, user_id: int, session_id: str, server_id: str = SERVER_ID) -> GatewayClient:
+    """HELLO and IDENTIFY with the user's own valid token; READY must follow."""
+    client = GatewayClient(await edge.http.ws_connect(edge.url), user_id)
+    await client.recv()  # HELLO
+    client.token = AUTH.mint(user_id)
+    d = {"server_id": server_id, "user_id": str(user_id), "session_id": session_id, "token": client.token}
+    await client.send(0, d)
+    await client.expect(2)
+    return client
+
+
+async def resume(edge: Edge, token: str, session_id: str, seq_ack: int) -> GatewayClient:
+    client = GatewayClient(await edge.http.ws_connect(edge.url), 0)
+    await client.recv()  # HELLO
+    d = {"server_id": SERVER_ID, "session_id": session_id, "token": token, "seq_ack": seq_ack}
+    await client.send(7, d)
+    return client
+
+
+async def still_connected(client: GatewayClient) -> None:
+    await client.send(3, {"t": 7, "seq_ack": -1})
+    assert (await client.expect(6))["d"] == {"t": 7}
+
+
+def drop_socket(client: GatewayClient) -> None:
+    """The connection dies without a close frame: the session waits for RESUME."""
+    client.ws._response.connection.transport.abort()  # type: ignore[union-attr]
+
+
+def test_another_users_identify_with_a_members_session_id_gets_its_own_session() -> None:
+    """A user IDENTIFYs with its own token but the victim's session_id, in another server and in the
+    victim's: it gets a session of its own each time; the victim stays connected and keeps hearing
+    the room. After both sockets drop, each RESUMEs its own session with its own token."""
+
+    async def body(edge: Edge) -> None:
+        victim_ws = await connect(edge.url, edge.http, 1001, XCHACHA, session_id="shared")
+        victim = udp(victim_ws)
+        talker = udp(await connect(edge.url, edge.http, 1002, AES))
+        elsewhere = await identify(edge, 1003, "shared", server_id="77")
+        victim_session = edge.gateway.session("shared", "1001")
+        assert victim_session is not None and victim_session.state == "active"
+        intruder = await identify(edge, 1003, "shared")  # replaces only its own session
+        assert await elsewhere.close_code() == 4014
+        await still_connected(victim_ws)
+        await talk(talker, victim, 1, 20, b"the victim still hears")
+        intruder_session = edge.gateway.session("shared", "1003")
+        assert intruder_session is not None and intruder_session.server_id == SERVER_ID
+        assert edge.gateway.session("shared", "1001") is victim_session and victim_session.state == "active"
+        # Both sockets drop: two suspended sessions with one session_id, one per user.
+        drop_socket(victim_ws)
+        drop_socket(intruder)
+        await until(lambda: victim_session.state == intruder_session.state == "suspended")
+        back = await resume(edge, intruder.token, "shared", seq_ack=-1)
+        assert (await back.recv())["op"] == 9
+        assert intruder_session.state == "active" and victim_session.state == "suspended"
+        victim_back = await resume(edge, victim_ws.token, "shared", seq_ack=1)
+        assert (await victim_back.recv())["op"] == 9
+        assert victim_session.state == "active" and victim_session.connection is not None
+        await talk(talker, victim, 21, 10, b"after the resume")
+        await still_connected(victim_back)
+        assert sorted(edge.rooms.rooms[("discord", SERVER_ID)].members) == [1001, 1002]
+
+    serve(body)
+
+
+def test_resume_with_a_members_session_id_and_ones_own_token_is_4006() -> None:
+    """RESUME with the victim's session_id and server but the caller's own valid token: 4006 while
+    the victim is connected and while it waits for its own RESUME; the victim is untouched."""
+
+    async def body(edge: Edge) -> None:
+        victim_ws = await connect(edge.url, edge.http, 1001, XCHACHA, session_id="victim")
+        victim = udp(victim_ws)
+        talker = udp(await connect(edge.url, edge.http, 1002, AES))
+        session = edge.gateway.session("victim", "1001")
+        assert session is not None
+        own_token = AUTH.mint(1003)
+        attempt = await resume(edge, own_token, "victim", seq_ack=1)
+        assert await attempt.close_code() == 4006
+        await still_connected(victim_ws)
+        await talk(talker, victim, 1, 10, b"connected")
+        drop_socket(victim_ws)
+        await until(lambda: session.state == "suspended")
+        attempt = await resume(edge, own_token, "victim", seq_ack=1)
+        assert await attempt.close_code() == 4006
+        assert session.state == "suspended"
+        await talk(talker, victim, 11, 10, b"suspended")  # UDP media flows on meanwhile
+        back = await resume(edge, victim_ws.token, "victim", seq_ack=1)
+        assert (await back.recv())["op"] == 9 and session.state == "active"
+        await still_connected(back)
+        assert await edge.metric('fastsfu_discord_closes_total{code="4006"}') == 2
 
     serve(body)
