@@ -26,6 +26,7 @@ from fastsfu.discord.crypto import (
 )
 from fastsfu.discord.udp_transport import (
     DISCORD_RTP_CAPABILITIES,
+    MAX_REFUSED_ANSWERS,
     DiscordUdpTransport,
     discovery_response,
     parse_discovery_request,
@@ -203,6 +204,31 @@ def test_bad_input_is_counted_and_the_stream_goes_on() -> None:
         assert ta.remote == a.address and ta.discoveries_refused == 1
         a.send_rtp(rtp_packet(1001, 4, b"still here"))
         assert ref_open(XCHACHA, b.key, await b.recv(), 12)[0][12:] == b"still here"
+
+    run_room(body)
+
+
+def test_refused_discoveries_get_a_bounded_number_of_answers() -> None:
+    """Before any authenticated packet, a refused discovery is answered (the sender's own address)
+    so that a client that lost the race can go on, but only MAX_REFUSED_ANSWERS times."""
+
+    async def body(room: Room) -> None:
+        engine, (a, b), (ta, tb), producer, consumer = room
+        await discover(a)
+        other = Client(1001, AES, host="127.0.0.2")
+        other.server = a.server
+        expected = discovery_response(1001, *other.address)  # its own address, nothing of A's
+        try:
+            for _ in range(MAX_REFUSED_ANSWERS + 3):
+                other.discovery()
+            answers = [await other.recv() for _ in range(MAX_REFUSED_ANSWERS)]
+            await other.recv_none()
+        finally:
+            other.close()
+        assert answers == [expected] * MAX_REFUSED_ANSWERS
+        refused = MAX_REFUSED_ANSWERS + 3
+        assert ta.discoveries_refused == engine.stats()["discord_discoveries_refused"] == refused
+        assert ta.remote == a.address
 
     run_room(body)
 

@@ -165,6 +165,9 @@ class DiscordUdpTransport(Transport):
         packet moves the remote back. One off the path never sees a packet to replay.)
         """
         source = (addr[0], addr[1])
+        stats = self.engine.datapath.transport_stats(self.slot)
+        if stats["remote"] is not None:  # the datapath's word, should its move event have been lost
+            self.remote = (stats["remote"][0], stats["remote"][1])
         if self.remote is None:
             try:
                 self.engine.datapath.set_transport_remote(self.slot, *source)
@@ -173,9 +176,8 @@ class DiscordUdpTransport(Transport):
                 return
             self.remote = source
         elif source != self.remote:
-            confirmed = self.engine.datapath.transport_stats(self.slot)["authenticated_packets"] > 0
             self._refuse(source, "the session is bound to another address")
-            if confirmed or self.discoveries_refused > MAX_REFUSED_ANSWERS:
+            if stats["authenticated_packets"] or self.discoveries_refused > MAX_REFUSED_ANSWERS:
                 return
         else:
             self.discoveries += 1  # a client may re-discover from its address: answer it
