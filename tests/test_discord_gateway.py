@@ -203,7 +203,7 @@ def test_v8_flow_matches_the_spec_transcript(gw: Gateway, handler: Handler) -> N
     assert session.buffered == 1  # op 4 acknowledged, op 11 kept
     conn.receive(frame(3, {"t": 5, "seq_ack": 2}), 5.0)
     assert session.buffered == 0
-    assert not conn.closed and gw.sessions["s1"] is session and session.state == "active"
+    assert not conn.closed and gw.sessions["42", "s1"] is session and session.state == "active"
 
 
 def test_v4_heartbeat_echoes_the_integer_and_nothing_is_numbered(gw: Gateway) -> None:
@@ -714,10 +714,43 @@ def test_identify_replaces_the_same_users_session(gw: Gateway, handler: Handler)
     new, new_session = join(gw, sid="s9", token="t2")
     assert closed_with(old) == 4014
     assert old_session.state == "ended" and handler.count("ended", "s1") == 1
-    assert gw.sessions == {"s9": new_session} and handler.rooms["41"] == [new_session]
+    assert gw.sessions == {("42", "s9"): new_session} and handler.rooms["41"] == [new_session]
     bad = gw.connect(8, 1.0)
     bad.receive(frame(7, resume_d(sid="s1")), 1.0)
     assert closed_with(bad) == 4006
+
+
+def test_session_ids_are_per_user_and_collisions_never_interfere(gw: Gateway, handler: Handler) -> None:
+    """Another user's IDENTIFY with the same session_id is a session of its own; each RESUMEs its
+    own (the token picks it); a RESUME that matches no session, or two, is 4006 and touches none."""
+    victim_conn, victim = join(gw, user="42", sid="s1", token="t1")
+    other_conn, other = join(gw, user="43", sid="s1", token="t2")
+    assert closed_with(victim_conn) is None and victim.state == other.state == "active"
+    assert gw.sessions == {("42", "s1"): victim, ("43", "s1"): other} and handler.count("ended") == 0
+    assert gw.session("s1", "42") is victim and gw.session("s1", "43") is other
+    victim_conn.transport_closed(1.0)
+    other_conn.transport_closed(1.0)
+    for d in (resume_d(token="t3"), resume_d(token="t1", server="77")):
+        bad = gw.connect(8, 2.0)
+        bad.receive(frame(7, d), 2.0)
+        assert closed_with(bad) == 4006
+    assert victim.state == other.state == "suspended"
+    mine = gw.connect(8, 3.0)
+    mine.receive(frame(7, resume_d(token="t2", seq_ack=2)), 3.0)
+    assert mine.session is other and other.state == "active" and victim.state == "suspended"
+    theirs = gw.connect(8, 3.0)
+    theirs.receive(frame(7, resume_d(token="t1", seq_ack=2)), 3.0)
+    assert theirs.session is victim and victim.state == "active" and handler.count("ended") == 0
+
+
+def test_resume_matching_two_users_sessions_is_refused(gw: Gateway, handler: Handler) -> None:
+    # This test handler accepts one token for several users: the core cannot tell them apart.
+    first, a = join(gw, user="42", sid="s1", token="t1")
+    second, b = join(gw, user="43", sid="s1", token="t1")
+    bad = gw.connect(8, 1.0)
+    bad.receive(frame(7, resume_d(token="t1", seq_ack=2)), 1.0)
+    assert closed_with(bad) == 4006
+    assert a.connection is first and b.connection is second and handler.count("ended") == 0
 
 
 # ------------------------------------------------------------------------------------------ bounds, seq

@@ -26,6 +26,7 @@ from fastsfu.discord.crypto import (
 )
 from fastsfu.discord.udp_transport import (
     DISCORD_RTP_CAPABILITIES,
+    MAX_REFUSED_ANSWERS,
     DiscordUdpTransport,
     discovery_response,
     parse_discovery_request,
@@ -205,6 +206,52 @@ def test_bad_input_is_counted_and_the_stream_goes_on() -> None:
         assert ref_open(XCHACHA, b.key, await b.recv(), 12)[0][12:] == b"still here"
 
     run_room(body)
+
+
+def test_refused_discoveries_get_a_bounded_number_of_answers() -> None:
+    """Before any authenticated packet, a refused discovery is answered (the sender's own address)
+    so that a client that lost the race can go on, but only MAX_REFUSED_ANSWERS times."""
+
+    async def body(room: Room) -> None:
+        engine, (a, b), (ta, tb), producer, consumer = room
+        await discover(a)
+        other = Client(1001, AES, host="127.0.0.2")
+        other.server = a.server
+        expected = discovery_response(1001, *other.address)  # its own address, nothing of A's
+        try:
+            for _ in range(MAX_REFUSED_ANSWERS + 3):
+                other.discovery()
+            answers = [await other.recv() for _ in range(MAX_REFUSED_ANSWERS)]
+            await other.recv_none()
+        finally:
+            other.close()
+        assert answers == [expected] * MAX_REFUSED_ANSWERS
+        refused = MAX_REFUSED_ANSWERS + 3
+        assert ta.discoveries_refused == engine.stats()["discord_discoveries_refused"] == refused
+        assert ta.remote == a.address
+
+    run_room(body)
+
+
+def test_roaming_needs_an_rtpsize_aead_key_and_an_ssrc_of_its_own() -> None:
+    """Only a transport keyed with an rtpsize AEAD mode (a replay window) may move on proof of the
+    key; its SSRC names it among the socket's unknown addresses, so it is unique and freed on close."""
+
+    async def main() -> None:
+        async with Engine() as engine:
+            router = engine.create_router()
+            first = router.create_discord_udp_transport(1001)
+            with pytest.raises(ValueError, match="rtpsize AEAD"):
+                engine.datapath.set_transport_roaming(first.slot, 1001)  # no key yet
+            first.select_mode(AES)  # roams with READY's SSRC from now on
+            second = router.create_discord_udp_transport(1002)
+            second.select_mode(XCHACHA)
+            with pytest.raises(ValueError, match="already roams"):
+                engine.datapath.set_transport_roaming(second.slot, 1001)
+            first.close()
+            engine.datapath.set_transport_roaming(second.slot, 1001)  # freed with its transport
+
+    asyncio.run(asyncio.wait_for(main(), 10))
 
 
 def test_keepalives_are_echoed_and_pings_answered() -> None:

@@ -133,6 +133,9 @@ ctypedef struct Transport:
     fsfu_aead *aead                  # Discord transport encryption instead of SRTP, or NULL
     uint32_t last_unknown_ssrc
     int reported_unknown
+    int roaming                      # roam_ssrc is in Datapath.roams (see set_transport_roaming)
+    uint32_t roam_ssrc
+    uint64_t auth_packets            # RTP/RTCP that passed SRTP or AEAD authentication
     uint64_t rx_packets
     uint64_t rx_bytes
     uint64_t tx_packets
@@ -218,6 +221,7 @@ cdef class Datapath:
     cdef int max_sockets, max_transports, max_producers, max_consumers
     cdef Table tuples
     cdef Table ssrcs
+    cdef Table roams                     # (socket, SSRC) -> transport that may move on proof of key
     cdef uint64_t drops[N_DROPS]
     cdef uint64_t rx_packets, rx_bytes, fwd_packets, fwd_bytes, batches, slow_packets
     cdef int64_t max_queue_age_ns

@@ -451,6 +451,7 @@ cdef class Datapath:
             raise MemoryError()
         table_init(&self.tuples, max_transports)
         table_init(&self.ssrcs, max_producers)
+        table_init(&self.roams, max_transports)
         self.n_out = out_slots
         for i in range(out_slots):
             self.out[i].next = i + 1
@@ -487,6 +488,7 @@ cdef class Datapath:
         free(self.dirty)
         free(self.tuples.entries)
         free(self.ssrcs.entries)
+        free(self.roams.entries)
 
     def close(self) -> None:
         """Release the epoll descriptor now (sockets belong to the caller and stay open)."""
@@ -580,6 +582,7 @@ cdef class Datapath:
             if self.producers[p].in_use and self.producers[p].transport == t:
                 self.remove_producer(p)
         self._clear_remote(t)
+        self.set_transport_roaming(t, None)
         if self.sockets[self.transports[t].sock].comedia_transport == t:
             self.sockets[self.transports[t].sock].comedia_transport = -1
         self.transports[t].in_use = 0
@@ -627,6 +630,34 @@ cdef class Datapath:
     def clear_transport_remote(self, int t) -> None:
         self._check_transport(t)
         self._clear_remote(t)
+
+    def set_transport_roaming(self, int t, object ssrc) -> None:
+        """Let an RTP packet with this SSRC from an unknown address on the transport's socket move
+        the transport's remote there, if it authenticates with the transport's AEAD context (a
+        client whose NAT rebound); None: never. SSRCs must be unique per socket (Discord
+        transports' are), and the mode must have a replay window (the rtpsize AEAD modes), or a
+        recorded packet could be replayed from anywhere."""
+        cdef Transport *tr
+        cdef Key k
+        cdef uint32_t value
+        self._check_transport(t)
+        tr = &self.transports[t]
+        if ssrc is not None:
+            value = ssrc
+            if tr.aead == NULL or fsfu_aead_legacy(tr.aead):
+                raise ValueError("roaming needs an rtpsize AEAD context (a replay window)")
+            ssrc_key(&k, tr.sock, value)
+            if table_get(&self.roams, &k) not in (-1, t):
+                raise ValueError(f"SSRC {value} already roams on this socket")
+        if tr.roaming:
+            ssrc_key(&k, tr.sock, tr.roam_ssrc)
+            table_del(&self.roams, &k)
+            tr.roaming = 0
+        if ssrc is not None:
+            ssrc_key(&k, tr.sock, value)
+            table_put(&self.roams, &k, t)
+            tr.roaming = 1
+            tr.roam_ssrc = value
 
     def set_transport_srtp(self, int t, inbound, outbound) -> None:
         """Install SRTP contexts (objects with an `address` of a libsrtp srtp_t), or None for plain RTP."""
@@ -951,6 +982,7 @@ cdef class Datapath:
         tr = &self.transports[t]
         return {"rx_packets": tr.rx_packets, "rx_bytes": tr.rx_bytes, "tx_packets": tr.tx_packets,
                 "tx_bytes": tr.tx_bytes, "rtcp_rx_packets": tr.rtcp_rx, "has_remote": bool(tr.has_remote),
+                "authenticated_packets": tr.auth_packets,
                 "remote": self._remote_tuple(tr) if tr.has_remote else None,
                 "drops": {DROP_REASONS[i]: tr.drops[i] for i in range(N_DROPS) if tr.drops[i]}}
 
@@ -1103,6 +1135,14 @@ cdef class Datapath:
             out_t[0] = t                  # ICE finds the transport of an unknown tuple by ufrag
             out_n[0] = n                  # (and Discord IP discovery by SSRC)
             return K_SLOW_STUN
+        if t < 0 and 128 <= b0 <= 191 and n >= 12 and not 192 <= buf[1] <= 223:
+            # RTP from a new address naming a roaming transport's SSRC (a client behind a NAT that
+            # rebound its port): the tuple moves only if the packet authenticates (_rtp).
+            ssrc_key(&k, sock, rd32(&buf[8]))
+            t = table_get(&self.roams, &k)
+            if t >= 0 and (self.transports[t].aead == NULL or fsfu_aead_legacy(self.transports[t].aead)):
+                t = -1
+            tentative = t >= 0
         if t < 0:
             if 128 <= b0 <= 191 and self.sockets[sock].comedia_transport >= 0:
                 t = self.sockets[sock].comedia_transport
@@ -1137,6 +1177,8 @@ cdef class Datapath:
                     self._drop(tr, DROP_AEAD_REPLAY if status == FSFU_AEAD_REPLAY else DROP_DECRYPT_FAILED)
                     return 0
                 n = status
+            if tr.srtp_in != NULL or tr.aead != NULL:
+                tr.auth_packets += 1
             tr.rtcp_rx += 1
             out_t[0] = t
             out_n[0] = n
@@ -1167,6 +1209,7 @@ cdef class Datapath:
                 self._drop(tr, DROP_AEAD_REPLAY if status == FSFU_AEAD_REPLAY else DROP_DECRYPT_FAILED)
                 return
             n = status
+            tr.auth_packets += 1
         cc = buf[0] & 0x0F
         hlen = 12 + 4 * cc
         if buf[0] & 0x10:
@@ -1212,6 +1255,7 @@ cdef class Datapath:
                 n = status
                 pr.have_auth = 1
                 pr.last_auth_seq = seq
+                tr.auth_packets += 1
         decrypt = (tr.srtp_in != NULL and
                    (tentative or (not pr.paused and pr.n_active > 0) or not pr.have_auth
                     or <uint16_t>(seq - pr.last_auth_seq) >= SRTP_KEEPALIVE_SEQ))
@@ -1224,6 +1268,7 @@ cdef class Datapath:
                 return
             pr.have_auth = 1
             pr.last_auth_seq = seq
+            tr.auth_packets += 1
         if (buf[0] & 0x20) and (n <= hlen or buf[n - 1] == 0 or hlen + buf[n - 1] > n):
             self._drop(tr, DROP_MALFORMED)   # RFC 3550 §5.1 padding count past the payload
             pr.drops += 1
@@ -1233,6 +1278,8 @@ cdef class Datapath:
             pr.drops += 1
             return
         if tentative:
+            if tr.has_remote:
+                self._clear_remote(t)     # a roaming transport moves: the key was proven (_handle)
             tuple_key_from_sockaddr(&k, tr.sock, src)
             memcpy(tr.remote, src, 28)
             tr.remote_len = sizeof(sockaddr_in) if (<const sockaddr *>src).sa_family == AF_INET else sizeof(sockaddr_in6)

@@ -123,6 +123,9 @@ class Engine(EventEmitter):
         # WebRtcTransport handshake failures (monitoring: a rise means clients cannot connect).
         self.dtls_failures = 0
         self.ice_consent_expiries = 0
+        # Discord IP discoveries that tried to move a bound transport, and authenticated moves.
+        self.discord_discoveries_refused = 0
+        self.discord_remote_moves = 0
         self._sockets: dict[int, UdpSocket] = {}
         self._transports: dict[int, Transport] = {}
         self._discord_ssrcs: dict[int, Transport] = {}
@@ -175,6 +178,8 @@ class Engine(EventEmitter):
         out["slow_path_errors"] = self.slow_path_errors
         out["dtls_failures"] = self.dtls_failures
         out["ice_consent_expiries"] = self.ice_consent_expiries
+        out["discord_discoveries_refused"] = self.discord_discoveries_refused
+        out["discord_remote_moves"] = self.discord_remote_moves
         out["routers"] = len(self.routers)
         out["transports"] = len(self._transports)
         return out

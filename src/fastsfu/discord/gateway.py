@@ -153,10 +153,12 @@ class GatewayHandler(Protocol):
     def identify(self, session: Session, d: dict[str, Any]) -> dict[str, Any]:
         """A valid IDENTIFY (op 0). Return READY's d ({ssrc, ip, port, modes, experiments, streams}).
 
-        Raise GatewayError(4004) for bad credentials, GatewayError(4011) for an unknown server.
-        Messages sent to `session` from here are delivered after READY. Another session with the
-        same session_id or the same (server_id, user_id) may still exist during this call: it ends
-        (ended(), its WebSocket closed 4014) right after this returns and before READY is sent.
+        Raise GatewayError(4004) for bad credentials (a token that does not belong to user_id
+        included: the core trusts user_id once this returns), GatewayError(4011) for an unknown
+        server. Messages sent to `session` from here are delivered after READY. Another session of
+        the same user with the same session_id, or in the same server_id, may still exist during
+        this call: it ends (ended(), its WebSocket closed 4014) right after this returns and before
+        READY is sent. Other users' sessions are never touched, whatever their session_id.
         Do not call session.close() here: raise GatewayError instead. If this raises, ended() is
         not called for `session`.
         """
@@ -222,6 +224,11 @@ class Session:
 
     def __repr__(self) -> str:
         return f"<Session {self.session_id!r} user {self.user_id} server {self.server_id} {self._state}>"
+
+    @property
+    def key(self) -> tuple[str, str]:
+        """(user_id, session_id): session ids are the user's, so only together do they name a session."""
+        return (self.user_id, self.session_id)
 
     @property
     def state(self) -> SessionState:
@@ -443,9 +450,8 @@ class Connection:
             return
         if not isinstance(ready, dict):
             raise TypeError(f"GatewayHandler.identify returned {type(ready).__name__}, not a dict")
-        gateway._replace(session)  # one session per session_id and per user in a server
-        gateway._sessions[session.session_id] = session
-        gateway._by_user[session.server_id, session.user_id] = session
+        gateway._replace(session)  # one session per (user, session_id) and per user in a server
+        gateway._register(session)
         session._state = "active"
         self._state = "ready"
         self._last_beat = now  # the heartbeat clock starts once identified
@@ -487,15 +493,20 @@ class Connection:
             raise GatewayError(CloseCode.ALREADY_AUTHENTICATED, "already identified")
         creds = payloads.resume(d, self.version)
         gateway = self._gateway
-        session = gateway._sessions.get(creds.session_id)
         invalid = CloseCode.SESSION_NO_LONGER_VALID  # §4: every failed RESUME is 4006
-        if session is None or session._state == "ended":
-            raise GatewayError(invalid, "unknown or expired session")
-        # A wrong token or server leaves the real session alone: it is not this client's.
-        if session.server_id != creds.server_id or not hmac.compare_digest(
-            session.token.encode(), creds.token.encode()
-        ):
-            raise GatewayError(invalid, "invalid session")
+        # RESUME names no user: the session is the one with this id and server whose user the
+        # same token authenticated at IDENTIFY. Another user's colliding session_id never
+        # matches, and a failed RESUME leaves every session alone (one reason for all failures:
+        # no oracle for which session ids exist).
+        token = creds.token.encode()
+        matches = [
+            s
+            for s in gateway._ids.get(creds.session_id, ())
+            if s.server_id == creds.server_id and hmac.compare_digest(s.token.encode(), token)
+        ]
+        if len(matches) != 1:  # none, or a token the handler accepted for two users: no guessing
+            raise GatewayError(invalid, "unknown, expired or invalid session")
+        session = matches[0]
         if session.version != self.version:
             raise GatewayError(invalid, "gateway version differs from the session's")
         acked = 0
@@ -589,9 +600,13 @@ class Gateway:
     def __init__(self, handler: GatewayHandler, config: GatewayConfig | None = None) -> None:
         self.handler = handler
         self.config = config or GatewayConfig()
-        self._sessions: dict[str, Session] = {}  # by session_id: RESUME's key
+        # Live sessions by Session.key, (user_id, session_id): a session id is unique per user
+        # only, as on Discord, so another user's IDENTIFY or RESUME with the same id (colliding
+        # or copied) gets a session of its own or 4006, and never replaces or resumes this one.
+        self._sessions: dict[tuple[str, str], Session] = {}
+        self._ids: dict[str, list[Session]] = {}  # by session_id alone: RESUME's candidates
         self._by_user: dict[tuple[str, str], Session] = {}  # by (server_id, user_id)
-        self._suspended: dict[str, Session] = {}  # by session_id, oldest first
+        self._suspended: dict[tuple[str, str], Session] = {}  # by Session.key, oldest first
         self._connections: set[Connection] = set()
         self._now = -math.inf  # the latest time seen (for calls without `now`)
         self._shutting_down: tuple[int, str] | None = None
@@ -605,12 +620,15 @@ class Gateway:
         self._tick(now)
         return Connection(self, version, now)
 
-    def session(self, session_id: str) -> Session | None:
-        return self._sessions.get(session_id)
+    def session(self, session_id: str, user_id: str | None = None) -> Session | None:
+        """The live session `session_id` of `user_id` (None: of whichever user got it first)."""
+        if user_id is not None:
+            return self._sessions.get((user_id, session_id))
+        return next(iter(self._ids.get(session_id, ())), None)
 
     @property
-    def sessions(self) -> Mapping[str, Session]:
-        """Live sessions (active or suspended) by session_id."""
+    def sessions(self) -> Mapping[tuple[str, str], Session]:
+        """Live sessions (active or suspended) by Session.key, (user_id, session_id)."""
         return MappingProxyType(self._sessions)
 
     @property
@@ -677,21 +695,27 @@ class Gateway:
             self._end(next(iter(self._suspended.values())))  # bounded: the oldest goes first
         session._state = "suspended"
         session.suspended_at = self._clock(now)
-        self._suspended[session.session_id] = session
+        self._suspended[session.key] = session
         try:
             self.handler.suspended(session)
         except Exception:
             log.exception("voice gateway: handler.suspended failed for %r", session)
 
     def _unsuspend(self, session: Session) -> None:
-        if self._suspended.get(session.session_id) is session:
-            del self._suspended[session.session_id]
+        if self._suspended.get(session.key) is session:
+            del self._suspended[session.key]
         session.suspended_at = None
 
     def _replace(self, new: Session) -> None:
-        for old in (self._sessions.get(new.session_id), self._by_user.get((new.server_id, new.user_id))):
+        """End the sessions an IDENTIFY supersedes: only ever the same (authenticated) user's."""
+        for old in (self._sessions.get(new.key), self._by_user.get((new.server_id, new.user_id))):
             if old is not None and old is not new and old._state != "ended":
                 self._end(old, CloseCode.DISCONNECTED, "replaced by a newer session")
+
+    def _register(self, session: Session) -> None:
+        self._sessions[session.key] = session
+        self._ids.setdefault(session.session_id, []).append(session)
+        self._by_user[session.server_id, session.user_id] = session
 
     def _end(self, session: Session, code: int = CloseCode.DISCONNECTED, reason: str = "") -> None:
         """The session is gone for good: its WebSocket (if any) closes with `code`; ended() once."""
@@ -705,8 +729,13 @@ class Gateway:
         session._hold = None
         session._buffer.clear()
         self._unsuspend(session)
-        if self._sessions.get(session.session_id) is session:
-            del self._sessions[session.session_id]
+        if self._sessions.get(session.key) is session:
+            del self._sessions[session.key]
+        same_id = self._ids.get(session.session_id, [])
+        if session in same_id:
+            same_id.remove(session)
+            if not same_id:
+                del self._ids[session.session_id]
         key = (session.server_id, session.user_id)
         if self._by_user.get(key) is session:
             del self._by_user[key]

@@ -2,7 +2,8 @@
 protected with an rtpsize AEAD mode, on the engine's shared media port.
 
 IP discovery admits the client's address; media is then decrypted, rewritten (PT 120, CC 0) and
-re-encrypted per receiver in the datapath, with each receiver's own nonce counter.
+re-encrypted per receiver in the datapath, with each receiver's own nonce counter. The address then
+moves only on proof of the session key (see DiscordUdpTransport._on_discovery).
 """
 
 from __future__ import annotations
@@ -27,6 +28,9 @@ DISCOVERY_LEN = 74
 DISCOVERY_REQUEST = 1
 DISCOVERY_RESPONSE = 2
 OPUS_PT = 120  # what Discord clients send and accept (§6.3)
+# Answers to refused discoveries (sent only while the bound address is unconfirmed), per transport:
+# a client that lost a race retries a few times at most; nobody gets a reflector out of a session.
+MAX_REFUSED_ANSWERS = 4
 PING_MAGIC = 0x1337CAFE
 PONG_MAGIC = 0x1337F00D
 
@@ -92,6 +96,7 @@ class DiscordUdpTransport(Transport):
         self.remote: tuple[str, int] | None = None
         self.discoveries = 0
         self.discoveries_refused = 0
+        self.remote_moves = 0  # authenticated packets that moved `remote` (NAT rebinding)
         self.keepalives = 0
         self._context: AeadContext | None = None
         try:
@@ -121,7 +126,11 @@ class DiscordUdpTransport(Transport):
         key = bytes(key)
         # One context per transport: inbound replay window and this receiver's outbound counter.
         context = AeadContext(mode, key)
-        self.engine.datapath.set_transport_aead(self.slot, context)
+        datapath = self.engine.datapath
+        datapath.set_transport_aead(self.slot, context)
+        # An RTP packet with READY's SSRC that authenticates with this key may move the remote
+        # (_on_discovery). Legacy modes have no replay window (or only some do): never.
+        datapath.set_transport_roaming(self.slot, self.ssrc if mode in MODES else None)
         self._context = context
         self.mode = mode
         return key
@@ -139,23 +148,68 @@ class DiscordUdpTransport(Transport):
             self.engine.unhandled_datagrams += 1
 
     def _on_discovery(self, addr: tuple[str, int]) -> None:
-        ip, port = addr[0], addr[1]
-        # Re-binding to another address once media has flowed would let anyone who learns the
-        # SSRC steal the stream: only a client that has not sent media yet may move.
-        moving = self.remote is not None and self.remote != (ip, port)
-        if moving and self.engine.datapath.transport_stats(self.slot)["rx_packets"] > 0:
-            self.discoveries_refused += 1
-            log.info("transport %s: IP discovery from a new address %s:%d refused", self.id, ip, port)
-            return
-        if self.remote != (ip, port):
+        """Bind the remote to the first discovery's source; answer re-discoveries from it.
+
+        The SSRC is no secret (every member hears it in SPEAKING) and a UDP source can be spoofed,
+        so a discovery is no proof of anything: once bound, the remote never moves on discovery,
+        or anyone could take a member's media or point it at a third party. It moves only when an
+        RTP packet that authenticates with the session key arrives from another address (the
+        datapath's roaming, set up in select_mode): NAT rebinding, and also the case of an
+        attacker who raced the real client to the first discovery, since proof of the key wins.
+        The answer to a refused discovery carries only the sender's own address, and goes out
+        (MAX_REFUSED_ANSWERS times at most) only while no authenticated packet has confirmed the
+        bound address: a client that lost that race needs it to go on and prove its key. After
+        that, a refused discovery gets nothing. (The datapath decrypts only packets someone
+        receives, so the replay window has not seen packets sent while nobody listened: an
+        attacker on the path could replay one of those from elsewhere, and the member's next
+        packet moves the remote back. One off the path never sees a packet to replay.)
+        """
+        source = (addr[0], addr[1])
+        stats = self.engine.datapath.transport_stats(self.slot)
+        if stats["remote"] is not None:  # the datapath's word, should its move event have been lost
+            self.remote = (stats["remote"][0], stats["remote"][1])
+        if self.remote is None:
             try:
-                self.engine.datapath.set_transport_remote(self.slot, ip, port)
+                self.engine.datapath.set_transport_remote(self.slot, *source)
             except ValueError:
-                self.discoveries_refused += 1  # the tuple belongs to another transport
+                self._refuse(source, "its address belongs to another session")
                 return
-            self.remote = (ip, port)
-        self.discoveries += 1
-        self._send(discovery_response(self.ssrc, ip, port), (ip, port))
+            self.remote = source
+        elif source != self.remote:
+            self._refuse(source, "the session is bound to another address")
+            if stats["authenticated_packets"] or self.discoveries_refused > MAX_REFUSED_ANSWERS:
+                return
+        else:
+            self.discoveries += 1  # a client may re-discover from its address: answer it
+        self._send(discovery_response(self.ssrc, *source), source)
+
+    def _refuse(self, source: tuple[str, int], why: str) -> None:
+        """Count a refused discovery; warn once per transport (a flood must not flood the log)."""
+        self.discoveries_refused += 1
+        self.engine.discord_discoveries_refused += 1
+        level = logging.WARNING if self.discoveries_refused == 1 else logging.DEBUG
+        log.log(
+            level,
+            "transport %s (SSRC %d): IP discovery from %s:%d refused, %s",
+            self.id,
+            self.ssrc,
+            source[0],
+            source[1],
+            why,
+        )
+
+    def _on_tuple_learned(self) -> None:
+        """The datapath moved the remote to the source of an authenticated RTP packet."""
+        remote = self.engine.datapath.transport_stats(self.slot)["remote"]
+        if remote is None or tuple(remote) == self.remote:
+            return
+        old, self.remote = self.remote, (remote[0], remote[1])
+        self.remote_moves += 1
+        self.engine.discord_remote_moves += 1
+        level = logging.INFO if self.remote_moves == 1 else logging.DEBUG
+        log.log(
+            level, "transport %s: remote moved from %s to %s:%d (authenticated RTP)", self.id, old, *remote
+        )
 
     def _on_keepalive(self, data: bytes, addr: tuple[str, int]) -> None:
         if self.remote is None or (addr[0], addr[1]) != self.remote:
@@ -189,6 +243,7 @@ class DiscordUdpTransport(Transport):
                 "remote": list(self.remote) if self.remote else None,
                 "discoveries": self.discoveries,
                 "discoveriesRefused": self.discoveries_refused,
+                "remoteMoves": self.remote_moves,
                 "keepalives": self.keepalives,
             }
         )

@@ -95,6 +95,17 @@ class ServerCollector(Collector):
         failures.add_metric(["dtls"], s["dtls_failures"])
         failures.add_metric(["ice_consent"], s["ice_consent_expiries"])
         yield failures
+        if self.discord is not None:
+            yield _counter(
+                "fastsfu_discord_discoveries_refused",
+                "Discord IP discoveries refused: the SSRC's session is bound to another address",
+                s["discord_discoveries_refused"],
+            )
+            yield _counter(
+                "fastsfu_discord_remote_moves",
+                "Discord sessions moved to a new address by an authenticated packet (NAT rebinding)",
+                s["discord_remote_moves"],
+            )
 
     @staticmethod
     def _gc(monitor: GcMonitor) -> Iterator[Metric]:
