@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import ssl
 from collections.abc import Callable
+from typing import Any
 
 from aiohttp import web
 
@@ -26,6 +27,7 @@ from fastsfu.harmony.rate_limit import RateLimiter
 from fastsfu.harmony.session import VoiceRooms, VoiceSettings
 from fastsfu.server.config import ServerConfig
 from fastsfu.server.demo_page import mount_demo
+from fastsfu.server.edge import ConnectionGuard, EdgeLimits, GuardedSite
 from fastsfu.server.lifecycle import stop_event
 from fastsfu.server.metrics import METRICS_PATH, metrics_mount
 
@@ -56,22 +58,28 @@ async def serve_harmony(config: ServerConfig, voice: VoiceSettings | None = None
             rooms, auth.authenticate, f"{config.listen_ip}:{config.grpc_port}", rate_limit, health
         )
         discord = _discord_endpoint(config, rooms, auth.authenticate)
+        limits = EdgeLimits(config.header_timeout, config.max_connections_per_address)
+        guards = [ConnectionGuard("hrpc", limits)]
+        if discord is not None:
+            guards.append(ConnectionGuard("discord", limits))
         mounts: list[Callable[[web.Application], None]] = [mount_demo]
         if config.metrics:
-            mounts.append(metrics_mount(rooms, rate_limit, discord))
-        runner = web.AppRunner(make_app(rooms, auth.authenticate, mounts, rate_limit))
+            mounts.append(metrics_mount(rooms, rate_limit, discord, guards))
+        app = make_app(rooms, auth.authenticate, mounts, rate_limit)
+        guards[0].install(app)
+        runner = web.AppRunner(app, **_runner_options(config))
         await runner.setup()
-        site = web.TCPSite(runner, config.listen_ip, config.hrpc_port)
+        site = GuardedSite(runner, config.listen_ip, config.hrpc_port, guards[0])
         try:
             await site.start()
         except OSError:  # e.g. the port is taken: stop what already runs, then report it
             await runner.cleanup()
             await grpc_server.stop(grace=None)
             raise
-        hrpc_port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        hrpc_port = site.port
         gateway = discord.gateway if discord is not None else None
         try:
-            discord_runner, discord_url = await _start_discord(config, discord)
+            discord_runner, discord_url = await _start_discord(config, discord, guards[-1])
         except OSError:  # the Discord port is taken: stop what already runs, then report it
             await runner.cleanup()
             await grpc_server.stop(grace=None)
@@ -111,6 +119,12 @@ async def serve_harmony(config: ServerConfig, voice: VoiceSettings | None = None
     return 0
 
 
+def _runner_options(config: ServerConfig) -> dict[str, Any]:
+    """aiohttp's own bound: idle keep-alive connections close after the header timeout (a later
+    request head must come as quickly as the first)."""
+    return {"keepalive_timeout": config.header_timeout}
+
+
 def _discord_endpoint(
     config: ServerConfig, rooms: VoiceRooms, authenticate: Callable[[str], int]
 ) -> GatewayEndpoint | None:
@@ -130,7 +144,7 @@ def _discord_endpoint(
 
 
 async def _start_discord(
-    config: ServerConfig, endpoint: GatewayEndpoint | None
+    config: ServerConfig, endpoint: GatewayEndpoint | None, guard: ConnectionGuard
 ) -> tuple[web.AppRunner | None, str]:
     """Listen on the Discord gateway's port: ws, or wss with the configured certificate."""
     if endpoint is None:
@@ -140,13 +154,14 @@ async def _start_discord(
     if d.tls_certificate is not None and d.tls_private_key is not None:
         tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         tls.load_cert_chain(d.tls_certificate, d.tls_private_key)
-    runner = web.AppRunner(make_gateway_app(endpoint.gateway, endpoint), access_log=None)
+    app = make_gateway_app(endpoint.gateway, endpoint)
+    guard.install(app)
+    runner = web.AppRunner(app, access_log=None, **_runner_options(config))
     await runner.setup()
-    site = web.TCPSite(runner, config.listen_ip, d.port, ssl_context=tls)
+    site = GuardedSite(runner, config.listen_ip, d.port, guard, ssl_context=tls)
     try:
         await site.start()
     except OSError:
         await runner.cleanup()
         raise
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    return runner, f"{'wss' if tls else 'ws'}://{config.listen_ip}:{port}/?v=8"
+    return runner, f"{'wss' if tls else 'ws'}://{config.listen_ip}:{site.port}/?v=8"

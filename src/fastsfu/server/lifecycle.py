@@ -1,9 +1,33 @@
-"""How a `fastsfu serve` process is told to stop: SIGINT, SIGTERM, or an optional duration."""
+"""How a `fastsfu serve` process starts and stops: the open-file limit raised at start; SIGINT,
+SIGTERM or an optional duration to stop."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import resource
 import signal
+
+log = logging.getLogger("fastsfu")
+
+
+def raise_open_file_limit() -> int:
+    """Raise the soft RLIMIT_NOFILE to the hard one (each connection is a descriptor; distributions
+    default to a soft 1024); the limit now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard
+    if hard == resource.RLIM_INFINITY:
+        target = max(soft, 1 << 20)  # Linux's default fs.nr_open; "unlimited" is refused
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError) as exc:
+            log.warning("cannot raise the open file limit from %d to %d: %s", soft, target, exc)
+            return soft
+        log.info("open file limit raised from %d to %d", soft, target)
+        return target
+    log.info("open file limit %d", soft)
+    return soft
 
 
 def stop_event(duration: float = 0.0) -> asyncio.Event:

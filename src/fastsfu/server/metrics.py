@@ -5,7 +5,7 @@ engine's datapath totals, the rooms, the front-ends' counters), so nothing is do
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -15,6 +15,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 from fastsfu.discord.ws_server import GatewayEndpoint
 from fastsfu.harmony.rate_limit import RateLimiter
 from fastsfu.harmony.session import VoiceRooms
+from fastsfu.server.edge import ConnectionGuard
 
 METRICS_PATH = "/metrics"
 
@@ -35,10 +36,12 @@ class ServerCollector(Collector):
         rooms: VoiceRooms,
         rate_limit: RateLimiter | None = None,
         discord: GatewayEndpoint | None = None,
+        edges: Sequence[ConnectionGuard] = (),
     ) -> None:
         self.rooms = rooms
         self.rate_limit = rate_limit
         self.discord = discord
+        self.edges = edges
 
     def collect(self) -> Iterator[Metric]:
         rooms, engine = self.rooms, self.rooms.engine
@@ -70,6 +73,8 @@ class ServerCollector(Collector):
             )
         if self.discord is not None:
             yield from self._discord(self.discord)
+        if self.edges:
+            yield from self._edges(self.edges)
         if engine.closed:
             return
         s = engine.stats()
@@ -109,13 +114,37 @@ class ServerCollector(Collector):
             closes.add_metric([str(code)], count)
         yield closes
 
+    @staticmethod
+    def _edges(edges: Sequence[ConnectionGuard]) -> Iterator[Metric]:
+        opened = GaugeMetricFamily(
+            "fastsfu_edge_connections", "Open TCP connections, by listener", labels=["listener"]
+        )
+        closed = CounterMetricFamily(
+            "fastsfu_edge_closed_connections",
+            "TCP connections closed by the edge: address_cap (refused at accept), header_timeout, "
+            "tls_handshake",
+            labels=["listener", "reason"],
+        )
+        errors = CounterMetricFamily(
+            "fastsfu_edge_accept_errors", "Failed accept() calls (e.g. EMFILE)", labels=["listener"]
+        )
+        for edge in edges:
+            opened.add_metric([edge.name], edge.open_connections)
+            for reason in ("address_cap", "header_timeout", "tls_handshake"):
+                closed.add_metric([edge.name, reason], edge.closed[reason])
+            errors.add_metric([edge.name], edge.accept_errors)
+        yield from (opened, closed, errors)
+
 
 def metrics_mount(
-    rooms: VoiceRooms, rate_limit: RateLimiter | None = None, discord: GatewayEndpoint | None = None
+    rooms: VoiceRooms,
+    rate_limit: RateLimiter | None = None,
+    discord: GatewayEndpoint | None = None,
+    edges: Sequence[ConnectionGuard] = (),
 ) -> Callable[[web.Application], None]:
     """A `make_app` mount adding GET /metrics; its own registry, so servers in one process never clash."""
     registry = CollectorRegistry()
-    registry.register(ServerCollector(rooms, rate_limit, discord))
+    registry.register(ServerCollector(rooms, rate_limit, discord, edges))
 
     async def metrics(request: web.Request) -> web.Response:
         return web.Response(body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
