@@ -1,7 +1,8 @@
 """The TCP edge of `fastsfu serve`'s aiohttp ports (hRPC + /metrics, Discord gateway), through the real
 CLI in a subprocess: silent and dribbling connections are closed after the header timeout while real
 clients keep working; the per-address connection cap; a flood past the open-file limit (bounded log,
-/metrics answers afterwards); the soft open-file limit raised at start."""
+/metrics answers afterwards); the soft open-file limit raised at start; and SIGTERM bounded by the
+shutdown grace even when clients never answer the close frame."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import json
 import os
 import resource
 import select
+import signal
 import ssl
 import subprocess
 import sys
@@ -342,3 +344,46 @@ def test_the_soft_open_file_limit_is_raised_to_the_hard_one_at_start(tmp_path: P
         limits = Path(f"/proc/{server.proc.pid}/limits").read_text()
     line = next(line for line in limits.splitlines() if line.startswith("Max open files"))
     assert line.split()[3:5] == ["4096", "4096"], line
+
+
+@pytest.mark.timeout(60)
+def test_sigterm_is_bounded_by_the_grace_when_clients_never_answer_the_close(tmp_path: Path) -> None:
+    """An hRPC stream and a Discord session whose clients stop reading (so never answer the close
+    frame), and a Discord client that made the server's writes block (it sends heartbeats with 60 KB
+    nonces and reads none of the echoes): SIGTERM ends the process, exit 0, when the default 3 s
+    grace is over, not later than 1.5 s after it; the first two find their close code in their
+    buffers (hRPC 1001 going away, Discord 4015)."""
+    grace = 3.0
+
+    async def main(server: Server) -> float:
+        async with aiohttp.ClientSession() as http:
+            stream = await hrpc_stream(http, server, 1)
+            gateway = await discord_session(http, server, 2)
+            stuck = await discord_session(http, server, 3)
+
+            async def flood() -> None:
+                for _ in range(400):  # 24 MB of echoes: more than both sockets' buffers hold
+                    await stuck.send_str(json.dumps({"op": 3, "d": "x" * 60000}))
+
+            flooding = asyncio.ensure_future(flood())
+            await asyncio.sleep(3.0)  # the server's writer to `stuck` blocks (measured: ~10 MB in)
+            # None of the three clients reads from here on until the process has exited.
+            start = time.monotonic()
+            server.proc.send_signal(signal.SIGTERM)
+            loop = asyncio.get_running_loop()
+            code = await loop.run_in_executor(None, lambda: server.proc.wait(30))
+            elapsed = time.monotonic() - start
+            print(f"SIGTERM to exit: {elapsed:.2f} s (exit code {code})")
+            flooding.cancel()
+            assert code == 0
+            hrpc_close = await asyncio.wait_for(stream.receive(), 5)
+            assert (hrpc_close.type, hrpc_close.data) == (aiohttp.WSMsgType.CLOSE, 1001)
+            discord_close = await asyncio.wait_for(gateway.receive(), 5)
+            assert (discord_close.type, discord_close.data) == (aiohttp.WSMsgType.CLOSE, 4015)
+            return elapsed
+
+    with serve(tmp_path, {}) as server:
+        elapsed = asyncio.run(asyncio.wait_for(main(server), 45))
+        log = server.stderr.read_text()
+    assert "shutdown grace of 3 s over: closed 1 connections" in log, log[-2000:]
+    assert grace - 0.2 <= elapsed < grace + 1.5

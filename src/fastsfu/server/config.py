@@ -72,6 +72,7 @@ class ServerConfig:
     # keep-alive idleness), and open connections per address (IPv6: per /64; 0: no cap).
     header_timeout: float = 10.0
     max_connections_per_address: int = 64
+    shutdown_grace: float = 3.0  # seconds SIGTERM waits for sessions to close before cutting them
     duration: float = 0.0  # stop after this many seconds; 0: until SIGINT/SIGTERM (flag only)
     voice: VoiceSettings = field(default_factory=VoiceSettings)
     rate_limit: RateLimitConfig = field(default_factory=RateLimitConfig)
@@ -169,6 +170,13 @@ OPTIONS = (
         int,
         "open hRPC/Discord connections per address; 0: no cap",
         minimum=0,
+    ),
+    Option(
+        "shutdown_grace",
+        "--shutdown-grace",
+        float,
+        "seconds SIGTERM waits for sessions to close",
+        minimum=0.0,
     ),
     Option("voice.id_quoting", "--id-quoting", str, "IDs as JSON string literals or bare", ("json", "bare")),
     Option(

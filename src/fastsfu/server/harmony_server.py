@@ -3,14 +3,15 @@ gateway, with rooms shared across protocols and one UDP media port.
 
 Embedded defaults need no configuration (127.0.0.1, hRPC on Harmony's port 2289, gRPC on 2290, a
 generated DTLS certificate and token secret; see config.py); /metrics and gRPC health for operators.
-SIGTERM flips health to NOT_SERVING, then leaves every session cleanly (UserLeft).
+SIGTERM flips health to NOT_SERVING, then leaves every session cleanly (UserLeft), within
+`shutdown_grace` seconds (edge.py cuts what is still open then).
 """
 
 from __future__ import annotations
 
 import logging
 import ssl
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
@@ -28,7 +29,7 @@ from fastsfu.harmony.session import VoiceRooms, VoiceSettings
 from fastsfu.server.config import ServerConfig
 from fastsfu.server.demo_page import mount_demo
 from fastsfu.server.edge import ConnectionGuard, EdgeLimits, GuardedSite
-from fastsfu.server.lifecycle import stop_event
+from fastsfu.server.lifecycle import drain, stop_event
 from fastsfu.server.metrics import METRICS_PATH, metrics_mount
 
 log = logging.getLogger("fastsfu")
@@ -108,21 +109,24 @@ async def serve_harmony(config: ServerConfig, voice: VoiceSettings | None = None
             print("fastsfu: shutting down", flush=True)
             if gateway is not None:
                 gateway.shutdown()  # 4015: Discord clients resume against the next instance
-            # Every session leaves (members get UserLeft) and its stream ends, then the listeners
-            # and sockets close.
+            # Every session leaves (members get UserLeft) and its stream ends (hRPC: close 1001),
+            # then the listeners and sockets close; whatever is still open after the grace is cut.
             for session in list(rooms.open_sessions):
                 session.close()
-            await runner.cleanup()
+            cleanups: list[Awaitable[object]] = [
+                runner.cleanup(),
+                grpc_server.stop(grace=config.shutdown_grace),
+            ]
             if discord_runner is not None:
-                await discord_runner.cleanup()
-            await grpc_server.stop(grace=2.0)
+                cleanups.append(discord_runner.cleanup())
+            await drain(cleanups, guards, config.shutdown_grace)
     return 0
 
 
 def _runner_options(config: ServerConfig) -> dict[str, Any]:
-    """aiohttp's own bound: idle keep-alive connections close after the header timeout (a later
-    request head must come as quickly as the first)."""
-    return {"keepalive_timeout": config.header_timeout}
+    """aiohttp's own bounds: idle keep-alive connections close after the header timeout (a later
+    request head must come as quickly as the first), and its shutdown waits at most the grace."""
+    return {"keepalive_timeout": config.header_timeout, "shutdown_timeout": config.shutdown_grace}
 
 
 def _discord_endpoint(

@@ -1,5 +1,5 @@
 """How a `fastsfu serve` process starts and stops: the open-file limit raised at start; SIGINT,
-SIGTERM or an optional duration to stop."""
+SIGTERM or an optional duration to stop; a shutdown bounded by a grace period."""
 
 from __future__ import annotations
 
@@ -7,8 +7,13 @@ import asyncio
 import logging
 import resource
 import signal
+from collections.abc import Awaitable, Sequence
+
+from fastsfu.server.edge import ConnectionGuard
 
 log = logging.getLogger("fastsfu")
+
+FINAL_WAIT = 1.0  # seconds the cleanups get after the grace, once every connection is cut
 
 
 def raise_open_file_limit() -> int:
@@ -39,3 +44,24 @@ def stop_event(duration: float = 0.0) -> asyncio.Event:
     if duration:
         loop.call_later(duration, stop.set)
     return stop
+
+
+async def drain(
+    cleanups: Sequence[Awaitable[object]], guards: Sequence[ConnectionGuard], grace: float
+) -> None:
+    """Run the cleanups (listeners closing, streams ending with their close handshakes) for at most
+    `grace` seconds; then cut every connection still open, without waiting for a peer's close reply,
+    and give the cleanups FINAL_WAIT more seconds."""
+    tasks = [asyncio.ensure_future(c) for c in cleanups]
+    _, pending = await asyncio.wait(tasks, timeout=grace)
+    if pending:
+        cut = sum(guard.abort_all() for guard in guards)
+        log.info("shutdown grace of %g s over: closed %d connections without their close reply", grace, cut)
+        _, pending = await asyncio.wait(pending, timeout=FINAL_WAIT)
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.wait(pending, timeout=FINAL_WAIT)
+    for task in tasks:
+        if task.done() and not task.cancelled() and task.exception() is not None:
+            log.error("shutdown step failed", exc_info=task.exception())
