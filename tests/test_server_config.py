@@ -264,3 +264,25 @@ def test_a_taken_port_is_one_log_line_and_exit_1(flag: str) -> None:
         out = cli(flag, port, other, "0", "--duration", "5")
     assert out.returncode == 1
     assert "cannot serve" in out.stderr and port in out.stderr and "Traceback" not in out.stderr
+
+
+def test_edge_knobs_defaults_precedence_and_bounds(tmp_path: Path) -> None:
+    defaults = load_config(None, {}, {})
+    assert (defaults.header_timeout, defaults.max_connections_per_address, defaults.shutdown_grace) == (
+        10.0,
+        64,
+        3.0,
+    )
+    toml = tmp_path / "fastsfu.toml"
+    toml.write_text("header_timeout = 4\nmax_connections_per_address = 10\nshutdown_grace = 1.5\n")
+    config = load_config(str(toml), {"FASTSFU_SHUTDOWN_GRACE": "2.5"}, {"max_connections_per_address": "0"})
+    assert (config.header_timeout, config.max_connections_per_address, config.shutdown_grace) == (
+        4.0,
+        0,
+        2.5,
+    )
+    for env in ({"FASTSFU_HEADER_TIMEOUT": "0"}, {"FASTSFU_SHUTDOWN_GRACE": "-1"}):
+        with pytest.raises(ConfigError, match="must be at least"):
+            load_config(None, env, {})
+    with pytest.raises(ConfigError, match="expected an int"):
+        load_config(None, {"FASTSFU_MAX_CONNECTIONS_PER_ADDRESS": "many"}, {})

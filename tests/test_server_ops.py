@@ -187,7 +187,7 @@ def test_metrics_health_json_logs_and_sigterm_through_the_cli() -> None:
                 while (reply := await asyncio.wait_for(watch.read(), 10)) is not grpc.aio.EOF:
                     watch_states.append(reply.status)
                 closing = await asyncio.wait_for(ws.receive(), 10)
-                assert closing.type == aiohttp.WSMsgType.CLOSE and closing.data == 1000
+                assert closing.type == aiohttp.WSMsgType.CLOSE and closing.data == 1001  # going away
                 assert await asyncio.wait_for(voice.read(), 10) is grpc.aio.EOF
                 assert await voice.code() == grpc.StatusCode.OK
             await channel.close()

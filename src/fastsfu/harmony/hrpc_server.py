@@ -10,7 +10,7 @@ import asyncio
 import logging
 from collections.abc import Callable, Sequence
 
-from aiohttp import WSMsgType, web
+from aiohttp import WSCloseCode, WSMsgType, web
 
 from fastsfu._proto.hrpc.v1 import hrpc_pb2
 from fastsfu._proto.protocol.voice.v1 import voice_pb2
@@ -99,7 +99,10 @@ class HrpcVoiceEndpoint:
                         return ws
                     await ws.send_bytes(b"\x00" + message.SerializeToString())
                 if session.state == "closed":
-                    return ws  # closed by the server with nothing to report (shutdown)
+                    # Closed by the server with nothing to report: it is shutting down, so the close
+                    # is 1001 "going away" (RFC 6455 §7.4.1); the client may reconnect elsewhere.
+                    await ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutting down")
+                    return ws
                 waker = asyncio.ensure_future(wake.wait())
                 done, _ = await asyncio.wait(
                     {receiver, waker}, timeout=session.timeout(), return_when=asyncio.FIRST_COMPLETED

@@ -18,7 +18,7 @@ from fastsfu.harmony.auth import TokenAuth
 from fastsfu.server.config import ConfigError, add_arguments, flag_values, load_config
 from fastsfu.server.demo import DemoRoom
 from fastsfu.server.harmony_server import serve_harmony
-from fastsfu.server.lifecycle import stop_event
+from fastsfu.server.lifecycle import raise_open_file_limit, stop_event
 from fastsfu.server.logs import setup_logging
 
 log = logging.getLogger("fastsfu")
@@ -141,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(config.redacted(), indent=2, sort_keys=True))
         return 0
     setup_logging(config.log.level, config.log.format)
+    raise_open_file_limit()
     if args.demo:
         return asyncio.run(serve_demo(args, config.listen_ip))
     try:

@@ -68,6 +68,11 @@ class ServerConfig:
     dtls_certificate: str | None = None  # PEM file (ECDSA P-256); None: generated at start
     dtls_private_key: str | None = None  # PEM file, with dtls_certificate
     metrics: bool = True  # GET /metrics (Prometheus) on the hRPC listener
+    # The aiohttp listeners (hRPC, Discord): seconds from accept to a complete request head (and of
+    # keep-alive idleness), and open connections per address (IPv6: per /64; 0: no cap).
+    header_timeout: float = 10.0
+    max_connections_per_address: int = 64
+    shutdown_grace: float = 3.0  # seconds SIGTERM waits for sessions to close before cutting them
     duration: float = 0.0  # stop after this many seconds; 0: until SIGINT/SIGTERM (flag only)
     voice: VoiceSettings = field(default_factory=VoiceSettings)
     rate_limit: RateLimitConfig = field(default_factory=RateLimitConfig)
@@ -152,6 +157,27 @@ OPTIONS = (
     ),
     Option("dtls_private_key", "--dtls-private-key", str, "DTLS private key PEM file", metavar="PATH"),
     Option("metrics", "--metrics", bool, "serve Prometheus metrics at /metrics on the hRPC port"),
+    Option(
+        "header_timeout",
+        "--header-timeout",
+        float,
+        "seconds for a new hRPC/Discord connection's HTTP request head",
+        minimum=0.1,
+    ),
+    Option(
+        "max_connections_per_address",
+        "--max-connections-per-address",
+        int,
+        "open hRPC/Discord connections per address; 0: no cap",
+        minimum=0,
+    ),
+    Option(
+        "shutdown_grace",
+        "--shutdown-grace",
+        float,
+        "seconds SIGTERM waits for sessions to close",
+        minimum=0.0,
+    ),
     Option("voice.id_quoting", "--id-quoting", str, "IDs as JSON string literals or bare", ("json", "bare")),
     Option(
         "voice.duplicate_session",

@@ -3,14 +3,16 @@ gateway, with rooms shared across protocols and one UDP media port.
 
 Embedded defaults need no configuration (127.0.0.1, hRPC on Harmony's port 2289, gRPC on 2290, a
 generated DTLS certificate and token secret; see config.py); /metrics and gRPC health for operators.
-SIGTERM flips health to NOT_SERVING, then leaves every session cleanly (UserLeft).
+SIGTERM flips health to NOT_SERVING, then leaves every session cleanly (UserLeft), within
+`shutdown_grace` seconds (edge.py cuts what is still open then).
 """
 
 from __future__ import annotations
 
 import logging
 import ssl
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from aiohttp import web
 
@@ -26,8 +28,9 @@ from fastsfu.harmony.rate_limit import RateLimiter
 from fastsfu.harmony.session import VoiceRooms, VoiceSettings
 from fastsfu.server.config import ServerConfig
 from fastsfu.server.demo_page import mount_demo
+from fastsfu.server.edge import ConnectionGuard, EdgeLimits, GuardedSite
 from fastsfu.server.gc_health import GcMonitor, freeze_startup_heap
-from fastsfu.server.lifecycle import stop_event
+from fastsfu.server.lifecycle import drain, stop_event
 from fastsfu.server.metrics import METRICS_PATH, metrics_mount
 
 log = logging.getLogger("fastsfu")
@@ -57,23 +60,29 @@ async def serve_harmony(config: ServerConfig, voice: VoiceSettings | None = None
             rooms, auth.authenticate, f"{config.listen_ip}:{config.grpc_port}", rate_limit, health
         )
         discord = _discord_endpoint(config, rooms, auth.authenticate)
+        limits = EdgeLimits(config.header_timeout, config.max_connections_per_address)
+        guards = [ConnectionGuard("hrpc", limits)]
+        if discord is not None:
+            guards.append(ConnectionGuard("discord", limits))
         mounts: list[Callable[[web.Application], None]] = [mount_demo]
         gc_monitor = GcMonitor().install()
         if config.metrics:
-            mounts.append(metrics_mount(rooms, rate_limit, discord, gc_monitor))
-        runner = web.AppRunner(make_app(rooms, auth.authenticate, mounts, rate_limit))
+            mounts.append(metrics_mount(rooms, rate_limit, discord, guards, gc_monitor))
+        app = make_app(rooms, auth.authenticate, mounts, rate_limit)
+        guards[0].install(app)
+        runner = web.AppRunner(app, **_runner_options(config))
         await runner.setup()
-        site = web.TCPSite(runner, config.listen_ip, config.hrpc_port)
+        site = GuardedSite(runner, config.listen_ip, config.hrpc_port, guards[0])
         try:
             await site.start()
         except OSError:  # e.g. the port is taken: stop what already runs, then report it
             await runner.cleanup()
             await grpc_server.stop(grace=None)
             raise
-        hrpc_port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        hrpc_port = site.port
         gateway = discord.gateway if discord is not None else None
         try:
-            discord_runner, discord_url = await _start_discord(config, discord)
+            discord_runner, discord_url = await _start_discord(config, discord, guards[-1])
         except OSError:  # the Discord port is taken: stop what already runs, then report it
             await runner.cleanup()
             await grpc_server.stop(grace=None)
@@ -106,15 +115,24 @@ async def serve_harmony(config: ServerConfig, voice: VoiceSettings | None = None
             print("fastsfu: shutting down", flush=True)
             if gateway is not None:
                 gateway.shutdown()  # 4015: Discord clients resume against the next instance
-            # Every session leaves (members get UserLeft) and its stream ends, then the listeners
-            # and sockets close.
+            # Every session leaves (members get UserLeft) and its stream ends (hRPC: close 1001),
+            # then the listeners and sockets close; whatever is still open after the grace is cut.
             for session in list(rooms.open_sessions):
                 session.close()
-            await runner.cleanup()
+            cleanups: list[Awaitable[object]] = [
+                runner.cleanup(),
+                grpc_server.stop(grace=config.shutdown_grace),
+            ]
             if discord_runner is not None:
-                await discord_runner.cleanup()
-            await grpc_server.stop(grace=2.0)
+                cleanups.append(discord_runner.cleanup())
+            await drain(cleanups, guards, config.shutdown_grace)
     return 0
+
+
+def _runner_options(config: ServerConfig) -> dict[str, Any]:
+    """aiohttp's own bounds: idle keep-alive connections close after the header timeout (a later
+    request head must come as quickly as the first), and its shutdown waits at most the grace."""
+    return {"keepalive_timeout": config.header_timeout, "shutdown_timeout": config.shutdown_grace}
 
 
 def _discord_endpoint(
@@ -136,7 +154,7 @@ def _discord_endpoint(
 
 
 async def _start_discord(
-    config: ServerConfig, endpoint: GatewayEndpoint | None
+    config: ServerConfig, endpoint: GatewayEndpoint | None, guard: ConnectionGuard
 ) -> tuple[web.AppRunner | None, str]:
     """Listen on the Discord gateway's port: ws, or wss with the configured certificate."""
     if endpoint is None:
@@ -146,13 +164,14 @@ async def _start_discord(
     if d.tls_certificate is not None and d.tls_private_key is not None:
         tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         tls.load_cert_chain(d.tls_certificate, d.tls_private_key)
-    runner = web.AppRunner(make_gateway_app(endpoint.gateway, endpoint), access_log=None)
+    app = make_gateway_app(endpoint.gateway, endpoint)
+    guard.install(app)
+    runner = web.AppRunner(app, access_log=None, **_runner_options(config))
     await runner.setup()
-    site = web.TCPSite(runner, config.listen_ip, d.port, ssl_context=tls)
+    site = GuardedSite(runner, config.listen_ip, d.port, guard, ssl_context=tls)
     try:
         await site.start()
     except OSError:
         await runner.cleanup()
         raise
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    return runner, f"{'wss' if tls else 'ws'}://{config.listen_ip}:{port}/?v=8"
+    return runner, f"{'wss' if tls else 'ws'}://{config.listen_ip}:{site.port}/?v=8"

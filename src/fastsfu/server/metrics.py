@@ -5,7 +5,7 @@ engine's datapath totals, the rooms, the front-ends' counters), so nothing is do
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -15,6 +15,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 from fastsfu.discord.ws_server import GatewayEndpoint
 from fastsfu.harmony.rate_limit import RateLimiter
 from fastsfu.harmony.session import VoiceRooms
+from fastsfu.server.edge import ConnectionGuard
 from fastsfu.server.gc_health import PAUSE_BUCKETS, GcMonitor
 
 METRICS_PATH = "/metrics"
@@ -36,11 +37,13 @@ class ServerCollector(Collector):
         rooms: VoiceRooms,
         rate_limit: RateLimiter | None = None,
         discord: GatewayEndpoint | None = None,
+        edges: Sequence[ConnectionGuard] = (),
         gc_monitor: GcMonitor | None = None,
     ) -> None:
         self.rooms = rooms
         self.rate_limit = rate_limit
         self.discord = discord
+        self.edges = edges
         self.gc_monitor = gc_monitor
 
     def collect(self) -> Iterator[Metric]:
@@ -73,6 +76,8 @@ class ServerCollector(Collector):
             )
         if self.discord is not None:
             yield from self._discord(self.discord)
+        if self.edges:
+            yield from self._edges(self.edges)
         if self.gc_monitor is not None:
             yield from self._gc(self.gc_monitor)
         if engine.closed:
@@ -146,16 +151,38 @@ class ServerCollector(Collector):
             closes.add_metric([str(code)], count)
         yield closes
 
+    @staticmethod
+    def _edges(edges: Sequence[ConnectionGuard]) -> Iterator[Metric]:
+        opened = GaugeMetricFamily(
+            "fastsfu_edge_connections", "Open TCP connections, by listener", labels=["listener"]
+        )
+        closed = CounterMetricFamily(
+            "fastsfu_edge_closed_connections",
+            "TCP connections closed by the edge: address_cap (refused at accept), header_timeout, "
+            "tls_handshake",
+            labels=["listener", "reason"],
+        )
+        errors = CounterMetricFamily(
+            "fastsfu_edge_accept_errors", "Failed accept() calls (e.g. EMFILE)", labels=["listener"]
+        )
+        for edge in edges:
+            opened.add_metric([edge.name], edge.open_connections)
+            for reason in ("address_cap", "header_timeout", "tls_handshake"):
+                closed.add_metric([edge.name, reason], edge.closed[reason])
+            errors.add_metric([edge.name], edge.accept_errors)
+        yield from (opened, closed, errors)
+
 
 def metrics_mount(
     rooms: VoiceRooms,
     rate_limit: RateLimiter | None = None,
     discord: GatewayEndpoint | None = None,
+    edges: Sequence[ConnectionGuard] = (),
     gc_monitor: GcMonitor | None = None,
 ) -> Callable[[web.Application], None]:
     """A `make_app` mount adding GET /metrics; its own registry, so servers in one process never clash."""
     registry = CollectorRegistry()
-    registry.register(ServerCollector(rooms, rate_limit, discord, gc_monitor))
+    registry.register(ServerCollector(rooms, rate_limit, discord, edges, gc_monitor))
 
     async def metrics(request: web.Request) -> web.Response:
         return web.Response(body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
