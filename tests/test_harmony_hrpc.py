@@ -4,11 +4,13 @@ with two members, and every error path, through a real aiohttp server and client
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
+import aiohttp.web
 import pytest
 from helpers import OPUS_CAPS, serve_app
 
@@ -182,3 +184,43 @@ def test_a_client_that_stops_mid_flow_times_out_and_one_that_vanishes_is_cleaned
                 assert engine.stats()["transports"] == 0 and engine.stats()["routers"] == 0
 
     asyncio.run(asyncio.wait_for(main(), 30))
+
+
+def test_streams_cancelled_by_a_server_shutdown_leave_no_task_pending() -> None:
+    """aiohttp cancels the handlers still running when its shutdown times out: a stream waiting
+    for its client (before Initialize, after it, joined) must leave no task behind."""
+    users = {f"tok-{u}": u for u in range(1, 13)}
+    reported: list[str] = []
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        loop.set_exception_handler(lambda _loop, context: reported.append(str(context.get("message"))))
+        async with Engine() as engine, aiohttp.ClientSession() as http:
+            rooms = VoiceRooms(engine)
+            runner = aiohttp.web.AppRunner(
+                make_app(rooms, StaticTokens(users).authenticate), access_log=None, shutdown_timeout=0.3
+            )
+            await runner.setup()
+            site = aiohttp.web.TCPSite(runner, "127.0.0.1", 0)
+            await site.start()
+            port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+            url = f"ws://127.0.0.1:{port}{STREAM_PATH}"
+            sockets = []
+            for user in users.values():
+                ws = await http.ws_connect(url, protocols=("hrpc1", f"tok-{user}"))
+                if user % 3 == 1:
+                    hello = Req(initialize=Req.Initialize(guild_id=1, channel_id=2))
+                    await ws.send_bytes(hello.SerializeToString())
+                    assert (await recv(ws))[1].WhichOneof("message") == "initialized"
+                elif user % 3 == 2:
+                    await join(ws)
+                sockets.append(ws)
+            assert len(rooms.open_sessions) == len(users)
+            await asyncio.wait_for(runner.cleanup(), 10)
+            for ws in sockets:
+                await ws.close()
+            assert not rooms.open_sessions and not rooms.sessions and not rooms.rooms
+        gc.collect()  # a pending task nobody references any more would be destroyed here
+
+    asyncio.run(asyncio.wait_for(main(), 45))
+    assert [m for m in reported if "destroyed but it is pending" in m] == [], reported

@@ -10,7 +10,7 @@ import asyncio
 import logging
 from collections.abc import Callable, Sequence
 
-from aiohttp import WSCloseCode, WSMsgType, web
+from aiohttp import WSCloseCode, WSMessage, WSMsgType, web
 
 from fastsfu._proto.hrpc.v1 import hrpc_pb2
 from fastsfu._proto.protocol.voice.v1 import voice_pb2
@@ -89,7 +89,7 @@ class HrpcVoiceEndpoint:
         session = self.rooms.open_session(user_id)
         wake = asyncio.Event()
         session.on_output = wake.set
-        receiver = asyncio.ensure_future(ws.receive())
+        receiver = self._receive(ws, wake)
         try:
             while True:
                 wake.clear()
@@ -103,13 +103,13 @@ class HrpcVoiceEndpoint:
                     # is 1001 "going away" (RFC 6455 §7.4.1); the client may reconnect elsewhere.
                     await ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutting down")
                     return ws
-                waker = asyncio.ensure_future(wake.wait())
-                done, _ = await asyncio.wait(
-                    {receiver, waker}, timeout=session.timeout(), return_when=asyncio.FIRST_COMPLETED
-                )
-                waker.cancel()
-                if receiver not in done:
-                    if not done:
+                if not receiver.done():
+                    # One Event, set by the session (output) and by the receive (a frame): no
+                    # task per wait, so nothing is left pending if this handler is cancelled.
+                    try:
+                        async with asyncio.timeout(session.timeout()):
+                            await wake.wait()
+                    except TimeoutError:
                         await self._fail(ws, session.timed_out(), remote, user_id)
                         return ws
                     continue
@@ -126,7 +126,7 @@ class HrpcVoiceEndpoint:
                     error = VoiceError("fastsfu.voice-bad-frame", "undecodable StreamMessageRequest")
                     await self._fail(ws, error, remote, user_id)
                     return ws
-                receiver = asyncio.ensure_future(ws.receive())
+                receiver = self._receive(ws, wake)
                 try:
                     session.handle(req)
                 except VoiceError as exc:
@@ -141,8 +141,16 @@ class HrpcVoiceEndpoint:
             receiver.cancel()
             session.on_output = None
             session.close()
+            await asyncio.wait((receiver,))  # awaited: no task outlives its stream
             if not ws.closed:
                 await ws.close()
+
+    @staticmethod
+    def _receive(ws: web.WebSocketResponse, wake: asyncio.Event) -> asyncio.Task[WSMessage]:
+        """The next frame, read in a task that sets `wake` when it is done."""
+        receiver = asyncio.ensure_future(ws.receive())
+        receiver.add_done_callback(lambda _: wake.set())
+        return receiver
 
     async def _fail(
         self, ws: web.WebSocketResponse, error: VoiceError, remote: str, user_id: int | None = None
