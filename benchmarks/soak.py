@@ -203,6 +203,7 @@ class Soak:
         self.failures: Counter[str] = Counter()
         self.cycles: Counter[str] = Counter()
         self.full_cycles: Counter[str] = Counter()
+        self.aborted_cycles: Counter[str] = Counter()
         self.durations: dict[str, list[float]] = {p: [] for p in PROTOCOLS}
         self.http: aiohttp.ClientSession | None = None
 
@@ -236,14 +237,16 @@ class Soak:
         user = self.next_user
         self.next_user += 1
         full = protocol != "discord" and self.args.full_every > 0 and index % self.args.full_every == 0
+        every = self.args.abort_every
+        abort = every > 0 and index % every == every // 2
         assert self.http is not None
         t = self.target
         if protocol == "hrpc":
-            work = cycle_hrpc(t, self.http, user, self.cert, full)
+            work = cycle_hrpc(t, self.http, user, self.cert, full, abort)
         elif protocol == "grpc":
-            work = cycle_grpc(t, user, self.cert, full)
+            work = cycle_grpc(t, user, self.cert, full, abort)
         else:
-            work = cycle_discord(t, self.http, user)
+            work = cycle_discord(t, self.http, user, abort)
         start = time.monotonic()
         try:
             await asyncio.wait_for(work, CYCLE_TIMEOUT)
@@ -257,6 +260,7 @@ class Soak:
         else:
             self.durations[protocol].append(time.monotonic() - start)
             self.full_cycles[protocol] += full
+            self.aborted_cycles[protocol] += abort
         self.cycles[protocol] += 1
 
     async def run_cycles(self, protocol: str, n: int, sample: bool) -> None:
@@ -348,6 +352,7 @@ class Soak:
             "protocol": protocol,
             "cycles": n,
             "full_ice_dtls_cycles": self.full_cycles[protocol],
+            "aborted_cycles": self.aborted_cycles[protocol],
             "seconds": round(elapsed, 2),
             "cycles_per_s": round(n / elapsed, 1),
             "cycle_ms": {
@@ -449,6 +454,11 @@ def verdict(report: dict[str, Any]) -> list[str]:
             problems.append(f"reference member {m['user']}: told that the other reference member left")
         if m["gateway_closed"] is not None:
             problems.append(f"reference member {m['user']}: gateway closed ({m['gateway_closed']})")
+    errors = sum(
+        n for kind, n in report["server_log_kinds"].items() if kind.startswith(("ERROR", "CRITICAL"))
+    )
+    if errors:
+        problems.append(f"the server logged {errors} errors (see server_log_kinds)")
     if report["failures"]:
         problems.append(f"{sum(report['failures'].values())} cycles failed: {dict(report['failures'])}")
     return problems
@@ -467,6 +477,15 @@ def loss_by_window(
             row[str(m["user"])] = {"sent": hi - lo, "lost": sum(lo <= q < hi for q in m["lost_seqs"])}
         out[name] = row
     return out
+
+
+def log_kinds(lines: list[str]) -> dict[str, int]:
+    """The server's log lines by kind: level and message with numbers and timestamps taken out."""
+    kinds: Counter[str] = Counter()
+    for line in lines:
+        text = re.sub(r"^\S+ \S+ ", "", line)  # the text format's date and time
+        kinds[re.sub(r"0x[0-9a-f]+|\d+", "N", text)[:160]] += 1
+    return dict(kinds.most_common(20))
 
 
 def counter_deltas(a: dict[str, float], b: dict[str, float]) -> dict[str, float]:
@@ -508,7 +527,8 @@ async def main_async(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         "failures": dict(soak.failures),
         "server_exit": code,
         "server_log_lines": len(stderr),
-        "server_log_tail": stderr[-20:],
+        "server_log_kinds": log_kinds(stderr),
+        "server_log_tail": stderr[-40:],
     }
 
 
@@ -545,7 +565,9 @@ def print_summary(report: dict[str, Any]) -> None:
             f"churn packets {m['churn_packets_received']}"
         )
     if report["server_log_lines"]:
-        print(f"server logged {report['server_log_lines']} lines; last: {report['server_log_tail'][-5:]}")
+        print(f"server logged {report['server_log_lines']} lines:")
+        for kind, count in report["server_log_kinds"].items():
+            print(f"  {count:6} x {kind}")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -555,6 +577,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--concurrency", type=int, default=4, help="cycles in flight")
     ap.add_argument(
         "--full-every", type=int, default=100, help="every Nth Harmony cycle does ICE+DTLS (0: none)"
+    )
+    ap.add_argument(
+        "--abort-every", type=int, default=10, help="every Nth cycle vanishes after joining (0: none)"
     )
     ap.add_argument("--sample-every", type=int, default=1000, help="cycles between RSS/fd/gauge samples")
     ap.add_argument("--warmup", type=int, default=50, help="cycles per protocol before the baseline sample")

@@ -4,6 +4,8 @@ Harmony cycles join at the signaling level (two WebRtcTransports, a producer, co
 present) with fingerprints of a certificate no one uses; every `full_every`-th cycle instead brings
 aiortc ICE-lite + DTLS legs up on both transports. Discord cycles do IP discovery, SELECT_PROTOCOL
 and send a few AEAD packets, then close the socket (a suspension, ended after the resume grace).
+With `abort`, a cycle vanishes instead of leaving: a TCP reset (hRPC, Discord) or a cancelled call
+(gRPC) right after joining.
 """
 
 from __future__ import annotations
@@ -161,23 +163,34 @@ class GrpcStream(Harmony):
         return resp
 
 
+def _abort(ws: aiohttp.ClientWebSocketResponse) -> None:
+    """Vanish: the TCP connection reset, no close frame (a client that crashed or lost power)."""
+    connection = ws._response.connection if ws._response is not None else None
+    if connection is not None and connection.transport is not None:
+        connection.transport.abort()
+
+
 async def cycle_hrpc(
-    target: Target, http: aiohttp.ClientSession, user: int, cert: DtlsCertificate, full: bool
+    target: Target, http: aiohttp.ClientSession, user: int, cert: DtlsCertificate, full: bool, abort: bool
 ) -> None:
     token = target.auth.mint(user)
     ws = await http.ws_connect(target.hrpc_url, protocols=("hrpc1", token), heartbeat=None)
     try:
         await HrpcStream(ws).flow(target, user, cert, full)
+        if abort:
+            _abort(ws)
     finally:
         await ws.close()  # the leave: the session ends with its socket
 
 
-async def cycle_grpc(target: Target, user: int, cert: DtlsCertificate, full: bool) -> None:
+async def cycle_grpc(target: Target, user: int, cert: DtlsCertificate, full: bool, abort: bool) -> None:
     token = target.auth.mint(user)
     async with grpc.aio.insecure_channel(target.grpc_addr) as channel:
         call = voice_pb2_grpc.VoiceServiceStub(channel).StreamMessage(metadata=(("authorization", token),))
         try:
             await GrpcStream(call).flow(target, user, cert, full)
+            if abort:
+                return  # cancelled below (RST_STREAM CANCEL), then the channel closes
             await call.done_writing()  # the leave: a half-close, then the server ends the stream
             while (msg := await asyncio.wait_for(call.read(), STEP_TIMEOUT)) is not grpc.aio.EOF:
                 pass  # UserJoined/UserLeft of other cycles in flight
@@ -188,7 +201,7 @@ async def cycle_grpc(target: Target, user: int, cert: DtlsCertificate, full: boo
             call.cancel()
 
 
-async def cycle_discord(target: Target, http: aiohttp.ClientSession, user: int) -> None:
+async def cycle_discord(target: Target, http: aiohttp.ClientSession, user: int, abort: bool) -> None:
     ws = await http.ws_connect(target.discord_url, heartbeat=None)
     udp: Client | None = None
     try:
@@ -219,6 +232,8 @@ async def cycle_discord(target: Target, http: aiohttp.ClientSession, user: int) 
         await send(5, {"speaking": 1, "delay": 0, "ssrc": udp.ssrc})
         for seq in range(DISCORD_PACKETS):
             udp.send_rtp(rtp_packet(udp.ssrc, seq, b"\xfc\xff" + bytes(60)))
+        if abort:
+            _abort(ws)
     finally:
         await ws.close()  # a suspension: the session ends after the resume grace
         if udp is not None:
