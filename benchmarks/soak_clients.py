@@ -1,18 +1,10 @@
-"""The soak benchmark's churn: one join/leave cycle per call, per protocol (hRPC, gRPC, Discord).
-
-Harmony cycles join at the signaling level (two WebRtcTransports, a producer, consumers of everyone
-present) with fingerprints of a certificate no one uses; every `full_every`-th cycle instead brings
-aiortc ICE-lite + DTLS legs up on both transports. Discord cycles do IP discovery, SELECT_PROTOCOL
-and send a few AEAD packets, then close the socket (a suspension, ended after the resume grace).
-With `abort`, a cycle vanishes instead of leaving: a TCP reset (hRPC, Discord) or a cancelled call
-(gRPC) right after joining.
-"""
+"""The soak benchmark's churn: one join/leave cycle per protocol (hRPC, gRPC, Discord), at the
+signaling level or, every Nth Harmony cycle, with aiortc ICE + DTLS; a cycle may vanish instead of leaving."""
 
 from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import struct
 import sys
 from dataclasses import dataclass
@@ -78,7 +70,8 @@ def _expect(resp: Resp, what: str) -> voice_pb2.StreamMessageResponse:
 
 
 class Harmony:
-    """One Harmony VoiceService stream's send/receive, whatever carries it."""
+    """One Harmony VoiceService stream's send/receive, whatever carries it. The signaling-level
+    join gives fingerprints of a certificate no one uses, so the transports never connect."""
 
     async def send(self, req: voice_pb2.StreamMessageRequest) -> None:
         raise NotImplementedError
@@ -257,10 +250,3 @@ def loopback_only_aiortc() -> None:
     from aioice import ice as aioice_ice
 
     aioice_ice.get_host_addresses = lambda use_ipv4, use_ipv6: ["127.0.0.1"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port

@@ -1,10 +1,6 @@
-"""The soak benchmark's reference call: two Discord `udp` members that talk for the whole run.
-
-Runs as its own process (so the churn clients never delay it): prints one `ready` line once both
-members hear each other, then sends 50 pps each. A `mark` line on stdin is answered with the packets
-sent so far; any other line ends the call with one JSON line: exact loss (a sequence number inside
-the encrypted payload), late packets, and the joins and leaves each member saw.
-"""
+"""The soak benchmark's reference call, in its own process: two Discord `udp` members at 50 pps each,
+a sequence number in every sealed payload, so loss is exact (stdin `mark`: packets sent so far;
+any other line: stop and print the report)."""
 
 from __future__ import annotations
 
