@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite: lint and types, the datapath micro-benchmarks, the short loopback load
-# benchmark (fastsfu against the bare C forwarder, same run), headless Chromium against fastsfu in
-# a loopback-only network namespace, then every other test (last, so its summary closes the output).
+# benchmark (fastsfu against the bare C forwarder, same run), the short soak (join/leave churn),
+# headless Chromium against fastsfu in a loopback-only network namespace, then every other test
+# (last, so its summary closes the output).
 # Installs what it needs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,6 +25,9 @@ $PY benchmarks/join_loop_time.py --members 10 50 --repeat 2
 
 echo "== loopback load benchmark, short (fastsfu vs bare C forwarder, both SRTP suites; Discord UDP vs SRTP GCM)"
 $PY benchmarks/run.py --quick --suite both --suite discord --json benchmarks/.build/last-run.json
+
+echo "== soak, short (join/leave churn over hRPC, gRPC, Discord beside a talking reference call: gauges, fds, loss)"
+$PY benchmarks/soak.py --quick --quiet --json benchmarks/.build/last-soak.json
 
 echo "== headless Chromium: mediasoup-client interop and the /demo page over hRPC, in a loopback-only network namespace"
 # No network inside the namespace (testing.md §2): browser_setup.sh installs Chromium first (the

@@ -169,6 +169,7 @@ def test_metrics_health_json_logs_and_sigterm_through_the_cli() -> None:
                 assert metrics["fastsfu_rooms"] == 2 and metrics["fastsfu_routers"] == 2
                 assert metrics["fastsfu_voice_sessions"] == 2 and metrics["fastsfu_voice_streams_open"] == 2
                 assert metrics["fastsfu_room_members"] == 0 and metrics["fastsfu_transports"] == 2
+                assert metrics["fastsfu_producers"] == 0 and metrics["fastsfu_consumers"] == 0
                 assert metrics['fastsfu_voice_streams_total{frontend="hrpc"}'] == 1
                 assert metrics['fastsfu_voice_streams_total{frontend="grpc"}'] == 1
                 assert metrics['fastsfu_voice_stream_errors_total{identifier="h.blank-session"}'] == 1
@@ -293,6 +294,7 @@ def test_forwarded_packets_and_bytes_on_metrics() -> None:
                     assert metrics["fastsfu_forwarded_bytes_total"] == sent == stats["byteCount"]
                     assert metrics["fastsfu_received_bytes_total"] >= sent
                     assert metrics["fastsfu_transports"] == 2 and metrics["fastsfu_rooms"] == 0
+                    assert metrics["fastsfu_producers"] == 1 and metrics["fastsfu_consumers"] == 1
                 finally:
                     alice.close()
                     bob.close()

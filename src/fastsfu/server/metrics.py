@@ -85,6 +85,10 @@ class ServerCollector(Collector):
         s = engine.stats()
         yield _gauge("fastsfu_routers", "Routers", s["routers"])
         yield _gauge("fastsfu_transports", "Transports (WebRTC and plain)", s["transports"])
+        producers = [p for router in engine.routers.values() for p in router.producers.values()]
+        yield _gauge("fastsfu_producers", "Producers, over all routers", len(producers))
+        consumers = sum(len(p.consumers) for p in producers)
+        yield _gauge("fastsfu_consumers", "Consumers, over all producers", consumers)
         yield _counter("fastsfu_received_packets", "Datagrams received on media sockets", s["rx_packets"])
         yield _counter("fastsfu_received_bytes", "Bytes received on media sockets", s["rx_bytes"])
         yield _counter("fastsfu_forwarded_packets", "RTP packets sent to consumers", s["forwarded_packets"])
