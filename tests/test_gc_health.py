@@ -45,3 +45,39 @@ def test_frozen_start_up_heap_is_not_walked_by_a_full_collection() -> None:
     finally:
         gc.unfreeze()
         del keep
+
+
+def test_join_and_leave_leave_no_cyclic_garbage() -> None:
+    """What a member leaves behind must be freed by reference counting alone: cyclic garbage is
+    what makes the collector run (and pause the loop) under join/leave churn. Harmony sessions
+    joining and leaving a room, with transports, producers and consumers, then all closed."""
+    import asyncio
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    from join_loop_time import harmony_joins
+
+    from fastsfu import Engine
+    from fastsfu.harmony import VoiceRooms
+
+    async def main() -> int:
+        async with Engine() as engine:
+            rooms = VoiceRooms(engine)
+            harmony_joins(rooms, 2, guild=1)  # warm-up: first-use caches are not garbage
+            for session in list(rooms.open_sessions):
+                session.close()
+            gc.collect()
+            gc.disable()
+            try:
+                for cycle in range(10):
+                    harmony_joins(rooms, 3, guild=2 + cycle)
+                    for session in list(rooms.open_sessions):
+                        session.close()
+                await asyncio.sleep(0.05)  # transports' deferred work (timers) runs
+                assert not rooms.rooms and not rooms.open_sessions
+                return gc.collect()  # objects that only the collector could free
+            finally:
+                gc.enable()
+
+    assert asyncio.run(main()) == 0

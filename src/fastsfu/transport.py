@@ -351,6 +351,10 @@ class Transport(EventEmitter):
             consumer._transport_closed()
         for producer in list(self.producers.values()):
             producer._transport_closed()
+        # Closed children reference us: dropping them now lets reference counting free the lot,
+        # instead of leaving cycles for the garbage collector (a full collection pauses the loop).
+        self.consumers.clear()
+        self.producers.clear()
         if self._rtcp_timer is not None:
             self._rtcp_timer.cancel()
             self._rtcp_timer = None
