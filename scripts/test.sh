@@ -16,6 +16,9 @@ echo "== lint (ruff, mypy --strict, tsc --strict on web/)"
 .venv/bin/mypy src/fastsfu
 (cd web && node_modules/.bin/tsc -p .)
 
+echo "== API reference (pdoc, warnings are errors) into build/api"
+scripts/docs_build.sh
+
 echo "== micro-benchmarks (pytest-benchmark): datapath, STUN answers, DTLS handshakes"
 $PY -m pytest benchmarks/bench_datapath.py benchmarks/bench_stun.py benchmarks/bench_dtls.py -q -p no:cacheprovider -s \
     --benchmark-columns=median,min,max,rounds --benchmark-sort=name

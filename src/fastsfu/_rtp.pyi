@@ -2,7 +2,9 @@
 
 from typing import Any, Protocol
 
-from _typeshed import ReadableBuffer
+# typeshed's ReadableBuffer is this same alias; _typeshed itself cannot be imported, and pdoc
+# executes this stub for the API reference.
+from typing_extensions import Buffer as ReadableBuffer
 
 DROP_REASONS: tuple[str, ...]
 SLOW_STUN: int

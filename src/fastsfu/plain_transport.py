@@ -6,6 +6,7 @@ learns it from the first authenticated RTP packet. RTP and RTCP share one port (
 
 from __future__ import annotations
 
+import builtins
 import ipaddress
 from typing import TYPE_CHECKING, Any
 
@@ -48,7 +49,7 @@ class PlainTransport(Transport):
         self.comedia = comedia
         self.rtcp_mux = True
         self._connected = False
-        self._remote: tuple[str, int] | None = None
+        self._remote: builtins.tuple[str, int] | None = None  # `tuple` is a property here
         self._srtp_suite = srtp_crypto_suite if enable_srtp else None
         self._local_key = (srtp_key or srtp.generate_key(srtp_crypto_suite)) if enable_srtp else b""
         self._fixed_key = srtp_key is not None
