@@ -9,6 +9,7 @@ import io
 import json
 import logging
 import os
+import platform
 import re
 import signal
 import socket
@@ -22,6 +23,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from helpers import OPUS_CAPS, serve_app
 
+import fastsfu
 from fastsfu import Engine
 from fastsfu._proto.hrpc.v1 import hrpc_pb2
 from fastsfu._proto.protocol.voice.v1 import voice_pb2, voice_pb2_grpc
@@ -162,10 +164,11 @@ def test_metrics_health_json_logs_and_sigterm_through_the_cli() -> None:
                     if metrics["fastsfu_received_packets_total"] >= 20:
                         break
                     await asyncio.sleep(0.05)
-                drops = sum(v for k, v in metrics.items() if k.startswith("fastsfu_drops_total{"))
+                dropped = "fastsfu_dropped_datagrams_total{"
+                drops = sum(v for k, v in metrics.items() if k.startswith(dropped))
                 assert metrics["fastsfu_received_packets_total"] >= 20
                 assert metrics["fastsfu_received_bytes_total"] >= 20 * 41
-                assert drops >= 20 > sum(v for k, v in before.items() if k.startswith("fastsfu_drops_total{"))
+                assert drops >= 20 > sum(v for k, v in before.items() if k.startswith(dropped))
                 assert metrics["fastsfu_rooms"] == 2 and metrics["fastsfu_routers"] == 2
                 assert metrics["fastsfu_voice_sessions"] == 2 and metrics["fastsfu_voice_streams_open"] == 2
                 assert metrics["fastsfu_room_members"] == 0 and metrics["fastsfu_transports"] == 2
@@ -173,7 +176,12 @@ def test_metrics_health_json_logs_and_sigterm_through_the_cli() -> None:
                 assert metrics['fastsfu_voice_streams_total{frontend="hrpc"}'] == 1
                 assert metrics['fastsfu_voice_streams_total{frontend="grpc"}'] == 1
                 assert metrics['fastsfu_voice_stream_errors_total{identifier="h.blank-session"}'] == 1
-                assert metrics['fastsfu_handshake_failures_total{kind="dtls"}'] == 0
+                assert metrics["fastsfu_dtls_failures_total"] == 0
+                build = f'python="{platform.python_version()}",version="{fastsfu.__version__}"'
+                assert metrics[f"fastsfu_build_info{{{build}}}"] == 1
+                assert metrics["process_open_fds"] > 5 and metrics["process_resident_memory_bytes"] > 1e6
+                assert 'python_gc_collections_total{generation="0"}' in metrics
+                assert metrics["fastsfu_ice_consent_expiries_total"] == 0
                 assert "fastsfu_forwarded_bytes_total" in metrics
                 # The start-up heap is frozen out of every collection, and each pause is measured.
                 assert metrics["fastsfu_gc_frozen_objects"] > 10_000

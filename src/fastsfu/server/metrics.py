@@ -4,14 +4,22 @@ engine's datapath totals, the rooms, the front-ends' counters), so nothing is do
 
 from __future__ import annotations
 
+import platform
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    GCCollector,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector, CollectorRegistry
 
+import fastsfu
 from fastsfu.discord.ws_server import GatewayEndpoint
 from fastsfu.harmony.rate_limit import RateLimiter
 from fastsfu.harmony.session import VoiceRooms
@@ -48,6 +56,11 @@ class ServerCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         rooms, engine = self.rooms, self.rooms.engine
+        info = GaugeMetricFamily(
+            "fastsfu_build_info", "The running fastsfu: version and Python", labels=["version", "python"]
+        )
+        info.add_metric([fastsfu.__version__, platform.python_version()], 1)
+        yield info
         yield _gauge("fastsfu_rooms", "Voice channels with a router", len(rooms.rooms))
         members = sum(len(room.members) for room in rooms.rooms.values())
         yield _gauge("fastsfu_room_members", "Users who completed the join, over all rooms", members)
@@ -67,8 +80,8 @@ class ServerCollector(Collector):
         yield errors
         if self.rate_limit is not None:
             yield _counter(
-                "fastsfu_rate_limited_connections",
-                "Streams refused by the rate limit",
+                "fastsfu_rate_limited_streams",
+                "Voice streams refused by the rate limit (both front-ends)",
                 self.rate_limit.rejected,
             )
             yield _gauge(
@@ -94,16 +107,21 @@ class ServerCollector(Collector):
         yield _counter("fastsfu_forwarded_packets", "RTP packets sent to consumers", s["forwarded_packets"])
         yield _counter("fastsfu_forwarded_bytes", "SRTP bytes sent to consumers", s["forwarded_bytes"])
         yield _counter("fastsfu_slow_path_packets", "Datagrams handled in Python", s["slow_path_packets"])
-        drops = CounterMetricFamily("fastsfu_drops", "Datagrams dropped, by reason", labels=["reason"])
+        drops = CounterMetricFamily(
+            "fastsfu_dropped_datagrams", "Media datagrams dropped, by reason", labels=["reason"]
+        )
         for reason, count in s["drops"].items():
             drops.add_metric([reason], count)
         yield drops
-        failures = CounterMetricFamily(
-            "fastsfu_handshake_failures", "WebRTC transport failures, by kind", labels=["kind"]
+        # Two different events: a handshake that failed, and a peer that went silent after one.
+        yield _counter(
+            "fastsfu_dtls_failures", "WebRTC transports whose DTLS handshake failed", s["dtls_failures"]
         )
-        failures.add_metric(["dtls"], s["dtls_failures"])
-        failures.add_metric(["ice_consent"], s["ice_consent_expiries"])
-        yield failures
+        yield _counter(
+            "fastsfu_ice_consent_expiries",
+            "WebRTC transports closed because ICE consent expired (RFC 7675)",
+            s["ice_consent_expiries"],
+        )
         if self.discord is not None:
             yield _counter(
                 "fastsfu_discord_discoveries_refused",
@@ -187,6 +205,11 @@ def metrics_mount(
     """A `make_app` mount adding GET /metrics; its own registry, so servers in one process never clash."""
     registry = CollectorRegistry()
     registry.register(ServerCollector(rooms, rate_limit, discord, edges, gc_monitor))
+    # The conventional process_* (CPU, memory, fds, start time) and python_* families, so the
+    # usual dashboards and alerts work unchanged.
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    GCCollector(registry=registry)
 
     async def metrics(request: web.Request) -> web.Response:
         return web.Response(body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
