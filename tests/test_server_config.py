@@ -286,3 +286,34 @@ def test_edge_knobs_defaults_precedence_and_bounds(tmp_path: Path) -> None:
             load_config(None, env, {})
     with pytest.raises(ConfigError, match="expected an int"):
         load_config(None, {"FASTSFU_MAX_CONNECTIONS_PER_ADDRESS": "many"}, {})
+
+
+def test_token_secret_from_a_file(tmp_path: Path) -> None:
+    """The secret can come from a file (systemd credentials, Docker secrets), so it is not on a
+    command line that `ps` shows; tokens minted with it are accepted by the running server."""
+    secret_file = tmp_path / "secret"
+    secret_file.write_text("file-secret-of-at-least-thirty-two-bytes\n")
+    config = load_config(None, {"FASTSFU_TOKEN_SECRET_FILE": str(secret_file)}, {})
+    assert config.token_secret == "file-secret-of-at-least-thirty-two-bytes"
+    assert config.redacted()["token_secret"] == "<set>"
+    with pytest.raises(ConfigError, match="both set"):
+        load_config(None, {"FASTSFU_TOKEN_SECRET": "x" * 32}, {"token_secret_file": str(secret_file)})
+    (tmp_path / "empty").write_text("\n")
+    with pytest.raises(ConfigError, match="empty"):
+        load_config(None, {}, {"token_secret_file": str(tmp_path / "empty")})
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(None, {}, {"token_secret_file": str(tmp_path / "missing")})
+    out = cli(
+        "--token-secret-file",
+        str(secret_file),
+        "--hrpc-port",
+        "0",
+        "--grpc-port",
+        "0",
+        "--discord-port",
+        "-1",
+        "--print-config",
+    )
+    assert out.returncode == 0, out.stderr
+    printed = json.loads(out.stdout)
+    assert printed["token_secret"] == "<set>" and "file-secret" not in out.stdout

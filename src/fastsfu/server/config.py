@@ -65,6 +65,8 @@ class ServerConfig:
     grpc_port: int = 2290
     media_port: int = 0  # the shared WebRTC UDP port; 0: any free port
     token_secret: str | None = None  # None: generated at start (tokens then only work until restart)
+    # A file holding the secret instead (kept out of `ps` and the environment); read at start.
+    token_secret_file: str | None = None
     dtls_certificate: str | None = None  # PEM file (ECDSA P-256); None: generated at start
     dtls_private_key: str | None = None  # PEM file, with dtls_certificate
     metrics: bool = True  # GET /metrics (Prometheus) on the hRPC listener
@@ -147,6 +149,13 @@ OPTIONS = (
         str,
         "HS256 secret for session tokens (default: generated)",
         metavar="SECRET",
+    ),
+    Option(
+        "token_secret_file",
+        "--token-secret-file",
+        str,
+        "file holding the token secret (instead of --token-secret, which `ps` shows)",
+        metavar="PATH",
     ),
     Option(
         "dtls_certificate",
@@ -311,6 +320,7 @@ def load_config(
         o = _BY_KEY[key]
         values[key] = _coerce(o, raw, o.flag, from_text=not isinstance(raw, bool))
     config = _build(values, auth, duration)
+    _load_token_secret(config)
     _check_dtls(config)
     _check_discord_tls(config)
     return config
@@ -489,6 +499,21 @@ def _check_discord_tls(config: ServerConfig) -> None:
             )
         except (OSError, ssl.SSLError) as exc:
             raise ConfigError(f"discord TLS certificate {d.tls_certificate}: {exc}") from None
+
+
+def _load_token_secret(config: ServerConfig) -> None:
+    """token_secret_file: its content (surrounding whitespace stripped) becomes token_secret."""
+    if config.token_secret_file is None:
+        return
+    if config.token_secret is not None:
+        raise ConfigError("token_secret and token_secret_file are both set: give one")
+    try:
+        secret = _read(config.token_secret_file).decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise ConfigError(f"{config.token_secret_file}: the token secret must be UTF-8 text") from None
+    if not secret:
+        raise ConfigError(f"{config.token_secret_file}: the token secret file is empty")
+    config.token_secret = secret
 
 
 def _check_dtls(config: ServerConfig) -> None:
