@@ -118,3 +118,16 @@ def test_serve_without_the_demo_bundle_says_so_and_prints_no_demo_links(tmp_path
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
+
+
+def test_building_elsewhere_than_linux_fails_with_a_clear_message(tmp_path: Path) -> None:
+    # setup.py's build_ext as it would run on macOS: it stops before Cython with one plain line.
+    fake = "import runpy, sys, setuptools.command.build_ext; sys.platform = 'darwin'; "
+    fake += "runpy.run_path('setup.py')"  # (setuptools imported first: on Linux it needs Linux)
+    build_ext = ["build_ext", "--build-temp", str(tmp_path), "--build-lib", str(tmp_path)]
+    out = subprocess.run(
+        [sys.executable, "-c", fake, *build_ext], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 1, out
+    assert "fastsfu builds and runs on Linux only" in out.stderr and "(this is darwin)" in out.stderr
+    assert "Traceback" not in out.stderr and list(tmp_path.iterdir()) == []
