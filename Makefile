@@ -15,4 +15,4 @@ bench: setup
 	.venv/bin/python benchmarks/run.py
 
 clean:
-	rm -rf .venv build benchmarks/.build src/fastsfu/*.so src/fastsfu/_rtp.c
+	rm -rf .venv build dist benchmarks/.build src/fastsfu/*.so src/fastsfu/_rtp.c

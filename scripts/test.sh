@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite: lint and types, the datapath micro-benchmarks, the short loopback load
 # benchmark (fastsfu against the bare C forwarder, same run), the short soak (join/leave churn),
-# headless Chromium against fastsfu in a loopback-only network namespace, then every other test
-# (last, so its summary closes the output).
+# headless Chromium against fastsfu in a loopback-only network namespace, the wheel installed and
+# run outside the checkout, then every other test (last, so its summary closes the output).
 # Installs what it needs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -44,6 +44,9 @@ elif [ "${CI:-}" = "true" ]; then
 else
     echo "browser interop skipped: setup failed or no network namespace (unshare -n needs root)"
 fi
+
+echo "== wheel: python -m build, auditwheel repair, install in a fresh venv outside the checkout, smoke test"
+scripts/wheel_smoke.sh
 
 echo "== tests"
 $PY -m pytest tests -m "not browser" -q -p no:cacheprovider

@@ -1,7 +1,8 @@
 """The /demo page: a browser joins a voice channel with mediasoup-client over hRPC.
 
 The page is static HTML; its bundle (static/demo.js) is built from the pinned npm packages in web/
-by scripts/web_build.sh, which the README's set-up commands run. Nothing minified is committed.
+by scripts/web_build.sh, which the README's set-up commands run (a wheel carries it when Node was
+there at build time). Nothing minified is committed. Without the bundle /demo/ says so (503).
 """
 
 from __future__ import annotations
@@ -13,17 +14,31 @@ from aiohttp import web
 STATIC = Path(__file__).parent / "static"
 PAGE = STATIC / "demo.html"
 BUNDLE = STATIC / "demo.js"
+NOT_BUILT = (
+    "the /demo page is not available: its bundle (fastsfu/server/static/demo.js) was not built "
+    "into this installation; build it from a checkout with scripts/web_build.sh (Node >= 18)"
+)
 
 
-async def _page(request: web.Request) -> web.FileResponse:
+def bundle_built() -> bool:
+    """Whether the /demo page can work (its bundle is there): the server prints links only then."""
+    return BUNDLE.is_file()
+
+
+async def _page(request: web.Request) -> web.StreamResponse:
+    if not bundle_built():
+        # A page that would load a missing script is a dead link: say why instead. 503, as the
+        # route exists but the service behind it is not available in this installation.
+        body = f"<!doctype html><title>fastsfu demo not built</title><p>{NOT_BUILT}.</p>\n"
+        return web.Response(status=503, text=body, content_type="text/html")
     return web.FileResponse(PAGE, headers={"Cache-Control": "no-cache"})
 
 
 async def _bundle(request: web.Request) -> web.StreamResponse:
-    if not BUNDLE.is_file():
+    if not bundle_built():
         return web.Response(
             status=404,
-            text="// demo.js is not built: run scripts/web_build.sh (make serve does)\n",
+            text=f"// {NOT_BUILT}\n",
             content_type="application/javascript",
         )
     return web.FileResponse(BUNDLE, headers={"Cache-Control": "no-cache"})

@@ -27,7 +27,7 @@ from fastsfu.harmony.hrpc_server import STREAM_PATH, make_app
 from fastsfu.harmony.rate_limit import RateLimiter
 from fastsfu.harmony.session import VoiceRooms, VoiceSettings
 from fastsfu.server.config import ServerConfig
-from fastsfu.server.demo_page import mount_demo
+from fastsfu.server.demo_page import NOT_BUILT, bundle_built, mount_demo
 from fastsfu.server.edge import ConnectionGuard, EdgeLimits, GuardedSite
 from fastsfu.server.gc_health import GcMonitor, freeze_startup_heap
 from fastsfu.server.lifecycle import drain, stop_event
@@ -91,8 +91,8 @@ async def serve_harmony(config: ServerConfig, voice: VoiceSettings | None = None
         print(f"fastsfu: hRPC ws://{config.listen_ip}:{hrpc_port}{STREAM_PATH}", flush=True)
         print(f"fastsfu: gRPC {config.listen_ip}:{grpc_port}", flush=True)
         print(f"fastsfu: media udp {media[0]}:{media[1]}", flush=True)
-        demo = f"http://{config.listen_ip}:{hrpc_port}/demo/"
-        print(f"fastsfu: demo page {demo}", flush=True)
+        demo = f"http://{config.listen_ip}:{hrpc_port}/demo/" if bundle_built() else None
+        print(f"fastsfu: demo page {demo}" if demo else f"fastsfu: {NOT_BUILT}", flush=True)
         if config.metrics:
             print(f"fastsfu: metrics http://{config.listen_ip}:{hrpc_port}{METRICS_PATH}", flush=True)
         if discord_url:
@@ -100,7 +100,7 @@ async def serve_harmony(config: ServerConfig, voice: VoiceSettings | None = None
         if config.token_secret is None:
             # Tokens only this run can verify: open both links (two browsers or profiles) to talk.
             print(f"fastsfu: generated token secret; a token for user 1: {auth.mint(1)}", flush=True)
-            for user in (1, 2):
+            for user in (1, 2) if demo else ():  # links only to a page that works
                 print(f"fastsfu: join as user {user}: {demo}?autojoin=1#token={auth.mint(user)}", flush=True)
         stop = stop_event(config.duration)
         # Everything built so far lives as long as the process: keep it out of every collection.
