@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Literal, TypeVar
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, x25519
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
@@ -823,6 +823,10 @@ class DtlsTransport:
             key = x509.load_der_x509_certificate(der).public_key()
         except ValueError as exc:
             raise _Fatal(m.ALERT_BAD_CERTIFICATE, f"unparsable peer certificate: {exc}") from exc
+        except UnsupportedAlgorithm as exc:
+            # A key on a curve (or of a type) cryptography does not know: RFC 5246 §7.2.2
+            # unsupported_certificate, not an internal error.
+            raise _Fatal(m.ALERT_UNSUPPORTED_CERTIFICATE, f"unsupported peer certificate: {exc}") from exc
         if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, ec.SECP256R1):
             raise _Fatal(m.ALERT_BAD_CERTIFICATE, "peer certificate key is not ECDSA P-256")
         self._peer_der = der
