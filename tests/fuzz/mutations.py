@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +21,9 @@ INTERESTING_U16 = (0, 1, 2, 3, 4, 0x7FFF, 0x8000, 0xFFFE, 0xFFFF)
 
 
 def budget(ci_examples: int) -> settings:
-    """`ci_examples` in the "ci" profile, scaled by the active profile (x100 for "long")."""
-    scale = settings.default.max_examples / 100
+    """`ci_examples` in the "ci" profile, scaled by the active profile (x100 for "long") or by
+    FASTSFU_FUZZ_SCALE when set (docs/fuzzing.md)."""
+    scale = float(os.environ.get("FASTSFU_FUZZ_SCALE") or settings.default.max_examples / 100)
     return settings(max_examples=max(1, int(ci_examples * scale)))
 
 
@@ -34,17 +36,24 @@ def corpus(target: str) -> list[bytes]:
     return out
 
 
-@st.composite
-def mutated(draw: st.DrawFn, seed: bytes, max_edits: int = 4) -> bytes:
-    """`seed` with 0..max_edits edits: bit flips, interesting bytes and 16-bit lengths, inserts,
-    deletions, truncation, duplicated chunks, small arithmetic. Positions are drawn independently
-    of the seed's length (then reduced modulo it), so the draws replay even when a live peer's
-    datagram differs in size from one run to the next (ECDSA signatures do)."""
+Edit = tuple[int, int, int, bytes]  # (operation, position, argument, inserted bytes)
+
+
+def edits(max_edits: int = 4) -> st.SearchStrategy[list[Edit]]:
+    """Byte edits drawn before the bytes they apply to are known: positions are reduced modulo the
+    length later, so the draws replay even when a live peer's datagram changes size from one run
+    to the next (ECDSA signatures do)."""
+    edit = st.tuples(
+        st.integers(0, 8), st.integers(0, 0xFFFF), st.integers(0, 0xFFFF), st.binary(min_size=1, max_size=32)
+    )
+    return st.lists(edit, max_size=max_edits)
+
+
+def apply_edits(seed: bytes, edit_list: list[Edit]) -> bytes:
+    """Bit flips, interesting bytes and 16-bit lengths, inserts, deletions, truncation,
+    duplicated chunks, overwrites, small arithmetic."""
     data = bytearray(seed)
-    for _ in range(draw(st.integers(0, max_edits))):
-        op = draw(st.integers(0, 8))
-        pos = draw(st.integers(0, 0xFFFF))
-        arg = draw(st.integers(0, 0xFFFF))
+    for op, pos, arg, blob in edit_list:
         n = len(data)
         i = pos % n if n else 0
         if op == 0 and n:
@@ -55,7 +64,7 @@ def mutated(draw: st.DrawFn, seed: bytes, max_edits: int = 4) -> bytes:
             choices = (*INTERESTING_U16, n, n - i, n + 4)
             data[i : i + 2] = (choices[arg % len(choices)] & 0xFFFF).to_bytes(2, "big")
         elif op == 3:
-            data[pos % (n + 1) : pos % (n + 1)] = draw(st.binary(min_size=1, max_size=32))
+            data[pos % (n + 1) : pos % (n + 1)] = blob
         elif op == 4:
             del data[i : i + 1 + arg % 32]
         elif op == 5:
@@ -65,10 +74,15 @@ def mutated(draw: st.DrawFn, seed: bytes, max_edits: int = 4) -> bytes:
             k = (arg >> 6) % (n + 1)
             data[k:k] = chunk
         elif op == 7:
-            data[i : i + 4] = draw(st.binary(min_size=1, max_size=4))
+            data[i : i + len(blob) % 4 + 1] = blob[:4]
         elif op == 8 and n:
             data[i] = (data[i] + (-1, 1, -2, 2, 16, -16)[arg % 6]) & 0xFF
     return bytes(data)
+
+
+def mutated(seed: bytes, max_edits: int = 4) -> st.SearchStrategy[bytes]:
+    """`seed` with 0..max_edits byte edits."""
+    return edits(max_edits).map(lambda e: apply_edits(seed, e))
 
 
 def seeded(seeds: list[bytes], random_max: int = 256) -> st.SearchStrategy[bytes]:
