@@ -189,19 +189,33 @@ def test_connected_transport_never_raises(data: st.DataObject, foreign: list[byt
 # ---- regressions found by the targets above (docs/fuzzing.md) ----
 
 P256_OID = bytes.fromhex("2a8648ce3d030107")  # 1.2.840.10045.3.1.7, prime256v1
+X509_V3 = bytes.fromhex("a003020102")  # [0] EXPLICIT Version INTEGER 2 (RFC 5280 §4.1.2.1)
 
 
 @pytest.mark.parametrize("victim", ["server", "client"])
-def test_certificate_with_an_unknown_curve_is_an_unsupported_certificate(victim: str) -> None:
-    """Found by test_transport_mid_handshake: one bit flipped in the curve OID of the peer's
-    certificate (1.2.840... -> 1.3.840...) made cryptography raise UnsupportedAlgorithm, which the
-    transport reported as an internal error; it is an unsupported_certificate alert (RFC 5246 §7.2.2)."""
+@pytest.mark.parametrize(
+    ("original", "corrupted", "alert"),
+    [
+        # One bit flipped in the curve OID (1.2.840... -> 1.3.840...): cryptography raised
+        # UnsupportedAlgorithm; RFC 5246 §7.2.2 unsupported_certificate.
+        (P256_OID, b"\x2b" + P256_OID[1:], m.ALERT_UNSUPPORTED_CERTIFICATE),
+        # Version 2 -> 10: cryptography raised x509.InvalidVersion; RFC 5246 §7.2.2 bad_certificate.
+        (X509_V3, X509_V3[:-1] + b"\x0a", m.ALERT_BAD_CERTIFICATE),
+    ],
+    ids=["unknown-curve", "bad-version"],
+)
+def test_corrupt_peer_certificate_is_a_certificate_alert(
+    victim: str, original: bytes, corrupted: bytes, alert: int
+) -> None:
+    """Found by test_transport_mid_handshake: a peer certificate that cryptography refuses with an
+    exception other than ValueError was reported as an internal error (alert 80); it is a
+    certificate alert (RFC 5246 §7.2.2), whichever role receives it."""
     server, client = make_pair()
     sender = "client" if victim == "server" else "server"
 
     def tamper(i: int, name: str, datagram: bytes) -> list[bytes]:
-        if name == sender and P256_OID in datagram:
-            return [datagram.replace(P256_OID, b"\x2b" + P256_OID[1:])]
+        if name == sender and original in datagram:
+            return [datagram.replace(original, corrupted, 1)]
         return [datagram]
 
     sent = exchange(server, client, tamper)
@@ -209,5 +223,4 @@ def test_certificate_with_an_unknown_curve_is_an_unsupported_certificate(victim:
     event = check_consistent(t)
     assert event is None and t.state == "failed"
     alerts = alerts_in([d for name, d in sent if name == victim])
-    expected = (m.ALERT_FATAL, m.ALERT_UNSUPPORTED_CERTIFICATE)
-    assert [(a.fragment[0], a.fragment[1]) for a in alerts] == [expected]
+    assert [(a.fragment[0], a.fragment[1]) for a in alerts] == [(m.ALERT_FATAL, alert)]

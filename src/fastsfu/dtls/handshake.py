@@ -821,7 +821,9 @@ class DtlsTransport:
     def _set_peer_certificate(self, der: bytes) -> None:
         try:
             key = x509.load_der_x509_certificate(der).public_key()
-        except ValueError as exc:
+        except (ValueError, x509.InvalidVersion) as exc:
+            # InvalidVersion is not a ValueError: a Version other than v1-v3 (RFC 5280 §4.1.2.1)
+            # is a corrupt certificate, RFC 5246 §7.2.2 bad_certificate.
             raise _Fatal(m.ALERT_BAD_CERTIFICATE, f"unparsable peer certificate: {exc}") from exc
         except UnsupportedAlgorithm as exc:
             # A key on a curve (or of a type) cryptography does not know: RFC 5246 §7.2.2
