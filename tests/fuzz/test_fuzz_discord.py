@@ -171,7 +171,7 @@ def fuzzed(data: st.DataObject, op: int, d: Any, label: str) -> str:
     return data.draw(json_text(seed), label=label)
 
 
-@budget(80)
+@budget(120)
 @given(st.data(), st.sampled_from([SELECT_UDP, SELECT_WEBRTC]), st.sampled_from([4, 7, 8]))
 def test_gateway_with_real_media_answers_every_frame(
     media: Loop, data: st.DataObject, select: dict[str, Any], version: int

@@ -130,7 +130,7 @@ SESSION_STEPS = st.tuples(
 ).map(lambda t: requests(*t))
 
 
-@budget(60)
+@budget(150)
 @given(
     SESSION_STEPS,
     st.lists(st.tuples(st.integers(0, 3), st.sampled_from(FRAME_SEEDS).flatmap(mutated)), max_size=2),

@@ -65,7 +65,7 @@ def _plain(rng: random.Random, s: Sender) -> bytes:
     return data
 
 
-@budget(60)
+@budget(100)
 @given(st.integers(0, 2**32 - 1), st.data())
 def test_datapath_matches_reference_on_fuzzed_datagrams(seed: int, data: st.DataObject) -> None:
     rng = random.Random(seed)
