@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Literal, TypeVar
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, x25519
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
@@ -821,8 +821,14 @@ class DtlsTransport:
     def _set_peer_certificate(self, der: bytes) -> None:
         try:
             key = x509.load_der_x509_certificate(der).public_key()
-        except ValueError as exc:
+        except (ValueError, x509.InvalidVersion) as exc:
+            # InvalidVersion is not a ValueError: a Version other than v1-v3 (RFC 5280 §4.1.2.1)
+            # is a corrupt certificate, RFC 5246 §7.2.2 bad_certificate.
             raise _Fatal(m.ALERT_BAD_CERTIFICATE, f"unparsable peer certificate: {exc}") from exc
+        except UnsupportedAlgorithm as exc:
+            # A key on a curve (or of a type) cryptography does not know: RFC 5246 §7.2.2
+            # unsupported_certificate, not an internal error.
+            raise _Fatal(m.ALERT_UNSUPPORTED_CERTIFICATE, f"unsupported peer certificate: {exc}") from exc
         if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, ec.SECP256R1):
             raise _Fatal(m.ALERT_BAD_CERTIFICATE, "peer certificate key is not ECDSA P-256")
         self._peer_der = der

@@ -41,6 +41,19 @@ def token_from_request(request: web.Request) -> str:
     return ""
 
 
+def decode_frame(data: bytes | None) -> voice_pb2.StreamMessageRequest:
+    """A client frame (None: not a binary frame) -> the request; VoiceError voice-bad-frame otherwise."""
+    if data is None:
+        raise VoiceError("fastsfu.voice-bad-frame", "expected a binary frame")
+    if len(data) > MAX_FRAME:
+        raise VoiceError("fastsfu.voice-bad-frame", "frame over 64 KiB")
+    try:
+        request: voice_pb2.StreamMessageRequest = voice_pb2.StreamMessageRequest.FromString(data)
+    except Exception:  # protobuf's DecodeError (and RecursionError on deep nesting)
+        raise VoiceError("fastsfu.voice-bad-frame", "undecodable StreamMessageRequest") from None
+    return request
+
+
 def _error_body(identifier: str, message: str, details: bytes = b"") -> bytes:
     error = hrpc_pb2.Error(identifier=identifier, human_message=message, details=details)
     return bytes(error.SerializeToString())
@@ -116,14 +129,9 @@ class HrpcVoiceEndpoint:
                 msg = receiver.result()
                 if msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED, WSMsgType.ERROR):
                     return ws  # any close, with or without a status code, is a leave (§2.1)
-                if msg.type != WSMsgType.BINARY or len(msg.data) > MAX_FRAME:
-                    why = "expected a binary frame" if msg.type != WSMsgType.BINARY else "frame over 64 KiB"
-                    await self._fail(ws, VoiceError("fastsfu.voice-bad-frame", why), remote, user_id)
-                    return ws
                 try:
-                    req = voice_pb2.StreamMessageRequest.FromString(msg.data)
-                except Exception:  # protobuf's DecodeError
-                    error = VoiceError("fastsfu.voice-bad-frame", "undecodable StreamMessageRequest")
+                    req = decode_frame(msg.data if msg.type == WSMsgType.BINARY else None)
+                except VoiceError as error:
                     await self._fail(ws, error, remote, user_id)
                     return ws
                 receiver = self._receive(ws, wake)
