@@ -137,6 +137,10 @@ def test_shared_port_ice_dtls_srtp_end_to_end() -> None:
                     got.append(RtpPacket.parse(receiver.unprotect(data)))
             assert [p.sequence_number for p in got] == list(range(5))
             assert {p.ssrc for p in got} == {consumer.ssrc}
+            # ICE/DTLS datagrams the socket refuses are counted in the transport's stats.
+            assert ta.get_stats()[0]["controlSendFailures"] == 0
+            ta._send(b"\x00", ("127.0.0.1", 0))  # the kernel refuses port 0
+            assert ta.get_stats()[0]["controlSendFailures"] == 1
 
     run(main())
 

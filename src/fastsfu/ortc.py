@@ -362,10 +362,6 @@ def _subtype(codec: JsonDict) -> str:
     return str(codec["mimeType"]).split("/", 1)[1].lower()
 
 
-def _kind_of(codec: JsonDict) -> str:
-    return str(codec["mimeType"]).split("/", 1)[0].lower()
-
-
 def _is_media_codec(codec: JsonDict) -> bool:
     return _subtype(codec) not in _AUXILIARY_SUBTYPES
 

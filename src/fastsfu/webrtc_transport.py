@@ -52,7 +52,7 @@ class WebRtcTransport(Transport):
         self._remote_fingerprints: list[dict[str, str]] | None = None
         self._connected = False
         self._timer: asyncio.TimerHandle | None = None
-        self.slow_path_dropped = 0
+        self.control_send_failures = 0  # ICE/DTLS datagrams the socket refused (reported in stats)
 
     # ------------------------------------------------------------------ mediasoup's parameters
 
@@ -190,7 +190,7 @@ class WebRtcTransport(Transport):
         try:
             self.socket.sock.sendto(data, addr)
         except OSError:
-            self.slow_path_dropped += 1  # a full socket buffer: the protocols retransmit
+            self.control_send_failures += 1  # e.g. a full socket buffer: ICE and DTLS retransmit
 
     def _pump(self) -> None:
         """Send what ICE and DTLS produced, handle their events, re-arm the one timer."""
@@ -319,6 +319,7 @@ class WebRtcTransport(Transport):
                     "iceSelectedTuple": self.ice_selected_tuple,
                     "iceCounters": dict(self.ice.counters),
                     "dtlsCounters": dict(self._dtls.counters) if self._dtls else {},
+                    "controlSendFailures": self.control_send_failures,
                 }
             )
         return stats

@@ -86,10 +86,6 @@ def _build(push: Callable[[Buffer], None], capacity: int = 4096) -> bytes:
     return buf.data
 
 
-def pull_uint24(buf: Buffer) -> int:
-    return int.from_bytes(buf.pull_bytes(3), "big")
-
-
 # ---- Handshake header (RFC 6347 §4.2.2) ----
 
 
@@ -418,12 +414,6 @@ def parse_certificate_verify(data: bytes) -> tuple[int, bytes]:
 
 def encode_certificate_verify(algorithm: int, signature: bytes) -> bytes:
     return struct.pack("!HH", algorithm, len(signature)) + signature
-
-
-def parse_alert(data: bytes) -> tuple[int, int]:
-    if len(data) != 2:
-        raise DecodeError("an alert is two bytes")
-    return data[0], data[1]
 
 
 def encode_alert(level: int, description: int) -> bytes:

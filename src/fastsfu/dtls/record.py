@@ -127,9 +127,6 @@ class RecordLayer:
     def can_read(self, epoch: int) -> bool:
         return epoch == 0 or epoch in self._read
 
-    def next_sequence(self, epoch: int) -> int:
-        return self._write_seq[epoch]
-
     def bump_write_sequence(self, epoch: int, sequence: int) -> None:
         """Never reuse a sequence number spent elsewhere, e.g. by a HelloVerifyRequest (RFC 6347 §4.2.1)."""
         self._write_seq[epoch] = max(self._write_seq[epoch], sequence)
