@@ -22,6 +22,7 @@ from fastsfu.router import Router
 
 if TYPE_CHECKING:
     from fastsfu.transport import Transport
+    from fastsfu.types import EngineStats, RtpCodecCapability
 
 log = logging.getLogger("fastsfu")
 
@@ -141,7 +142,7 @@ class Engine(EventEmitter):
         return self._closed
 
     def create_router(
-        self, media_codecs: list[dict[str, Any]] | None = None, app_data: dict[str, Any] | None = None
+        self, media_codecs: list[RtpCodecCapability] | None = None, app_data: dict[str, Any] | None = None
     ) -> Router:
         if self._closed:
             raise RuntimeError("engine closed")
@@ -171,17 +172,19 @@ class Engine(EventEmitter):
     ) -> None:
         self.close()
 
-    def stats(self) -> dict[str, Any]:
+    def stats(self) -> EngineStats:
         """Datapath totals (packets and bytes) and drops by reason, plus slow-path and handshake counters."""
-        out = self.datapath.stats()
-        out["unhandled_datagrams"] = self.unhandled_datagrams
-        out["slow_path_errors"] = self.slow_path_errors
-        out["dtls_failures"] = self.dtls_failures
-        out["ice_consent_expiries"] = self.ice_consent_expiries
-        out["discord_discoveries_refused"] = self.discord_discoveries_refused
-        out["discord_remote_moves"] = self.discord_remote_moves
-        out["routers"] = len(self.routers)
-        out["transports"] = len(self._transports)
+        out: EngineStats = {
+            **self.datapath.stats(),
+            "unhandled_datagrams": self.unhandled_datagrams,
+            "slow_path_errors": self.slow_path_errors,
+            "dtls_failures": self.dtls_failures,
+            "ice_consent_expiries": self.ice_consent_expiries,
+            "discord_discoveries_refused": self.discord_discoveries_refused,
+            "discord_remote_moves": self.discord_remote_moves,
+            "routers": len(self.routers),
+            "transports": len(self._transports),
+        }
         return out
 
     # ------------------------------------------------------------------ sockets and transports
