@@ -65,6 +65,14 @@ def test_embedder_code_type_checks_under_mypy_strict() -> None:
     assert result.stdout.startswith("Success: no issues found in 1 source file"), result.stdout
 
 
+def test_readme_embedding_example_type_checks_under_mypy_strict(tmp_path: Path) -> None:
+    (example,) = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    snippet = tmp_path / "readme_example.py"
+    snippet.write_text(example)
+    result = mypy(snippet)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 def test_mypy_rejects_wrong_keys_and_values(tmp_path: Path) -> None:
     snippet = tmp_path / "typing_wrong.py"
     snippet.write_text(WRONG_USAGE)

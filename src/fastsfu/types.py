@@ -286,9 +286,18 @@ class DatapathStats(TypedDict):
     drops: dict[str, int]  # every reason of fastsfu._rtp.DROP_REASONS
 
 
-class EngineStats(DatapathStats):
-    """`Engine.stats()`: the datapath's totals plus the control plane's counters."""
+class EngineStats(TypedDict):
+    """`Engine.stats()`: the datapath's totals (DatapathStats' keys, repeated here rather than
+    inherited so that the API reference can place every key) plus the control plane's counters."""
 
+    rx_packets: int
+    rx_bytes: int
+    forwarded_packets: int
+    forwarded_bytes: int
+    batches: int
+    slow_path_packets: int
+    events_lost: int
+    drops: dict[str, int]
     unhandled_datagrams: int
     slow_path_errors: int
     dtls_failures: int
