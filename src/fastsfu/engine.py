@@ -12,7 +12,7 @@ import logging
 import socket as socketlib
 from dataclasses import dataclass
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from fastsfu import _rtp, rtp, stun
 from fastsfu import srtp as _srtp  # noqa: F401 - installs the libsrtp entry points in the datapath
@@ -174,17 +174,15 @@ class Engine(EventEmitter):
 
     def stats(self) -> EngineStats:
         """Datapath totals (packets and bytes) and drops by reason, plus slow-path and handshake counters."""
-        out: EngineStats = {
-            **self.datapath.stats(),
-            "unhandled_datagrams": self.unhandled_datagrams,
-            "slow_path_errors": self.slow_path_errors,
-            "dtls_failures": self.dtls_failures,
-            "ice_consent_expiries": self.ice_consent_expiries,
-            "discord_discoveries_refused": self.discord_discoveries_refused,
-            "discord_remote_moves": self.discord_remote_moves,
-            "routers": len(self.routers),
-            "transports": len(self._transports),
-        }
+        out = cast("EngineStats", self.datapath.stats())  # the lines below complete it (tests/test_types.py)
+        out["unhandled_datagrams"] = self.unhandled_datagrams
+        out["slow_path_errors"] = self.slow_path_errors
+        out["dtls_failures"] = self.dtls_failures
+        out["ice_consent_expiries"] = self.ice_consent_expiries
+        out["discord_discoveries_refused"] = self.discord_discoveries_refused
+        out["discord_remote_moves"] = self.discord_remote_moves
+        out["routers"] = len(self.routers)
+        out["transports"] = len(self._transports)
         return out
 
     # ------------------------------------------------------------------ sockets and transports
