@@ -166,5 +166,10 @@ def test_what_the_api_returns_matches_its_typeddicts() -> None:
     assert snapshot.producer_stats[0]["packetCount"] == typing_check.PACKETS
     assert snapshot.producer_stats[0]["highestSequenceNumber"] == typing_check.PACKETS - 1
     assert snapshot.engine_stats["forwarded_packets"] == typing_check.PACKETS
+    assert snapshot.datapath_consumer_stats["last_seq"] is not None
+    assert snapshot.datapath_transport_stats["remote"] == (
+        "127.0.0.1",
+        snapshot.plain_dump["tuple"]["remotePort"],
+    )
     # The optional keys of each transport class are present on that class's stats only.
     assert "iceState" in snapshot.webrtc_stats[0] and "iceState" not in snapshot.plain_stats[0]

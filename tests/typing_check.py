@@ -16,6 +16,10 @@ from fastsfu.srtp import SrtpContext, generate_key
 from fastsfu.types import (
     ConsumerDump,
     ConsumerStats,
+    DatapathConsumerStats,
+    DatapathProducerStats,
+    DatapathStats,
+    DatapathTransportStats,
     DtlsParameters,
     EngineStats,
     IceCandidate,
@@ -98,6 +102,11 @@ class Snapshot:
     webrtc_dump: WebRtcTransportDump
     webrtc_stats: list[TransportStats]
     engine_stats: EngineStats
+    # The datapath's own counters (engine.datapath), which the stats above are made from.
+    datapath_stats: DatapathStats
+    datapath_transport_stats: DatapathTransportStats
+    datapath_producer_stats: DatapathProducerStats
+    datapath_consumer_stats: DatapathConsumerStats
 
 
 async def run_room() -> Snapshot:
@@ -175,6 +184,10 @@ async def run_room() -> Snapshot:
             webrtc_dump=webrtc.dump(),
             webrtc_stats=webrtc.get_stats(),
             engine_stats=engine.stats(),
+            datapath_stats=engine.datapath.stats(),
+            datapath_transport_stats=engine.datapath.transport_stats(ingest.slot),
+            datapath_producer_stats=engine.datapath.producer_stats(producer.slot),
+            datapath_consumer_stats=engine.datapath.consumer_stats(consumer.slot),
         )
     finally:
         engine.close()
