@@ -1,5 +1,7 @@
 """fastsfu: a voice SFU with a Cython datapath (mediasoup-style API: Engine, Router, transports)."""
 
+# fastsfu.types: TypedDicts of the JSON shapes the API takes and returns (RtpParameters, ...).
+from fastsfu import types as types
 from fastsfu.consumer import Consumer
 from fastsfu.engine import Engine, Settings
 from fastsfu.ortc import OrtcError

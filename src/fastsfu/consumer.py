@@ -7,6 +7,7 @@ import uuid
 from typing import TYPE_CHECKING, Any
 
 from fastsfu.events import EventEmitter
+from fastsfu.types import ConsumerDump, ConsumerStats, MediaKind, RtpParameters
 
 if TYPE_CHECKING:
     from fastsfu.producer import Producer
@@ -24,14 +25,14 @@ class Consumer(EventEmitter):
         self,
         transport: Transport,
         producer: Producer,
-        rtp_parameters: dict[str, Any],
+        rtp_parameters: RtpParameters,
         ext_ids: dict[int, int],
         paused: bool,
         app_data: dict[str, Any] | None,
     ) -> None:
         super().__init__()
         self.id = str(uuid.uuid4())
-        self.kind = "audio"
+        self.kind: MediaKind = "audio"
         self.type = "simple"
         self.transport = transport
         self.producer = producer
@@ -115,13 +116,14 @@ class Consumer(EventEmitter):
     def sender_report_state(self) -> tuple[int, int, int] | None:
         """(RTP timestamp now, packets, octets) for an RTCP SR, or None before the first packet."""
         s = self._dp.consumer_stats(self.slot)
-        if s["last_timestamp"] is None:
+        last_timestamp, last_send_ns = s["last_timestamp"], s["last_send_ns"]
+        if last_timestamp is None or last_send_ns is None:  # both are set by the first packet sent
             return None
-        elapsed_ns = max(0, time.monotonic_ns() - s["last_send_ns"])
-        rtp_now = (s["last_timestamp"] + elapsed_ns * self.clock_rate // 1_000_000_000) & 0xFFFFFFFF
+        elapsed_ns = max(0, time.monotonic_ns() - last_send_ns)
+        rtp_now = (last_timestamp + elapsed_ns * self.clock_rate // 1_000_000_000) & 0xFFFFFFFF
         return rtp_now, s["packets"], s["bytes"]
 
-    def get_stats(self) -> list[dict[str, Any]]:
+    def get_stats(self) -> list[ConsumerStats]:
         if self._closed:
             return []
         s = self._dp.consumer_stats(self.slot)
@@ -139,7 +141,7 @@ class Consumer(EventEmitter):
             }
         ]
 
-    def dump(self) -> dict[str, Any]:
+    def dump(self) -> ConsumerDump:
         return {
             "id": self.id,
             "producerId": self.producer_id,

@@ -12,7 +12,7 @@ import logging
 import socket as socketlib
 from dataclasses import dataclass
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from fastsfu import _rtp, rtp, stun
 from fastsfu import srtp as _srtp  # noqa: F401 - installs the libsrtp entry points in the datapath
@@ -22,6 +22,7 @@ from fastsfu.router import Router
 
 if TYPE_CHECKING:
     from fastsfu.transport import Transport
+    from fastsfu.types import EngineStats, RtpCodecCapability
 
 log = logging.getLogger("fastsfu")
 
@@ -141,7 +142,7 @@ class Engine(EventEmitter):
         return self._closed
 
     def create_router(
-        self, media_codecs: list[dict[str, Any]] | None = None, app_data: dict[str, Any] | None = None
+        self, media_codecs: list[RtpCodecCapability] | None = None, app_data: dict[str, Any] | None = None
     ) -> Router:
         if self._closed:
             raise RuntimeError("engine closed")
@@ -171,9 +172,9 @@ class Engine(EventEmitter):
     ) -> None:
         self.close()
 
-    def stats(self) -> dict[str, Any]:
+    def stats(self) -> EngineStats:
         """Datapath totals (packets and bytes) and drops by reason, plus slow-path and handshake counters."""
-        out = self.datapath.stats()
+        out = cast("EngineStats", self.datapath.stats())  # the lines below complete it (tests/test_types.py)
         out["unhandled_datagrams"] = self.unhandled_datagrams
         out["slow_path_errors"] = self.slow_path_errors
         out["dtls_failures"] = self.dtls_failures

@@ -8,8 +8,20 @@ import base64
 import copy
 import re
 import secrets
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Final, NoReturn
+from typing import Any, Final, NoReturn, cast
+
+from fastsfu.types import (
+    RtcpFeedback,
+    RtpCapabilities,
+    RtpCodecCapability,
+    RtpCodecParameters,
+    RtpHeaderExtension,
+    RtpHeaderExtensionDirection,
+    RtpHeaderExtensionParameters,
+    RtpParameters,
+)
 
 __all__ = [
     "SUPPORTED_RTP_CAPABILITIES",
@@ -45,7 +57,9 @@ URI_TRANSPORT_CC: Final = "http://www.ietf.org/id/draft-holmer-rmcat-transport-w
 URI_ABS_CAPTURE_TIME: Final = "http://www.webrtc.org/experiments/rtp-hdrext/abs-capture-time"
 
 
-def _supported_ext(uri: str, preferred_id: int, direction: str = "sendrecv") -> JsonDict:
+def _supported_ext(
+    uri: str, preferred_id: int, direction: RtpHeaderExtensionDirection = "sendrecv"
+) -> RtpHeaderExtension:
     return {
         "kind": "audio",
         "uri": uri,
@@ -57,7 +71,7 @@ def _supported_ext(uri: str, preferred_id: int, direction: str = "sendrecv") -> 
 
 # Everything this server can route. Opus is signalled as 48000/2 whatever the
 # real channel count (RFC 7587 §7), so that is the only form we accept.
-SUPPORTED_RTP_CAPABILITIES: dict[str, Any] = {
+SUPPORTED_RTP_CAPABILITIES: RtpCapabilities = {
     "codecs": [
         {
             "kind": "audio",
@@ -81,7 +95,7 @@ SUPPORTED_RTP_CAPABILITIES: dict[str, Any] = {
     ],
 }
 
-_DEFAULT_MEDIA_CODECS: Final[tuple[JsonDict, ...]] = (
+_DEFAULT_MEDIA_CODECS: Final[tuple[RtpCodecCapability, ...]] = (
     {"kind": "audio", "mimeType": "audio/opus", "clockRate": 48000, "channels": 2},
 )
 
@@ -343,14 +357,20 @@ def _validate_params(params: object, path: str) -> JsonDict:
     return params
 
 
-def validate_rtp_capabilities(caps: object) -> dict[str, Any]:
-    """Validate RtpCapabilities; return a normalized deep copy with defaults filled in."""
-    return _validate_caps(caps, "rtpCapabilities")
+# The validators below check every key they return (and fill in the optional ones), so the casts
+# to mediasoup's shapes state what they verified at run time.
 
 
-def validate_rtp_parameters(params: object) -> dict[str, Any]:
-    """Validate (producer) RtpParameters; return a normalized deep copy with defaults filled in."""
-    return _validate_params(params, "rtpParameters")
+def validate_rtp_capabilities(caps: object) -> RtpCapabilities:
+    """Validate RtpCapabilities; return a normalized deep copy with defaults filled in
+    (codecs, headerExtensions, and each entry's optional keys are then present)."""
+    return cast(RtpCapabilities, _validate_caps(caps, "rtpCapabilities"))
+
+
+def validate_rtp_parameters(params: object) -> RtpParameters:
+    """Validate (producer) RtpParameters; return a normalized deep copy with defaults filled in
+    (headerExtensions, encodings, rtcp, and each entry's optional keys are then present)."""
+    return cast(RtpParameters, _validate_params(params, "rtpParameters"))
 
 
 # --------------------------------------------------------------------------
@@ -358,15 +378,15 @@ def validate_rtp_parameters(params: object) -> dict[str, Any]:
 # --------------------------------------------------------------------------
 
 
-def _subtype(codec: JsonDict) -> str:
+def _subtype(codec: Mapping[str, Any]) -> str:
     return str(codec["mimeType"]).split("/", 1)[1].lower()
 
 
-def _is_media_codec(codec: JsonDict) -> bool:
+def _is_media_codec(codec: Mapping[str, Any]) -> bool:
     return _subtype(codec) not in _AUXILIARY_SUBTYPES
 
 
-def _codecs_match(a: JsonDict, b: JsonDict) -> bool:
+def _codecs_match(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
     """Same codec per mediasoup's (non-strict) rule: mime, clock rate, channels.
 
     Mime types compare case-insensitively (RFC 6838 §4.2). Opus needs nothing
@@ -379,36 +399,34 @@ def _codecs_match(a: JsonDict, b: JsonDict) -> bool:
     return a.get("channels") == b.get("channels")
 
 
-def _fb_key(fb: JsonDict) -> tuple[str, str]:
+def _fb_key(fb: RtcpFeedback) -> tuple[str, str]:
     return (fb["type"], fb.get("parameter", ""))
 
 
-def _describe(codec: JsonDict) -> str:
+def _describe(codec: Mapping[str, Any]) -> str:
     desc = f"{codec['mimeType']}/{codec['clockRate']}"
     if "channels" in codec:
         desc += f"/{codec['channels']}"
     return desc
 
 
-def _producer_codec(params: JsonDict, path: str) -> JsonDict:
+def _producer_codec(params: RtpParameters, path: str) -> RtpCodecParameters:
     """The codec carrying the producer's media: the first non-auxiliary one."""
-    codecs: list[JsonDict] = params["codecs"]
-    for codec in codecs:
+    for codec in params["codecs"]:
         if _is_media_codec(codec):
             return codec
     _fail(f"{path}.codecs", "contains no media codec (only RTX/RED/FEC/CN/DTMF)")
 
 
-def _router_codec_for(codec: JsonDict, router_caps: JsonDict) -> JsonDict | None:
-    caps: list[JsonDict] = router_caps["codecs"]
-    for cap in caps:
+def _router_codec_for(codec: RtpCodecParameters, router_caps: RtpCapabilities) -> RtpCodecCapability | None:
+    for cap in router_caps.get("codecs", []):
         if cap["kind"] == "audio" and _is_media_codec(cap) and _codecs_match(codec, cap):
             return cap
     return None
 
 
-def _ext_allows(ext: JsonDict, directions: tuple[str, ...]) -> bool:
-    return ext["kind"] in ("audio", "") and ext["direction"] in directions
+def _ext_allows(ext: RtpHeaderExtension, directions: tuple[str, ...]) -> bool:
+    return ext["kind"] in ("audio", "") and ext.get("direction", "sendrecv") in directions
 
 
 # --------------------------------------------------------------------------
@@ -416,11 +434,13 @@ def _ext_allows(ext: JsonDict, directions: tuple[str, ...]) -> bool:
 # --------------------------------------------------------------------------
 
 
-def generate_router_rtp_capabilities(media_codecs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+def generate_router_rtp_capabilities(
+    media_codecs: list[RtpCodecCapability] | None = None,
+) -> RtpCapabilities:
     """Build the router's RtpCapabilities from mediasoup-style RouterOptions.mediaCodecs."""
     path = "mediaCodecs"
     if media_codecs is None:
-        media_codecs = [dict(c) for c in _DEFAULT_MEDIA_CODECS]
+        media_codecs = [c.copy() for c in _DEFAULT_MEDIA_CODECS]
     requested = copy.deepcopy(_list(media_codecs, path))
     if not requested:
         _fail(path, "must not be empty (a router needs at least one codec)")
@@ -477,7 +497,8 @@ def generate_router_rtp_capabilities(media_codecs: list[dict[str, Any]] | None =
         codec["parameters"] = {**codec["parameters"], **media_codec["parameters"]}
         codecs.append(codec)
 
-    return {"codecs": codecs, "headerExtensions": supported["headerExtensions"]}
+    # Every entry was validated (ours by _validate_caps, the application's fmtp merged in).
+    return cast(RtpCapabilities, {"codecs": codecs, "headerExtensions": supported["headerExtensions"]})
 
 
 # --------------------------------------------------------------------------
@@ -497,11 +518,11 @@ class ProducerRtpInfo:
     cname: str | None
 
 
-def get_producer_rtp_info(params: dict[str, Any], router_caps: dict[str, Any]) -> ProducerRtpInfo:
+def get_producer_rtp_info(params: RtpParameters, router_caps: RtpCapabilities) -> ProducerRtpInfo:
     """Check a producer's RtpParameters against the router; return its stream description."""
     path = "rtpParameters"
-    params = _validate_params(params, path)
-    router = _validate_caps(router_caps, "routerRtpCapabilities")
+    params = validate_rtp_parameters(params)
+    router = cast(RtpCapabilities, _validate_caps(router_caps, "routerRtpCapabilities"))
 
     codec = _producer_codec(params, path)
     router_codec = _router_codec_for(codec, router)
@@ -512,7 +533,7 @@ def get_producer_rtp_info(params: dict[str, Any], router_caps: dict[str, Any]) -
             f"payloadType:{codec['payloadType']}, {_describe(codec)}]: not in the router capabilities",
         )
 
-    encodings = params["encodings"]
+    encodings = params.get("encodings", [])
     # One SSRC per audio producer: simulcast/RID-based streams are a video
     # feature and would need RID demultiplexing (RFC 8852) we do not do.
     if len(encodings) != 1:
@@ -530,13 +551,13 @@ def get_producer_rtp_info(params: dict[str, Any], router_caps: dict[str, Any]) -
         _fail(f"{path}.encodings[0].ssrc", "is required")
 
     router_uris = {
-        ext["uri"] for ext in router["headerExtensions"] if _ext_allows(ext, ("sendrecv", "recvonly"))
+        ext["uri"] for ext in router.get("headerExtensions", []) if _ext_allows(ext, ("sendrecv", "recvonly"))
     }
     header_extensions = {
         ext["id"]: ext["uri"]
-        for ext in params["headerExtensions"]
+        for ext in params.get("headerExtensions", [])
         # Encrypted elements (RFC 6904) are opaque to us; ignore them.
-        if ext["uri"] in router_uris and not ext["encrypt"]
+        if ext["uri"] in router_uris and not ext.get("encrypt", False)
     }
 
     return ProducerRtpInfo(
@@ -545,7 +566,7 @@ def get_producer_rtp_info(params: dict[str, Any], router_caps: dict[str, Any]) -
         clock_rate=codec["clockRate"],
         mime_type=router_codec["mimeType"],
         header_extensions=header_extensions,
-        cname=params["rtcp"].get("cname"),
+        cname=params.get("rtcp", {}).get("cname"),
     )
 
 
@@ -555,40 +576,46 @@ def get_producer_rtp_info(params: dict[str, Any], router_caps: dict[str, Any]) -
 
 
 def _select_codecs(
-    producer: JsonDict, router: JsonDict, remote: JsonDict
-) -> tuple[JsonDict, JsonDict, JsonDict] | None:
+    producer: RtpParameters, router: RtpCapabilities, remote: RtpCapabilities
+) -> tuple[RtpCodecParameters, RtpCodecCapability, RtpCodecCapability] | None:
     """(producer codec, router codec, remote codec) or None when unconsumable."""
     codec = _producer_codec(producer, "producerRtpParameters")
     router_codec = _router_codec_for(codec, router)
     if router_codec is None:
         return None
-    for remote_codec in remote["codecs"]:
+    for remote_codec in remote.get("codecs", []):
         if remote_codec["kind"] == "audio" and _codecs_match(codec, remote_codec):
             return codec, router_codec, remote_codec
     return None
 
 
+def _validated(
+    producer_params: object, router_caps: object, remote_caps: object
+) -> tuple[RtpParameters, RtpCapabilities, RtpCapabilities]:
+    return (
+        cast(RtpParameters, _validate_params(producer_params, "producerRtpParameters")),
+        cast(RtpCapabilities, _validate_caps(router_caps, "routerRtpCapabilities")),
+        cast(RtpCapabilities, _validate_caps(remote_caps, "remoteRtpCapabilities")),
+    )
+
+
 def can_consume(
-    producer_params: dict[str, Any], router_caps: dict[str, Any], remote_caps: dict[str, Any]
+    producer_params: RtpParameters, router_caps: RtpCapabilities, remote_caps: RtpCapabilities
 ) -> bool:
     """True when the remote endpoint can receive the producer's codec."""
-    producer = _validate_params(producer_params, "producerRtpParameters")
-    router = _validate_caps(router_caps, "routerRtpCapabilities")
-    remote = _validate_caps(remote_caps, "remoteRtpCapabilities")
+    producer, router, remote = _validated(producer_params, router_caps, remote_caps)
     return _select_codecs(producer, router, remote) is not None
 
 
 def get_consumer_rtp_parameters(
-    producer_params: dict[str, Any],
-    router_caps: dict[str, Any],
-    remote_caps: dict[str, Any],
+    producer_params: RtpParameters,
+    router_caps: RtpCapabilities,
+    remote_caps: RtpCapabilities,
     ssrc: int,
     mid: str | None = None,
-) -> dict[str, Any]:
+) -> RtpParameters:
     """RtpParameters for a consumer, in the remote's own payload type and extension ids."""
-    producer = _validate_params(producer_params, "producerRtpParameters")
-    router = _validate_caps(router_caps, "routerRtpCapabilities")
-    remote = _validate_caps(remote_caps, "remoteRtpCapabilities")
+    producer, router, remote = _validated(producer_params, router_caps, remote_caps)
     _int_in(ssrc, "ssrc", 0, _MAX_U32)
     if mid is not None:
         _str(mid, "mid", non_empty=True)
@@ -603,8 +630,8 @@ def get_consumer_rtp_parameters(
 
 
 def consumer_rtp_parameters(
-    producer: dict[str, Any], router: dict[str, Any], remote: dict[str, Any], ssrc: int, mid: str | None
-) -> dict[str, Any] | None:
+    producer: RtpParameters, router: RtpCapabilities, remote: RtpCapabilities, ssrc: int, mid: str | None
+) -> RtpParameters | None:
     """`get_consumer_rtp_parameters` for inputs that are already validated (a Producer's
     rtp_parameters, a Router's rtp_capabilities, what `validate_rtp_capabilities` returned), or
     None when the remote cannot receive the producer's codec. Validating costs far more than
@@ -617,9 +644,9 @@ def consumer_rtp_parameters(
     # Header extensions: the router must be willing to send the extension and
     # the remote willing to receive it; ids are the remote's, as it declared
     # them for its receive side (RFC 8285 §5, ids are chosen per endpoint).
-    header_extensions: list[JsonDict] = []
+    header_extensions: list[RtpHeaderExtensionParameters] = []
     used_ids: dict[int, str] = {}
-    for router_ext in router["headerExtensions"]:
+    for router_ext in router.get("headerExtensions", []):
         uri = router_ext["uri"]
         if not _ext_allows(router_ext, ("sendrecv", "sendonly")):
             continue
@@ -628,7 +655,7 @@ def consumer_rtp_parameters(
         remote_ext = next(
             (
                 e
-                for e in remote["headerExtensions"]
+                for e in remote.get("headerExtensions", [])
                 if e["uri"] == uri and _ext_allows(e, ("sendrecv", "recvonly"))
             ),
             None,
@@ -646,10 +673,10 @@ def consumer_rtp_parameters(
 
     # RTCP feedback both ends support (RFC 4585 §4.2 negotiation: a feedback
     # type is only usable when both sides list it for the payload type).
-    remote_fb = {_fb_key(fb) for fb in remote_codec["rtcpFeedback"]}
+    remote_fb = {_fb_key(fb) for fb in remote_codec.get("rtcpFeedback", [])}
     negotiated_uris = {e["uri"] for e in header_extensions}
-    rtcp_feedback: list[JsonDict] = []
-    for fb in router_codec["rtcpFeedback"]:
+    rtcp_feedback: list[RtcpFeedback] = []
+    for fb in router_codec.get("rtcpFeedback", []):
         if _fb_key(fb) not in remote_fb:
             continue
         # Transport-wide feedback reports sequence numbers carried by its
@@ -669,7 +696,7 @@ def consumer_rtp_parameters(
             f"{_describe(remote_codec)} has no preferredPayloadType",
         )
 
-    consumer_codec: JsonDict = {
+    consumer_codec: RtpCodecParameters = {
         "mimeType": router_codec["mimeType"],
         "payloadType": payload_type,
         "clockRate": router_codec["clockRate"],
@@ -679,28 +706,28 @@ def consumer_rtp_parameters(
     # The producer's fmtp (e.g. stereo/useinbandfec as actually sent) describes
     # the stream the consumer receives, so it overrides the router defaults.
     # (Validated parameters hold only strings and numbers: a flat copy is a full copy.)
-    consumer_codec["parameters"] = {**router_codec["parameters"], **codec["parameters"]}
+    consumer_codec["parameters"] = {**router_codec.get("parameters", {}), **codec.get("parameters", {})}
     consumer_codec["rtcpFeedback"] = rtcp_feedback
 
-    result: JsonDict = {}
-    if mid is not None:
-        result["mid"] = mid
-    result["codecs"] = [consumer_codec]
+    # mid first, as before: the JSON reads in mediasoup's order.
+    result: RtpParameters = (
+        {"mid": mid, "codecs": [consumer_codec]} if mid is not None else {"codecs": [consumer_codec]}
+    )
     result["headerExtensions"] = header_extensions
     result["encodings"] = [{"ssrc": ssrc}]
     result["rtcp"] = {
-        "cname": producer["rtcp"].get("cname") or random_cname(),
+        "cname": producer.get("rtcp", {}).get("cname") or random_cname(),
         "reducedSize": True,
     }
     return result
 
 
-def extension_id_map(params: dict[str, Any]) -> dict[str, int]:
+def extension_id_map(params: RtpParameters) -> dict[str, int]:
     """uri -> id of the header extensions in any RtpParameters (first id wins per uri)."""
     path = "rtpParameters"
-    params = copy.deepcopy(_dict(params, path))
+    copied = copy.deepcopy(_dict(params, path))
     mapping: dict[str, int] = {}
-    for ext in _validate_header_extension_list(params, path):
+    for ext in _validate_header_extension_list(copied, path):
         mapping.setdefault(ext["uri"], ext["id"])
     return mapping
 

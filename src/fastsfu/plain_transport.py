@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 from fastsfu import srtp
 from fastsfu.srtp import SrtpContext
 from fastsfu.transport import Transport, TransportError
+from fastsfu.types import PlainTransportDump, SrtpParameters, TransportTuple
 
 if TYPE_CHECKING:
     from fastsfu.engine import UdpSocket
@@ -59,10 +60,10 @@ class PlainTransport(Transport):
             self.engine.datapath.set_transport_comedia(self.slot, True)
 
     @property
-    def tuple(self) -> dict[str, Any]:
+    def tuple(self) -> TransportTuple:
         """mediasoup's TransportTuple of this transport."""
         local_ip, local_port = self.socket.local_address
-        out: dict[str, Any] = {
+        out: TransportTuple = {
             "localIp": local_ip,
             "localAddress": local_ip,
             "localPort": local_port,
@@ -73,7 +74,7 @@ class PlainTransport(Transport):
         return out
 
     @property
-    def srtp_parameters(self) -> dict[str, str] | None:
+    def srtp_parameters(self) -> SrtpParameters | None:
         """Our SRTP parameters: the key we encrypt with, for the remote to decrypt."""
         if self._srtp_suite is None:
             return None
@@ -83,7 +84,7 @@ class PlainTransport(Transport):
         self,
         ip: str | None = None,
         port: int | None = None,
-        srtp_parameters: dict[str, Any] | None = None,
+        srtp_parameters: SrtpParameters | None = None,
     ) -> None:
         """Set the remote address (not with comedia) and the remote's SRTP parameters."""
         self._check_open()
@@ -132,7 +133,7 @@ class PlainTransport(Transport):
         self._remote = remote
         self.emit("tuple", self.tuple)
 
-    def dump(self) -> dict[str, Any]:
+    def dump(self) -> PlainTransportDump:
         return {
             "id": self.id,
             "tuple": self.tuple,

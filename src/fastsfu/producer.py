@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 from fastsfu.events import EventEmitter
 from fastsfu.ortc import ProducerRtpInfo
 from fastsfu.rtp import EXTENSION_KINDS
+from fastsfu.types import MediaKind, ProducerDump, ProducerStats, RtpParameters
 
 if TYPE_CHECKING:
     from fastsfu.consumer import Consumer
@@ -23,7 +24,7 @@ class Producer(EventEmitter):
     def __init__(
         self,
         transport: Transport,
-        rtp_parameters: dict[str, Any],
+        rtp_parameters: RtpParameters,
         info: ProducerRtpInfo,
         paused: bool,
         app_data: dict[str, Any] | None,
@@ -31,7 +32,7 @@ class Producer(EventEmitter):
     ) -> None:
         super().__init__()
         self.id = producer_id or str(uuid.uuid4())
-        self.kind = "audio"
+        self.kind: MediaKind = "audio"
         self.type = "simple"
         self.transport = transport
         self.rtp_parameters = rtp_parameters
@@ -105,7 +106,7 @@ class Producer(EventEmitter):
         self.observer.emit("close")
         return True
 
-    def get_stats(self) -> list[dict[str, Any]]:
+    def get_stats(self) -> list[ProducerStats]:
         if self._closed:
             return []
         s = self._dp.producer_stats(self.slot)
@@ -125,7 +126,7 @@ class Producer(EventEmitter):
             }
         ]
 
-    def dump(self) -> dict[str, Any]:
+    def dump(self) -> ProducerDump:
         return {
             "id": self.id,
             "kind": self.kind,

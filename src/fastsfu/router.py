@@ -9,6 +9,7 @@ from fastsfu import ortc
 from fastsfu.events import EventEmitter
 from fastsfu.plain_transport import PlainTransport
 from fastsfu.srtp import DEFAULT_SUITE
+from fastsfu.types import RouterDump, RtpCapabilities, RtpCodecCapability
 from fastsfu.webrtc_transport import WebRtcTransport
 
 if TYPE_CHECKING:
@@ -28,7 +29,7 @@ class Router(EventEmitter):
     def __init__(
         self,
         engine: Engine,
-        media_codecs: list[dict[str, Any]] | None,
+        media_codecs: list[RtpCodecCapability] | None,
         app_data: dict[str, Any] | None,
     ) -> None:
         super().__init__()
@@ -126,7 +127,7 @@ class Router(EventEmitter):
         self.observer.emit("newtransport", transport)
         return transport
 
-    def can_consume(self, producer_id: str, rtp_capabilities: dict[str, Any]) -> bool:
+    def can_consume(self, producer_id: str, rtp_capabilities: RtpCapabilities) -> bool:
         producer = self.producers.get(producer_id)
         if producer is None:
             return False
@@ -170,7 +171,7 @@ class Router(EventEmitter):
         if self._consumer_count >= self.engine.settings.max_consumers_per_router:
             raise RouterLimitError("too many consumers in this router")
 
-    def dump(self) -> dict[str, Any]:
+    def dump(self) -> RouterDump:
         return {
             "id": self.id,
             "rtpCapabilities": self.rtp_capabilities,

@@ -16,6 +16,7 @@ import pylibsrtp
 from pylibsrtp import _binding
 
 from fastsfu import _rtp
+from fastsfu.types import SrtpParameters
 
 
 class SrtpError(ValueError):
@@ -83,7 +84,7 @@ def parse_srtp_parameters(params: Any) -> tuple[SrtpSuite, bytes]:
     return s, key
 
 
-def srtp_parameters(suite_name: str, key: bytes) -> dict[str, str]:
+def srtp_parameters(suite_name: str, key: bytes) -> SrtpParameters:
     return {"cryptoSuite": suite_name, "keyBase64": base64.b64encode(key).decode("ascii")}
 
 

@@ -20,6 +20,7 @@ from fastsfu.consumer import Consumer
 from fastsfu.events import EventEmitter
 from fastsfu.producer import Producer
 from fastsfu.srtp import SrtpContext
+from fastsfu.types import RtpCapabilities, RtpParameters, TransportStats
 
 if TYPE_CHECKING:
     from fastsfu.engine import Engine, UdpSocket
@@ -65,7 +66,7 @@ class Transport(EventEmitter):
         self._next_mid = 0
         self.rtcp_ssrc = ortc.random_ssrc()  # sender SSRC of our receiver reports
         self.rtcp_cname = ortc.random_cname()
-        self._caps_cache: tuple[dict[str, Any], dict[str, Any]] | None = None
+        self._caps_cache: tuple[RtpCapabilities, RtpCapabilities] | None = None
         self._consumer_ssrcs: set[int] = {self.rtcp_ssrc}  # SSRCs we send: RTCP's and each consumer's
         self.rtcp_malformed = 0
         self.rtcp_received: collections.Counter[int] = collections.Counter()  # by packet type
@@ -82,7 +83,7 @@ class Transport(EventEmitter):
 
     def produce(
         self,
-        rtp_parameters: dict[str, Any],
+        rtp_parameters: RtpParameters,
         kind: str = "audio",
         paused: bool = False,
         app_data: dict[str, Any] | None = None,
@@ -110,7 +111,7 @@ class Transport(EventEmitter):
     def consume(
         self,
         producer_id: str,
-        rtp_capabilities: dict[str, Any],
+        rtp_capabilities: RtpCapabilities,
         paused: bool = False,
         mid: str | None = None,
         app_data: dict[str, Any] | None = None,
@@ -147,7 +148,7 @@ class Transport(EventEmitter):
             raise ortc.OrtcError("cannot consume: the rtpCapabilities have no codec for this producer")
         # Only extensions the datapath forwards are announced to the receiver.
         params["headerExtensions"] = [
-            e for e in params["headerExtensions"] if e["uri"] in rtp.EXTENSION_KINDS
+            e for e in params.get("headerExtensions", []) if e["uri"] in rtp.EXTENSION_KINDS
         ]
         ext_ids = {rtp.EXTENSION_KINDS[e["uri"]]: e["id"] for e in params["headerExtensions"]}
         if self.srtp_out is not None:
@@ -160,7 +161,7 @@ class Transport(EventEmitter):
         self.observer.emit("newconsumer", consumer)
         return consumer
 
-    def _validated_caps(self, rtp_capabilities: dict[str, Any]) -> dict[str, Any]:
+    def _validated_caps(self, rtp_capabilities: RtpCapabilities) -> RtpCapabilities:
         """The remote's capabilities, validated; a receiver passes the same ones for every
         consumer, so the last validation is reused while they compare equal (a C-level compare)."""
         cached = self._caps_cache
@@ -372,7 +373,7 @@ class Transport(EventEmitter):
 
     # ------------------------------------------------------------------ stats
 
-    def get_stats(self) -> list[dict[str, Any]]:
+    def get_stats(self) -> list[TransportStats]:
         if self._closed:
             return []
         s = self.engine.datapath.transport_stats(self.slot)

@@ -16,6 +16,15 @@ from fastsfu.dtls.crypto import FINGERPRINT_ALGORITHMS
 from fastsfu.ice import IceDisconnected, IceRestarted, IceSelectedTuple, IceServer
 from fastsfu.srtp import SrtpContext
 from fastsfu.transport import Transport, TransportError
+from fastsfu.types import (
+    DtlsFingerprint,
+    DtlsParameters,
+    IceCandidate,
+    IceParameters,
+    TransportStats,
+    TransportTuple,
+    WebRtcTransportDump,
+)
 
 if TYPE_CHECKING:
     from fastsfu.engine import UdpSocket
@@ -49,7 +58,7 @@ class WebRtcTransport(Transport):
         self.close_reason: str | None = None
         self._dtls: DtlsTransport | None = None
         self._dtls_role: str | None = None
-        self._remote_fingerprints: list[dict[str, str]] | None = None
+        self._remote_fingerprints: list[DtlsFingerprint] | None = None
         self._connected = False
         self._timer: asyncio.TimerHandle | None = None
         self.control_send_failures = 0  # ICE/DTLS datagrams the socket refused (reported in stats)
@@ -57,7 +66,7 @@ class WebRtcTransport(Transport):
     # ------------------------------------------------------------------ mediasoup's parameters
 
     @property
-    def ice_parameters(self) -> dict[str, Any]:
+    def ice_parameters(self) -> IceParameters:
         return {
             "usernameFragment": self.ice.credentials.ufrag,
             "password": self.ice.credentials.pwd,
@@ -65,7 +74,7 @@ class WebRtcTransport(Transport):
         }
 
     @property
-    def ice_candidates(self) -> list[dict[str, Any]]:
+    def ice_candidates(self) -> list[IceCandidate]:
         local_ip, port = self.socket.local_address
         ip = self._announced_ip or local_ip
         return [
@@ -81,11 +90,11 @@ class WebRtcTransport(Transport):
         ]
 
     @property
-    def dtls_parameters(self) -> dict[str, Any]:
+    def dtls_parameters(self) -> DtlsParameters:
         return {"role": "auto", "fingerprints": self.engine.dtls_certificate.fingerprints()}
 
     @property
-    def ice_selected_tuple(self) -> dict[str, Any] | None:
+    def ice_selected_tuple(self) -> TransportTuple | None:
         addr = self.ice.selected_tuple
         if addr is None:
             return None
@@ -101,7 +110,7 @@ class WebRtcTransport(Transport):
 
     # ------------------------------------------------------------------ connect / restart
 
-    def connect(self, dtls_parameters: dict[str, Any]) -> None:
+    def connect(self, dtls_parameters: DtlsParameters) -> None:
         """The remote's DTLS parameters (role and certificate fingerprints), mediasoup style."""
         self._check_open()
         if self._connected:
@@ -141,7 +150,7 @@ class WebRtcTransport(Transport):
             dtls.start(self._now())
         self._pump()
 
-    def restart_ice(self) -> dict[str, Any]:
+    def restart_ice(self) -> IceParameters:
         """New ICE credentials (RFC 8445 §9); the old ones work until a check uses the new."""
         self._check_open()
         creds = self.ice.restart()
@@ -308,7 +317,7 @@ class WebRtcTransport(Transport):
             self.dtls_state = "closed"
         return super()._close()
 
-    def get_stats(self) -> list[dict[str, Any]]:
+    def get_stats(self) -> list[TransportStats]:
         stats = super().get_stats()
         if stats:
             stats[0].update(
@@ -324,7 +333,7 @@ class WebRtcTransport(Transport):
             )
         return stats
 
-    def dump(self) -> dict[str, Any]:
+    def dump(self) -> WebRtcTransportDump:
         return {
             "id": self.id,
             "iceParameters": self.ice_parameters,

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from fastsfu import rtp
 from fastsfu.discord.crypto import LEGACY_MODES, MODES, AeadContext
 from fastsfu.transport import Transport, TransportError
+from fastsfu.types import RtpCapabilities, RtpParameters, TransportStats
 
 if TYPE_CHECKING:
     from fastsfu.engine import UdpSocket
@@ -35,7 +36,7 @@ PING_MAGIC = 0x1337CAFE
 PONG_MAGIC = 0x1337F00D
 
 # What a Discord client receives: Opus on PT 120, no header extensions (§6.3).
-DISCORD_RTP_CAPABILITIES: dict[str, Any] = {
+DISCORD_RTP_CAPABILITIES: RtpCapabilities = {
     "codecs": [
         {
             "kind": "audio",
@@ -67,7 +68,7 @@ def discovery_response(ssrc: int, ip: str, port: int) -> bytes:
     return struct.pack("!HHI64sH", DISCOVERY_RESPONSE, DISCOVERY_LEN - 4, ssrc, address, port)
 
 
-def rtp_parameters(ssrc: int) -> dict[str, Any]:
+def rtp_parameters(ssrc: int) -> RtpParameters:
     """The producer parameters of a Discord sender: Opus on PT 120 with READY's SSRC."""
     return {
         "codecs": [{"mimeType": "audio/opus", "payloadType": OPUS_PT, "clockRate": 48000, "channels": 2}],
@@ -232,7 +233,7 @@ class DiscordUdpTransport(Transport):
         self.engine._unregister_discord_ssrc(self.ssrc, self)
         return True
 
-    def get_stats(self) -> list[dict[str, Any]]:
+    def get_stats(self) -> list[TransportStats]:
         stats = super().get_stats()
         if not stats:
             return stats

@@ -23,6 +23,7 @@ from fastsfu.discord.webrtc_sdp import SdpError, WebRtcOffer, answer, parse_frag
 from fastsfu.harmony.session import CREATE_ERRORS, RoomMember, VoiceError, VoiceRooms, _Room
 from fastsfu.producer import Producer
 from fastsfu.transport import Transport, TransportError
+from fastsfu.types import RtpCapabilities
 
 log = logging.getLogger("fastsfu.discord")
 
@@ -50,7 +51,7 @@ class DiscordMember:
         self.joined = False
 
     @property
-    def receive_capabilities(self) -> dict[str, Any]:
+    def receive_capabilities(self) -> RtpCapabilities:
         return self.offer.rtp_capabilities() if self.offer is not None else DISCORD_RTP_CAPABILITIES
 
     # ------------------------------------------------------------------ RoomMember

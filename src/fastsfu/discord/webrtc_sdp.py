@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fastsfu.dtls.crypto import FINGERPRINT_ALGORITHMS
+from fastsfu.types import DtlsFingerprint, IceParameters, RtpCapabilities, RtpParameters
 
 # Extensions a forwarded stream may carry to a browser (the ones fastsfu rewrites per receiver).
 FORWARDED_EXTENSIONS = ("urn:ietf:params:rtp-hdrext:ssrc-audio-level",)
@@ -25,11 +26,11 @@ class SdpError(ValueError):
 class WebRtcOffer:
     ice_ufrag: str
     ice_pwd: str
-    fingerprints: list[dict[str, str]]
+    fingerprints: list[DtlsFingerprint]
     opus_pt: int = 111
     extensions: dict[str, int] = field(default_factory=dict)  # URI -> ID
 
-    def rtp_capabilities(self) -> dict[str, Any]:
+    def rtp_capabilities(self) -> RtpCapabilities:
         """What this browser receives: Opus at its PT and the extensions it declared."""
         return {
             "codecs": [
@@ -49,7 +50,7 @@ class WebRtcOffer:
             ],
         }
 
-    def rtp_parameters(self, ssrc: int) -> dict[str, Any]:
+    def rtp_parameters(self, ssrc: int) -> RtpParameters:
         """A producer of this browser's audio: its PT, its extension IDs, the SSRC from SPEAKING."""
         return {
             "codecs": [
@@ -67,7 +68,7 @@ def parse_fragment(text: str, codecs: Any = None) -> WebRtcOffer:
     if not isinstance(text, str) or len(text) > MAX_FRAGMENT:
         raise SdpError("the SDP fragment must be a string of at most 16 KiB")
     ufrag = pwd = None
-    fingerprints: list[dict[str, str]] = []
+    fingerprints: list[DtlsFingerprint] = []
     opus_pt: int | None = None
     extensions: dict[str, int] = {}
     for raw in text.splitlines():
@@ -106,7 +107,7 @@ def parse_fragment(text: str, codecs: Any = None) -> WebRtcOffer:
     return WebRtcOffer(ufrag, pwd, fingerprints, opus_pt if opus_pt is not None else 111, extensions)
 
 
-def answer(ip: str, port: int, ice: dict[str, Any], fingerprint: dict[str, str]) -> str:
+def answer(ip: str, port: int, ice: IceParameters, fingerprint: DtlsFingerprint) -> str:
     """Op 4's `sdp`: the template of §7.2 (the browser builds the full remote answer from it)."""
     fp = f"a=fingerprint:{fingerprint['algorithm']} {fingerprint['value']}"
     return "\n".join(

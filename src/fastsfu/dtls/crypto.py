@@ -16,6 +16,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from fastsfu.types import DtlsFingerprint
+
 MASTER_SECRET_LENGTH = 48
 VERIFY_DATA_LENGTH = 12  # RFC 5246 §7.4.9 (the default for every TLS 1.2 suite)
 # AES-128-GCM (RFC 5288 §3): 16-byte keys and a 4-byte implicit "salt" IV per direction, no MAC keys.
@@ -118,7 +120,7 @@ def fingerprint_der(der: bytes, algorithm: str = "sha-256") -> str:
     return hashlib.new(name, der).digest().hex(":").upper()
 
 
-def match_fingerprint(der: bytes, fingerprints: list[dict[str, str]]) -> str | None:
+def match_fingerprint(der: bytes, fingerprints: list[DtlsFingerprint]) -> str | None:
     """Check `der` against the strongest supported remote fingerprint (transport.md §3.9).
 
     Returns None when it matches, else the reason for failing.
@@ -180,7 +182,7 @@ class DtlsCertificate:
     def fingerprint(self, algorithm: str = "sha-256") -> str:
         return fingerprint_der(self.der, algorithm)
 
-    def fingerprints(self) -> list[dict[str, str]]:
+    def fingerprints(self) -> list[DtlsFingerprint]:
         return [{"algorithm": a, "value": self.fingerprint(a)} for a in ("sha-256", "sha-384", "sha-512")]
 
     def private_key_pem(self) -> bytes:

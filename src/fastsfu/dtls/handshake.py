@@ -40,6 +40,7 @@ from fastsfu.dtls.record import (
     encode_record,
     parse_records,
 )
+from fastsfu.types import DtlsFingerprint
 
 MAX_MESSAGE_LENGTH = 16 * 1024  # per handshake message being reassembled
 MAX_REASSEMBLY_BYTES = 64 * 1024  # per association
@@ -224,7 +225,7 @@ class DtlsTransport:
         self._record_seq = 0  # record sequence of the record being processed (echoed by HelloVerifyRequest)
         self._cookie_secret = secrets.token_bytes(32)
 
-        self._remote_fingerprints: list[dict[str, str]] | None = None
+        self._remote_fingerprints: list[DtlsFingerprint] | None = None
         self._peer_der: bytes | None = None
         self._peer_key: ec.EllipticCurvePublicKey | None = None
         self._fingerprint_ok = False
@@ -243,7 +244,7 @@ class DtlsTransport:
 
     # ---- public API ----
 
-    def set_remote_fingerprints(self, fingerprints: list[dict[str, str]]) -> None:
+    def set_remote_fingerprints(self, fingerprints: list[DtlsFingerprint]) -> None:
         self._remote_fingerprints = list(fingerprints)
         if self.state in ("failed", "closed"):
             return

@@ -17,6 +17,7 @@ from fastsfu import ortc
 from fastsfu._proto.protocol.voice.v1 import voice_pb2
 from fastsfu.router import RouterLimitError
 from fastsfu.transport import TransportError
+from fastsfu.types import RtpCapabilities
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -165,7 +166,7 @@ class VoiceSession:
         self.state = "init"
         self.outbox: deque[Resp | VoiceError] = deque()
         self._room: _Room | None = None
-        self._caps: dict[str, Any] | None = None
+        self._caps: RtpCapabilities | None = None
         self.consumer_transport: WebRtcTransport | None = None
         self.producer_transport: WebRtcTransport | None = None
         self.producer: Producer | None = None
@@ -264,9 +265,8 @@ class VoiceSession:
 
     def _prepare(self, caps_json: str) -> None:
         assert self._room is not None
-        caps = self._json(caps_json, "rtp_capabilities")
         try:
-            caps = ortc.validate_rtp_capabilities(caps)
+            caps = ortc.validate_rtp_capabilities(self._json(caps_json, "rtp_capabilities"))
         except ortc.OrtcError as exc:
             raise VoiceError("fastsfu.voice-incompatible-capabilities", str(exc)) from None
         router_codec = self._room.router.rtp_capabilities["codecs"][0]
@@ -417,7 +417,7 @@ class VoiceSession:
         )
 
     def _consume(
-        self, transport: WebRtcTransport, producer: Producer, caps: dict[str, Any], owner: VoiceSession
+        self, transport: WebRtcTransport, producer: Producer, caps: RtpCapabilities, owner: VoiceSession
     ) -> Consumer:
         try:
             consumer = transport.consume(producer.id, caps, paused=True)  # resumed by ResumeConsumer

@@ -19,13 +19,14 @@ from fastsfu.plain_transport import PlainTransport
 from fastsfu.router import Router
 from fastsfu.rtp import RtpPacket
 from fastsfu.srtp import SrtpContext, generate_key
+from fastsfu.types import RtpParameters
 
 DEMO_SUITE = "AEAD_AES_128_GCM"
 OPUS_PT = 111
 LEVEL_ID = 1
 
 
-def demo_producer_parameters(ssrc: int) -> dict[str, object]:
+def demo_producer_parameters(ssrc: int) -> RtpParameters:
     return {
         "codecs": [{"mimeType": "audio/opus", "payloadType": OPUS_PT, "clockRate": 48000, "channels": 2}],
         "headerExtensions": [{"uri": ortc.URI_AUDIO_LEVEL, "id": LEVEL_ID}],
