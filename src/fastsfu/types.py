@@ -188,6 +188,7 @@ class TransportStats(TypedDict):
     iceSelectedTuple: NotRequired[TransportTuple | None]
     iceCounters: NotRequired[dict[str, int]]
     dtlsCounters: NotRequired[dict[str, int]]
+    controlSendFailures: NotRequired[int]  # ICE/DTLS datagrams the socket refused
     # DiscordUdpTransport
     mode: NotRequired[str | None]
     ssrc: NotRequired[int]
