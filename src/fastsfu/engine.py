@@ -23,7 +23,7 @@ from fastsfu.router import Router
 if TYPE_CHECKING:
     from fastsfu.transport import Transport
 
-log = logging.getLogger("fastsfu")
+log = logging.getLogger(__name__)
 
 
 @dataclass
