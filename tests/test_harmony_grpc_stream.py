@@ -234,3 +234,35 @@ def test_ended_streams_leave_no_task_pending(caplog: pytest.LogCaptureFixture) -
     assert [m for m in reported if "destroyed but it is pending" in m] == []
     assert reported == []
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+
+
+def test_joins_and_leaves_over_grpc_are_logged_with_their_reason(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="fastsfu.harmony.session")
+
+    async def body(rooms: VoiceRooms, channel: grpc.aio.Channel) -> None:
+        a, b = raw_call(channel, 1), raw_call(channel, 2)
+        await advance(a, 1, "joined")
+        await advance(b, 2, "joined")
+        await b.done_writing()  # a clean leave
+        assert await status(b) == (grpc.StatusCode.OK, "")
+        again = raw_call(channel, 1)  # the same user again: replaces the first session
+        await advance(again, 1, "initialized")
+        assert (await status(a))[1] == "fastsfu.voice-session-replaced"
+        again.cancel()
+
+    serve(body)
+    lines = [r for r in caplog.records if r.name == "fastsfu.harmony.session" and r.levelno == logging.INFO]
+    assert [(r.getMessage().split(":")[0], vars(r)["user_id"], vars(r).get("reason")) for r in lines] == [
+        ("voice join", 1, None),
+        ("voice join", 2, None),
+        ("voice leave", 2, "left"),
+        ("voice leave", 1, "fastsfu.voice-session-replaced"),
+    ]
+    where = {
+        "guild_id": 10,
+        "channel_id": 20,
+        "protocol": "harmony",
+        "frontend": "grpc",
+        "remote": "127.0.0.1",
+    }
+    assert all(where.items() <= vars(r).items() for r in lines)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import json
+import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -93,6 +94,35 @@ def test_flow_over_hrpc_with_two_members() -> None:
         await a.close()
 
     serve(body)
+
+
+def test_each_join_and_leave_is_an_info_line_without_the_token(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="fastsfu.harmony.session")
+
+    async def body(base: str, http: aiohttp.ClientSession) -> None:
+        a = await http.ws_connect(base + STREAM_PATH, protocols=("hrpc1", "tok-1"))
+        await join(a)
+        b = await http.ws_connect(base + STREAM_PATH, protocols=("hrpc1", "tok-2"))
+        await join(b)
+        assert (await recv(a))[1].user_joined.data.user_id == 2
+        await b.close()  # a leave
+        assert (await recv(a))[1].user_left.user_id == 2
+        await a.send_str("not binary")  # ends the stream with an error: the leave's reason
+        assert (await recv(a))[1].identifier == "fastsfu.voice-bad-frame"
+        await a.close()
+
+    serve(body)
+    lines = [r for r in caplog.records if r.name == "fastsfu.harmony.session" and r.levelno == logging.INFO]
+    room = {"guild_id": 1, "channel_id": 2, "protocol": "harmony", "frontend": "hrpc", "remote": "127.0.0.1"}
+    assert [(r.getMessage().split(":")[0], vars(r)["user_id"], vars(r).get("reason")) for r in lines] == [
+        ("voice join", 1, None),
+        ("voice join", 2, None),
+        ("voice leave", 2, "left"),
+        ("voice leave", 1, "fastsfu.voice-bad-frame"),
+    ]
+    assert all(room.items() <= vars(r).items() for r in lines)
+    assert lines[0].getMessage() == "voice join: user 1 guild 1 channel 2 via harmony/hrpc from 127.0.0.1"
+    assert not [r for r in caplog.records if "tok-1" in str(vars(r)) or "tok-2" in str(vars(r))]
 
 
 @pytest.mark.parametrize(

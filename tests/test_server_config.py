@@ -110,6 +110,11 @@ def test_precedence_through_the_command_line(tmp_path: Path) -> None:
         ("", ("--listen-ip", "example.org"), {}, "--listen-ip: not an IP address"),
         ("", (), {"FASTSFU_JOIN_TIMEOUT": "soon"}, "FASTSFU_JOIN_TIMEOUT: expected a float"),
         ("", (), {"FASTSFU_LOG_FORMAT": "xml"}, "FASTSFU_LOG_FORMAT: must be one of text, json"),
+        ("", ("--log-level", "loud"), {}, "--log-level: log level must be one of debug, info"),
+        ("", ("--log-level", "fastsfu..dtls=debug"), {}, "not a logger name: 'fastsfu..dtls'"),
+        ("", (), {"FASTSFU_LOG_LEVEL": "info,fastsfu.dtls=loud"}, "FASTSFU_LOG_LEVEL: log level must be"),
+        ('[log]\nlevels = {"fastsfu.dtls" = "loud"}\n', (), {}, "log.levels: log level must be one of"),
+        ("[log]\nlevels = 3\n", (), {}, "log.levels must be a table of logger = level"),
         ("", ("--dtls-certificate", "/nonexistent.pem"), {}, "must be given together"),
         ("", ("--dtls-certificate", "/no/c.pem", "--dtls-private-key", "/no/k.pem"), {}, "cannot read"),
         ("[discord.rooms]\n41 = [1]\n", (), {}, "expected [guild_id, channel_id]"),
@@ -133,6 +138,39 @@ def test_bad_configuration_exits_2_with_a_message(
     assert out.returncode == 2
     assert message in out.stderr and "Traceback" not in out.stderr
     assert out.stderr.startswith("fastsfu serve: error: ") and out.stderr.count("\n") == 1
+
+
+def test_log_levels_per_subsystem_merge_across_layers(tmp_path: Path) -> None:
+    toml = tmp_path / "fastsfu.toml"
+    toml.write_text(
+        '[log]\nlevel = "warning"\nlevels = {"fastsfu.dtls" = "debug", "fastsfu.engine" = "error"}\n'
+    )
+    env = {"FASTSFU_LOG_LEVEL": "fastsfu.engine=info, fastsfu.harmony=warning"}
+    config = load_config(str(toml), env, {"log.level": "fastsfu.harmony=debug,error"})
+    assert config.log.level == "error"  # the bare level of the flag, over the file's
+    # One logger's level from a higher layer; the others stay.
+    assert config.log.levels == {
+        "fastsfu.dtls": "debug",
+        "fastsfu.engine": "info",
+        "fastsfu.harmony": "debug",
+    }
+    assert load_config(None, {}, {"log.level": "fastsfu.dtls=debug"}).log.level == "info"  # root untouched
+
+
+def test_one_subsystem_at_debug_through_the_command_line() -> None:
+    """--log-level given twice: the root at warning, one module at debug (its start-up debug line
+    shows, nothing else below warning does)."""
+    flags = ("--hrpc-port", "0", "--grpc-port", "0", "--discord-port", "-1", "--duration", "0.3")
+    one = cli(*flags, "--log-level", "warning", "--log-level", "fastsfu.server.harmony_server=debug")
+    assert one.returncode == 0, one.stderr
+    lines = one.stderr.splitlines()
+    assert [line for line in lines if "DEBUG" in line] and all(
+        " DEBUG fastsfu.server.harmony_server: " in line
+        for line in lines
+        if "DEBUG" in line or "INFO" in line
+    ), lines
+    plain = cli(*flags, "--log-level", "warning")
+    assert plain.returncode == 0 and "DEBUG" not in plain.stderr, plain.stderr
 
 
 def test_missing_config_file_is_a_config_error() -> None:

@@ -43,6 +43,7 @@ class Server:
         self.stderr = stderr
         self.base = lines["metrics"].removesuffix("/metrics")
         self.hrpc_url = lines["hRPC"]
+        self.grpc = lines["gRPC"]
         self.hrpc_port = int(self.base.rsplit(":", 1)[1])
         self.discord_url = lines["Discord"].split()[-1]
         self.discord_port = int(self.discord_url.split(":")[2].split("/")[0])

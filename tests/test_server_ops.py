@@ -66,6 +66,44 @@ async def recv(ws: aiohttp.ClientWebSocketResponse) -> tuple[int, bytes]:
     return msg.data[0], msg.data[1:]
 
 
+def json_banner(proc: subprocess.Popen[str]) -> tuple[dict[str, object], str]:
+    """The start-up fields of a `--log-format json` server, read from its log (stderr) up to the
+    metrics line (every line must be JSON), and the lines read."""
+    fields: dict[str, object] = {}
+    head = ""
+    while "metrics" not in fields:
+        line = proc.stderr.readline()  # type: ignore[union-attr]
+        assert line, head + proc.stderr.read()  # type: ignore[union-attr]
+        head += line
+        record = json.loads(line)
+        if record["logger"] == "fastsfu.server.harmony_server":
+            fields.update(record)
+    return fields, head
+
+
+@pytest.mark.timeout(60)
+def test_json_log_format_makes_every_output_line_json() -> None:
+    """`fastsfu serve --log-format json` with a generated secret and the Discord gateway: the
+    start-up lines are log records with their fields, and nothing else reaches stdout or stderr."""
+    out = subprocess.run(
+        [sys.executable, "-m", "fastsfu.server.cli", "serve", "--log-format", "json"]
+        + ["--hrpc-port", "0", "--grpc-port", "0", "--discord-port", "0", "--duration", "0.5"],
+        capture_output=True,
+        text=True,
+        timeout=40,
+        env={k: v for k, v in os.environ.items() if not k.startswith("FASTSFU_")},
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == ""
+    records = [json.loads(line) for line in out.stderr.splitlines()]  # each line, none skipped
+    fields = {k: v for r in records if r["logger"] == "fastsfu.server.harmony_server" for k, v in r.items()}
+    assert fields["hrpc_url"].startswith("ws://127.0.0.1:") and fields["grpc"].startswith("127.0.0.1:")
+    assert fields["media"].startswith("127.0.0.1:") and fields["metrics"].endswith(METRICS_PATH)
+    assert fields["discord"].startswith("ws://127.0.0.1:") and "demo" in fields
+    assert len(str(fields["token"]).split(".")) == 3  # a JWT, minted with the generated secret
+    assert [r["msg"] for r in records if r["msg"] == "shutting down"] == ["shutting down"]
+
+
 @pytest.mark.timeout(90)
 def test_metrics_health_json_logs_and_sigterm_through_the_cli() -> None:
     token, token8 = (
@@ -104,16 +142,11 @@ def test_metrics_health_json_logs_and_sigterm_through_the_cli() -> None:
         },
     )
     try:
-        lines = {}
-        while "metrics" not in lines:
-            line = proc.stdout.readline()  # type: ignore[union-attr]
-            assert line, proc.stderr.read()  # type: ignore[union-attr]
-            kind, _, value = line.strip().removeprefix("fastsfu: ").partition(" ")
-            lines[kind] = value
-        base = lines["metrics"].removesuffix(METRICS_PATH)
-        hrpc_url = lines["hRPC"]
-        grpc_addr = lines["gRPC"]
-        media_ip, media_port = lines["media"].split()[-1].rsplit(":", 1)
+        banner, head = json_banner(proc)
+        base = banner["metrics"].removesuffix(METRICS_PATH)
+        hrpc_url = banner["hrpc_url"]
+        grpc_addr = banner["grpc"]
+        media_ip, media_port = banner["media"].rsplit(":", 1)
         assert base.startswith("http://127.0.0.1:") and hrpc_url.startswith(base.replace("http", "ws"))
         watch_states: list[int] = []
         sigterm_at: list[float] = []
@@ -203,7 +236,8 @@ def test_metrics_health_json_logs_and_sigterm_through_the_cli() -> None:
 
         asyncio.run(asyncio.wait_for(clients(), 60))
         out, err = proc.communicate(timeout=20)
-        assert proc.returncode == 0 and "shutting down" in out
+        assert proc.returncode == 0 and out == ""  # with json, every line goes to the log
+        err = head + err
         assert time.monotonic() - sigterm_at[0] < 5  # graceful, and quick
         assert watch_states == [SERVING, NOT_SERVING]
     finally:
@@ -212,6 +246,7 @@ def test_metrics_health_json_logs_and_sigterm_through_the_cli() -> None:
             proc.wait(10)
     records = [json.loads(line) for line in err.splitlines() if line.strip()]  # every line is JSON
     assert records and all({"ts", "level", "logger", "msg"} <= set(r) for r in records)
+    assert "shutting down" in [r["msg"] for r in records]
     ended = [r for r in records if r["msg"].startswith("voice stream ends")]
     assert {"identifier": "h.blank-session", "remote": "127.0.0.1", "frontend": "hrpc"}.items() <= ended[
         0

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from fastsfu.transport import Transport
     from fastsfu.types import EngineStats, RtpCodecCapability
 
-log = logging.getLogger("fastsfu")
+log = logging.getLogger(__name__)
 
 
 @dataclass

@@ -6,7 +6,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-log = logging.getLogger("fastsfu")
+log = logging.getLogger(__name__)
 
 Listener = Callable[..., Any]
 

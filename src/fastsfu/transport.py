@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from fastsfu.engine import Engine, UdpSocket
     from fastsfu.router import Router
 
-log = logging.getLogger("fastsfu")
+log = logging.getLogger(__name__)
 
 RTCP_MTU = 1200  # bytes of compound RTCP per datagram (before SRTCP's trailer)
 NTP_EPOCH_OFFSET = 2_208_988_800  # seconds from 1900 (NTP) to 1970 (Unix), RFC 5905 §6

@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from fastsfu.engine import UdpSocket
     from fastsfu.router import Router
 
-log = logging.getLogger("fastsfu")
+log = logging.getLogger(__name__)
 
 DTLS_ROLES = ("auto", "client", "server")
 # Host candidate priority (RFC 8445 §5.1.2.1): type preference 126, local preference 65535, component 1.

@@ -18,9 +18,9 @@ from fastsfu._proto.hrpc.v1 import hrpc_pb2
 from fastsfu._proto.protocol.voice.v1 import voice_pb2
 from fastsfu.harmony.health import Health
 from fastsfu.harmony.rate_limit import RateLimiter, rate_limited
-from fastsfu.harmony.session import VoiceError, VoiceRooms
+from fastsfu.harmony.session import VoiceError, VoiceRooms, VoiceSession
 
-log = logging.getLogger("fastsfu.harmony")
+log = logging.getLogger(__name__)
 
 Authenticate = Callable[[str], int]  # token -> user id; raises VoiceError("h.blank-session", ...)
 SERVICE_NAME = "protocol.voice.v1.VoiceService"
@@ -87,7 +87,7 @@ class VoiceServicer:
             return
         self.rooms.streams_opened["grpc"] += 1
         log.debug("voice stream opened", extra={"user_id": user_id, "remote": remote, "frontend": "grpc"})
-        session = self.rooms.open_session(user_id)
+        session = self.rooms.open_session(user_id, "grpc", remote)
         # No task per wait: the loop sleeps on one Event, set by the reader (after it queued
         # something) and by the session (output queued); a one-slot inbox makes the reader wait
         # for the loop, so grpc's flow control holds back a client that sends too fast.
@@ -113,7 +113,7 @@ class VoiceServicer:
                 wake.clear()
                 for message in session.take_outgoing():
                     if isinstance(message, VoiceError):
-                        await self._abort(context, message, remote, user_id)
+                        await self._abort(context, message, remote, session)
                         return
                     yield message
                 if session.state == "closed":
@@ -125,13 +125,13 @@ class VoiceServicer:
                         async with asyncio.timeout(session.timeout()):
                             await wake.wait()
                     except TimeoutError:  # the state's deadline passed with no message
-                        await self._abort(context, session.timed_out(), remote, user_id)
+                        await self._abort(context, session.timed_out(), remote, session)
                         return
                     continue
                 if request is END:
                     return  # a leave: status OK
                 if isinstance(request, VoiceError):  # undecodable: as hRPC's bad frame
-                    await self._abort(context, request, remote, user_id)
+                    await self._abort(context, request, remote, session)
                     return
                 try:
                     session.handle(request)
@@ -139,7 +139,7 @@ class VoiceServicer:
                     for message in session.take_outgoing():
                         if not isinstance(message, VoiceError):
                             yield message
-                    await self._abort(context, exc, remote, user_id)
+                    await self._abort(context, exc, remote, session)
                     return
         finally:
             reader.cancel()
@@ -153,12 +153,16 @@ class VoiceServicer:
         context: grpc.aio.ServicerContext[object, object],
         error: VoiceError,
         remote: str,
-        user_id: int | None = None,
+        session: VoiceSession | None = None,
     ) -> None:
         detail = hrpc_pb2.Error(
             identifier=error.identifier, human_message=error.human_message, details=error.details
         ).SerializeToString()
         self.rooms.stream_errors[error.identifier] += 1
+        user_id = None
+        if session is not None:
+            session.end_reason = error.identifier  # for its leave line
+            user_id = session.user_id
         extra = {"identifier": error.identifier, "user_id": user_id, "remote": remote, "frontend": "grpc"}
         log.info("voice stream ends: %s", error, extra=extra)
         await context.abort(

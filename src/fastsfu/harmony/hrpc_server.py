@@ -16,9 +16,9 @@ from fastsfu._proto.hrpc.v1 import hrpc_pb2
 from fastsfu._proto.protocol.voice.v1 import voice_pb2
 from fastsfu.harmony.grpc_server import Authenticate
 from fastsfu.harmony.rate_limit import RateLimiter, rate_limited
-from fastsfu.harmony.session import VoiceError, VoiceRooms
+from fastsfu.harmony.session import VoiceError, VoiceRooms, VoiceSession
 
-log = logging.getLogger("fastsfu.harmony")
+log = logging.getLogger(__name__)
 
 STREAM_PATH = "/protocol.voice.v1.VoiceService/StreamMessage"
 SUBPROTOCOL = "hrpc1"
@@ -99,7 +99,7 @@ class HrpcVoiceEndpoint:
             return ws
         self.rooms.streams_opened["hrpc"] += 1
         log.debug("voice stream opened", extra={"user_id": user_id, "remote": remote, "frontend": "hrpc"})
-        session = self.rooms.open_session(user_id)
+        session = self.rooms.open_session(user_id, "hrpc", remote)
         wake = asyncio.Event()
         session.on_output = wake.set
         receiver = self._receive(ws, wake)
@@ -108,7 +108,7 @@ class HrpcVoiceEndpoint:
                 wake.clear()
                 for message in session.take_outgoing():
                     if isinstance(message, VoiceError):
-                        await self._fail(ws, message, remote, user_id)
+                        await self._fail(ws, message, remote, session)
                         return ws
                     await ws.send_bytes(b"\x00" + message.SerializeToString())
                 if session.state == "closed":
@@ -123,7 +123,7 @@ class HrpcVoiceEndpoint:
                         async with asyncio.timeout(session.timeout()):
                             await wake.wait()
                     except TimeoutError:
-                        await self._fail(ws, session.timed_out(), remote, user_id)
+                        await self._fail(ws, session.timed_out(), remote, session)
                         return ws
                     continue
                 msg = receiver.result()
@@ -132,7 +132,7 @@ class HrpcVoiceEndpoint:
                 try:
                     req = decode_frame(msg.data if msg.type == WSMsgType.BINARY else None)
                 except VoiceError as error:
-                    await self._fail(ws, error, remote, user_id)
+                    await self._fail(ws, error, remote, session)
                     return ws
                 receiver = self._receive(ws, wake)
                 try:
@@ -141,7 +141,7 @@ class HrpcVoiceEndpoint:
                     for message in session.take_outgoing():
                         if not isinstance(message, VoiceError):
                             await ws.send_bytes(b"\x00" + message.SerializeToString())
-                    await self._fail(ws, exc, remote, user_id)
+                    await self._fail(ws, exc, remote, session)
                     return ws
         except ConnectionError:  # the client went away while we wrote: a leave (harmony.md §2.1)
             return ws
@@ -161,10 +161,14 @@ class HrpcVoiceEndpoint:
         return receiver
 
     async def _fail(
-        self, ws: web.WebSocketResponse, error: VoiceError, remote: str, user_id: int | None = None
+        self, ws: web.WebSocketResponse, error: VoiceError, remote: str, session: VoiceSession | None = None
     ) -> None:
         """The 0x01 error frame, then a clean close (code 1000)."""
         self.rooms.stream_errors[error.identifier] += 1
+        user_id = None
+        if session is not None:
+            session.end_reason = error.identifier  # for its leave line
+            user_id = session.user_id
         extra = {"identifier": error.identifier, "user_id": user_id, "remote": remote, "frontend": "hrpc"}
         log.info("voice stream ends: %s", error, extra=extra)
         if not ws.closed:

@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from fastsfu.router import Router
     from fastsfu.webrtc_transport import WebRtcTransport
 
-log = logging.getLogger("fastsfu.harmony")
+log = logging.getLogger(__name__)
 
 # Why a producer or consumer cannot be created: bad parameters, or a router or datapath table full.
 CREATE_ERRORS = (ortc.OrtcError, TransportError, RouterLimitError, OverflowError)
@@ -139,9 +139,9 @@ class VoiceRooms:
         self.streams_opened: Counter[str] = Counter()
         self.stream_errors: Counter[str] = Counter()  # by identifier
 
-    def open_session(self, user_id: int) -> VoiceSession:
-        """A new stream from an authenticated user."""
-        session = VoiceSession(self, user_id)
+    def open_session(self, user_id: int, frontend: str = "", remote: str = "") -> VoiceSession:
+        """A new stream from an authenticated user (front-end and address for the logs)."""
+        session = VoiceSession(self, user_id, frontend, remote)
         self.open_sessions.add(session)
         return session
 
@@ -160,9 +160,12 @@ class VoiceRooms:
 class VoiceSession:
     """INIT -> PREPARE -> JOIN -> JOINED (harmony.md §3.1), then closed exactly once."""
 
-    def __init__(self, rooms: VoiceRooms, user_id: int) -> None:
+    def __init__(self, rooms: VoiceRooms, user_id: int, frontend: str = "", remote: str = "") -> None:
         self.rooms = rooms
         self.user_id = user_id
+        self.frontend = frontend
+        self.remote = remote
+        self.end_reason = ""  # why the stream ends (an error identifier), for the leave line
         self.state = "init"
         self.outbox: deque[Resp | VoiceError] = deque()
         self._room: _Room | None = None
@@ -216,11 +219,13 @@ class VoiceSession:
     def timed_out(self) -> VoiceError:
         return VoiceError("fastsfu.voice-message-timeout", f"no message in state {self.state}")
 
-    def close(self) -> None:
+    def close(self, reason: str = "") -> None:
         """The stream ended (any reason): leave exactly once (harmony.md §3.6)."""
         if self.state == "closed":
             return
         was_member = self._room is not None and self._room.members.get(self.user_id) is self
+        if was_member:
+            self._log_member("leave", reason or self.end_reason or "left")
         self.state = "closed"
         self.rooms.open_sessions.discard(self)
         room = self._room
@@ -251,7 +256,7 @@ class VoiceSession:
                 raise VoiceError("fastsfu.voice-already-connected", "this user already has a voice session")
             # replace: the old session leaves fully (UserLeft) before this one can join.
             old._send(VoiceError("fastsfu.voice-session-replaced", "a newer session of this user took over"))
-            old.close()
+            old.close("fastsfu.voice-session-replaced")
         room = rooms._room((guild_id, channel_id))
         if len(room.members) >= rooms.settings.max_users_per_room:
             rooms._release(room)
@@ -350,6 +355,7 @@ class VoiceSession:
             raise
         room.members[self.user_id] = self
         self.state = "joined"
+        self._log_member("join")
         self._send(Resp(joined_channel=Resp.JoinedChannel(other_users=others)))
 
     # ------------------------------------------------------------------ RoomMember
@@ -381,9 +387,31 @@ class VoiceSession:
         if self.state == "closed":
             return  # our own close() is closing the transports
         self._send(VoiceError("fastsfu.voice-transport-failed", reason))
-        self.close()
+        self.close(f"fastsfu.voice-transport-failed: {reason}")
 
     # ------------------------------------------------------------------ helpers
+
+    def _log_member(self, event: str, reason: str = "") -> None:
+        """One info line per join and leave: who, which room, over what, from where (no token)."""
+        assert self._room is not None
+        guild_id, channel_id = self._room.key
+        fields: dict[str, Any] = {
+            "user_id": self.user_id,
+            "guild_id": guild_id,
+            "channel_id": channel_id,
+            "protocol": "harmony",
+            "frontend": self.frontend,
+            "remote": self.remote,
+        }
+        via = f"harmony/{self.frontend}" if self.frontend else "harmony"
+        where = (
+            f"user {self.user_id} guild {guild_id} channel {channel_id} via {via} from {self.remote or '?'}"
+        )
+        if event == "leave":
+            fields["reason"] = reason
+            log.info("voice leave: %s: %s", where, reason, extra=fields)
+        else:
+            log.info("voice join: %s", where, extra=fields)
 
     def _send(self, message: Resp | VoiceError) -> None:
         if self.state == "closed" and not isinstance(message, VoiceError):
@@ -392,7 +420,7 @@ class VoiceSession:
             # A client that stops reading must not grow memory without bound: drop it.
             self.outbox.clear()
             self.outbox.append(VoiceError("hrpc.internal-server-error", "client is not reading its stream"))
-            self.close()
+            self.close("hrpc.internal-server-error: client is not reading its stream")
         else:
             self.outbox.append(message)
         if self.on_output is not None:

@@ -21,7 +21,7 @@ from fastsfu.server.harmony_server import serve_harmony
 from fastsfu.server.lifecycle import raise_open_file_limit, stop_event
 from fastsfu.server.logs import setup_logging
 
-log = logging.getLogger("fastsfu")
+log = logging.getLogger("fastsfu.server.cli")  # by name: `python -m` runs this module as __main__
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_config:
         print(json.dumps(config.redacted(), indent=2, sort_keys=True))
         return 0
-    setup_logging(config.log.level, config.log.format)
+    setup_logging(config.log.level, config.log.format, levels=config.log.levels)
     raise_open_file_limit()
     if args.demo:
         return asyncio.run(serve_demo(args, config.listen_ip))

@@ -18,7 +18,7 @@ from typing import Any
 from fastsfu.dtls import DtlsCertificate
 from fastsfu.harmony.auth import GuildPolicy
 from fastsfu.harmony.session import VoiceSettings
-from fastsfu.server.logs import FORMATS, LEVELS
+from fastsfu.server.logs import FORMATS, LEVELS, parse_levels
 
 MAX_ID = 2**64  # Harmony IDs are unsigned 64-bit
 
@@ -40,6 +40,7 @@ class RateLimitConfig:
 class LogConfig:
     level: str = "info"
     format: str = "text"  # or "json": one object per line
+    levels: dict[str, str] = field(default_factory=dict)  # logger (fastsfu.dtls) -> its own level
 
 
 @dataclass
@@ -115,6 +116,7 @@ class Option:
     maximum: float | None = None
     ip: bool = False  # the value must be an IP address
     metavar: str = ""
+    repeat: bool = False  # the flag may be given more than once
 
     @property
     def env(self) -> str:
@@ -270,7 +272,15 @@ OPTIONS = (
         minimum=1.0,
         maximum=60.0,
     ),
-    Option("log.level", "--log-level", str, "log level", LEVELS),
+    Option(
+        "log.level",
+        "--log-level",
+        str,
+        f"log level ({', '.join(LEVELS)}), or LOGGER=LEVEL for one subsystem (fastsfu.dtls=debug); "
+        "repeatable, or comma-separated",
+        metavar="[LOGGER=]LEVEL",
+        repeat=True,
+    ),
     Option("log.format", "--log-format", str, "log format: text, or json (one object per line)", FORMATS),
 )
 _BY_KEY = {o.key: o for o in OPTIONS}
@@ -287,6 +297,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(
                 o.flag, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=text
             )
+        elif o.repeat:
+            parser.add_argument(o.flag, dest=dest, action="append", metavar=o.metavar, help=text)
         else:
             metavar = o.metavar or ("|".join(o.choices) if o.choices else o.kind.__name__.upper())
             parser.add_argument(o.flag, dest=dest, default=None, metavar=metavar, help=text)
@@ -298,7 +310,7 @@ def flag_values(args: argparse.Namespace) -> dict[str, Any]:
     for o in OPTIONS:
         value = getattr(args, "opt_" + o.key.replace(".", "__"), None)
         if value is not None:
-            out[o.key] = value
+            out[o.key] = ",".join(value) if o.repeat else value
     return out
 
 
@@ -315,10 +327,10 @@ def load_config(
     for o in OPTIONS:
         raw = env.get(o.env)
         if raw:  # an empty variable counts as unset
-            values[o.key] = _coerce(o, raw, o.env, from_text=True)
+            _put(values, o.key, _coerce(o, raw, o.env, from_text=True), o.env)
     for key, raw in flags.items():
         o = _BY_KEY[key]
-        values[key] = _coerce(o, raw, o.flag, from_text=not isinstance(raw, bool))
+        _put(values, key, _coerce(o, raw, o.flag, from_text=not isinstance(raw, bool)), o.flag)
     config = _build(values, auth, duration)
     _load_token_secret(config)
     _check_dtls(config)
@@ -352,18 +364,43 @@ def _parse_file(path: str) -> tuple[dict[str, Any], dict[int, GuildPolicy] | Non
             for sub, item in value.items():
                 if name == "discord" and sub == "rooms":
                     values["discord.rooms"] = _parse_discord_rooms(path, item)
+                elif name == "log" and sub == "levels":
+                    _put(values, "log.level", _log_levels(path, item), f"{path}: log.levels")
                 else:
-                    values.update(_file_value(path, f"{name}.{sub}", item))
+                    _put(values, f"{name}.{sub}", _file_value(path, f"{name}.{sub}", item), path)
         else:
-            values.update(_file_value(path, name, value))
+            _put(values, name, _file_value(path, name, value), path)
     return values, auth
 
 
-def _file_value(path: str, key: str, value: Any) -> dict[str, Any]:
+def _file_value(path: str, key: str, value: Any) -> Any:
     o = _BY_KEY.get(key)
     if o is None:
         raise ConfigError(f"{path}: unknown key {key!r}")
-    return {key: _coerce(o, value, f"{path}: {key}", from_text=False)}
+    return _coerce(o, value, f"{path}: {key}", from_text=False)
+
+
+def _put(values: dict[str, Any], key: str, value: Any, where: str) -> None:
+    """Set one checked value; log.level may also carry `logger=level` items, which are merged
+    into log.levels (a later layer overrides one logger's level, not the whole table)."""
+    if key != "log.level":
+        values[key] = value
+        return
+    try:
+        root, levels = parse_levels(value)
+    except ValueError as exc:
+        raise ConfigError(f"{where}: log level {exc}") from None
+    if root is not None:
+        values[key] = root
+    values["log.levels"] = {**values.get("log.levels", {}), **levels}
+
+
+def _log_levels(path: str, value: Any) -> str:
+    """[log] levels = {"fastsfu.dtls" = "debug"}, as the `logger=level,...` form of log.level."""
+    if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+        example = '{"fastsfu.dtls" = "debug"}'
+        raise ConfigError(f"{path}: log.levels must be a table of logger = level, e.g. {example}")
+    return ",".join(f"{name}={level}" for name, level in value.items())
 
 
 def _coerce(o: Option, value: Any, where: str, from_text: bool) -> Any:

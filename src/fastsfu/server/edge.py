@@ -20,7 +20,7 @@ from aiohttp import web
 
 from fastsfu.harmony.rate_limit import address_key
 
-log = logging.getLogger("fastsfu.edge")
+log = logging.getLogger(__name__)
 
 ACCEPT_BATCH = 64  # connections accepted per readiness event, so one listener cannot starve the loop
 BACKOFF_MIN, BACKOFF_MAX = 0.05, 1.0  # seconds without accepting after an accept error (doubling)

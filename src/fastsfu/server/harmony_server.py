@@ -31,9 +31,10 @@ from fastsfu.server.demo_page import NOT_BUILT, bundle_built, mount_demo
 from fastsfu.server.edge import ConnectionGuard, EdgeLimits, GuardedSite
 from fastsfu.server.gc_health import GcMonitor, freeze_startup_heap
 from fastsfu.server.lifecycle import drain, stop_event
+from fastsfu.server.logs import announce
 from fastsfu.server.metrics import METRICS_PATH, metrics_mount
 
-log = logging.getLogger("fastsfu")
+log = logging.getLogger(__name__)
 
 __all__ = ["ServerConfig", "serve_harmony"]
 
@@ -88,20 +89,25 @@ async def serve_harmony(config: ServerConfig, voice: VoiceSettings | None = None
             await grpc_server.stop(grace=None)
             raise
         media = engine._webrtc_socket().local_address
-        print(f"fastsfu: hRPC ws://{config.listen_ip}:{hrpc_port}{STREAM_PATH}", flush=True)
-        print(f"fastsfu: gRPC {config.listen_ip}:{grpc_port}", flush=True)
-        print(f"fastsfu: media udp {media[0]}:{media[1]}", flush=True)
+        fmt = config.log.format
+        hrpc_url = f"ws://{config.listen_ip}:{hrpc_port}{STREAM_PATH}"
+        announce(log, fmt, f"hRPC {hrpc_url}", hrpc_url=hrpc_url)
+        announce(log, fmt, f"gRPC {config.listen_ip}:{grpc_port}", grpc=f"{config.listen_ip}:{grpc_port}")
+        announce(log, fmt, f"media udp {media[0]}:{media[1]}", media=f"{media[0]}:{media[1]}")
         demo = f"http://{config.listen_ip}:{hrpc_port}/demo/" if bundle_built() else None
-        print(f"fastsfu: demo page {demo}" if demo else f"fastsfu: {NOT_BUILT}", flush=True)
+        announce(log, fmt, f"demo page {demo}" if demo else NOT_BUILT, demo=demo)
         if config.metrics:
-            print(f"fastsfu: metrics http://{config.listen_ip}:{hrpc_port}{METRICS_PATH}", flush=True)
+            metrics = f"http://{config.listen_ip}:{hrpc_port}{METRICS_PATH}"
+            announce(log, fmt, f"metrics {metrics}", metrics=metrics)
         if discord_url:
-            print(f"fastsfu: Discord voice gateway {discord_url}", flush=True)
+            announce(log, fmt, f"Discord voice gateway {discord_url}", discord=discord_url)
         if config.token_secret is None:
             # Tokens only this run can verify: open both links (two browsers or profiles) to talk.
-            print(f"fastsfu: generated token secret; a token for user 1: {auth.mint(1)}", flush=True)
+            token = auth.mint(1)
+            announce(log, fmt, f"generated token secret; a token for user 1: {token}", token=token)
             for user in (1, 2) if demo else ():  # links only to a page that works
-                print(f"fastsfu: join as user {user}: {demo}?autojoin=1#token={auth.mint(user)}", flush=True)
+                link = f"{demo}?autojoin=1#token={auth.mint(user)}"
+                announce(log, fmt, f"join as user {user}: {link}", join_url=link, user_id=user)
         stop = stop_event(config.duration)
         # Everything built so far lives as long as the process: keep it out of every collection.
         gc_monitor.frozen = freeze_startup_heap()
@@ -112,13 +118,13 @@ async def serve_harmony(config: ServerConfig, voice: VoiceSettings | None = None
             gc_monitor.uninstall()
             # Health first, so load balancers stop sending new streams while sessions end.
             health.shutdown()
-            print("fastsfu: shutting down", flush=True)
+            announce(log, config.log.format, "shutting down")
             if gateway is not None:
                 gateway.shutdown()  # 4015: Discord clients resume against the next instance
             # Every session leaves (members get UserLeft) and its stream ends (hRPC: close 1001),
             # then the listeners and sockets close; whatever is still open after the grace is cut.
             for session in list(rooms.open_sessions):
-                session.close()
+                session.close("server shutting down")
             cleanups: list[Awaitable[object]] = [
                 runner.cleanup(),
                 grpc_server.stop(grace=config.shutdown_grace),

@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Sequence
 
 from fastsfu.server.edge import ConnectionGuard
 
-log = logging.getLogger("fastsfu")
+log = logging.getLogger(__name__)
 
 FINAL_WAIT = 1.0  # seconds the cleanups get after the grace, once every connection is cut
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
@@ -34,8 +35,14 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, default=str, separators=(",", ":"))
 
 
-def setup_logging(level: str = "info", fmt: str = "text", stream: TextIO | None = None) -> None:
-    """Configure the root logger (replacing earlier handlers) to write to `stream` (stderr)."""
+def setup_logging(
+    level: str = "info",
+    fmt: str = "text",
+    stream: TextIO | None = None,
+    levels: Mapping[str, str] | None = None,
+) -> None:
+    """Configure the root logger (replacing earlier handlers) to write to `stream` (stderr), and
+    each logger named in `levels` (a module or a package: fastsfu.dtls) to its own level."""
     handler = logging.StreamHandler(stream or sys.stderr)
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
@@ -46,3 +53,36 @@ def setup_logging(level: str = "info", fmt: str = "text", stream: TextIO | None 
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper())
+    for name, sub_level in (levels or {}).items():
+        logging.getLogger(name).setLevel(sub_level.upper())
+    # Python's warnings as records too, so that with json nothing else reaches stderr.
+    logging.captureWarnings(fmt == "json")
+
+
+def parse_levels(text: str) -> tuple[str | None, dict[str, str]]:
+    """`info`, `fastsfu.dtls=debug` or both, comma-separated: the root level (None if not given)
+    and the levels by logger name. ValueError names what is wrong."""
+    root: str | None = None
+    levels: dict[str, str] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, sep, value = item.rpartition("=")
+        value = value.strip().lower()
+        if value not in LEVELS:
+            raise ValueError(f"must be one of {', '.join(LEVELS)}, got {value!r}")
+        if not sep:
+            root = value
+        elif not name.strip() or any(not part.isidentifier() for part in name.strip().split(".")):
+            raise ValueError(f"not a logger name: {name!r}")
+        else:
+            levels[name.strip()] = value
+    return root, levels
+
+
+def announce(log: logging.Logger, fmt: str, text: str, **fields: Any) -> None:
+    """A start-up line: on stdout as `fastsfu: <text>` (users and scripts read these), or with the
+    json format an info record of `log` carrying `fields`, so that every output line is JSON.
+    Either way it shows at any log level, as the address of a service must."""
+    if fmt == "json":
+        log.handle(log.makeRecord(log.name, logging.INFO, __file__, 0, text, (), None, extra=fields))
+    else:
+        print(f"fastsfu: {text}", flush=True)
