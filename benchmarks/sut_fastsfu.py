@@ -70,7 +70,10 @@ def receiver_capabilities(cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 async def serve(
-    cfg: dict[str, Any], stop: asyncio.Event, max_queue_age_ms: float = 20.0, out_slots: int = 1024
+    cfg: dict[str, Any],
+    stop: asyncio.Event,
+    max_queue_age_ms: float = Settings.max_queue_age_ms,
+    out_slots: int = 1024,
 ) -> dict[str, Any]:
     n = len(cfg["participants"])
     discord = benchconfig.is_discord(cfg["suite"])
@@ -143,8 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--max-queue-age-ms",
         type=float,
-        default=20.0,
-        help="drop datagrams queued longer (0: never, as baseline)",
+        default=Settings.max_queue_age_ms,
+        help="drop RTP queued longer (0: never, as baseline)",
     )
     ap.add_argument("--out-slots", type=int, default=1024, help="datapath output slots (Settings.out_slots)")
     args = ap.parse_args(argv)

@@ -20,6 +20,8 @@ cdef enum:
     MAX_DROPOUT = 3000        # RFC 3550 A.1
     MAX_MISORDER = 100        # RFC 3550 A.1
     SRTP_KEEPALIVE_SEQ = 4096 # decrypt at least this often to keep libsrtp's rollover counter in step
+    DEFAULT_MAX_QUEUE_AGE_MS = 200  # RTP older than this is dropped (docs/datapath.md)
+    LATE_MS = 20              # RTP that waited longer than one 20 ms frame is counted as late
 
 # Drop reasons; the names list below is the Python view, in the same order.
 cdef enum:
@@ -219,7 +221,7 @@ cdef class Datapath:
     cdef Table tuples
     cdef Table ssrcs
     cdef uint64_t drops[N_DROPS]
-    cdef uint64_t rx_packets, rx_bytes, fwd_packets, fwd_bytes, batches, slow_packets
+    cdef uint64_t rx_packets, rx_bytes, fwd_packets, fwd_bytes, batches, slow_packets, late_packets
     cdef int64_t max_queue_age_ns
     cdef int output_mode
     cdef list captured
@@ -257,7 +259,7 @@ cdef class Datapath:
     cdef object _addr_tuple(self, const uint8_t *sa)
     cdef object _slow_item(self, int kind, int t, int i, int n, int sock)
     cdef int _fake_source(self, int sock, str ip, int port) except -1
-    cdef bint _too_old(self, int i, int64_t wall) noexcept nogil
+    cdef int64_t _queue_age(self, int i, int64_t wall) noexcept nogil
     cdef void _event(self, int kind, int t, uint32_t value) noexcept nogil
     cdef void _drop(self, Transport *tr, int reason) noexcept nogil
     cdef int _handle(self, int sock, uint8_t *buf, int n, const uint8_t *src, int64_t now, int *out_t, int *out_n) noexcept nogil

@@ -5,6 +5,8 @@ from typing import Any, Protocol
 from _typeshed import ReadableBuffer
 
 DROP_REASONS: tuple[str, ...]
+DEFAULT_MAX_QUEUE_AGE: int
+LATE_THRESHOLD_MS: int
 SLOW_STUN: int
 SLOW_DTLS: int
 SLOW_RTCP: int
@@ -53,7 +55,7 @@ class Datapath:
         max_producers: int = 4096,
         max_consumers: int = 65536,
         out_slots: int = 1024,
-        max_queue_age_ms: float = 20.0,
+        max_queue_age_ms: float = 200.0,
     ) -> None: ...
     def close(self) -> None: ...
     def add_socket(self, fd: int, family: int, timestamps: bool = True) -> int: ...

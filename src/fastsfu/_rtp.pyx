@@ -30,6 +30,8 @@ DROP_REASONS = (
     "aead_replay",
 )
 
+DEFAULT_MAX_QUEUE_AGE = DEFAULT_MAX_QUEUE_AGE_MS
+LATE_THRESHOLD_MS = LATE_MS
 SLOW_STUN = K_SLOW_STUN
 SLOW_DTLS = K_SLOW_DTLS
 SLOW_RTCP = K_SLOW_RTCP
@@ -425,13 +427,20 @@ cdef int rewrite_extensions(const Producer *prod, const Consumer *cons, const ui
     return w
 
 
+cdef inline bint is_media_rtp(const uint8_t *buf, unsigned int n) noexcept nogil:
+    """RTP as the age rule sees it: RFC 7983 §7 first byte 128-191, not RTCP (RFC 5761 §4:
+    second byte 192-223), and at least the fixed 12-byte header (RFC 3550 §5.1). STUN (incl.
+    Discord IP discovery), DTLS and Discord's 8-byte keep-alive never match."""
+    return n >= 12 and 128 <= buf[0] <= 191 and not (192 <= buf[1] <= 223)
+
+
 # ---------------------------------------------------------------------------------------------
 
 cdef class Datapath:
     """C tables (sockets, transports, producers, consumers) and the RTP forwarder over them."""
 
     def __cinit__(self, int max_sockets=256, int max_transports=4096, int max_producers=4096,
-                  int max_consumers=65536, int out_slots=1024, double max_queue_age_ms=20.0):
+                  int max_consumers=65536, int out_slots=1024, double max_queue_age_ms=DEFAULT_MAX_QUEUE_AGE_MS):
         cdef int i
         if min(max_sockets, max_transports, max_producers, max_consumers) < 1 or out_slots < SEND_BATCH:
             raise ValueError("datapath capacities must be positive (out_slots >= 64)")
@@ -514,7 +523,7 @@ cdef class Datapath:
         self.sockets[s].comedia_transport = -1
         self.sockets[s].out_head = -1
         self.sockets[s].out_tail = -1
-        # Kernel arrival times let us drop datagrams that queued longer than max_queue_age.
+        # Kernel arrival times let us drop RTP that queued longer than max_queue_age.
         if fd >= 0 and timestamps and self.max_queue_age_ns > 0:
             self.sockets[s].timestamps = setsockopt(fd, SOL_SOCKET, SO_TIMESTAMPNS, &one, sizeof(one)) == 0
         if fd >= 0:
@@ -809,7 +818,7 @@ cdef class Datapath:
     cdef int _drain(self, int sock, int budget) except -1:
         """recvmmsg until the queue is empty or budget; outputs stay queued for the caller's flush."""
         cdef int n, i, kind, t, m, fd, total = 0
-        cdef int64_t now, wall
+        cdef int64_t now, wall, age
         fd = self.sockets[sock].fd
         while total < budget:
             for i in range(RECV_BATCH):
@@ -831,9 +840,16 @@ cdef class Datapath:
                 if self.rmsgs[i].msg_hdr.msg_flags & MSG_TRUNC:
                     self.drops[DROP_OVERSIZE] += 1
                     continue
-                if wall and self._too_old(i, wall):
-                    self.drops[DROP_QUEUE_AGE] += 1
-                    continue
+                if wall and is_media_rtp(self.rbuf + i * RECV_SLOT, self.rmsgs[i].msg_len):
+                    # Only RTP ages out (docs/datapath.md): STUN, DTLS, RTCP, keep-alives and
+                    # IP discovery are kept however long they queued; losing one costs a
+                    # retransmission timeout or a failed handshake, not 20 ms of audio.
+                    age = self._queue_age(i, wall)
+                    if age > self.max_queue_age_ns:
+                        self.drops[DROP_QUEUE_AGE] += 1
+                        continue
+                    if age > <int64_t>LATE_MS * 1000000:
+                        self.late_packets += 1
                 kind = self._handle(sock, self.rbuf + i * RECV_SLOT, self.rmsgs[i].msg_len,
                                     self.raddr[i], now, &t, &m)
                 if kind:
@@ -943,6 +959,7 @@ cdef class Datapath:
         return {"rx_packets": self.rx_packets, "rx_bytes": self.rx_bytes,
                 "forwarded_packets": self.fwd_packets, "forwarded_bytes": self.fwd_bytes,
                 "batches": self.batches, "slow_path_packets": self.slow_packets,
+                "late_packets": self.late_packets,
                 "events_lost": self.events_lost, "drops": self.drop_counts()}
 
     def transport_stats(self, int t) -> dict:
@@ -1051,16 +1068,17 @@ cdef class Datapath:
                 raise ValueError(f"bad address {ip!r}")
         return 0
 
-    cdef bint _too_old(self, int i, int64_t wall) noexcept nogil:
+    cdef int64_t _queue_age(self, int i, int64_t wall) noexcept nogil:
+        """How long datagram i waited in the socket queue (kernel arrival time), 0 if unknown."""
         cdef msghdr *m = &self.rmsgs[i].msg_hdr
         cdef cmsghdr *cm = CMSG_FIRSTHDR(m)
         cdef timespec ts
         while cm != NULL:
             if cm.cmsg_level == SOL_SOCKET and cm.cmsg_type == SCM_TIMESTAMPNS:
                 memcpy(&ts, CMSG_DATA(cm), sizeof(timespec))
-                return wall - (<int64_t>ts.tv_sec * 1000000000 + ts.tv_nsec) > self.max_queue_age_ns
+                return wall - (<int64_t>ts.tv_sec * 1000000000 + ts.tv_nsec)
             cm = CMSG_NXTHDR(m, cm)
-        return False
+        return 0
 
     cdef inline void _event(self, int kind, int t, uint32_t value) noexcept nogil:
         if self.pending_events == EVENT_CAP:

@@ -37,8 +37,9 @@ class Settings:
     max_consumers: int = 65536
     max_producers_per_router: int = 1000
     max_consumers_per_router: int = 100_000
-    # Drop datagrams that waited longer than this in the socket queue (performance.md §5).
-    max_queue_age_ms: float = 20.0
+    # Drop RTP that waited longer than this in the socket queue; STUN, DTLS, RTCP and Discord
+    # discovery/keep-alives are never dropped for age; 0: never drop (docs/datapath.md).
+    max_queue_age_ms: float = 200.0
     drain_budget: int = 4096  # datagrams per wake-up before yielding to the loop (fairness)
     # Output slots: forwarded packets queued before sendmmsg; when they run out the datapath flushes.
     out_slots: int = 1024
