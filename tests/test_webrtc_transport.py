@@ -222,7 +222,7 @@ def test_ice_and_dtls_that_queued_long_are_still_handled() -> None:
     past it is answered, while RTP that waited as long is dropped and counted."""
 
     async def main() -> None:
-        async with Engine(Settings(max_queue_age_ms=20)) as engine:
+        async with Engine(Settings(max_queue_age_ms=20, datapath_thread=False)) as engine:
             router = engine.create_router()
             ta, tb = router.create_webrtc_transport(), router.create_webrtc_transport()
             a, b = WebRtcClient(ta), WebRtcClient(tb)

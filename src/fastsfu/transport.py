@@ -99,7 +99,8 @@ class Transport(EventEmitter):
         producer = Producer(self, params, info, paused, app_data, id)
         self.producers[producer.id] = producer
         if self.srtp_in is not None:
-            self.srtp_in.add_stream(info.ssrc)
+            with self.engine.datapath.tables_lock:  # the datapath thread may be using this session
+                self.srtp_in.add_stream(info.ssrc)
         self.router._producer_added(producer)
         self.observer.emit("newproducer", producer)
         return producer
@@ -143,7 +144,8 @@ class Transport(EventEmitter):
         ]
         ext_ids = {rtp.EXTENSION_KINDS[e["uri"]]: e["id"] for e in params["headerExtensions"]}
         if self.srtp_out is not None:
-            self.srtp_out.add_stream(ssrc)
+            with self.engine.datapath.tables_lock:  # the datapath thread may be using this session
+                self.srtp_out.add_stream(ssrc)
         consumer = Consumer(self, producer, params, ext_ids, paused, app_data)
         self.consumers[consumer.id] = consumer
         producer.consumers[consumer.id] = consumer
@@ -172,11 +174,13 @@ class Transport(EventEmitter):
 
     def _forget_inbound_stream(self, ssrc: int) -> None:
         if self.srtp_in is not None:
-            self.srtp_in.remove_stream(ssrc)
+            with self.engine.datapath.tables_lock:
+                self.srtp_in.remove_stream(ssrc)
 
     def _forget_outbound_stream(self, ssrc: int) -> None:
         if self.srtp_out is not None:
-            self.srtp_out.remove_stream(ssrc)
+            with self.engine.datapath.tables_lock:
+                self.srtp_out.remove_stream(ssrc)
 
     # ------------------------------------------------------------------ slow path
 
