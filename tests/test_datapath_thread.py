@@ -212,6 +212,7 @@ async def stress(seconds: float) -> dict[str, int]:
         "forwarded": stats["forwarded_packets"],
         "received_by_listener": len(got),
         "slow_path_errors": stats["slow_path_errors"],
+        "table_hand_offs": stats["table_hand_offs"],
     }
 
 
@@ -225,6 +226,7 @@ def test_forwarding_while_the_loop_reprograms_tables_under_dev_mode() -> None:
     assert out.returncode == 0, out.stderr[-4000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["checks"] == result["churns"] >= 20
+    assert result["table_hand_offs"] > 0  # the loop did wait for the busy thread, and got the tables
     assert result["slow_path_errors"] == 0
     assert result["sent"] > 10_000 and result["rx_packets"] > 5_000  # it really ran at full rate
     assert result["forwarded"] >= result["received_by_listener"] > 0

@@ -173,7 +173,7 @@ def test_metrics_health_json_logs_and_sigterm_through_the_cli() -> None:
                 assert metrics['fastsfu_voice_streams_total{frontend="grpc"}'] == 1
                 assert metrics['fastsfu_voice_stream_errors_total{identifier="h.blank-session"}'] == 1
                 assert metrics['fastsfu_handshake_failures_total{kind="dtls"}'] == 0
-                assert metrics["fastsfu_late_packets_total"] == 0  # exported (nothing queued long here)
+                assert "fastsfu_late_packets_total" in metrics  # exported (its value depends on load)
                 assert "fastsfu_forwarded_bytes_total" in metrics
 
                 sigterm_at.append(time.monotonic())

@@ -117,6 +117,7 @@ ctypedef struct Table:               # open addressing, linear probing, backward
 
 ctypedef struct Socket:
     int in_use
+    uint32_t gen                     # changes with every add_socket into this slot
     int fd
     int family
     int timestamps
@@ -215,7 +216,11 @@ ctypedef struct SlowSlot:            # a slow-path datagram copied for the event
 
 ctypedef struct Sync:                # shared by the datapath thread and the event loop
     pthread_mutex_t mu               # the tables: held by the thread per batch, by Python per call
+    pthread_mutex_t gate             # held by a Python caller from before it waits for mu until it
+                                     # is done: the thread sleeps on it instead of taking mu back
     int waiters                      # Python callers blocked on mu: the thread yields to them
+    int depth                        # TableLock nesting of mu's Python owner (guarded by mu)
+    int gate_held                    # that owner holds gate too (guarded by mu)
     int stop
     int wake_pending                 # notify_fd written and not yet read by the loop
     uint32_t ring_head               # written by the producer (whoever drains sockets)
@@ -269,6 +274,8 @@ cdef class Datapath:
     cdef readonly int epoll_fd           # readable when any registered socket is: one loop reader
     cdef epoll_event ready[RECV_BATCH]
     cdef uint64_t events_lost
+    cdef uint32_t socket_gen
+    cdef uint64_t hand_offs              # times the thread gave the tables to a waiting Python call
     # the thread and what it shares with the event loop
     cdef readonly TableLock tables_lock
     cdef Sync *sync
@@ -279,8 +286,10 @@ cdef class Datapath:
 
     cdef object _take_slow(self)
     cdef int _drain(self, int sock, int budget) noexcept nogil
-    cdef int _drain_batch(self, int sock) noexcept nogil
+    cdef int _drain_batch(self, int sock, bint on_thread) noexcept nogil
     cdef void _thread_loop(self) noexcept nogil
+    cdef void _wait_gate(self) noexcept nogil
+    cdef void _hand_off(self) noexcept nogil
     cdef void _slow_push(self, int kind, int t, int i, int n, int sock) noexcept nogil
     cdef uint32_t _ring_room(self) noexcept nogil
     cdef int _check_inline(self) except -1
@@ -304,6 +313,6 @@ cdef class Datapath:
     cdef int _alloc_out(self) noexcept nogil
     cdef void _release_out(self, int slot) noexcept nogil
     cdef void _enqueue(self, int slot, Transport *dst) noexcept nogil
-    cdef void _flush_all(self) noexcept nogil
+    cdef void _flush_all(self, bint on_thread=*) noexcept nogil
     cdef void _discard_queue(self, int sock) noexcept nogil
-    cdef void _flush_socket(self, int sock) noexcept nogil
+    cdef void _flush_socket(self, int sock, bint on_thread) noexcept nogil

@@ -20,7 +20,7 @@ from fastsfu._csys cimport (
     fsfu_store_int, fsfu_store_u32, fsfu_xchg_int, htons, inet_ntop, inet_pton, iovec, mmsghdr, msghdr,
     ntohs, pthread_mutex_destroy, pthread_mutex_init, pthread_mutex_lock, pthread_mutex_trylock,
     pthread_mutex_unlock, pthread_mutexattr_destroy, pthread_mutexattr_init, pthread_mutexattr_settype,
-    pthread_mutexattr_t, read, recvmmsg, sched_yield, sendmmsg, setsockopt, sockaddr, sockaddr_in,
+    pthread_mutexattr_t, read, recvmmsg, sendmmsg, setsockopt, sockaddr, sockaddr_in,
     sockaddr_in6, socklen_t, write,
 )
 
@@ -449,7 +449,9 @@ cdef class TableLock:
     The datapath thread holds it for one batch at a time; every Datapath method takes it, and so
     must Python code that changes an object the thread uses (an SRTP session's streams). It is
     recursive, and waited for with the GIL released: the thread never takes the GIL, so the two
-    locks cannot deadlock.
+    locks cannot deadlock. A caller that has to wait first takes `gate` and announces itself in
+    `waiters`; the thread then releases the tables between two datagrams and sleeps on `gate`
+    until the caller is done (a hand-off, rather than a race the thread would usually win).
     """
 
     def __cinit__(self):
@@ -461,21 +463,35 @@ cdef class TableLock:
         pthread_mutexattr_settype(&attr, PTHREAD_MUTEX_RECURSIVE)
         pthread_mutex_init(&self.sync.mu, &attr)
         pthread_mutexattr_destroy(&attr)
+        pthread_mutex_init(&self.sync.gate, NULL)
 
     def __dealloc__(self):
         if self.sync != NULL:
             pthread_mutex_destroy(&self.sync.mu)
+            pthread_mutex_destroy(&self.sync.gate)
             free(self.sync)
 
     def __enter__(self) -> None:
-        if pthread_mutex_trylock(&self.sync.mu) != 0:
-            fsfu_add_int(&self.sync.waiters, 1)   # the thread yields the mutex to us after its batch
+        cdef Sync *y = self.sync
+        if pthread_mutex_trylock(&y.mu) != 0:
             with nogil:
-                pthread_mutex_lock(&self.sync.mu)
-            fsfu_add_int(&self.sync.waiters, -1)
+                pthread_mutex_lock(&y.gate)
+                fsfu_add_int(&y.waiters, 1)   # the thread hands the tables over at its next datagram
+                pthread_mutex_lock(&y.mu)
+                fsfu_add_int(&y.waiters, -1)
+            y.gate_held = 1
+        y.depth += 1
 
     def __exit__(self, exc_type, exc, tb) -> bool:
-        pthread_mutex_unlock(&self.sync.mu)
+        cdef Sync *y = self.sync
+        cdef bint gate = False
+        y.depth -= 1
+        if y.depth == 0 and y.gate_held:
+            y.gate_held = 0
+            gate = True
+        pthread_mutex_unlock(&y.mu)
+        if gate:
+            pthread_mutex_unlock(&y.gate)     # wakes the thread sleeping on it
         return False
 
 
@@ -619,12 +635,24 @@ cdef class Datapath:
         with nogil:
             self._thread_loop()
 
+    cdef void _hand_off(self) noexcept nogil:
+        """Give the tables to the control-plane call waiting for them, then take them back."""
+        self.hand_offs += 1
+        pthread_mutex_unlock(&self.sync.mu)
+        self._wait_gate()
+        pthread_mutex_lock(&self.sync.mu)
+
+    cdef void _wait_gate(self) noexcept nogil:
+        """Wait until the waiting control-plane caller (which holds gate) is done with the tables."""
+        pthread_mutex_lock(&self.sync.gate)
+        pthread_mutex_unlock(&self.sync.gate)
+
     cdef void _thread_loop(self) noexcept nogil:
         """Wait, then drain the ready sockets a batch each under the table mutex, flush, release;
         wake the event loop when slow-path datagrams or events are waiting."""
         cdef int n, i, s, total
         cdef uint64_t fwd0, one = 1, junk
-        cdef bint notify
+        cdef bint notify, waiting
         while not fsfu_load_int(&self.sync.stop):
             n = epoll_wait(self.epoll_fd, self.ready, RECV_BATCH, -1)
             if n < 0:
@@ -645,15 +673,18 @@ cdef class Datapath:
                     elif 0 <= s < self.max_sockets and self.sockets[s].in_use:
                         # One batch per ready socket per round; epoll is level-triggered, so a
                         # socket with more waiting is ready again next round (fair across rooms).
-                        total += self._drain_batch(s)
-                self._flush_all()
+                        total += self._drain_batch(s, True)
+                self._flush_all(True)
                 notify = (self.pending_events > 0 or
                           self.sync.ring_head != fsfu_load_u32(&self.sync.ring_tail))
+                waiting = fsfu_load_int(&self.sync.waiters) > 0
+                if waiting:
+                    self.hand_offs += 1       # counted under the mutex, like every counter
                 pthread_mutex_unlock(&self.sync.mu)
                 if notify and not fsfu_xchg_int(&self.sync.wake_pending, 1):
                     write(self.notify_fd, &one, 8)
-                while fsfu_load_int(&self.sync.waiters) > 0:
-                    sched_yield()          # let a waiting control-plane call have the tables now
+                if waiting:
+                    self._wait_gate()         # a control-plane call has the tables now: wait for it
 
     # ----------------------------------------------------------------- programming the tables
 
@@ -671,6 +702,8 @@ cdef class Datapath:
                 raise OverflowError("datapath socket table is full")
             memset(&self.sockets[s], 0, sizeof(Socket))
             self.sockets[s].in_use = 1
+            self.socket_gen += 1
+            self.sockets[s].gen = self.socket_gen
             self.sockets[s].fd = fd
             self.sockets[s].family = family
             self.sockets[s].comedia_transport = -1
@@ -1041,16 +1074,20 @@ cdef class Datapath:
         Inline, it stops while the slow-path ring could overflow: the rest waits in the kernel."""
         cdef int n, total = 0
         while total < budget and self._ring_room() >= RECV_BATCH:
-            n = self._drain_batch(sock)
+            n = self._drain_batch(sock, False)
             total += n
             if n < RECV_BATCH:
                 break                      # the queue is empty; a new datagram wakes us again
         return total
 
-    cdef int _drain_batch(self, int sock) noexcept nogil:
-        """One recvmmsg (up to RECV_BATCH datagrams), each handled; returns how many arrived."""
+    cdef int _drain_batch(self, int sock, bint on_thread) noexcept nogil:
+        """One recvmmsg (up to RECV_BATCH datagrams), each handled; returns how many arrived.
+
+        On the thread, a control-plane call waiting for the tables gets them between two
+        datagrams: with a large fan-out one batch is thousands of sends, too long to wait for."""
         cdef int n, i, kind, t, m, fd
         cdef int64_t now, wall, age
+        cdef uint32_t gen = self.sockets[sock].gen
         fd = self.sockets[sock].fd
         while True:
             for i in range(RECV_BATCH):
@@ -1068,6 +1105,17 @@ cdef class Datapath:
         now = monotonic_ns()
         wall = realtime_ns() if self.sockets[sock].timestamps else 0
         for i in range(n):
+            if on_thread:
+                if (i & 15) == 15:
+                    # Send as we go: a flush can hand the tables over between its chunks, a
+                    # fan-out in progress cannot, so the output slots never fill up.
+                    self._flush_all(True)
+                if fsfu_load_int(&self.sync.waiters) > 0:
+                    # No flush first: the queued packets wait in their slots for the length of
+                    # the control-plane call.
+                    self._hand_off()
+                if not self.sockets[sock].in_use or self.sockets[sock].gen != gen:
+                    return n               # the socket went away during a hand-off: so does the rest
             if self.rmsgs[i].msg_hdr.msg_flags & MSG_TRUNC:
                 self.drops[DROP_OVERSIZE] += 1
                 continue
@@ -1199,7 +1247,7 @@ cdef class Datapath:
             return {"rx_packets": self.rx_packets, "rx_bytes": self.rx_bytes,
                     "forwarded_packets": self.fwd_packets, "forwarded_bytes": self.fwd_bytes,
                     "batches": self.batches, "slow_path_packets": self.slow_packets,
-                    "late_packets": self.late_packets,
+                    "late_packets": self.late_packets, "table_hand_offs": self.hand_offs,
                     "events_lost": self.events_lost, "drops": self.drop_counts()}
 
     def transport_stats(self, int t) -> dict:
@@ -1684,11 +1732,16 @@ cdef class Datapath:
             self.dirty[self.n_dirty] = dst.sock
             self.n_dirty += 1
 
-    cdef void _flush_all(self) noexcept nogil:
-        cdef int i
-        for i in range(self.n_dirty):
-            self._flush_socket(self.dirty[i])
-            self.sockets[self.dirty[i]].dirty = 0
+    cdef void _flush_all(self, bint on_thread=False) noexcept nogil:
+        """Send every socket's queue. On the thread, a waiting control-plane call may take the
+        tables between two sendmmsg chunks and flush or extend these queues itself: the loop
+        re-reads the dirty list, and each queue stays consistent at every chunk boundary."""
+        cdef int i = 0, sock
+        while i < self.n_dirty:
+            sock = self.dirty[i]
+            i += 1
+            self.sockets[sock].dirty = 0
+            self._flush_socket(sock, on_thread)
         self.n_dirty = 0
 
     cdef void _discard_queue(self, int sock) noexcept nogil:
@@ -1703,9 +1756,9 @@ cdef class Datapath:
         so.out_tail = -1
         so.out_count = 0
 
-    cdef void _flush_socket(self, int sock) noexcept nogil:
+    cdef void _flush_socket(self, int sock, bint on_thread) noexcept nogil:
         cdef Socket *so = &self.sockets[sock]
-        cdef int slot, m, sent, i, fd = so.fd
+        cdef int slot, nxt, m, sent, i, fd
         if self.output_mode != K_OUTPUT_SEND:
             if self.output_mode == K_OUTPUT_CAPTURE:
                 # Tests only, never on the thread (start() refuses capture mode).
@@ -1721,8 +1774,9 @@ cdef class Datapath:
                         slot = self.out[slot].next
             self._discard_queue(sock)
             return
-        slot = so.out_head
-        while slot >= 0:
+        while so.out_head >= 0:
+            fd = so.fd
+            slot = so.out_head
             m = 0
             while slot >= 0 and m < SEND_BATCH:
                 self.siov[m].iov_base = self.out[slot].data
@@ -1750,4 +1804,15 @@ cdef class Datapath:
                     i += 1
                     continue
                 i += sent
-        self._discard_queue(sock)
+            # Release the chunk: the queue now starts at the first datagram not yet sent.
+            i = so.out_head
+            while i != slot:
+                nxt = self.out[i].next
+                self._release_out(i)
+                i = nxt
+            so.out_head = slot
+            so.out_count -= m
+            if slot < 0:
+                so.out_tail = -1
+            elif on_thread and fsfu_load_int(&self.sync.waiters) > 0:
+                self._hand_off()
