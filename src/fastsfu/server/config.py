@@ -68,6 +68,8 @@ class ServerConfig:
     dtls_certificate: str | None = None  # PEM file (ECDSA P-256); None: generated at start
     dtls_private_key: str | None = None  # PEM file, with dtls_certificate
     metrics: bool = True  # GET /metrics (Prometheus) on the hRPC listener
+    datapath_thread: bool = True  # forward on a dedicated thread, GIL released (docs/datapath.md)
+    max_queue_age_ms: float = 200.0  # drop RTP queued longer than this; 0: never (docs/datapath.md)
     duration: float = 0.0  # stop after this many seconds; 0: until SIGINT/SIGTERM (flag only)
     voice: VoiceSettings = field(default_factory=VoiceSettings)
     rate_limit: RateLimitConfig = field(default_factory=RateLimitConfig)
@@ -152,6 +154,10 @@ OPTIONS = (
     ),
     Option("dtls_private_key", "--dtls-private-key", str, "DTLS private key PEM file", metavar="PATH"),
     Option("metrics", "--metrics", bool, "serve Prometheus metrics at /metrics on the hRPC port"),
+    Option("datapath_thread", "--datapath-thread", bool, "forward media on its own thread, not the loop"),
+    Option(
+        "max_queue_age_ms", "--max-queue-age-ms", float, "drop RTP queued longer (ms); 0: never", minimum=0.0
+    ),
     Option("voice.id_quoting", "--id-quoting", str, "IDs as JSON string literals or bare", ("json", "bare")),
     Option(
         "voice.duplicate_session",
