@@ -223,6 +223,7 @@ ctypedef struct Sync:                # shared by the datapath thread and the eve
     int gate_held                    # that owner holds gate too (guarded by mu)
     int stop
     int wake_pending                 # notify_fd written and not yet read by the loop
+    int events_flag                  # events were added since take_events() last looked
     uint32_t ring_head               # written by the producer (whoever drains sockets)
     uint32_t ring_tail               # written by the consumer (take_slow)
 

@@ -1232,6 +1232,9 @@ cdef class Datapath:
     def take_events(self) -> list:
         """(kind, transport, value) events since the last call: learned tuples, unknown SSRCs."""
         cdef int i
+        # Most wake-ups carry slow-path datagrams only: do not stop the thread to learn that.
+        if not fsfu_xchg_int(&self.sync.events_flag, 0):
+            return []
         with self.tables_lock:
             out = [(self.events[i].kind, self.events[i].transport, self.events[i].value)
                    for i in range(self.pending_events)]
@@ -1379,6 +1382,7 @@ cdef class Datapath:
         self.events[self.pending_events].transport = t
         self.events[self.pending_events].value = value
         self.pending_events += 1
+        fsfu_store_int(&self.sync.events_flag, 1)
 
     cdef inline void _drop(self, Transport *tr, int reason) noexcept nogil:
         self.drops[reason] += 1
