@@ -28,9 +28,11 @@ if str(BENCH_DIR) not in sys.path:
 import benchconfig  # noqa: E402
 from loadgen import native, run_loadgen  # noqa: E402
 
-# fastsfu_nolimit: fastsfu with its 20 ms queue-age drop disabled, i.e. with the baseline's
+# fastsfu_nolimit: fastsfu with its RTP queue-age drop disabled, i.e. with the baseline's
 # queueing semantics (unbounded socket queues); its zero-loss rate is the like-for-like ratio.
 SUTS = ("baseline", "fastsfu", "fastsfu_nolimit")
+# Run only when named: fastsfu with its datapath on the event loop instead of its own thread.
+EXTRA_SUTS = ("fastsfu_inline",)
 P99_FLOOR_US = 5000.0  # performance.md §6.5 (ii) and §6.7: the baseline's validity floor
 SETTLE_TIMEOUT_S = 15.0
 # The reference the Discord suites are compared with (same SUT, same run).
@@ -51,7 +53,12 @@ def log(msg: str) -> None:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__)
     add = ap.add_argument
-    add("--sut", choices=[*SUTS, "all"], default="all", help="system(s) under test [all]")
+    add(
+        "--sut",
+        choices=[*SUTS, *EXTRA_SUTS, "all"],
+        action="append",
+        help="system under test, repeatable; all: " + ", ".join(SUTS) + " [all]",
+    )
     add("--quick", action="store_true", help="CI mode: short steps, coarse search (about 20 s per SUT)")
     add(
         "--suite",
@@ -266,6 +273,8 @@ def sut_argv(sut: str, args: argparse.Namespace, libs: dict[str, Path]) -> list[
     argv = [sys.executable, str(run_loadgen.FASTSFU_SCRIPT), "--cpu", str(args.sut_cpu)]
     if sut == "fastsfu_nolimit":
         argv += ["--max-queue-age-ms", "0"]
+    if sut == "fastsfu_inline":
+        argv += ["--inline"]
     return argv
 
 
@@ -455,10 +464,25 @@ def report(summary: dict[str, Any]) -> str:
             summary["valid"][suite] = valid
             if not valid:
                 lines.append("\n**Run invalid**: the baseline missed its own floor at the fixed load (§6.7).")
+        lines += _extra_suts(per_sut, base)
         lines += _notes(per_sut)
         lines.append("")
     lines += discord_report(summary)
     return "\n".join(lines)
+
+
+def _extra_suts(per_sut: dict[str, Any], base: dict[str, Any] | None) -> list[str]:
+    """Rows for SUTs run only on request (fastsfu_inline), with their ratio to the baseline."""
+    lines: list[str] = []
+    for name in EXTRA_SUTS:
+        res = per_sut.get(name)
+        if res is None:
+            continue
+        lines += ["", f"| metric | {name} | ratio to baseline |", "|---|---|---|"]
+        for label, path in METRICS:
+            v = _get(res, *path)
+            lines.append(f"| {label} | {_fmt(v)} | {_ratio(v, _get(base, *path))} |")
+    return lines
 
 
 def _notes(per_sut: dict[str, Any]) -> list[str]:
@@ -523,7 +547,11 @@ def _exit_on_sigterm(signum: int, frame: object) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
-    suts = list(SUTS) if args.sut == "all" else [args.sut]
+    suts: list[str] = []
+    for name in args.sut or ["all"]:
+        for one in SUTS if name == "all" else (name,):
+            if one not in suts:
+                suts.append(one)
     skipped: dict[str, str] = {}
     if not run_loadgen.FASTSFU_SCRIPT.exists():
         for name in [s for s in suts if s.startswith("fastsfu")]:

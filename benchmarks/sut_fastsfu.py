@@ -70,7 +70,11 @@ def receiver_capabilities(cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 async def serve(
-    cfg: dict[str, Any], stop: asyncio.Event, max_queue_age_ms: float = 20.0, out_slots: int = 1024
+    cfg: dict[str, Any],
+    stop: asyncio.Event,
+    max_queue_age_ms: float = Settings.max_queue_age_ms,
+    out_slots: int = 1024,
+    datapath_thread: bool = Settings.datapath_thread,
 ) -> dict[str, Any]:
     n = len(cfg["participants"])
     discord = benchconfig.is_discord(cfg["suite"])
@@ -80,6 +84,7 @@ async def serve(
         webrtc_port=cfg["participants"][0]["sut_port"] if discord else 0,
         max_queue_age_ms=max_queue_age_ms,
         out_slots=out_slots,
+        datapath_thread=datapath_thread,
         max_sockets=n + 8,
         max_transports=n + 8,
         max_producers=n + 8,
@@ -143,10 +148,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--max-queue-age-ms",
         type=float,
-        default=20.0,
-        help="drop datagrams queued longer (0: never, as baseline)",
+        default=Settings.max_queue_age_ms,
+        help="drop RTP queued longer (0: never, as baseline)",
     )
     ap.add_argument("--out-slots", type=int, default=1024, help="datapath output slots (Settings.out_slots)")
+    ap.add_argument("--inline", action="store_true", help="datapath on the loop (datapath_thread=False)")
     args = ap.parse_args(argv)
     if args.cpu >= 0:
         try:
@@ -165,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
                 loop.add_reader(0, lambda: os.read(0, 4096) or stop.set())
         except OSError:
             pass
-        return await serve(cfg, stop, args.max_queue_age_ms, args.out_slots)
+        return await serve(cfg, stop, args.max_queue_age_ms, args.out_slots, not args.inline)
 
     counters = asyncio.run(run())
     print(json.dumps(counters), flush=True)

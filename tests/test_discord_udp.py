@@ -9,13 +9,14 @@ import asyncio
 import contextlib
 import os
 import struct
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
 from discord_helpers import AES, XCHACHA, Client, discover, ref_open, ref_seal, rtp_packet
 
-from fastsfu import Engine
+from fastsfu import Engine, Settings
 from fastsfu.discord.crypto import (
     LEGACY_MODES,
     MODES,
@@ -122,11 +123,11 @@ def test_discovery_codec() -> None:
 Room = tuple[Engine, list[Client], list[DiscordUdpTransport], Any, Any]
 
 
-def run_room(body: Callable[[Room], Awaitable[None]]) -> None:
+def run_room(body: Callable[[Room], Awaitable[None]], settings: Settings | None = None) -> None:
     """Two Discord sessions in one router: A sends with AES-GCM, B receives with XChaCha."""
 
     async def main() -> None:
-        async with Engine() as engine:
+        async with Engine(settings) as engine:
             router = engine.create_router()
             clients = [Client(1001, AES), Client(1002, XCHACHA)]
             transports = [router.create_discord_udp_transport(c.ssrc) for c in clients]
@@ -268,6 +269,29 @@ def test_keepalives_are_echoed_and_pings_answered() -> None:
         await b.recv_none()
 
     run_room(body)
+
+
+def test_discovery_and_keepalives_that_queued_long_are_still_answered() -> None:
+    """Only RTP ages out (docs/datapath.md): IP discovery and keep-alives that waited 60 ms in
+    the socket queue (the loop was stuck) are answered; RTP that waited as long is dropped."""
+
+    async def body(room: Room) -> None:
+        engine, (a, b), (ta, tb), producer, consumer = room
+        a.discovery()
+        time.sleep(0.06)  # the event loop, and so the inline datapath, is stuck meanwhile
+        response = await a.recv()
+        assert len(response) == 74 and response[:8] == struct.pack("!HHI", 2, 70, a.ssrc)
+        keepalive = struct.pack("<I4x", 7)
+        a.send(keepalive)
+        time.sleep(0.06)
+        assert await a.recv() == keepalive
+        assert engine.stats()["drops"]["queue_age"] == 0
+        a.send_rtp(rtp_packet(1001, 1, bytes(50)))
+        time.sleep(0.06)
+        await asyncio.sleep(0.02)
+        assert engine.stats()["drops"]["queue_age"] == 1  # the control: the stall was long enough
+
+    run_room(body, Settings(max_queue_age_ms=20, datapath_thread=False))
 
 
 def test_only_receivers_with_a_discovered_address_get_media_and_close_frees_the_ssrc() -> None:

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import os
+import select
 import time
 
 import pytest
 from helpers import AUDIO_LEVEL_ID, MID_ID, SrtpClient, client_caps, producer_params
 
-from fastsfu import Engine, Settings, ortc, rtp
+from fastsfu import Engine, Settings, _rtp, ortc, rtp
 from fastsfu.rtp import RtpPacket
 
 pytestmark = pytest.mark.loopback
@@ -188,18 +189,74 @@ def test_garbage_flood_does_not_harm_the_room() -> None:
     run(main())
 
 
-def test_datagrams_queued_too_long_are_dropped_not_forwarded() -> None:
+def test_rtp_queued_too_long_is_dropped_rtcp_is_not() -> None:
     async def main() -> None:
-        async with Engine(Settings(max_queue_age_ms=20)) as engine:
+        async with Engine(Settings(max_queue_age_ms=20, datapath_thread=False)) as engine:
             clients, transports, producers, consumers = await make_room(engine, 2, "AEAD_AES_128_GCM")
             for seq in range(10):
                 clients[0].send_rtp(server_addr(transports[0]), opus(5000, seq))
+            sr = rtp.build_sender_report(5000, 1 << 32, 0, 10, 900)
+            clients[0].send_raw(server_addr(transports[0]), clients[0].tx.protect_rtcp(sr))
             time.sleep(0.06)  # the loop is stuck: these packets are already 60 ms old when drained
             await asyncio.sleep(0.05)
             assert engine.stats()["drops"]["queue_age"] == 10
+            # RTCP is never dropped for age (docs/datapath.md): the sender report arrived.
+            assert transports[0].rtcp_received[rtp.RTCP_SR] == 1
+            assert engine.stats()["late_packets"] == 0
             assert await clients[1].receive_rtp(1, 0.1) == []
             clients[0].send_rtp(server_addr(transports[0]), opus(5000, 10))
             assert len(await clients[1].receive_rtp(1, 2)) == 1
+
+    run(main())
+
+
+def test_late_rtp_under_the_limit_is_forwarded_and_counted() -> None:
+    """Scheduling noise is not loss: RTP that waited 60 ms (three frames) is still forwarded,
+    since a receiver's jitter buffer still plays it, and counted as late."""
+
+    async def main() -> None:
+        async with Engine(Settings(datapath_thread=False)) as engine:
+            assert engine.settings.max_queue_age_ms == _rtp.DEFAULT_MAX_QUEUE_AGE == 200
+            clients, transports, producers, consumers = await make_room(engine, 2, "AEAD_AES_128_GCM")
+            for seq in range(10):
+                clients[0].send_rtp(server_addr(transports[0]), opus(5000, seq))
+            time.sleep(0.06)
+            got = await clients[1].receive_rtp(10, 2)
+            seqs = [RtpPacket.parse(clients[1].rx.unprotect(d)).sequence_number for d in got]
+            assert seqs == list(range(10))
+            stats = engine.stats()
+            assert stats["drops"]["queue_age"] == 0 and stats["late_packets"] == 10
+            clients[0].send_rtp(server_addr(transports[0]), opus(5000, 10))  # on time: not late
+            assert len(await clients[1].receive_rtp(1, 2)) == 1
+            assert engine.stats()["late_packets"] == 10
+
+    run(main())
+
+
+def test_media_flows_while_the_event_loop_is_blocked() -> None:
+    """The datapath thread forwards while the loop is stuck (a join, a GC pause): the receiver
+    gets every packet during the stall, and none of them was late."""
+
+    async def main() -> None:
+        async with Engine() as engine:
+            assert engine.datapath.running
+            clients, transports, producers, consumers = await make_room(engine, 2, "AES_CM_128_HMAC_SHA1_80")
+            rx = clients[1].sock
+            got: list[bytes] = []
+            deadline = time.monotonic() + 2
+            # From here to the end of the loop the event loop never runs.
+            for seq in range(20):
+                clients[0].send_rtp(server_addr(transports[0]), opus(5000, seq))
+                time.sleep(0.005)
+            while len(got) < 20 and time.monotonic() < deadline:
+                if select.select([rx], [], [], max(deadline - time.monotonic(), 0))[0]:
+                    data = rx.recv(4096)
+                    if not (192 <= data[1] <= 223):  # skip RTCP reports
+                        got.append(data)
+            seqs = [RtpPacket.parse(clients[1].rx.unprotect(d)).sequence_number for d in got]
+            assert seqs == list(range(20))
+            stats = engine.stats()
+            assert stats["late_packets"] == 0 and stats["drops"]["queue_age"] == 0
 
     run(main())
 

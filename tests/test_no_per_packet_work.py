@@ -1,7 +1,8 @@
 """Per packet: no Python call and no allocation (performance.md §7 target 3), counted exactly.
 
 A subprocess runs with PYTHONMALLOC=malloc and an LD_PRELOAD malloc counter, sends N and 10*N
-SRTP packets to a real socket and drains them; the counts must not grow with N.
+SRTP packets to a real socket and drains them, inline or on the datapath thread; the counts must
+not grow with N.
 """
 
 from __future__ import annotations
@@ -28,10 +29,10 @@ def malloc_counter(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return lib
 
 
-def probe(lib: Path, n: int, fanout: int, kind: str = "srtp") -> dict[str, int]:
+def probe(lib: Path, n: int, fanout: int, kind: str = "srtp", mode: str = "inline") -> dict[str, int]:
     env = dict(os.environ, PYTHONMALLOC="malloc", LD_PRELOAD=str(lib))
     out = subprocess.run(
-        [sys.executable, str(HERE / "native" / "drain_probe.py"), str(n), str(fanout), kind],
+        [sys.executable, str(HERE / "native" / "drain_probe.py"), str(n), str(fanout), kind, mode],
         env=env,
         capture_output=True,
         text=True,
@@ -41,15 +42,18 @@ def probe(lib: Path, n: int, fanout: int, kind: str = "srtp") -> dict[str, int]:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.parametrize("mode", ["inline", "threaded"])
 @pytest.mark.parametrize("fanout", [1, 10])
 @pytest.mark.parametrize("kind", ["srtp", "aead_aes256_gcm_rtpsize", "aead_xchacha20_poly1305_rtpsize"])
-def test_counts_do_not_grow_with_packets(malloc_counter: Path, fanout: int, kind: str) -> None:
-    """SRTP, and Discord's AEAD modes (OpenSSL through _aead.h), alike."""
-    small = probe(malloc_counter, 32, fanout, kind)
-    large = probe(malloc_counter, 320, fanout, kind)
+def test_counts_do_not_grow_with_packets(malloc_counter: Path, fanout: int, kind: str, mode: str) -> None:
+    """SRTP, and Discord's AEAD modes (OpenSSL through _aead.h), alike; inline or threaded."""
+    small = probe(malloc_counter, 32, fanout, kind, mode)
+    large = probe(malloc_counter, 320, fanout, kind, mode)
     assert small["forwarded"] == (32 + 32) * fanout and large["forwarded"] == (320 + 32) * fanout
     assert large["batches"] > small["batches"]  # recvmmsg takes 64 datagrams a batch
     assert small["control_allocations"] >= 10  # the counter sees Python objects being made
+    if mode == "threaded":
+        assert small["thread_profiled_calls"] >= 1  # the profiler does see the thread's Python calls
     # Draining, decrypting, rewriting, encrypting and sending: no allocation and no Python call.
     assert small["allocations"] == large["allocations"] == 0, (small, large)
     assert small["python_calls"] == large["python_calls"] == 0, (small, large)

@@ -72,6 +72,8 @@ def test_precedence_defaults_toml_env_flags(tmp_path: Path) -> None:
     assert config.voice.max_users_per_room == 7 and config.voice.join_timeout == 13.5
     assert config.voice.init_timeout == 10.0  # untouched default
     assert (config.log.format, config.log.level) == ("json", "debug")
+    datapath = load_config(None, {"FASTSFU_MAX_QUEUE_AGE_MS": "80"}, {"datapath_thread": False})
+    assert (datapath.datapath_thread, datapath.max_queue_age_ms) == (False, 80.0)
     # FASTSFU_CONFIG names the file when no --config is given.
     assert load_config(None, {"FASTSFU_CONFIG": str(toml)}, {}).hrpc_port == 1111
 
@@ -91,6 +93,7 @@ def test_precedence_through_the_command_line(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stderr
     printed = json.loads(out.stdout)
     assert (printed["hrpc_port"], printed["grpc_port"], printed["media_port"]) == (1111, 4444, 6666)
+    assert printed["datapath_thread"] is True and printed["max_queue_age_ms"] == 200.0
     assert printed["rate_limit"]["burst"] == 9 and printed["metrics"] is False
     assert printed["token_secret"] == "<set>" and "s3cret-x" not in out.stdout
 
@@ -109,6 +112,7 @@ def test_precedence_through_the_command_line(tmp_path: Path) -> None:
         ("", ("--hrpc-port", "70000"), {}, "--hrpc-port: must be at most 65535"),
         ("", ("--listen-ip", "example.org"), {}, "--listen-ip: not an IP address"),
         ("", (), {"FASTSFU_JOIN_TIMEOUT": "soon"}, "FASTSFU_JOIN_TIMEOUT: expected a float"),
+        ("", ("--max-queue-age-ms", "-1"), {}, "--max-queue-age-ms: must be at least 0"),
         ("", (), {"FASTSFU_LOG_FORMAT": "xml"}, "FASTSFU_LOG_FORMAT: must be one of text, json"),
         ("", ("--log-level", "loud"), {}, "--log-level: log level must be one of debug, info"),
         ("", ("--log-level", "fastsfu..dtls=debug"), {}, "not a logger name: 'fastsfu..dtls'"),

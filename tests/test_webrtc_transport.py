@@ -7,6 +7,7 @@ import asyncio
 import os
 import socket
 import struct
+import time
 from typing import Any
 
 import pytest
@@ -200,6 +201,48 @@ def test_bad_checks_and_strangers_are_refused() -> None:
             stats = engine.stats()
             assert stats["unhandled_datagrams"] == 1 and stats["drops"]["unknown_tuple"] == 1
             assert t.ice_state == "new" and t.ice_selected_tuple is None
+
+    run(main())
+
+
+class StallingSocket:
+    """A client socket whose every send then blocks the event loop (as a 60 ms join or GC pause
+    would), so what it sent waits that long in the server's socket queue."""
+
+    def __init__(self, sock: socket.socket, stall: float) -> None:
+        self.sock, self.stall = sock, stall
+
+    def sendto(self, data: bytes, addr: tuple[str, int]) -> int:
+        sent = self.sock.sendto(data, addr)
+        time.sleep(self.stall)
+        return sent
+
+    def recv(self, size: int) -> bytes:
+        return self.sock.recv(size)
+
+
+def test_ice_and_dtls_that_queued_long_are_still_handled() -> None:
+    """The age limit is for RTP only (docs/datapath.md): an ICE check or a DTLS flight that waited
+    past it is answered, while RTP that waited as long is dropped and counted."""
+
+    async def main() -> None:
+        async with Engine(Settings(max_queue_age_ms=20, datapath_thread=False)) as engine:
+            router = engine.create_router()
+            ta, tb = router.create_webrtc_transport(), router.create_webrtc_transport()
+            a, b = WebRtcClient(ta), WebRtcClient(tb)
+            await connect(b)
+            a.sock = StallingSocket(a.sock, 0.06)  # type: ignore[assignment]
+            await connect(a)  # every check and flight waited 60 ms > 20 ms in the queue
+            assert ta.ice_state == "completed" and ta.dtls_state == "connected"
+            assert engine.stats()["drops"]["queue_age"] == 0
+            producer = ta.produce(producer_params(4242))
+            tb.consume(producer.id, client_caps())
+            assert a.keys is not None
+            sender = SrtpContext(a.keys.srtp_suite, a.keys.local_key, inbound=False)
+            a.sock.sendto(sender.protect(bytes(RtpPacket(111, 0, 0, 4242, payload=bytes(40)))), a.server)
+            await asyncio.sleep(0.02)
+            stats = engine.stats()
+            assert stats["drops"]["queue_age"] == 1 and stats["forwarded_packets"] == 0
 
     run(main())
 

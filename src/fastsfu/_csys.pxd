@@ -106,3 +106,51 @@ cdef extern from "<sys/epoll.h>" nogil:
 
 cdef extern from "<unistd.h>" nogil:
     int close(int fd)
+    ssize_t read(int fd, void *buf, size_t count)
+    ssize_t write(int fd, const void *buf, size_t count)
+
+
+cdef extern from "<sys/eventfd.h>" nogil:
+    int EFD_NONBLOCK
+    int EFD_CLOEXEC
+    int eventfd(unsigned int initval, int flags)
+
+
+cdef extern from "<sched.h>" nogil:
+    int sched_yield()
+
+
+cdef extern from "<pthread.h>" nogil:
+    ctypedef struct pthread_mutex_t:
+        pass
+    ctypedef struct pthread_mutexattr_t:
+        pass
+    int PTHREAD_MUTEX_RECURSIVE
+    int pthread_mutexattr_init(pthread_mutexattr_t *attr)
+    int pthread_mutexattr_settype(pthread_mutexattr_t *attr, int kind)
+    int pthread_mutexattr_destroy(pthread_mutexattr_t *attr)
+    int pthread_mutex_init(pthread_mutex_t *mutex, const pthread_mutexattr_t *attr)
+    int pthread_mutex_destroy(pthread_mutex_t *mutex)
+    int pthread_mutex_lock(pthread_mutex_t *mutex)
+    int pthread_mutex_trylock(pthread_mutex_t *mutex)
+    int pthread_mutex_unlock(pthread_mutex_t *mutex)
+
+
+# Atomics (GCC/Clang builtins) for the few words the datapath thread and the event loop share
+# outside the table mutex; sequentially consistent, so that "publish, then check the flag" on one
+# side and "clear the flag, then read" on the other cannot both miss (no lost wake-up).
+cdef extern from *:
+    """
+    static inline int fsfu_load_int(int *p) { return __atomic_load_n(p, __ATOMIC_SEQ_CST); }
+    static inline void fsfu_store_int(int *p, int v) { __atomic_store_n(p, v, __ATOMIC_SEQ_CST); }
+    static inline int fsfu_xchg_int(int *p, int v) { return __atomic_exchange_n(p, v, __ATOMIC_SEQ_CST); }
+    static inline int fsfu_add_int(int *p, int v) { return __atomic_add_fetch(p, v, __ATOMIC_SEQ_CST); }
+    static inline uint32_t fsfu_load_u32(uint32_t *p) { return __atomic_load_n(p, __ATOMIC_SEQ_CST); }
+    static inline void fsfu_store_u32(uint32_t *p, uint32_t v) { __atomic_store_n(p, v, __ATOMIC_SEQ_CST); }
+    """
+    int fsfu_load_int(int *p) nogil
+    void fsfu_store_int(int *p, int v) nogil
+    int fsfu_xchg_int(int *p, int v) nogil
+    int fsfu_add_int(int *p, int v) nogil
+    uint32_t fsfu_load_u32(uint32_t *p) nogil
+    void fsfu_store_u32(uint32_t *p, uint32_t v) nogil

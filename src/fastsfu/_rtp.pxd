@@ -3,7 +3,7 @@
 
 from libc.stdint cimport int16_t, int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t, uintptr_t
 
-from fastsfu._csys cimport epoll_event, iovec, mmsghdr, socklen_t
+from fastsfu._csys cimport epoll_event, iovec, mmsghdr, pthread_mutex_t, socklen_t
 
 cdef enum:
     RECV_BATCH = 64
@@ -20,6 +20,11 @@ cdef enum:
     MAX_DROPOUT = 3000        # RFC 3550 A.1
     MAX_MISORDER = 100        # RFC 3550 A.1
     SRTP_KEEPALIVE_SEQ = 4096 # decrypt at least this often to keep libsrtp's rollover counter in step
+    DEFAULT_MAX_QUEUE_AGE_MS = 200  # RTP older than this is dropped (docs/datapath.md)
+    LATE_MS = 20              # RTP that waited longer than one 20 ms frame is counted as late
+    SLOW_RING = 1024          # slow-path datagrams waiting for the event loop (power of two)
+    LOCK_DATAGRAMS = 256      # the datapath thread releases the tables after this many datagrams
+    LOCK_FORWARDS = 2048      # ... or this many forwarded packets (a join never waits long)
 
 # Drop reasons; the names list below is the Python view, in the same order.
 cdef enum:
@@ -42,6 +47,7 @@ cdef enum:
     DROP_QUEUE_AGE
     DROP_RECV_ERROR
     DROP_AEAD_REPLAY                 # a Discord transport-encryption nonce seen before
+    DROP_SLOW_RING_FULL              # the event loop is behind: a slow-path datagram had no room
     N_DROPS
 
 cdef enum:
@@ -111,6 +117,7 @@ ctypedef struct Table:               # open addressing, linear probing, backward
 
 ctypedef struct Socket:
     int in_use
+    uint32_t gen                     # changes with every add_socket into this slot
     int fd
     int family
     int timestamps
@@ -202,6 +209,27 @@ ctypedef struct OutSlot:
     uint8_t dest[28]
     uint8_t data[OUT_SLOT]
 
+ctypedef struct SlowSlot:            # a slow-path datagram copied for the event loop
+    int kind
+    int transport
+    int sock
+    int len
+    uint8_t addr[28]
+    uint8_t data[RECV_SLOT]
+
+ctypedef struct Sync:                # shared by the datapath thread and the event loop
+    pthread_mutex_t mu               # the tables: held by the thread per batch, by Python per call
+    pthread_mutex_t gate             # held by a Python caller from before it waits for mu until it
+                                     # is done: the thread sleeps on it instead of taking mu back
+    int waiters                      # Python callers blocked on mu: the thread yields to them
+    int depth                        # TableLock nesting of mu's Python owner (guarded by mu)
+    int gate_held                    # that owner holds gate too (guarded by mu)
+    int stop
+    int wake_pending                 # notify_fd written and not yet read by the loop
+    int events_flag                  # events were added since take_events() last looked
+    uint32_t ring_head               # written by the producer (whoever drains sockets)
+    uint32_t ring_tail               # written by the consumer (take_slow)
+
 ctypedef struct Event:
     int kind
     int transport
@@ -211,6 +239,10 @@ ctypedef struct Event:
 cdef class AeadContext:
     cdef fsfu_aead ctx
     cdef int ready
+
+
+cdef class TableLock:
+    cdef Sync *sync
 
 
 cdef class Datapath:
@@ -223,12 +255,11 @@ cdef class Datapath:
     cdef Table ssrcs
     cdef Table roams                     # (socket, SSRC) -> transport that may move on proof of key
     cdef uint64_t drops[N_DROPS]
-    cdef uint64_t rx_packets, rx_bytes, fwd_packets, fwd_bytes, batches, slow_packets
+    cdef uint64_t rx_packets, rx_bytes, fwd_packets, fwd_bytes, batches, slow_packets, late_packets
     cdef int64_t max_queue_age_ns
     cdef int output_mode
     cdef list captured
     cdef list keepalive                  # Python objects owning the SRTP contexts, per transport
-    cdef list _slow                      # slow-path datagrams of the current drain/poll call
     # receive side
     cdef mmsghdr rmsgs[RECV_BATCH]
     cdef iovec riov[RECV_BATCH]
@@ -248,9 +279,25 @@ cdef class Datapath:
     cdef readonly int epoll_fd           # readable when any registered socket is: one loop reader
     cdef epoll_event ready[RECV_BATCH]
     cdef uint64_t events_lost
+    cdef uint32_t socket_gen
+    cdef uint64_t hand_offs              # times the thread gave the tables to a waiting Python call
+    # the thread and what it shares with the event loop
+    cdef readonly TableLock tables_lock
+    cdef Sync *sync
+    cdef SlowSlot *ring
+    cdef readonly int notify_fd          # eventfd: readable when slow-path datagrams or events wait
+    cdef int wake_fd                     # eventfd in the epoll set: wakes the thread to stop
+    cdef object _thread
 
     cdef object _take_slow(self)
-    cdef int _drain(self, int sock, int budget) except -1
+    cdef int _drain(self, int sock, int budget) noexcept nogil
+    cdef int _drain_batch(self, int sock, bint on_thread) noexcept nogil
+    cdef void _thread_loop(self) noexcept nogil
+    cdef void _wait_gate(self) noexcept nogil
+    cdef void _hand_off(self) noexcept nogil
+    cdef void _slow_push(self, int kind, int t, int i, int n, int sock) noexcept nogil
+    cdef uint32_t _ring_room(self) noexcept nogil
+    cdef int _check_inline(self) except -1
     cdef int _check_socket(self, int s) except -1
     cdef int _check_transport(self, int t) except -1
     cdef int _check_producer(self, int p) except -1
@@ -261,7 +308,7 @@ cdef class Datapath:
     cdef object _addr_tuple(self, const uint8_t *sa)
     cdef object _slow_item(self, int kind, int t, int i, int n, int sock)
     cdef int _fake_source(self, int sock, str ip, int port) except -1
-    cdef bint _too_old(self, int i, int64_t wall) noexcept nogil
+    cdef int64_t _queue_age(self, int i, int64_t wall) noexcept nogil
     cdef void _event(self, int kind, int t, uint32_t value) noexcept nogil
     cdef void _drop(self, Transport *tr, int reason) noexcept nogil
     cdef int _handle(self, int sock, uint8_t *buf, int n, const uint8_t *src, int64_t now, int *out_t, int *out_n) noexcept nogil
@@ -271,6 +318,6 @@ cdef class Datapath:
     cdef int _alloc_out(self) noexcept nogil
     cdef void _release_out(self, int slot) noexcept nogil
     cdef void _enqueue(self, int slot, Transport *dst) noexcept nogil
-    cdef void _flush_all(self) noexcept
-    cdef void _discard_queue(self, int sock) noexcept
-    cdef void _flush_socket(self, int sock) noexcept
+    cdef void _flush_all(self, bint on_thread=*) noexcept nogil
+    cdef void _discard_queue(self, int sock) noexcept nogil
+    cdef void _flush_socket(self, int sock, bint on_thread) noexcept nogil

@@ -13,12 +13,18 @@ from libc.string cimport memcmp, memcpy, memmove, memset
 from posix.time cimport CLOCK_MONOTONIC, CLOCK_REALTIME, clock_gettime, timespec
 
 from fastsfu._csys cimport (
-    AF_INET, AF_INET6, CMSG_DATA, CMSG_FIRSTHDR, CMSG_NXTHDR, CMSG_SPACE, INET6_ADDRSTRLEN,
-    EPOLL_CLOEXEC, EPOLL_CTL_ADD, EPOLL_CTL_DEL, EPOLLIN, MSG_DONTWAIT, MSG_TRUNC, SCM_TIMESTAMPNS,
-    SO_TIMESTAMPNS, SOL_SOCKET, close, cmsghdr, epoll_create1, epoll_ctl, epoll_event, epoll_wait, htons,
-    inet_ntop, inet_pton, iovec, mmsghdr, msghdr, ntohs, recvmmsg, sendmmsg, setsockopt, sockaddr,
-    sockaddr_in, sockaddr_in6, socklen_t,
+    AF_INET, AF_INET6, CMSG_DATA, CMSG_FIRSTHDR, CMSG_NXTHDR, CMSG_SPACE, EFD_CLOEXEC, EFD_NONBLOCK,
+    INET6_ADDRSTRLEN, EPOLL_CLOEXEC, EPOLL_CTL_ADD, EPOLL_CTL_DEL, EPOLLIN, MSG_DONTWAIT, MSG_TRUNC,
+    PTHREAD_MUTEX_RECURSIVE, SCM_TIMESTAMPNS, SO_TIMESTAMPNS, SOL_SOCKET, close, cmsghdr, epoll_create1,
+    epoll_ctl, epoll_event, epoll_wait, eventfd, fsfu_add_int, fsfu_load_int, fsfu_load_u32,
+    fsfu_store_int, fsfu_store_u32, fsfu_xchg_int, htons, inet_ntop, inet_pton, iovec, mmsghdr, msghdr,
+    ntohs, pthread_mutex_destroy, pthread_mutex_init, pthread_mutex_lock, pthread_mutex_trylock,
+    pthread_mutex_unlock, pthread_mutexattr_destroy, pthread_mutexattr_init, pthread_mutexattr_settype,
+    pthread_mutexattr_t, read, recvmmsg, sendmmsg, setsockopt, sockaddr, sockaddr_in,
+    sockaddr_in6, socklen_t, write,
 )
+
+import threading
 
 # ---------------------------------------------------------------------------------------------
 # Constants shared with Python (fastsfu.rtp mirrors them).
@@ -27,9 +33,11 @@ DROP_REASONS = (
     "malformed", "oversize", "unknown_protocol", "unknown_tuple", "unknown_ssrc", "unknown_pt",
     "decrypt_failed", "srtp_replay", "producer_paused", "no_consumers", "consumer_paused",
     "stale_seq", "seq_jump", "no_remote", "encrypt_failed", "send_failed", "queue_age", "recv_error",
-    "aead_replay",
+    "aead_replay", "slow_ring_full",
 )
 
+DEFAULT_MAX_QUEUE_AGE = DEFAULT_MAX_QUEUE_AGE_MS
+LATE_THRESHOLD_MS = LATE_MS
 SLOW_STUN = K_SLOW_STUN
 SLOW_DTLS = K_SLOW_DTLS
 SLOW_RTCP = K_SLOW_RTCP
@@ -40,6 +48,7 @@ OUTPUT_SEND = K_OUTPUT_SEND
 OUTPUT_CAPTURE = K_OUTPUT_CAPTURE
 OUTPUT_DISCARD = K_OUTPUT_DISCARD
 
+cdef uint32_t WAKE_TAG = 0xFFFFFFFF       # the epoll tag of the thread's wake-up eventfd
 cdef srtp_fn g_protect = NULL
 cdef srtp_fn g_unprotect = NULL
 cdef srtp_fn g_protect_rtcp = NULL
@@ -425,13 +434,78 @@ cdef int rewrite_extensions(const Producer *prod, const Consumer *cons, const ui
     return w
 
 
+cdef inline bint is_media_rtp(const uint8_t *buf, unsigned int n) noexcept nogil:
+    """RTP as the age rule sees it: RFC 7983 §7 first byte 128-191, not RTCP (RFC 5761 §4:
+    second byte 192-223), and at least the fixed 12-byte header (RFC 3550 §5.1). STUN (incl.
+    Discord IP discovery), DTLS and Discord's 8-byte keep-alive never match."""
+    return n >= 12 and 128 <= buf[0] <= 191 and not (192 <= buf[1] <= 223)
+
+
 # ---------------------------------------------------------------------------------------------
 
+cdef class TableLock:
+    """The datapath tables' mutex as a context manager (`with datapath.tables_lock:`).
+
+    The datapath thread holds it for one batch at a time; every Datapath method takes it, and so
+    must Python code that changes an object the thread uses (an SRTP session's streams). It is
+    recursive, and waited for with the GIL released: the thread never takes the GIL, so the two
+    locks cannot deadlock. A caller that has to wait first takes `gate` and announces itself in
+    `waiters`; the thread then releases the tables between two datagrams and sleeps on `gate`
+    until the caller is done (a hand-off, rather than a race the thread would usually win).
+    """
+
+    def __cinit__(self):
+        cdef pthread_mutexattr_t attr
+        self.sync = <Sync *>calloc(1, sizeof(Sync))
+        if self.sync == NULL:
+            raise MemoryError()
+        pthread_mutexattr_init(&attr)
+        pthread_mutexattr_settype(&attr, PTHREAD_MUTEX_RECURSIVE)
+        pthread_mutex_init(&self.sync.mu, &attr)
+        pthread_mutexattr_destroy(&attr)
+        pthread_mutex_init(&self.sync.gate, NULL)
+
+    def __dealloc__(self):
+        if self.sync != NULL:
+            pthread_mutex_destroy(&self.sync.mu)
+            pthread_mutex_destroy(&self.sync.gate)
+            free(self.sync)
+
+    def __enter__(self) -> None:
+        cdef Sync *y = self.sync
+        if pthread_mutex_trylock(&y.mu) != 0:
+            with nogil:
+                pthread_mutex_lock(&y.gate)
+                fsfu_add_int(&y.waiters, 1)   # the thread hands the tables over at its next datagram
+                pthread_mutex_lock(&y.mu)
+                fsfu_add_int(&y.waiters, -1)
+            y.gate_held = 1
+        y.depth += 1
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        cdef Sync *y = self.sync
+        cdef bint gate = False
+        y.depth -= 1
+        if y.depth == 0 and y.gate_held:
+            y.gate_held = 0
+            gate = True
+        pthread_mutex_unlock(&y.mu)
+        if gate:
+            pthread_mutex_unlock(&y.gate)     # wakes the thread sleeping on it
+        return False
+
+
 cdef class Datapath:
-    """C tables (sockets, transports, producers, consumers) and the RTP forwarder over them."""
+    """C tables (sockets, transports, producers, consumers) and the RTP forwarder over them.
+
+    Two ways to run it: inline, where the event loop calls poll() (or drain()) when epoll_fd is
+    readable; or on its own thread (start()), which waits on epoll_fd, forwards and sends with
+    the GIL released, and hands slow-path datagrams to the loop through take_slow() when
+    notify_fd is readable (docs/datapath.md).
+    """
 
     def __cinit__(self, int max_sockets=256, int max_transports=4096, int max_producers=4096,
-                  int max_consumers=65536, int out_slots=1024, double max_queue_age_ms=20.0):
+                  int max_consumers=65536, int out_slots=1024, double max_queue_age_ms=DEFAULT_MAX_QUEUE_AGE_MS):
         cdef int i
         if min(max_sockets, max_transports, max_producers, max_consumers) < 1 or out_slots < SEND_BATCH:
             raise ValueError("datapath capacities must be positive (out_slots >= 64)")
@@ -446,8 +520,13 @@ cdef class Datapath:
         self.rbuf = <uint8_t *>calloc(RECV_BATCH, RECV_SLOT)
         self.out = <OutSlot *>calloc(out_slots, sizeof(OutSlot))
         self.dirty = <int *>calloc(max_sockets, sizeof(int))
+        self.ring = <SlowSlot *>calloc(SLOW_RING, sizeof(SlowSlot))
+        self.notify_fd = -1
+        self.wake_fd = -1
+        self.tables_lock = TableLock()
+        self.sync = self.tables_lock.sync
         if not (self.sockets and self.transports and self.producers and self.consumers and self.rbuf
-                and self.out and self.dirty):
+                and self.out and self.dirty and self.ring):
             raise MemoryError()
         table_init(&self.tuples, max_transports)
         table_init(&self.ssrcs, max_producers)
@@ -473,9 +552,15 @@ cdef class Datapath:
             self.rmsgs[i].msg_hdr.msg_control = self.rctl[i]
 
     def __dealloc__(self):
+        # No thread can be running here: it holds a reference to this object until stop() joins it.
         cdef int i
         if self.epoll_fd >= 0:
             close(self.epoll_fd)
+        if self.notify_fd >= 0:
+            close(self.notify_fd)
+        if self.wake_fd >= 0:
+            close(self.wake_fd)
+        free(self.ring)
         if self.producers != NULL:
             for i in range(self.max_producers):
                 free(self.producers[i].consumers)
@@ -491,10 +576,117 @@ cdef class Datapath:
         free(self.roams.entries)
 
     def close(self) -> None:
-        """Release the epoll descriptor now (sockets belong to the caller and stay open)."""
+        """Stop the thread, then release the epoll descriptor (sockets belong to the caller)."""
+        self.stop()
         if self.epoll_fd >= 0:
             close(self.epoll_fd)
             self.epoll_fd = -1
+
+    # ----------------------------------------------------------------- the datapath thread
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None
+
+    def start(self) -> None:
+        """Run the datapath on its own thread: epoll_wait, recvmmsg, forward, sendmmsg, all with
+        the GIL released. Slow-path datagrams and events then wait for take_slow()/take_events(),
+        announced by notify_fd; poll(), drain() and process*() are refused until stop()."""
+        cdef epoll_event ev
+        if self._thread is not None:
+            return
+        if self.epoll_fd < 0:
+            raise RuntimeError("datapath closed")
+        if self.output_mode == K_OUTPUT_CAPTURE:
+            raise ValueError("capture mode needs the inline datapath (it makes Python objects)")
+        self.notify_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)
+        self.wake_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)
+        ev.events = EPOLLIN
+        ev.data.u32 = WAKE_TAG
+        if self.notify_fd < 0 or self.wake_fd < 0 or epoll_ctl(self.epoll_fd, EPOLL_CTL_ADD, self.wake_fd, &ev) != 0:
+            err = errno
+            self._close_thread_fds()
+            raise OSError(err, "cannot set up the datapath thread's descriptors")
+        fsfu_store_int(&self.sync.stop, 0)
+        fsfu_store_int(&self.sync.wake_pending, 0)
+        thread = threading.Thread(target=self._run, name="fastsfu-datapath", daemon=True)
+        thread.start()
+        self._thread = thread
+
+    def stop(self) -> None:
+        """Stop and join the thread (idempotent); queued slow-path datagrams stay for take_slow()."""
+        cdef uint64_t one = 1
+        if self._thread is None:
+            return
+        fsfu_store_int(&self.sync.stop, 1)
+        write(self.wake_fd, &one, 8)
+        self._thread.join()                # releases the GIL; the thread exits after its batch
+        self._thread = None
+        epoll_ctl(self.epoll_fd, EPOLL_CTL_DEL, self.wake_fd, NULL)
+        self._close_thread_fds()
+
+    def _close_thread_fds(self) -> None:
+        if self.notify_fd >= 0:
+            close(self.notify_fd)
+            self.notify_fd = -1
+        if self.wake_fd >= 0:
+            close(self.wake_fd)
+            self.wake_fd = -1
+
+    def _run(self) -> None:
+        with nogil:
+            self._thread_loop()
+
+    cdef void _hand_off(self) noexcept nogil:
+        """Give the tables to the control-plane call waiting for them, then take them back."""
+        self.hand_offs += 1
+        pthread_mutex_unlock(&self.sync.mu)
+        self._wait_gate()
+        pthread_mutex_lock(&self.sync.mu)
+
+    cdef void _wait_gate(self) noexcept nogil:
+        """Wait until the waiting control-plane caller (which holds gate) is done with the tables."""
+        pthread_mutex_lock(&self.sync.gate)
+        pthread_mutex_unlock(&self.sync.gate)
+
+    cdef void _thread_loop(self) noexcept nogil:
+        """Wait, then drain the ready sockets a batch each under the table mutex, flush, release;
+        wake the event loop when slow-path datagrams or events are waiting."""
+        cdef int n, i, s, total
+        cdef uint64_t fwd0, one = 1, junk
+        cdef bint notify, waiting
+        while not fsfu_load_int(&self.sync.stop):
+            n = epoll_wait(self.epoll_fd, self.ready, RECV_BATCH, -1)
+            if n < 0:
+                if errno == EINTR:
+                    continue
+                self.drops[DROP_RECV_ERROR] += 1
+                break                      # the epoll descriptor is gone: nothing left to wait on
+            i = 0
+            while i < n:
+                pthread_mutex_lock(&self.sync.mu)
+                total = 0
+                fwd0 = self.fwd_packets
+                while i < n and total < LOCK_DATAGRAMS and self.fwd_packets - fwd0 < LOCK_FORWARDS:
+                    s = <int>self.ready[i].data.u32
+                    i += 1
+                    if <uint32_t>s == WAKE_TAG:
+                        read(self.wake_fd, &junk, 8)
+                    elif 0 <= s < self.max_sockets and self.sockets[s].in_use:
+                        # One batch per ready socket per round; epoll is level-triggered, so a
+                        # socket with more waiting is ready again next round (fair across rooms).
+                        total += self._drain_batch(s, True)
+                self._flush_all(True)
+                notify = (self.pending_events > 0 or
+                          self.sync.ring_head != fsfu_load_u32(&self.sync.ring_tail))
+                waiting = fsfu_load_int(&self.sync.waiters) > 0
+                if waiting:
+                    self.hand_offs += 1       # counted under the mutex, like every counter
+                pthread_mutex_unlock(&self.sync.mu)
+                if notify and not fsfu_xchg_int(&self.sync.wake_pending, 1):
+                    write(self.notify_fd, &one, 8)
+                if waiting:
+                    self._wait_gate()         # a control-plane call has the tables now: wait for it
 
     # ----------------------------------------------------------------- programming the tables
 
@@ -502,91 +694,98 @@ cdef class Datapath:
         """Register a non-blocking UDP socket; returns its slot."""
         cdef int s, one = 1
         cdef epoll_event ev
-        if family != AF_INET and family != AF_INET6:
-            raise ValueError("socket family must be AF_INET or AF_INET6")
-        for s in range(self.max_sockets):
-            if not self.sockets[s].in_use:
-                break
-        else:
-            raise OverflowError("datapath socket table is full")
-        memset(&self.sockets[s], 0, sizeof(Socket))
-        self.sockets[s].in_use = 1
-        self.sockets[s].fd = fd
-        self.sockets[s].family = family
-        self.sockets[s].comedia_transport = -1
-        self.sockets[s].out_head = -1
-        self.sockets[s].out_tail = -1
-        # Kernel arrival times let us drop datagrams that queued longer than max_queue_age.
-        if fd >= 0 and timestamps and self.max_queue_age_ns > 0:
-            self.sockets[s].timestamps = setsockopt(fd, SOL_SOCKET, SO_TIMESTAMPNS, &one, sizeof(one)) == 0
-        if fd >= 0:
-            ev.events = EPOLLIN
-            ev.data.u32 = s
-            if epoll_ctl(self.epoll_fd, EPOLL_CTL_ADD, fd, &ev) != 0:
-                self.sockets[s].in_use = 0
-                raise OSError(errno, "epoll_ctl(ADD) failed")
-        return s
+        with self.tables_lock:
+            if family != AF_INET and family != AF_INET6:
+                raise ValueError("socket family must be AF_INET or AF_INET6")
+            for s in range(self.max_sockets):
+                if not self.sockets[s].in_use:
+                    break
+            else:
+                raise OverflowError("datapath socket table is full")
+            memset(&self.sockets[s], 0, sizeof(Socket))
+            self.sockets[s].in_use = 1
+            self.socket_gen += 1
+            self.sockets[s].gen = self.socket_gen
+            self.sockets[s].fd = fd
+            self.sockets[s].family = family
+            self.sockets[s].comedia_transport = -1
+            self.sockets[s].out_head = -1
+            self.sockets[s].out_tail = -1
+            # Kernel arrival times let us drop RTP that queued longer than max_queue_age.
+            if fd >= 0 and timestamps and self.max_queue_age_ns > 0:
+                self.sockets[s].timestamps = setsockopt(fd, SOL_SOCKET, SO_TIMESTAMPNS, &one, sizeof(one)) == 0
+            if fd >= 0:
+                ev.events = EPOLLIN
+                ev.data.u32 = s
+                if epoll_ctl(self.epoll_fd, EPOLL_CTL_ADD, fd, &ev) != 0:
+                    self.sockets[s].in_use = 0
+                    raise OSError(errno, "epoll_ctl(ADD) failed")
+            return s
 
     def remove_socket(self, int sock) -> None:
         cdef int t
-        self._check_socket(sock)
-        for t in range(self.max_transports):
-            if self.transports[t].in_use and self.transports[t].sock == sock:
-                raise ValueError("socket still has transports")
-        self._discard_queue(sock)
-        if self.sockets[sock].fd >= 0:
-            epoll_ctl(self.epoll_fd, EPOLL_CTL_DEL, self.sockets[sock].fd, NULL)
-        self.sockets[sock].in_use = 0
+        with self.tables_lock:
+            self._check_socket(sock)
+            for t in range(self.max_transports):
+                if self.transports[t].in_use and self.transports[t].sock == sock:
+                    raise ValueError("socket still has transports")
+            self._discard_queue(sock)
+            if self.sockets[sock].fd >= 0:
+                epoll_ctl(self.epoll_fd, EPOLL_CTL_DEL, self.sockets[sock].fd, NULL)
+            self.sockets[sock].in_use = 0
 
     def add_transport(self, int sock, bint comedia=False) -> int:
         cdef int t
-        self._check_socket(sock)
-        for t in range(self.max_transports):
-            if not self.transports[t].in_use:
-                break
-        else:
-            raise OverflowError("datapath transport table is full")
-        if comedia and self.sockets[sock].comedia_transport >= 0:
-            raise ValueError("the socket already has a comedia transport waiting for its remote")
-        memset(&self.transports[t], 0, sizeof(Transport))
-        self.transports[t].in_use = 1
-        self.transports[t].sock = sock
-        self.transports[t].comedia = comedia
-        if comedia:
-            self.sockets[sock].comedia_transport = t
-        return t
+        with self.tables_lock:
+            self._check_socket(sock)
+            for t in range(self.max_transports):
+                if not self.transports[t].in_use:
+                    break
+            else:
+                raise OverflowError("datapath transport table is full")
+            if comedia and self.sockets[sock].comedia_transport >= 0:
+                raise ValueError("the socket already has a comedia transport waiting for its remote")
+            memset(&self.transports[t], 0, sizeof(Transport))
+            self.transports[t].in_use = 1
+            self.transports[t].sock = sock
+            self.transports[t].comedia = comedia
+            if comedia:
+                self.sockets[sock].comedia_transport = t
+            return t
 
     def set_transport_comedia(self, int t, bint comedia) -> None:
         """Let the first authenticated RTP packet from an unknown tuple on this socket fix the remote."""
         cdef Transport *tr
-        self._check_transport(t)
-        tr = &self.transports[t]
-        if comedia == tr.comedia:
-            return
-        if comedia:
-            if self.sockets[tr.sock].comedia_transport >= 0:
-                raise ValueError("the socket already has a comedia transport waiting for its remote")
-            if not tr.has_remote:
-                self.sockets[tr.sock].comedia_transport = t
-        elif self.sockets[tr.sock].comedia_transport == t:
-            self.sockets[tr.sock].comedia_transport = -1
-        tr.comedia = comedia
+        with self.tables_lock:
+            self._check_transport(t)
+            tr = &self.transports[t]
+            if comedia == tr.comedia:
+                return
+            if comedia:
+                if self.sockets[tr.sock].comedia_transport >= 0:
+                    raise ValueError("the socket already has a comedia transport waiting for its remote")
+                if not tr.has_remote:
+                    self.sockets[tr.sock].comedia_transport = t
+            elif self.sockets[tr.sock].comedia_transport == t:
+                self.sockets[tr.sock].comedia_transport = -1
+            tr.comedia = comedia
 
     def remove_transport(self, int t) -> None:
         cdef int p, c
-        self._check_transport(t)
-        for c in range(self.max_consumers):
-            if self.consumers[c].in_use and self.consumers[c].transport == t:
-                self.remove_consumer(c)
-        for p in range(self.max_producers):
-            if self.producers[p].in_use and self.producers[p].transport == t:
-                self.remove_producer(p)
-        self._clear_remote(t)
-        self.set_transport_roaming(t, None)
-        if self.sockets[self.transports[t].sock].comedia_transport == t:
-            self.sockets[self.transports[t].sock].comedia_transport = -1
-        self.transports[t].in_use = 0
-        self.keepalive[t] = None
+        with self.tables_lock:
+            self._check_transport(t)
+            for c in range(self.max_consumers):
+                if self.consumers[c].in_use and self.consumers[c].transport == t:
+                    self.remove_consumer(c)
+            for p in range(self.max_producers):
+                if self.producers[p].in_use and self.producers[p].transport == t:
+                    self.remove_producer(p)
+            self._clear_remote(t)
+            self.set_transport_roaming(t, None)
+            if self.sockets[self.transports[t].sock].comedia_transport == t:
+                self.sockets[self.transports[t].sock].comedia_transport = -1
+            self.transports[t].in_use = 0
+            self.keepalive[t] = None
 
     def set_transport_remote(self, int t, str ip, int port) -> None:
         """Admit the 5-tuple (local socket, ip, port) and send this transport's packets there."""
@@ -597,39 +796,41 @@ cdef class Datapath:
         cdef bytes ipb = ip.encode("ascii")
         cdef uint8_t v4[4]
         cdef Key k
-        self._check_transport(t)
-        if not 0 < port < 65536:
-            raise ValueError("port must be 1..65535")
-        tr = &self.transports[t]
-        so = &self.sockets[tr.sock]
-        self._clear_remote(t)
-        memset(tr.remote, 0, 28)
-        if so.family == AF_INET:
-            s4 = <sockaddr_in *>tr.remote
-            s4.sin_family = AF_INET
-            s4.sin_port = htons(port)
-            if inet_pton(AF_INET, ipb, &s4.sin_addr) != 1:
-                raise ValueError(f"not an IPv4 address for an IPv4 socket: {ip!r}")
-            tr.remote_len = sizeof(sockaddr_in)
-        else:
-            s6 = <sockaddr_in6 *>tr.remote
-            s6.sin6_family = AF_INET6
-            s6.sin6_port = htons(port)
-            if inet_pton(AF_INET6, ipb, &s6.sin6_addr) != 1:
-                if inet_pton(AF_INET, ipb, v4) != 1:
-                    raise ValueError(f"not an IP address: {ip!r}")
-                s6.sin6_addr.s6_addr[10] = 0xFF
-                s6.sin6_addr.s6_addr[11] = 0xFF
-                memcpy(&s6.sin6_addr.s6_addr[12], v4, 4)
-            tr.remote_len = sizeof(sockaddr_in6)
-        tuple_key_from_sockaddr(&k, tr.sock, tr.remote)
-        if table_get(&self.tuples, &k) >= 0:
-            raise ValueError(f"the tuple {ip}:{port} already belongs to another transport")
-        self._bind_tuple(t, &k)
+        with self.tables_lock:
+            self._check_transport(t)
+            if not 0 < port < 65536:
+                raise ValueError("port must be 1..65535")
+            tr = &self.transports[t]
+            so = &self.sockets[tr.sock]
+            self._clear_remote(t)
+            memset(tr.remote, 0, 28)
+            if so.family == AF_INET:
+                s4 = <sockaddr_in *>tr.remote
+                s4.sin_family = AF_INET
+                s4.sin_port = htons(port)
+                if inet_pton(AF_INET, ipb, &s4.sin_addr) != 1:
+                    raise ValueError(f"not an IPv4 address for an IPv4 socket: {ip!r}")
+                tr.remote_len = sizeof(sockaddr_in)
+            else:
+                s6 = <sockaddr_in6 *>tr.remote
+                s6.sin6_family = AF_INET6
+                s6.sin6_port = htons(port)
+                if inet_pton(AF_INET6, ipb, &s6.sin6_addr) != 1:
+                    if inet_pton(AF_INET, ipb, v4) != 1:
+                        raise ValueError(f"not an IP address: {ip!r}")
+                    s6.sin6_addr.s6_addr[10] = 0xFF
+                    s6.sin6_addr.s6_addr[11] = 0xFF
+                    memcpy(&s6.sin6_addr.s6_addr[12], v4, 4)
+                tr.remote_len = sizeof(sockaddr_in6)
+            tuple_key_from_sockaddr(&k, tr.sock, tr.remote)
+            if table_get(&self.tuples, &k) >= 0:
+                raise ValueError(f"the tuple {ip}:{port} already belongs to another transport")
+            self._bind_tuple(t, &k)
 
     def clear_transport_remote(self, int t) -> None:
-        self._check_transport(t)
-        self._clear_remote(t)
+        with self.tables_lock:
+            self._check_transport(t)
+            self._clear_remote(t)
 
     def set_transport_roaming(self, int t, object ssrc) -> None:
         """Let an RTP packet with this SSRC from an unknown address on the transport's socket move
@@ -640,44 +841,47 @@ cdef class Datapath:
         cdef Transport *tr
         cdef Key k
         cdef uint32_t value
-        self._check_transport(t)
-        tr = &self.transports[t]
-        if ssrc is not None:
-            value = ssrc
-            if tr.aead == NULL or fsfu_aead_legacy(tr.aead):
-                raise ValueError("roaming needs an rtpsize AEAD context (a replay window)")
-            ssrc_key(&k, tr.sock, value)
-            if table_get(&self.roams, &k) not in (-1, t):
-                raise ValueError(f"SSRC {value} already roams on this socket")
-        if tr.roaming:
-            ssrc_key(&k, tr.sock, tr.roam_ssrc)
-            table_del(&self.roams, &k)
-            tr.roaming = 0
-        if ssrc is not None:
-            ssrc_key(&k, tr.sock, value)
-            table_put(&self.roams, &k, t)
-            tr.roaming = 1
-            tr.roam_ssrc = value
+        with self.tables_lock:
+            self._check_transport(t)
+            tr = &self.transports[t]
+            if ssrc is not None:
+                value = ssrc
+                if tr.aead == NULL or fsfu_aead_legacy(tr.aead):
+                    raise ValueError("roaming needs an rtpsize AEAD context (a replay window)")
+                ssrc_key(&k, tr.sock, value)
+                if table_get(&self.roams, &k) not in (-1, t):
+                    raise ValueError(f"SSRC {value} already roams on this socket")
+            if tr.roaming:
+                ssrc_key(&k, tr.sock, tr.roam_ssrc)
+                table_del(&self.roams, &k)
+                tr.roaming = 0
+            if ssrc is not None:
+                ssrc_key(&k, tr.sock, value)
+                table_put(&self.roams, &k, t)
+                tr.roaming = 1
+                tr.roam_ssrc = value
 
     def set_transport_srtp(self, int t, inbound, outbound) -> None:
         """Install SRTP contexts (objects with an `address` of a libsrtp srtp_t), or None for plain RTP."""
-        self._check_transport(t)
-        if (inbound is not None or outbound is not None) and g_protect == NULL:
-            raise RuntimeError("libsrtp functions are not installed (import fastsfu.srtp)")
-        if self.transports[t].aead != NULL:
-            raise ValueError("the transport uses Discord transport encryption")
-        self.transports[t].srtp_in = <void *><uintptr_t>(inbound.address if inbound is not None else 0)
-        self.transports[t].srtp_out = <void *><uintptr_t>(outbound.address if outbound is not None else 0)
-        self.keepalive[t] = (inbound, outbound)
+        with self.tables_lock:
+            self._check_transport(t)
+            if (inbound is not None or outbound is not None) and g_protect == NULL:
+                raise RuntimeError("libsrtp functions are not installed (import fastsfu.srtp)")
+            if self.transports[t].aead != NULL:
+                raise ValueError("the transport uses Discord transport encryption")
+            self.transports[t].srtp_in = <void *><uintptr_t>(inbound.address if inbound is not None else 0)
+            self.transports[t].srtp_out = <void *><uintptr_t>(outbound.address if outbound is not None else 0)
+            self.keepalive[t] = (inbound, outbound)
 
     def set_transport_aead(self, int t, AeadContext context) -> None:
         """Protect this transport with a Discord rtpsize AEAD mode (None: none). Its receivers get
         CC 0 and no CSRCs, as Discord clients require (discord-gateway.md §6.3)."""
-        self._check_transport(t)
-        if context is not None and (self.transports[t].srtp_in != NULL or self.transports[t].srtp_out != NULL):
-            raise ValueError("the transport uses SRTP")
-        self.transports[t].aead = &context.ctx if context is not None else NULL
-        self.keepalive[t] = context
+        with self.tables_lock:
+            self._check_transport(t)
+            if context is not None and (self.transports[t].srtp_in != NULL or self.transports[t].srtp_out != NULL):
+                raise ValueError("the transport uses SRTP")
+            self.transports[t].aead = &context.ctx if context is not None else NULL
+            self.keepalive[t] = context
 
     def add_producer(self, int t, uint32_t ssrc, int payload_type, uint32_t clock_rate,
                      dict ext_kinds) -> int:
@@ -685,50 +889,53 @@ cdef class Datapath:
         cdef int p
         cdef Key k
         cdef Producer *pr
-        self._check_transport(t)
-        if not 0 <= payload_type < 128 or clock_rate == 0:
-            raise ValueError("payload type must be 0..127 and clock rate positive")
-        ssrc_key(&k, t, ssrc)
-        if table_get(&self.ssrcs, &k) >= 0:
-            raise ValueError(f"SSRC {ssrc} is already produced on this transport")
-        for p in range(self.max_producers):
-            if not self.producers[p].in_use:
-                break
-        else:
-            raise OverflowError("datapath producer table is full")
-        memset(&self.producers[p], 0, sizeof(Producer))
-        pr = &self.producers[p]
-        for eid, kind in ext_kinds.items():
-            if not 1 <= eid <= 255 or not 0 <= kind < MAX_EXT_KINDS:
-                raise ValueError("extension IDs must be 1..255 and kinds 0..31")
-            pr.ext_kind[eid] = kind
-        pr.in_use = 1
-        pr.transport = t
-        pr.ssrc = ssrc
-        pr.pt = payload_type
-        pr.clock_rate = clock_rate
-        table_put(&self.ssrcs, &k, p)
-        return p
+        with self.tables_lock:
+            self._check_transport(t)
+            if not 0 <= payload_type < 128 or clock_rate == 0:
+                raise ValueError("payload type must be 0..127 and clock rate positive")
+            ssrc_key(&k, t, ssrc)
+            if table_get(&self.ssrcs, &k) >= 0:
+                raise ValueError(f"SSRC {ssrc} is already produced on this transport")
+            for p in range(self.max_producers):
+                if not self.producers[p].in_use:
+                    break
+            else:
+                raise OverflowError("datapath producer table is full")
+            memset(&self.producers[p], 0, sizeof(Producer))
+            pr = &self.producers[p]
+            for eid, kind in ext_kinds.items():
+                if not 1 <= eid <= 255 or not 0 <= kind < MAX_EXT_KINDS:
+                    raise ValueError("extension IDs must be 1..255 and kinds 0..31")
+                pr.ext_kind[eid] = kind
+            pr.in_use = 1
+            pr.transport = t
+            pr.ssrc = ssrc
+            pr.pt = payload_type
+            pr.clock_rate = clock_rate
+            table_put(&self.ssrcs, &k, p)
+            return p
 
     def set_producer_paused(self, int p, bint paused) -> None:
-        self._check_producer(p)
-        if self.producers[p].paused and not paused:
-            self.producers[p].epoch += 1     # consumers continue seamlessly after a resume
-        self.producers[p].paused = paused
+        with self.tables_lock:
+            self._check_producer(p)
+            if self.producers[p].paused and not paused:
+                self.producers[p].epoch += 1     # consumers continue seamlessly after a resume
+            self.producers[p].paused = paused
 
     def remove_producer(self, int p) -> None:
         cdef Key k
         cdef Producer *pr
-        self._check_producer(p)
-        pr = &self.producers[p]
-        while pr.n_consumers:
-            self.remove_consumer(pr.consumers[pr.n_consumers - 1])
-        ssrc_key(&k, pr.transport, pr.ssrc)
-        table_del(&self.ssrcs, &k)
-        free(pr.consumers)
-        pr.consumers = NULL
-        pr.cap_consumers = 0
-        pr.in_use = 0
+        with self.tables_lock:
+            self._check_producer(p)
+            pr = &self.producers[p]
+            while pr.n_consumers:
+                self.remove_consumer(pr.consumers[pr.n_consumers - 1])
+            ssrc_key(&k, pr.transport, pr.ssrc)
+            table_del(&self.ssrcs, &k)
+            free(pr.consumers)
+            pr.consumers = NULL
+            pr.cap_consumers = 0
+            pr.in_use = 0
 
     def add_consumer(self, int p, int t, uint32_t ssrc, int payload_type, dict ext_ids,
                      bytes mid=b"", bint paused=False) -> int:
@@ -737,73 +944,76 @@ cdef class Datapath:
         cdef int32_t *grown
         cdef Producer *pr
         cdef Consumer *co
-        self._check_producer(p)
-        self._check_transport(t)
-        if not 0 <= payload_type < 128 or len(mid) > MID_MAX:
-            raise ValueError("payload type must be 0..127 and mid at most 16 bytes")
-        for c in range(self.max_consumers):
-            if not self.consumers[c].in_use:
-                break
-        else:
-            raise OverflowError("datapath consumer table is full")
-        pr = &self.producers[p]
-        if pr.n_consumers == pr.cap_consumers:
-            grown = <int32_t *>realloc(pr.consumers, (pr.cap_consumers * 2 + 4) * sizeof(int32_t))
-            if grown == NULL:
-                raise MemoryError()
-            pr.consumers = grown
-            pr.cap_consumers = pr.cap_consumers * 2 + 4
-        memset(&self.consumers[c], 0, sizeof(Consumer))
-        co = &self.consumers[c]
-        for kind, eid in ext_ids.items():
-            if not 0 < kind < MAX_EXT_KINDS or not 0 <= eid <= 255:
-                raise ValueError("extension kinds must be 1..31 and IDs 0..255")
-            co.ext_id[kind] = eid
-        co.mid_len = len(mid)
-        memcpy(co.mid, <const char *>mid, len(mid))
-        co.in_use = 1
-        co.producer = p
-        co.transport = t
-        co.paused = paused
-        co.ssrc = ssrc
-        co.pt = payload_type
-        co.sync_needed = 1
-        co.epoch = pr.epoch
-        pr.consumers[pr.n_consumers] = c
-        pr.n_consumers += 1
-        if not paused:
-            pr.n_active += 1
-        return c
+        with self.tables_lock:
+            self._check_producer(p)
+            self._check_transport(t)
+            if not 0 <= payload_type < 128 or len(mid) > MID_MAX:
+                raise ValueError("payload type must be 0..127 and mid at most 16 bytes")
+            for c in range(self.max_consumers):
+                if not self.consumers[c].in_use:
+                    break
+            else:
+                raise OverflowError("datapath consumer table is full")
+            pr = &self.producers[p]
+            if pr.n_consumers == pr.cap_consumers:
+                grown = <int32_t *>realloc(pr.consumers, (pr.cap_consumers * 2 + 4) * sizeof(int32_t))
+                if grown == NULL:
+                    raise MemoryError()
+                pr.consumers = grown
+                pr.cap_consumers = pr.cap_consumers * 2 + 4
+            memset(&self.consumers[c], 0, sizeof(Consumer))
+            co = &self.consumers[c]
+            for kind, eid in ext_ids.items():
+                if not 0 < kind < MAX_EXT_KINDS or not 0 <= eid <= 255:
+                    raise ValueError("extension kinds must be 1..31 and IDs 0..255")
+                co.ext_id[kind] = eid
+            co.mid_len = len(mid)
+            memcpy(co.mid, <const char *>mid, len(mid))
+            co.in_use = 1
+            co.producer = p
+            co.transport = t
+            co.paused = paused
+            co.ssrc = ssrc
+            co.pt = payload_type
+            co.sync_needed = 1
+            co.epoch = pr.epoch
+            pr.consumers[pr.n_consumers] = c
+            pr.n_consumers += 1
+            if not paused:
+                pr.n_active += 1
+            return c
 
     def set_consumer_paused(self, int c, bint paused) -> None:
         cdef Consumer *co
-        self._check_consumer(c)
-        co = &self.consumers[c]
-        if co.paused == paused:
-            return
-        co.paused = paused
-        if paused:
-            self.producers[co.producer].n_active -= 1
-        else:
-            self.producers[co.producer].n_active += 1
-            co.sync_needed = 1             # seq/ts continue from the last packet sent (no gap)
+        with self.tables_lock:
+            self._check_consumer(c)
+            co = &self.consumers[c]
+            if co.paused == paused:
+                return
+            co.paused = paused
+            if paused:
+                self.producers[co.producer].n_active -= 1
+            else:
+                self.producers[co.producer].n_active += 1
+                co.sync_needed = 1             # seq/ts continue from the last packet sent (no gap)
 
     def remove_consumer(self, int c) -> None:
         cdef int i
         cdef Consumer *co
         cdef Producer *pr
-        self._check_consumer(c)
-        co = &self.consumers[c]
-        pr = &self.producers[co.producer]
-        for i in range(pr.n_consumers):
-            if pr.consumers[i] == c:
-                # Keep creation order: fan-out order stays predictable (and matches the reference).
-                memmove(&pr.consumers[i], &pr.consumers[i + 1], (pr.n_consumers - i - 1) * sizeof(int32_t))
-                pr.n_consumers -= 1
-                break
-        if not co.paused:
-            pr.n_active -= 1
-        co.in_use = 0
+        with self.tables_lock:
+            self._check_consumer(c)
+            co = &self.consumers[c]
+            pr = &self.producers[co.producer]
+            for i in range(pr.n_consumers):
+                if pr.consumers[i] == c:
+                    # Keep creation order: fan-out order stays predictable (and matches the reference).
+                    memmove(&pr.consumers[i], &pr.consumers[i + 1], (pr.n_consumers - i - 1) * sizeof(int32_t))
+                    pr.n_consumers -= 1
+                    break
+            if not co.paused:
+                pr.n_active -= 1
+            co.in_use = 0
 
     # ----------------------------------------------------------------- I/O
 
@@ -811,86 +1021,169 @@ cdef class Datapath:
         """Receive from one socket until EAGAIN (or budget datagrams), forward RTP in C, flush.
 
         Returns the slow-path datagrams as a list of (kind, transport, data, (ip, port), socket),
-        or None when there were none.
+        or None when there were none. Inline mode only.
         """
-        self._check_socket(sock)
-        self._drain(sock, budget)
-        self._flush_all()
-        return self._take_slow()
+        with self.tables_lock:
+            self._check_inline()
+            self._check_socket(sock)
+            with nogil:
+                self._drain(sock, budget)
+                self._flush_all()
+            return self._take_slow()
 
     def poll(self, int budget=4096):
         """Drain every ready socket (epoll, no wait), then send everything with one sendmmsg per
         destination socket. One Python call per loop wake-up, whatever the number of sockets;
-        returns the slow-path datagrams like drain()."""
-        cdef int n, i, total = 0
-        while total < budget:
-            n = epoll_wait(self.epoll_fd, self.ready, RECV_BATCH, 0)
-            if n <= 0:
-                break
-            for i in range(n):
-                if self.sockets[self.ready[i].data.u32].in_use:
-                    total += self._drain(self.ready[i].data.u32, budget)
-            self._flush_all()
+        returns the slow-path datagrams like drain(). Inline mode only."""
+        cdef int n, i, s, total = 0
+        with self.tables_lock:
+            self._check_inline()
+            with nogil:
+                while total < budget and self._ring_room() >= RECV_BATCH:
+                    n = epoll_wait(self.epoll_fd, self.ready, RECV_BATCH, 0)
+                    if n <= 0:
+                        break
+                    for i in range(n):
+                        s = <int>self.ready[i].data.u32
+                        if 0 <= s < self.max_sockets and self.sockets[s].in_use:
+                            total += self._drain(s, budget)
+                    self._flush_all()
+            return self._take_slow()
+
+    def take_slow(self):
+        """The slow-path datagrams the thread queued, like poll()'s result (None if none); reads
+        notify_fd. Call it from the one consumer thread (the event loop)."""
+        cdef uint64_t junk
+        if self.notify_fd >= 0:
+            read(self.notify_fd, &junk, 8)
+        # Clear before reading the ring: a datagram queued after this writes notify_fd again.
+        fsfu_xchg_int(&self.sync.wake_pending, 0)
         return self._take_slow()
 
     cdef object _take_slow(self):
-        out, self._slow = self._slow, None
+        """Copy the ring's datagrams out as Python tuples (consumer side; no table mutex needed)."""
+        cdef uint32_t tail = self.sync.ring_tail
+        cdef uint32_t head = fsfu_load_u32(&self.sync.ring_head)
+        cdef SlowSlot *slot
+        if tail == head:
+            return None
+        out = []
+        while tail != head:
+            slot = &self.ring[tail & (SLOW_RING - 1)]
+            out.append((slot.kind, slot.transport, PyBytes_FromStringAndSize(<char *>slot.data, slot.len),
+                        self._addr_tuple(slot.addr), slot.sock))
+            tail += 1
+        fsfu_store_u32(&self.sync.ring_tail, tail)
         return out
 
-    cdef int _drain(self, int sock, int budget) except -1:
-        """recvmmsg until the queue is empty or budget; outputs stay queued for the caller's flush."""
-        cdef int n, i, kind, t, m, fd, total = 0
-        cdef int64_t now, wall
-        fd = self.sockets[sock].fd
-        while total < budget:
-            for i in range(RECV_BATCH):
-                self.rmsgs[i].msg_hdr.msg_namelen = 28
-                self.rmsgs[i].msg_hdr.msg_controllen = CMSG_BUF if self.sockets[sock].timestamps else 0
-                self.rmsgs[i].msg_hdr.msg_flags = 0
-            with nogil:
-                n = recvmmsg(fd, self.rmsgs, RECV_BATCH, MSG_DONTWAIT, NULL)
-            if n < 0:
-                if errno == EINTR:
-                    continue
-                if errno != EAGAIN:        # EWOULDBLOCK == EAGAIN on Linux
-                    self.drops[DROP_RECV_ERROR] += 1
-                break
-            self.batches += 1
-            now = monotonic_ns()
-            wall = realtime_ns() if self.sockets[sock].timestamps else 0
-            for i in range(n):
-                if self.rmsgs[i].msg_hdr.msg_flags & MSG_TRUNC:
-                    self.drops[DROP_OVERSIZE] += 1
-                    continue
-                if wall and self._too_old(i, wall):
-                    self.drops[DROP_QUEUE_AGE] += 1
-                    continue
-                kind = self._handle(sock, self.rbuf + i * RECV_SLOT, self.rmsgs[i].msg_len,
-                                    self.raddr[i], now, &t, &m)
-                if kind:
-                    if self._slow is None:
-                        self._slow = []
-                    self._slow.append(self._slow_item(kind, t, i, m, sock))
+    cdef inline uint32_t _ring_room(self) noexcept nogil:
+        return SLOW_RING - (self.sync.ring_head - fsfu_load_u32(&self.sync.ring_tail))
+
+    cdef void _slow_push(self, int kind, int t, int i, int n, int sock) noexcept nogil:
+        """Copy datagram i into the slow-path ring (producer side); a full ring is a counted drop."""
+        cdef uint32_t head = self.sync.ring_head
+        cdef SlowSlot *slot
+        if self._ring_room() == 0:
+            self._drop(&self.transports[t] if t >= 0 else NULL, DROP_SLOW_RING_FULL)
+            return
+        slot = &self.ring[head & (SLOW_RING - 1)]
+        slot.kind = kind
+        slot.transport = t
+        slot.sock = sock
+        slot.len = n
+        memcpy(slot.addr, self.raddr[i], 28)
+        memcpy(slot.data, self.rbuf + i * RECV_SLOT, n)
+        fsfu_store_u32(&self.sync.ring_head, head + 1)
+        self.slow_packets += 1
+
+    cdef int _check_inline(self) except -1:
+        if self._thread is not None:
+            raise RuntimeError("the datapath runs on its own thread: use take_slow()")
+        return 0
+
+    cdef int _drain(self, int sock, int budget) noexcept nogil:
+        """recvmmsg until the queue is empty or budget; outputs stay queued for the caller's flush.
+        Inline, it stops while the slow-path ring could overflow: the rest waits in the kernel."""
+        cdef int n, total = 0
+        while total < budget and self._ring_room() >= RECV_BATCH:
+            n = self._drain_batch(sock, False)
             total += n
             if n < RECV_BATCH:
                 break                      # the queue is empty; a new datagram wakes us again
         return total
 
+    cdef int _drain_batch(self, int sock, bint on_thread) noexcept nogil:
+        """One recvmmsg (up to RECV_BATCH datagrams), each handled; returns how many arrived.
+
+        On the thread, a control-plane call waiting for the tables gets them between two
+        datagrams: with a large fan-out one batch is thousands of sends, too long to wait for."""
+        cdef int n, i, kind, t, m, fd
+        cdef int64_t now, wall, age
+        cdef uint32_t gen = self.sockets[sock].gen
+        fd = self.sockets[sock].fd
+        while True:
+            for i in range(RECV_BATCH):
+                self.rmsgs[i].msg_hdr.msg_namelen = 28
+                self.rmsgs[i].msg_hdr.msg_controllen = CMSG_BUF if self.sockets[sock].timestamps else 0
+                self.rmsgs[i].msg_hdr.msg_flags = 0
+            n = recvmmsg(fd, self.rmsgs, RECV_BATCH, MSG_DONTWAIT, NULL)
+            if n >= 0:
+                break
+            if errno != EINTR:
+                if errno != EAGAIN:        # EWOULDBLOCK == EAGAIN on Linux
+                    self.drops[DROP_RECV_ERROR] += 1
+                return 0
+        self.batches += 1
+        now = monotonic_ns()
+        wall = realtime_ns() if self.sockets[sock].timestamps else 0
+        for i in range(n):
+            if on_thread:
+                if (i & 15) == 15:
+                    # Send as we go: a flush can hand the tables over between its chunks, a
+                    # fan-out in progress cannot, so the output slots never fill up.
+                    self._flush_all(True)
+                if fsfu_load_int(&self.sync.waiters) > 0:
+                    # No flush first: the queued packets wait in their slots for the length of
+                    # the control-plane call.
+                    self._hand_off()
+                if not self.sockets[sock].in_use or self.sockets[sock].gen != gen:
+                    return n               # the socket went away during a hand-off: so does the rest
+            if self.rmsgs[i].msg_hdr.msg_flags & MSG_TRUNC:
+                self.drops[DROP_OVERSIZE] += 1
+                continue
+            if wall and is_media_rtp(self.rbuf + i * RECV_SLOT, self.rmsgs[i].msg_len):
+                # Only RTP ages out (docs/datapath.md): STUN, DTLS, RTCP, keep-alives and
+                # IP discovery are kept however long they queued; losing one costs a
+                # retransmission timeout or a failed handshake, not 20 ms of audio.
+                age = self._queue_age(i, wall)
+                if age > self.max_queue_age_ns:
+                    self.drops[DROP_QUEUE_AGE] += 1
+                    continue
+                if age > <int64_t>LATE_MS * 1000000:
+                    self.late_packets += 1
+            kind = self._handle(sock, self.rbuf + i * RECV_SLOT, self.rmsgs[i].msg_len,
+                                self.raddr[i], now, &t, &m)
+            if kind:
+                self._slow_push(kind, t, i, m, sock)
+        return n
+
     def process(self, int sock, const uint8_t[:] data, str ip, int port, int64_t now_ns):
         """Handle one datagram as if it arrived on sock from (ip, port) at now_ns (tests, benchmarks)."""
         cdef int t, m, kind, n = data.shape[0]
-        self._check_socket(sock)
-        if n > RECV_SLOT:
-            self.drops[DROP_OVERSIZE] += 1
+        with self.tables_lock:
+            self._check_inline()
+            self._check_socket(sock)
+            if n > RECV_SLOT:
+                self.drops[DROP_OVERSIZE] += 1
+                return None
+            self._fake_source(sock, ip, port)
+            if n:
+                memcpy(self.rbuf, &data[0], n)
+            kind = self._handle(sock, self.rbuf, n, self.raddr[0], now_ns, &t, &m)
+            self._flush_all()
+            if kind:
+                return [self._slow_item(kind, t, 0, m, sock)]
             return None
-        self._fake_source(sock, ip, port)
-        if n:
-            memcpy(self.rbuf, &data[0], n)
-        kind = self._handle(sock, self.rbuf, n, self.raddr[0], now_ns, &t, &m)
-        self._flush_all()
-        if kind:
-            return [self._slow_item(kind, t, 0, m, sock)]
-        return None
 
     def process_many(self, int sock, const uint8_t[:] packed, const uint32_t[:] lengths, str ip,
                      int port, int64_t now_ns, int64_t step_ns=0) -> int:
@@ -900,59 +1193,68 @@ cdef class Datapath:
         """
         cdef int i, t, m, kind, off = 0, n = lengths.shape[0]
         cdef int total = packed.shape[0]
-        self._check_socket(sock)
-        self._fake_source(sock, ip, port)
-        for i in range(n):
-            if lengths[i] > RECV_SLOT or off + <int>lengths[i] > total:
-                raise ValueError("lengths do not fit the packed buffer")
-            memcpy(self.rbuf, &packed[off], lengths[i])
-            off += lengths[i]
-            kind = self._handle(sock, self.rbuf, lengths[i], self.raddr[0], now_ns + i * step_ns, &t, &m)
-            if (i & 63) == 63:
-                self._flush_all()
-        self._flush_all()
-        return n
+        with self.tables_lock:
+            self._check_inline()
+            self._check_socket(sock)
+            self._fake_source(sock, ip, port)
+            for i in range(n):
+                if lengths[i] > RECV_SLOT or off + <int>lengths[i] > total:
+                    raise ValueError("lengths do not fit the packed buffer")
+                memcpy(self.rbuf, &packed[off], lengths[i])
+                off += lengths[i]
+                kind = self._handle(sock, self.rbuf, lengths[i], self.raddr[0], now_ns + i * step_ns, &t, &m)
+                if (i & 63) == 63:
+                    self._flush_all()
+            self._flush_all()
+            return n
 
     def flush(self) -> None:
         """Send everything queued (after send_rtcp(..., flush=False) calls)."""
-        self._flush_all()
+        with self.tables_lock:
+            with nogil:
+                self._flush_all()
 
     def send_rtcp(self, int t, const uint8_t[:] data, bint flush=True) -> bool:
         """Protect (SRTCP) and queue one compound RTCP packet on transport t; send it unless flush=False."""
         cdef int slot, n = data.shape[0]
         cdef Transport *tr
-        self._check_transport(t)
-        tr = &self.transports[t]
-        if not tr.has_remote:
-            self.drops[DROP_NO_REMOTE] += 1
-            return False
-        if n < 8 or n + SRTCP_TRAILER > OUT_SLOT:
-            raise ValueError("RTCP packet size out of range")
-        slot = self._alloc_out()
-        memcpy(self.out[slot].data, &data[0], n)
-        if tr.srtp_out != NULL and g_protect_rtcp(tr.srtp_out, self.out[slot].data, &n) != 0:
-            self._release_out(slot)
-            self.drops[DROP_ENCRYPT_FAILED] += 1
-            return False
-        if tr.aead != NULL:
-            n = fsfu_aead_seal(tr.aead, self.out[slot].data, n, 8)
-            if n < 0:
+        with self.tables_lock:
+            self._check_transport(t)
+            tr = &self.transports[t]
+            if not tr.has_remote:
+                self.drops[DROP_NO_REMOTE] += 1
+                return False
+            if n < 8 or n + SRTCP_TRAILER > OUT_SLOT:
+                raise ValueError("RTCP packet size out of range")
+            slot = self._alloc_out()
+            memcpy(self.out[slot].data, &data[0], n)
+            if tr.srtp_out != NULL and g_protect_rtcp(tr.srtp_out, self.out[slot].data, &n) != 0:
                 self._release_out(slot)
                 self.drops[DROP_ENCRYPT_FAILED] += 1
                 return False
-        self.out[slot].len = n
-        self._enqueue(slot, tr)
-        if flush:
-            self._flush_all()
-        return True
+            if tr.aead != NULL:
+                n = fsfu_aead_seal(tr.aead, self.out[slot].data, n, 8)
+                if n < 0:
+                    self._release_out(slot)
+                    self.drops[DROP_ENCRYPT_FAILED] += 1
+                    return False
+            self.out[slot].len = n
+            self._enqueue(slot, tr)
+            if flush:
+                with nogil:
+                    self._flush_all()
+            return True
 
     # ----------------------------------------------------------------- output modes and stats
 
     def set_output_mode(self, int mode) -> None:
         """K_OUTPUT_SEND (sendmmsg), K_OUTPUT_CAPTURE (keep for take_captured) or K_OUTPUT_DISCARD."""
-        if mode not in (K_OUTPUT_SEND, K_OUTPUT_CAPTURE, K_OUTPUT_DISCARD):
-            raise ValueError("unknown output mode")
-        self.output_mode = mode
+        with self.tables_lock:
+            if mode not in (K_OUTPUT_SEND, K_OUTPUT_CAPTURE, K_OUTPUT_DISCARD):
+                raise ValueError("unknown output mode")
+            if mode == K_OUTPUT_CAPTURE and self._thread is not None:
+                raise ValueError("capture mode needs the inline datapath (it makes Python objects)")
+            self.output_mode = mode
 
     def take_captured(self) -> list:
         """Datagrams kept in K_OUTPUT_CAPTURE mode: (socket slot, (ip, port), bytes)."""
@@ -962,51 +1264,61 @@ cdef class Datapath:
     def take_events(self) -> list:
         """(kind, transport, value) events since the last call: learned tuples, unknown SSRCs."""
         cdef int i
-        out = [(self.events[i].kind, self.events[i].transport, self.events[i].value)
-               for i in range(self.pending_events)]
-        self.pending_events = 0
-        return out
+        # Most wake-ups carry slow-path datagrams only: do not stop the thread to learn that.
+        if not fsfu_xchg_int(&self.sync.events_flag, 0):
+            return []
+        with self.tables_lock:
+            out = [(self.events[i].kind, self.events[i].transport, self.events[i].value)
+                   for i in range(self.pending_events)]
+            self.pending_events = 0
+            return out
 
     def drop_counts(self) -> dict:
-        return {DROP_REASONS[i]: self.drops[i] for i in range(N_DROPS)}
+        with self.tables_lock:
+            return {DROP_REASONS[i]: self.drops[i] for i in range(N_DROPS)}
 
     def stats(self) -> dict:
-        return {"rx_packets": self.rx_packets, "rx_bytes": self.rx_bytes,
-                "forwarded_packets": self.fwd_packets, "forwarded_bytes": self.fwd_bytes,
-                "batches": self.batches, "slow_path_packets": self.slow_packets,
-                "events_lost": self.events_lost, "drops": self.drop_counts()}
+        with self.tables_lock:
+            return {"rx_packets": self.rx_packets, "rx_bytes": self.rx_bytes,
+                    "forwarded_packets": self.fwd_packets, "forwarded_bytes": self.fwd_bytes,
+                    "batches": self.batches, "slow_path_packets": self.slow_packets,
+                    "late_packets": self.late_packets, "table_hand_offs": self.hand_offs,
+                    "events_lost": self.events_lost, "drops": self.drop_counts()}
 
     def transport_stats(self, int t) -> dict:
         cdef Transport *tr
-        self._check_transport(t)
-        tr = &self.transports[t]
-        return {"rx_packets": tr.rx_packets, "rx_bytes": tr.rx_bytes, "tx_packets": tr.tx_packets,
-                "tx_bytes": tr.tx_bytes, "rtcp_rx_packets": tr.rtcp_rx, "has_remote": bool(tr.has_remote),
-                "authenticated_packets": tr.auth_packets,
-                "remote": self._remote_tuple(tr) if tr.has_remote else None,
-                "drops": {DROP_REASONS[i]: tr.drops[i] for i in range(N_DROPS) if tr.drops[i]}}
+        with self.tables_lock:
+            self._check_transport(t)
+            tr = &self.transports[t]
+            return {"rx_packets": tr.rx_packets, "rx_bytes": tr.rx_bytes, "tx_packets": tr.tx_packets,
+                    "tx_bytes": tr.tx_bytes, "rtcp_rx_packets": tr.rtcp_rx, "has_remote": bool(tr.has_remote),
+                    "authenticated_packets": tr.auth_packets,
+                    "remote": self._remote_tuple(tr) if tr.has_remote else None,
+                    "drops": {DROP_REASONS[i]: tr.drops[i] for i in range(N_DROPS) if tr.drops[i]}}
 
     def producer_stats(self, int p) -> dict:
         cdef Producer *pr
         cdef int64_t expected
-        self._check_producer(p)
-        pr = &self.producers[p]
-        expected = pr.expected_prior + (pr.highest - pr.base + 1 if pr.have_seq else 0)
-        return {"packets": pr.packets, "bytes": pr.bytes, "drops": pr.drops,
-                "highest_seq": (pr.highest & 0xFFFF) if pr.have_seq else None,
-                "extended_highest_seq": pr.highest if pr.have_seq else None,
-                "expected": expected, "lost": max(0, expected - <int64_t>pr.packets),
-                "jitter": pr.jitter_q4 >> 4, "epoch": pr.epoch,
-                "consumers": pr.n_consumers, "active_consumers": pr.n_active}
+        with self.tables_lock:
+            self._check_producer(p)
+            pr = &self.producers[p]
+            expected = pr.expected_prior + (pr.highest - pr.base + 1 if pr.have_seq else 0)
+            return {"packets": pr.packets, "bytes": pr.bytes, "drops": pr.drops,
+                    "highest_seq": (pr.highest & 0xFFFF) if pr.have_seq else None,
+                    "extended_highest_seq": pr.highest if pr.have_seq else None,
+                    "expected": expected, "lost": max(0, expected - <int64_t>pr.packets),
+                    "jitter": pr.jitter_q4 >> 4, "epoch": pr.epoch,
+                    "consumers": pr.n_consumers, "active_consumers": pr.n_active}
 
     def consumer_stats(self, int c) -> dict:
         cdef Consumer *co
-        self._check_consumer(c)
-        co = &self.consumers[c]
-        return {"packets": co.packets, "bytes": co.bytes, "drops": co.drops,
-                "last_seq": co.last_seq if co.has_sent else None,
-                "last_timestamp": co.last_ts if co.has_sent else None,
-                "last_send_ns": co.last_ns if co.has_sent else None}
+        with self.tables_lock:
+            self._check_consumer(c)
+            co = &self.consumers[c]
+            return {"packets": co.packets, "bytes": co.bytes, "drops": co.drops,
+                    "last_seq": co.last_seq if co.has_sent else None,
+                    "last_timestamp": co.last_ts if co.has_sent else None,
+                    "last_send_ns": co.last_ns if co.has_sent else None}
 
     # ----------------------------------------------------------------- internals (control path)
 
@@ -1083,16 +1395,17 @@ cdef class Datapath:
                 raise ValueError(f"bad address {ip!r}")
         return 0
 
-    cdef bint _too_old(self, int i, int64_t wall) noexcept nogil:
+    cdef int64_t _queue_age(self, int i, int64_t wall) noexcept nogil:
+        """How long datagram i waited in the socket queue (kernel arrival time), 0 if unknown."""
         cdef msghdr *m = &self.rmsgs[i].msg_hdr
         cdef cmsghdr *cm = CMSG_FIRSTHDR(m)
         cdef timespec ts
         while cm != NULL:
             if cm.cmsg_level == SOL_SOCKET and cm.cmsg_type == SCM_TIMESTAMPNS:
                 memcpy(&ts, CMSG_DATA(cm), sizeof(timespec))
-                return wall - (<int64_t>ts.tv_sec * 1000000000 + ts.tv_nsec) > self.max_queue_age_ns
+                return wall - (<int64_t>ts.tv_sec * 1000000000 + ts.tv_nsec)
             cm = CMSG_NXTHDR(m, cm)
-        return False
+        return 0
 
     cdef inline void _event(self, int kind, int t, uint32_t value) noexcept nogil:
         if self.pending_events == EVENT_CAP:
@@ -1102,6 +1415,7 @@ cdef class Datapath:
         self.events[self.pending_events].transport = t
         self.events[self.pending_events].value = value
         self.pending_events += 1
+        fsfu_store_int(&self.sync.events_flag, 1)
 
     cdef inline void _drop(self, Transport *tr, int reason) noexcept nogil:
         self.drops[reason] += 1
@@ -1442,8 +1756,7 @@ cdef class Datapath:
     cdef int _alloc_out(self) noexcept nogil:
         cdef int slot
         if self.out_free < 0:
-            with gil:
-                self._flush_all()
+            self._flush_all()
         slot = self.out_free
         self.out_free = self.out[slot].next
         return slot
@@ -1471,14 +1784,19 @@ cdef class Datapath:
             self.dirty[self.n_dirty] = dst.sock
             self.n_dirty += 1
 
-    cdef void _flush_all(self) noexcept:
-        cdef int i
-        for i in range(self.n_dirty):
-            self._flush_socket(self.dirty[i])
-            self.sockets[self.dirty[i]].dirty = 0
+    cdef void _flush_all(self, bint on_thread=False) noexcept nogil:
+        """Send every socket's queue. On the thread, a waiting control-plane call may take the
+        tables between two sendmmsg chunks and flush or extend these queues itself: the loop
+        re-reads the dirty list, and each queue stays consistent at every chunk boundary."""
+        cdef int i = 0, sock
+        while i < self.n_dirty:
+            sock = self.dirty[i]
+            i += 1
+            self.sockets[sock].dirty = 0
+            self._flush_socket(sock, on_thread)
         self.n_dirty = 0
 
-    cdef void _discard_queue(self, int sock) noexcept:
+    cdef void _discard_queue(self, int sock) noexcept nogil:
         cdef Socket *so = &self.sockets[sock]
         cdef int slot, nxt
         slot = so.out_head
@@ -1490,24 +1808,27 @@ cdef class Datapath:
         so.out_tail = -1
         so.out_count = 0
 
-    cdef void _flush_socket(self, int sock) noexcept:
+    cdef void _flush_socket(self, int sock, bint on_thread) noexcept nogil:
         cdef Socket *so = &self.sockets[sock]
-        cdef int slot, m, sent, i, fd = so.fd
+        cdef int slot, nxt, m, sent, i, fd
         if self.output_mode != K_OUTPUT_SEND:
             if self.output_mode == K_OUTPUT_CAPTURE:
-                slot = so.out_head
-                while slot >= 0:
-                    try:
-                        self.captured.append((sock, self._addr_tuple(self.out[slot].dest),
-                                              PyBytes_FromStringAndSize(<char *>self.out[slot].data,
-                                                                        self.out[slot].len)))
-                    except MemoryError:
-                        pass
-                    slot = self.out[slot].next
+                # Tests only, never on the thread (start() refuses capture mode).
+                with gil:
+                    slot = so.out_head
+                    while slot >= 0:
+                        try:
+                            self.captured.append((sock, self._addr_tuple(self.out[slot].dest),
+                                                  PyBytes_FromStringAndSize(<char *>self.out[slot].data,
+                                                                            self.out[slot].len)))
+                        except MemoryError:
+                            pass
+                        slot = self.out[slot].next
             self._discard_queue(sock)
             return
-        slot = so.out_head
-        while slot >= 0:
+        while so.out_head >= 0:
+            fd = so.fd
+            slot = so.out_head
             m = 0
             while slot >= 0 and m < SEND_BATCH:
                 self.siov[m].iov_base = self.out[slot].data
@@ -1523,8 +1844,7 @@ cdef class Datapath:
                 slot = self.out[slot].next
             i = 0
             while i < m:
-                with nogil:
-                    sent = sendmmsg(fd, &self.smsgs[i], m - i, MSG_DONTWAIT)
+                sent = sendmmsg(fd, &self.smsgs[i], m - i, MSG_DONTWAIT)
                 if sent < 0:
                     if errno == EINTR:
                         continue
@@ -1536,4 +1856,15 @@ cdef class Datapath:
                     i += 1
                     continue
                 i += sent
-        self._discard_queue(sock)
+            # Release the chunk: the queue now starts at the first datagram not yet sent.
+            i = so.out_head
+            while i != slot:
+                nxt = self.out[i].next
+                self._release_out(i)
+                i = nxt
+            so.out_head = slot
+            so.out_count -= m
+            if slot < 0:
+                so.out_tail = -1
+            elif on_thread and fsfu_load_int(&self.sync.waiters) > 0:
+                self._hand_off()

@@ -1,8 +1,8 @@
 """Engine: owns the datapath, the UDP sockets and their asyncio readers.
 
-This is the thin I/O edge of the media path: one `loop.add_reader` on the datapath's epoll
-descriptor, whose callback drains every ready socket in C; Python only sees the slow-path
-datagrams of each wake-up.
+The datapath runs on its own thread (GIL released) and wakes the loop through one eventfd only
+for slow-path datagrams and events; or, with `datapath_thread=False`, inline on the loop through
+one reader on its epoll descriptor (docs/datapath.md).
 """
 
 from __future__ import annotations
@@ -38,9 +38,13 @@ class Settings:
     max_consumers: int = 65536
     max_producers_per_router: int = 1000
     max_consumers_per_router: int = 100_000
-    # Drop datagrams that waited longer than this in the socket queue (performance.md §5).
-    max_queue_age_ms: float = 20.0
-    drain_budget: int = 4096  # datagrams per wake-up before yielding to the loop (fairness)
+    # Drop RTP that waited longer than this in the socket queue; STUN, DTLS, RTCP and Discord
+    # discovery/keep-alives are never dropped for age; 0: never drop (docs/datapath.md).
+    max_queue_age_ms: float = 200.0
+    drain_budget: int = 4096  # inline mode: datagrams per wake-up before yielding to the loop
+    # Forward on a dedicated thread with the GIL released, so that a join or a GC pause on the
+    # event loop does not hold up media; False: drain on the event loop (deterministic, tests).
+    datapath_thread: bool = True
     # Output slots: forwarded packets queued before sendmmsg; when they run out the datapath flushes.
     out_slots: int = 1024
     recv_buffer_bytes: int = 1 << 20
@@ -134,8 +138,15 @@ class Engine(EventEmitter):
         self._dtls_certificate: DtlsCertificate | None = None
         self._shared_webrtc_socket: UdpSocket | None = None
         self._ufrags: dict[str, Transport] = {}
-        # One reader for all media sockets: the datapath's epoll set (one Python call per wake-up).
-        self.loop.add_reader(self.datapath.epoll_fd, self._on_readable)
+        if s.datapath_thread:
+            # RTP never reaches Python: the loop wakes only for slow-path datagrams and events.
+            self.datapath.start()
+            self._reader_fd: int = self.datapath.notify_fd
+            self.loop.add_reader(self._reader_fd, self._on_notify)
+        else:
+            # One reader for all media sockets: the datapath's epoll set (one Python call per wake-up).
+            self._reader_fd = self.datapath.epoll_fd
+            self.loop.add_reader(self._reader_fd, self._on_readable)
 
     @property
     def closed(self) -> bool:
@@ -160,8 +171,8 @@ class Engine(EventEmitter):
             router._engine_closed()
         for sock in list(self._sockets.values()):
             self._close_socket(sock)
-        self.loop.remove_reader(self.datapath.epoll_fd)
-        self.datapath.close()
+        self.loop.remove_reader(self._reader_fd)
+        self.datapath.close()  # joins the thread before the tables can go away
         self.observer.emit("close")
 
     async def __aenter__(self) -> Engine:
@@ -268,9 +279,18 @@ class Engine(EventEmitter):
 
     # ------------------------------------------------------------------ the read path
 
+    def _on_notify(self) -> None:
+        # The datapath thread queued slow-path datagrams or events (never RTP).
+        self._on_slow(self.datapath.take_slow())
+        self._on_events()
+
     def _on_readable(self) -> None:
         # One Python wake-up per loop iteration for every ready socket; RTP never surfaces here.
-        slow = self.datapath.poll(self.settings.drain_budget)
+        self._on_slow(self.datapath.poll(self.settings.drain_budget))
+        if self.datapath.pending_events:
+            self._on_events()
+
+    def _on_slow(self, slow: list[_rtp.SlowItem] | None) -> None:
         if slow is not None:
             for kind, t, data, addr, _sock in slow:
                 transport = self._transports.get(t)
@@ -286,8 +306,6 @@ class Engine(EventEmitter):
                     # Bad input must not break the loop or other sessions: count and log.
                     self.slow_path_errors += 1
                     log.exception("slow-path datagram handling failed")
-        if self.datapath.pending_events:
-            self._on_events()
 
     def _on_events(self) -> None:
         for kind, t, value in self.datapath.take_events():

@@ -103,7 +103,8 @@ class Transport(EventEmitter):
         producer = Producer(self, params, info, paused, app_data, id)
         self.producers[producer.id] = producer
         if self.srtp_in is not None:
-            self.srtp_in.add_stream(info.ssrc)
+            with self.engine.datapath.tables_lock:  # the datapath thread may be using this session
+                self.srtp_in.add_stream(info.ssrc)
         self.router._producer_added(producer)
         self.observer.emit("newproducer", producer)
         return producer
@@ -152,7 +153,8 @@ class Transport(EventEmitter):
         ]
         ext_ids = {rtp.EXTENSION_KINDS[e["uri"]]: e["id"] for e in params["headerExtensions"]}
         if self.srtp_out is not None:
-            self.srtp_out.add_stream(ssrc)
+            with self.engine.datapath.tables_lock:  # the datapath thread may be using this session
+                self.srtp_out.add_stream(ssrc)
         consumer = Consumer(self, producer, params, ext_ids, paused, app_data)
         self._consumer_ssrcs.add(ssrc)
         self.router._consumer_count += 1
@@ -192,12 +194,14 @@ class Transport(EventEmitter):
 
     def _forget_inbound_stream(self, ssrc: int) -> None:
         if self.srtp_in is not None:
-            self.srtp_in.remove_stream(ssrc)
+            with self.engine.datapath.tables_lock:
+                self.srtp_in.remove_stream(ssrc)
 
     def _release_consumer_ssrc(self, ssrc: int) -> None:
         """A consumer of this transport closed: its SSRC, SRTP stream and router slot are free."""
         if self.srtp_out is not None:
-            self.srtp_out.remove_stream(ssrc)
+            with self.engine.datapath.tables_lock:
+                self.srtp_out.remove_stream(ssrc)
         self._consumer_ssrcs.discard(ssrc)
         self.router._consumer_count -= 1
 

@@ -283,6 +283,8 @@ class DatapathStats(TypedDict):
     forwarded_bytes: int
     batches: int
     slow_path_packets: int
+    late_packets: int  # RTP forwarded after waiting over 20 ms in the socket queue
+    table_hand_offs: int  # times the datapath thread handed its tables to a control-plane call
     events_lost: int
     drops: dict[str, int]  # every reason of fastsfu._rtp.DROP_REASONS
 
@@ -297,6 +299,8 @@ class EngineStats(TypedDict):
     forwarded_bytes: int
     batches: int
     slow_path_packets: int
+    late_packets: int  # RTP forwarded after waiting over 20 ms in the socket queue
+    table_hand_offs: int  # times the datapath thread handed its tables to a control-plane call
     events_lost: int
     drops: dict[str, int]
     unhandled_datagrams: int

@@ -1,6 +1,6 @@
 """Subprocess for test_no_per_packet_work: drains N protected packets (SRTP, or a Discord AEAD
 mode) through a real socket and prints (allocations, python calls, forwarded) measured around the
-drain calls only."""
+drain calls only: inline (the event loop's poll() call) or on the datapath thread."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import json
 import os
 import socket
 import sys
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -58,7 +59,7 @@ def _out_srtp(ssrc: int) -> SrtpContext:
     return out
 
 
-def main(n: int, fanout: int, kind: str) -> None:
+def main(n: int, fanout: int, kind: str, threaded: bool) -> None:
     counter = ctypes.CDLL(None).malloc_count
     counter.restype = ctypes.c_uint64
     dp = _rtp.Datapath()
@@ -92,14 +93,36 @@ def main(n: int, fanout: int, kind: str) -> None:
     ]
     poll = dp.poll  # what the Engine calls when the epoll fd is readable
     destination = server.getsockname()
+    # Threaded: Python calls on the datapath thread are counted by a profiler installed in it.
+    thread_calls = 0
+
+    def thread_profile(frame: object, event: str, arg: object) -> None:
+        nonlocal thread_calls
+        thread_calls += 1
+
+    if threaded:
+        threading.setprofile(thread_profile)  # for threads started from here on: the datapath's
+        dp.start()
+        threading.setprofile(None)  # type: ignore[arg-type]
+        sink.settimeout(10)
+        lock = dp.tables_lock
+        received = bytearray(4096)
 
     def window(chunk: list[bytes]) -> int:
         """Allocations while draining one chunk of datagrams already queued on the socket."""
-        for data in chunk:
-            client.sendto(data, destination)
-        before = counter()
-        while poll(1 << 30) is not None:
-            pass
+        if not threaded:
+            for data in chunk:
+                client.sendto(data, destination)
+            before = counter()
+            while poll(1 << 30) is not None:
+                pass
+            return counter() - before
+        with lock:  # the thread waits for the tables: the chunk is handled after `before`
+            for data in chunk:
+                client.sendto(data, destination)
+            before = counter()
+        for _ in chunk:  # consumer 0's copies reach the sink once their batch is sent
+            sink.recv_into(received)
         return counter() - before
 
     window([])  # warm up lazy initialisation
@@ -113,24 +136,32 @@ def main(n: int, fanout: int, kind: str) -> None:
         nonlocal calls
         calls += 1
 
-    for data in chunks[-1]:
-        client.sendto(data, destination)
-    sys.setprofile(profile)
-    poll(1 << 30)
-    sys.setprofile(None)
-    calls -= 1  # the setprofile(None) call itself
+    profiled = thread_calls  # the thread's own start-up (its run() call): the profiler is in it
+    if threaded:
+        thread_calls = 0
+        window(chunks[-1])
+        calls = thread_calls
+    else:
+        for data in chunks[-1]:
+            client.sendto(data, destination)
+        sys.setprofile(profile)
+        poll(1 << 30)
+        sys.setprofile(None)
+        calls -= 1  # the setprofile(None) call itself
     # Control: the counter does see Python allocations (the measurement is not vacuous).
     before = counter()
     control = [bytes(k) for k in range(1, 11)]
     control_allocations = counter() - before - overhead
     del control
     stats = dp.stats()
+    dp.close()
     print(
         json.dumps(
             {
                 "allocations": allocations,
                 "python_calls": calls,
                 "control_allocations": control_allocations,
+                "thread_profiled_calls": profiled,
                 "forwarded": stats["forwarded_packets"],
                 "batches": stats["batches"],
             }
@@ -139,4 +170,9 @@ def main(n: int, fanout: int, kind: str) -> None:
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3] if len(sys.argv) > 3 else "srtp")
+    main(
+        int(sys.argv[1]),
+        int(sys.argv[2]),
+        sys.argv[3] if len(sys.argv) > 3 else "srtp",
+        len(sys.argv) > 4 and sys.argv[4] == "threaded",
+    )

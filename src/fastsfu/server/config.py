@@ -76,6 +76,8 @@ class ServerConfig:
     header_timeout: float = 10.0
     max_connections_per_address: int = 64
     shutdown_grace: float = 3.0  # seconds SIGTERM waits for sessions to close before cutting them
+    datapath_thread: bool = True  # forward on a dedicated thread, GIL released (docs/datapath.md)
+    max_queue_age_ms: float = 200.0  # drop RTP queued longer than this; 0: never (docs/datapath.md)
     duration: float = 0.0  # stop after this many seconds; 0: until SIGINT/SIGTERM (flag only)
     voice: VoiceSettings = field(default_factory=VoiceSettings)
     rate_limit: RateLimitConfig = field(default_factory=RateLimitConfig)
@@ -188,6 +190,10 @@ OPTIONS = (
         float,
         "seconds SIGTERM waits for sessions to close",
         minimum=0.0,
+    ),
+    Option("datapath_thread", "--datapath-thread", bool, "forward media on its own thread, not the loop"),
+    Option(
+        "max_queue_age_ms", "--max-queue-age-ms", float, "drop RTP queued longer (ms); 0: never", minimum=0.0
     ),
     Option("voice.id_quoting", "--id-quoting", str, "IDs as JSON string literals or bare", ("json", "bare")),
     Option(

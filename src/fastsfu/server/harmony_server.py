@@ -49,6 +49,8 @@ async def serve_harmony(config: ServerConfig, voice: VoiceSettings | None = None
         webrtc_announced_ip=config.announced_ip,
         dtls_certificate_pem=pem[0] if pem else None,
         dtls_private_key_pem=pem[1] if pem else None,
+        datapath_thread=config.datapath_thread,
+        max_queue_age_ms=config.max_queue_age_ms,
     )
     policy = StaticAuthorization(config.auth).authorize if config.auth is not None else None
     limit = config.rate_limit

@@ -107,6 +107,11 @@ class ServerCollector(Collector):
         yield _counter("fastsfu_forwarded_packets", "RTP packets sent to consumers", s["forwarded_packets"])
         yield _counter("fastsfu_forwarded_bytes", "SRTP bytes sent to consumers", s["forwarded_bytes"])
         yield _counter("fastsfu_slow_path_packets", "Datagrams handled in Python", s["slow_path_packets"])
+        yield _counter(
+            "fastsfu_late_packets",
+            "RTP forwarded after waiting over 20 ms in the socket queue",
+            s["late_packets"],
+        )
         drops = CounterMetricFamily(
             "fastsfu_dropped_datagrams", "Media datagrams dropped, by reason", labels=["reason"]
         )
