@@ -1,6 +1,7 @@
-"""Loopback load benchmark: each SUT (bare C baseline, fastsfu) on core 1, native generator/sink on core 0.
+"""Loopback load benchmark: each SUT (bare C baseline, fastsfu, a pion/srtp Go forwarder) on core 1,
+native generator/sink on core 0.
 
-Prints one JSON line per step, then a markdown table of fastsfu/baseline ratios (performance.md §6).
+Prints one JSON line per step, then markdown tables of ratios to the C baseline (performance.md §6).
 Discord suites (`--suite discord`) run fastsfu's Discord UDP transport and compare it with fastsfu's
 SRTP AEAD_AES_128_GCM case of the same run; the C baseline has no Discord mode and skips them.
 """
@@ -28,14 +29,22 @@ if str(BENCH_DIR) not in sys.path:
 import benchconfig  # noqa: E402
 from loadgen import native, run_loadgen  # noqa: E402
 
-# fastsfu_nolimit: fastsfu with its 20 ms queue-age drop disabled, i.e. with the baseline's
-# queueing semantics (unbounded socket queues); its zero-loss rate is the like-for-like ratio.
-SUTS = ("baseline", "fastsfu", "fastsfu_nolimit")
+# fastsfu runs with Settings() defaults, as a user runs it. fastsfu_nolimit: the same with its
+# 20 ms queue-age drop disabled, i.e. with the baseline's queueing semantics (unbounded socket
+# queues); its zero-loss rate is the like-for-like ratio. pion: a Go forwarder on pion/srtp v2
+# (benchmarks/pion/), LiveKit's building blocks. fastsfu_sized (--sized-tables): tables sized to
+# the load, as this benchmark ran fastsfu before.
+SUTS = ("baseline", "fastsfu", "fastsfu_nolimit", "pion")
+OPTIONAL_SUTS = ("fastsfu_sized",)
+# SUTs that have no Discord mode.
+SRTP_ONLY = ("baseline", "pion")
+PION_BUILD = BENCH_DIR / "pion" / "build.sh"
+PION_BUILD_TIMEOUT_S = 300
 P99_FLOOR_US = 5000.0  # performance.md §6.5 (ii) and §6.7: the baseline's validity floor
 SETTLE_TIMEOUT_S = 15.0
 # The reference the Discord suites are compared with (same SUT, same run).
 DISCORD_REFERENCE = benchconfig.SUITE_GCM
-BASELINE_NO_DISCORD = "the C baseline forwarder has no Discord mode: baseline skipped"
+NO_DISCORD = "no Discord mode: skipped"
 SUITE_GROUPS = {
     "both": ["cm", "gcm"],
     # The Discord modes plus their same-run SRTP reference.
@@ -51,7 +60,12 @@ def log(msg: str) -> None:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__)
     add = ap.add_argument
-    add("--sut", choices=[*SUTS, "all"], default="all", help="system(s) under test [all]")
+    add("--sut", choices=[*SUTS, *OPTIONAL_SUTS, "all"], default="all", help="system(s) under test [all]")
+    add(
+        "--sized-tables",
+        action="store_true",
+        help="also run fastsfu_sized: engine tables sized to the load instead of Settings() defaults",
+    )
     add("--quick", action="store_true", help="CI mode: short steps, coarse search (about 20 s per SUT)")
     add(
         "--suite",
@@ -62,7 +76,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--rooms", type=int, default=1, help="scenario A: rooms [1]")
     add("--size", type=int, default=50, help="scenario A: participants per room, all talking [50]")
     add("--payload", default="opus", help="'opus' (80-120 B, varying) or a fixed payload size [opus]")
-    add("--fixed-rate", type=float, default=50.0, help="per-publisher pps of the fixed-load step [50]")
+    add("--fixed-rate", type=float, default=50.0, help="per-publisher pps of the fixed-load steps [50]")
+    add(
+        "--low-speakers",
+        type=int,
+        default=10,
+        help="talking members per room in the low fixed step, the rest muted (10 of 50: 24.5 k fwd pps); "
+        "0 skips that step [10]",
+    )
     add("--fixed-duration", type=float, help="counted seconds of the fixed step [3, quick 2]")
     add("--duration", type=float, help="counted seconds per search step [3, quick 1.5]")
     add("--warmup", type=float, default=0.5, help="uncounted seconds before each window [0.5]")
@@ -135,9 +156,9 @@ class Runner:
         self.h = h
         self.steps: list[dict[str, Any]] = []
         self._backlog = False
-        self.fixed_only = fixed_only(args, suite)
+        self.fixed_only = fixed_only(args, suite, sut)
 
-    def step(self, phase: str, rate: float, duration: float) -> dict[str, Any]:
+    def step(self, phase: str, rate: float, duration: float, speakers: int = 0) -> dict[str, Any]:
         a = self.args
         if self._backlog:
             # The previous step left packets queued in the SUT: start clean.
@@ -150,6 +171,7 @@ class Runner:
             verify_every=a.verify,
             payload_size=a.payload_size,
             busy_poll=not a.sink_sleep,
+            speakers=speakers,
         )
         self._backlog = m["loss"] > 0
         line = {"sut": self.sut, "suite": self.suite, "phase": phase, **m}
@@ -200,27 +222,30 @@ class Runner:
                 bad_rate = mid
         return {"good": good, "first_loss_rate": bad_rate}
 
-    def fixed(self) -> dict[str, Any]:
-        """The fixed step, `fixed_repeat` times: the one with the median CPU per packet stands for all."""
+    def fixed(self, phase: str = "fixed", speakers: int = 0) -> dict[str, Any]:
+        """A fixed step, `fixed_repeat` times: the one with the median CPU per packet stands for all."""
         a = self.args
-        runs = [self.step("fixed", a.fixed_rate, a.fixed_duration) for _ in range(a.fixed_repeat)]
+        runs = [self.step(phase, a.fixed_rate, a.fixed_duration, speakers) for _ in range(a.fixed_repeat)]
         ranked = sorted(runs, key=lambda m: m.get("cpu_us_per_pkt") or math.inf)
         return ranked[(len(ranked) - 1) // 2]
 
     def _fixed_repeats(self) -> dict[str, Any]:
-        runs = [s for s in self.steps if s["phase"] == "fixed"]
-        if len(runs) < 2:
-            return {}
-        return {
-            "fixed_cpu_us_per_pkt_all": [s.get("cpu_us_per_pkt") for s in runs],
-            "fixed_loss_all": [s["loss"] for s in runs],
-        }
+        out: dict[str, Any] = {}
+        for phase in ("fixed", "fixed_low"):
+            runs = [s for s in self.steps if s["phase"] == phase]
+            if len(runs) >= 2:
+                out[f"{phase}_cpu_us_per_pkt_all"] = [s.get("cpu_us_per_pkt") for s in runs]
+                out[f"{phase}_loss_all"] = [s["loss"] for s in runs]
+        return out
 
     def run(self) -> dict[str, Any]:
         a = self.args
+        # Low load first (a few members talking, the rest muted), then every member talking.
+        low = self.fixed("fixed_low", a.low_speakers) if a.low_speakers > 0 else None
         fixed = self.fixed()
+        base: dict[str, Any] = {"fixed": fixed, "fixed_low": low}
         if self.fixed_only:
-            return {"fixed": fixed, "fixed_only": True, **self._fixed_repeats(), "steps": self.steps}
+            return {**base, "fixed_only": True, **self._fixed_repeats(), "steps": self.steps}
         searches = [self.search() for _ in range(a.repeat)]
         goods = [s["good"] for s in searches if s["good"] is not None]
         zero_loss = statistics.median([g["offered_fwd_pps"] for g in goods]) if goods else 0.0
@@ -233,7 +258,7 @@ class Runner:
         half = self.step("half", best_rate / 2, a.duration) if best_rate > 0 else None
         others = [s.get("core_other_util") or 0.0 for s in self.steps]
         return {
-            "fixed": fixed,
+            **base,
             **self._fixed_repeats(),
             "zero_loss_fwd_pps": zero_loss,
             "zero_loss_rate": best_rate,
@@ -247,9 +272,14 @@ class Runner:
         }
 
 
-def fixed_only(args: argparse.Namespace, suite: str) -> bool:
-    """Only the fixed step: --fixed-only, or a Discord suite in --quick (one step per mode keeps CI short)."""
-    return bool(args.fixed_only or (args.quick and benchconfig.is_discord(suite) and not args.discord_search))
+def fixed_only(args: argparse.Namespace, suite: str, sut: str = "fastsfu") -> bool:
+    """Only the fixed steps: --fixed-only; in --quick, a Discord suite (one step per mode keeps CI
+    short) and the peers, whose fixed-load rows are what the peer table shows."""
+    if args.fixed_only:
+        return True
+    if args.quick and benchconfig.is_discord(suite) and not args.discord_search:
+        return True
+    return bool(args.quick and sut in ("pion", "fastsfu_sized"))
 
 
 def sut_argv(sut: str, args: argparse.Namespace, libs: dict[str, Path]) -> list[str]:
@@ -263,10 +293,33 @@ def sut_argv(sut: str, args: argparse.Namespace, libs: dict[str, Path]) -> list[
             "--lib",
             str(libs["forwarder"]),
         ]
+    if sut == "pion":
+        # Pinned by the harness (taskset), so the Go runtime sees one CPU: GOMAXPROCS=1.
+        return [str(libs["pion"])]
     argv = [sys.executable, str(run_loadgen.FASTSFU_SCRIPT), "--cpu", str(args.sut_cpu)]
     if sut == "fastsfu_nolimit":
         argv += ["--max-queue-age-ms", "0"]
+    if sut == "fastsfu_sized":
+        argv += ["--sized-tables"]
     return argv
+
+
+def build_pion(build_dir: Path) -> Path:
+    """Build the pion forwarder with benchmarks/pion/build.sh (Go and pion from Debian packages)."""
+    out = build_dir / "pion-forwarder"
+    try:
+        proc = subprocess.run(
+            ["bash", str(PION_BUILD), str(out)],
+            capture_output=True,
+            text=True,
+            timeout=PION_BUILD_TIMEOUT_S,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise native.BuildError(f"{PION_BUILD.name}: {exc}") from exc
+    if proc.returncode != 0:
+        raise native.BuildError(f"{PION_BUILD.name} failed: {(proc.stderr or proc.stdout).strip()[-500:]}")
+    return out
 
 
 def run_sut(
@@ -285,7 +338,7 @@ def run_sut(
         result = Runner(args, sut, suite, h).run()
     result["sut_final"] = h.final
     # Throughput per core (performance.md: one core's worth of CPU time) = 1e6 / CPU us per fwd packet.
-    for phase in ("fixed", "half"):
+    for phase in ("fixed", "fixed_low", "half"):
         cpu = _get(result, phase, "cpu_us_per_pkt")
         result[f"{phase}_pps_per_core"] = round(1e6 / cpu) if cpu else None
     result["wall_s"] = round(time.monotonic() - t0, 1)
@@ -310,6 +363,9 @@ def _get(res: dict[str, Any] | None, *path: str) -> float | None:
 METRICS: list[tuple[str, tuple[str, ...]]] = [
     ("zero-loss fwd pps (step search)", ("zero_loss_fwd_pps",)),
     ("zero-loss fwd pps with p99 <= 5 ms", ("zero_loss_p99_5ms_fwd_pps",)),
+    ("low fixed (few talking): received fwd pps", ("fixed_low", "received_fwd_pps")),
+    ("low fixed: loss", ("fixed_low", "loss")),
+    ("low fixed: SUT CPU us/pkt", ("fixed_low", "cpu_us_per_pkt")),
     ("fixed: received fwd pps", ("fixed", "received_fwd_pps")),
     ("fixed: loss", ("fixed", "loss")),
     ("fixed: p50 latency (us)", ("fixed", "p50_us")),
@@ -409,6 +465,64 @@ def discord_report(summary: dict[str, Any]) -> list[str]:
     return lines
 
 
+PEER_LABELS = {
+    "baseline": "C baseline (libsrtp)",
+    "fastsfu": "fastsfu (Settings() defaults)",
+    "fastsfu_nolimit": "fastsfu, no 20 ms queue limit",
+    "fastsfu_sized": "fastsfu, tables sized to the load",
+    "pion": "pion/srtp v2 Go forwarder",
+}
+
+
+def peers_report(summary: dict[str, Any]) -> list[str]:
+    """One table per SRTP suite: every system at both fixed loads, with ratios to the C baseline."""
+    lines: list[str] = []
+    out: dict[str, Any] = {}
+    for suite, per_sut in summary["results"].items():
+        if benchconfig.is_discord(suite):
+            continue
+        base = per_sut.get("baseline")
+        loads = []
+        for phase in ("fixed_low", "fixed"):
+            offered = [_get(r, phase, "offered_fwd_pps") for r in per_sut.values()]
+            pps = next((v for v in offered if v), None)
+            if pps:
+                loads.append((phase, pps))
+        if not loads:
+            continue
+        head = " | ".join(f"{pps / 1000:.1f} k: CPU us/pkt | ratio | loss | p99 us" for _, pps in loads)
+        lines += [
+            f"### Peers at fixed loads, {suite}, {summary['scenario']}",
+            "",
+            f"| system | {head} |",
+            "|---|" + "---|---|---|---|" * len(loads),
+        ]
+        rows: dict[str, Any] = {}
+        for sut in (*SUTS, *OPTIONAL_SUTS):
+            res = per_sut.get(sut)
+            if res is None or "fixed" not in res:
+                continue
+            cells = []
+            row: dict[str, Any] = {}
+            for phase, _ in loads:
+                cpu, b = _get(res, phase, "cpu_us_per_pkt"), _get(base, phase, "cpu_us_per_pkt")
+                loss, p99 = _get(res, phase, "loss"), _get(res, phase, "p99_us")
+                cells.append(f"{_fmt(cpu)} | {_ratio(cpu, b)} | {_fmt(loss)} | {_fmt(p99)}")
+                ratio = cpu / b if cpu and b else None
+                row[phase] = {"cpu_us_per_pkt": cpu, "ratio": ratio, "loss": loss, "p99_us": p99}
+            rows[sut] = row
+            lines.append(f"| {PEER_LABELS.get(sut, sut)} | {' | '.join(cells)} |")
+        out[suite] = rows
+        lines += [
+            "",
+            "CPU us/pkt: the SUT process's user + sys time per forwarded packet; ratio: to the C baseline "
+            "of the same run. The low load has the first members of the room talking, the rest muted.",
+            "",
+        ]
+    summary["peers"] = out
+    return lines
+
+
 def report(summary: dict[str, Any]) -> str:
     lines: list[str] = []
     for suite, per_sut in summary["results"].items():
@@ -457,6 +571,7 @@ def report(summary: dict[str, Any]) -> str:
                 lines.append("\n**Run invalid**: the baseline missed its own floor at the fixed load (§6.7).")
         lines += _notes(per_sut)
         lines.append("")
+    lines += peers_report(summary)
     lines += discord_report(summary)
     return "\n".join(lines)
 
@@ -524,7 +639,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     suts = list(SUTS) if args.sut == "all" else [args.sut]
+    if args.sized_tables and "fastsfu_sized" not in suts:
+        suts.append("fastsfu_sized")
     skipped: dict[str, str] = {}
+    failed = False
     if not run_loadgen.FASTSFU_SCRIPT.exists():
         for name in [s for s in suts if s.startswith("fastsfu")]:
             msg = f"{run_loadgen.FASTSFU_SCRIPT.relative_to(BENCH_DIR.parent)} not found: {name} SUT skipped"
@@ -540,6 +658,17 @@ def main(argv: list[str] | None = None) -> int:
         log(f"build failed: {exc}")
         return 3
     log(f"built {libs['loadgen']} and {libs['forwarder']}")
+    if "pion" in suts:
+        try:
+            libs["pion"] = build_pion(args.build_dir)
+            log(f"built {libs['pion']}")
+        except native.BuildError as exc:
+            msg = f"pion forwarder not built ({exc}); scripts/pion_setup.sh installs Go and pion: skipped"
+            log(msg)
+            skipped["pion"] = msg
+            suts.remove("pion")
+            # CI installs the toolchain first (scripts/test.sh): a missing peer there is a failure.
+            failed = os.environ.get("CI") == "true"
 
     n = args.rooms * args.size
     scenario = f"scenario A: {args.rooms} x {args.size} all talking, payload {args.payload}"
@@ -553,14 +682,13 @@ def main(argv: list[str] | None = None) -> int:
         "p50_diff_us": {},
         "valid": {},
     }
-    failed = False
     t0 = time.monotonic()
     for suite in args.suites:
         summary["results"][suite] = {}
         for sut in suts:
-            if sut == "baseline" and benchconfig.is_discord(suite):
-                log(f"{suite}: {BASELINE_NO_DISCORD}")
-                summary["results"][suite][sut] = {"skipped": BASELINE_NO_DISCORD}
+            if sut in SRTP_ONLY and benchconfig.is_discord(suite):
+                log(f"{suite}: {sut}: {NO_DISCORD}")
+                summary["results"][suite][sut] = {"skipped": NO_DISCORD}
                 continue
             # Fresh ports for each SUT: the previous one may still be releasing its sockets.
             cfg = benchconfig.make_config(args.rooms, args.size, suite, benchconfig.find_free_base_port(n))

@@ -29,7 +29,11 @@ from fastsfu import Engine, Settings, ortc  # noqa: E402
 def producer_parameters(p: dict[str, Any]) -> dict[str, Any]:
     return {
         "codecs": [{"mimeType": "audio/opus", "payloadType": p["pt"], "clockRate": 48000, "channels": 2}],
-        "headerExtensions": [{"uri": ortc.URI_ABS_CAPTURE_TIME, "id": p["ext_id"]}],
+        "headerExtensions": [
+            {"uri": ortc.URI_ABS_CAPTURE_TIME, "id": p["ext_id"]},
+            # The generator sends ssrc-audio-level on every packet, as browsers do.
+            {"uri": ortc.URI_AUDIO_LEVEL, "id": benchconfig.LEVEL_EXT_ID},
+        ],
         "encodings": [{"ssrc": p["ssrc"]}],
         "rtcp": {"cname": f"p{p['id']}"},
     }
@@ -64,28 +68,52 @@ def receiver_capabilities(cfg: dict[str, Any]) -> dict[str, Any]:
                 "uri": ortc.URI_ABS_CAPTURE_TIME,
                 "preferredId": cfg["consumer_ext_id"],
                 "direction": "sendrecv",
-            }
+            },
+            {
+                "kind": "audio",
+                "uri": ortc.URI_AUDIO_LEVEL,
+                "preferredId": benchconfig.LEVEL_EXT_ID,
+                "direction": "sendrecv",
+            },
         ],
     }
 
 
-async def serve(
-    cfg: dict[str, Any], stop: asyncio.Event, max_queue_age_ms: float = 20.0, out_slots: int = 1024
-) -> dict[str, Any]:
+def settings_for(
+    cfg: dict[str, Any],
+    max_queue_age_ms: float | None = None,
+    out_slots: int | None = None,
+    sized: bool = False,
+) -> Settings:
+    """`Settings()` defaults, as a user runs fastsfu, except what the command line overrides.
+
+    sized: tables sized to this load instead of the defaults (65,536 consumers, 4,096 producers...),
+    as the benchmark did before: smaller tables stay in cache, which flatters fastsfu.
+    """
     n = len(cfg["participants"])
     discord = benchconfig.is_discord(cfg["suite"])
-    settings = Settings(
-        webrtc_listen_ip="127.0.0.1",
+    kw: dict[str, Any] = {
+        "webrtc_listen_ip": "127.0.0.1",
         # Discord transports share the engine's media port; SRTP ones do not use it.
-        webrtc_port=cfg["participants"][0]["sut_port"] if discord else 0,
-        max_queue_age_ms=max_queue_age_ms,
-        out_slots=out_slots,
-        max_sockets=n + 8,
-        max_transports=n + 8,
-        max_producers=n + 8,
-        max_consumers=len(cfg["consumers"]) + 8,
-        max_consumers_per_router=10**6,
-    )
+        "webrtc_port": cfg["participants"][0]["sut_port"] if discord else 0,
+    }
+    if max_queue_age_ms is not None:
+        kw["max_queue_age_ms"] = max_queue_age_ms
+    if out_slots is not None:
+        kw["out_slots"] = out_slots
+    if sized:
+        kw.update(
+            max_sockets=n + 8,
+            max_transports=n + 8,
+            max_producers=n + 8,
+            max_consumers=len(cfg["consumers"]) + 8,
+            max_consumers_per_router=10**6,
+        )
+    return Settings(**kw)
+
+
+async def serve(cfg: dict[str, Any], stop: asyncio.Event, settings: Settings) -> dict[str, Any]:
+    discord = benchconfig.is_discord(cfg["suite"])
     async with Engine(settings) as engine:
         routers: dict[int, Any] = {}
         transports = []
@@ -143,10 +171,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--max-queue-age-ms",
         type=float,
-        default=20.0,
-        help="drop datagrams queued longer (0: never, as baseline)",
+        help="drop datagrams queued longer (0: never, as baseline) [Settings default]",
     )
-    ap.add_argument("--out-slots", type=int, default=1024, help="datapath output slots (Settings.out_slots)")
+    ap.add_argument("--out-slots", type=int, help="datapath output slots [Settings default]")
+    ap.add_argument(
+        "--sized-tables",
+        action="store_true",
+        help="size the engine's tables to this load instead of Settings() defaults",
+    )
     args = ap.parse_args(argv)
     if args.cpu >= 0:
         try:
@@ -165,7 +197,8 @@ def main(argv: list[str] | None = None) -> int:
                 loop.add_reader(0, lambda: os.read(0, 4096) or stop.set())
         except OSError:
             pass
-        return await serve(cfg, stop, args.max_queue_age_ms, args.out_slots)
+        settings = settings_for(cfg, args.max_queue_age_ms, args.out_slots, args.sized_tables)
+        return await serve(cfg, stop, settings)
 
     counters = asyncio.run(run())
     print(json.dumps(counters), flush=True)

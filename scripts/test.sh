@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite: lint and types, the datapath micro-benchmarks, the short loopback load
-# benchmark (fastsfu against the bare C forwarder, same run), headless Chromium against fastsfu in
-# a loopback-only network namespace, then every other test (last, so its summary closes the output).
+# benchmark (fastsfu against the bare C forwarder and a pion/srtp Go forwarder, same run),
+# headless Chromium against fastsfu in a loopback-only network namespace, then every other test (last, so its summary closes the output).
 # Installs what it needs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,7 +19,8 @@ echo "== micro-benchmarks (pytest-benchmark): datapath, STUN answers, DTLS hands
 $PY -m pytest benchmarks/bench_datapath.py benchmarks/bench_stun.py benchmarks/bench_dtls.py -q -p no:cacheprovider -s \
     --benchmark-columns=median,min,max,rounds --benchmark-sort=name
 
-echo "== loopback load benchmark, short (fastsfu vs bare C forwarder, both SRTP suites; Discord UDP vs SRTP GCM)"
+echo "== loopback load benchmark, short (fastsfu vs bare C forwarder vs pion/srtp Go forwarder, both SRTP suites; Discord UDP vs SRTP GCM)"
+scripts/pion_setup.sh  # Go and pion/srtp from Debian packages for the pion peer
 $PY benchmarks/run.py --quick --suite both --suite discord --json benchmarks/.build/last-run.json
 
 echo "== headless Chromium: mediasoup-client interop and the /demo page over hRPC, in a loopback-only network namespace"

@@ -7,8 +7,8 @@
  *
  * One lg_run_step() call runs one measurement step with two threads (they inherit the caller's
  * CPU affinity, so the launcher pins itself before calling in):
- *   - sender: every publisher sends `rate` packets per second, publishers spread evenly over the
- *     period, woken on 1 ms ticks with an absolute clock_nanosleep;
+ *   - sender: every talking publisher (all, or the first `speakers` of each room) sends `rate`
+ *     packets per second, publishers spread evenly over the period, woken on 1 ms ticks with an absolute clock_nanosleep;
  *   - receiver: drains every participant socket with recvmmsg, accounts loss/duplicates/reorders
  *     per subscription from sequence numbers, latency from the send time carried in a one-byte
  *     RTP header extension, and verifies the SRTP tag of a sample.
@@ -48,7 +48,9 @@ typedef int (*srtp_fn)(void *ctx, void *rtp_hdr, int *len_ptr);
 #define RX_MAX_BATCHES_PER_WAKE 64 /* bound the drain of one socket so others are not starved */
 #define TICK_NS 1000000LL
 #define RTP_HDR 12
-#define EXT_WORDS 3 /* 0xBEDE block: 1 header byte + 8 bytes stamp + 3 bytes padding */
+/* 0xBEDE block (RFC 8285 §4.2): the 8-byte send stamp, then ssrc-audio-level (RFC 6464 §3: one
+ * byte, V flag + level in -dBov) as browsers send it on every Opus packet, then one padding byte. */
+#define EXT_WORDS 3
 #define GEN_HDR (RTP_HDR + 4 + 4 * EXT_WORDS)
 #define OPUS_MIN 80
 #define OPUS_SPAN 41 /* payload sizes 80..120 */
@@ -73,6 +75,10 @@ typedef struct {
     int32_t sink_busy_poll;
     /* 1: SCHED_FIFO sender thread, so its 1 ms ticks preempt a busy sink on the same core. */
     int32_t sender_rt;
+    /* Talking publishers per room (0: all): participant i sends iff i % room_size < speakers.
+     * The others are muted, as a paused mediasoup-client producer is: they send nothing. */
+    int32_t speakers;
+    int32_t room_size;
 } lg_params;
 
 typedef struct {
@@ -128,6 +134,7 @@ typedef struct {
 
 typedef struct lg {
     int n;
+    uint8_t level_ext_id; /* 0: no audio-level element */
     lg_part *p;
     int n_cons;
     lg_sub *c;
@@ -290,6 +297,10 @@ static void send_one(lg_step *st, lg_part *p, uint8_t *buf, int64_t due)
     wr16(buf + 14, EXT_WORDS);
     buf[16] = (uint8_t)(p->ext_id << 4 | 7); /* L field = length - 1 */
     buf[25] = buf[26] = buf[27] = 0;
+    if (g->level_ext_id) {
+        buf[25] = (uint8_t)(g->level_ext_id << 4); /* L = 0: one byte */
+        buf[26] = (uint8_t)(rnd >> 40 & 0x7f);     /* level 0..127 -dBov, V flag clear */
+    }
     memcpy(buf + GEN_HDR, g->payload + ((rnd >> 16) & 0xff), (size_t)plen);
     p->seq++;
     p->ts += 960; /* 20 ms at 48 kHz */
@@ -329,7 +340,18 @@ static void *sender_main(void *arg)
         return NULL; /* receive-only step */
     /* The j-th send overall belongs to publisher j % n and is due at start + j * period / n:
      * every publisher keeps the same period, phases spread evenly across it. */
-    double step = 1e9 / st->prm.rate / g->n;
+    int n_active = 0;
+    int *active = malloc((size_t)g->n * sizeof *active);
+    if (!active)
+        return NULL;
+    for (int i = 0; i < g->n; i++)
+        if (st->prm.speakers <= 0 || st->prm.room_size <= 0 || i % st->prm.room_size < st->prm.speakers)
+            active[n_active++] = i;
+    if (n_active == 0) {
+        free(active);
+        return NULL;
+    }
+    double step = 1e9 / st->prm.rate / n_active;
     uint64_t j = 0;
     if (st->prm.sender_rt) {
         struct sched_param sp = {.sched_priority = 1};
@@ -346,9 +368,10 @@ static void *sender_main(void *arg)
             sleep_until(tick);
             continue;
         }
-        send_one(st, &g->p[j % (uint64_t)g->n], buf, due);
+        send_one(st, &g->p[active[j % (uint64_t)n_active]], buf, due);
         j++;
     }
+    free(active);
     return NULL;
 }
 
@@ -547,7 +570,7 @@ lg_t *lg_create(int n, const uint16_t *gen_ports, const uint16_t *sut_ports, con
                 const uint8_t *pts, const uint8_t *ext_ids, void *protect_fn, void *const *up_ctx,
                 void *unprotect_fn, void *const *down_ctx, int n_cons, const int32_t *cons_recv,
                 const int32_t *cons_send, const uint32_t *cons_ssrc, int consumer_pt, int consumer_ext_id,
-                uint64_t seed, int rcvbuf, int flags, char *err, int errlen)
+                int level_ext_id, uint64_t seed, int rcvbuf, int flags, char *err, int errlen)
 {
     lg_t *g = calloc(1, sizeof *g);
     if (!g) {
@@ -562,6 +585,7 @@ lg_t *lg_create(int n, const uint16_t *gen_ports, const uint16_t *sut_ports, con
     g->consumer_pt = (uint8_t)consumer_pt;
     g->consumer_ext_id = (uint8_t)consumer_ext_id;
     g->flags = flags;
+    g->level_ext_id = (uint8_t)(level_ext_id > 0 && level_ext_id < 15 ? level_ext_id : 0);
     uint32_t hsize = 16;
     while (hsize < 2u * (uint32_t)n_cons)
         hsize <<= 1;
@@ -653,7 +677,7 @@ int lg_run_step(lg_t *g, const lg_params *prm, lg_result *res, lg_sub_result *su
 {
     if (!(prm->rate >= 0 && prm->rate <= 100000) || prm->warmup_ns < 0 || prm->duration_ns <= 0 ||
         prm->drain_ns < 0 || prm->duration_ns > 3600LL * 1000000000LL || prm->payload_size < 0 ||
-        prm->payload_size > MAX_PKT - GEN_HDR - SRTP_MAX_TRAILER) {
+        prm->payload_size > MAX_PKT - GEN_HDR - SRTP_MAX_TRAILER || prm->speakers < 0 || prm->room_size < 0) {
         snprintf(err, (size_t)errlen, "invalid step parameters");
         return -1;
     }

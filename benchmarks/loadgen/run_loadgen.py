@@ -64,6 +64,8 @@ class LgParams(ctypes.Structure):
         ("payload_size", ctypes.c_int32),
         ("sink_busy_poll", ctypes.c_int32),
         ("sender_rt", ctypes.c_int32),
+        ("speakers", ctypes.c_int32),
+        ("room_size", ctypes.c_int32),
     ]
 
 
@@ -121,6 +123,7 @@ def _load_loadgen(path: Path) -> ctypes.CDLL:
         vp,
         vp,
         vp,
+        i32,
         i32,
         i32,
         ctypes.c_uint64,
@@ -314,6 +317,8 @@ class LoadGen:
             c_ssrc,
             config["consumer_pt"],
             config["consumer_ext_id"],
+            # Browsers put ssrc-audio-level on every Opus packet; Discord clients do not.
+            0 if self.discord else benchconfig.LEVEL_EXT_ID,
             seed,
             rcvbuf,
             LG_OPEN_FIRST if self.discord else 0,
@@ -377,12 +382,14 @@ class LoadGen:
         cpu: int | None = GEN_CPU,
         busy_poll: bool = True,
         sender_rt: bool = True,
+        speakers: int = 0,
     ) -> StepResult:
         """Run one step: `warmup` s of traffic not counted, `duration` s counted, `drain` s of receive only.
 
-        rate 0 only receives (drains a backlog). The calling thread is pinned to `cpu` for the
-        call (both C threads inherit it) and restored afterwards, so importing this module from
-        pytest does not pin the test run. busy_poll/sender_rt: see lg_params in loadgen.c.
+        rate 0 only receives (drains a backlog). speakers > 0: only the first `speakers` members
+        of each room send (the others are muted and send nothing). The calling thread is pinned
+        to `cpu` for the call (both C threads inherit it) and restored afterwards, so importing
+        this module from pytest does not pin the test run. busy_poll/sender_rt: see lg_params in loadgen.c.
         """
         if self._handle is None:
             raise HarnessError("LoadGen is closed")
@@ -395,6 +402,8 @@ class LoadGen:
             payload_size=payload_size,
             sink_busy_poll=int(busy_poll),
             sender_rt=int(sender_rt),
+            speakers=speakers,
+            room_size=benchconfig.room_size(self.config) if speakers else 0,
         )
         res = LgResult()
         err = ctypes.create_string_buffer(ERRLEN)
@@ -669,6 +678,7 @@ def measure_step(
     sut_cpu: int | None = SUT_CPU,
     busy_poll: bool = True,
     sender_rt: bool = True,
+    speakers: int = 0,
 ) -> tuple[StepResult, dict[str, Any]]:
     """Run one step and add SUT CPU per forwarded packet and kernel socket drops to its metrics.
 
@@ -684,7 +694,7 @@ def measure_step(
     i0 = cpu_state_seconds(sut_cpu) if sut_cpu is not None else (0.0, 0.0)
     t0 = time.monotonic()
     res = gen.run_step(
-        rate, duration, warmup, drain, verify_every, payload_size, gen_cpu, busy_poll, sender_rt
+        rate, duration, warmup, drain, verify_every, payload_size, gen_cpu, busy_poll, sender_rt, speakers
     )
     wall = time.monotonic() - t0
     c1 = sut.cpu_times() if sut else (0.0, 0.0)
@@ -693,7 +703,10 @@ def measure_step(
     m = res.metrics()
     fwd = res.raw["received_total"] - res.raw["rtcp"]  # forwarded RTP the sink saw during the call
     user, system = c1[0] - c0[0], c1[1] - c0[1]
-    m["nominal_fwd_pps"] = round(rate * len(cfg["consumers"]), 1)
+    size = benchconfig.room_size(cfg)
+    talking = min(speakers, size) if speakers > 0 else size
+    m["speakers_per_room"] = talking
+    m["nominal_fwd_pps"] = round(rate * len(cfg["consumers"]) * talking / size, 1)
     if sut is not None:
         m["sut_cpu_util"] = round((user + system) / wall, 3)
         m["cpu_us_per_pkt"] = round((user + system) * 1e6 / fwd, 3) if fwd else None

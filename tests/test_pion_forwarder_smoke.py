@@ -1,0 +1,90 @@
+"""The load benchmark's pion/srtp peer (benchmarks/pion/): built from Debian's Go packages, it
+forwards every packet of a 1 x 3 room with valid SRTP, rewritten for each consumer, and counts
+what it cannot decrypt. Also checks the generator's low-load step (only some members talking).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
+if str(BENCH_DIR) not in sys.path:
+    sys.path.insert(0, str(BENCH_DIR))
+
+import benchconfig  # noqa: E402
+import run as bench_run  # noqa: E402
+from loadgen import native, run_loadgen  # noqa: E402
+
+pytestmark = [pytest.mark.loopback, pytest.mark.timeout(300)]
+
+SUITES = [benchconfig.SUITE_CM, benchconfig.SUITE_GCM]
+_CPUS = sorted(os.sched_getaffinity(0))
+GEN_CPU, SUT_CPU = (_CPUS[0], _CPUS[1]) if len(_CPUS) >= 2 else (None, None)
+
+
+@pytest.fixture(scope="module")
+def pion_bin(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    if shutil.which("go") is None and os.environ.get("CI") != "true":
+        pytest.skip("Go is not installed (scripts/pion_setup.sh installs it)")
+    return bench_run.build_pion(tmp_path_factory.mktemp("pion"))
+
+
+@pytest.fixture(scope="module")
+def libs() -> dict[str, Path]:
+    return native.build_all()
+
+
+@pytest.mark.parametrize("suite", SUITES)
+def test_pion_forwards_every_packet(pion_bin: Path, libs: dict[str, Path], suite: str, tmp_path: Path) -> None:
+    cfg = benchconfig.make_config(1, 3, suite, benchconfig.find_free_base_port(3))
+    with run_loadgen.harness(
+        cfg, [str(pion_bin)], tmp_path / "c.json", gen_cpu=GEN_CPU, sut_cpu=SUT_CPU, lib_path=libs["loadgen"]
+    ) as h:
+        res, metrics = h.step(rate=50, duration=1.0, warmup=0.2, drain=0.3, verify_every=1)
+        # Low load: only member 0 talks, so only the two subscriptions to it carry packets.
+        low, low_m = h.step(rate=50, duration=1.0, warmup=0.2, drain=0.3, verify_every=1, speakers=1)
+
+    for sub in res.subs:
+        assert sub.expected >= 45 and sub.received == sub.expected, sub
+        assert sub.duplicates == 0 and sub.verify_failures == 0, sub
+    raw = res.raw
+    # Every packet's tag verified by libsrtp, with the consumer's SSRC, PT and extension ID.
+    assert raw["verified"] == raw["received_total"] > 0 and raw["verify_failures"] == 0
+    assert metrics["sink_errors"] == {} and metrics["loss"] == 0
+
+    assert low_m["loss"] == 0 and low_m["sink_errors"] == {}
+    for sub in low.subs:
+        assert (sub.expected >= 45) == (sub.sender == 0), sub
+        assert sub.received == sub.expected, sub
+    assert low_m["nominal_fwd_pps"] == pytest.approx(50 * 2)
+
+    final = h.final
+    assert final["ok"] is True
+    assert final["decrypt_failures"] == 0 and final["send_failures"] == 0
+    assert final["forwarded"] == 2 * final["received"] >= raw["received_total"]
+
+
+def test_pion_counts_undecryptable_packets(pion_bin: Path, libs: dict[str, Path], tmp_path: Path) -> None:
+    """The generator keys participant 0 wrongly: its packets fail authentication at the forwarder,
+    are counted, and nothing of them is forwarded; the others pass."""
+    suite = benchconfig.SUITE_GCM
+    cfg = benchconfig.make_config(1, 3, suite, benchconfig.find_free_base_port(3))
+    sut_cfg = {**cfg, "participants": [dict(p) for p in cfg["participants"]]}
+    sut_cfg["participants"][0]["key_up"] = "00" * benchconfig.KEY_LENGTHS[suite]
+    cfg_path = benchconfig.save_config(sut_cfg, tmp_path / "sut.json")
+    with run_loadgen.SutProcess([str(pion_bin), str(cfg_path)], cpu=SUT_CPU) as sut:
+        with run_loadgen.LoadGen(cfg, lib_path=libs["loadgen"]) as gen:
+            res, m = run_loadgen.measure_step(
+                gen, sut, 50, 1.0, 0.2, 0.3, verify_every=1, gen_cpu=GEN_CPU, sut_cpu=SUT_CPU
+            )
+        final = sut.stop()
+    for sub in res.subs:
+        assert (sub.received == 0) == (sub.sender == 0), sub
+    assert final["decrypt_failures"] >= 45
+    assert final["forwarded"] == 2 * (final["received"] - final["decrypt_failures"])
+    assert m["sink_errors"] == {}
