@@ -84,6 +84,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="talking members per room in the low fixed step, the rest muted (10 of 50: 24.5 k fwd pps); "
         "0 skips that step [10]",
     )
+    add(
+        "--rtcp-interval",
+        type=float,
+        default=5.0,
+        help="seconds between a participant's SRTCP receiver reports for each stream it hears "
+        "(libwebrtc's audio interval); 0: no RTCP from the generator, the benchmark's old traffic [5]",
+    )
     add("--fixed-duration", type=float, help="counted seconds of the fixed step [3, quick 2]")
     add("--duration", type=float, help="counted seconds per search step [3, quick 1.5]")
     add("--warmup", type=float, default=0.5, help="uncounted seconds before each window [0.5]")
@@ -172,6 +179,7 @@ class Runner:
             payload_size=a.payload_size,
             busy_poll=not a.sink_sleep,
             speakers=speakers,
+            rtcp_interval=a.rtcp_interval,
         )
         self._backlog = m["loss"] > 0
         line = {"sut": self.sut, "suite": self.suite, "phase": phase, **m}
@@ -382,6 +390,8 @@ METRICS: list[tuple[str, tuple[str, ...]]] = [
     ("sink: tag verify failures (fixed)", ("fixed", "verify_failures")),
     ("SUT decrypt failures (whole run)", ("sut_final", "decrypt_failures")),
     ("SUT send failures (whole run)", ("sut_final", "send_failures")),
+    ("generator RTCP receiver reports sent (fixed)", ("fixed", "rtcp_sent")),
+    ("SUT RTCP packets taken in (whole run)", ("sut_final", "rtcp_received")),
     ("sent packet size, bytes (avg)", ("fixed", "wire_bytes_avg")),
     ("max other load on the SUT core (0-1)", ("max_core_other_util",)),
 ]

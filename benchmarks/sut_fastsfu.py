@@ -156,6 +156,8 @@ async def serve(cfg: dict[str, Any], stop: asyncio.Event, settings: Settings) ->
             "send_failures": stats["drops"]["send_failed"],
             "batches": stats["batches"],
             "drops": {k: v for k, v in stats["drops"].items() if v},
+            # RTCP packets (not compounds) the transports took in: the generator's receiver reports.
+            "rtcp_received": sum(sum(t.rtcp_received.values()) for t in transports),
             "ok": True,
         }
 

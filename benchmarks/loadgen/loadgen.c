@@ -79,6 +79,9 @@ typedef struct {
      * The others are muted, as a paused mediasoup-client producer is: they send nothing. */
     int32_t speakers;
     int32_t room_size;
+    /* SRTCP receiver reports per second per participant (0: none), spread like the RTP; needs
+     * lg_set_rtcp(). A browser sends one per received audio stream every ~5 s. */
+    double rtcp_rate;
 } lg_params;
 
 typedef struct {
@@ -97,6 +100,7 @@ typedef struct {
     uint64_t verified, verify_failures;
     uint64_t rtcp;     /* RTCP from the SUT (RFC 5761 mux): counted, otherwise ignored */
     uint64_t replayed; /* LG_OPEN_FIRST: refused as a replay, so no stamp could be read */
+    uint64_t rtcp_sent; /* receiver reports sent by the generator (whole call) */
     /* timing */
     int64_t window_ns, elapsed_ns;
     int32_t sender_rt_ok, pad;
@@ -119,6 +123,8 @@ typedef struct {
     uint32_t ts;
     uint64_t prng;
     uint64_t sent_window; /* this step */
+    int n_subs, rr_next; /* subscriptions this participant receives, for its receiver reports */
+    uint32_t *sub_ssrc;
 } lg_part;
 
 typedef struct {
@@ -140,7 +146,7 @@ typedef struct lg {
     lg_sub *c;
     int32_t *hash; /* consumer ssrc -> consumer index, open addressing */
     uint32_t hash_mask;
-    srtp_fn protect, unprotect;
+    srtp_fn protect, unprotect, protect_rtcp;
     uint8_t consumer_pt, consumer_ext_id;
     int flags;
     int ep;
@@ -331,6 +337,33 @@ static void send_one(lg_step *st, lg_part *p, uint8_t *buf, int64_t due)
         r->max_send_lag_ns = stamp - due;
 }
 
+/* One RTCP receiver report (RFC 3550 §6.4.2) about one of the streams `p` receives (round robin),
+ * SRTCP-protected with p's upstream session, as a client's receive stream reports to the SFU. */
+static void send_rtcp(lg_step *st, lg_part *p, uint8_t *buf)
+{
+    lg_t *g = st->g;
+    if (!g->protect_rtcp || p->n_subs == 0)
+        return;
+    uint32_t about = p->sub_ssrc[p->rr_next++ % p->n_subs];
+    memset(buf, 0, 32);
+    buf[0] = 0x81; /* V=2, RC=1 */
+    buf[1] = 201;  /* RR */
+    wr16(buf + 2, 7); /* length in 32-bit words minus one */
+    wr32(buf + 4, p->ssrc);
+    wr32(buf + 8, about);
+    /* fraction lost, cumulative lost, highest seq, jitter, LSR, DLSR: all zero (nothing lost) */
+    int len = 32;
+    if (g->protect_rtcp(p->up_ctx, buf, &len) != 0) {
+        st->res.protect_errors++;
+        return;
+    }
+    if (sendto(p->fd, buf, (size_t)len, 0, (struct sockaddr *)&p->dst, sizeof p->dst) != len) {
+        st->res.send_errors++;
+        return;
+    }
+    st->res.rtcp_sent++;
+}
+
 static void *sender_main(void *arg)
 {
     lg_step *st = arg;
@@ -352,13 +385,20 @@ static void *sender_main(void *arg)
         return NULL;
     }
     double step = 1e9 / st->prm.rate / n_active;
-    uint64_t j = 0;
+    uint64_t j = 0, k = 0;
+    /* Receiver reports come from every participant (muted ones receive too), offset by half a
+     * slot so they do not coincide with the RTP sends. */
+    double rstep = st->prm.rtcp_rate > 0 && g->protect_rtcp ? 1e9 / st->prm.rtcp_rate / g->n : 0;
     if (st->prm.sender_rt) {
         struct sched_param sp = {.sched_priority = 1};
         st->res.sender_rt_ok = pthread_setschedparam(pthread_self(), SCHED_FIFO, &sp) == 0;
     }
     for (;;) {
         int64_t due = st->start + (int64_t)((double)j * step);
+        int64_t rdue = rstep > 0 ? st->start + (int64_t)(((double)k + 0.5) * rstep) : INT64_MAX;
+        int rtcp = rdue < due;
+        if (rtcp)
+            due = rdue;
         if (due >= st->t1)
             break;
         int64_t now = now_ns();
@@ -366,6 +406,11 @@ static void *sender_main(void *arg)
             /* Sleep to the 1 ms tick on or after the next due time. */
             int64_t tick = st->start + ((due - st->start + TICK_NS - 1) / TICK_NS) * TICK_NS;
             sleep_until(tick);
+            continue;
+        }
+        if (rtcp) {
+            send_rtcp(st, &g->p[k % (uint64_t)g->n], buf);
+            k++;
             continue;
         }
         send_one(st, &g->p[active[j % (uint64_t)n_active]], buf, due);
@@ -547,6 +592,9 @@ void lg_struct_sizes(int32_t *params, int32_t *result, int32_t *sub)
     *sub = (int32_t)sizeof(lg_sub_result);
 }
 
+/* SRTCP for the receiver reports: srtp_protect_rtcp of the same libsrtp as the RTP. */
+void lg_set_rtcp(lg_t *g, void *protect_rtcp_fn) { g->protect_rtcp = (srtp_fn)protect_rtcp_fn; }
+
 /* A participant's socket, e.g. for Discord IP discovery from Python before the first step. */
 int lg_fd(const lg_t *g, int i) { return g && i >= 0 && i < g->n ? g->p[i].fd : -1; }
 
@@ -555,9 +603,11 @@ void lg_destroy(lg_t *g)
     if (!g)
         return;
     if (g->p)
-        for (int i = 0; i < g->n; i++)
+        for (int i = 0; i < g->n; i++) {
             if (g->p[i].fd >= 0)
                 close(g->p[i].fd);
+            free(g->p[i].sub_ssrc);
+        }
     if (g->ep >= 0)
         close(g->ep);
     free(g->p);
@@ -664,6 +714,19 @@ lg_t *lg_create(int n, const uint16_t *gen_ports, const uint16_t *sut_ports, con
         while (g->hash[h] >= 0)
             h = (h + 1) & g->hash_mask;
         g->hash[h] = c;
+        g->p[s->receiver].n_subs++;
+    }
+    for (int i = 0; i < n; i++) {
+        g->p[i].sub_ssrc = calloc((size_t)g->p[i].n_subs + 1, sizeof *g->p[i].sub_ssrc);
+        if (!g->p[i].sub_ssrc) {
+            snprintf(err, (size_t)errlen, "out of memory");
+            goto fail;
+        }
+        g->p[i].n_subs = 0;
+    }
+    for (int c = 0; c < n_cons; c++) {
+        lg_part *r = &g->p[g->c[c].receiver];
+        r->sub_ssrc[r->n_subs++] = g->c[c].ssrc;
     }
     return g;
 fail:
@@ -677,7 +740,8 @@ int lg_run_step(lg_t *g, const lg_params *prm, lg_result *res, lg_sub_result *su
 {
     if (!(prm->rate >= 0 && prm->rate <= 100000) || prm->warmup_ns < 0 || prm->duration_ns <= 0 ||
         prm->drain_ns < 0 || prm->duration_ns > 3600LL * 1000000000LL || prm->payload_size < 0 ||
-        prm->payload_size > MAX_PKT - GEN_HDR - SRTP_MAX_TRAILER || prm->speakers < 0 || prm->room_size < 0) {
+        prm->payload_size > MAX_PKT - GEN_HDR - SRTP_MAX_TRAILER || prm->speakers < 0 || prm->room_size < 0 ||
+        !(prm->rtcp_rate >= 0 && prm->rtcp_rate <= 10000)) {
         snprintf(err, (size_t)errlen, "invalid step parameters");
         return -1;
     }

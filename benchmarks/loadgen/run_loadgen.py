@@ -66,6 +66,7 @@ class LgParams(ctypes.Structure):
         ("sender_rt", ctypes.c_int32),
         ("speakers", ctypes.c_int32),
         ("room_size", ctypes.c_int32),
+        ("rtcp_rate", ctypes.c_double),
     ]
 
 
@@ -84,7 +85,7 @@ class LgResult(ctypes.Structure):
         *[(n, _U64) for n in ("received_total", "out_of_window", "rx_batches")],
         *[(n, _U64) for n in ("bad_packets", "unknown_ssrc", "misrouted", "pt_mismatch")],
         *[(n, _U64) for n in ("no_stamp", "ext_not_rewritten")],
-        *[(n, _U64) for n in ("verified", "verify_failures", "rtcp", "replayed")],
+        *[(n, _U64) for n in ("verified", "verify_failures", "rtcp", "replayed", "rtcp_sent")],
         *[(n, _I64) for n in ("window_ns", "elapsed_ns")],
         ("sender_rt_ok", ctypes.c_int32),
         ("pad", ctypes.c_int32),
@@ -132,6 +133,8 @@ def _load_loadgen(path: Path) -> ctypes.CDLL:
         ctypes.c_char_p,
         i32,
     ]
+    lib.lg_set_rtcp.restype = None
+    lib.lg_set_rtcp.argtypes = [vp, vp]
     lib.lg_fd.restype = i32
     lib.lg_fd.argtypes = [vp, i32]
     lib.lg_run_step.restype = i32
@@ -226,6 +229,7 @@ class StepResult:
             "verify_failures": r["verify_failures"],
             "received_total": r["received_total"],
             "rtcp_packets": r["rtcp"],
+            "rtcp_sent": r["rtcp_sent"],
             "out_of_window": r["out_of_window"],
             "wire_bytes_min": r["wire_min"],
             "wire_bytes_max": r["wire_max"],
@@ -328,6 +332,8 @@ class LoadGen:
         if not handle:
             raise HarnessError(f"load generator setup failed: {err.value.decode()}")
         self._handle: int | None = handle
+        if not self.discord:
+            self._lib.lg_set_rtcp(handle, native.srtp_function("srtp_protect_rtcp"))
         self._subs = (LgSubResult * nc)()
         if self.discord:
             try:
@@ -383,13 +389,17 @@ class LoadGen:
         busy_poll: bool = True,
         sender_rt: bool = True,
         speakers: int = 0,
+        rtcp_interval: float = 0.0,
     ) -> StepResult:
         """Run one step: `warmup` s of traffic not counted, `duration` s counted, `drain` s of receive only.
 
         rate 0 only receives (drains a backlog). speakers > 0: only the first `speakers` members
-        of each room send (the others are muted and send nothing). The calling thread is pinned
-        to `cpu` for the call (both C threads inherit it) and restored afterwards, so importing
-        this module from pytest does not pin the test run. busy_poll/sender_rt: see lg_params in loadgen.c.
+        of each room send (the others are muted and send nothing). rtcp_interval > 0: every
+        participant sends an SRTCP receiver report per received talking stream every
+        `rtcp_interval` s (SRTP suites only; 5 s is libwebrtc's audio report interval).
+        The calling thread is pinned to `cpu` for the call (both C threads inherit it) and
+        restored afterwards, so importing this module from pytest does not pin the test run.
+        busy_poll/sender_rt: see lg_params in loadgen.c.
         """
         if self._handle is None:
             raise HarnessError("LoadGen is closed")
@@ -404,6 +414,7 @@ class LoadGen:
             sender_rt=int(sender_rt),
             speakers=speakers,
             room_size=benchconfig.room_size(self.config) if speakers else 0,
+            rtcp_rate=self._rtcp_rate(speakers, rtcp_interval),
         )
         res = LgResult()
         err = ctypes.create_string_buffer(ERRLEN)
@@ -433,6 +444,15 @@ class LoadGen:
             for c, s in zip(self.config["consumers"], self._subs, strict=False)
         ]
         return StepResult(rate=rate, duration_s=duration, raw=raw, subs=subs)
+
+    def _rtcp_rate(self, speakers: int, interval: float) -> float:
+        """Receiver reports per second per participant: one per received talking stream per interval."""
+        if interval <= 0 or self.discord:
+            return 0.0
+        size = benchconfig.room_size(self.config)
+        talking = min(speakers, size) if speakers > 0 else size
+        # A talking member hears the others; a muted one hears all talkers (0 < talking <= size).
+        return max(1, min(talking, size - 1)) / interval
 
     def close(self) -> None:
         if self._handle is not None:
@@ -679,6 +699,7 @@ def measure_step(
     busy_poll: bool = True,
     sender_rt: bool = True,
     speakers: int = 0,
+    rtcp_interval: float = 0.0,
 ) -> tuple[StepResult, dict[str, Any]]:
     """Run one step and add SUT CPU per forwarded packet and kernel socket drops to its metrics.
 
@@ -694,7 +715,17 @@ def measure_step(
     i0 = cpu_state_seconds(sut_cpu) if sut_cpu is not None else (0.0, 0.0)
     t0 = time.monotonic()
     res = gen.run_step(
-        rate, duration, warmup, drain, verify_every, payload_size, gen_cpu, busy_poll, sender_rt, speakers
+        rate,
+        duration,
+        warmup,
+        drain,
+        verify_every,
+        payload_size,
+        gen_cpu,
+        busy_poll,
+        sender_rt,
+        speakers,
+        rtcp_interval,
     )
     wall = time.monotonic() - t0
     c1 = sut.cpu_times() if sut else (0.0, 0.0)

@@ -6,7 +6,9 @@
 // type are the participant's, decrypt it once (SRTP, RFC 3711 §3.3; AEAD GCM, RFC 7714), then for
 // every other member of the room copy it, set the consumer's SSRC and payload type, move the
 // one-byte header extension (RFC 8285 §4.2) from the publisher's ID to the consumer's, encrypt it
-// with the receiver's outbound context and send it from the receiver's socket.
+// with the receiver's outbound context and send it from the receiver's socket. RTCP from a
+// participant (RFC 5761 mux) is authenticated and decrypted (SRTCP, RFC 3711 §3.4) and counted,
+// never forwarded.
 //
 // Go style, as LiveKit does it: one goroutine reads each socket and fans out; the receiver's
 // outbound context is shared by the goroutines of every sender, so a mutex guards it. Sends are
@@ -29,6 +31,7 @@ import (
 	"sync/atomic"
 	"syscall"
 
+	"github.com/pion/rtcp"
 	"github.com/pion/rtp"
 	"github.com/pion/srtp/v2"
 )
@@ -91,6 +94,8 @@ type counters struct {
 	DroppedMalformed uint64 `json:"dropped_malformed"`
 	DroppedSSRC      uint64 `json:"dropped_ssrc"`
 	DroppedPT        uint64 `json:"dropped_pt"`
+	RTCPReceived     uint64 `json:"rtcp_received"`
+	RTCPFailures     uint64 `json:"rtcp_failures"`
 	OK               bool   `json:"ok"`
 }
 
@@ -222,6 +227,7 @@ func (f *forwarder) serve(s *participant, wg *sync.WaitGroup) {
 	work := make([]byte, maxPacket)
 	enc := make([]byte, maxPacket+64)
 	var hdrIn, hdrOut rtp.Header
+	var hdrRTCP rtcp.Header
 	var offs [maxExtHits]int
 	ptOut, extOut := f.cfg.ConsumerPT&0x7f, f.cfg.ConsumerExtID
 	for {
@@ -236,6 +242,14 @@ func (f *forwarder) serve(s *participant, wg *sync.WaitGroup) {
 		b := in[:n]
 		if n < rtpHeader || b[0]&0xC0 != 0x80 {
 			atomic.AddUint64(&f.c.DroppedMalformed, 1)
+			continue
+		}
+		if b[1] >= 192 && b[1] <= 223 { // RTCP (RFC 5761 §4)
+			if _, err := s.up.DecryptRTCP(plain, b, &hdrRTCP); err != nil {
+				atomic.AddUint64(&f.c.RTCPFailures, 1)
+			} else {
+				atomic.AddUint64(&f.c.RTCPReceived, 1)
+			}
 			continue
 		}
 		if uint32(b[8])<<24|uint32(b[9])<<16|uint32(b[10])<<8|uint32(b[11]) != s.cfg.SSRC {
@@ -340,6 +354,8 @@ func run() int {
 		DroppedMalformed: atomic.LoadUint64(&f.c.DroppedMalformed),
 		DroppedSSRC:      atomic.LoadUint64(&f.c.DroppedSSRC),
 		DroppedPT:        atomic.LoadUint64(&f.c.DroppedPT),
+		RTCPReceived:     atomic.LoadUint64(&f.c.RTCPReceived),
+		RTCPFailures:     atomic.LoadUint64(&f.c.RTCPFailures),
 		OK:               true,
 	}
 	out, _ := json.Marshal(c)
