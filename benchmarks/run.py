@@ -91,7 +91,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="seconds between a participant's SRTCP receiver reports for each stream it hears "
         "(libwebrtc's audio interval); 0: no RTCP from the generator, the benchmark's old traffic [5]",
     )
-    add("--fixed-duration", type=float, help="counted seconds of the fixed step [3, quick 2]")
+    add("--fixed-duration", type=float, help="counted seconds of each fixed step [3, quick 1.5]")
     add("--duration", type=float, help="counted seconds per search step [3, quick 1.5]")
     add("--warmup", type=float, default=0.5, help="uncounted seconds before each window [0.5]")
     add("--drain", type=float, default=0.3, help="receive-only seconds after each window [0.3]")
@@ -123,7 +123,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = ap.parse_args(argv)
     q = args.quick
     for name, full, quick in (
-        ("fixed_duration", 3.0, 2.0),
+        ("fixed_duration", 3.0, 1.5),
         ("duration", 3.0, 1.5),
         ("step_factor", 1.10, 1.25),
         ("max_steps", 25, 5),
@@ -231,11 +231,15 @@ class Runner:
         return {"good": good, "first_loss_rate": bad_rate}
 
     def fixed(self, phase: str = "fixed", speakers: int = 0) -> dict[str, Any]:
-        """A fixed step, `fixed_repeat` times: the one with the median CPU per packet stands for all."""
+        """One run of a fixed step (run_suite interleaves them across the systems)."""
         a = self.args
-        runs = [self.step(phase, a.fixed_rate, a.fixed_duration, speakers) for _ in range(a.fixed_repeat)]
+        return self.step(phase, a.fixed_rate, a.fixed_duration, speakers)
+
+    def pick_fixed(self, phase: str) -> dict[str, Any] | None:
+        """Of the runs of a fixed step, the one with the median CPU per packet stands for all."""
+        runs = [s for s in self.steps if s["phase"] == phase]
         ranked = sorted(runs, key=lambda m: m.get("cpu_us_per_pkt") or math.inf)
-        return ranked[(len(ranked) - 1) // 2]
+        return ranked[(len(ranked) - 1) // 2] if ranked else None
 
     def _fixed_repeats(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -247,11 +251,9 @@ class Runner:
         return out
 
     def run(self) -> dict[str, Any]:
+        """The step search and the half-load step, after the fixed steps; returns the result."""
         a = self.args
-        # Low load first (a few members talking, the rest muted), then every member talking.
-        low = self.fixed("fixed_low", a.low_speakers) if a.low_speakers > 0 else None
-        fixed = self.fixed()
-        base: dict[str, Any] = {"fixed": fixed, "fixed_low": low}
+        base: dict[str, Any] = {"fixed": self.pick_fixed("fixed"), "fixed_low": self.pick_fixed("fixed_low")}
         if self.fixed_only:
             return {**base, "fixed_only": True, **self._fixed_repeats(), "steps": self.steps}
         searches = [self.search() for _ in range(a.repeat)]
@@ -330,30 +332,81 @@ def build_pion(build_dir: Path) -> Path:
     return out
 
 
-def run_sut(
-    sut: str, suite: str, cfg: dict[str, Any], cfg_path: Path, args: argparse.Namespace, libs: dict[str, Path]
-) -> dict[str, Any]:
-    log(f"starting {sut} ({suite}, {args.rooms} x {args.size})")
-    t0 = time.monotonic()
-    with run_loadgen.harness(
-        cfg,
-        sut_argv(sut, args, libs),
-        cfg_path,
-        gen_cpu=args.gen_cpu,
-        sut_cpu=args.sut_cpu,
-        lib_path=libs["loadgen"],
-    ) as h:
-        result = Runner(args, sut, suite, h).run()
-    result["sut_final"] = h.final
-    # Throughput per core (performance.md: one core's worth of CPU time) = 1e6 / CPU us per fwd packet.
-    for phase in ("fixed", "fixed_low", "half"):
-        cpu = _get(result, phase, "cpu_us_per_pkt")
-        result[f"{phase}_pps_per_core"] = round(1e6 / cpu) if cpu else None
-    result["wall_s"] = round(time.monotonic() - t0, 1)
-    log(f"{sut} done in {result['wall_s']} s; final counters {h.final}")
-    if not h.final:
-        raise run_loadgen.HarnessError(f"{sut} printed no final JSON line")
-    return result
+HARNESS_ERRORS = (run_loadgen.HarnessError, OSError, ValueError)
+
+
+def fixed_phases(args: argparse.Namespace, suite: str) -> list[tuple[str, int]]:
+    """(phase, talking members per room): the low load (a few talking, the rest muted), then all.
+    Quick Discord runs skip the low step: the peer table, which shows it, is SRTP only."""
+    low = args.low_speakers > 0 and not (args.quick and benchconfig.is_discord(suite))
+    return [("fixed_low", args.low_speakers)] * low + [("fixed", 0)]
+
+
+def run_suite(
+    suite: str, suts: list[str], args: argparse.Namespace, libs: dict[str, Path]
+) -> dict[str, dict[str, Any]]:
+    """Every system of one suite, all started at once (each on its own ports, pinned to the SUT core):
+    the fixed steps interleave the systems round by round, so a noisy moment on the shared machine
+    hits them alike; then each system's step search runs in turn."""
+    n = args.rooms * args.size
+    results: dict[str, dict[str, Any]] = {}
+    runners: dict[str, Runner] = {}
+    harnesses: dict[str, run_loadgen.Harness] = {}
+    started: dict[str, float] = {}
+    with contextlib.ExitStack() as stack:
+        for sut in suts:
+            log(f"starting {sut} ({suite}, {args.rooms} x {args.size})")
+            try:
+                # Fresh ports for each SUT (the others hold theirs).
+                cfg = benchconfig.make_config(
+                    args.rooms, args.size, suite, benchconfig.find_free_base_port(n)
+                )
+                h = stack.enter_context(
+                    run_loadgen.harness(
+                        cfg,
+                        sut_argv(sut, args, libs),
+                        args.build_dir / f"config-{sut}-{suite}.json",
+                        gen_cpu=args.gen_cpu,
+                        sut_cpu=args.sut_cpu,
+                        lib_path=libs["loadgen"],
+                    )
+                )
+            except (*HARNESS_ERRORS, RuntimeError) as exc:
+                log(f"{sut} ({suite}) failed to start: {exc}")
+                results[sut] = {"error": str(exc)}
+                continue
+            harnesses[sut] = h
+            runners[sut] = Runner(args, sut, suite, h)
+            started[sut] = time.monotonic()
+        for _ in range(args.fixed_repeat):
+            for phase, speakers in fixed_phases(args, suite):
+                for sut, runner in list(runners.items()):
+                    try:
+                        runner.fixed(phase, speakers)
+                    except HARNESS_ERRORS as exc:
+                        log(f"{sut} ({suite}) failed: {exc}")
+                        results[sut] = {"error": str(exc)}
+                        del runners[sut]
+        for sut, runner in list(runners.items()):
+            try:
+                results[sut] = runner.run()
+            except HARNESS_ERRORS as exc:
+                log(f"{sut} ({suite}) failed: {exc}")
+                results[sut] = {"error": str(exc)}
+                del runners[sut]
+    # The harnesses have stopped their SUTs: each printed its final counters.
+    for sut in runners:
+        result, h = results[sut], harnesses[sut]
+        result["sut_final"] = h.final
+        # Throughput per core (performance.md: one core's worth of CPU time) = 1e6 / CPU us per fwd packet.
+        for phase in ("fixed", "fixed_low", "half"):
+            cpu = _get(result, phase, "cpu_us_per_pkt")
+            result[f"{phase}_pps_per_core"] = round(1e6 / cpu) if cpu else None
+        result["wall_s"] = round(time.monotonic() - started[sut], 1)
+        log(f"{sut} done; final counters {h.final}")
+        if not h.final:
+            results[sut] = {"error": f"{sut} printed no final JSON line", **result}
+    return results
 
 
 # ---- report ----
@@ -680,7 +733,6 @@ def main(argv: list[str] | None = None) -> int:
             # CI installs the toolchain first (scripts/test.sh): a missing peer there is a failure.
             failed = os.environ.get("CI") == "true"
 
-    n = args.rooms * args.size
     scenario = f"scenario A: {args.rooms} x {args.size} all talking, payload {args.payload}"
     summary: dict[str, Any] = {
         "machine": machine_info(),
@@ -694,22 +746,15 @@ def main(argv: list[str] | None = None) -> int:
     }
     t0 = time.monotonic()
     for suite in args.suites:
-        summary["results"][suite] = {}
+        per_sut: dict[str, Any] = {}
         for sut in suts:
             if sut in SRTP_ONLY and benchconfig.is_discord(suite):
                 log(f"{suite}: {sut}: {NO_DISCORD}")
-                summary["results"][suite][sut] = {"skipped": NO_DISCORD}
-                continue
-            # Fresh ports for each SUT: the previous one may still be releasing its sockets.
-            cfg = benchconfig.make_config(args.rooms, args.size, suite, benchconfig.find_free_base_port(n))
-            cfg_path = args.build_dir / f"config-{sut}-{suite}.json"
-            try:
-                result = run_sut(sut, suite, cfg, cfg_path, args, libs)
-            except (run_loadgen.HarnessError, OSError, ValueError) as exc:
-                log(f"{sut} ({suite}) failed: {exc}")
-                result = {"error": str(exc)}
-                failed = True
-            summary["results"][suite][sut] = result
+                per_sut[sut] = {"skipped": NO_DISCORD}
+        per_sut.update(run_suite(suite, [s for s in suts if s not in per_sut], args, libs))
+        failed = failed or any("error" in r for r in per_sut.values())
+        # Report in the usual order, whatever order the systems finished in.
+        summary["results"][suite] = {s: per_sut[s] for s in suts if s in per_sut}
     summary["wall_s"] = round(time.monotonic() - t0, 1)
     table = report(summary)
     print(table, flush=True)
