@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
+import struct
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -130,3 +133,32 @@ def test_pion_counts_undecryptable_packets(pion_bin: Path, libs: dict[str, Path]
     assert final["decrypt_failures"] >= 45
     assert final["forwarded"] == 2 * (final["received"] - final["decrypt_failures"])
     assert m["sink_errors"] == {}
+
+
+def test_cpu_per_packet_ignores_packets_left_from_an_earlier_step(
+    libs: dict[str, Path], tmp_path: Path
+) -> None:
+    """Forwarded packets an earlier step left in the sink's sockets (read only now) are not
+    counted as this step's forwarded packets, which would make CPU per packet too low."""
+    suite = benchconfig.SUITE_GCM
+    cfg = benchconfig.make_config(1, 3, suite, benchconfig.find_free_base_port(3))
+    argv = sut_argv("baseline", libs, Path("/nonexistent"))
+    stale = 100
+    with run_loadgen.harness(
+        cfg, argv, tmp_path / "c.json", gen_cpu=GEN_CPU, sut_cpu=SUT_CPU, lib_path=libs["loadgen"]
+    ) as h:
+        # What the SUT would have forwarded to participant 1 a minute ago: consumer SSRC and PT,
+        # the stamp at the consumer's extension ID.
+        sub = next(c for c in cfg["consumers"] if c["receiver"] == 1)
+        old = time.clock_gettime_ns(time.CLOCK_MONOTONIC) - 60 * 10**9
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            for i in range(stale):
+                ext = bytes([cfg["consumer_ext_id"] << 4 | 7]) + struct.pack("!Q", old) + b"\0\0\0"
+                hdr = struct.pack("!BBHII", 0x90, cfg["consumer_pt"], 30000 + i, 0, sub["ssrc"])
+                s.sendto(
+                    hdr + b"\xbe\xde\x00\x03" + ext + bytes(80),
+                    ("127.0.0.1", cfg["participants"][1]["gen_port"]),
+                )
+        res, m = h.step(rate=50, duration=0.5, warmup=0.2, drain=0.3, verify_every=0)
+    assert m["stale_packets"] == stale
+    assert res.raw["received_call"] == res.raw["received_total"] - res.raw["rtcp"] - stale > 0

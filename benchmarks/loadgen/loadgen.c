@@ -101,6 +101,9 @@ typedef struct {
     uint64_t rtcp;     /* RTCP from the SUT (RFC 5761 mux): counted, otherwise ignored */
     uint64_t replayed; /* LG_OPEN_FIRST: refused as a replay, so no stamp could be read */
     uint64_t rtcp_sent; /* receiver reports sent by the generator (whole call) */
+    /* forwarded RTP stamped during this call (warm-up included): excludes packets left in the
+     * sink's sockets by an earlier step, e.g. a backlog the SUT forwarded after that step ended */
+    uint64_t received_call;
     /* timing */
     int64_t window_ns, elapsed_ns;
     int32_t sender_rt_ok, pad;
@@ -498,6 +501,8 @@ static void sink_packet(lg_step *st, int rcv, uint8_t *b, int len, int64_t now)
     }
     int64_t stamp = (int64_t)rd64(v);
     int kind = seq_track(s, rd16(b + 2));
+    if (stamp >= st->start)
+        r->received_call++;
     if (stamp >= st->t0 && stamp < st->t1) {
         if (kind == SEQ_DUP) {
             r->duplicates++;

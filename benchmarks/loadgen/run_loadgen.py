@@ -85,7 +85,8 @@ class LgResult(ctypes.Structure):
         *[(n, _U64) for n in ("received_total", "out_of_window", "rx_batches")],
         *[(n, _U64) for n in ("bad_packets", "unknown_ssrc", "misrouted", "pt_mismatch")],
         *[(n, _U64) for n in ("no_stamp", "ext_not_rewritten")],
-        *[(n, _U64) for n in ("verified", "verify_failures", "rtcp", "replayed", "rtcp_sent")],
+        *[(n, _U64) for n in ("verified", "verify_failures", "rtcp", "replayed")],
+        *[(n, _U64) for n in ("rtcp_sent", "received_call")],
         *[(n, _I64) for n in ("window_ns", "elapsed_ns")],
         ("sender_rt_ok", ctypes.c_int32),
         ("pad", ctypes.c_int32),
@@ -732,7 +733,10 @@ def measure_step(
     i1 = cpu_state_seconds(sut_cpu) if sut_cpu is not None else (0.0, 0.0)
     d1 = udp_sockets()
     m = res.metrics()
-    fwd = res.raw["received_total"] - res.raw["rtcp"]  # forwarded RTP the sink saw during the call
+    # Forwarded RTP of this call's own sends: what an earlier step left in the sink's sockets (a
+    # backlog the SUT forwarded after that step, read only now) would make CPU per packet too low.
+    fwd = res.raw["received_call"]
+    m["stale_packets"] = res.raw["received_total"] - res.raw["rtcp"] - fwd
     user, system = c1[0] - c0[0], c1[1] - c0[1]
     size = benchconfig.room_size(cfg)
     talking = min(speakers, size) if speakers > 0 else size
