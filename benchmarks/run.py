@@ -537,6 +537,15 @@ PEER_LABELS = {
 }
 
 
+def round_ratios(res: dict[str, Any] | None, base: dict[str, Any] | None, phase: str) -> list[float]:
+    """CPU per packet over the baseline's in each round of a fixed step (rounds interleave the systems)."""
+    if not res or not base:
+        return []
+    mine = [s.get("cpu_us_per_pkt") for s in res.get("steps", []) if s["phase"] == phase]
+    theirs = [s.get("cpu_us_per_pkt") for s in base.get("steps", []) if s["phase"] == phase]
+    return [m / t for m, t in zip(mine, theirs, strict=False) if m and t]
+
+
 def peers_report(summary: dict[str, Any]) -> list[str]:
     """One table per SRTP suite: every system at both fixed loads, with ratios to the C baseline."""
     lines: list[str] = []
@@ -570,16 +579,26 @@ def peers_report(summary: dict[str, Any]) -> list[str]:
             for phase, _ in loads:
                 cpu, b = _get(res, phase, "cpu_us_per_pkt"), _get(base, phase, "cpu_us_per_pkt")
                 loss, p99 = _get(res, phase, "loss"), _get(res, phase, "p99_us")
-                cells.append(f"{_fmt(cpu)} | {_ratio(cpu, b)} | {_fmt(loss)} | {_fmt(p99)}")
+                rounds = round_ratios(res, base, phase)
+                spread = f" ({min(rounds):.2f}–{max(rounds):.2f})" if len(rounds) > 1 else ""
+                cells.append(f"{_fmt(cpu)} | {_ratio(cpu, b)}{spread} | {_fmt(loss)} | {_fmt(p99)}")
                 ratio = cpu / b if cpu and b else None
-                row[phase] = {"cpu_us_per_pkt": cpu, "ratio": ratio, "loss": loss, "p99_us": p99}
+                row[phase] = {
+                    "cpu_us_per_pkt": cpu,
+                    "ratio": ratio,
+                    "round_ratios": rounds,
+                    "loss": loss,
+                    "p99_us": p99,
+                }
             rows[sut] = row
             lines.append(f"| {PEER_LABELS.get(sut, sut)} | {' | '.join(cells)} |")
         out[suite] = rows
         lines += [
             "",
-            "CPU us/pkt: the SUT process's user + sys time per forwarded packet; ratio: to the C baseline "
-            "of the same run. The low load has the first members of the room talking, the rest muted.",
+            "CPU us/pkt: the SUT process's user + sys time per forwarded packet (with --fixed-repeat, "
+            "the run with the median CPU); ratio: to the C baseline of the same run, and in brackets the "
+            "range of the per-round ratios (each round runs every system once, back to back). The low "
+            "load has the first members of the room talking, the rest muted.",
             "",
         ]
     summary["peers"] = out
