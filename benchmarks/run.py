@@ -14,6 +14,7 @@ import json
 import math
 import os
 import platform
+import random
 import signal
 import statistics
 import subprocess
@@ -333,6 +334,7 @@ def build_pion(build_dir: Path) -> Path:
 
 
 HARNESS_ERRORS = (run_loadgen.HarnessError, OSError, ValueError)
+START_ATTEMPTS = 2
 
 
 def fixed_phases(args: argparse.Namespace, suite: str) -> list[tuple[str, int]]:
@@ -356,25 +358,32 @@ def run_suite(
     with contextlib.ExitStack() as stack:
         for sut in suts:
             log(f"starting {sut} ({suite}, {args.rooms} x {args.size})")
-            try:
-                # Fresh ports for each SUT (the others hold theirs).
-                cfg = benchconfig.make_config(
-                    args.rooms, args.size, suite, benchconfig.find_free_base_port(n)
-                )
-                h = stack.enter_context(
-                    run_loadgen.harness(
-                        cfg,
-                        sut_argv(sut, args, libs),
-                        args.build_dir / f"config-{sut}-{suite}.json",
-                        gen_cpu=args.gen_cpu,
-                        sut_cpu=args.sut_cpu,
-                        lib_path=libs["loadgen"],
+            h = None
+            for attempt in range(START_ATTEMPTS):
+                try:
+                    # Fresh ports for each SUT (the others hold theirs). Other programs on the
+                    # machine may bind a port between the check and the SUT's bind: then retry
+                    # elsewhere in the range.
+                    start = 20000 if attempt == 0 else random.randrange(20000, 30000, 500)
+                    base_port = benchconfig.find_free_base_port(n, start=start)
+                    cfg = benchconfig.make_config(args.rooms, args.size, suite, base_port)
+                    h = stack.enter_context(
+                        run_loadgen.harness(
+                            cfg,
+                            sut_argv(sut, args, libs),
+                            args.build_dir / f"config-{sut}-{suite}.json",
+                            gen_cpu=args.gen_cpu,
+                            sut_cpu=args.sut_cpu,
+                            lib_path=libs["loadgen"],
+                        )
                     )
-                )
-            except (*HARNESS_ERRORS, RuntimeError) as exc:
-                log(f"{sut} ({suite}) failed to start: {exc}")
-                results[sut] = {"error": str(exc)}
+                    break
+                except (*HARNESS_ERRORS, RuntimeError) as exc:
+                    log(f"{sut} ({suite}) failed to start (attempt {attempt + 1}): {exc}")
+                    results[sut] = {"error": str(exc)}
+            if h is None:
                 continue
+            results.pop(sut, None)
             harnesses[sut] = h
             runners[sut] = Runner(args, sut, suite, h)
             started[sut] = time.monotonic()
