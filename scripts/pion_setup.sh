@@ -23,11 +23,18 @@ if ! have_all; then
         exit 0
     fi
     echo "pion_setup: installing ${PKGS[*]} (apt-get)"
-    # Update the package lists once, only if the packages are not known yet.
+    # Update the package lists once: first if the packages are not known yet, else only if the
+    # install fails (stale lists point at versions the mirror no longer has).
+    updated=0
     if ! apt-cache show "${PKGS[@]}" >/dev/null 2>&1; then
         apt-get update -qq
+        updated=1
     fi
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${PKGS[@]}" >/dev/null
+    if ! DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${PKGS[@]}" >/dev/null; then
+        [ "$updated" = 1 ] && exit 1
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${PKGS[@]}" >/dev/null
+    fi
     have_all || { echo "pion_setup: packages installed but Go or pion still missing" >&2; exit 1; }
 fi
 
