@@ -630,26 +630,37 @@ def report(summary: dict[str, Any]) -> str:
             lines += _notes(per_sut)
             lines.append("")
             continue
+        # The peers (pion, fastsfu_sized) get their own columns when they ran.
+        extra = [s for s in ("pion", "fastsfu_sized") if per_sut.get(s)]
+        extra_head = "".join(f" {PEER_LABELS[s]} | ratio |" for s in extra)
         lines += [
             f"### {suite}, {summary['scenario']}",
             "",
-            "| metric | baseline | fastsfu | ratio | fastsfu, no 20 ms limit | ratio |",
-            "|---|---|---|---|---|---|",
+            f"| metric | baseline | fastsfu | ratio | fastsfu, no 20 ms limit | ratio |{extra_head}",
+            "|---|---|---|---|---|---|" + "---|---|" * len(extra),
         ]
         ratios: dict[str, float | None] = {}
         ratios_nolimit: dict[str, float | None] = {}
+        ratios_extra: dict[str, dict[str, float | None]] = {s: {} for s in extra}
         for label, path in METRICS:
             b, f, u = _get(base, *path), _get(fast, *path), _get(nolimit, *path)
             ratio = f / b if b and f is not None else None
             ratio_u = u / b if b and u is not None else None
             ratios[label] = ratio
             ratios_nolimit[label] = ratio_u
+            cells = ""
+            for s in extra:
+                v = _get(per_sut.get(s), *path)
+                ratios_extra[s][label] = v / b if b and v is not None else None
+                cells += f" {_fmt(v)} | {_ratio(v, b)} |"
             lines.append(
                 f"| {label} | {_fmt(b)} | {_fmt(f)} | {'-' if ratio is None else f'{ratio:.2f}'} "
-                f"| {_fmt(u)} | {'-' if ratio_u is None else f'{ratio_u:.2f}'} |"
+                f"| {_fmt(u)} | {'-' if ratio_u is None else f'{ratio_u:.2f}'} |{cells}"
             )
         summary["ratios"][suite] = ratios
         summary.setdefault("ratios_nolimit", {})[suite] = ratios_nolimit
+        for s in extra:
+            summary.setdefault(f"ratios_{s}", {})[suite] = ratios_extra[s]
         p50b, p50f = _get(base, "fixed", "p50_us"), _get(fast, "fixed", "p50_us")
         if p50b is not None and p50f is not None:
             summary["p50_diff_us"][suite] = p50f - p50b
