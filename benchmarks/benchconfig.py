@@ -41,6 +41,9 @@ DISCORD_PT = 120  # what Discord clients send and accept, both ways (discord-gat
 PUBLISHER_EXT_ID = 3
 CONSUMER_PT = 100
 CONSUMER_EXT_ID = 7
+# ssrc-audio-level (RFC 6464) as browsers send it on every Opus packet, at the ID a
+# mediasoup-client producer gets from fastsfu's router capabilities (ortc.py); kept on forwarding.
+LEVEL_EXT_ID = 10
 # Participant SSRCs are 1001, 1002, ...; consumer SSRCs start above 0x10000000 so the two never collide.
 PARTICIPANT_SSRC_BASE = 1000
 CONSUMER_SSRC_BASE = 0x10000000
@@ -152,6 +155,11 @@ def make_config(rooms: int, size: int, suite: str, base_port: int, seed: int = 1
                     ssrc = CONSUMER_SSRC_BASE + len(cfg.consumers) + 1
                     cfg.consumers.append(Consumer(receiver=receiver, sender=sender, ssrc=ssrc))
     return cfg.to_dict()
+
+
+def room_size(cfg: dict[str, Any]) -> int:
+    """Participants per room (make_config builds rooms of equal size)."""
+    return sum(1 for p in cfg["participants"] if p["room"] == cfg["participants"][0]["room"])
 
 
 def validate_config(cfg: dict[str, Any]) -> dict[str, Any]:

@@ -1,6 +1,7 @@
-"""Loopback load benchmark: each SUT (bare C baseline, fastsfu) on core 1, native generator/sink on core 0.
+"""Loopback load benchmark: each SUT (bare C baseline, fastsfu, a pion/srtp Go forwarder) on core 1,
+native generator/sink on core 0.
 
-Prints one JSON line per step, then a markdown table of fastsfu/baseline ratios (performance.md §6).
+Prints one JSON line per step, then markdown tables of ratios to the C baseline (performance.md §6).
 Discord suites (`--suite discord`) run fastsfu's Discord UDP transport and compare it with fastsfu's
 SRTP AEAD_AES_128_GCM case of the same run; the C baseline has no Discord mode and skips them.
 """
@@ -13,6 +14,7 @@ import json
 import math
 import os
 import platform
+import random
 import signal
 import statistics
 import subprocess
@@ -28,16 +30,23 @@ if str(BENCH_DIR) not in sys.path:
 import benchconfig  # noqa: E402
 from loadgen import native, run_loadgen  # noqa: E402
 
-# fastsfu_nolimit: fastsfu with its RTP queue-age drop disabled, i.e. with the baseline's
-# queueing semantics (unbounded socket queues); its zero-loss rate is the like-for-like ratio.
-SUTS = ("baseline", "fastsfu", "fastsfu_nolimit")
+# fastsfu runs with Settings() defaults, as a user runs it. fastsfu_nolimit: the same with its
+# 20 ms queue-age drop disabled, i.e. with the baseline's queueing semantics (unbounded socket
+# queues); its zero-loss rate is the like-for-like ratio. pion: a Go forwarder on pion/srtp v2
+# (benchmarks/pion/), LiveKit's building blocks. fastsfu_sized (--sized-tables): tables sized to
+# the load, as this benchmark ran fastsfu before.
+SUTS = ("baseline", "fastsfu", "fastsfu_nolimit", "pion")
 # Run only when named: fastsfu with its datapath on the event loop instead of its own thread.
-EXTRA_SUTS = ("fastsfu_inline",)
+OPTIONAL_SUTS = ("fastsfu_sized", "fastsfu_inline")
+# SUTs that have no Discord mode.
+SRTP_ONLY = ("baseline", "pion")
+PION_BUILD = BENCH_DIR / "pion" / "build.sh"
+PION_BUILD_TIMEOUT_S = 300
 P99_FLOOR_US = 5000.0  # performance.md §6.5 (ii) and §6.7: the baseline's validity floor
 SETTLE_TIMEOUT_S = 15.0
 # The reference the Discord suites are compared with (same SUT, same run).
 DISCORD_REFERENCE = benchconfig.SUITE_GCM
-BASELINE_NO_DISCORD = "the C baseline forwarder has no Discord mode: baseline skipped"
+NO_DISCORD = "no Discord mode: skipped"
 SUITE_GROUPS = {
     "both": ["cm", "gcm"],
     # The Discord modes plus their same-run SRTP reference.
@@ -55,9 +64,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add = ap.add_argument
     add(
         "--sut",
-        choices=[*SUTS, *EXTRA_SUTS, "all"],
+        choices=[*SUTS, *OPTIONAL_SUTS, "all"],
         action="append",
         help="system under test, repeatable; all: " + ", ".join(SUTS) + " [all]",
+    )
+    add(
+        "--sized-tables",
+        action="store_true",
+        help="also run fastsfu_sized: engine tables sized to the load instead of Settings() defaults",
     )
     add("--quick", action="store_true", help="CI mode: short steps, coarse search (about 20 s per SUT)")
     add(
@@ -69,8 +83,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--rooms", type=int, default=1, help="scenario A: rooms [1]")
     add("--size", type=int, default=50, help="scenario A: participants per room, all talking [50]")
     add("--payload", default="opus", help="'opus' (80-120 B, varying) or a fixed payload size [opus]")
-    add("--fixed-rate", type=float, default=50.0, help="per-publisher pps of the fixed-load step [50]")
-    add("--fixed-duration", type=float, help="counted seconds of the fixed step [3, quick 2]")
+    add("--fixed-rate", type=float, default=50.0, help="per-publisher pps of the fixed-load steps [50]")
+    add(
+        "--low-speakers",
+        type=int,
+        default=10,
+        help="talking members per room in the low fixed step, the rest muted (10 of 50: 24.5 k fwd pps); "
+        "0 skips that step [10]",
+    )
+    add(
+        "--rtcp-interval",
+        type=float,
+        default=5.0,
+        help="seconds between a participant's SRTCP receiver reports for each stream it hears "
+        "(libwebrtc's audio interval); 0: no RTCP from the generator, the benchmark's old traffic [5]",
+    )
+    add("--fixed-duration", type=float, help="counted seconds of each fixed step [3, quick 1.5]")
     add("--duration", type=float, help="counted seconds per search step [3, quick 1.5]")
     add("--warmup", type=float, default=0.5, help="uncounted seconds before each window [0.5]")
     add("--drain", type=float, default=0.3, help="receive-only seconds after each window [0.3]")
@@ -102,7 +130,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = ap.parse_args(argv)
     q = args.quick
     for name, full, quick in (
-        ("fixed_duration", 3.0, 2.0),
+        ("fixed_duration", 3.0, 1.5),
         ("duration", 3.0, 1.5),
         ("step_factor", 1.10, 1.25),
         ("max_steps", 25, 5),
@@ -142,9 +170,9 @@ class Runner:
         self.h = h
         self.steps: list[dict[str, Any]] = []
         self._backlog = False
-        self.fixed_only = fixed_only(args, suite)
+        self.fixed_only = fixed_only(args, suite, sut)
 
-    def step(self, phase: str, rate: float, duration: float) -> dict[str, Any]:
+    def step(self, phase: str, rate: float, duration: float, speakers: int = 0) -> dict[str, Any]:
         a = self.args
         if self._backlog:
             # The previous step left packets queued in the SUT: start clean.
@@ -157,6 +185,8 @@ class Runner:
             verify_every=a.verify,
             payload_size=a.payload_size,
             busy_poll=not a.sink_sleep,
+            speakers=speakers,
+            rtcp_interval=a.rtcp_interval,
         )
         self._backlog = m["loss"] > 0
         line = {"sut": self.sut, "suite": self.suite, "phase": phase, **m}
@@ -207,27 +237,32 @@ class Runner:
                 bad_rate = mid
         return {"good": good, "first_loss_rate": bad_rate}
 
-    def fixed(self) -> dict[str, Any]:
-        """The fixed step, `fixed_repeat` times: the one with the median CPU per packet stands for all."""
+    def fixed(self, phase: str = "fixed", speakers: int = 0) -> dict[str, Any]:
+        """One run of a fixed step (run_suite interleaves them across the systems)."""
         a = self.args
-        runs = [self.step("fixed", a.fixed_rate, a.fixed_duration) for _ in range(a.fixed_repeat)]
+        return self.step(phase, a.fixed_rate, a.fixed_duration, speakers)
+
+    def pick_fixed(self, phase: str) -> dict[str, Any] | None:
+        """Of the runs of a fixed step, the one with the median CPU per packet stands for all."""
+        runs = [s for s in self.steps if s["phase"] == phase]
         ranked = sorted(runs, key=lambda m: m.get("cpu_us_per_pkt") or math.inf)
-        return ranked[(len(ranked) - 1) // 2]
+        return ranked[(len(ranked) - 1) // 2] if ranked else None
 
     def _fixed_repeats(self) -> dict[str, Any]:
-        runs = [s for s in self.steps if s["phase"] == "fixed"]
-        if len(runs) < 2:
-            return {}
-        return {
-            "fixed_cpu_us_per_pkt_all": [s.get("cpu_us_per_pkt") for s in runs],
-            "fixed_loss_all": [s["loss"] for s in runs],
-        }
+        out: dict[str, Any] = {}
+        for phase in ("fixed", "fixed_low"):
+            runs = [s for s in self.steps if s["phase"] == phase]
+            if len(runs) >= 2:
+                out[f"{phase}_cpu_us_per_pkt_all"] = [s.get("cpu_us_per_pkt") for s in runs]
+                out[f"{phase}_loss_all"] = [s["loss"] for s in runs]
+        return out
 
     def run(self) -> dict[str, Any]:
+        """The step search and the half-load step, after the fixed steps; returns the result."""
         a = self.args
-        fixed = self.fixed()
+        base: dict[str, Any] = {"fixed": self.pick_fixed("fixed"), "fixed_low": self.pick_fixed("fixed_low")}
         if self.fixed_only:
-            return {"fixed": fixed, "fixed_only": True, **self._fixed_repeats(), "steps": self.steps}
+            return {**base, "fixed_only": True, **self._fixed_repeats(), "steps": self.steps}
         searches = [self.search() for _ in range(a.repeat)]
         goods = [s["good"] for s in searches if s["good"] is not None]
         zero_loss = statistics.median([g["offered_fwd_pps"] for g in goods]) if goods else 0.0
@@ -240,7 +275,7 @@ class Runner:
         half = self.step("half", best_rate / 2, a.duration) if best_rate > 0 else None
         others = [s.get("core_other_util") or 0.0 for s in self.steps]
         return {
-            "fixed": fixed,
+            **base,
             **self._fixed_repeats(),
             "zero_loss_fwd_pps": zero_loss,
             "zero_loss_rate": best_rate,
@@ -254,9 +289,14 @@ class Runner:
         }
 
 
-def fixed_only(args: argparse.Namespace, suite: str) -> bool:
-    """Only the fixed step: --fixed-only, or a Discord suite in --quick (one step per mode keeps CI short)."""
-    return bool(args.fixed_only or (args.quick and benchconfig.is_discord(suite) and not args.discord_search))
+def fixed_only(args: argparse.Namespace, suite: str, sut: str = "fastsfu") -> bool:
+    """Only the fixed steps: --fixed-only; in --quick, a Discord suite (one step per mode keeps CI
+    short) and the peers, whose fixed-load rows are what the peer table shows."""
+    if args.fixed_only:
+        return True
+    if args.quick and benchconfig.is_discord(suite) and not args.discord_search:
+        return True
+    return bool(args.quick and sut in ("pion", "fastsfu_sized"))
 
 
 def sut_argv(sut: str, args: argparse.Namespace, libs: dict[str, Path]) -> list[str]:
@@ -270,38 +310,120 @@ def sut_argv(sut: str, args: argparse.Namespace, libs: dict[str, Path]) -> list[
             "--lib",
             str(libs["forwarder"]),
         ]
+    if sut == "pion":
+        # Pinned by the harness (taskset), so the Go runtime sees one CPU: GOMAXPROCS=1.
+        return [str(libs["pion"])]
     argv = [sys.executable, str(run_loadgen.FASTSFU_SCRIPT), "--cpu", str(args.sut_cpu)]
     if sut == "fastsfu_nolimit":
         argv += ["--max-queue-age-ms", "0"]
     if sut == "fastsfu_inline":
         argv += ["--inline"]
+    if sut == "fastsfu_sized":
+        argv += ["--sized-tables"]
     return argv
 
 
-def run_sut(
-    sut: str, suite: str, cfg: dict[str, Any], cfg_path: Path, args: argparse.Namespace, libs: dict[str, Path]
-) -> dict[str, Any]:
-    log(f"starting {sut} ({suite}, {args.rooms} x {args.size})")
-    t0 = time.monotonic()
-    with run_loadgen.harness(
-        cfg,
-        sut_argv(sut, args, libs),
-        cfg_path,
-        gen_cpu=args.gen_cpu,
-        sut_cpu=args.sut_cpu,
-        lib_path=libs["loadgen"],
-    ) as h:
-        result = Runner(args, sut, suite, h).run()
-    result["sut_final"] = h.final
-    # Throughput per core (performance.md: one core's worth of CPU time) = 1e6 / CPU us per fwd packet.
-    for phase in ("fixed", "half"):
-        cpu = _get(result, phase, "cpu_us_per_pkt")
-        result[f"{phase}_pps_per_core"] = round(1e6 / cpu) if cpu else None
-    result["wall_s"] = round(time.monotonic() - t0, 1)
-    log(f"{sut} done in {result['wall_s']} s; final counters {h.final}")
-    if not h.final:
-        raise run_loadgen.HarnessError(f"{sut} printed no final JSON line")
-    return result
+def build_pion(build_dir: Path) -> Path:
+    """Build the pion forwarder with benchmarks/pion/build.sh (Go and pion from Debian packages)."""
+    out = build_dir / "pion-forwarder"
+    try:
+        proc = subprocess.run(
+            ["bash", str(PION_BUILD), str(out)],
+            capture_output=True,
+            text=True,
+            timeout=PION_BUILD_TIMEOUT_S,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise native.BuildError(f"{PION_BUILD.name}: {exc}") from exc
+    if proc.returncode != 0:
+        raise native.BuildError(f"{PION_BUILD.name} failed: {(proc.stderr or proc.stdout).strip()[-500:]}")
+    return out
+
+
+HARNESS_ERRORS = (run_loadgen.HarnessError, OSError, ValueError)
+START_ATTEMPTS = 2
+
+
+def fixed_phases(args: argparse.Namespace, suite: str) -> list[tuple[str, int]]:
+    """(phase, talking members per room): the low load (a few talking, the rest muted), then all.
+    Quick Discord runs skip the low step: the peer table, which shows it, is SRTP only."""
+    low = args.low_speakers > 0 and not (args.quick and benchconfig.is_discord(suite))
+    return [("fixed_low", args.low_speakers)] * low + [("fixed", 0)]
+
+
+def run_suite(
+    suite: str, suts: list[str], args: argparse.Namespace, libs: dict[str, Path]
+) -> dict[str, dict[str, Any]]:
+    """Every system of one suite, all started at once (each on its own ports, pinned to the SUT core):
+    the fixed steps interleave the systems round by round, so a noisy moment on the shared machine
+    hits them alike; then each system's step search runs in turn."""
+    n = args.rooms * args.size
+    results: dict[str, dict[str, Any]] = {}
+    runners: dict[str, Runner] = {}
+    harnesses: dict[str, run_loadgen.Harness] = {}
+    started: dict[str, float] = {}
+    with contextlib.ExitStack() as stack:
+        for sut in suts:
+            log(f"starting {sut} ({suite}, {args.rooms} x {args.size})")
+            h = None
+            for attempt in range(START_ATTEMPTS):
+                try:
+                    # Fresh ports for each SUT (the others hold theirs). Other programs on the
+                    # machine may bind a port between the check and the SUT's bind: then retry
+                    # elsewhere in the range.
+                    start = 20000 if attempt == 0 else random.randrange(20000, 30000, 500)
+                    base_port = benchconfig.find_free_base_port(n, start=start)
+                    cfg = benchconfig.make_config(args.rooms, args.size, suite, base_port)
+                    h = stack.enter_context(
+                        run_loadgen.harness(
+                            cfg,
+                            sut_argv(sut, args, libs),
+                            args.build_dir / f"config-{sut}-{suite}.json",
+                            gen_cpu=args.gen_cpu,
+                            sut_cpu=args.sut_cpu,
+                            lib_path=libs["loadgen"],
+                        )
+                    )
+                    break
+                except (*HARNESS_ERRORS, RuntimeError) as exc:
+                    log(f"{sut} ({suite}) failed to start (attempt {attempt + 1}): {exc}")
+                    results[sut] = {"error": str(exc)}
+            if h is None:
+                continue
+            results.pop(sut, None)
+            harnesses[sut] = h
+            runners[sut] = Runner(args, sut, suite, h)
+            started[sut] = time.monotonic()
+        for _ in range(args.fixed_repeat):
+            for phase, speakers in fixed_phases(args, suite):
+                for sut, runner in list(runners.items()):
+                    try:
+                        runner.fixed(phase, speakers)
+                    except HARNESS_ERRORS as exc:
+                        log(f"{sut} ({suite}) failed: {exc}")
+                        results[sut] = {"error": str(exc)}
+                        del runners[sut]
+        for sut, runner in list(runners.items()):
+            try:
+                results[sut] = runner.run()
+            except HARNESS_ERRORS as exc:
+                log(f"{sut} ({suite}) failed: {exc}")
+                results[sut] = {"error": str(exc)}
+                del runners[sut]
+    # The harnesses have stopped their SUTs: each printed its final counters.
+    for sut in runners:
+        result, h = results[sut], harnesses[sut]
+        result["sut_final"] = h.final
+        # Throughput per core (performance.md: one core's worth of CPU time) = 1e6 / CPU us per fwd packet.
+        for phase in ("fixed", "fixed_low", "half"):
+            cpu = _get(result, phase, "cpu_us_per_pkt")
+            result[f"{phase}_pps_per_core"] = round(1e6 / cpu) if cpu else None
+        result["wall_s"] = round(time.monotonic() - started[sut], 1)
+        log(f"{sut} done; final counters {h.final}")
+        if not h.final:
+            results[sut] = {"error": f"{sut} printed no final JSON line", **result}
+    return results
 
 
 # ---- report ----
@@ -319,6 +441,9 @@ def _get(res: dict[str, Any] | None, *path: str) -> float | None:
 METRICS: list[tuple[str, tuple[str, ...]]] = [
     ("zero-loss fwd pps (step search)", ("zero_loss_fwd_pps",)),
     ("zero-loss fwd pps with p99 <= 5 ms", ("zero_loss_p99_5ms_fwd_pps",)),
+    ("low fixed (few talking): received fwd pps", ("fixed_low", "received_fwd_pps")),
+    ("low fixed: loss", ("fixed_low", "loss")),
+    ("low fixed: SUT CPU us/pkt", ("fixed_low", "cpu_us_per_pkt")),
     ("fixed: received fwd pps", ("fixed", "received_fwd_pps")),
     ("fixed: loss", ("fixed", "loss")),
     ("fixed: p50 latency (us)", ("fixed", "p50_us")),
@@ -335,6 +460,8 @@ METRICS: list[tuple[str, tuple[str, ...]]] = [
     ("sink: tag verify failures (fixed)", ("fixed", "verify_failures")),
     ("SUT decrypt failures (whole run)", ("sut_final", "decrypt_failures")),
     ("SUT send failures (whole run)", ("sut_final", "send_failures")),
+    ("generator RTCP receiver reports sent (fixed)", ("fixed", "rtcp_sent")),
+    ("SUT RTCP packets taken in (whole run)", ("sut_final", "rtcp_received")),
     ("sent packet size, bytes (avg)", ("fixed", "wire_bytes_avg")),
     ("max other load on the SUT core (0-1)", ("max_core_other_util",)),
 ]
@@ -418,6 +545,83 @@ def discord_report(summary: dict[str, Any]) -> list[str]:
     return lines
 
 
+PEER_LABELS = {
+    "baseline": "C baseline (libsrtp)",
+    "fastsfu": "fastsfu (Settings() defaults)",
+    "fastsfu_nolimit": "fastsfu, no 20 ms queue limit",
+    "fastsfu_sized": "fastsfu, tables sized to the load",
+    "pion": "pion/srtp v2 Go forwarder",
+}
+
+
+def round_ratios(res: dict[str, Any] | None, base: dict[str, Any] | None, phase: str) -> list[float]:
+    """CPU per packet over the baseline's in each round of a fixed step (rounds interleave the systems)."""
+    if not res or not base:
+        return []
+    mine = [s.get("cpu_us_per_pkt") for s in res.get("steps", []) if s["phase"] == phase]
+    theirs = [s.get("cpu_us_per_pkt") for s in base.get("steps", []) if s["phase"] == phase]
+    return [m / t for m, t in zip(mine, theirs, strict=False) if m and t]
+
+
+def peers_report(summary: dict[str, Any]) -> list[str]:
+    """One table per SRTP suite: every system at both fixed loads, with ratios to the C baseline."""
+    lines: list[str] = []
+    out: dict[str, Any] = {}
+    for suite, per_sut in summary["results"].items():
+        if benchconfig.is_discord(suite):
+            continue
+        base = per_sut.get("baseline")
+        loads = []
+        for phase in ("fixed_low", "fixed"):
+            offered = [_get(r, phase, "offered_fwd_pps") for r in per_sut.values()]
+            pps = next((v for v in offered if v), None)
+            if pps:
+                loads.append((phase, pps))
+        if not loads:
+            continue
+        head = " | ".join(f"{pps / 1000:.1f} k: CPU us/pkt | ratio | loss | p99 us" for _, pps in loads)
+        lines += [
+            f"### Peers at fixed loads, {suite}, {summary['scenario']}",
+            "",
+            f"| system | {head} |",
+            "|---|" + "---|---|---|---|" * len(loads),
+        ]
+        rows: dict[str, Any] = {}
+        for sut in (*SUTS, *OPTIONAL_SUTS):
+            res = per_sut.get(sut)
+            if res is None or "fixed" not in res:
+                continue
+            cells = []
+            row: dict[str, Any] = {}
+            for phase, _ in loads:
+                cpu, b = _get(res, phase, "cpu_us_per_pkt"), _get(base, phase, "cpu_us_per_pkt")
+                loss, p99 = _get(res, phase, "loss"), _get(res, phase, "p99_us")
+                rounds = round_ratios(res, base, phase)
+                spread = f" ({min(rounds):.2f}–{max(rounds):.2f})" if len(rounds) > 1 else ""
+                cells.append(f"{_fmt(cpu)} | {_ratio(cpu, b)}{spread} | {_fmt(loss)} | {_fmt(p99)}")
+                ratio = cpu / b if cpu and b else None
+                row[phase] = {
+                    "cpu_us_per_pkt": cpu,
+                    "ratio": ratio,
+                    "round_ratios": rounds,
+                    "loss": loss,
+                    "p99_us": p99,
+                }
+            rows[sut] = row
+            lines.append(f"| {PEER_LABELS.get(sut, sut)} | {' | '.join(cells)} |")
+        out[suite] = rows
+        lines += [
+            "",
+            "CPU us/pkt: the SUT process's user + sys time per forwarded packet (with --fixed-repeat, "
+            "the run with the median CPU); ratio: to the C baseline of the same run, and in brackets the "
+            "range of the per-round ratios (each round runs every system once, back to back). The low "
+            "load has the first members of the room talking, the rest muted.",
+            "",
+        ]
+    summary["peers"] = out
+    return lines
+
+
 def report(summary: dict[str, Any]) -> str:
     lines: list[str] = []
     for suite, per_sut in summary["results"].items():
@@ -434,26 +638,37 @@ def report(summary: dict[str, Any]) -> str:
             lines += _notes(per_sut)
             lines.append("")
             continue
+        # The peers (pion, fastsfu_sized) get their own columns when they ran.
+        extra = [s for s in ("pion", "fastsfu_sized") if per_sut.get(s)]
+        extra_head = "".join(f" {PEER_LABELS[s]} | ratio |" for s in extra)
         lines += [
             f"### {suite}, {summary['scenario']}",
             "",
-            "| metric | baseline | fastsfu | ratio | fastsfu, no 20 ms limit | ratio |",
-            "|---|---|---|---|---|---|",
+            f"| metric | baseline | fastsfu | ratio | fastsfu, no 20 ms limit | ratio |{extra_head}",
+            "|---|---|---|---|---|---|" + "---|---|" * len(extra),
         ]
         ratios: dict[str, float | None] = {}
         ratios_nolimit: dict[str, float | None] = {}
+        ratios_extra: dict[str, dict[str, float | None]] = {s: {} for s in extra}
         for label, path in METRICS:
             b, f, u = _get(base, *path), _get(fast, *path), _get(nolimit, *path)
             ratio = f / b if b and f is not None else None
             ratio_u = u / b if b and u is not None else None
             ratios[label] = ratio
             ratios_nolimit[label] = ratio_u
+            cells = ""
+            for s in extra:
+                v = _get(per_sut.get(s), *path)
+                ratios_extra[s][label] = v / b if b and v is not None else None
+                cells += f" {_fmt(v)} | {_ratio(v, b)} |"
             lines.append(
                 f"| {label} | {_fmt(b)} | {_fmt(f)} | {'-' if ratio is None else f'{ratio:.2f}'} "
-                f"| {_fmt(u)} | {'-' if ratio_u is None else f'{ratio_u:.2f}'} |"
+                f"| {_fmt(u)} | {'-' if ratio_u is None else f'{ratio_u:.2f}'} |{cells}"
             )
         summary["ratios"][suite] = ratios
         summary.setdefault("ratios_nolimit", {})[suite] = ratios_nolimit
+        for s in extra:
+            summary.setdefault(f"ratios_{s}", {})[suite] = ratios_extra[s]
         p50b, p50f = _get(base, "fixed", "p50_us"), _get(fast, "fixed", "p50_us")
         if p50b is not None and p50f is not None:
             summary["p50_diff_us"][suite] = p50f - p50b
@@ -467,6 +682,7 @@ def report(summary: dict[str, Any]) -> str:
         lines += _extra_suts(per_sut, base)
         lines += _notes(per_sut)
         lines.append("")
+    lines += peers_report(summary)
     lines += discord_report(summary)
     return "\n".join(lines)
 
@@ -552,7 +768,10 @@ def main(argv: list[str] | None = None) -> int:
         for one in SUTS if name == "all" else (name,):
             if one not in suts:
                 suts.append(one)
+    if args.sized_tables and "fastsfu_sized" not in suts:
+        suts.append("fastsfu_sized")
     skipped: dict[str, str] = {}
+    failed = False
     if not run_loadgen.FASTSFU_SCRIPT.exists():
         for name in [s for s in suts if s.startswith("fastsfu")]:
             msg = f"{run_loadgen.FASTSFU_SCRIPT.relative_to(BENCH_DIR.parent)} not found: {name} SUT skipped"
@@ -568,8 +787,18 @@ def main(argv: list[str] | None = None) -> int:
         log(f"build failed: {exc}")
         return 3
     log(f"built {libs['loadgen']} and {libs['forwarder']}")
+    if "pion" in suts:
+        try:
+            libs["pion"] = build_pion(args.build_dir)
+            log(f"built {libs['pion']}")
+        except native.BuildError as exc:
+            msg = f"pion forwarder not built ({exc}); scripts/pion_setup.sh installs Go and pion: skipped"
+            log(msg)
+            skipped["pion"] = msg
+            suts.remove("pion")
+            # CI installs the toolchain first (scripts/test.sh): a missing peer there is a failure.
+            failed = os.environ.get("CI") == "true"
 
-    n = args.rooms * args.size
     scenario = f"scenario A: {args.rooms} x {args.size} all talking, payload {args.payload}"
     summary: dict[str, Any] = {
         "machine": machine_info(),
@@ -581,25 +810,17 @@ def main(argv: list[str] | None = None) -> int:
         "p50_diff_us": {},
         "valid": {},
     }
-    failed = False
     t0 = time.monotonic()
     for suite in args.suites:
-        summary["results"][suite] = {}
+        per_sut: dict[str, Any] = {}
         for sut in suts:
-            if sut == "baseline" and benchconfig.is_discord(suite):
-                log(f"{suite}: {BASELINE_NO_DISCORD}")
-                summary["results"][suite][sut] = {"skipped": BASELINE_NO_DISCORD}
-                continue
-            # Fresh ports for each SUT: the previous one may still be releasing its sockets.
-            cfg = benchconfig.make_config(args.rooms, args.size, suite, benchconfig.find_free_base_port(n))
-            cfg_path = args.build_dir / f"config-{sut}-{suite}.json"
-            try:
-                result = run_sut(sut, suite, cfg, cfg_path, args, libs)
-            except (run_loadgen.HarnessError, OSError, ValueError) as exc:
-                log(f"{sut} ({suite}) failed: {exc}")
-                result = {"error": str(exc)}
-                failed = True
-            summary["results"][suite][sut] = result
+            if sut in SRTP_ONLY and benchconfig.is_discord(suite):
+                log(f"{suite}: {sut}: {NO_DISCORD}")
+                per_sut[sut] = {"skipped": NO_DISCORD}
+        per_sut.update(run_suite(suite, [s for s in suts if s not in per_sut], args, libs))
+        failed = failed or any("error" in r for r in per_sut.values())
+        # Report in the usual order, whatever order the systems finished in.
+        summary["results"][suite] = {s: per_sut[s] for s in suts if s in per_sut}
     summary["wall_s"] = round(time.monotonic() - t0, 1)
     table = report(summary)
     print(table, flush=True)

@@ -29,7 +29,11 @@ from fastsfu import Engine, Settings, ortc  # noqa: E402
 def producer_parameters(p: dict[str, Any]) -> dict[str, Any]:
     return {
         "codecs": [{"mimeType": "audio/opus", "payloadType": p["pt"], "clockRate": 48000, "channels": 2}],
-        "headerExtensions": [{"uri": ortc.URI_ABS_CAPTURE_TIME, "id": p["ext_id"]}],
+        "headerExtensions": [
+            {"uri": ortc.URI_ABS_CAPTURE_TIME, "id": p["ext_id"]},
+            # The generator sends ssrc-audio-level on every packet, as browsers do.
+            {"uri": ortc.URI_AUDIO_LEVEL, "id": benchconfig.LEVEL_EXT_ID},
+        ],
         "encodings": [{"ssrc": p["ssrc"]}],
         "rtcp": {"cname": f"p{p['id']}"},
     }
@@ -64,33 +68,56 @@ def receiver_capabilities(cfg: dict[str, Any]) -> dict[str, Any]:
                 "uri": ortc.URI_ABS_CAPTURE_TIME,
                 "preferredId": cfg["consumer_ext_id"],
                 "direction": "sendrecv",
-            }
+            },
+            {
+                "kind": "audio",
+                "uri": ortc.URI_AUDIO_LEVEL,
+                "preferredId": benchconfig.LEVEL_EXT_ID,
+                "direction": "sendrecv",
+            },
         ],
     }
 
 
-async def serve(
+def settings_for(
     cfg: dict[str, Any],
-    stop: asyncio.Event,
-    max_queue_age_ms: float = Settings.max_queue_age_ms,
-    out_slots: int = 1024,
-    datapath_thread: bool = Settings.datapath_thread,
-) -> dict[str, Any]:
+    max_queue_age_ms: float | None = None,
+    out_slots: int | None = None,
+    sized: bool = False,
+    inline: bool = False,
+) -> Settings:
+    """`Settings()` defaults, as a user runs fastsfu, except what the command line overrides.
+
+    sized: tables sized to this load instead of the defaults (65,536 consumers, 4,096 producers...),
+    as the benchmark did before: smaller tables stay in cache, which flatters fastsfu.
+    inline: the datapath on the event loop instead of its own thread (datapath_thread=False).
+    """
     n = len(cfg["participants"])
     discord = benchconfig.is_discord(cfg["suite"])
-    settings = Settings(
-        webrtc_listen_ip="127.0.0.1",
+    kw: dict[str, Any] = {
+        "webrtc_listen_ip": "127.0.0.1",
         # Discord transports share the engine's media port; SRTP ones do not use it.
-        webrtc_port=cfg["participants"][0]["sut_port"] if discord else 0,
-        max_queue_age_ms=max_queue_age_ms,
-        out_slots=out_slots,
-        datapath_thread=datapath_thread,
-        max_sockets=n + 8,
-        max_transports=n + 8,
-        max_producers=n + 8,
-        max_consumers=len(cfg["consumers"]) + 8,
-        max_consumers_per_router=10**6,
-    )
+        "webrtc_port": cfg["participants"][0]["sut_port"] if discord else 0,
+    }
+    if max_queue_age_ms is not None:
+        kw["max_queue_age_ms"] = max_queue_age_ms
+    if out_slots is not None:
+        kw["out_slots"] = out_slots
+    if inline:
+        kw["datapath_thread"] = False
+    if sized:
+        kw.update(
+            max_sockets=n + 8,
+            max_transports=n + 8,
+            max_producers=n + 8,
+            max_consumers=len(cfg["consumers"]) + 8,
+            max_consumers_per_router=10**6,
+        )
+    return Settings(**kw)
+
+
+async def serve(cfg: dict[str, Any], stop: asyncio.Event, settings: Settings) -> dict[str, Any]:
+    discord = benchconfig.is_discord(cfg["suite"])
     async with Engine(settings) as engine:
         routers: dict[int, Any] = {}
         transports = []
@@ -133,6 +160,8 @@ async def serve(
             "send_failures": stats["drops"]["send_failed"],
             "batches": stats["batches"],
             "drops": {k: v for k, v in stats["drops"].items() if v},
+            # RTCP packets (not compounds) the transports took in: the generator's receiver reports.
+            "rtcp_received": sum(sum(t.rtcp_received.values()) for t in transports),
             "ok": True,
         }
 
@@ -148,10 +177,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--max-queue-age-ms",
         type=float,
-        default=Settings.max_queue_age_ms,
-        help="drop RTP queued longer (0: never, as baseline)",
+        help="drop RTP queued longer (0: never, as baseline) [Settings default]",
     )
-    ap.add_argument("--out-slots", type=int, default=1024, help="datapath output slots (Settings.out_slots)")
+    ap.add_argument("--out-slots", type=int, help="datapath output slots [Settings default]")
+    ap.add_argument(
+        "--sized-tables",
+        action="store_true",
+        help="size the engine's tables to this load instead of Settings() defaults",
+    )
     ap.add_argument("--inline", action="store_true", help="datapath on the loop (datapath_thread=False)")
     args = ap.parse_args(argv)
     if args.cpu >= 0:
@@ -171,7 +204,8 @@ def main(argv: list[str] | None = None) -> int:
                 loop.add_reader(0, lambda: os.read(0, 4096) or stop.set())
         except OSError:
             pass
-        return await serve(cfg, stop, args.max_queue_age_ms, args.out_slots, not args.inline)
+        settings = settings_for(cfg, args.max_queue_age_ms, args.out_slots, args.sized_tables, args.inline)
+        return await serve(cfg, stop, settings)
 
     counters = asyncio.run(run())
     print(json.dumps(counters), flush=True)

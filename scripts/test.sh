@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The whole test suite: lint and types, the datapath micro-benchmarks, the short loopback load
-# benchmark (fastsfu against the bare C forwarder, same run), the short soak (join/leave churn),
-# headless Chromium against fastsfu in a loopback-only network namespace, the wheel installed and
-# run outside the checkout, then every other test (last, so its summary closes the output).
+# benchmark (fastsfu against the bare C forwarder and a pion/srtp Go forwarder, same run), the
+# short soak (join/leave churn), headless Chromium against fastsfu in a loopback-only network
+# namespace, the wheel installed and run outside the checkout, then every other test (last, so its
+# summary closes the output).
 # Installs what it needs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -26,7 +27,8 @@ $PY -m pytest benchmarks/bench_datapath.py benchmarks/bench_stun.py benchmarks/b
 echo "== event-loop time of one join (Harmony and Discord, rooms of 10 and 50)"
 $PY benchmarks/join_loop_time.py --members 10 50 --repeat 2
 
-echo "== loopback load benchmark, short (fastsfu vs bare C forwarder, both SRTP suites; Discord UDP vs SRTP GCM)"
+echo "== loopback load benchmark, short (fastsfu vs bare C forwarder vs pion/srtp Go forwarder, both SRTP suites; Discord UDP vs SRTP GCM)"
+scripts/pion_setup.sh  # Go and pion/srtp from Debian packages for the pion peer
 $PY benchmarks/run.py --quick --suite both --suite discord --json benchmarks/.build/last-run.json
 
 echo "== soak, short (join/leave churn over hRPC, gRPC, Discord beside a talking reference call: gauges, fds, loss)"

@@ -5,7 +5,8 @@
  * recvmmsg (batch 64), srtp_unprotect once, then for every other member of the room: copy, set
  * the consumer SSRC, payload type and header-extension ID (seq and timestamp unchanged),
  * srtp_protect with the receiver's outbound session, queue, and sendmmsg every 32 packets per
- * destination socket or at the end of each received batch.
+ * destination socket or at the end of each received batch. RTCP from a participant (RFC 5761
+ * mux) is authenticated and decrypted (srtp_unprotect_rtcp) and counted, never forwarded.
  *
  * Built as a shared library and driven by run_baseline.py (ctypes). libsrtp is the 2.x build
  * bundled in pylibsrtp, reached through function pointers passed in from Python.
@@ -35,6 +36,7 @@ typedef struct {
     uint64_t received, forwarded, decrypt_failures, send_failures, protect_failures;
     uint64_t dropped_malformed, dropped_ssrc, dropped_pt;
     uint64_t rx_batches, tx_calls, wakeups;
+    uint64_t rtcp_received, rtcp_failures;
 } fw_counters;
 
 typedef struct {
@@ -58,7 +60,7 @@ typedef struct fw {
     int n;
     fw_part *p;
     int ep;
-    srtp_fn protect, unprotect;
+    srtp_fn protect, unprotect, unprotect_rtcp;
     uint8_t consumer_pt, consumer_ext_id;
     int stop;
     int n_dirty;
@@ -153,6 +155,14 @@ static void handle_packet(fw_t *f, fw_part *s, uint8_t *b, int len)
     f->c.received++;
     if (len < RTP_HDR || (b[0] & 0xC0) != 0x80) {
         f->c.dropped_malformed++;
+        return;
+    }
+    if (b[1] >= 192 && b[1] <= 223) { /* RTCP, RFC 5761 §4 */
+        int rl = len;
+        if (!f->unprotect_rtcp || f->unprotect_rtcp(s->up_ctx, b, &rl) != 0)
+            f->c.rtcp_failures++;
+        else
+            f->c.rtcp_received++;
         return;
     }
     if (rd32(b + 8) != s->ssrc) {
@@ -365,6 +375,9 @@ int fw_run(fw_t *f)
     flush_dirty(f);
     return 0;
 }
+
+/* Accept SRTCP from participants: srtp_unprotect_rtcp of the same libsrtp. */
+void fw_set_rtcp(fw_t *f, void *unprotect_rtcp_fn) { f->unprotect_rtcp = (srtp_fn)unprotect_rtcp_fn; }
 
 void fw_stop(fw_t *f) { __atomic_store_n(&f->stop, 1, __ATOMIC_RELAXED); }
 

@@ -42,6 +42,8 @@ COUNTER_NAMES = (
     "rx_batches",
     "tx_calls",
     "wakeups",
+    "rtcp_received",
+    "rtcp_failures",
 )
 
 
@@ -80,6 +82,8 @@ def load_library(path: Path | None = None) -> ctypes.CDLL:
     ]
     lib.fw_run.restype = i32
     lib.fw_run.argtypes = [vp]
+    lib.fw_set_rtcp.restype = None
+    lib.fw_set_rtcp.argtypes = [vp, vp]
     lib.fw_stop.restype = None
     lib.fw_stop.argtypes = [vp]
     lib.fw_get_counters.restype = None
@@ -167,6 +171,7 @@ class Forwarder:
         if not handle:
             raise RuntimeError(f"forwarder setup failed: {err.value.decode()}")
         self._handle: int | None = handle
+        self._lib.fw_set_rtcp(handle, native.srtp_function("srtp_unprotect_rtcp"))
 
     def run(self) -> int:
         """Forward until stop(); blocks (without the GIL). Returns 0, or -1 if epoll failed."""

@@ -7,8 +7,8 @@
  *
  * One lg_run_step() call runs one measurement step with two threads (they inherit the caller's
  * CPU affinity, so the launcher pins itself before calling in):
- *   - sender: every publisher sends `rate` packets per second, publishers spread evenly over the
- *     period, woken on 1 ms ticks with an absolute clock_nanosleep;
+ *   - sender: every talking publisher (all, or the first `speakers` of each room) sends `rate`
+ *     packets per second, publishers spread evenly over the period, woken on 1 ms ticks with an absolute clock_nanosleep;
  *   - receiver: drains every participant socket with recvmmsg, accounts loss/duplicates/reorders
  *     per subscription from sequence numbers, latency from the send time carried in a one-byte
  *     RTP header extension, and verifies the SRTP tag of a sample.
@@ -48,7 +48,9 @@ typedef int (*srtp_fn)(void *ctx, void *rtp_hdr, int *len_ptr);
 #define RX_MAX_BATCHES_PER_WAKE 64 /* bound the drain of one socket so others are not starved */
 #define TICK_NS 1000000LL
 #define RTP_HDR 12
-#define EXT_WORDS 3 /* 0xBEDE block: 1 header byte + 8 bytes stamp + 3 bytes padding */
+/* 0xBEDE block (RFC 8285 §4.2): the 8-byte send stamp, then ssrc-audio-level (RFC 6464 §3: one
+ * byte, V flag + level in -dBov) as browsers send it on every Opus packet, then one padding byte. */
+#define EXT_WORDS 3
 #define GEN_HDR (RTP_HDR + 4 + 4 * EXT_WORDS)
 #define OPUS_MIN 80
 #define OPUS_SPAN 41 /* payload sizes 80..120 */
@@ -73,6 +75,13 @@ typedef struct {
     int32_t sink_busy_poll;
     /* 1: SCHED_FIFO sender thread, so its 1 ms ticks preempt a busy sink on the same core. */
     int32_t sender_rt;
+    /* Talking publishers per room (0: all): participant i sends iff i % room_size < speakers.
+     * The others are muted, as a paused mediasoup-client producer is: they send nothing. */
+    int32_t speakers;
+    int32_t room_size;
+    /* SRTCP receiver reports per second per participant (0: none), spread like the RTP; needs
+     * lg_set_rtcp(). A browser sends one per received audio stream every ~5 s. */
+    double rtcp_rate;
 } lg_params;
 
 typedef struct {
@@ -91,6 +100,10 @@ typedef struct {
     uint64_t verified, verify_failures;
     uint64_t rtcp;     /* RTCP from the SUT (RFC 5761 mux): counted, otherwise ignored */
     uint64_t replayed; /* LG_OPEN_FIRST: refused as a replay, so no stamp could be read */
+    uint64_t rtcp_sent; /* receiver reports sent by the generator (whole call) */
+    /* forwarded RTP stamped during this call (warm-up included): excludes packets left in the
+     * sink's sockets by an earlier step, e.g. a backlog the SUT forwarded after that step ended */
+    uint64_t received_call;
     /* timing */
     int64_t window_ns, elapsed_ns;
     int32_t sender_rt_ok, pad;
@@ -113,6 +126,8 @@ typedef struct {
     uint32_t ts;
     uint64_t prng;
     uint64_t sent_window; /* this step */
+    int n_subs, rr_next; /* subscriptions this participant receives, for its receiver reports */
+    uint32_t *sub_ssrc;
 } lg_part;
 
 typedef struct {
@@ -128,12 +143,13 @@ typedef struct {
 
 typedef struct lg {
     int n;
+    uint8_t level_ext_id; /* 0: no audio-level element */
     lg_part *p;
     int n_cons;
     lg_sub *c;
     int32_t *hash; /* consumer ssrc -> consumer index, open addressing */
     uint32_t hash_mask;
-    srtp_fn protect, unprotect;
+    srtp_fn protect, unprotect, protect_rtcp;
     uint8_t consumer_pt, consumer_ext_id;
     int flags;
     int ep;
@@ -290,6 +306,10 @@ static void send_one(lg_step *st, lg_part *p, uint8_t *buf, int64_t due)
     wr16(buf + 14, EXT_WORDS);
     buf[16] = (uint8_t)(p->ext_id << 4 | 7); /* L field = length - 1 */
     buf[25] = buf[26] = buf[27] = 0;
+    if (g->level_ext_id) {
+        buf[25] = (uint8_t)(g->level_ext_id << 4); /* L = 0: one byte */
+        buf[26] = (uint8_t)(rnd >> 40 & 0x7f);     /* level 0..127 -dBov, V flag clear */
+    }
     memcpy(buf + GEN_HDR, g->payload + ((rnd >> 16) & 0xff), (size_t)plen);
     p->seq++;
     p->ts += 960; /* 20 ms at 48 kHz */
@@ -320,6 +340,33 @@ static void send_one(lg_step *st, lg_part *p, uint8_t *buf, int64_t due)
         r->max_send_lag_ns = stamp - due;
 }
 
+/* One RTCP receiver report (RFC 3550 §6.4.2) about one of the streams `p` receives (round robin),
+ * SRTCP-protected with p's upstream session, as a client's receive stream reports to the SFU. */
+static void send_rtcp(lg_step *st, lg_part *p, uint8_t *buf)
+{
+    lg_t *g = st->g;
+    if (!g->protect_rtcp || p->n_subs == 0)
+        return;
+    uint32_t about = p->sub_ssrc[p->rr_next++ % p->n_subs];
+    memset(buf, 0, 32);
+    buf[0] = 0x81; /* V=2, RC=1 */
+    buf[1] = 201;  /* RR */
+    wr16(buf + 2, 7); /* length in 32-bit words minus one */
+    wr32(buf + 4, p->ssrc);
+    wr32(buf + 8, about);
+    /* fraction lost, cumulative lost, highest seq, jitter, LSR, DLSR: all zero (nothing lost) */
+    int len = 32;
+    if (g->protect_rtcp(p->up_ctx, buf, &len) != 0) {
+        st->res.protect_errors++;
+        return;
+    }
+    if (sendto(p->fd, buf, (size_t)len, 0, (struct sockaddr *)&p->dst, sizeof p->dst) != len) {
+        st->res.send_errors++;
+        return;
+    }
+    st->res.rtcp_sent++;
+}
+
 static void *sender_main(void *arg)
 {
     lg_step *st = arg;
@@ -329,14 +376,32 @@ static void *sender_main(void *arg)
         return NULL; /* receive-only step */
     /* The j-th send overall belongs to publisher j % n and is due at start + j * period / n:
      * every publisher keeps the same period, phases spread evenly across it. */
-    double step = 1e9 / st->prm.rate / g->n;
-    uint64_t j = 0;
+    int n_active = 0;
+    int *active = malloc((size_t)g->n * sizeof *active);
+    if (!active)
+        return NULL;
+    for (int i = 0; i < g->n; i++)
+        if (st->prm.speakers <= 0 || st->prm.room_size <= 0 || i % st->prm.room_size < st->prm.speakers)
+            active[n_active++] = i;
+    if (n_active == 0) {
+        free(active);
+        return NULL;
+    }
+    double step = 1e9 / st->prm.rate / n_active;
+    uint64_t j = 0, k = 0;
+    /* Receiver reports come from every participant (muted ones receive too), offset by half a
+     * slot so they do not coincide with the RTP sends. */
+    double rstep = st->prm.rtcp_rate > 0 && g->protect_rtcp ? 1e9 / st->prm.rtcp_rate / g->n : 0;
     if (st->prm.sender_rt) {
         struct sched_param sp = {.sched_priority = 1};
         st->res.sender_rt_ok = pthread_setschedparam(pthread_self(), SCHED_FIFO, &sp) == 0;
     }
     for (;;) {
         int64_t due = st->start + (int64_t)((double)j * step);
+        int64_t rdue = rstep > 0 ? st->start + (int64_t)(((double)k + 0.5) * rstep) : INT64_MAX;
+        int rtcp = rdue < due;
+        if (rtcp)
+            due = rdue;
         if (due >= st->t1)
             break;
         int64_t now = now_ns();
@@ -346,9 +411,15 @@ static void *sender_main(void *arg)
             sleep_until(tick);
             continue;
         }
-        send_one(st, &g->p[j % (uint64_t)g->n], buf, due);
+        if (rtcp) {
+            send_rtcp(st, &g->p[k % (uint64_t)g->n], buf);
+            k++;
+            continue;
+        }
+        send_one(st, &g->p[active[j % (uint64_t)n_active]], buf, due);
         j++;
     }
+    free(active);
     return NULL;
 }
 
@@ -430,6 +501,8 @@ static void sink_packet(lg_step *st, int rcv, uint8_t *b, int len, int64_t now)
     }
     int64_t stamp = (int64_t)rd64(v);
     int kind = seq_track(s, rd16(b + 2));
+    if (stamp >= st->start)
+        r->received_call++;
     if (stamp >= st->t0 && stamp < st->t1) {
         if (kind == SEQ_DUP) {
             r->duplicates++;
@@ -524,6 +597,9 @@ void lg_struct_sizes(int32_t *params, int32_t *result, int32_t *sub)
     *sub = (int32_t)sizeof(lg_sub_result);
 }
 
+/* SRTCP for the receiver reports: srtp_protect_rtcp of the same libsrtp as the RTP. */
+void lg_set_rtcp(lg_t *g, void *protect_rtcp_fn) { g->protect_rtcp = (srtp_fn)protect_rtcp_fn; }
+
 /* A participant's socket, e.g. for Discord IP discovery from Python before the first step. */
 int lg_fd(const lg_t *g, int i) { return g && i >= 0 && i < g->n ? g->p[i].fd : -1; }
 
@@ -532,9 +608,11 @@ void lg_destroy(lg_t *g)
     if (!g)
         return;
     if (g->p)
-        for (int i = 0; i < g->n; i++)
+        for (int i = 0; i < g->n; i++) {
             if (g->p[i].fd >= 0)
                 close(g->p[i].fd);
+            free(g->p[i].sub_ssrc);
+        }
     if (g->ep >= 0)
         close(g->ep);
     free(g->p);
@@ -547,7 +625,7 @@ lg_t *lg_create(int n, const uint16_t *gen_ports, const uint16_t *sut_ports, con
                 const uint8_t *pts, const uint8_t *ext_ids, void *protect_fn, void *const *up_ctx,
                 void *unprotect_fn, void *const *down_ctx, int n_cons, const int32_t *cons_recv,
                 const int32_t *cons_send, const uint32_t *cons_ssrc, int consumer_pt, int consumer_ext_id,
-                uint64_t seed, int rcvbuf, int flags, char *err, int errlen)
+                int level_ext_id, uint64_t seed, int rcvbuf, int flags, char *err, int errlen)
 {
     lg_t *g = calloc(1, sizeof *g);
     if (!g) {
@@ -562,6 +640,7 @@ lg_t *lg_create(int n, const uint16_t *gen_ports, const uint16_t *sut_ports, con
     g->consumer_pt = (uint8_t)consumer_pt;
     g->consumer_ext_id = (uint8_t)consumer_ext_id;
     g->flags = flags;
+    g->level_ext_id = (uint8_t)(level_ext_id > 0 && level_ext_id < 15 ? level_ext_id : 0);
     uint32_t hsize = 16;
     while (hsize < 2u * (uint32_t)n_cons)
         hsize <<= 1;
@@ -640,6 +719,19 @@ lg_t *lg_create(int n, const uint16_t *gen_ports, const uint16_t *sut_ports, con
         while (g->hash[h] >= 0)
             h = (h + 1) & g->hash_mask;
         g->hash[h] = c;
+        g->p[s->receiver].n_subs++;
+    }
+    for (int i = 0; i < n; i++) {
+        g->p[i].sub_ssrc = calloc((size_t)g->p[i].n_subs + 1, sizeof *g->p[i].sub_ssrc);
+        if (!g->p[i].sub_ssrc) {
+            snprintf(err, (size_t)errlen, "out of memory");
+            goto fail;
+        }
+        g->p[i].n_subs = 0;
+    }
+    for (int c = 0; c < n_cons; c++) {
+        lg_part *r = &g->p[g->c[c].receiver];
+        r->sub_ssrc[r->n_subs++] = g->c[c].ssrc;
     }
     return g;
 fail:
@@ -653,7 +745,8 @@ int lg_run_step(lg_t *g, const lg_params *prm, lg_result *res, lg_sub_result *su
 {
     if (!(prm->rate >= 0 && prm->rate <= 100000) || prm->warmup_ns < 0 || prm->duration_ns <= 0 ||
         prm->drain_ns < 0 || prm->duration_ns > 3600LL * 1000000000LL || prm->payload_size < 0 ||
-        prm->payload_size > MAX_PKT - GEN_HDR - SRTP_MAX_TRAILER) {
+        prm->payload_size > MAX_PKT - GEN_HDR - SRTP_MAX_TRAILER || prm->speakers < 0 || prm->room_size < 0 ||
+        !(prm->rtcp_rate >= 0 && prm->rtcp_rate <= 10000)) {
         snprintf(err, (size_t)errlen, "invalid step parameters");
         return -1;
     }

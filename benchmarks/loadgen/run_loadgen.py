@@ -64,6 +64,9 @@ class LgParams(ctypes.Structure):
         ("payload_size", ctypes.c_int32),
         ("sink_busy_poll", ctypes.c_int32),
         ("sender_rt", ctypes.c_int32),
+        ("speakers", ctypes.c_int32),
+        ("room_size", ctypes.c_int32),
+        ("rtcp_rate", ctypes.c_double),
     ]
 
 
@@ -83,6 +86,7 @@ class LgResult(ctypes.Structure):
         *[(n, _U64) for n in ("bad_packets", "unknown_ssrc", "misrouted", "pt_mismatch")],
         *[(n, _U64) for n in ("no_stamp", "ext_not_rewritten")],
         *[(n, _U64) for n in ("verified", "verify_failures", "rtcp", "replayed")],
+        *[(n, _U64) for n in ("rtcp_sent", "received_call")],
         *[(n, _I64) for n in ("window_ns", "elapsed_ns")],
         ("sender_rt_ok", ctypes.c_int32),
         ("pad", ctypes.c_int32),
@@ -123,12 +127,15 @@ def _load_loadgen(path: Path) -> ctypes.CDLL:
         vp,
         i32,
         i32,
+        i32,
         ctypes.c_uint64,
         i32,
         i32,
         ctypes.c_char_p,
         i32,
     ]
+    lib.lg_set_rtcp.restype = None
+    lib.lg_set_rtcp.argtypes = [vp, vp]
     lib.lg_fd.restype = i32
     lib.lg_fd.argtypes = [vp, i32]
     lib.lg_run_step.restype = i32
@@ -223,6 +230,7 @@ class StepResult:
             "verify_failures": r["verify_failures"],
             "received_total": r["received_total"],
             "rtcp_packets": r["rtcp"],
+            "rtcp_sent": r["rtcp_sent"],
             "out_of_window": r["out_of_window"],
             "wire_bytes_min": r["wire_min"],
             "wire_bytes_max": r["wire_max"],
@@ -314,6 +322,8 @@ class LoadGen:
             c_ssrc,
             config["consumer_pt"],
             config["consumer_ext_id"],
+            # Browsers put ssrc-audio-level on every Opus packet; Discord clients do not.
+            0 if self.discord else benchconfig.LEVEL_EXT_ID,
             seed,
             rcvbuf,
             LG_OPEN_FIRST if self.discord else 0,
@@ -323,6 +333,8 @@ class LoadGen:
         if not handle:
             raise HarnessError(f"load generator setup failed: {err.value.decode()}")
         self._handle: int | None = handle
+        if not self.discord:
+            self._lib.lg_set_rtcp(handle, native.srtp_function("srtp_protect_rtcp"))
         self._subs = (LgSubResult * nc)()
         if self.discord:
             try:
@@ -377,12 +389,18 @@ class LoadGen:
         cpu: int | None = GEN_CPU,
         busy_poll: bool = True,
         sender_rt: bool = True,
+        speakers: int = 0,
+        rtcp_interval: float = 0.0,
     ) -> StepResult:
         """Run one step: `warmup` s of traffic not counted, `duration` s counted, `drain` s of receive only.
 
-        rate 0 only receives (drains a backlog). The calling thread is pinned to `cpu` for the
-        call (both C threads inherit it) and restored afterwards, so importing this module from
-        pytest does not pin the test run. busy_poll/sender_rt: see lg_params in loadgen.c.
+        rate 0 only receives (drains a backlog). speakers > 0: only the first `speakers` members
+        of each room send (the others are muted and send nothing). rtcp_interval > 0: every
+        participant sends an SRTCP receiver report per received talking stream every
+        `rtcp_interval` s (SRTP suites only; 5 s is libwebrtc's audio report interval).
+        The calling thread is pinned to `cpu` for the call (both C threads inherit it) and
+        restored afterwards, so importing this module from pytest does not pin the test run.
+        busy_poll/sender_rt: see lg_params in loadgen.c.
         """
         if self._handle is None:
             raise HarnessError("LoadGen is closed")
@@ -395,6 +413,9 @@ class LoadGen:
             payload_size=payload_size,
             sink_busy_poll=int(busy_poll),
             sender_rt=int(sender_rt),
+            speakers=speakers,
+            room_size=benchconfig.room_size(self.config) if speakers else 0,
+            rtcp_rate=self._rtcp_rate(speakers, rtcp_interval),
         )
         res = LgResult()
         err = ctypes.create_string_buffer(ERRLEN)
@@ -424,6 +445,15 @@ class LoadGen:
             for c, s in zip(self.config["consumers"], self._subs, strict=False)
         ]
         return StepResult(rate=rate, duration_s=duration, raw=raw, subs=subs)
+
+    def _rtcp_rate(self, speakers: int, interval: float) -> float:
+        """Receiver reports per second per participant: one per received talking stream per interval."""
+        if interval <= 0 or self.discord:
+            return 0.0
+        size = benchconfig.room_size(self.config)
+        talking = min(speakers, size) if speakers > 0 else size
+        # A talking member hears the others; a muted one hears all talkers (0 < talking <= size).
+        return max(1, min(talking, size - 1)) / interval
 
     def close(self) -> None:
         if self._handle is not None:
@@ -669,6 +699,8 @@ def measure_step(
     sut_cpu: int | None = SUT_CPU,
     busy_poll: bool = True,
     sender_rt: bool = True,
+    speakers: int = 0,
+    rtcp_interval: float = 0.0,
 ) -> tuple[StepResult, dict[str, Any]]:
     """Run one step and add SUT CPU per forwarded packet and kernel socket drops to its metrics.
 
@@ -684,16 +716,32 @@ def measure_step(
     i0 = cpu_state_seconds(sut_cpu) if sut_cpu is not None else (0.0, 0.0)
     t0 = time.monotonic()
     res = gen.run_step(
-        rate, duration, warmup, drain, verify_every, payload_size, gen_cpu, busy_poll, sender_rt
+        rate,
+        duration,
+        warmup,
+        drain,
+        verify_every,
+        payload_size,
+        gen_cpu,
+        busy_poll,
+        sender_rt,
+        speakers,
+        rtcp_interval,
     )
     wall = time.monotonic() - t0
     c1 = sut.cpu_times() if sut else (0.0, 0.0)
     i1 = cpu_state_seconds(sut_cpu) if sut_cpu is not None else (0.0, 0.0)
     d1 = udp_sockets()
     m = res.metrics()
-    fwd = res.raw["received_total"] - res.raw["rtcp"]  # forwarded RTP the sink saw during the call
+    # Forwarded RTP of this call's own sends: what an earlier step left in the sink's sockets (a
+    # backlog the SUT forwarded after that step, read only now) would make CPU per packet too low.
+    fwd = res.raw["received_call"]
+    m["stale_packets"] = res.raw["received_total"] - res.raw["rtcp"] - fwd
     user, system = c1[0] - c0[0], c1[1] - c0[1]
-    m["nominal_fwd_pps"] = round(rate * len(cfg["consumers"]), 1)
+    size = benchconfig.room_size(cfg)
+    talking = min(speakers, size) if speakers > 0 else size
+    m["speakers_per_room"] = talking
+    m["nominal_fwd_pps"] = round(rate * len(cfg["consumers"]) * talking / size, 1)
     if sut is not None:
         m["sut_cpu_util"] = round((user + system) / wall, 3)
         m["cpu_us_per_pkt"] = round((user + system) * 1e6 / fwd, 3) if fwd else None
