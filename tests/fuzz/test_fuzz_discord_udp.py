@@ -9,7 +9,7 @@ import socket
 import struct
 
 from discord_helpers import ref_open, ref_seal, rtp_packet
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 from mutations import apply_edits, budget, corpus, edits
 
@@ -56,9 +56,12 @@ INPUT = st.one_of(
 
 @budget(150)
 @given(st.sampled_from(MODES), st.sampled_from(MODES), st.lists(INPUT, min_size=1, max_size=20))
+# Found in CI: an authentic packet dropped as stale_seq still spends its nonce, so a later packet
+# with that nonce is a replay (the oracle had thought it fresh).
+@example("aead_aes256_gcm_rtpsize", "aead_aes256_gcm_rtpsize", [(1, 0, []), (0, 1, []), (2, 1, [])])
 def test_discord_udp_datapath(mode_a: str, mode_b: str, inputs: list[tuple[int, int, list] | bytes]) -> None:
     dp, sock = setup(mode_a, mode_b)
-    highest = highest_seq = -1  # the highest nonce counter and sequence number forwarded so far
+    highest = highest_seq = -1  # the highest authentic nonce counter, the highest seq forwarded
     now = 10**12
     for item in inputs:
         if isinstance(item, bytes):
@@ -91,12 +94,15 @@ def test_discord_udp_datapath(mode_a: str, mode_b: str, inputs: list[tuple[int, 
             plain, counter = genuine
             ssrc, seq = struct.unpack_from("!I", plain, 8)[0], struct.unpack_from("!H", plain, 2)[0]
             if ssrc == SSRC and plain[1] & 0x7F == PT and counter > highest and seq > highest_seq:
-                # Authentic, a fresh nonce, newer than anything forwarded (older is stale_seq).
+                # Authentic, a nonce newer than any authentic packet so far (an authentic packet
+                # dropped as stale_seq still spent its nonce: the replay window saw it), and newer
+                # than anything forwarded (older is stale_seq).
                 assert len(outputs) == 1, dp.drop_counts()
                 opened, _ = ref_open(mode_b, KEY_B, outputs[0][2], rtp_clear_length(outputs[0][2]))
                 assert opened[-10:] == plain[-10:]  # the Opus payload's tail, untouched
+            highest = max(highest, counter)
             if outputs:
-                highest, highest_seq = max(highest, counter), max(highest_seq, seq)
+                highest_seq = max(highest_seq, seq)
 
 
 def _open(mode: str, data: bytes) -> tuple[bytes, int] | None:
