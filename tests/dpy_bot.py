@@ -115,7 +115,14 @@ def _install_hooks(rec: Recorder) -> None:
 
     async def received_message(self: Any, msg: dict[str, Any]) -> None:
         rec.result["ws_received"].append(
-            {"op": msg.get("op"), "seq": msg.get("seq"), "d": msg.get("d"), "t": _now()}
+            # mono: time.monotonic(), comparable with the test's event-loop time (same clock)
+            {
+                "op": msg.get("op"),
+                "seq": msg.get("seq"),
+                "d": msg.get("d"),
+                "t": _now(),
+                "mono": time.monotonic(),
+            }
         )
         await orig_received(self, msg)
 
@@ -261,6 +268,7 @@ async def _run(args: dict[str, Any], rec: Recorder) -> None:
         rec.result["latency"] = latency if latency != float("inf") else None
     finally:
         try:
+            _emit({"event": "leaving", "t": _now(), "mono": time.monotonic()})
             await asyncio.wait_for(vc.disconnect(force=True), timeout=5.0)
             rec.result["disconnected"] = True
         except BaseException as exc:

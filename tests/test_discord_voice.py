@@ -162,9 +162,9 @@ def test_two_bots_hear_each_other_with_different_modes() -> None:
             b.udp.send_rtp(rtp_packet(b.udp.ssrc, 9000 + seq, frame))
         for frame in frames[:5]:
             assert ref_open(XCHACHA, a.udp.key, await a.udp.recv(), 12)[0][12:] == frame
-        # B's socket closes: it may RESUME within the grace period, after which it has left and
-        # A gets CLIENT_DISCONNECT once.
-        await b.ws.close()
+        # B's socket closes with a code that is not a leave: it may RESUME within the grace
+        # period, after which it has left and A gets CLIENT_DISCONNECT once.
+        await b.ws.close(code=4000)
         await asyncio.sleep(0.3)
         assert sorted(rooms.rooms[("discord", SERVER_ID)].members) == [1001, 1002]
         assert (await a.expect(13))["d"] == {"user_id": "1002"}
@@ -177,6 +177,37 @@ def test_two_bots_hear_each_other_with_different_modes() -> None:
         await a.ws.close()
 
     serve(body, resume_grace=1.0)
+
+
+@pytest.mark.parametrize("how", ["close 1000", "close 1001", "close 4000", "no close frame"])
+def test_a_client_close_with_1000_or_1001_is_a_leave(how: str) -> None:
+    """discord.py's disconnect() and djs's destroy() close with 1000, a closing tab with 1001: the
+    session ends at once and the others get op 13 within a second. Another code, or a socket that
+    drops without a close frame, keeps the session for RESUME (here 60 s)."""
+
+    async def body(url: str, http: aiohttp.ClientSession, rooms: VoiceRooms) -> None:
+        a = await connect(url, http, 1001, XCHACHA)
+        b = await connect(url, http, 1002, AES)
+        await a.expect(5)  # B is announced to A
+        loop = asyncio.get_running_loop()
+        left_at = loop.time()
+        if how == "no close frame":
+            b.ws._response.connection.transport.abort()  # type: ignore[union-attr]
+        else:
+            await b.ws.close(code=int(how.split()[1]))
+        room = rooms.rooms[("discord", SERVER_ID)]
+        if how in ("close 1000", "close 1001"):
+            assert (await a.expect(13))["d"] == {"user_id": "1002"}
+            latency = loop.time() - left_at
+            print(f"{how}: op 13 after {latency * 1000:.1f} ms")
+            assert latency < 1.0 and sorted(room.members) == [1001]
+        else:
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(a.expect(13), 1.0)
+            assert sorted(room.members) == [1001, 1002]
+        await a.ws.close()
+
+    serve(body)
 
 
 @pytest.mark.parametrize(
