@@ -109,6 +109,9 @@ RESUMABLE_CLOSE_CODES: frozenset[int] = frozenset({CloseCode.MEDIA_FAILED, Close
 
 # A client's own close with 1000 (normal closure) or 1001 (going away, a closed tab), RFC 6455
 # §7.4.1, is a leave: discord.py's disconnect() and @discordjs/voice's destroy() send 1000, a browser
-# 1001 on unload; Discord's main gateway invalidates a session closed this way too. The session ends
-# at once. Their closes before a reconnect carry no close frame or another code, and keep RESUME.
+# 1001 on unload; Discord's main gateway invalidates a session closed this way too (its gateway
+# docs, "Disconnecting"). The session ends at once. Their closes before a reconnect carry no close
+# frame or another code, and keep RESUME.
+# One exception (djs Networking.onUdpClose): if djs's own UDP socket closes, it opens a socket to
+# RESUME and closes the old one with 1000; that RESUME gets 4006 and djs rejoins with IDENTIFY.
 CLIENT_LEAVE_CLOSE_CODES: frozenset[int] = frozenset({1000, 1001})
