@@ -120,12 +120,14 @@ class Observer:
     """A Discord member on the udp protocol that only listens: it records when each gateway
     message arrives (event-loop time, i.e. time.monotonic()), e.g. to time CLIENT_DISCONNECT."""
 
-    def __init__(self, ws: aiohttp.ClientWebSocketResponse, udp: Client) -> None:
+    def __init__(self, ws: aiohttp.ClientWebSocketResponse, udp: Client, interval: float) -> None:
         self.ws = ws
         self.udp = udp
         self.received: list[tuple[float, dict[str, Any]]] = []
         self._arrived = asyncio.Event()
+        self._seq = -1
         self._reader = asyncio.ensure_future(self._read())
+        self._beater = asyncio.ensure_future(self._beat(interval))
 
     @classmethod
     async def join(
@@ -158,14 +160,22 @@ class Observer:
         await ws.send_json(
             {"op": 1, "d": {"protocol": "udp", "data": {"address": ip, "port": port, "mode": AES}}}
         )
-        return cls(ws, udp)
+        return cls(ws, udp, hello["d"]["heartbeat_interval"] / 1000)
 
     async def _read(self) -> None:
         loop = asyncio.get_running_loop()
         async for msg in self.ws:
             if msg.type == aiohttp.WSMsgType.TEXT:
-                self.received.append((loop.time(), json.loads(msg.data)))
+                message = json.loads(msg.data)
+                self._seq = message.get("seq", self._seq)
+                self.received.append((loop.time(), message))
                 self._arrived.set()
+
+    async def _beat(self, interval: float) -> None:
+        """v8 heartbeats (§4), so that a long observation is not closed with 4009."""
+        while not self.ws.closed:
+            await asyncio.sleep(interval)
+            await self.ws.send_json({"op": 3, "d": {"t": 0, "seq_ack": self._seq}})
 
     async def wait_op(self, op: int, user_id: int, timeout: float) -> float:
         """When the first `op` about `user_id` arrived (TimeoutError if it does not in time)."""
@@ -181,6 +191,7 @@ class Observer:
             await asyncio.wait_for(self._arrived.wait(), max(deadline - loop.time(), 0))
 
     async def close(self) -> None:
+        self._beater.cancel()
         await self.ws.close()
         self._reader.cancel()
         self.udp.close()
