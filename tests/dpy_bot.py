@@ -10,7 +10,7 @@ No Discord login and no libopus: a ``discord.Client(intents=Intents.none())`` wi
 ``login()`` would create, a FakeGuild that delivers the two voice events 50 ms after
 ``change_voice_state`` returns, ``VoiceClient.connect(reconnect=False, timeout=...)``, then
 pre-encoded Opus frames through ``send_audio_packet(frame, encode=False)`` every 20 ms (or an
-Opus ``AudioSource`` through ``vc.play``), then ``disconnect()``.
+Opus ``AudioSource`` through ``vc.play``), then ``disconnect()`` after ``hold`` seconds (or at SIGUSR1).
 
 stdout: progress events ``{"event": "connected", ...}`` / ``{"event": "sent", ...}`` and finally one
 ``{"result": {...}}`` line (fields: tests/discord_clients.py ``DpyResult``); logs go to stderr.
@@ -23,9 +23,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import contextlib
 import json
 import logging
 import os
+import signal
 import sys
 import threading
 import time
@@ -213,6 +215,9 @@ async def _run(args: dict[str, Any], rec: Recorder) -> None:
     import discord
 
     rec.result["versions"] = {"discord.py": discord.__version__, "aiohttp": aiohttp.__version__}
+    # SIGUSR1 ends the hold early: a test that needs the bot until some event tells it so.
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, stop.set)
     _install_hooks(rec)
     log = logging.getLogger("dpy_bot")
 
@@ -263,7 +268,8 @@ async def _run(args: dict[str, Any], rec: Recorder) -> None:
         else:
             await _send_direct(vc, frames, interval, bool(args.get("speaking")), rec)
         _emit({"event": "sent", "t": _now(), "frames_sent": rec.result["frames_sent"]})
-        await asyncio.sleep(float(args.get("hold", 0.2)))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), float(args.get("hold", 0.2)))
         latency = vc.latency
         rec.result["latency"] = latency if latency != float("inf") else None
     finally:
