@@ -225,7 +225,10 @@ def test_discordjs_resumes_after_a_dropped_socket_and_gets_every_frame(tmp_path:
             )
             assert dpy.ok, (dpy.error, dpy.stderr[-2000:])
             assert result.resumes == 1, result.ws_close_codes
-            assert result.received.get(DPY_USER) == frames, (len(result.received.get(DPY_USER, [])), drops)
+            got = result.received.get(DPY_USER, [])
+            bad = next((i for i, (a, b) in enumerate(zip(got, frames, strict=False)) if a != b), None)
+            context = result.received_rtp[bad - 2 : bad + 3] if bad is not None else []
+            assert got == frames, (len(got), bad, got[bad] if bad is not None else None, context, drops)
             # Nobody was told djs left while it was away: one op 11 for it, op 13 only at its destroy().
             about_djs = [m["op"] for _, m in observer.received if str(DJS_USER) in about(m)]
             assert about_djs.count(11) == 1 and about_djs.count(13) == 1 and about_djs[-1] == 13, about_djs
