@@ -1,18 +1,26 @@
 #!/usr/bin/env bash
-# Install Chromium from the distribution for the headless-Chromium tests (the bundles come from
-# scripts/web_build.sh, run by bootstrap.sh). Idempotent; must run before entering the network
+# Install Chromium and Firefox ESR from the distribution for the browser tests (the bundles come
+# from scripts/web_build.sh, run by bootstrap.sh). Idempotent; must run before entering the network
 # namespace, which has no network. Never downloads a browser through playwright or puppeteer.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+missing=()
 if ! command -v chromium >/dev/null && [ ! -x /usr/lib/chromium/chromium ]; then
+    missing+=(chromium)
+fi
+if ! command -v firefox-esr >/dev/null; then
+    missing+=(firefox-esr)
+fi
+if [ ${#missing[@]} -gt 0 ]; then
     if [ "$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null; then
-        echo "browser_setup: chromium is missing; install it (Debian: apt-get install chromium)" >&2
+        echo "browser_setup: ${missing[*]} missing; install (Debian: apt-get install ${missing[*]})" >&2
         exit 1
     fi
-    echo "browser_setup: installing chromium (apt-get)"
+    echo "browser_setup: installing ${missing[*]} (apt-get)"
     apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 
 echo "browser_setup: chromium $(command -v chromium || echo /usr/lib/chromium/chromium)"
+echo "browser_setup: firefox-esr $(command -v firefox-esr)"

@@ -649,6 +649,12 @@ class DpyBot(ClientProcess):
         raw, rc = await self.wait_raw()
         return _dpy_result(raw, self.events, rc, self.stderr)
 
+    def end_hold(self) -> None:
+        """Disconnect now rather than at the end of ``hold`` (SIGUSR1; after ``connected``)."""
+        if self.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.proc.pid, signal.SIGUSR1)
+
 
 def dpy_available() -> bool:
     """True if discord.py 2.7.1 with voice support (PyNaCl, davey) is importable here."""

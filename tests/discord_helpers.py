@@ -4,9 +4,13 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
+import ssl as ssl_module
 import struct
+from typing import Any
 
+import aiohttp
 import nacl.bindings
 import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -110,3 +114,84 @@ async def discover(client: Client) -> None:
     assert len(response) == 74 and response[:8] == struct.pack("!HHI", 2, 70, client.ssrc)
     ip = response[8:72].split(b"\0", 1)[0].decode()
     assert (ip, struct.unpack("!H", response[72:])[0]) == client.address
+
+
+class Observer:
+    """A Discord member on the udp protocol that only listens: it records when each gateway
+    message arrives (event-loop time, i.e. time.monotonic()), e.g. to time CLIENT_DISCONNECT."""
+
+    def __init__(self, ws: aiohttp.ClientWebSocketResponse, udp: Client, interval: float) -> None:
+        self.ws = ws
+        self.udp = udp
+        self.received: list[tuple[float, dict[str, Any]]] = []
+        self._arrived = asyncio.Event()
+        self._seq = -1
+        self._reader = asyncio.ensure_future(self._read())
+        self._beater = asyncio.ensure_future(self._beat(interval))
+
+    @classmethod
+    async def join(
+        cls,
+        http: aiohttp.ClientSession,
+        url: str,
+        *,
+        server_id: str,
+        user_id: int,
+        token: str,
+        ssl: ssl_module.SSLContext | None = None,
+    ) -> Observer:
+        """HELLO, IDENTIFY, READY, IP discovery, SELECT_PROTOCOL udp, op 4 (discord-gateway.md §2)."""
+        ws = await http.ws_connect(url, ssl=ssl if ssl is not None else True)
+        hello = await ws.receive_json(timeout=5)
+        assert hello["op"] == 8, hello
+        identify = {
+            "server_id": server_id,
+            "user_id": str(user_id),
+            "session_id": f"obs-{user_id}",
+            "token": token,
+        }
+        await ws.send_json({"op": 0, "d": identify})
+        ready = await ws.receive_json(timeout=5)
+        assert ready["op"] == 2, ready
+        udp = Client(ready["d"]["ssrc"], AES)
+        udp.server = (ready["d"]["ip"], ready["d"]["port"])
+        await discover(udp)
+        ip, port = udp.address
+        await ws.send_json(
+            {"op": 1, "d": {"protocol": "udp", "data": {"address": ip, "port": port, "mode": AES}}}
+        )
+        return cls(ws, udp, hello["d"]["heartbeat_interval"] / 1000)
+
+    async def _read(self) -> None:
+        loop = asyncio.get_running_loop()
+        async for msg in self.ws:
+            if msg.type == aiohttp.WSMsgType.TEXT:
+                message = json.loads(msg.data)
+                self._seq = message.get("seq", self._seq)
+                self.received.append((loop.time(), message))
+                self._arrived.set()
+
+    async def _beat(self, interval: float) -> None:
+        """v8 heartbeats (§4), so that a long observation is not closed with 4009."""
+        while not self.ws.closed:
+            await asyncio.sleep(interval)
+            await self.ws.send_json({"op": 3, "d": {"t": 0, "seq_ack": self._seq}})
+
+    async def wait_op(self, op: int, user_id: int, timeout: float) -> float:
+        """When the first `op` about `user_id` arrived (TimeoutError if it does not in time)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            for at, message in self.received:
+                d = message.get("d")
+                about = (d.get("user_id"), *d.get("user_ids", ())) if isinstance(d, dict) else ()
+                if message.get("op") == op and str(user_id) in about:
+                    return at
+            self._arrived.clear()
+            await asyncio.wait_for(self._arrived.wait(), max(deadline - loop.time(), 0))
+
+    async def close(self) -> None:
+        self._beater.cancel()
+        await self.ws.close()
+        self._reader.cancel()
+        self.udp.close()

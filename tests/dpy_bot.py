@@ -10,7 +10,7 @@ No Discord login and no libopus: a ``discord.Client(intents=Intents.none())`` wi
 ``login()`` would create, a FakeGuild that delivers the two voice events 50 ms after
 ``change_voice_state`` returns, ``VoiceClient.connect(reconnect=False, timeout=...)``, then
 pre-encoded Opus frames through ``send_audio_packet(frame, encode=False)`` every 20 ms (or an
-Opus ``AudioSource`` through ``vc.play``), then ``disconnect()``.
+Opus ``AudioSource`` through ``vc.play``), then ``disconnect()`` after ``hold`` seconds (or at SIGUSR1).
 
 stdout: progress events ``{"event": "connected", ...}`` / ``{"event": "sent", ...}`` and finally one
 ``{"result": {...}}`` line (fields: tests/discord_clients.py ``DpyResult``); logs go to stderr.
@@ -23,9 +23,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import contextlib
 import json
 import logging
 import os
+import signal
 import sys
 import threading
 import time
@@ -115,7 +117,14 @@ def _install_hooks(rec: Recorder) -> None:
 
     async def received_message(self: Any, msg: dict[str, Any]) -> None:
         rec.result["ws_received"].append(
-            {"op": msg.get("op"), "seq": msg.get("seq"), "d": msg.get("d"), "t": _now()}
+            # mono: time.monotonic(), comparable with the test's event-loop time (same clock)
+            {
+                "op": msg.get("op"),
+                "seq": msg.get("seq"),
+                "d": msg.get("d"),
+                "t": _now(),
+                "mono": time.monotonic(),
+            }
         )
         await orig_received(self, msg)
 
@@ -206,6 +215,9 @@ async def _run(args: dict[str, Any], rec: Recorder) -> None:
     import discord
 
     rec.result["versions"] = {"discord.py": discord.__version__, "aiohttp": aiohttp.__version__}
+    # SIGUSR1 ends the hold early: a test that needs the bot until some event tells it so.
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, stop.set)
     _install_hooks(rec)
     log = logging.getLogger("dpy_bot")
 
@@ -256,11 +268,13 @@ async def _run(args: dict[str, Any], rec: Recorder) -> None:
         else:
             await _send_direct(vc, frames, interval, bool(args.get("speaking")), rec)
         _emit({"event": "sent", "t": _now(), "frames_sent": rec.result["frames_sent"]})
-        await asyncio.sleep(float(args.get("hold", 0.2)))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), float(args.get("hold", 0.2)))
         latency = vc.latency
         rec.result["latency"] = latency if latency != float("inf") else None
     finally:
         try:
+            _emit({"event": "leaving", "t": _now(), "mono": time.monotonic()})
             await asyncio.wait_for(vc.disconnect(force=True), timeout=5.0)
             rec.result["disconnected"] = True
         except BaseException as exc:

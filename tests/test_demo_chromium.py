@@ -55,6 +55,32 @@ def test_demo_page_member_alone_for_a_minute_then_hears_the_next(tmp_path: Path)
     asyncio.run(asyncio.wait_for(run_alone_then_pair(chromium, chromium_args(tmp_path)), 150))
 
 
+def test_demo_page_tab_close_reaches_the_other_within_a_second(tmp_path: Path) -> None:
+    """A member's tab closes (no Leave click): the other page gets UserLeft within a second (the
+    hRPC socket closes and the peer connection's DTLS close_notify closes its transports)."""
+    require_loopback_namespace()
+    chromium = find_chromium()
+    require_bundle(BUNDLE)
+    asyncio.run(asyncio.wait_for(run_tab_close(chromium, chromium_args(tmp_path)), 60))
+
+
+async def run_tab_close(chromium: str, args: list[str]) -> None:
+    async with demo_browser(chromium, args) as run:
+        one, two = await run.open(1), await run.open(2)
+        await one.wait_for_function("fastsfuDemo.peers().length === 1", timeout=30_000)
+        await two.wait_for_function("fastsfuDemo.peers().length === 1", timeout=30_000)
+        loop = asyncio.get_running_loop()
+        closed_at = loop.time()
+        await one.close()
+        # Only UserLeft removes a peer from the page (voice-client.ts removePeer).
+        await two.wait_for_function("fastsfuDemo.peers().length === 0", polling=10, timeout=60_000)
+        latency = loop.time() - closed_at
+        print(f"Harmony tab close -> UserLeft at the other page: {latency * 1000:.1f} ms")
+        assert latency < 1.0
+        assert sorted(run.rooms.rooms[(GUILD, CHANNEL)].members) == [2]
+        assert (await wait_state(two, "joined"))["state"] == "joined"
+
+
 async def wait_state(page: Any, states: str, timeout_ms: int = 30_000) -> dict[str, Any]:
     """Wait until window.fastsfuDemo.state is one of `states` (comma-separated)."""
     wanted = json.dumps(states.split(","))

@@ -4,6 +4,7 @@ flow, heartbeats, every close code, RESUME and replay, server closes, timers and
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any
 
 import pytest
@@ -503,6 +504,47 @@ def test_handler_crash_closes_4015_and_ends_the_session(gw: Gateway, handler: Ha
     conn.receive(frame(5, {"speaking": 1, "delay": 0, "ssrc": 1001}), 1.0)
     assert closed_with(conn) == 4015
     assert session.state == "ended" and handler.count("ended") == 1 and handler.count("suspended") == 0
+
+
+@pytest.mark.parametrize(
+    ("code", "ends"), [(1000, True), (1001, True), (4000, False), (1006, False), (None, False)]
+)
+def test_a_client_close_1000_or_1001_ends_the_session_others_suspend(
+    gw: Gateway, handler: Handler, code: int | None, ends: bool
+) -> None:
+    """1000/1001 from the client is a leave (discord.py disconnect(), djs destroy(), a closed tab);
+    no close frame or any other code keeps the RESUME window."""
+    conn, session = join(gw)
+    conn.transport_closed(1.0, code)
+    assert session.state == ("ended" if ends else "suspended")
+    assert (handler.count("ended"), handler.count("suspended")) == ((1, 0) if ends else (0, 1))
+    new = gw.connect(8, 2.0)
+    new.receive(frame(7, resume_d(seq_ack=2)), 2.0)
+    assert closed_with(new) == (4006 if ends else None)
+
+
+def test_session_start_protocol_and_end_are_logged_without_the_token(
+    gw: Gateway, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="fastsfu.discord")
+    conn, session = join(gw)
+    conn.transport_closed(1.0, 1000)
+    lines = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
+    assert lines == [
+        "discord session started: user 42 server_id 41 v8",
+        "discord session protocol: user 42 server_id 41 protocol udp",
+        "discord session ended: user 42 server_id 41 protocol udp: the client closed with 1000",
+    ]
+    assert session.end_reason == "the client closed with 1000"
+    conn, session = join(gw, sid="s2", now=2.0)
+    conn.transport_closed(3.0)
+    gw.handle_timer(3.0 + gw.config.resume_grace)
+    lines = [r.getMessage() for r in caplog.records][3:]
+    assert lines[-2:] == [
+        "discord session suspended for RESUME: user 42 server_id 41 protocol udp: no close frame",
+        "discord session ended: user 42 server_id 41 protocol udp: RESUME grace expired",
+    ]
+    assert not any("t1" in r.getMessage() for r in caplog.records)  # the token
 
 
 # ------------------------------------------------------------------------------------------ resume

@@ -168,12 +168,13 @@ def test_discord_py_and_discordjs_hear_each_other(tmp_path: Path) -> None:
             assert result.frames_sent == len(djs_frames)
             assert heard[: len(djs_frames)] == djs_frames, (len(heard), dpy.raw["receive_failures"])
             assert dpy.raw["receive_failures"] == 0
-            # /metrics: both sessions wait for a RESUME (their sockets closed with 1000).
+            # /metrics: both sessions ended (their clients left, closing with 1000), none waits
+            # for a RESUME.
             import aiohttp
 
             async with aiohttp.ClientSession() as http, http.get(server.address("fastsfu: metrics")) as r:
                 text = await r.text()
-            assert 'fastsfu_discord_sessions{state="suspended"} 2.0' in text, text
+            assert 'fastsfu_discord_sessions{state="suspended"} 0.0' in text, text
             assert "fastsfu_discord_connections 0.0" in text
 
     asyncio.run(asyncio.wait_for(main(), 100))
@@ -226,8 +227,16 @@ def test_a_discord_bot_and_a_harmony_user_share_a_mapped_room(tmp_path: Path) ->
                     len(heard),
                     dpy.raw["receive_failures"],
                 )
-                # The bot left: the Harmony user gets UserLeft once the resume grace... here the
-                # bot closed its socket with 1000 and is gone after the grace period (10 s).
+                # The bot left (disconnect() closes its socket with 1000): the Harmony user
+                # gets UserLeft at once, not after the resume grace (10 s here).
+                for _ in range(20):
+                    if any(r.WhichOneof("message") == "user_left" for r in harmony.received):
+                        break
+                    await asyncio.sleep(0.05)
+                left = [
+                    r.user_left.user_id for r in harmony.received if r.WhichOneof("message") == "user_left"
+                ]
+                assert left == [DPY_USER], harmony.received
             finally:
                 await harmony.leave()
 

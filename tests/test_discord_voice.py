@@ -162,9 +162,9 @@ def test_two_bots_hear_each_other_with_different_modes() -> None:
             b.udp.send_rtp(rtp_packet(b.udp.ssrc, 9000 + seq, frame))
         for frame in frames[:5]:
             assert ref_open(XCHACHA, a.udp.key, await a.udp.recv(), 12)[0][12:] == frame
-        # B's socket closes: it may RESUME within the grace period, after which it has left and
-        # A gets CLIENT_DISCONNECT once.
-        await b.ws.close()
+        # B's socket closes with a code that is not a leave: it may RESUME within the grace
+        # period, after which it has left and A gets CLIENT_DISCONNECT once.
+        await b.ws.close(code=4000)
         await asyncio.sleep(0.3)
         assert sorted(rooms.rooms[("discord", SERVER_ID)].members) == [1001, 1002]
         assert (await a.expect(13))["d"] == {"user_id": "1002"}
@@ -177,6 +177,37 @@ def test_two_bots_hear_each_other_with_different_modes() -> None:
         await a.ws.close()
 
     serve(body, resume_grace=1.0)
+
+
+@pytest.mark.parametrize("how", ["close 1000", "close 1001", "close 4000", "no close frame"])
+def test_a_client_close_with_1000_or_1001_is_a_leave(how: str) -> None:
+    """discord.py's disconnect() and djs's destroy() close with 1000, a closing tab with 1001: the
+    session ends at once and the others get op 13 within a second. Another code, or a socket that
+    drops without a close frame, keeps the session for RESUME (here 60 s)."""
+
+    async def body(url: str, http: aiohttp.ClientSession, rooms: VoiceRooms) -> None:
+        a = await connect(url, http, 1001, XCHACHA)
+        b = await connect(url, http, 1002, AES)
+        await a.expect(5)  # B is announced to A
+        loop = asyncio.get_running_loop()
+        left_at = loop.time()
+        if how == "no close frame":
+            b.ws._response.connection.transport.abort()  # type: ignore[union-attr]
+        else:
+            await b.ws.close(code=int(how.split()[1]))
+        room = rooms.rooms[("discord", SERVER_ID)]
+        if how in ("close 1000", "close 1001"):
+            assert (await a.expect(13))["d"] == {"user_id": "1002"}
+            latency = loop.time() - left_at
+            print(f"{how}: op 13 after {latency * 1000:.1f} ms")
+            assert latency < 1.0 and sorted(room.members) == [1001]
+        else:
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(a.expect(13), 1.0)
+            assert sorted(room.members) == [1001, 1002]
+        await a.ws.close()
+
+    serve(body)
 
 
 @pytest.mark.parametrize(
@@ -312,11 +343,47 @@ def browser_answer(template: str, offer_sdp: str, ssrcs: list[int]) -> str:
     )
 
 
+async def join_aiortc_browser(
+    url: str, http: aiohttp.ClientSession, pc: Any, user_id: int, bot_ssrc: int
+) -> tuple[GatewayClient, int]:
+    """A web client on the `webrtc` protocol (§7) with aiortc's RTCPeerConnection `pc` (an audio
+    track added): IDENTIFY, SELECT_PROTOCOL with its offer's fragment, the answer synthesised from
+    op 4, ICE + DTLS up, SPEAKING with its SSRC. Returns its gateway client and SSRC."""
+    from aiortc import RTCSessionDescription
+
+    await pc.setLocalDescription(await pc.createOffer())
+    offer_sdp = pc.localDescription.sdp
+    browser = GatewayClient(await http.ws_connect(url), user_id)
+    await browser.recv()
+    token = AUTH.mint(user_id)
+    await browser.send(
+        0, {"server_id": SERVER_ID, "user_id": str(user_id), "session_id": "w", "token": token}
+    )
+    await browser.expect(2)
+    fragment = fragment_from_offer(offer_sdp)
+    codecs = [{"name": "opus", "type": "audio", "priority": 1000, "payload_type": 111}]
+    await browser.send(1, {"protocol": "webrtc", "data": fragment, "sdp": fragment, "codecs": codecs})
+    description = (await browser.expect(4))["d"]
+    assert description["dave_protocol_version"] == 0 and "a=ice-ufrag:" in description["sdp"]
+    video = await browser.expect(12)  # the bot's audio SSRC, for the browser's a=ssrc lines
+    assert video["d"]["user_id"] == "1001" and video["d"]["audio_ssrc"] == bot_ssrc
+    answer_sdp = browser_answer(description["sdp"], offer_sdp, [bot_ssrc])
+    await pc.setRemoteDescription(RTCSessionDescription(answer_sdp, "answer"))
+    for _ in range(100):
+        if pc.connectionState == "connected":
+            break
+        await asyncio.sleep(0.05)
+    assert pc.connectionState == "connected"
+    my_ssrc: int = pc.getSenders()[0]._ssrc
+    await browser.send(5, {"speaking": 1, "delay": 0, "ssrc": my_ssrc})
+    return browser, my_ssrc
+
+
 @pytest.mark.usefixtures("aiortc_loopback")
 def test_webrtc_protocol_with_an_aiortc_browser_and_a_udp_bot() -> None:
     """SELECT_PROTOCOL webrtc: a template answer, ICE-lite + DTLS + SRTP on the shared port, the
     browser's SSRC learned from SPEAKING; it and a udp client hear each other (PT 111 <-> 120)."""
-    from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+    from aiortc import RTCConfiguration, RTCPeerConnection
     from aiortc.mediastreams import AudioStreamTrack
     from discord_clients import opus_tone_frames
 
@@ -328,31 +395,7 @@ def test_webrtc_protocol_with_an_aiortc_browser_and_a_udp_bot() -> None:
         pc.on("track", tracks.append)
         pc.addTrack(AudioStreamTrack())
         try:
-            await pc.setLocalDescription(await pc.createOffer())
-            offer_sdp = pc.localDescription.sdp
-            browser = GatewayClient(await http.ws_connect(url), 1002)
-            await browser.recv()
-            token = AUTH.mint(1002)
-            await browser.send(
-                0, {"server_id": SERVER_ID, "user_id": "1002", "session_id": "w", "token": token}
-            )
-            await browser.expect(2)
-            fragment = fragment_from_offer(offer_sdp)
-            codecs = [{"name": "opus", "type": "audio", "priority": 1000, "payload_type": 111}]
-            await browser.send(1, {"protocol": "webrtc", "data": fragment, "sdp": fragment, "codecs": codecs})
-            description = (await browser.expect(4))["d"]
-            assert description["dave_protocol_version"] == 0 and "a=ice-ufrag:" in description["sdp"]
-            video = await browser.expect(12)  # the bot's audio SSRC, for the browser's a=ssrc lines
-            assert video["d"]["user_id"] == "1001" and video["d"]["audio_ssrc"] == bot.udp.ssrc
-            answer_sdp = browser_answer(description["sdp"], offer_sdp, [bot.udp.ssrc])
-            await pc.setRemoteDescription(RTCSessionDescription(answer_sdp, "answer"))
-            for _ in range(100):
-                if pc.connectionState == "connected":
-                    break
-                await asyncio.sleep(0.05)
-            assert pc.connectionState == "connected"
-            my_ssrc = pc.getSenders()[0]._ssrc
-            await browser.send(5, {"speaking": 1, "delay": 0, "ssrc": my_ssrc})
+            browser, my_ssrc = await join_aiortc_browser(url, http, pc, 1002, bot.udp.ssrc)
             # The bot learns the browser (op 11, op 5 with its SSRC), then hears its audio.
             assert (await bot.expect(11))["d"]["user_ids"] == ["1002"]
             assert (await bot.expect(5))["d"] == {"user_id": "1002", "ssrc": my_ssrc, "speaking": 1}
@@ -377,6 +420,37 @@ def test_webrtc_protocol_with_an_aiortc_browser_and_a_udp_bot() -> None:
                 decoded += frame.samples == 960
             assert decoded == 10
             await browser.ws.close()
+        finally:
+            await pc.close()
+
+    serve(body)
+
+
+@pytest.mark.usefixtures("aiortc_loopback")
+def test_a_webrtc_browser_closing_its_peer_connection_leaves_at_once() -> None:
+    """pc.close() sends a DTLS close_notify (RFC 5246 §7.2.1): its transport closes, the session
+    ends with 4014 although its WebSocket is still open, and the bot gets op 13 within a second
+    (not at ICE consent expiry, ~30 s later)."""
+    from aiortc import RTCConfiguration, RTCPeerConnection
+    from aiortc.mediastreams import AudioStreamTrack
+
+    async def body(url: str, http: aiohttp.ClientSession, rooms: VoiceRooms) -> None:
+        bot = await connect(url, http, 1001, XCHACHA)
+        assert bot.udp is not None
+        pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        pc.addTrack(AudioStreamTrack())
+        try:
+            browser, my_ssrc = await join_aiortc_browser(url, http, pc, 1002, bot.udp.ssrc)
+            assert (await bot.expect(5))["d"] == {"user_id": "1002", "ssrc": my_ssrc, "speaking": 1}
+            loop = asyncio.get_running_loop()
+            closed_at = loop.time()
+            await pc.close()
+            assert (await bot.expect(13))["d"] == {"user_id": "1002"}
+            latency = loop.time() - closed_at
+            print(f"aiortc pc.close() -> op 13 at the bot: {latency * 1000:.1f} ms")
+            assert latency < 1.0
+            assert await browser.close_code() == 4014
+            assert sorted(rooms.rooms[("discord", SERVER_ID)].members) == [1001]
         finally:
             await pc.close()
 

@@ -410,7 +410,11 @@ main()
       Object.entries(expectFrames).every(([u, c]) => (result.received[u]?.length ?? 0) >= c);
     snapshotStatus(); // before our own destroy(): what the server did to the connection
     try {
-      if (conn.state.status !== VoiceConnectionStatus.Destroyed) conn.destroy();
+      if (conn.state.status !== VoiceConnectionStatus.Destroyed) {
+        // mono: CLOCK_MONOTONIC seconds (libuv's hrtime), comparable with Python's time.monotonic()
+        emit({ event: 'leaving', t: now(), mono: Number(process.hrtime.bigint()) / 1e9 });
+        conn.destroy();
+      }
     } catch (err) {
       fail('destroy', err);
     }

@@ -18,7 +18,14 @@ from typing import Any, Literal, Protocol, TypeAlias
 
 from fastsfu.discord import payloads
 from fastsfu.discord.errors import GatewayError
-from fastsfu.discord.opcodes import CLOSE_MEANINGS, CORE_OPS, RESUMABLE_CLOSE_CODES, CloseCode, Op
+from fastsfu.discord.opcodes import (
+    CLIENT_LEAVE_CLOSE_CODES,
+    CLOSE_MEANINGS,
+    CORE_OPS,
+    RESUMABLE_CLOSE_CODES,
+    CloseCode,
+    Op,
+)
 
 __all__ = [
     "Close",
@@ -214,6 +221,7 @@ class Session:
         self.attachment: Any = None  # the handler's own per-session state
         self.protocol: str | None = None  # set by a successful SELECT_PROTOCOL
         self.suspended_at: float | None = None
+        self.end_reason: str | None = None  # why it ended (logged; set before handler.ended())
         self._gateway = gateway
         self._state: SessionState = "identifying"
         self._connection: Connection | None = None
@@ -279,7 +287,7 @@ class Session:
         if self._connection is not None:
             self._connection._finish(when, code, reason, resumable=code in RESUMABLE_CLOSE_CODES)
         elif code not in RESUMABLE_CLOSE_CODES:
-            self._gateway._end(self)
+            self._gateway._end(self, code, reason)
 
     # -------------------------------------------------------------- internals
 
@@ -379,10 +387,18 @@ class Connection:
             # A silent client is most likely a dead network path: keep the session for RESUME.
             self._finish(now, CloseCode.SESSION_TIMEOUT, "no heartbeat in time", resumable=True)
 
-    def transport_closed(self, now: float) -> None:
-        """The socket went away: an identified session is suspended for RESUME (§4)."""
+    def transport_closed(self, now: float, code: int | None = None) -> None:
+        """The socket went away; `code` is the status of the client's close frame (None: none).
+
+        A client's 1000 or 1001 is a leave (CLIENT_LEAVE_CLOSE_CODES): the session ends at once.
+        A drop or any other code suspends an identified session for RESUME (§4).
+        """
         self._gateway._tick(now)
-        self._finish(now, None, "", resumable=True)
+        if code in CLIENT_LEAVE_CLOSE_CODES:
+            self._finish(now, None, f"the client closed with {code}")
+        else:
+            why = "no close frame" if code is None else f"the client closed with {code}"
+            self._finish(now, None, why, resumable=True)
 
     def close(self, code: int, reason: str = "", now: float | None = None) -> None:
         """Close from the edge (e.g. 4021 rate limited); the session follows Session.close's rule."""
@@ -455,6 +471,12 @@ class Connection:
         session._state = "active"
         self._state = "ready"
         self._last_beat = now  # the heartbeat clock starts once identified
+        log.info(
+            "discord session started: user %s server_id %s v%d",
+            session.user_id,
+            session.server_id,
+            self.version,
+        )
         self._emit(Send(_message(Op.READY, ready)))  # READY carries no seq (§4)
         self._release_hold(session)
 
@@ -474,6 +496,12 @@ class Connection:
         if not isinstance(description, dict):
             raise TypeError("GatewayHandler.select_protocol must return a dict")
         session.protocol = d["protocol"]
+        log.info(
+            "discord session protocol: user %s server_id %s protocol %s",
+            session.user_id,
+            session.server_id,
+            session.protocol,
+        )
         session._send_now(Op.SESSION_DESCRIPTION, description, True)  # replayable: seq 1 on v8 (§2)
         for op, data, replayable in held:
             session._send_now(op, data, replayable)
@@ -528,6 +556,7 @@ class Connection:
         self._state = "ready"
         self._last_beat = now
         self._emit(Send(_message(Op.RESUMED, None)))  # op 9 null, then the replay (§4)
+        log.info("discord session resumed: user %s server_id %s", session.user_id, session.server_id)
         if self.version >= 8:
             session._ack(acked)
             for _, text in session._buffer:  # everything left has seq > seq_ack, in order
@@ -580,10 +609,12 @@ class Connection:
         session._connection = None
         if session._state != "active":
             return  # IDENTIFY refused: never registered, so no ended()
+        if code is not None:
+            reason = f"closed {code}: {_reason(reason, code)}"
         if resumable:
-            self._gateway._suspend(session, now)
+            self._gateway._suspend(session, now, reason)
         else:
-            self._gateway._end(session)
+            self._gateway._end(session, reason=reason)
 
 
 # ---------------------------------------------------------------------------------------------- gateway
@@ -670,7 +701,7 @@ class Gateway:
                 conn._finish(when, code, reason, resumable=code in RESUMABLE_CLOSE_CODES)
         if end_sessions:
             for session in list(self._sessions.values()):
-                self._end(session)
+                self._end(session, code, reason)
 
     # -------------------------------------------------------------- internals
 
@@ -687,12 +718,19 @@ class Gateway:
             assert oldest.suspended_at is not None
             if oldest.suspended_at + grace > now:
                 break
-            log.debug("voice gateway: RESUME grace expired for %r", oldest)
-            self._end(oldest)
+            self._end(oldest, reason="RESUME grace expired")
 
-    def _suspend(self, session: Session, now: float) -> None:
+    def _suspend(self, session: Session, now: float, why: str) -> None:
         while len(self._suspended) >= self.config.max_suspended:
-            self._end(next(iter(self._suspended.values())))  # bounded: the oldest goes first
+            # bounded: the oldest goes first
+            self._end(next(iter(self._suspended.values())), reason="too many suspended sessions")
+        log.info(
+            "discord session suspended for RESUME: user %s server_id %s protocol %s: %s",
+            session.user_id,
+            session.server_id,
+            session.protocol,
+            why,
+        )
         session._state = "suspended"
         session.suspended_at = self._clock(now)
         self._suspended[session.key] = session
@@ -725,6 +763,14 @@ class Gateway:
         if conn is not None:
             conn._detach(code, reason)
         session._state = "ended"
+        session.end_reason = reason or CLOSE_MEANINGS.get(code, str(code))
+        log.info(
+            "discord session ended: user %s server_id %s protocol %s: %s",
+            session.user_id,
+            session.server_id,
+            session.protocol,
+            session.end_reason,
+        )
         session._connection = None
         session._hold = None
         session._buffer.clear()

@@ -106,3 +106,12 @@ CLOSE_MEANINGS: dict[int, str] = {
 # Server-initiated closes after which the session stays suspended for RESUME (§5: djs resumes on 4015,
 # UD says "try resuming" for 4013). After any other code the session ends (4014/4022: do not reconnect).
 RESUMABLE_CLOSE_CODES: frozenset[int] = frozenset({CloseCode.MEDIA_FAILED, CloseCode.VOICE_SERVER_CRASHED})
+
+# A client's own close with 1000 (normal closure) or 1001 (going away, a closed tab), RFC 6455
+# §7.4.1, is a leave: discord.py's disconnect() and @discordjs/voice's destroy() send 1000, a browser
+# 1001 on unload; Discord's main gateway invalidates a session closed this way too (its gateway
+# docs, "Disconnecting"). The session ends at once. Their closes before a reconnect carry no close
+# frame or another code, and keep RESUME.
+# One exception (djs Networking.onUdpClose): if djs's own UDP socket closes, it opens a socket to
+# RESUME and closes the old one with 1000; that RESUME gets 4006 and djs rejoins with IDENTIFY.
+CLIENT_LEAVE_CLOSE_CODES: frozenset[int] = frozenset({1000, 1001})

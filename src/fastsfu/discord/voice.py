@@ -247,7 +247,7 @@ class DiscordVoice(GatewayHandler):
         member.offer = offer
         member.ssrc = None
         session = member.session
-        webrtc.observer.once("close", lambda: self._media_gone(session))
+        webrtc.observer.once("close", lambda: self._media_gone(session, webrtc.close_reason))
         self._join(member)
         member.session.send(Op.MEDIA_SINK_WANTS, {"any": 100})
         candidate = webrtc.ice_candidates[0]
@@ -260,10 +260,11 @@ class DiscordVoice(GatewayHandler):
             "dave_protocol_version": 0,
         }
 
-    def _media_gone(self, session: Session) -> None:
-        """The browser's transport closed (ICE consent expired, DTLS failed): end the session."""
+    def _media_gone(self, session: Session, why: str | None) -> None:
+        """The browser's transport closed itself (its DTLS close_notify or a fatal alert, DTLS
+        failure, ICE consent expiry): end the session at once, the others get op 13."""
         if session.state in ("active", "suspended"):
-            session.close(CloseCode.DISCONNECTED, "media connection lost")
+            session.close(CloseCode.DISCONNECTED, f"media connection lost: {why or 'closed'}")
 
     def _join(self, member: DiscordMember) -> None:
         """The room commit, one step with no await: consumers both ways, then the announcements

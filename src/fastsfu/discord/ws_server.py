@@ -69,8 +69,12 @@ class GatewayEndpoint:
                 receiver = None
                 if msg.type in (WSMsgType.TEXT, WSMsgType.BINARY):
                     connection.receive(msg.data, loop.time())
-                else:  # close, error, or the socket went away: the session may RESUME later
-                    connection.transport_closed(loop.time())
+                else:
+                    # The client's close frame (its status decides between a leave and a RESUME
+                    # window; aiohttp reports a frame without a status as 0), an error, or the
+                    # socket went away (no frame: the session may RESUME later).
+                    code = msg.data if msg.type == WSMsgType.CLOSE and isinstance(msg.data, int) else 0
+                    connection.transport_closed(loop.time(), code or None)
                     return ws
         except ConnectionError:  # the client went away while we wrote: the same as a drop
             return ws
