@@ -71,7 +71,7 @@ class Transport(EventEmitter):
         self.rtcp_malformed = 0
         self.rtcp_received: collections.Counter[int] = collections.Counter()  # by packet type
         self.slot: int = self.engine.datapath.add_transport(socket.slot, False)
-        self.engine._register_transport(self)
+        self.engine.add_transport(self)
         self._rtcp_timer: asyncio.TimerHandle | None = None
         self._schedule_rtcp()
 
@@ -360,7 +360,7 @@ class Transport(EventEmitter):
             self._rtcp_timer.cancel()
             self._rtcp_timer = None
         self.engine.datapath.remove_transport(self.slot)
-        self.engine._unregister_transport(self)
+        self.engine.remove_transport(self)
         self.srtp_in = self.srtp_out = None
         self.observer.emit("close")
         return True
