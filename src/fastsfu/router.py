@@ -13,6 +13,7 @@ from fastsfu.types import RouterDump, RtpCapabilities, RtpCodecCapability
 from fastsfu.webrtc_transport import WebRtcTransport
 
 if TYPE_CHECKING:
+    from fastsfu.consumer import Consumer
     from fastsfu.discord.udp_transport import DiscordUdpTransport
     from fastsfu.engine import Engine
     from fastsfu.producer import Producer
@@ -147,22 +148,30 @@ class Router(EventEmitter):
         self.observer.emit("close")
         return True
 
-    def _transport_closed(self, transport: Transport) -> None:
-        self.transports.pop(transport.id, None)
+    # ------------------------------------------------------------------ TransportListener
 
-    def _producer_added(self, producer: Producer) -> None:
-        self.producers[producer.id] = producer
-
-    def _producer_closed(self, producer: Producer) -> None:
-        self.producers.pop(producer.id, None)
-
-    def _check_producer_limit(self) -> None:
+    def on_transport_will_produce(self) -> None:
         if len(self.producers) >= self.engine.settings.max_producers_per_router:
             raise RouterLimitError("too many producers in this router")
 
-    def _check_consumer_limit(self) -> None:
+    def on_transport_new_producer(self, producer: Producer) -> None:
+        self.producers[producer.id] = producer
+
+    def on_transport_producer_closed(self, producer: Producer) -> None:
+        self.producers.pop(producer.id, None)
+
+    def on_transport_will_consume(self) -> None:
         if self._consumer_count >= self.engine.settings.max_consumers_per_router:
             raise RouterLimitError("too many consumers in this router")
+
+    def on_transport_new_consumer(self, consumer: Consumer) -> None:
+        self._consumer_count += 1
+
+    def on_transport_consumer_closed(self, consumer: Consumer) -> None:
+        self._consumer_count -= 1
+
+    def on_transport_closed(self, transport: Transport) -> None:
+        self.transports.pop(transport.id, None)
 
     def dump(self) -> RouterDump:
         return {
