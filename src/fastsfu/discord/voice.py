@@ -129,7 +129,7 @@ class DiscordVoice(GatewayHandler):
         self,
         rooms: Rooms,
         authenticate: Authenticate,
-        room_map: Mapping[str, tuple[int, int]] | None = None,
+        room_map: Mapping[str, RoomKey] | None = None,  # [discord.rooms]: server_id -> room key
         only_mapped: bool = False,
         announced_ip: str | None = None,
         webrtc: bool = True,
