@@ -159,7 +159,8 @@ def test_authorization_hook_runs_for_guild_channel_rooms_only() -> None:
 
 
 def test_a_claimer_gets_slow_path_datagrams_from_new_tuples_on_the_real_socket() -> None:
-    """The engine's hook: a registered claimer is asked about datagrams from unknown tuples."""
+    """The engine's hook: registered claimers are asked about datagrams from unknown tuples, and
+    one that raises is counted, not fatal to the read path."""
 
     class Claims:
         def __init__(self) -> None:
@@ -169,8 +170,13 @@ def test_a_claimer_gets_slow_path_datagrams_from_new_tuples_on_the_real_socket()
             self.seen.append((kind, data))
             return None  # not ours: the engine counts it as unhandled
 
+    class Broken:
+        def claim(self, kind: int, data: bytes) -> Any:
+            raise RuntimeError("a bug in a claimer")
+
     async def body(engine: Engine) -> None:
         claims = Claims()
+        engine.register_claimer("broken", Broken())  # asked first: counted, the others still asked
         engine.register_claimer("test", claims)
         assert engine.claimer("test") is claims
         with pytest.raises(ValueError):
@@ -185,7 +191,7 @@ def test_a_claimer_gets_slow_path_datagrams_from_new_tuples_on_the_real_socket()
         finally:
             sock.close()
         assert [data for _, data in claims.seen] == [b"\x00\x01\x00\x00probe"]
-        assert engine.unhandled_datagrams == 1
+        assert engine.unhandled_datagrams == 1 and engine.slow_path_errors == 1
 
     run(body)
 

@@ -269,7 +269,12 @@ class Engine(EventEmitter):
 
     def _claim(self, kind: int, data: bytes) -> Transport | None:
         for claimer in self._claimers.values():
-            transport = claimer.claim(kind, data)
+            try:
+                transport = claimer.claim(kind, data)
+            except Exception:  # a claimer's bug must not break the read path: count and log
+                self.slow_path_errors += 1
+                log.exception("slow-path claimer failed")
+                continue
             if transport is not None:
                 return transport
         return None
