@@ -19,7 +19,7 @@ from test_discord_voice import AUTH, SERVER_ID, GatewayClient, connect
 
 from fastsfu import Engine
 from fastsfu.discord.gateway import Gateway
-from fastsfu.discord.udp_transport import DiscordUdpTransport, discovery_response
+from fastsfu.discord.udp_transport import DiscordUdpTransport, discovery_response, discovery_table
 from fastsfu.discord.voice import DiscordVoice
 from fastsfu.discord.ws_server import GatewayEndpoint, make_gateway_app
 from fastsfu.harmony import VoiceRooms
@@ -51,7 +51,7 @@ class Edge:
         return float(values[0])
 
     def transport(self, ssrc: int) -> DiscordUdpTransport:
-        transport = self.engine._discord_ssrcs[ssrc]
+        transport = discovery_table(self.engine).lookup(ssrc)
         assert isinstance(transport, DiscordUdpTransport)
         return transport
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from fastsfu.events import EventEmitter
 from fastsfu.types import ConsumerDump, ConsumerStats, MediaKind, RtpParameters
@@ -12,6 +12,12 @@ from fastsfu.types import ConsumerDump, ConsumerStats, MediaKind, RtpParameters
 if TYPE_CHECKING:
     from fastsfu.producer import Producer
     from fastsfu.transport import Transport
+
+
+class ConsumerListener(Protocol):
+    """A consumer's one upward call, to its transport (as mediasoup's Consumer::Listener)."""
+
+    def on_consumer_closed(self, consumer: Consumer) -> None: ...
 
 
 class Consumer(EventEmitter):
@@ -35,6 +41,7 @@ class Consumer(EventEmitter):
         self.kind: MediaKind = "audio"
         self.type = "simple"
         self.transport = transport
+        self._listener: ConsumerListener = transport
         self.producer = producer
         self.producer_id = producer.id
         self.rtp_parameters = rtp_parameters
@@ -85,8 +92,7 @@ class Consumer(EventEmitter):
         self.observer.emit("resume")
 
     def close(self) -> None:
-        if self._close():
-            self.transport._consumer_closed(self)
+        self._close()
 
     def _close(self) -> bool:
         if self._closed:
@@ -94,7 +100,7 @@ class Consumer(EventEmitter):
         self._closed = True
         self._dp.remove_consumer(self.slot)
         self.producer.consumers.pop(self.id, None)
-        self.transport._release_consumer_ssrc(self.ssrc)
+        self._listener.on_consumer_closed(self)
         self.observer.emit("close")
         return True
 
@@ -104,7 +110,6 @@ class Consumer(EventEmitter):
 
     def _producer_closed(self) -> None:
         if self._close():
-            self.transport._consumer_closed(self)
             self.emit("producerclose")
 
     def _on_producer_pause(self) -> None:

@@ -12,9 +12,9 @@ import logging
 import socket as socketlib
 from dataclasses import dataclass
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
-from fastsfu import _rtp, rtp, stun
+from fastsfu import _rtp, rtp
 from fastsfu import srtp as _srtp  # noqa: F401 - installs the libsrtp entry points in the datapath
 from fastsfu.dtls import DtlsCertificate
 from fastsfu.events import EventEmitter
@@ -25,6 +25,13 @@ if TYPE_CHECKING:
     from fastsfu.types import EngineStats, RtpCodecCapability
 
 log = logging.getLogger(__name__)
+
+
+class Claimer(Protocol):
+    """A transport family's lookup for slow-path datagrams from tuples no transport owns yet:
+    ICE finds its transport by ufrag, Discord's IP discovery by SSRC (Engine.register_claimer)."""
+
+    def claim(self, kind: int, data: bytes) -> Transport | None: ...
 
 
 @dataclass
@@ -133,11 +140,10 @@ class Engine(EventEmitter):
         self.discord_remote_moves = 0
         self._sockets: dict[int, UdpSocket] = {}
         self._transports: dict[int, Transport] = {}
-        self._discord_ssrcs: dict[int, Transport] = {}
         self._closed = False
         self._dtls_certificate: DtlsCertificate | None = None
         self._shared_webrtc_socket: UdpSocket | None = None
-        self._ufrags: dict[str, Transport] = {}
+        self._claimers: dict[str, Claimer] = {}
         if s.datapath_thread:
             # RTP never reaches Python: the loop wakes only for slow-path datagrams and events.
             self.datapath.start()
@@ -159,6 +165,7 @@ class Engine(EventEmitter):
             raise RuntimeError("engine closed")
         router = Router(self, media_codecs, app_data)
         self.routers[router.id] = router
+        router.observer.once("close", lambda: self.routers.pop(router.id, None))
         self.observer.emit("newrouter", router)
         return router
 
@@ -170,7 +177,7 @@ class Engine(EventEmitter):
         for router in list(self.routers.values()):
             router._engine_closed()
         for sock in list(self._sockets.values()):
-            self._close_socket(sock)
+            self.close_socket(sock)
         self.loop.remove_reader(self._reader_fd)
         self.datapath.close()  # joins the thread before the tables can go away
         self.observer.emit("close")
@@ -198,27 +205,25 @@ class Engine(EventEmitter):
 
     # ------------------------------------------------------------------ sockets and transports
 
-    def _open_socket(self, ip: str, port: int) -> UdpSocket:
+    def open_socket(self, ip: str, port: int) -> UdpSocket:
         if self._closed:
             raise RuntimeError("engine closed")
         sock = UdpSocket(self, ip, port)
         self._sockets[sock.slot] = sock
         return sock
 
-    def _close_socket(self, sock: UdpSocket) -> None:
+    def close_socket(self, sock: UdpSocket) -> None:
         if self._sockets.pop(sock.slot, None) is None:
             return
         self.datapath.remove_socket(sock.slot)
         sock.sock.close()
 
-    def _register_transport(self, transport: Transport) -> None:
+    def add_transport(self, transport: Transport) -> None:
+        """A transport took its datapath slot: its slow-path datagrams and events go to it."""
         self._transports[transport.slot] = transport
 
-    def _unregister_transport(self, transport: Transport) -> None:
+    def remove_transport(self, transport: Transport) -> None:
         self._transports.pop(transport.slot, None)
-
-    def _router_closed(self, router: Router) -> None:
-        self.routers.pop(router.id, None)
 
     # ------------------------------------------------------------------ WebRTC: shared port, ufrags
 
@@ -235,47 +240,21 @@ class Engine(EventEmitter):
                 self._dtls_certificate = DtlsCertificate.generate()
         return self._dtls_certificate
 
-    def _webrtc_socket(self) -> UdpSocket:
+    def webrtc_socket(self) -> UdpSocket:
+        """The UDP socket shared by WebRtcTransports (and Discord transports) of this engine."""
         if self._shared_webrtc_socket is None:
             s = self.settings
-            self._shared_webrtc_socket = self._open_socket(s.webrtc_listen_ip or s.listen_ip, s.webrtc_port)
+            self._shared_webrtc_socket = self.open_socket(s.webrtc_listen_ip or s.listen_ip, s.webrtc_port)
         return self._shared_webrtc_socket
 
-    def _register_ufrag(self, ufrag: str, transport: Transport) -> None:
-        if ufrag in self._ufrags:
-            raise ValueError("ICE username fragment already in use")
-        self._ufrags[ufrag] = transport
+    def register_claimer(self, name: str, claimer: Claimer) -> None:
+        """Consult `claimer` for slow-path datagrams from unknown tuples (one per transport family)."""
+        if name in self._claimers:
+            raise ValueError(f"a claimer named {name!r} is already registered")
+        self._claimers[name] = claimer
 
-    def _unregister_ufrag(self, ufrag: str) -> None:
-        self._ufrags.pop(ufrag, None)
-
-    def _register_discord_ssrc(self, ssrc: int, transport: Transport) -> None:
-        # IP discovery finds its transport by READY's SSRC, so SSRCs are unique per engine.
-        if ssrc in self._discord_ssrcs:
-            raise ValueError(f"SSRC {ssrc} is already in use by a Discord transport")
-        self._discord_ssrcs[ssrc] = transport
-
-    def _unregister_discord_ssrc(self, ssrc: int, transport: Transport) -> None:
-        if self._discord_ssrcs.get(ssrc) is transport:
-            del self._discord_ssrcs[ssrc]
-
-    def _transport_for_discovery(self, data: bytes) -> Transport | None:
-        """The Discord transport a 74-byte IP discovery request names (discord-gateway.md §6.1)."""
-        if not self._discord_ssrcs:
-            return None
-        from fastsfu.discord.udp_transport import parse_discovery_request  # only with Discord transports
-
-        ssrc = parse_discovery_request(data)
-        return self._discord_ssrcs.get(ssrc) if ssrc is not None else None
-
-    def _transport_for_stun(self, data: bytes) -> Transport | None:
-        try:
-            username = stun.parse_message(data).get(stun.ATTR_USERNAME)
-        except stun.StunError:
-            return None
-        if username is None:
-            return None
-        return self._ufrags.get(username.split(b":", 1)[0].decode("utf-8", "replace"))
+    def claimer(self, name: str) -> Claimer | None:
+        return self._claimers.get(name)
 
     # ------------------------------------------------------------------ the read path
 
@@ -294,9 +273,8 @@ class Engine(EventEmitter):
         if slow is not None:
             for kind, t, data, addr, _sock in slow:
                 transport = self._transports.get(t)
-                if transport is None and kind == rtp.SLOW_STUN:
-                    # A new tuple: ICE names its transport by ufrag, Discord's IP discovery by SSRC.
-                    transport = self._transport_for_stun(data) or self._transport_for_discovery(data)
+                if transport is None:
+                    transport = self._claim(kind, data)  # a new tuple (ICE ufrag, Discord SSRC...)
                 if transport is None:
                     self.unhandled_datagrams += 1
                     continue
@@ -306,6 +284,18 @@ class Engine(EventEmitter):
                     # Bad input must not break the loop or other sessions: count and log.
                     self.slow_path_errors += 1
                     log.exception("slow-path datagram handling failed")
+
+    def _claim(self, kind: int, data: bytes) -> Transport | None:
+        for claimer in self._claimers.values():
+            try:
+                transport = claimer.claim(kind, data)
+            except Exception:  # a claimer's bug must not break the read path: count and log
+                self.slow_path_errors += 1
+                log.exception("slow-path claimer failed")
+                continue
+            if transport is not None:
+                return transport
+        return None
 
     def _on_events(self) -> None:
         for kind, t, value in self.datapath.take_events():

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from fastsfu.events import EventEmitter
 from fastsfu.ortc import ProducerRtpInfo
@@ -13,6 +13,12 @@ from fastsfu.types import MediaKind, ProducerDump, ProducerStats, RtpParameters
 if TYPE_CHECKING:
     from fastsfu.consumer import Consumer
     from fastsfu.transport import Transport
+
+
+class ProducerListener(Protocol):
+    """A producer's one upward call, to its transport (as mediasoup's Producer::Listener)."""
+
+    def on_producer_closed(self, producer: Producer) -> None: ...
 
 
 class Producer(EventEmitter):
@@ -35,6 +41,7 @@ class Producer(EventEmitter):
         self.kind: MediaKind = "audio"
         self.type = "simple"
         self.transport = transport
+        self._listener: ProducerListener = transport
         self.rtp_parameters = rtp_parameters
         self.info = info
         self.app_data: dict[str, Any] = app_data if app_data is not None else {}
@@ -87,8 +94,7 @@ class Producer(EventEmitter):
 
     def close(self) -> None:
         """Close the producer and its consumers (each emits "producerclose")."""
-        if self._close():
-            self.transport._producer_closed(self)
+        self._close()
 
     def _transport_closed(self) -> None:
         if self._close():
@@ -101,8 +107,7 @@ class Producer(EventEmitter):
         for consumer in list(self.consumers.values()):
             consumer._producer_closed()
         self._dp.remove_producer(self.slot)
-        self.transport._forget_inbound_stream(self.ssrc)
-        self.transport.router._producer_closed(self)
+        self._listener.on_producer_closed(self)
         self.observer.emit("close")
         return True
 

@@ -13,6 +13,7 @@ from fastsfu.types import RouterDump, RtpCapabilities, RtpCodecCapability
 from fastsfu.webrtc_transport import WebRtcTransport
 
 if TYPE_CHECKING:
+    from fastsfu.consumer import Consumer
     from fastsfu.discord.udp_transport import DiscordUdpTransport
     from fastsfu.engine import Engine
     from fastsfu.producer import Producer
@@ -67,17 +68,16 @@ class Router(EventEmitter):
             raise RuntimeError("router closed")
         if not rtcp_mux:
             raise ValueError("rtcp_mux=False is not supported: RTP and RTCP share the port (RFC 5761)")
-        socket = self.engine._open_socket(listen_ip or self.engine.settings.listen_ip, port)
+        socket = self.engine.open_socket(listen_ip or self.engine.settings.listen_ip, port)
         try:
             transport = PlainTransport(
                 self, socket, comedia, enable_srtp, srtp_crypto_suite, app_data, srtp_key
             )
         except BaseException:
-            self.engine._close_socket(socket)
+            self.engine.close_socket(socket)
             raise
-        transport.observer.once("close", lambda: self.engine._close_socket(socket))
-        self.transports[transport.id] = transport
-        self.observer.emit("newtransport", transport)
+        transport.observer.once("close", lambda: self.engine.close_socket(socket))
+        self.add_transport(transport)
         return transport
 
     def create_webrtc_transport(
@@ -94,38 +94,33 @@ class Router(EventEmitter):
         settings = self.engine.settings
         own = listen_ip is not None or port is not None
         socket = (
-            self.engine._open_socket(listen_ip or settings.webrtc_listen_ip or settings.listen_ip, port or 0)
+            self.engine.open_socket(listen_ip or settings.webrtc_listen_ip or settings.listen_ip, port or 0)
             if own
-            else self.engine._webrtc_socket()
+            else self.engine.webrtc_socket()
         )
         try:
             transport = WebRtcTransport(self, socket, announced_ip or settings.webrtc_announced_ip, app_data)
         except BaseException:
             if own:
-                self.engine._close_socket(socket)
+                self.engine.close_socket(socket)
             raise
         if own:
-            transport.observer.once("close", lambda: self.engine._close_socket(socket))
-        self.transports[transport.id] = transport
-        self.observer.emit("newtransport", transport)
+            transport.observer.once("close", lambda: self.engine.close_socket(socket))
+        self.add_transport(transport)
         return transport
 
     def create_discord_udp_transport(
         self, ssrc: int, announced_ip: str | None = None, app_data: dict[str, Any] | None = None
     ) -> DiscordUdpTransport:
-        """A Discord `udp` protocol transport for READY's `ssrc`, on the engine's shared media port
-        (discord-gateway.md §6): IP discovery admits the client, rtpsize AEAD protects the media."""
-        from fastsfu.discord.udp_transport import DiscordUdpTransport
+        """Kept for embedders: fastsfu.discord.udp_transport.create_udp_transport builds it."""
+        from fastsfu.discord.udp_transport import create_udp_transport
 
-        if self._closed:
-            raise RuntimeError("router closed")
-        settings = self.engine.settings
-        transport = DiscordUdpTransport(
-            self, self.engine._webrtc_socket(), ssrc, announced_ip or settings.webrtc_announced_ip, app_data
-        )
+        return create_udp_transport(self, ssrc, announced_ip, app_data)
+
+    def add_transport(self, transport: Transport) -> None:
+        """Adopt a transport built on this router (by a front-end's own transport family)."""
         self.transports[transport.id] = transport
         self.observer.emit("newtransport", transport)
-        return transport
 
     def can_consume(self, producer_id: str, rtp_capabilities: RtpCapabilities) -> bool:
         producer = self.producers.get(producer_id)
@@ -138,8 +133,7 @@ class Router(EventEmitter):
 
     def close(self) -> None:
         """Close the router and its transports (each emits "routerclose")."""
-        if self._close():
-            self.engine._router_closed(self)
+        self._close()  # the engine forgets it on the observer's "close"
 
     def _engine_closed(self) -> None:
         if self._close():
@@ -154,22 +148,30 @@ class Router(EventEmitter):
         self.observer.emit("close")
         return True
 
-    def _transport_closed(self, transport: Transport) -> None:
-        self.transports.pop(transport.id, None)
+    # ------------------------------------------------------------------ TransportListener
 
-    def _producer_added(self, producer: Producer) -> None:
-        self.producers[producer.id] = producer
-
-    def _producer_closed(self, producer: Producer) -> None:
-        self.producers.pop(producer.id, None)
-
-    def _check_producer_limit(self) -> None:
+    def on_transport_will_produce(self) -> None:
         if len(self.producers) >= self.engine.settings.max_producers_per_router:
             raise RouterLimitError("too many producers in this router")
 
-    def _check_consumer_limit(self) -> None:
+    def on_transport_new_producer(self, producer: Producer) -> None:
+        self.producers[producer.id] = producer
+
+    def on_transport_producer_closed(self, producer: Producer) -> None:
+        self.producers.pop(producer.id, None)
+
+    def on_transport_will_consume(self) -> None:
         if self._consumer_count >= self.engine.settings.max_consumers_per_router:
             raise RouterLimitError("too many consumers in this router")
+
+    def on_transport_new_consumer(self, consumer: Consumer) -> None:
+        self._consumer_count += 1
+
+    def on_transport_consumer_closed(self, consumer: Consumer) -> None:
+        self._consumer_count -= 1
+
+    def on_transport_closed(self, transport: Transport) -> None:
+        self.transports.pop(transport.id, None)
 
     def dump(self) -> RouterDump:
         return {

@@ -13,7 +13,7 @@ import logging
 import random
 import time
 import uuid
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from fastsfu import ortc, rtp
 from fastsfu.consumer import Consumer
@@ -42,6 +42,19 @@ class TransportError(RuntimeError):
     """A control-plane call that does not fit the transport's state."""
 
 
+class TransportListener(Protocol):
+    """A transport's upward calls, to its router (as mediasoup's Transport::Listener): limits
+    before a producer or consumer is made, then its life; nothing else reaches into the router."""
+
+    def on_transport_will_produce(self) -> None: ...  # raises RouterLimitError
+    def on_transport_new_producer(self, producer: Producer) -> None: ...
+    def on_transport_producer_closed(self, producer: Producer) -> None: ...
+    def on_transport_will_consume(self) -> None: ...  # raises RouterLimitError
+    def on_transport_new_consumer(self, consumer: Consumer) -> None: ...
+    def on_transport_consumer_closed(self, consumer: Consumer) -> None: ...
+    def on_transport_closed(self, transport: Transport) -> None: ...
+
+
 class Transport(EventEmitter):
     """What every transport has: a socket, a datapath slot, producers and consumers.
 
@@ -54,6 +67,7 @@ class Transport(EventEmitter):
         super().__init__()
         self.id = str(uuid.uuid4())
         self.router = router
+        self._listener: TransportListener = router
         self.engine: Engine = router.engine
         self.socket = socket
         self.app_data: dict[str, Any] = app_data if app_data is not None else {}
@@ -71,7 +85,7 @@ class Transport(EventEmitter):
         self.rtcp_malformed = 0
         self.rtcp_received: collections.Counter[int] = collections.Counter()  # by packet type
         self.slot: int = self.engine.datapath.add_transport(socket.slot, False)
-        self.engine._register_transport(self)
+        self.engine.add_transport(self)
         self._rtcp_timer: asyncio.TimerHandle | None = None
         self._schedule_rtcp()
 
@@ -99,13 +113,13 @@ class Transport(EventEmitter):
             raise ortc.OrtcError(f"rtpParameters.encodings[0].ssrc {info.ssrc} is already in use")
         if id is not None and id in self.router.producers:
             raise TransportError(f"a producer with id {id!r} already exists")
-        self.router._check_producer_limit()
+        self._listener.on_transport_will_produce()
         producer = Producer(self, params, info, paused, app_data, id)
         self.producers[producer.id] = producer
         if self.srtp_in is not None:
             with self.engine.datapath.tables_lock:  # the datapath thread may be using this session
                 self.srtp_in.add_stream(info.ssrc)
-        self.router._producer_added(producer)
+        self._listener.on_transport_new_producer(producer)
         self.observer.emit("newproducer", producer)
         return producer
 
@@ -128,7 +142,7 @@ class Transport(EventEmitter):
         if producer is None:
             raise TransportError(f"no producer with id {producer_id!r} in this router")
         remote_caps = self._validated_caps(rtp_capabilities)
-        self.router._check_consumer_limit()
+        self._listener.on_transport_will_consume()
         if ssrc is None:
             ssrc = self._new_ssrc()
         elif isinstance(ssrc, bool) or not isinstance(ssrc, int) or not 0 < ssrc <= 0xFFFFFFFF:
@@ -157,9 +171,9 @@ class Transport(EventEmitter):
                 self.srtp_out.add_stream(ssrc)
         consumer = Consumer(self, producer, params, ext_ids, paused, app_data)
         self._consumer_ssrcs.add(ssrc)
-        self.router._consumer_count += 1
         self.consumers[consumer.id] = consumer
         producer.consumers[consumer.id] = consumer
+        self._listener.on_transport_new_consumer(consumer)
         self.observer.emit("newconsumer", consumer)
         return consumer
 
@@ -192,18 +206,24 @@ class Transport(EventEmitter):
         self.engine.datapath.set_transport_srtp(self.slot, inbound, outbound)
         self.srtp_in, self.srtp_out = inbound, outbound
 
-    def _forget_inbound_stream(self, ssrc: int) -> None:
-        if self.srtp_in is not None:
-            with self.engine.datapath.tables_lock:
-                self.srtp_in.remove_stream(ssrc)
+    # ------------------------------------------------------------------ ProducerListener, ConsumerListener
 
-    def _release_consumer_ssrc(self, ssrc: int) -> None:
+    def on_producer_closed(self, producer: Producer) -> None:
+        """A producer of this transport closed: its SRTP stream is freed, the router forgets it."""
+        self.producers.pop(producer.id, None)
+        if self.srtp_in is not None:
+            with self.engine.datapath.tables_lock:  # the datapath thread may be using this session
+                self.srtp_in.remove_stream(producer.ssrc)
+        self._listener.on_transport_producer_closed(producer)
+
+    def on_consumer_closed(self, consumer: Consumer) -> None:
         """A consumer of this transport closed: its SSRC, SRTP stream and router slot are free."""
+        self.consumers.pop(consumer.id, None)
         if self.srtp_out is not None:
-            with self.engine.datapath.tables_lock:
-                self.srtp_out.remove_stream(ssrc)
-        self._consumer_ssrcs.discard(ssrc)
-        self.router._consumer_count -= 1
+            with self.engine.datapath.tables_lock:  # the datapath thread may be using this session
+                self.srtp_out.remove_stream(consumer.ssrc)
+        self._consumer_ssrcs.discard(consumer.ssrc)
+        self._listener.on_transport_consumer_closed(consumer)
 
     # ------------------------------------------------------------------ slow path
 
@@ -342,7 +362,7 @@ class Transport(EventEmitter):
     def close(self) -> None:
         """Close the transport, its producers ("transportclose") and its consumers ("transportclose")."""
         if self._close():
-            self.router._transport_closed(self)
+            self._listener.on_transport_closed(self)
 
     def _router_closed(self) -> None:
         if self._close():
@@ -364,16 +384,10 @@ class Transport(EventEmitter):
             self._rtcp_timer.cancel()
             self._rtcp_timer = None
         self.engine.datapath.remove_transport(self.slot)
-        self.engine._unregister_transport(self)
+        self.engine.remove_transport(self)
         self.srtp_in = self.srtp_out = None
         self.observer.emit("close")
         return True
-
-    def _producer_closed(self, producer: Producer) -> None:
-        self.producers.pop(producer.id, None)
-
-    def _consumer_closed(self, consumer: Consumer) -> None:
-        self.consumers.pop(consumer.id, None)
 
     # ------------------------------------------------------------------ stats
 

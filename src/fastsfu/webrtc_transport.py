@@ -10,7 +10,7 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING, Any
 
-from fastsfu import rtp
+from fastsfu import rtp, stun
 from fastsfu.dtls import DtlsClosed, DtlsConnected, DtlsFailed, DtlsTransport
 from fastsfu.dtls.crypto import FINGERPRINT_ALGORITHMS
 from fastsfu.ice import IceDisconnected, IceRestarted, IceSelectedTuple, IceServer
@@ -27,7 +27,7 @@ from fastsfu.types import (
 )
 
 if TYPE_CHECKING:
-    from fastsfu.engine import UdpSocket
+    from fastsfu.engine import Engine, UdpSocket
     from fastsfu.router import Router
 
 log = logging.getLogger(__name__)
@@ -35,6 +35,41 @@ log = logging.getLogger(__name__)
 DTLS_ROLES = ("auto", "client", "server")
 # Host candidate priority (RFC 8445 §5.1.2.1): type preference 126, local preference 65535, component 1.
 HOST_PRIORITY = (126 << 24) | (65535 << 8) | (256 - 1)
+
+
+class UfragTable:
+    """The engine's claimer for ICE: a STUN request from a new tuple names its transport by the
+    local ufrag in USERNAME (RFC 8445 §7.2.2)."""
+
+    def __init__(self) -> None:
+        self.transports: dict[str, Transport] = {}
+
+    @staticmethod
+    def of(engine: Engine) -> UfragTable:
+        table = engine.claimer("ice")
+        if not isinstance(table, UfragTable):
+            table = UfragTable()
+            engine.register_claimer("ice", table)
+        return table
+
+    def add(self, ufrag: str, transport: Transport) -> None:
+        if ufrag in self.transports:
+            raise ValueError("ICE username fragment already in use")
+        self.transports[ufrag] = transport
+
+    def remove(self, ufrag: str) -> None:
+        self.transports.pop(ufrag, None)
+
+    def claim(self, kind: int, data: bytes) -> Transport | None:
+        if kind != rtp.SLOW_STUN or not self.transports:
+            return None
+        try:
+            username = stun.parse_message(data).get(stun.ATTR_USERNAME)
+        except stun.StunError:
+            return None
+        if username is None:
+            return None
+        return self.transports.get(username.split(b":", 1)[0].decode("utf-8", "replace"))
 
 
 class WebRtcTransport(Transport):
@@ -48,7 +83,8 @@ class WebRtcTransport(Transport):
         super().__init__(router, socket, app_data)
         settings = self.engine.settings
         self.ice = IceServer(consent_timeout=settings.ice_consent_timeout)
-        self.engine._register_ufrag(self.ice.credentials.ufrag, self)
+        self._ufrag_table = UfragTable.of(self.engine)
+        self._ufrag_table.add(self.ice.credentials.ufrag, self)
         self._ufrags = [self.ice.credentials.ufrag]
         self._announced_ip = announced_ip
         self.ice_state = "new"
@@ -154,7 +190,7 @@ class WebRtcTransport(Transport):
         """New ICE credentials (RFC 8445 §9); the old ones work until a check uses the new."""
         self._check_open()
         creds = self.ice.restart()
-        self.engine._register_ufrag(creds.ufrag, self)
+        self._ufrag_table.add(creds.ufrag, self)
         self._ufrags.append(creds.ufrag)
         return self.ice_parameters
 
@@ -239,7 +275,7 @@ class WebRtcTransport(Transport):
             self._close_soon("ICE consent expired")
         elif isinstance(event, IceRestarted):
             for ufrag in self._ufrags[:-1]:
-                self.engine._unregister_ufrag(ufrag)
+                self._ufrag_table.remove(ufrag)
             self._ufrags = self._ufrags[-1:]
 
     def _on_dtls_event(self, event: DtlsConnected | DtlsFailed | DtlsClosed) -> None:
@@ -311,7 +347,7 @@ class WebRtcTransport(Transport):
             self._timer.cancel()
             self._timer = None
         for ufrag in self._ufrags:
-            self.engine._unregister_ufrag(ufrag)
+            self._ufrag_table.remove(ufrag)
         self.ice_state = "closed"
         if self.dtls_state != "failed":  # a failure stays visible in dump() and stats
             self.dtls_state = "closed"

@@ -20,7 +20,7 @@ from fastsfu.transport import Transport, TransportError
 from fastsfu.types import RtpCapabilities, RtpParameters, TransportStats
 
 if TYPE_CHECKING:
-    from fastsfu.engine import UdpSocket
+    from fastsfu.engine import Engine, UdpSocket
     from fastsfu.router import Router
 
 log = logging.getLogger("fastsfu.discord")
@@ -58,6 +58,56 @@ def parse_discovery_request(data: bytes) -> int | None:
     if kind != DISCOVERY_REQUEST or length != DISCOVERY_LEN - 4:
         return None
     return int(ssrc)
+
+
+class DiscoveryTable:
+    """The engine's claimer for Discord: an IP discovery request from a new tuple names its
+    transport by READY's SSRC (§6.1), so those SSRCs are unique per engine."""
+
+    def __init__(self) -> None:
+        self.transports: dict[int, DiscordUdpTransport] = {}
+
+    def add(self, ssrc: int, transport: DiscordUdpTransport) -> None:
+        if ssrc in self.transports:
+            raise ValueError(f"SSRC {ssrc} is already in use by a Discord transport")
+        self.transports[ssrc] = transport
+
+    def remove(self, ssrc: int, transport: DiscordUdpTransport) -> None:
+        if self.transports.get(ssrc) is transport:
+            del self.transports[ssrc]
+
+    def lookup(self, ssrc: int) -> DiscordUdpTransport | None:
+        return self.transports.get(ssrc)
+
+    def claim(self, kind: int, data: bytes) -> Transport | None:
+        if kind != rtp.SLOW_STUN or not self.transports:
+            return None
+        ssrc = parse_discovery_request(data)
+        return self.transports.get(ssrc) if ssrc is not None else None
+
+
+def discovery_table(engine: Engine) -> DiscoveryTable:
+    """The engine's DiscoveryTable, registered as its "discord" claimer on first use."""
+    table = engine.claimer("discord")
+    if not isinstance(table, DiscoveryTable):
+        table = DiscoveryTable()
+        engine.register_claimer("discord", table)
+    return table
+
+
+def create_udp_transport(
+    router: Router, ssrc: int, announced_ip: str | None = None, app_data: dict[str, Any] | None = None
+) -> DiscordUdpTransport:
+    """A Discord `udp` protocol transport for READY's `ssrc`, on the engine's shared media port
+    (§6): IP discovery admits the client, rtpsize AEAD protects the media."""
+    if router.closed:
+        raise RuntimeError("router closed")
+    engine = router.engine
+    transport = DiscordUdpTransport(
+        router, engine.webrtc_socket(), ssrc, announced_ip or engine.settings.webrtc_announced_ip, app_data
+    )
+    router.add_transport(transport)
+    return transport
 
 
 def discovery_response(ssrc: int, ip: str, port: int) -> bytes:
@@ -100,8 +150,9 @@ class DiscordUdpTransport(Transport):
         self.remote_moves = 0  # authenticated packets that moved `remote` (NAT rebinding)
         self.keepalives = 0
         self._context: AeadContext | None = None
+        self._discovery = discovery_table(self.engine)
         try:
-            self.engine._register_discord_ssrc(ssrc, self)
+            self._discovery.add(ssrc, self)
         except BaseException:
             super()._close()
             raise
@@ -230,7 +281,7 @@ class DiscordUdpTransport(Transport):
     def _close(self) -> bool:
         if not super()._close():
             return False
-        self.engine._unregister_discord_ssrc(self.ssrc, self)
+        self._discovery.remove(self.ssrc, self)
         return True
 
     def get_stats(self) -> list[TransportStats]:

@@ -18,16 +18,22 @@ from fastsfu.consumer import Consumer
 from fastsfu.discord.crypto import LEGACY_MODES, MODES, legacy_modes_available
 from fastsfu.discord.gateway import GatewayError, GatewayHandler, Session
 from fastsfu.discord.opcodes import CloseCode, Op
-from fastsfu.discord.udp_transport import DISCORD_RTP_CAPABILITIES, DiscordUdpTransport, rtp_parameters
+from fastsfu.discord.udp_transport import (
+    DISCORD_RTP_CAPABILITIES,
+    DiscordUdpTransport,
+    create_udp_transport,
+    discovery_table,
+    rtp_parameters,
+)
 from fastsfu.discord.webrtc_sdp import SdpError, WebRtcOffer, answer, parse_fragment
-from fastsfu.harmony.session import CREATE_ERRORS, RoomMember, VoiceError, VoiceRooms, _Room
 from fastsfu.producer import Producer
+from fastsfu.rooms import CREATE_ERRORS, ConsumeError, Room, RoomError, RoomKey, RoomMember, Rooms
 from fastsfu.transport import Transport, TransportError
 from fastsfu.types import RtpCapabilities
 
 log = logging.getLogger("fastsfu.discord")
 
-Authenticate = Callable[[str], int]  # token -> user id; raises VoiceError (the Harmony hook)
+Authenticate = Callable[[str], int]  # token -> user id; raises a RoomError (the Harmony hook's VoiceError)
 
 # Harmony authorization identifiers -> the Discord close code a client understands (§5).
 _AUTHZ_CLOSE = {"h.bad-guild-id": CloseCode.SERVER_NOT_FOUND, "h.bad-channel-id": CloseCode.SERVER_NOT_FOUND}
@@ -37,7 +43,7 @@ class DiscordMember:
     """One Discord gateway session in a room: its transport (udp, or webrtc once selected), its
     producer and its consumers of the others."""
 
-    def __init__(self, session: Session, user_id: int, room: _Room, transport: DiscordUdpTransport) -> None:
+    def __init__(self, session: Session, user_id: int, room: Room, transport: DiscordUdpTransport) -> None:
         self.session = session
         self.user_id = user_id
         self.room = room
@@ -79,7 +85,7 @@ class DiscordMember:
             except TransportError:
                 consumer = self.transport.consume(producer.id, caps)
         except CREATE_ERRORS as exc:
-            raise VoiceError("fastsfu.voice-create-consumer", str(exc)) from None
+            raise ConsumeError(str(exc)) from None
         self.consumers[user_id] = consumer
         consumer.observer.once("close", lambda: self._forget(user_id, consumer))
         return consumer
@@ -109,7 +115,7 @@ class DiscordMember:
         self.session.send(Op.SPEAKING, {"user_id": str(user_id), "ssrc": ssrc, "speaking": speaking})
 
 
-def _speaking_of(room: _Room, user_id: int) -> int:
+def _speaking_of(room: Room, user_id: int) -> int:
     member = room.members.get(user_id)
     # A Harmony user has no SPEAKING of its own: announce it as a microphone (bit 1).
     return member.speaking if isinstance(member, DiscordMember) else 1
@@ -121,9 +127,9 @@ class DiscordVoice(GatewayHandler):
 
     def __init__(
         self,
-        rooms: VoiceRooms,
+        rooms: Rooms,
         authenticate: Authenticate,
-        room_map: Mapping[str, tuple[int, int]] | None = None,
+        room_map: Mapping[str, RoomKey] | None = None,  # [discord.rooms]: server_id -> room key
         only_mapped: bool = False,
         announced_ip: str | None = None,
         webrtc: bool = True,
@@ -147,28 +153,27 @@ class DiscordVoice(GatewayHandler):
     def identify(self, session: Session, d: dict[str, Any]) -> dict[str, Any]:
         try:
             token_user = self.authenticate(session.token)
-        except VoiceError as exc:
+        except RoomError as exc:
             raise GatewayError(CloseCode.AUTHENTICATION_FAILED, exc.human_message) from None
         user_id = int(session.user_id)
         if token_user != user_id:
             raise GatewayError(CloseCode.AUTHENTICATION_FAILED, "the token belongs to another user")
         key = self._room_key(session.server_id)
-        if self.rooms.authorize is not None and len(key) == 2 and isinstance(key[0], int):
-            try:
-                self.rooms.authorize(user_id, key[0], key[1])
-            except VoiceError as exc:
-                code = _AUTHZ_CLOSE.get(exc.identifier, CloseCode.AUTHENTICATION_FAILED)
-                raise GatewayError(code, exc.human_message) from None
-        room = self.rooms._room(key)
         try:
-            transport = room.router.create_discord_udp_transport(
-                self._free_ssrc(), self.announced_ip, app_data={"discord_user": user_id}
+            self.rooms.check_authorized(user_id, key)
+        except RoomError as exc:
+            code = _AUTHZ_CLOSE.get(exc.identifier, CloseCode.AUTHENTICATION_FAILED)
+            raise GatewayError(code, exc.human_message) from None
+        room = self.rooms.acquire(key)
+        try:
+            transport = create_udp_transport(
+                room.router, self._free_ssrc(), self.announced_ip, app_data={"discord_user": user_id}
             )
         except (*CREATE_ERRORS, ValueError) as exc:
-            self.rooms._release(room)
+            self.rooms.release(room)
             raise GatewayError(CloseCode.BAD_REQUEST, f"cannot allocate media: {exc}") from None
         member = DiscordMember(session, user_id, room, transport)
-        room.holders.add(member)
+        room.hold(member)
         session.attachment = member
         ip, port = transport.local_address
         return {
@@ -180,17 +185,18 @@ class DiscordVoice(GatewayHandler):
             "streams": [],
         }
 
-    def _room_key(self, server_id: str) -> tuple[Any, ...]:
+    def _room_key(self, server_id: str) -> RoomKey:
         if self.only_mapped and server_id not in self.room_map:
             raise GatewayError(CloseCode.SERVER_NOT_FOUND, f"no voice server {server_id!r} here")
         return self.room_key(server_id)
 
     def _free_ssrc(self) -> int:
         """A non-zero SSRC unused by Discord sessions of this engine and by producers of any room."""
-        taken = {p.ssrc for room in self.rooms.rooms.values() for p in room.router.producers.values()}
+        taken = {p.ssrc for room in self.rooms for p in room.router.producers.values()}
+        discovery = discovery_table(self.rooms.engine)
         for _ in range(64):
             ssrc = secrets.randbelow(2**32 - 1) + 1
-            if ssrc not in taken and ssrc not in self.rooms.engine._discord_ssrcs:
+            if ssrc not in taken and discovery.lookup(ssrc) is None:
                 return ssrc
         raise ValueError("no free SSRC")
 
@@ -272,19 +278,17 @@ class DiscordVoice(GatewayHandler):
         room = member.room
         if member.user_id in room.members:
             raise GatewayError(CloseCode.BAD_REQUEST, "this user is already in the voice channel")
-        if len(room.members) >= self.rooms.settings.max_users_per_room:
-            raise GatewayError(CloseCode.BAD_REQUEST, "the voice channel is full")
         others: list[RoomMember] = list(room.members.values())
         try:
+            room.check_capacity()
             for other in others:
                 if other.producer is not None:
                     member._consume(other.user_id, other.producer)
             if member.producer is not None:
-                self._publish(member, others)
-        except VoiceError as exc:
+                room.announce_joined(member, others)
+        except RoomError as exc:
             raise GatewayError(CloseCode.BAD_REQUEST, exc.human_message) from None
-        room.holders.discard(member)
-        room.members[member.user_id] = member
+        room.add(member)
         member.joined = True
         if others:
             member.session.send(Op.CLIENTS_CONNECT, {"user_ids": [str(o.user_id) for o in others]})
@@ -293,20 +297,6 @@ class DiscordVoice(GatewayHandler):
             consumer = member.consumers.get(other.user_id)
             if consumer is not None:
                 member._announce(other.user_id, consumer.ssrc, _speaking_of(room, other.user_id))
-
-    @staticmethod
-    def _publish(member: DiscordMember, others: list[RoomMember]) -> None:
-        """Tell every other member about `member`'s producer, all or none (VoiceError)."""
-        assert member.producer is not None
-        notified: list[RoomMember] = []
-        try:
-            for other in others:
-                other.member_joined(member.user_id, member.producer)
-                notified.append(other)
-        except VoiceError:
-            for other in notified:
-                other.member_left(member.user_id)
-            raise
 
     # ------------------------------------------------------------------ SPEAKING and the end
 
@@ -346,8 +336,8 @@ class DiscordVoice(GatewayHandler):
         member.ssrc = ssrc
         others = [o for o in member.room.members.values() if o is not member]
         try:
-            self._publish(member, others)
-        except VoiceError as exc:
+            member.room.announce_joined(member, others)
+        except RoomError as exc:
             raise GatewayError(CloseCode.BAD_REQUEST, exc.human_message) from None
         return True
 
@@ -357,23 +347,24 @@ class DiscordVoice(GatewayHandler):
 
     # ------------------------------------------------------------------ server-initiated ends
 
-    def disconnect(self, user_id: int, key: tuple[Any, ...] | None = None) -> int:
+    def disconnect(self, user_id: int, key: RoomKey | None = None) -> int:
         """Kick a user (4014: clients do not reconnect) from the room `key`, or from every room.
         Returns how many sessions were closed."""
         return self._close_members(CloseCode.DISCONNECTED, "disconnected", key, user_id)
 
-    def end_room(self, key: tuple[Any, ...]) -> int:
+    def end_room(self, key: RoomKey) -> int:
         """The call is over (4022): every Discord member of the room leaves."""
         return self._close_members(CloseCode.CALL_TERMINATED, "call terminated", key, None)
 
-    def room_key(self, server_id: str) -> tuple[Any, ...]:
-        """The room a Discord server_id joins: its mapped Harmony room, or one of its own."""
+    def room_key(self, server_id: str) -> RoomKey:
+        """The neutral room key a Discord server_id joins ([discord.rooms]): a mapped (guild_id,
+        channel_id), shared with Harmony, or a room of its own."""
         return self.room_map.get(server_id) or ("discord", server_id)
 
-    def _close_members(self, code: int, reason: str, key: tuple[Any, ...] | None, user_id: int | None) -> int:
+    def _close_members(self, code: int, reason: str, key: RoomKey | None, user_id: int | None) -> int:
         closed = 0
-        for room_key, room in list(self.rooms.rooms.items()):
-            if key is not None and room_key != key:
+        for room in self.rooms:
+            if key is not None and room.key != key:
                 continue
             for member in [*room.members.values(), *room.holders]:
                 if isinstance(member, DiscordMember) and user_id in (None, member.user_id):
@@ -387,18 +378,15 @@ class DiscordVoice(GatewayHandler):
             return
         session.attachment = None
         room = member.room
-        room.holders.discard(member)
-        was_member = room.members.get(member.user_id) is member
-        if was_member:
-            del room.members[member.user_id]
+        room.unhold(member)
+        was_member = room.remove(member)
         announced = member.producer is not None
         member.transport.close()  # its producer, and its consumers on the others' transports
         if member.udp is not None and member.udp is not member.transport:
             member.udp.close()
         if was_member and announced:  # only those who were told of this user hear it left
-            for other in list(room.members.values()):
-                other.member_left(member.user_id)
-        self.rooms._release(room)
+            room.announce_left(member.user_id)
+        self.rooms.release(room)
 
     @staticmethod
     def _member(session: Session) -> DiscordMember:

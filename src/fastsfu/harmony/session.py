@@ -10,12 +10,12 @@ from __future__ import annotations
 import json
 import logging
 from collections import Counter, deque
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from fastsfu import ortc
 from fastsfu._proto.protocol.voice.v1 import voice_pb2
-from fastsfu.router import RouterLimitError
+from fastsfu.rooms import CREATE_ERRORS, Authorize, Room, RoomError, RoomMember, Rooms
 from fastsfu.transport import TransportError
 from fastsfu.types import RtpCapabilities
 
@@ -25,13 +25,11 @@ if TYPE_CHECKING:
     from fastsfu.consumer import Consumer
     from fastsfu.engine import Engine
     from fastsfu.producer import Producer
-    from fastsfu.router import Router
     from fastsfu.webrtc_transport import WebRtcTransport
 
 log = logging.getLogger(__name__)
 
-# Why a producer or consumer cannot be created: bad parameters, or a router or datapath table full.
-CREATE_ERRORS = (ortc.OrtcError, TransportError, RouterLimitError, OverflowError)
+__all__ = ["CREATE_ERRORS", "RoomMember", "VoiceError", "VoiceRooms", "VoiceSession", "VoiceSettings"]
 
 Req = voice_pb2.StreamMessageRequest
 Resp = voice_pb2.StreamMessageResponse
@@ -62,18 +60,21 @@ GRPC_CODES = {
 }
 
 
-class VoiceError(Exception):
+class VoiceError(RoomError):
     """A protocol error: sent to the client (gRPC status or hRPC Error frame), then the stream ends."""
 
     def __init__(self, identifier: str, human_message: str, details: bytes = b"") -> None:
-        super().__init__(f"{identifier}: {human_message}")
-        self.identifier = identifier
-        self.human_message = human_message
+        super().__init__(identifier, human_message)
         self.details = details  # hrpc.v1.Error.details, e.g. a serialized RetryInfo
 
     @property
     def grpc_code(self) -> str:
         return GRPC_CODES.get(self.identifier, "INTERNAL")
+
+    @classmethod
+    def of(cls, error: RoomError) -> VoiceError:
+        """A room's refusal (or a member's of another protocol) as Harmony's error."""
+        return error if isinstance(error, VoiceError) else cls(error.identifier, error.human_message)
 
 
 @dataclass
@@ -95,44 +96,18 @@ class VoiceSettings:
             raise ValueError("max_users_per_room must be >= 1 and max_outbox >= 16")
 
 
-class RoomMember(Protocol):
-    """A user in a room, whatever protocol it speaks (Harmony session, Discord gateway session):
-    rooms shared across protocols fan out through these two calls."""
-
-    user_id: int
-    producer: Producer | None
-
-    def member_joined(self, user_id: int, producer: Producer) -> None:
-        """Another user joined: consume `producer` on your own transport and tell your client.
-        Raise VoiceError("fastsfu.voice-create-consumer", ...) if that is impossible."""
-        ...
-
-    def member_left(self, user_id: int) -> None:
-        """A user who joined (and of whom you were told) left: tell your client."""
-        ...
-
-
-@dataclass
-class _Room:
-    key: tuple[Any, ...]  # (guild_id, channel_id); rooms of other protocols use their own keys
-    router: Router
-    members: dict[int, RoomMember]
-    holders: set[object] = field(default_factory=set)  # not yet members, but holding transports
-
-
-class VoiceRooms:
-    """All voice channels of one server: rooms by (guild, channel) and sessions by user."""
+class VoiceRooms(Rooms):
+    """The room registry (fastsfu.rooms) with Harmony's sessions: rooms by (guild, channel), sessions
+    by user. Other front-ends (discord/) share it as a plain Rooms."""
 
     def __init__(
         self,
         engine: Engine,
         settings: VoiceSettings | None = None,
-        authorize: Callable[[int, int, int], None] | None = None,  # raises VoiceError (h.*) to refuse
+        authorize: Authorize | None = None,  # raises VoiceError (h.*) to refuse
     ) -> None:
-        self.engine = engine
         self.settings = settings or VoiceSettings()
-        self.authorize = authorize
-        self.rooms: dict[tuple[Any, ...], _Room] = {}
+        super().__init__(engine, self.settings.max_users_per_room, authorize)
         self.sessions: dict[int, VoiceSession] = {}  # user -> the session that passed Initialize
         self.open_sessions: set[VoiceSession] = set()  # every stream's session, until it closes
         # Counted by the front-ends for monitoring: streams opened (by front-end) and ended by error.
@@ -144,17 +119,6 @@ class VoiceRooms:
         session = VoiceSession(self, user_id, frontend, remote)
         self.open_sessions.add(session)
         return session
-
-    def _room(self, key: tuple[Any, ...]) -> _Room:
-        room = self.rooms.get(key)
-        if room is None:
-            room = self.rooms[key] = _Room(key, self.engine.create_router(app_data={"voice": key}), {})
-        return room
-
-    def _release(self, room: _Room) -> None:
-        if not room.members and not room.holders and not any(s._room is room for s in self.sessions.values()):
-            self.rooms.pop(room.key, None)
-            room.router.close()
 
 
 class VoiceSession:
@@ -168,7 +132,7 @@ class VoiceSession:
         self.end_reason = ""  # why the stream ends (an error identifier), for the leave line
         self.state = "init"
         self.outbox: deque[Resp | VoiceError] = deque()
-        self._room: _Room | None = None
+        self.room: Room | None = None  # from Initialize on
         self._caps: RtpCapabilities | None = None
         self.consumer_transport: WebRtcTransport | None = None
         self.producer_transport: WebRtcTransport | None = None
@@ -223,14 +187,15 @@ class VoiceSession:
         """The stream ended (any reason): leave exactly once (harmony.md §3.6)."""
         if self.state == "closed":
             return
-        was_member = self._room is not None and self._room.members.get(self.user_id) is self
+        room = self.room
+        was_member = room is not None and room.members.get(self.user_id) is self
         if was_member:
             self._log_member("leave", reason or self.end_reason or "left")
         self.state = "closed"
         self.rooms.open_sessions.discard(self)
-        room = self._room
-        if room is not None and was_member:
-            del room.members[self.user_id]
+        if room is not None:
+            room.remove(self)
+            room.unhold(self)
         if self.rooms.sessions.get(self.user_id) is self:
             del self.rooms.sessions[self.user_id]
         for transport in (self.producer_transport, self.consumer_transport):
@@ -238,9 +203,8 @@ class VoiceSession:
                 transport.close()  # closes the producer, its consumers elsewhere, and ours
         if room is not None:
             if was_member:
-                for member in list(room.members.values()):
-                    member.member_left(self.user_id)
-            self.rooms._release(room)
+                room.announce_left(self.user_id)
+            self.rooms.release(room)
         if self.on_output is not None:
             self.on_output()  # closed by the server (shutdown): the front-end ends the stream
 
@@ -248,8 +212,10 @@ class VoiceSession:
 
     def _initialize(self, guild_id: int, channel_id: int) -> None:
         rooms = self.rooms
-        if rooms.authorize is not None:
-            rooms.authorize(self.user_id, guild_id, channel_id)
+        try:
+            rooms.check_authorized(self.user_id, (guild_id, channel_id))
+        except RoomError as exc:
+            raise VoiceError.of(exc) from None
         old = rooms.sessions.get(self.user_id)
         if old is not None and old is not self:
             if rooms.settings.duplicate_session == "reject":
@@ -257,24 +223,27 @@ class VoiceSession:
             # replace: the old session leaves fully (UserLeft) before this one can join.
             old._send(VoiceError("fastsfu.voice-session-replaced", "a newer session of this user took over"))
             old.close("fastsfu.voice-session-replaced")
-        room = rooms._room((guild_id, channel_id))
-        if len(room.members) >= rooms.settings.max_users_per_room:
-            rooms._release(room)
-            raise VoiceError("fastsfu.voice-room-full", "the voice channel is full")
+        room = rooms.acquire((guild_id, channel_id))
+        try:
+            room.check_capacity()
+        except RoomError as exc:
+            rooms.release(room)
+            raise VoiceError.of(exc) from None
         rooms.sessions[self.user_id] = self
-        self._room = room
+        room.hold(self)  # until close(): the room outlives a session that has not joined yet
+        self.room = room
         self.state = "prepare"
         self._send(
             Resp(initialized=Resp.Initialized(rtp_capabilities=json.dumps(room.router.rtp_capabilities)))
         )
 
     def _prepare(self, caps_json: str) -> None:
-        assert self._room is not None
+        assert self.room is not None
         try:
             caps = ortc.validate_rtp_capabilities(self._json(caps_json, "rtp_capabilities"))
         except ortc.OrtcError as exc:
             raise VoiceError("fastsfu.voice-incompatible-capabilities", str(exc)) from None
-        router_codec = self._room.router.rtp_capabilities["codecs"][0]
+        router_codec = self.room.router.rtp_capabilities["codecs"][0]
         if not any(
             c["mimeType"].lower() == "audio/opus"
             and c["clockRate"] == 48000
@@ -286,7 +255,7 @@ class VoiceSession:
                 "fastsfu.voice-incompatible-capabilities", "no receivable Opus 48000/2 at the router's PT"
             )
         self._caps = caps
-        router = self._room.router
+        router = self.room.router
         self.consumer_transport = router.create_webrtc_transport(
             app_data={"user": self.user_id, "role": "consumer"}
         )
@@ -310,7 +279,7 @@ class VoiceSession:
         )
 
     def _join(self, join: Req.JoinChannel) -> None:
-        room, caps = self._room, self._caps
+        room, caps = self.room, self._caps
         assert room is not None and caps is not None
         assert self.producer_transport is not None and self.consumer_transport is not None
         rtp_parameters = self._json(join.rtp_paramaters, "rtp_paramaters")
@@ -335,25 +304,23 @@ class VoiceSession:
             self.producer = self.producer_transport.produce(rtp_parameters)
         except CREATE_ERRORS as exc:
             raise VoiceError("fastsfu.voice-create-producer", str(exc)) from None
-        if len(room.members) >= self.rooms.settings.max_users_per_room:
-            raise VoiceError("fastsfu.voice-room-full", "the voice channel is full")
         # The join commit: one step, no await (harmony.md §3.3).
         others = []
-        notified: list[RoomMember] = []
+        consumer_transport = self.consumer_transport
+
+        def consume(member: RoomMember) -> None:
+            if member.producer is not None:  # a member of another protocol may not send yet
+                mine = self._consume(consumer_transport, member.producer, caps, self)
+                others.append(self._consumer_options(member.user_id, member.producer, mine))
+
         try:
-            for member in list(room.members.values()):
-                if member.producer is not None:  # a member of another protocol may not send yet
-                    mine = self._consume(self.consumer_transport, member.producer, caps, self)
-                    others.append(self._consumer_options(member.user_id, member.producer, mine))
-                member.member_joined(self.user_id, self.producer)  # unicast, never to the joiner
-                notified.append(member)
-        except VoiceError:
-            # The join failed half-way: whoever heard UserJoined hears UserLeft, so no member
-            # keeps a consumer of a producer that is about to close.
-            for member in notified:
-                member.member_left(self.user_id)
-            raise
-        room.members[self.user_id] = self
+            room.check_capacity()
+            # Each member's producer consumed here, then UserJoined to it (unicast, never to the
+            # joiner); all or none (Room.announce_joined).
+            room.announce_joined(self, list(room.members.values()), before=consume)
+        except RoomError as exc:
+            raise VoiceError.of(exc) from None
+        room.add(self)
         self.state = "joined"
         self._log_member("join")
         self._send(Resp(joined_channel=Resp.JoinedChannel(other_users=others)))
@@ -393,8 +360,8 @@ class VoiceSession:
 
     def _log_member(self, event: str, reason: str = "") -> None:
         """One info line per join and leave: who, which room, over what, from where (no token)."""
-        assert self._room is not None
-        guild_id, channel_id = self._room.key
+        assert self.room is not None
+        guild_id, channel_id = self.room.key
         fields: dict[str, Any] = {
             "user_id": self.user_id,
             "guild_id": guild_id,

@@ -90,7 +90,7 @@ async def serve_harmony(config: ServerConfig, voice: VoiceSettings | None = None
             await runner.cleanup()
             await grpc_server.stop(grace=None)
             raise
-        media = engine._webrtc_socket().local_address
+        media = engine.webrtc_socket().local_address
         fmt = config.log.format
         hrpc_url = f"ws://{config.listen_ip}:{hrpc_port}{STREAM_PATH}"
         announce(log, fmt, f"hRPC {hrpc_url}", hrpc_url=hrpc_url)

@@ -1,0 +1,181 @@
+"""Protocol-neutral voice rooms: a router per room, its members of any protocol, and the registry.
+
+Front-ends (harmony/, discord/) hold a room while a session prepares, join it as a RoomMember,
+and leave it; member events fan out to the other members whatever protocol they speak.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable, Iterator
+from typing import TYPE_CHECKING, Protocol
+
+from fastsfu import ortc
+from fastsfu.router import RouterLimitError
+from fastsfu.transport import TransportError
+
+if TYPE_CHECKING:
+    from fastsfu.engine import Engine
+    from fastsfu.producer import Producer
+    from fastsfu.router import Router
+
+# A room's key: Harmony's (guild_id, channel_id), or e.g. ("discord", server_id) for a room of its own.
+RoomKey = tuple[Hashable, ...]
+
+# Called before a user joins a (guild_id, channel_id) room: raise a RoomError (Harmony h.* identifiers,
+# e.g. NotAllowedError or fastsfu.harmony.VoiceError) to refuse.
+Authorize = Callable[[int, int, int], None]
+
+# Why a producer or consumer cannot be created: bad parameters, or a router or datapath table full.
+CREATE_ERRORS = (ortc.OrtcError, TransportError, RouterLimitError, OverflowError)
+
+
+class RoomError(Exception):
+    """A refusal with a Harmony-style identifier; each front-end maps it to its own wire error."""
+
+    def __init__(self, identifier: str, human_message: str) -> None:
+        super().__init__(f"{identifier}: {human_message}")
+        self.identifier = identifier
+        self.human_message = human_message
+
+
+class RoomFullError(RoomError):
+    def __init__(self) -> None:
+        super().__init__("fastsfu.voice-room-full", "the voice channel is full")
+
+
+class NotAllowedError(RoomError):
+    def __init__(self, human_message: str = "not allowed in this voice channel") -> None:
+        super().__init__("h.not-enough-permissions", human_message)
+
+
+class ConsumeError(RoomError):
+    """A member cannot consume a newcomer's producer (member_joined)."""
+
+    def __init__(self, human_message: str) -> None:
+        super().__init__("fastsfu.voice-create-consumer", human_message)
+
+
+class RoomMember(Protocol):
+    """A user in a room, whatever protocol it speaks (Harmony session, Discord gateway session):
+    rooms shared across protocols fan out through these two calls."""
+
+    @property
+    def user_id(self) -> int: ...
+
+    @property
+    def producer(self) -> Producer | None: ...
+
+    def member_joined(self, user_id: int, producer: Producer) -> None:
+        """Another user joined: consume `producer` on your own transport and tell your client.
+        Raise a RoomError (e.g. ConsumeError) if that is impossible."""
+        ...
+
+    def member_left(self, user_id: int) -> None:
+        """A user who joined (and of whom you were told) left: tell your client."""
+        ...
+
+
+class Room:
+    """One voice channel: its router, its members by user, and holders (sessions between taking
+    the room and joining it, which keep it alive)."""
+
+    def __init__(self, key: RoomKey, router: Router, max_members: int) -> None:
+        self.key = key
+        self.router = router
+        self.max_members = max_members
+        self.members: dict[int, RoomMember] = {}
+        self.holders: set[object] = set()
+
+    @property
+    def empty(self) -> bool:
+        return not self.members and not self.holders
+
+    def hold(self, holder: object) -> None:
+        self.holders.add(holder)
+
+    def unhold(self, holder: object) -> None:
+        self.holders.discard(holder)
+
+    def check_capacity(self) -> None:
+        if len(self.members) >= self.max_members:
+            raise RoomFullError
+
+    def announce_joined(
+        self,
+        newcomer: RoomMember,
+        others: list[RoomMember],
+        before: Callable[[RoomMember], None] | None = None,
+    ) -> None:
+        """member_joined to each of `others` (after `before(other)`, e.g. the newcomer consuming
+        it), all or none: on a RoomError whoever heard of the newcomer hears it left, so no member
+        keeps a consumer of a producer about to close."""
+        assert newcomer.producer is not None
+        notified: list[RoomMember] = []
+        try:
+            for other in others:
+                if before is not None:
+                    before(other)
+                other.member_joined(newcomer.user_id, newcomer.producer)
+                notified.append(other)
+        except RoomError:
+            for other in notified:
+                other.member_left(newcomer.user_id)
+            raise
+
+    def add(self, member: RoomMember) -> None:
+        """The join commit: `member` is in, and no longer only a holder."""
+        self.holders.discard(member)
+        self.members[member.user_id] = member
+
+    def remove(self, member: RoomMember) -> bool:
+        """Take `member` out (not its holding); True if it was the member of its user."""
+        if self.members.get(member.user_id) is member:
+            del self.members[member.user_id]
+            return True
+        return False
+
+    def announce_left(self, user_id: int) -> None:
+        for other in list(self.members.values()):
+            other.member_left(user_id)
+
+
+class Rooms:
+    """The registry of one node's rooms: created on first use, freed (router closed) when empty."""
+
+    def __init__(self, engine: Engine, max_members: int = 50, authorize: Authorize | None = None) -> None:
+        if max_members < 1:
+            raise ValueError("max_members must be >= 1")
+        self.engine = engine
+        self.max_members = max_members
+        self.authorize = authorize
+        self.rooms: dict[RoomKey, Room] = {}
+
+    def get(self, key: RoomKey) -> Room | None:
+        return self.rooms.get(key)
+
+    def acquire(self, key: RoomKey) -> Room:
+        """The room of `key`, created with a router if it has none. Hold or join it, or release() it."""
+        room = self.rooms.get(key)
+        if room is None:
+            router = self.engine.create_router(app_data={"voice": key})
+            room = self.rooms[key] = Room(key, router, self.max_members)
+        return room
+
+    def release(self, room: Room) -> None:
+        """Free `room` (close its router) if nobody holds it or is in it any more."""
+        if room.empty and self.rooms.get(room.key) is room:
+            del self.rooms[room.key]
+            room.router.close()
+
+    def check_authorized(self, user_id: int, key: RoomKey) -> None:
+        """Run the authorization hook for a (guild_id, channel_id) room; other rooms have no hook."""
+        if self.authorize is not None and len(key) == 2 and all(type(k) is int for k in key):
+            guild_id, channel_id = key
+            assert isinstance(guild_id, int) and isinstance(channel_id, int)
+            self.authorize(user_id, guild_id, channel_id)
+
+    def __iter__(self) -> Iterator[Room]:
+        return iter(list(self.rooms.values()))
+
+    def __len__(self) -> int:
+        return len(self.rooms)
