@@ -27,6 +27,7 @@ class Sender:
     ts: int
     producer: int = -1
     consumers: list[int] = field(default_factory=list)
+    pipes: set[int] = field(default_factory=set)  # the consumers that are pipe (passthrough) ones
 
 
 class Pair:
@@ -53,7 +54,7 @@ class Pair:
             t, SrtpContext(suite, up_key, inbound=True), SrtpContext(suite, down_key, inbound=False)
         )
 
-    def feed(self, sock: int, data: bytes, ip: str, port: int, now: int) -> None:
+    def feed(self, sock: int, data: bytes, ip: str, port: int, now: int) -> list[bytes]:
         a = self.dp.process(sock, data, ip, port, now)
         b = self.ref.process(sock, data, ip, port, now)
         assert a == b, "slow path differs"
@@ -62,8 +63,10 @@ class Pair:
         assert self.dp.drop_counts() == self.ref.drop_counts()
         assert self.dp.take_events() == self.ref.take_events()
         self.forwarded += len(out_a)
+        return [out for _, _, out in out_a]
 
     forwarded = 0
+    pipe_forwarded = 0
 
 
 def random_extensions(rng: random.Random, sender: Sender) -> tuple[list[tuple[int, bytes]], int]:
@@ -162,10 +165,18 @@ def build(rng: random.Random, pair: Pair) -> tuple[int, list[Sender], list[int]]
         for t in transports:
             if t != s.transport and rng.random() < 0.85:
                 add_consumer(rng, pair, s, t)
+    add_consumer(rng, pair, senders[0], senders[1].transport, pipe=True)  # every run has a pipe
     return sock, senders, transports
 
 
-def add_consumer(rng: random.Random, pair: Pair, s: Sender, t: int) -> None:
+def add_consumer(rng: random.Random, pair: Pair, s: Sender, t: int, pipe: bool = False) -> None:
+    if pipe or rng.random() < 0.25:
+        # A pipe consumer: the producer's SSRC, PT and extension IDs (MID aside), seq/ts unchanged.
+        ext_ids = {kind: eid for eid, kind in s.ext_ids.items() if kind != 1}
+        c = pair.call("add_consumer", s.producer, t, s.ssrc, s.pt, ext_ids, b"", rng.random() < 0.1, True)
+        s.consumers.append(c)
+        s.pipes.add(c)
+        return
     ssrc = rng.getrandbits(32)
     ids = rng.sample(list(range(1, 15)) + [15, 200], 3)  # 15 and 200 force the two-byte form
     ext_ids = {kind: eid for kind, eid in zip((1, 2, 3), ids, strict=True) if rng.random() < 0.8}
@@ -218,8 +229,12 @@ def test_random_traffic_matches_reference(seed: int) -> None:
             data = corrupt(rng, data)
         elif r < 0.15:
             port = 9999  # unknown tuple
-        pair.feed(sock, data, "127.0.0.1", port, now)
+        for out in pair.feed(sock, data, "127.0.0.1", port, now):
+            if out[8:12] == data[8:12]:  # the producer's SSRC: only a pipe consumer sends it
+                assert out[1] & 0x7F == s.pt and out[2:8] == data[2:8], "a pipe rewrote seq/ts/PT"
+                pair.pipe_forwarded += 1
     assert pair.forwarded > 0
+    assert pair.pipe_forwarded > 0, "no pipe consumer forwarded anything in this run"
     # Counters agree too, not just the bytes.
     for s in senders:
         for c in s.consumers:

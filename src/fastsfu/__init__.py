@@ -5,6 +5,7 @@ from fastsfu import types as types
 from fastsfu.consumer import Consumer
 from fastsfu.engine import Engine, Settings
 from fastsfu.ortc import OrtcError
+from fastsfu.pipe_transport import PipeTransport
 from fastsfu.plain_transport import PlainTransport
 from fastsfu.producer import Producer
 from fastsfu.router import Router, RouterLimitError
@@ -15,6 +16,7 @@ __all__ = [
     "Consumer",
     "Engine",
     "OrtcError",
+    "PipeTransport",
     "PlainTransport",
     "Producer",
     "Router",

@@ -188,6 +188,7 @@ ctypedef struct Consumer:
     uint8_t ext_id[MAX_EXT_KINDS]    # kind -> extension ID on this receiver (0: drop)
     uint8_t mid_len
     uint8_t mid[MID_MAX]
+    int passthrough                  # a pipe: the producer's seq and ts go out unchanged
     int sync_needed
     uint32_t epoch
     int has_sent

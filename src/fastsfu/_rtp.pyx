@@ -938,8 +938,12 @@ cdef class Datapath:
             pr.in_use = 0
 
     def add_consumer(self, int p, int t, uint32_t ssrc, int payload_type, dict ext_ids,
-                     bytes mid=b"", bint paused=False) -> int:
-        """Forward producer p to transport t as SSRC ssrc; ext_ids maps kind -> extension ID."""
+                     bytes mid=b"", bint paused=False, bint passthrough=False) -> int:
+        """Forward producer p to transport t as SSRC ssrc; ext_ids maps kind -> extension ID.
+
+        passthrough (a pipe consumer, docs/transports.md): sequence numbers and timestamps go out
+        as the producer sent them, with no resync after a pause and no stale-packet drop.
+        """
         cdef int c
         cdef int32_t *grown
         cdef Producer *pr
@@ -975,6 +979,7 @@ cdef class Datapath:
             co.paused = paused
             co.ssrc = ssrc
             co.pt = payload_type
+            co.passthrough = passthrough
             co.sync_needed = 1
             co.epoch = pr.epoch
             pr.consumers[pr.n_consumers] = c
@@ -1679,7 +1684,9 @@ cdef class Datapath:
             co.drops += 1
             self._drop(dst, DROP_NO_REMOTE)
             return
-        if co.sync_needed or co.epoch != pr.epoch:
+        if co.passthrough:
+            pass                         # a pipe: the far side tracks the producer's own numbering
+        elif co.sync_needed or co.epoch != pr.epoch:
             # Resync so the receiver sees one continuous stream (mediasoup's SeqManager idea).
             if co.has_sent:
                 co.seq_off = <uint16_t>(co.last_seq + 1 - <uint16_t>ext)

@@ -35,11 +35,13 @@ class Consumer(EventEmitter):
         ext_ids: dict[int, int],
         paused: bool,
         app_data: dict[str, Any] | None,
+        passthrough: bool = False,
     ) -> None:
         super().__init__()
         self.id = str(uuid.uuid4())
         self.kind: MediaKind = "audio"
-        self.type = "simple"
+        # "pipe": the producer's stream unchanged (SSRC, PT, extension IDs, seq, ts) for a PipeTransport.
+        self.type = "pipe" if passthrough else "simple"
         self.transport = transport
         self._listener: ConsumerListener = transport
         self.producer = producer
@@ -54,7 +56,7 @@ class Consumer(EventEmitter):
         self.clock_rate: int = codec["clockRate"]
         mid = rtp_parameters.get("mid", "").encode()
         self.slot: int = self._dp.add_consumer(
-            producer.slot, transport.slot, self.ssrc, codec["payloadType"], ext_ids, mid, paused
+            producer.slot, transport.slot, self.ssrc, codec["payloadType"], ext_ids, mid, paused, passthrough
         )
         # RTCP receiver reports about this stream (RFC 3550 §6.4.1), for stats.
         self.fraction_lost = 0

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from fastsfu import ortc
 from fastsfu.events import EventEmitter
+from fastsfu.pipe_transport import PipeToRouterResult, PipeTransport, pipe_to_router
 from fastsfu.plain_transport import PlainTransport
 from fastsfu.srtp import DEFAULT_SUITE
 from fastsfu.types import RouterDump, RtpCapabilities, RtpCodecCapability
@@ -42,6 +43,8 @@ class Router(EventEmitter):
         self.transports: dict[str, Transport] = {}
         self._consumer_count = 0  # open consumers over all transports (the limit's count)
         self.producers: dict[str, Producer] = {}
+        # (other router's id, SRTP?) -> (our pipe, its pipe), reused by pipe_to_router
+        self._pipes: dict[tuple[str, bool], tuple[PipeTransport, PipeTransport]] = {}
         self._closed = False
 
     @property
@@ -79,6 +82,41 @@ class Router(EventEmitter):
         transport.observer.once("close", lambda: self.engine.close_socket(socket))
         self.add_transport(transport)
         return transport
+
+    def create_pipe_transport(
+        self,
+        listen_ip: str | None = None,
+        port: int = 0,
+        enable_srtp: bool = False,
+        app_data: dict[str, Any] | None = None,
+    ) -> PipeTransport:
+        """A PipeTransport on its own UDP socket: plain RTP, or SRTP AEAD_AES_128_GCM whose
+        parameters the two ends exchange through `connect` (mediasoup `createPipeTransport`)."""
+        if self._closed:
+            raise RuntimeError("router closed")
+        socket = self.engine._open_socket(listen_ip or self.engine.settings.listen_ip, port)
+        try:
+            transport = PipeTransport(self, socket, enable_srtp, app_data)
+        except BaseException:
+            self.engine._close_socket(socket)
+            raise
+        transport.observer.once("close", lambda: self.engine._close_socket(socket))
+        self.transports[transport.id] = transport
+        self.observer.emit("newtransport", transport)
+        return transport
+
+    def pipe_to_router(
+        self,
+        producer_id: str,
+        router: Router,
+        listen_ip: str = "127.0.0.1",
+        enable_srtp: bool = False,
+    ) -> PipeToRouterResult:
+        """Make a producer of this router a producer (same id) of `router`, over two pipe
+        transports on `listen_ip`: {"pipeConsumer", "pipeProducer"} (mediasoup `pipeToRouter`)."""
+        if self._closed or router.closed:
+            raise RuntimeError("router closed")
+        return pipe_to_router(self, producer_id, router, listen_ip, enable_srtp)
 
     def create_webrtc_transport(
         self,

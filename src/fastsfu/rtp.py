@@ -366,6 +366,7 @@ class _Consumer:
     mid: bytes
     paused: bool
     epoch: int
+    passthrough: bool = False
     sync_needed: bool = True
     has_sent: bool = False
     sync_ext: int = 0
@@ -489,10 +490,13 @@ class ReferenceForwarder:
         ext_ids: dict[int, int],
         mid: bytes = b"",
         paused: bool = False,
+        passthrough: bool = False,
     ) -> int:
         c = self._slot(self.consumers)
         pr = self.producers[p]
-        self.consumers[c] = _Consumer(p, t, ssrc, payload_type, dict(ext_ids), mid, paused, pr.epoch)
+        self.consumers[c] = _Consumer(
+            p, t, ssrc, payload_type, dict(ext_ids), mid, paused, pr.epoch, passthrough
+        )
         pr.consumers.append(c)
         return c
 
@@ -684,7 +688,9 @@ class ReferenceForwarder:
             self.drops["no_remote"] += 1
             return
         in_ts = struct.unpack_from("!I", data, 4)[0]
-        if co.sync_needed or co.epoch != pr.epoch:
+        if co.passthrough:
+            pass  # a pipe: seq and ts as the producer sent them (offsets stay 0)
+        elif co.sync_needed or co.epoch != pr.epoch:
             if co.has_sent:
                 co.seq_off = (co.last_seq + 1 - ext) & 0xFFFF
                 gap = ((now - co.last_ns) // 1000) * pr.clock_rate // 1_000_000 if now > co.last_ns else 0

@@ -166,10 +166,23 @@ class Transport(EventEmitter):
             e for e in params.get("headerExtensions", []) if e["uri"] in rtp.EXTENSION_KINDS
         ]
         ext_ids = {rtp.EXTENSION_KINDS[e["uri"]]: e["id"] for e in params["headerExtensions"]}
+        return self._attach_consumer(producer, params, ext_ids, paused, app_data)
+
+    def _attach_consumer(
+        self,
+        producer: Producer,
+        params: RtpParameters,
+        ext_ids: dict[int, int],
+        paused: bool,
+        app_data: dict[str, Any] | None,
+        passthrough: bool = False,
+    ) -> Consumer:
+        """Create and register a consumer whose SSRC (in `params`) is free on this transport."""
+        ssrc = int(params["encodings"][0]["ssrc"])
         if self.srtp_out is not None:
             with self.engine.datapath.tables_lock:  # the datapath thread may be using this session
                 self.srtp_out.add_stream(ssrc)
-        consumer = Consumer(self, producer, params, ext_ids, paused, app_data)
+        consumer = Consumer(self, producer, params, ext_ids, paused, app_data, passthrough)
         self._consumer_ssrcs.add(ssrc)
         self.consumers[consumer.id] = consumer
         producer.consumers[consumer.id] = consumer

@@ -1,6 +1,7 @@
 """Subprocess for test_no_per_packet_work: drains N protected packets (SRTP, or a Discord AEAD
 mode) through a real socket and prints (allocations, python calls, forwarded) measured around the
-drain calls only: inline (the event loop's poll() call) or on the datapath thread."""
+drain calls only: inline (the event loop's poll() call) or on the datapath thread. With a fan-out
+above 1 the last consumer is a pipe (passthrough) consumer."""
 
 from __future__ import annotations
 
@@ -83,9 +84,15 @@ def main(n: int, fanout: int, kind: str, threaded: bool) -> None:
     for i in range(fanout):
         t = dp.add_transport(sock)
         dp.set_transport_remote(t, "127.0.0.1", sink.getsockname()[1] if i == 0 else 9 + i)
-        out = make_outbound(100 + i)
-        install(dp, t, None, out)
-        dp.add_consumer(p, t, 100 + i, 100, {2: 3}, b"0")
+        if fanout > 1 and i == fanout - 1:
+            # A pipe consumer (passthrough): the producer's SSRC, PT, extension ID, seq and ts.
+            out = make_outbound(1)
+            install(dp, t, None, out)
+            dp.add_consumer(p, t, 1, 111, {2: 1}, b"", False, True)
+        else:
+            out = make_outbound(100 + i)
+            install(dp, t, None, out)
+            dp.add_consumer(p, t, 100 + i, 100, {2: 3}, b"0")
         keep.append(out)
     packets = [
         protect(bytes(RtpPacket(111, s, s * 960, 1, extensions=[(1, b"\x80")], payload=bytes(100))))
