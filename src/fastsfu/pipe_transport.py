@@ -85,7 +85,7 @@ class PipeTransport(PlainTransport):
         if producer.ssrc in self._consumer_ssrcs:
             # Two streams with one SSRC cannot share the pipe (the far side demultiplexes by SSRC).
             raise TransportError(f"ssrc {producer.ssrc} is already sent on this pipe")
-        self.router._check_consumer_limit()
+        self._listener.on_transport_will_consume()
         params = pipe_rtp_parameters(producer)
         ext_ids = {rtp.EXTENSION_KINDS[e["uri"]]: e["id"] for e in params["headerExtensions"]}
         return self._attach_consumer(producer, params, ext_ids, paused, app_data, passthrough=True)

@@ -94,13 +94,13 @@ class Router(EventEmitter):
         parameters the two ends exchange through `connect` (mediasoup `createPipeTransport`)."""
         if self._closed:
             raise RuntimeError("router closed")
-        socket = self.engine._open_socket(listen_ip or self.engine.settings.listen_ip, port)
+        socket = self.engine.open_socket(listen_ip or self.engine.settings.listen_ip, port)
         try:
             transport = PipeTransport(self, socket, enable_srtp, app_data)
         except BaseException:
-            self.engine._close_socket(socket)
+            self.engine.close_socket(socket)
             raise
-        transport.observer.once("close", lambda: self.engine._close_socket(socket))
+        transport.observer.once("close", lambda: self.engine.close_socket(socket))
         self.transports[transport.id] = transport
         self.observer.emit("newtransport", transport)
         return transport
