@@ -31,8 +31,9 @@ def _protos() -> list[str]:
 
 class build_proto(Command):  # noqa: N801 (distutils command names are lower case)
     """protoc (from grpcio-tools) into the package: the .proto files sit under a fastsfu/_proto/
-    root, so the generated modules import each other inside the package (harmony.md §1.3). Writes to
-    build_lib, or into src/ for an editable install (PEP 660: generated files go next to the sources)."""
+    root, so the generated modules import each other inside the package
+    (docs/harmony.md#code-generation). Writes to build_lib, or into src/ for an editable install
+    (PEP 660: generated files go next to the sources)."""
 
     description = "generate fastsfu._proto from proto/ with grpcio-tools"
     user_options: list[tuple[str, str | None, str]] = []
@@ -121,7 +122,7 @@ extensions = [
         "fastsfu._rtp",
         ["src/fastsfu/_rtp.pyx"],
         # No libsrtp headers or library: libsrtp is reached through function pointers taken
-        # from pylibsrtp's bundled build at run time (transport.md §7).
+        # from pylibsrtp's bundled build at run time (docs/transports.md#srtp).
         # OpenSSL (for Discord's AEAD modes, _aead.h) likewise, through pointers set at import.
         include_dirs=["src/fastsfu"],
         depends=["src/fastsfu/_aead.h", "src/fastsfu/_csys.pxd", "src/fastsfu/_rtp.pxd"],

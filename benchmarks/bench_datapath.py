@@ -86,7 +86,7 @@ class Fixture:
         for _ in range(ROUNDS + 2):
             chunks, lengths = [], array("I")
             for _ in range(PACKETS_PER_ROUND):
-                # 160-byte RTP anchor of performance.md §3: 12 header + 12 extension + 136 payload.
+                # 160-byte anchor (docs/benchmarks.md#micro-benchmarks): 12 header, 12 extension, 136 payload.
                 pkt = bytes(
                     RtpPacket(
                         111,

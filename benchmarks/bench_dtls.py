@@ -1,6 +1,6 @@
 """DTLS 1.2 handshake cost (pytest-benchmark): server CPU per full handshake against our own client.
 
-Budget 2 ms per handshake (transport.md §8 estimated ~0.7 ms); a join storm is bounded by this number.
+Budget 2 ms per handshake (docs/transports.md#handshake-cost); a join storm is bounded by this number.
 """
 
 from __future__ import annotations
@@ -98,5 +98,5 @@ def test_dtls_server_cpu_per_handshake(benchmark: pytest.FixtureRequest) -> None
     median_ms = statistics.median(samples) * 1e3
     benchmark.extra_info["server_ms_per_handshake_median"] = round(median_ms, 3)
     benchmark.pedantic(timed_handshake, rounds=50, iterations=1)  # whole handshake, both sides, for the table
-    # Reported, not asserted: absolute times on shared machines vary by ±30 % (performance.md §6).
+    # Reported, not asserted: absolute times on shared machines vary by ±30 % (docs/benchmarks.md#principles).
     print(f"\n  DTLS server CPU per handshake: {median_ms:.3f} ms (median), budget {BUDGET_MS} ms")

@@ -15,7 +15,7 @@ from typing import Any
 
 SUITE_CM = "AES_CM_128_HMAC_SHA1_80"
 SUITE_GCM = "AEAD_AES_128_GCM"
-# Discord's `udp` transport (discord-gateway.md §6): its rtpsize AEAD modes, one 32-byte key per
+# Discord's `udp` transport (docs/transports.md#discord-udp): rtpsize AEAD, one 32-byte key per
 # transport for both directions, every transport on the engine's one shared media port.
 SUITE_DISCORD_AES = "DISCORD_AES256_GCM"
 SUITE_DISCORD_XCHACHA = "DISCORD_XCHACHA20"
@@ -37,7 +37,7 @@ SUITE_ALIASES = {
 }
 
 PUBLISHER_PT = 111
-DISCORD_PT = 120  # what Discord clients send and accept, both ways (discord-gateway.md §6.3)
+DISCORD_PT = 120  # what Discord clients send and accept, both ways (docs/transports.md#encryption-modes)
 PUBLISHER_EXT_ID = 3
 CONSUMER_PT = 100
 CONSUMER_EXT_ID = 7

@@ -1,7 +1,7 @@
 """Loopback load benchmark: each SUT (bare C baseline, fastsfu, a pion/srtp Go forwarder) on core 1,
 native generator/sink on core 0.
 
-Prints one JSON line per step, then markdown tables of ratios to the C baseline (performance.md §6).
+Prints one JSON line per step, then markdown tables of ratios to the C baseline (docs/benchmarks.md).
 Discord suites (`--suite discord`) run fastsfu's Discord UDP transport and compare it with fastsfu's
 SRTP AEAD_AES_128_GCM case of the same run; the C baseline has no Discord mode and skips them.
 """
@@ -42,7 +42,7 @@ OPTIONAL_SUTS = ("fastsfu_sized", "fastsfu_inline")
 SRTP_ONLY = ("baseline", "pion")
 PION_BUILD = BENCH_DIR / "pion" / "build.sh"
 PION_BUILD_TIMEOUT_S = 300
-P99_FLOOR_US = 5000.0  # performance.md §6.5 (ii) and §6.7: the baseline's validity floor
+P99_FLOOR_US = 5000.0  # docs/benchmarks.md#the-loopback-load-benchmark: the baseline's validity floor
 SETTLE_TIMEOUT_S = 15.0
 # The reference the Discord suites are compared with (same SUT, same run).
 DISCORD_REFERENCE = benchconfig.SUITE_GCM
@@ -208,7 +208,7 @@ class Runner:
         return m
 
     def search(self) -> dict[str, Any]:
-        """Raise the rate by step_factor until loss, then bisect `refine` times (§6.5)."""
+        """Raise the rate by step_factor until loss, then bisect `refine` times."""
         a = self.args
         rate = a.start_rate
         good: dict[str, Any] | None = None
@@ -415,7 +415,7 @@ def run_suite(
     for sut in runners:
         result, h = results[sut], harnesses[sut]
         result["sut_final"] = h.final
-        # Throughput per core (performance.md: one core's worth of CPU time) = 1e6 / CPU us per fwd packet.
+        # Throughput per core (docs/benchmarks.md#targets) = 1e6 / CPU us per fwd packet.
         for phase in ("fixed", "fixed_low", "half"):
             cpu = _get(result, phase, "cpu_us_per_pkt")
             result[f"{phase}_pps_per_core"] = round(1e6 / cpu) if cpu else None
@@ -679,7 +679,7 @@ def report(summary: dict[str, Any]) -> str:
             valid = fx["loss"] == 0 and (fx["p99_us"] or 0) <= P99_FLOOR_US
             summary["valid"][suite] = valid
             if not valid:
-                lines.append("\n**Run invalid**: the baseline missed its own floor at the fixed load (§6.7).")
+                lines.append("\n**Run invalid**: the baseline missed its own floor at the fixed load.")
         lines += _extra_suts(per_sut, base)
         lines += _notes(per_sut)
         lines.append("")

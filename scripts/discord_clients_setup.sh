@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install the pinned @discordjs/voice client of tests/discord/ (npm ci from its package-lock.json)
-# for the Discord-gateway interop tests (tests/discord_clients.py; discord-gateway.md §9.3).
+# for the Discord-gateway interop tests (tests/discord_clients.py; docs/testing.md#other-real-peers).
 # discord.py 2.7.1 comes with the `test` extra of pyproject.toml instead.
 # Idempotent: runs npm ci only when node_modules is missing or older than package(-lock).json.
 set -euo pipefail
@@ -12,7 +12,7 @@ if ! command -v npm >/dev/null || ! command -v node >/dev/null; then
 fi
 if [ ! -d node_modules ] || [ package-lock.json -nt node_modules ] || [ package.json -nt node_modules ]; then
     echo "discord_clients_setup: npm ci in tests/discord/"
-    # @discordjs/voice 0.19.2 declares node >= 22.12 but works on Node 20 (§9.3): no engine-strict
+    # @discordjs/voice 0.19.2 declares node >= 22.12 but works on Node 20: no engine-strict
     npm ci --no-audit --no-fund --loglevel=error --engine-strict=false
     touch node_modules
 fi

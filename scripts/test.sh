@@ -35,8 +35,9 @@ echo "== soak, short (join/leave churn over hRPC, gRPC, Discord beside a talking
 $PY benchmarks/soak.py --quick --quiet --json benchmarks/.build/last-soak.json
 
 echo "== headless Chromium and Firefox ESR: mediasoup-client interop, the /demo page over hRPC, Discord webrtc leaves, in a loopback-only network namespace"
-# No network inside the namespace (testing.md §2): browser_setup.sh installs Chromium first (the
-# bundles were built by bootstrap.sh) and Firefox ESR. Needs root for apt-get and unshare (CI runs as root); elsewhere it skips.
+# No network inside the namespace (docs/testing.md#network-namespace): browser_setup.sh installs
+# Chromium first (the bundles were built by bootstrap.sh) and Firefox ESR. Needs root for apt-get
+# and unshare (CI runs as root); elsewhere it skips.
 if scripts/browser_setup.sh && unshare -n true 2>/dev/null; then
     unshare -n -- sh -c 'ip link set lo up && ip route add default dev lo src 127.0.0.1 2>/dev/null;
         exec .venv/bin/python -m pytest tests -m browser -q -p no:cacheprovider'

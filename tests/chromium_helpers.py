@@ -1,4 +1,4 @@
-"""Headless Chromium for the browser tests (testing.md §2, §3): launch flags, a tone file for the
+"""Headless Chromium for the browser tests (docs/testing.md): launch flags, a tone file for the
 fake microphone, and the loopback-only namespace guard. scripts/test.sh runs these tests under
 `unshare -n`; outside such a namespace they skip (developer machine) or fail (CI=true)."""
 
@@ -16,7 +16,7 @@ import pytest
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
-# testing.md §3.3. --allow-loopback-in-peer-connection is required in a lo-only namespace.
+# docs/testing.md#chromium. --allow-loopback-in-peer-connection is required in a lo-only namespace.
 CHROMIUM_ARGS = [
     "--allow-loopback-in-peer-connection",
     "--use-fake-device-for-media-stream",

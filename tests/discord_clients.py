@@ -1,10 +1,10 @@
-"""Real-client harness for the Discord-style voice gateway (discord-gateway.md §9).
+"""Real-client harness for the Discord-style voice gateway (docs/testing.md#other-real-peers).
 
 Drives the two reference bot libraries against a voice server on 127.0.0.1, each in its own
 subprocess with a hard timeout:
 
 * discord.py 2.7.1 through ``tests/dpy_bot.py`` (a subprocess because ``SSL_CERT_FILE`` must be set
-  before aiohttp is imported, §9.1). It only sends: discord.py has no audio receive.
+  before aiohttp is imported). It only sends: discord.py has no audio receive.
 * @discordjs/voice 0.19.2 through ``tests/discord/djs_client.mjs`` (``NODE_EXTRA_CA_CERTS`` for wss);
   it receives (attributed per user ID), sends, and records state transitions, close codes, resumes.
   Its pinned npm packages are installed by ``scripts/discord_clients_setup.sh``.
@@ -62,7 +62,7 @@ DJS_DIR = TESTS_DIR / "discord"
 DJS_CLIENT = DJS_DIR / "djs_client.mjs"
 
 OPUS_SILENCE_FRAME = b"\xf8\xff\xfe"
-"""The Opus silence frame both bots send five of before a pause (§6.3)."""
+"""The Opus silence frame both bots send five of before a pause (docs/transports.md#encryption-modes)."""
 
 FRAME_SAMPLES = 960  # 20 ms at 48 kHz
 _STDERR_KEEP = 64 * 1024
@@ -78,7 +78,7 @@ class HarnessError(RuntimeError):
 
 
 def make_test_certificate(tmp_path: Path | str) -> tuple[Path, Path]:
-    """Write a throwaway self-signed P-256 certificate for wss on loopback (§9.1).
+    """Write a throwaway self-signed P-256 certificate for wss on loopback (docs/testing.md#other-real-peers).
 
     SANs IP:127.0.0.1 and DNS:localhost, CN=localhost, valid from an hour ago for 2 days. Returns
     ``(cert_pem, key_pem)`` paths in ``tmp_path``; the certificate is also its own CA, so pass
@@ -262,7 +262,7 @@ def opus_pad(packet: bytes, padding: int) -> bytes:
         return packet
     toc = bytes([(config << 3) | (0x04 if stereo else 0) | 0x03])
     count = bytes([0x40 | 1])  # CBR, padding flag, one frame
-    # padding-length bytes: each 255 adds 254 bytes, the last (0-254) adds its value (§3.2.5)
+    # padding-length bytes: each 255 adds 254 bytes, the last (0-254) adds its value (RFC 6716 §3.2.5)
     length = b""
     left = padding
     while left > 254:
@@ -723,7 +723,7 @@ async def start_dpy_bot(
 
 
 async def run_dpy_bot(endpoint: str, **options: Any) -> DpyResult:
-    """Run a discord.py 2.7.1 voice bot against ``endpoint`` (``"127.0.0.1:PORT"``) per §9.2.
+    """Run a discord.py 2.7.1 voice bot against ``endpoint`` (``"127.0.0.1:PORT"``).
 
     The bot joins through a FakeGuild that delivers VOICE_STATE_UPDATE (``session_id``) and
     VOICE_SERVER_UPDATE (``token``, ``endpoint``) 50 ms after ``change_voice_state`` returns, calls
@@ -731,7 +731,7 @@ async def run_dpy_bot(endpoint: str, **options: Any) -> DpyResult:
     sends each of ``frames`` (pre-encoded Opus) and disconnects after ``hold`` seconds.
 
     * ``send_via="direct"``: ``send_audio_packet(frame, encode=False)`` every ``frame_interval``
-      (§9.2; no op 5 besides discord.py's own ``speaking: 0`` after op 4, unless ``speaking``).
+      (no op 5 besides discord.py's own ``speaking: 0`` after op 4, unless ``speaking``).
     * ``send_via="player"``: ``vc.play()`` of an ``AudioSource`` with ``is_opus()`` True; the
       AudioPlayer adds op 5 speaking 1/0 and five silence frames.
     * ``speaking``: send op 5 ``speaking: 1`` before and ``0`` after the frames (direct mode).
@@ -852,7 +852,7 @@ async def start_djs_client(
 
 
 async def run_djs_client(endpoint: str, **options: Any) -> DjsResult:
-    """Run an @discordjs/voice 0.19.2 client against ``endpoint`` (``"127.0.0.1:PORT"``) per §9.3.
+    """Run an @discordjs/voice 0.19.2 client against ``endpoint`` (``"127.0.0.1:PORT"``).
 
     Joins with the fake adapter (state update, then server update; ``daveEncryption: false``),
     waits for Ready (``ready_timeout``), subscribes the receiver to every ``receive_from`` user ID

@@ -1,5 +1,5 @@
 """A Discord client's UDP side for tests, with crypto from other libraries than ours
-(cryptography's AES-GCM, PyNaCl's XChaCha20-Poly1305): discord-gateway.md §6."""
+(cryptography's AES-GCM, PyNaCl's XChaCha20-Poly1305): docs/transports.md#discord-udp."""
 
 from __future__ import annotations
 
@@ -140,7 +140,7 @@ class Observer:
         token: str,
         ssl: ssl_module.SSLContext | None = None,
     ) -> Observer:
-        """HELLO, IDENTIFY, READY, IP discovery, SELECT_PROTOCOL udp, op 4 (discord-gateway.md §2)."""
+        """HELLO, IDENTIFY, READY, IP discovery, SELECT_PROTOCOL udp, op 4."""
         ws = await http.ws_connect(url, ssl=ssl if ssl is not None else True)
         hello = await ws.receive_json(timeout=5)
         assert hello["op"] == 8, hello
@@ -172,7 +172,7 @@ class Observer:
                 self._arrived.set()
 
     async def _beat(self, interval: float) -> None:
-        """v8 heartbeats (§4), so that a long observation is not closed with 4009."""
+        """v8 heartbeats, so that a long observation is not closed with 4009."""
         while not self.ws.closed:
             await asyncio.sleep(interval)
             await self.ws.send_json({"op": 3, "d": {"t": 0, "seq_ack": self._seq}})

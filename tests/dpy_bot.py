@@ -1,11 +1,11 @@
-"""A discord.py 2.7.1 voice bot for interop tests, run as a subprocess (discord-gateway.md §9.2).
+"""A discord.py 2.7.1 voice bot for interop tests, run as a subprocess (docs/testing.md#other-real-peers).
 
     python tests/dpy_bot.py --json-args -            # arguments as one JSON object on stdin
     python tests/dpy_bot.py --json-args '{"endpoint": "127.0.0.1:PORT", ...}'
     python tests/dpy_bot.py --json-args @args.json
 
 A subprocess because discord.py's aiohttp builds its default SSL context at import: ``SSL_CERT_FILE``
-(the test CA, argument ``cafile``) must be in the environment before aiohttp is imported (§9.1).
+(the test CA, argument ``cafile``) must be in the environment before aiohttp is imported.
 No Discord login and no libopus: a ``discord.Client(intents=Intents.none())`` with the HTTP session
 ``login()`` would create, a FakeGuild that delivers the two voice events 50 ms after
 ``change_voice_state`` returns, ``VoiceClient.connect(reconnect=False, timeout=...)``, then
@@ -169,7 +169,7 @@ def _install_hooks(rec: Recorder) -> None:
 
 
 class FakeGuild:
-    """The guild stub of §9.2: delivers the voice events after discord.py starts waiting for them."""
+    """The guild stub: delivers the voice events after discord.py starts waiting for them."""
 
     def __init__(self, guild_id: int, user_id: int, session_id: str, token: str, endpoint: str) -> None:
         self.id = guild_id
@@ -189,7 +189,7 @@ class FakeGuild:
         self, *, channel: Any, self_mute: bool = False, self_deaf: bool = False, **_: Any
     ) -> None:
         async def deliver() -> None:
-            await asyncio.sleep(0.05)  # inline or immediate delivery is ignored or races (§9.2)
+            await asyncio.sleep(0.05)  # inline or immediate delivery is ignored or races
             await self.vc.on_voice_state_update(
                 {
                     "guild_id": str(self.id),
@@ -290,7 +290,7 @@ async def _run(args: dict[str, Any], rec: Recorder) -> None:
 
 def _receiver(mode: str, key: bytes, rec: Recorder) -> Any:
     """A socket listener (called on discord.py's reader thread) that opens rtpsize AEAD RTP with
-    other libraries than the server's (discord-gateway.md §6.4) and records the Opus payloads."""
+    other libraries than the server's (docs/transports.md#encryption-modes) and records the Opus payloads."""
     import nacl.bindings
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
@@ -388,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
         _emit({"result": {"ok": False, "error": f"bad arguments: {exc!r}", "error_type": type(exc).__name__}})
         return 2
 
-    # Before aiohttp (imported by discord) builds its default SSL context: §9.1.
+    # Before aiohttp (imported by discord) builds its default SSL context.
     if args.get("cafile"):
         os.environ["SSL_CERT_FILE"] = str(args["cafile"])
     logging.basicConfig(

@@ -35,7 +35,7 @@ def start(leg: AiortcLeg, options: Any) -> Any:
 
 
 class HarmonyMember:
-    """A Harmony voice client over gRPC with aiortc legs (harmony.md §3.2 flow, ORTC style)."""
+    """A Harmony voice client over gRPC with aiortc legs (docs/harmony.md#client-side, ORTC style)."""
 
     def __init__(self, port: int, token: str, guild_id: int = 10, channel_id: int = 20) -> None:
         self.guild_id, self.channel_id = guild_id, channel_id

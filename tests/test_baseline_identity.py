@@ -1,5 +1,5 @@
 """The Cython datapath and the benchmark's bare C forwarder produce byte-identical output for the
-same keys and input (performance.md §6.1): the benchmark compares equal work."""
+same keys and input (docs/benchmarks.md#the-bare-c-baseline): the benchmark compares equal work."""
 
 from __future__ import annotations
 

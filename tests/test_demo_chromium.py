@@ -1,6 +1,6 @@
 """The /demo page in headless Chromium: two browser contexts join one Harmony voice channel over
 hRPC with mediasoup-client (@harmony-dev/transport-hrpc, the shared-certificate flow of
-harmony.md §3.2), each hears the other (inbound-rtp packets and audio level in getStats), and a
+docs/harmony.md#client-side), each hears the other (inbound-rtp packets and audio level in getStats), and a
 leave reaches the other as UserLeft. A bad token surfaces in the page as the h.blank-session error.
 
 Runs in a loopback-only network namespace (scripts/test.sh); the page's bundle comes from

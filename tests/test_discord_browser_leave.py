@@ -1,8 +1,8 @@
 """Browsers on the Discord voice gateway's `webrtc` protocol leave (issue 14): a plain-JS page
-(tests/browser/discord_webrtc.html, the web client's flow of discord-gateway.md §7) joins a room
+(tests/browser/discord_webrtc.html, the web client's flow of docs/discord.md#the-webrtc-protocol) joins a room
 with a discord.py bot, then leaves with pc.close() + ws.close(1000), or its tab closes; the bot gets
 CLIENT_DISCONNECT (op 13) within a second. Headless Chromium through Playwright, stock Firefox ESR
-as a subprocess that reports to the test's HTTP server (testing.md §8).
+as a subprocess that reports to the test's HTTP server (docs/testing.md#firefox-esr).
 
 Runs in a loopback-only network namespace (scripts/test.sh).
 """
@@ -43,7 +43,7 @@ AUTH = TokenAuth("discord-browser-leave-secret-0123456789abcdef")
 SERVER_ID = "41"
 BOT = 1001
 
-# testing.md §8: fake microphone, no prompt, loopback ICE candidates with their real address,
+# docs/testing.md#firefox-esr: fake microphone, no prompt, loopback ICE candidates with their real address,
 # and a page allowed to close its own tab (the "closed tab" case).
 FIREFOX_PREFS = {
     "media.navigator.streams.fake": True,
@@ -237,7 +237,7 @@ def test_chromium_on_the_webrtc_protocol_leaves_within_a_second(
 
 @contextlib.contextmanager
 def firefox(url: str) -> Any:
-    """Stock Firefox ESR, headless, with a fresh profile (testing.md §8); killed by PID at the end."""
+    """Stock Firefox ESR, headless, with a fresh profile; killed by PID at the end."""
     binary = shutil.which("firefox-esr")
     if binary is None:
         unavailable("firefox-esr is not installed; run scripts/browser_setup.sh")

@@ -1,4 +1,4 @@
-"""The Discord voice gateway core driven with JSON frames alone (discord-gateway.md §2, §4, §5, §11.1):
+"""The Discord voice gateway core driven with JSON frames alone (docs/discord.md):
 flow, heartbeats, every close code, RESUME and replay, server closes, timers and memory bounds."""
 
 from __future__ import annotations
@@ -712,7 +712,7 @@ def test_no_resume_after_a_kick_or_call_terminated(gw: Gateway, handler: Handler
 def test_close_codes_outside_4000_4999_are_refused(gw: Gateway) -> None:
     conn, session = join(gw)
     with pytest.raises(ValueError):
-        session.close(1000)  # never 1000 for a kick (§5)
+        session.close(1000)  # never 1000 for a kick (docs/discord.md#close-codes)
     with pytest.raises(ValueError):
         GatewayError(1000)
     with pytest.raises(ValueError):

@@ -1,4 +1,4 @@
-"""Real Discord clients against `fastsfu serve` over wss (discord-gateway.md §9): discord.py 2.7.1
+"""Real Discord clients against `fastsfu serve` over wss (docs/testing.md#other-real-peers): discord.py 2.7.1
 and @discordjs/voice 0.19.2 each send pre-encoded Opus and receive the other's (djs attributes
 every frame to the right user), djs resumes after a server-sent 4015 and audio continues, and a
 discord.py bot shares a room with a Harmony user (aiortc over gRPC) through the room map."""
@@ -245,7 +245,7 @@ def test_a_discord_bot_and_a_harmony_user_share_a_mapped_room(tmp_path: Path) ->
 
 def test_discordjs_resumes_after_4015_and_audio_continues(tmp_path: Path) -> None:
     """The server asks for a RESUME (4015, a graceful restart or migration): djs reconnects with
-    op 7, gets op 9, keeps its UDP socket and key, and the frames keep coming (§4)."""
+    op 7, gets op 9, keeps its UDP socket and key, and the frames keep coming."""
     require_clients()
     frames = opus_tone_frames(200, 440.0)
 

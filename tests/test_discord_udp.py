@@ -1,4 +1,4 @@
-"""Discord's `udp` transport (discord-gateway.md §6): the rtpsize AEAD modes in C checked against
+"""Discord's `udp` transport (docs/transports.md#discord-udp): the rtpsize AEAD modes in C checked against
 independent implementations (cryptography's AES-GCM, PyNaCl's XChaCha20-Poly1305), and the
 transport through real sockets on 127.0.0.1: IP discovery, keep-alives, forwarding with PT 120 and
 CC 0 re-encrypted per receiver, and bad input (tampering, replays, malformed discovery)."""
@@ -153,7 +153,7 @@ def test_discovery_then_forwarding_rewrites_and_reencrypts_per_receiver() -> Non
         assert ta.remote == a.address and tb.remote == b.address
         sent = []
         for seq in range(20):
-            # Native clients add CSRCs and one-byte extensions: receivers get neither (§6.3).
+            # Native clients add CSRCs and one-byte extensions: receivers get neither.
             payload = bytes([seq]) * 50
             sent.append(payload)
             a.send_rtp(
@@ -313,7 +313,7 @@ def test_only_receivers_with_a_discovered_address_get_media_and_close_frees_the_
 
 
 def test_server_rtcp_is_sealed_with_the_receivers_mode() -> None:
-    """Sender reports go out with the 8-byte RTCP header as the clear part (§6.3)."""
+    """Sender reports go out with the 8-byte RTCP header as the clear part."""
 
     async def main() -> None:
         from fastsfu import Settings
@@ -381,7 +381,7 @@ def test_select_mode_installs_a_provisioned_key() -> None:
 
 
 def legacy_ref_seal(mode: str, key: bytes, packet: bytes, counter: int, nonce24: bytes = b"") -> bytes:
-    """The legacy wire layouts of §6.4 built with PyNaCl's SecretBox: hdr ‖ MAC ‖ ct ‖ suffix."""
+    """The legacy wire layouts built with PyNaCl's SecretBox: hdr ‖ MAC ‖ ct ‖ suffix."""
     import nacl.secret
 
     clear = rtp_clear_length(packet) if mode == "xsalsa20_poly1305_lite_rtpsize" else 12

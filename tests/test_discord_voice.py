@@ -1,5 +1,5 @@
 """The Discord voice gateway end to end on loopback: a real aiohttp WebSocket server (the gateway core
-plus DiscordVoice) and hand-written clients speaking JSON and UDP exactly as discord-gateway.md §2
+plus DiscordVoice) and hand-written clients speaking JSON and UDP exactly as docs/discord.md#connection-flow
 shows, with the crypto of other libraries. Also the room shared with a Harmony user (aiortc)."""
 
 from __future__ import annotations
@@ -97,7 +97,7 @@ def serve(
 async def connect(
     url: str, http: aiohttp.ClientSession, user_id: int, mode: str, session_id: str = ""
 ) -> GatewayClient:
-    """HELLO, IDENTIFY, READY, IP discovery, SELECT_PROTOCOL, op 4: the §2 transcript."""
+    """HELLO, IDENTIFY, READY, IP discovery, SELECT_PROTOCOL, op 4: docs/discord.md#connection-flow."""
     client = GatewayClient(await http.ws_connect(url), user_id)
     client.token = AUTH.mint(user_id)  # RESUME sends the same token again
     hello = await client.recv()
@@ -297,7 +297,7 @@ def test_resume_keeps_media_flowing() -> None:
 
 
 def fragment_from_offer(sdp: str) -> str:
-    """What the Discord web client sends in op 1 (§7.1): ICE credentials, fingerprint, rtpmap and
+    """What the Discord web client sends in op 1: ICE credentials, fingerprint, rtpmap and
     extmap lines of its local offer, with no m=, mid, setup or candidate lines."""
     keep = ("a=ice-ufrag:", "a=ice-pwd:", "a=fingerprint:", "a=extmap:", "a=rtpmap:")
     lines = [line for line in sdp.splitlines() if line.startswith(keep)]
@@ -305,7 +305,7 @@ def fragment_from_offer(sdp: str) -> str:
 
 
 def browser_answer(template: str, offer_sdp: str, ssrcs: list[int]) -> str:
-    """The full remote answer a web client synthesises from op 4's template (§7.2)."""
+    """The full remote answer a web client synthesises from op 4's template."""
     attrs = dict(
         line.split(":", 1) for line in template.splitlines() if line.startswith("a=") and ":" in line
     )
@@ -346,7 +346,7 @@ def browser_answer(template: str, offer_sdp: str, ssrcs: list[int]) -> str:
 async def join_aiortc_browser(
     url: str, http: aiohttp.ClientSession, pc: Any, user_id: int, bot_ssrc: int
 ) -> tuple[GatewayClient, int]:
-    """A web client on the `webrtc` protocol (§7) with aiortc's RTCPeerConnection `pc` (an audio
+    """A web client on the `webrtc` protocol with aiortc's RTCPeerConnection `pc` (an audio
     track added): IDENTIFY, SELECT_PROTOCOL with its offer's fragment, the answer synthesised from
     op 4, ICE + DTLS up, SPEAKING with its SSRC. Returns its gateway client and SSRC."""
     from aiortc import RTCSessionDescription
@@ -458,7 +458,7 @@ def test_a_webrtc_browser_closing_its_peer_connection_leaves_at_once() -> None:
 
 
 def test_bad_clients_get_their_close_code_and_the_room_is_undisturbed() -> None:
-    """§5 close codes through the real edge while two members talk: invalid JSON (4002), an op
+    """Close codes through the real edge while two members talk: invalid JSON (4002), an op
     before IDENTIFY (4003), a bad token (4004), a second IDENTIFY (4005), a bad webrtc fragment
     (4020), a huge frame (4002); media between the members keeps flowing, the room is unchanged."""
 
@@ -519,7 +519,7 @@ def test_missed_heartbeats_close_4009_through_the_edge() -> None:
 
 
 def test_server_initiated_kick_and_call_end() -> None:
-    """4014 for one user (no reconnect, the others stay), 4022 for the whole room (§5); a v6+
+    """4014 for one user (no reconnect, the others stay), 4022 for the whole room; a v6+
     VOICE_BACKEND_VERSION is answered."""
     voices: list[DiscordVoice] = []
 

@@ -1,4 +1,4 @@
-"""Default token auth: HS256 tokens, expiry, wrong secret, garbage (harmony.md §2.3)."""
+"""Default token auth: HS256 tokens, expiry, wrong secret, garbage (docs/harmony.md#authentication)."""
 
 from __future__ import annotations
 

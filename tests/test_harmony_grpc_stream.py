@@ -59,7 +59,7 @@ async def status(call: Any) -> tuple[grpc.StatusCode, str]:
 
 
 async def advance(call: Any, user: int, stage: str) -> None:
-    """Drive one stream through the flow (harmony.md §3.2) up to `stage`."""
+    """Drive one stream through the flow (docs/harmony.md#client-side) up to `stage`."""
     steps = STAGES.index(stage)
     if steps >= 1:
         await call.write(Req(initialize=Req.Initialize(guild_id=10, channel_id=20)))
@@ -146,7 +146,7 @@ def test_decodable_messages_keep_their_meaning_and_a_half_close_is_a_clean_leave
         await advance(a, 1, "joined")
         await advance(b, 2, "joined")
         assert (await read(a)).user_joined.data.user_id == 2
-        await b.write(b"\x08\x01")  # once joined, anything but ResumeConsumer is ignored (§3.1)
+        await b.write(b"\x08\x01")  # once joined, anything but ResumeConsumer is ignored
         await b.write(Req(initialize=Req.Initialize(guild_id=1, channel_id=1)))
         await b.done_writing()
         assert await b.read() is grpc.aio.EOF

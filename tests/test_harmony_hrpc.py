@@ -1,4 +1,4 @@
-"""protocol.voice.v1 over hRPC WebSocket (harmony.md §2.1): subprotocol, frame opcodes, the flow
+"""protocol.voice.v1 over hRPC WebSocket (docs/harmony.md#hrpc): subprotocol, frame opcodes, the flow
 with two members, and every error path, through a real aiohttp server and client on loopback."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """The Harmony voice session state machine, driven in memory with the JSON real clients send
-(harmony.md §3, §4): flow, fan-out, ResumeConsumer, leave, policies and bad input."""
+(docs/harmony.md#session-flow): flow, fan-out, ResumeConsumer, leave, policies and bad input."""
 
 from __future__ import annotations
 
@@ -124,7 +124,7 @@ def test_flow_replies_and_transport_options() -> None:
             prep.prepared_for_join_channel.consumer_transport_options,
             prep.prepared_for_join_channel.producer_transport_options,
         )
-        assert c.id.startswith('"') and json.loads(c.id) != json.loads(p.id)  # JSON-quoted IDs (§3.4)
+        assert c.id.startswith('"') and json.loads(c.id) != json.loads(p.id)  # JSON-quoted IDs
         cand = json.loads(c.ice_candidates[0])
         assert cand["ip"] == cand["address"] and cand["protocol"] == "udp"
         assert json.loads(c.ice_parameters)["iceLite"] is True
@@ -493,7 +493,7 @@ def test_a_join_that_fails_half_way_takes_back_its_user_joined() -> None:
     asyncio.run(asyncio.wait_for(main(), 30))
 
 
-# pymediasoup 1.5.0 (harmony.md §4.4, §4.5): send transport hard-coded DTLS "server" with a
+# pymediasoup 1.5.0 (docs/harmony.md#dtls-roles): send transport hard-coded DTLS "server" with a
 # sha-512 fingerprint, recv transport "client"; PT 96, mid 1, audio-level 2, rtcp.mux.
 PYMEDIASOUP_RTP = {
     "mid": "0",

@@ -1,7 +1,7 @@
-"""Headless Chromium + mediasoup-client 3.24.1 against fastsfu (testing.md §3): one page produces
+"""Headless Chromium + mediasoup-client 3.24.1 against fastsfu (docs/testing.md#chromium): one page produces
 its fake microphone over ICE-lite + DTLS-SRTP, a second page consumes that producer and decodes it.
 
-Runs only inside a fresh loopback-only network namespace (testing.md §2); scripts/test.sh does
+Runs only in a loopback-only network namespace (docs/testing.md#network-namespace); scripts/test.sh does
 `unshare -n`, scripts/browser_setup.sh installs Chromium and scripts/web_build.sh builds
 tests/browser/static/harness.js first. Outside a lo-only namespace the test skips (developer
 machine) or fails (CI=true).

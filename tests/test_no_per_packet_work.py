@@ -1,4 +1,4 @@
-"""Per packet: no Python call and no allocation (performance.md §7 target 3), counted exactly.
+"""Per packet: no Python call and no allocation (docs/benchmarks.md#targets, 3), counted exactly.
 
 A subprocess runs with PYTHONMALLOC=malloc and an LD_PRELOAD malloc counter, sends N and 10*N
 SRTP packets to a real socket and drains them, inline or on the datapath thread; the counts must

@@ -1,4 +1,4 @@
-"""The generated protocol.voice.v1 modules match Harmony's wire schema (harmony.md §1.2): field
+"""The generated protocol.voice.v1 modules match Harmony's wire schema (docs/harmony.md#wire-schema): field
 numbers, oneof names, the typos, the RPC path, and bytes on the wire."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The connection rate limit per remote address (harmony.md §3.5): the token bucket itself (burst,
+"""The connection rate limit per remote address (docs/harmony.md#rate-limit): the token bucket itself (burst,
 refill, bounded memory, IPv6 by /64), and both front-ends refusing the stream after the burst with
 hrpc.resource-exhausted + RetryInfo, before authentication, while another address is unaffected."""
 

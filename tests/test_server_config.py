@@ -1,5 +1,5 @@
 """`fastsfu serve` configuration: defaults < TOML file < FASTSFU_* environment < flags; bad values
-exit 2 with one line; the static authorization policy gives each harmony.md §6 identifier through the
+exit 2 with one line; the static authorization policy gives each docs/harmony.md#errors identifier through the
 real hRPC and gRPC front-ends."""
 
 from __future__ import annotations

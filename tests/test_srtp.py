@@ -15,7 +15,7 @@ SUITES = sorted(srtp.SUITES)
 
 
 def test_bundled_libsrtp_is_2x() -> None:
-    # The datapath calls the 2.x in-place signature; 3.x changed it (transport.md §7).
+    # The datapath calls the 2.x in-place signature; 3.x changed it (docs/transports.md#srtp).
     assert srtp.libsrtp_version() >> 24 == 2
 
 

@@ -1,5 +1,6 @@
 /*
- * Bare C forwarder: the baseline the fastsfu datapath is measured against (performance.md §3.3).
+ * Bare C forwarder: the baseline the fastsfu datapath is measured against
+ * (docs/benchmarks.md#the-bare-c-baseline).
  *
  * Does the same per-packet work as the SFU and nothing else: epoll over every participant socket,
  * recvmmsg (batch 64), srtp_unprotect once, then for every other member of the room: copy, set

@@ -1,5 +1,6 @@
 /*
- * Native load generator and sink for the fastsfu loopback benchmark (performance.md §6.2).
+ * Native load generator and sink for the fastsfu loopback benchmark
+ * (docs/benchmarks.md#the-loopback-load-benchmark).
  *
  * Built as a shared library and driven from Python (run_loadgen.py) with ctypes. SRTP comes
  * from the libsrtp 2.x bundled inside pylibsrtp: Python passes the srtp_protect/srtp_unprotect

@@ -344,7 +344,7 @@ class LoadGen:
                 raise
 
     def discover(self, timeout: float = DISCOVERY_TIMEOUT_S) -> None:
-        """Discord IP discovery (discord-gateway.md §6.1) from every participant's own socket: the
+        """Discord IP discovery (docs/transports.md#ip-discovery) from every participant's own socket: the
         74-byte request with its SSRC, answered with the generator's address. This is what admits
         the generator's address at the SUT, as a Discord client's discovery does."""
         if self._handle is None:

@@ -1,4 +1,4 @@
-/* Discord's "rtpsize" transport encryption (discord-gateway.md §6.4) for the datapath, in C.
+/* Discord's "rtpsize" transport encryption (docs/transports.md#encryption-modes) for the datapath, in C.
  *
  * AES-256-GCM and ChaCha20-Poly1305 come from the OpenSSL that pylibsrtp's bundled libsrtp carries,
  * reached through function pointers installed at import (as libsrtp itself is), so there is no
@@ -105,7 +105,7 @@ typedef struct {
 static inline int fsfu_aead_legacy(const fsfu_aead *a) { return a->mode >= FSFU_AEAD_XSALSA_LITE_RTPSIZE; }
 
 /* The clear part of an RTP packet under this mode: rtpsize modes keep the CSRCs and the extension
- * preamble clear (§6.4); the older modes only the 12-byte fixed header. -1: shorter than that. */
+ * preamble clear; the older modes only the 12-byte fixed header. -1: shorter than that. */
 static inline int fsfu_aead_rtp_clear(const fsfu_aead *a, const uint8_t *p, int n) {
     int clear;
     if (n < 12) return -1;

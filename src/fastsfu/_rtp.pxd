@@ -68,7 +68,7 @@ cdef enum:
 
 ctypedef int (*srtp_fn)(void *ctx, void *hdr, int *len_ptr) noexcept nogil
 
-# Discord's rtpsize AEAD modes (discord-gateway.md §6.4), implemented in _aead.h.
+# Discord's rtpsize AEAD modes (docs/transports.md#encryption-modes), implemented in _aead.h.
 cdef extern from "_aead.h" nogil:
     ctypedef struct fsfu_aead:
         int mode

@@ -1,7 +1,7 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
 """The fastsfu datapath: C tables programmed from Python, and the per-packet RTP forwarder.
 
-Per packet: no Python call, no allocation, no exception (ARCHITECTURE.md, principle 1); the
+Per packet: no Python call, no allocation, no exception (docs/architecture.md#principles, 1); the
 rules mirror `fastsfu.rtp.ReferenceForwarder`, and tests compare the two byte for byte.
 """
 
@@ -69,7 +69,7 @@ def install_srtp_functions(uintptr_t protect, uintptr_t unprotect, uintptr_t pro
 
 AEAD_MODES = {"aead_aes256_gcm_rtpsize": FSFU_AEAD_AES256GCM,
               "aead_xchacha20_poly1305_rtpsize": FSFU_AEAD_XCHACHA20,
-              # legacy (discord-gateway.md §6.4): only behind a setting, with PyNaCl's libsodium
+              # legacy (docs/transports.md#encryption-modes): only behind a setting, with PyNaCl's libsodium
               "xsalsa20_poly1305_lite_rtpsize": FSFU_AEAD_XSALSA_LITE_RTPSIZE,
               "xsalsa20_poly1305_lite": FSFU_AEAD_XSALSA_LITE,
               "xsalsa20_poly1305_suffix": FSFU_AEAD_XSALSA_SUFFIX,
@@ -140,7 +140,7 @@ def aead_rtp_functions() -> tuple[int, int]:
 
 
 cdef class AeadContext:
-    """One direction's state of a Discord rtpsize AEAD mode (discord-gateway.md §6.4): the key,
+    """One direction's state of a Discord rtpsize AEAD mode (docs/transports.md#encryption-modes): the key,
     cipher contexts, the outbound nonce counter and the inbound replay window. A transport owns
     one; `seal`/`open` exist for tests and the slow path, the datapath calls the C functions."""
 
@@ -341,7 +341,7 @@ cdef inline int ext_next(const uint8_t *d, int n, int *pos, int two_byte, int *e
     cdef int p = pos[0]
     cdef int i, l
     while p < n:
-        if d[p] == 0:                    # padding byte between elements (§4.2, §4.3)
+        if d[p] == 0:                    # padding between elements (RFC 8285 §4.2, §4.3)
             p += 1
             continue
         if two_byte:
@@ -875,7 +875,7 @@ cdef class Datapath:
 
     def set_transport_aead(self, int t, AeadContext context) -> None:
         """Protect this transport with a Discord rtpsize AEAD mode (None: none). Its receivers get
-        CC 0 and no CSRCs, as Discord clients require (discord-gateway.md §6.3)."""
+        CC 0 and no CSRCs, as Discord clients require (docs/transports.md#encryption-modes)."""
         with self.tables_lock:
             self._check_transport(t)
             if context is not None and (self.transports[t].srtp_in != NULL or self.transports[t].srtp_out != NULL):
@@ -1446,7 +1446,8 @@ cdef class Datapath:
         tuple_key_from_sockaddr(&k, sock, src)
         t = table_get(&self.tuples, &k)
         if t >= 0 and self.transports[t].aead != NULL and n == 8:
-            # A Discord keep-alive: classified by length, its first byte is arbitrary (§6.2).
+            # A Discord keep-alive (docs/transports.md#keep-alives): classified by length, its first
+            # byte is arbitrary.
             out_t[0] = t
             out_n[0] = n
             return K_SLOW_OTHER
@@ -1490,7 +1491,7 @@ cdef class Datapath:
                 self._drop(tr, DROP_DECRYPT_FAILED)
                 return 0
             if tr.aead != NULL:
-                # rtpsize AEAD: the 8-byte fixed RTCP header is the clear part (§6.3).
+                # rtpsize AEAD: the 8-byte fixed RTCP header is the clear part.
                 status = fsfu_aead_open(tr.aead, buf, n, 8)
                 if status < 0:
                     self._drop(tr, DROP_AEAD_REPLAY if status == FSFU_AEAD_REPLAY else DROP_DECRYPT_FAILED)
@@ -1520,7 +1521,7 @@ cdef class Datapath:
             return
         if tr.aead != NULL and fsfu_aead_legacy(tr.aead):
             # Discord's older modes (but lite_rtpsize) encrypt everything after the fixed 12
-            # bytes, CSRCs and extension included: open the packet before reading those (§6.4).
+            # bytes, CSRCs and extension included: open the packet before reading those.
             status = fsfu_aead_rtp_clear(tr.aead, buf, n)
             if status >= 0:
                 status = fsfu_aead_open(tr.aead, buf, n, status)
@@ -1540,7 +1541,7 @@ cdef class Datapath:
             ext_off = hlen + 4
             hlen = ext_off + ext_len
         # Discord's rtpsize modes leave the fixed header, CSRCs and extension preamble clear and
-        # encrypt the extension elements with the payload (discord-gateway.md §6.4).
+        # encrypt the extension elements with the payload (docs/transports.md#encryption-modes).
         clear = ext_off if ext_off else hlen
         if hlen > n:
             self._drop(tr, DROP_MALFORMED)
@@ -1710,7 +1711,7 @@ cdef class Datapath:
         out_ts = rd32(&buf[4]) + co.ts_off
         slot = self._alloc_out()
         o = self.out[slot].data
-        # Discord clients read a 12-byte header and ignore CC: send them none (§6.3).
+        # Discord clients read a 12-byte header and ignore CC: send them none.
         cc = 0 if dst.aead != NULL else buf[0] & 0x0F
         # Fixed header and CSRCs, then the rewritten extension block, then the payload.
         o[0] = (buf[0] & 0xE0) | cc

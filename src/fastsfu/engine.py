@@ -36,7 +36,7 @@ class Claimer(Protocol):
 
 @dataclass
 class Settings:
-    """Limits and knobs of an Engine; every limit is explicit (ARCHITECTURE.md principle 5)."""
+    """Limits and knobs of an Engine; every limit is explicit (docs/architecture.md#principles, 5)."""
 
     listen_ip: str = "127.0.0.1"
     max_sockets: int = 1024

@@ -144,7 +144,7 @@ class IceServer:
     # ------------------------------------------------------------------ request handling
 
     def _request(self, msg: stun.StunMessage, addr: Address, now: float) -> None:
-        # Guard clauses in mediasoup's IceServer order (transport.md §5).
+        # Guard clauses in mediasoup's IceServer order (docs/transports.md#ice-lite).
         username = msg.get(stun.ATTR_USERNAME)
         if (
             msg.fingerprint_offset is None

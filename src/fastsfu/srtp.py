@@ -1,7 +1,7 @@
 """SRTP profiles, keys and contexts: pylibsrtp sessions whose libsrtp state the datapath uses from C.
 
 Importing this module checks pylibsrtp's bundled libsrtp is 2.x and hands its entry points to
-`fastsfu._rtp` (transport.md §7); nothing here runs per packet.
+`fastsfu._rtp` (docs/transports.md#srtp); nothing here runs per packet.
 """
 
 from __future__ import annotations

@@ -209,7 +209,7 @@ class Transport(EventEmitter):
 
     def _install_srtp(self, inbound: SrtpContext | None, outbound: SrtpContext | None) -> None:
         """Give the datapath new contexts, with a specific stream for every known SSRC
-        (libsrtp then never allocates on a packet, transport.md §7)."""
+        (libsrtp then never allocates on a packet, docs/transports.md#srtp)."""
         if inbound is not None:
             for producer in self.producers.values():
                 inbound.add_stream(producer.ssrc)

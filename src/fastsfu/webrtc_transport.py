@@ -169,7 +169,7 @@ class WebRtcTransport(Transport):
         ):
             raise TransportError("dtlsParameters.fingerprints must be a non-empty list of {algorithm, value}")
         if not any(f["algorithm"].lower() in FINGERPRINT_ALGORITHMS for f in fingerprints):
-            # No certificate could ever match: fail now, not at the handshake (harmony.md §5).
+            # No certificate could match: fail now, not in the handshake (docs/transports.md#fingerprints).
             supported = ", ".join(FINGERPRINT_ALGORITHMS)
             raise TransportError(f"dtlsParameters.fingerprints has no supported algorithm ({supported})")
         # mediasoup: a remote client makes us the server; a remote server or "auto" makes us the client.
@@ -204,7 +204,7 @@ class WebRtcTransport(Transport):
             self.ice.receive_datagram(data, addr, self._now())
         elif kind == rtp.SLOW_DTLS:
             if self._dtls is None:
-                # A ClientHello before connect(): the peer is the DTLS client (transport.md §3.9).
+                # A ClientHello before connect(): the peer is the DTLS client (docs/transports.md#roles).
                 self._ensure_dtls("server")
             assert self._dtls is not None
             self._dtls.receive_datagram(data, self._now())

@@ -1,4 +1,4 @@
-// An @discordjs/voice 0.19.2 client for fastsfu's interop tests (discord-gateway.md §9.3).
+// An @discordjs/voice 0.19.2 client for fastsfu's interop tests (docs/testing.md#other-real-peers).
 //
 //   node tests/discord/djs_client.mjs --json-args -              (arguments: one JSON object on stdin)
 //   node tests/discord/djs_client.mjs --json-args '{"endpoint": "127.0.0.1:PORT", ...}'
@@ -150,7 +150,7 @@ process.on('uncaughtException', (err) => {
 });
 process.on('unhandledRejection', (err) => fail('unhandledRejection', err));
 
-// The fake adapter of §9.3: answer asynchronously, state update before server update (the
+// The fake adapter: answer asynchronously, state update before server update (the
 // endpoint starts networking). Leave payloads (channel_id null) get a state update only.
 let joins = 0;
 const adapterCreator = (methods) => ({

@@ -176,8 +176,8 @@ def fuzzed(data: st.DataObject, op: int, d: Any, label: str) -> str:
 def test_gateway_with_real_media_answers_every_frame(
     media: Loop, data: st.DataObject, select: dict[str, Any], version: int
 ) -> None:
-    """The §2 sequence (IDENTIFY, SELECT_PROTOCOL, SPEAKING with READY's SSRC, HEARTBEAT, VIDEO,
-    RESUME), each frame valid or mutated, with random frames in between."""
+    """The connection flow of docs/discord.md#connection-flow (IDENTIFY, SELECT_PROTOCOL, SPEAKING with
+    READY's SSRC, HEARTBEAT, VIDEO, RESUME), each frame valid or mutated, with random frames in between."""
 
     async def body() -> None:
         rooms = VoiceRooms(media.engine)

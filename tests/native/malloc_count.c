@@ -1,4 +1,4 @@
-/* LD_PRELOAD allocation counter for the per-packet allocation test (performance.md §6.4).
+/* LD_PRELOAD allocation counter for the per-packet allocation test (docs/benchmarks.md#per-packet-work).
  * With PYTHONMALLOC=malloc every Python object allocation goes through here too. */
 #define _GNU_SOURCE
 #include <dlfcn.h>

@@ -1,6 +1,6 @@
 // A Harmony voice client: protocol.voice.v1 over hRPC (@harmony-dev/transport-hrpc) driving
-// mediasoup-client, following the client flow of harmony.md §3.2 with a shared certificate, so the
-// consumer transport's DTLS parameters are known before JoinChannel.
+// mediasoup-client, following the client flow of docs/harmony.md#client-side with a shared certificate,
+// so the consumer transport's DTLS parameters are known before JoinChannel.
 import { HrpcTransport } from "@harmony-dev/transport-hrpc";
 import { Device } from "mediasoup-client";
 import type { Consumer, Producer, Transport } from "mediasoup-client/types";
@@ -136,7 +136,7 @@ export class VoiceConnection {
       throw new Error("PreparedForJoinChannel without transport options");
     }
     // One certificate on both transports: the consumer DTLS parameters are then known before the
-    // first consume() (harmony.md §3.2 step 5).
+    // first consume() (docs/harmony.md#client-side).
     const cert = await RTCPeerConnection.generateCertificate({ name: "ECDSA", namedCurve: "P-256" } as AlgorithmIdentifier);
     const extra = { additionalSettings: { certificates: [cert] } };
     const send = device.createSendTransport({ ...transportOptions(prepared.producerTransportOptions), ...extra });
@@ -194,7 +194,7 @@ export class VoiceConnection {
     });
     const peer = { userId: options.userId, consumer };
     this.peers.set(options.userId, peer);
-    // Resume with the ID exactly as received (harmony.md §3.4).
+    // Resume with the ID exactly as received (docs/harmony.md#ids).
     await this.send({ oneofKind: "resumeConsumer", resumeConsumer: { consumerId: options.consumerId } });
     this.log(`hearing user ${options.userId}`);
     this.events.onPeerJoined?.(peer);

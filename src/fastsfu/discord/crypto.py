@@ -1,4 +1,4 @@
-"""Discord's transport encryption (discord-gateway.md §6.4): the rtpsize AEAD modes in C.
+"""Discord's transport encryption (docs/transports.md#encryption-modes): the rtpsize AEAD modes in C.
 
 The datapath's `_aead.h` calls OpenSSL through function pointers taken here, once, from the library
 pylibsrtp bundles (the same one libsrtp uses), so nothing new is needed at build or run time.
@@ -13,7 +13,7 @@ from pylibsrtp import _binding
 from fastsfu import _rtp
 from fastsfu._rtp import AEAD_SUFFIX, AeadContext, hchacha20
 
-# READY's order: both bots take the first mode they support (§6.4, §8).
+# READY's order: both bots take the first mode they support (docs/transports.md#encryption-modes).
 MODES: tuple[str, ...] = ("aead_aes256_gcm_rtpsize", "aead_xchacha20_poly1305_rtpsize")
 # Discontinued by Discord in 2024; offered only behind a setting, after MODES, and only with PyNaCl.
 LEGACY_MODES: tuple[str, ...] = (

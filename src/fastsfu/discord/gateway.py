@@ -1,4 +1,5 @@
-"""Sans-I/O core of the voice gateway (discord-gateway.md §2, §4, §5): sessions, connections, RESUME.
+"""Sans-I/O core of the voice gateway (docs/discord.md): sessions, connections, RESUME
+(docs/discord.md#heartbeats-sequence-numbers-and-resume).
 
 The WebSocket edge feeds frames and times in and drains outputs; the media side is a GatewayHandler.
 """
@@ -43,7 +44,7 @@ __all__ = [
 
 log = logging.getLogger("fastsfu.discord")
 
-SEQ_MODULUS = 0xFFFF  # seq runs 1..65535 then 1 again: a u16 that skips 0 (§4)
+SEQ_MODULUS = 0xFFFF  # seq runs 1..65535 then 1 again: a u16 that skips 0
 MAX_CLOSE_REASON_BYTES = 123  # RFC 6455 §5.5: control frame payload 125 bytes, 2 of them the code
 
 
@@ -69,7 +70,7 @@ Output: TypeAlias = Send | Close
 
 
 def _message(op: int, d: Any, seq: int | None = None) -> str:
-    # Compact JSON text, "seq" between "op" and "d" as in the §2 transcript.
+    # Compact JSON text, "seq" between "op" and "d" as in docs/discord.md#connection-flow.
     obj = {"op": op, "d": d} if seq is None else {"op": op, "seq": seq, "d": d}
     return json.dumps(obj, separators=(",", ":"))
 
@@ -83,12 +84,12 @@ def _reason(reason: str, code: int) -> str:
 
 
 def wire_seq(n: int) -> int:
-    """The on-the-wire `seq` of the n-th numbered message (n >= 1): 1..65535, wrapping past 0 (§4)."""
+    """The on-the-wire `seq` of the n-th numbered message (n >= 1): 1..65535, wrapping past 0."""
     return (n - 1) % SEQ_MODULUS + 1
 
 
 def parse_version(query_string: str) -> int | None:
-    """The `v` query parameter of the upgrade request: "v=8", "?v=8" or "/?v=8" -> 8 (§4, §11.1.1).
+    """The `v` query parameter of the upgrade request: "v=8", "?v=8" or "/?v=8" -> 8.
 
     None when it is missing or not a plain decimal number; the range check is Gateway.accepts_version.
     """
@@ -111,15 +112,15 @@ def parse_version(query_string: str) -> int | None:
 
 @dataclass
 class GatewayConfig:
-    """Server-wide gateway settings (§4, §11.1)."""
+    """Server-wide gateway settings (docs/discord.md#heartbeats-sequence-numbers-and-resume)."""
 
-    heartbeat_interval_ms: int = 13750  # HELLO interval, 13-15 s (§4)
+    heartbeat_interval_ms: int = 13750  # HELLO interval, 13-15 s
     identify_timeout: float = 30.0  # seconds from connect to IDENTIFY/RESUME, else 4009
     heartbeat_timeout: float | None = None  # seconds without op 3, else 4009; None = 2x the interval
     resume_grace: float = 60.0  # seconds a suspended session waits for RESUME
     replay_buffer: int = 256  # numbered messages kept per session for RESUME (v8)
     max_suspended: int = 1024  # suspended sessions kept; the oldest ends when exceeded
-    min_version: int = 4  # v1-3 are deprecated (§4)
+    min_version: int = 4  # v1-3 are deprecated (docs/discord.md#heartbeats-sequence-numbers-and-resume)
     max_version: int = 8  # v9 (channel_id) is not implemented
     max_frame_bytes: int = 64 * 1024  # larger client frames close 4002
     max_pending_output: int = 1024  # undrained outputs before a client that does not read is dropped
@@ -141,7 +142,7 @@ class GatewayConfig:
 
     @property
     def heartbeat_deadline(self) -> float:
-        """Seconds allowed between two heartbeats (§4: close 4009 after ~2x the interval)."""
+        """Seconds allowed between two heartbeats (close 4009 after ~2x the interval)."""
         if self.heartbeat_timeout is not None:
             return self.heartbeat_timeout
         return 2 * self.heartbeat_interval_ms / 1000
@@ -210,7 +211,7 @@ SessionState = Literal["identifying", "active", "suspended", "ended"]
 
 
 class Session:
-    """One voice session: outlives its WebSocket for RESUME (§4) and numbers its messages (v8)."""
+    """One voice session: outlives its WebSocket for RESUME and numbers its messages (v8)."""
 
     def __init__(self, gateway: Gateway, creds: payloads.Credentials, version: int) -> None:
         self.server_id = creds.server_id
@@ -272,7 +273,7 @@ class Session:
             self._send_now(op, d, replayable)
 
     def close(self, code: int, reason: str = "", now: float | None = None) -> None:
-        """Server-initiated close (§5): 4014 kicked/moved, 4022 room closed, 4015 restart, ...
+        """Server-initiated close: 4014 kicked/moved, 4022 room closed, 4015 restart, ...
 
         After 4015 (and 4013) the session stays suspended for RESUME; after any other code it ends.
         `now` defaults to the latest time the gateway has seen.
@@ -293,7 +294,7 @@ class Session:
 
     def _send_now(self, op: int, d: Any, replayable: bool) -> None:
         conn = self._connection
-        if replayable and self.version >= 8:  # v4-7: no seq, no replay (§4)
+        if replayable and self.version >= 8:  # v4-7: no seq, no replay
             text = _message(op, d, wire_seq(self._count + 1))
             self._count += 1
             if len(self._buffer) >= self._gateway.config.replay_buffer:
@@ -309,14 +310,14 @@ class Session:
     def _resolve_ack(self, seq_ack: int) -> int | None:
         """A client seq_ack -> the number of the message it names; None if never sent."""
         if seq_ack <= 0:
-            return 0  # -1 (or 0): nothing numbered received yet (§4)
+            return 0  # -1 (or 0): nothing numbered received yet
         # The latest message whose wire seq is seq_ack; unambiguous because the buffer holds
         # less than half the seq space (GatewayConfig).
         number = self._count - (wire_seq(self._count) - seq_ack) % SEQ_MODULUS
         return number if number >= 1 else None
 
     def _ack(self, number: int) -> None:
-        """Drop the buffered messages up to `number` (§4: trim by each seq_ack)."""
+        """Drop the buffered messages up to `number` (trimmed by each seq_ack)."""
         if number <= self._floor:
             return
         while self._buffer and self._buffer[0][0] <= number:
@@ -347,11 +348,11 @@ class Connection:
         if gateway._shutting_down is not None:
             self._finish(now, *gateway._shutting_down)
         elif not gateway.accepts_version(version):
-            # §11.1.1: a missing v or v<4 (or one we do not implement) -> 4020 (or HTTP 400 at the edge).
+            # A missing v or v<4 (or one we do not implement) -> 4020 (or HTTP 400 at the edge).
             self._finish(now, CloseCode.BAD_REQUEST, f"unsupported gateway version {version}")
         else:
             gateway._connections.add(self)
-            # §11.1.2: HELLO at once.
+            # HELLO at once.
             hello = {"v": self.version, "heartbeat_interval": gateway.config.heartbeat_interval_ms}
             self._emit(Send(_message(Op.HELLO, hello)))
 
@@ -382,7 +383,7 @@ class Connection:
     def handle_timer(self, now: float) -> None:
         self._gateway._tick(now)
         if self._state == "hello" and now >= self._identify_deadline:
-            self._finish(now, CloseCode.SESSION_TIMEOUT, "no IDENTIFY in time")  # §4, §11.1.2
+            self._finish(now, CloseCode.SESSION_TIMEOUT, "no IDENTIFY in time")
         elif self._state == "ready" and now >= self._last_beat + self._gateway.config.heartbeat_deadline:
             # A silent client is most likely a dead network path: keep the session for RESUME.
             self._finish(now, CloseCode.SESSION_TIMEOUT, "no heartbeat in time", resumable=True)
@@ -391,7 +392,7 @@ class Connection:
         """The socket went away; `code` is the status of the client's close frame (None: none).
 
         A client's 1000 or 1001 is a leave (CLIENT_LEAVE_CLOSE_CODES): the session ends at once.
-        A drop or any other code suspends an identified session for RESUME (§4).
+        A drop or any other code suspends an identified session for RESUME.
         """
         self._gateway._tick(now)
         if code in CLIENT_LEAVE_CLOSE_CODES:
@@ -414,7 +415,7 @@ class Connection:
         try:
             op, d = payloads.decode(frame, self._gateway.config.max_frame_bytes)
             if self._state == "hello" and op not in (Op.IDENTIFY, Op.RESUME):
-                raise GatewayError(CloseCode.NOT_AUTHENTICATED, f"op {op} before IDENTIFY")  # §5 4003
+                raise GatewayError(CloseCode.NOT_AUTHENTICATED, f"op {op} before IDENTIFY")  # 4003
             self._dispatch(op, d, now)
         except GatewayError as exc:
             self._finish(now, exc.code, exc.reason, resumable=exc.code in RESUMABLE_CLOSE_CODES)
@@ -442,14 +443,14 @@ class Connection:
             elif op == Op.SPEAKING:
                 handler.speaking(session, payloads.speaking(d))
             elif op == Op.VIDEO:
-                if isinstance(d, dict):  # a known op is never fatal (§8): a bad one is dropped
+                if isinstance(d, dict):  # a known op is never fatal: a bad one is dropped
                     handler.video(session, d)
             else:
-                handler.other_op(session, op, d)  # §1: known, ignored unless the handler cares
+                handler.other_op(session, op, d)  # known, ignored unless the handler cares
 
     def _identify(self, d: Any, now: float) -> None:
         if self._state != "hello":
-            raise GatewayError(CloseCode.ALREADY_AUTHENTICATED, "already identified")  # §5 4005
+            raise GatewayError(CloseCode.ALREADY_AUTHENTICATED, "already identified")  # 4005
         creds = payloads.identify(d)
         gateway = self._gateway
         session = Session(gateway, creds, self.version)
@@ -477,14 +478,14 @@ class Connection:
             session.server_id,
             self.version,
         )
-        self._emit(Send(_message(Op.READY, ready)))  # READY carries no seq (§4)
+        self._emit(Send(_message(Op.READY, ready)))  # READY carries no seq
         self._release_hold(session)
 
     def _select_protocol(self, session: Session, d: Any) -> None:
         if session.protocol is not None:
             # One op 1 per session (also across RESUME): its key and mode stay; re-keying is not offered.
             raise GatewayError(CloseCode.BAD_REQUEST, "protocol already selected")
-        d = payloads.select_protocol(d)  # 4002 shape, 4012 unknown protocol (§3 op 1)
+        d = payloads.select_protocol(d)  # 4002 shape, 4012 unknown protocol
         held: list[tuple[int, Any, bool]] = []
         session._hold = held
         try:
@@ -502,7 +503,7 @@ class Connection:
             session.server_id,
             session.protocol,
         )
-        session._send_now(Op.SESSION_DESCRIPTION, description, True)  # replayable: seq 1 on v8 (§2)
+        session._send_now(Op.SESSION_DESCRIPTION, description, True)  # replayable: seq 1 on v8
         for op, data, replayable in held:
             session._send_now(op, data, replayable)
 
@@ -521,7 +522,7 @@ class Connection:
             raise GatewayError(CloseCode.ALREADY_AUTHENTICATED, "already identified")
         creds = payloads.resume(d, self.version)
         gateway = self._gateway
-        invalid = CloseCode.SESSION_NO_LONGER_VALID  # §4: every failed RESUME is 4006
+        invalid = CloseCode.SESSION_NO_LONGER_VALID  # every failed RESUME is 4006
         # RESUME names no user: the session is the one with this id and server whose user the
         # same token authenticated at IDENTIFY. Another user's colliding session_id never
         # matches, and a failed RESUME leaves every session alone (one reason for all failures:
@@ -555,7 +556,7 @@ class Connection:
         self._session = session
         self._state = "ready"
         self._last_beat = now
-        self._emit(Send(_message(Op.RESUMED, None)))  # op 9 null, then the replay (§4)
+        self._emit(Send(_message(Op.RESUMED, None)))  # op 9 null, then the replay
         log.info("discord session resumed: user %s server_id %s", session.user_id, session.server_id)
         if self.version >= 8:
             session._ack(acked)
@@ -643,7 +644,7 @@ class Gateway:
         self._shutting_down: tuple[int, str] | None = None
 
     def accepts_version(self, version: int | None) -> bool:
-        """Whether `?v=` is supported (§4); the edge may answer HTTP 400 instead of connecting."""
+        """Whether `?v=` is supported; the edge may answer HTTP 400 instead of connecting."""
         return version is not None and self.config.min_version <= version <= self.config.max_version
 
     def connect(self, version: int | None, now: float) -> Connection:
@@ -687,7 +688,7 @@ class Gateway:
         now: float | None = None,
         end_sessions: bool = True,
     ) -> None:
-        """Close every WebSocket with `code` (4015: clients RESUME, §5) and refuse new ones.
+        """Close every WebSocket with `code` (4015: clients RESUME) and refuse new ones.
 
         With end_sessions (the process is going away) every session then ends (ended() once each).
         """

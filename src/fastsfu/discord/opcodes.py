@@ -1,4 +1,4 @@
-"""Discord voice gateway opcodes and WebSocket close codes (discord-gateway.md §1, §5).
+"""Discord voice gateway opcodes and WebSocket close codes (docs/discord.md#opcodes, #close-codes).
 
 Constants only: which ops the gateway knows, and what every close code means to clients.
 """
@@ -9,20 +9,20 @@ from enum import IntEnum
 
 
 class Op(IntEnum):
-    """Voice gateway opcodes (§1, §3). C→S = client to server, S→C = server to client."""
+    """Voice gateway opcodes (docs/discord.md#opcodes). C→S = client to server, S→C = server to client."""
 
     IDENTIFY = 0  # C→S
     SELECT_PROTOCOL = 1  # C→S
     READY = 2  # S→C
     HEARTBEAT = 3  # C→S (the server may also send it to request a beat, UD)
     SESSION_DESCRIPTION = 4  # S→C; the Discord client's (and old Spacebar's) name is SELECT_PROTOCOL_ACK
-    SELECT_PROTOCOL_ACK = 4  # alias of SESSION_DESCRIPTION (§1)
+    SELECT_PROTOCOL_ACK = 4  # alias of SESSION_DESCRIPTION (docs/discord.md#opcodes)
     SPEAKING = 5  # both
     HEARTBEAT_ACK = 6  # S→C
     RESUME = 7  # C→S
     HELLO = 8  # S→C
     RESUMED = 9  # S→C
-    OBSOLETE_10 = 10  # obsolete, undocumented (§1): never sent, ignored if received
+    OBSOLETE_10 = 10  # obsolete, undocumented (docs/discord.md#opcodes): never sent, ignored if received
     CLIENTS_CONNECT = 11  # S→C {user_ids}
     VIDEO = 12  # both
     CLIENT_DISCONNECT = 13  # S→C {user_id}
@@ -33,7 +33,7 @@ class Op(IntEnum):
     CLIENT_FLAGS = 18  # S→C
     SPEED_TEST = 19  # obsolete: never sent
     CLIENT_PLATFORM = 20  # S→C
-    # DAVE (MLS end-to-end encryption, §3): declined with dave_protocol_version 0, so never sent by us
+    # DAVE (MLS end-to-end encryption): declined with dave_protocol_version 0, so never sent by us
     # and ignored when a client sends one of the JSON ones anyway.
     DAVE_PREPARE_TRANSITION = 21
     DAVE_EXECUTE_TRANSITION = 22
@@ -46,14 +46,14 @@ class Op(IntEnum):
     DAVE_MLS_ANNOUNCE_COMMIT_TRANSITION = 29
     DAVE_MLS_WELCOME = 30
     DAVE_MLS_INVALID_COMMIT_WELCOME = 31
-    NO_ROUTE = 32  # C→S {}: ignored (§1)
+    NO_ROUTE = 32  # C→S {}: ignored (docs/discord.md#opcodes)
 
 
-# Every op of §1 is "known": receiving one is never fatal (§5 4001, §8); anything else closes with 4001.
+# Every op above is "known": receiving one is never fatal; anything else closes with 4001.
 KNOWN_OPS: frozenset[int] = frozenset(int(op) for op in Op)
 DAVE_OPS: frozenset[int] = frozenset(range(21, 32))
 
-# Server messages numbered with "seq" on v8+ and kept for replay after RESUME (§4 "Sequence numbers").
+# Server messages numbered with "seq" on v8+ and kept for replay after RESUME.
 # The handler may number any other dispatch by sending it with replayable=True (the default).
 REPLAYABLE_OPS: frozenset[int] = frozenset({4, 5, 11, 12, 13, 18, 20})
 
@@ -62,7 +62,7 @@ CORE_OPS: frozenset[int] = frozenset({Op.READY, Op.HEARTBEAT_ACK, Op.HELLO, Op.R
 
 
 class CloseCode(IntEnum):
-    """Voice WebSocket close codes (§5). Clients rejoin on all of them except where noted."""
+    """Voice WebSocket close codes. Clients rejoin on all of them except where noted."""
 
     UNKNOWN_OPCODE = 4001
     FAILED_TO_DECODE = 4002
@@ -103,7 +103,7 @@ CLOSE_MEANINGS: dict[int, str] = {
     CloseCode.CALL_TERMINATED: "call terminated",
 }
 
-# Server-initiated closes after which the session stays suspended for RESUME (§5: djs resumes on 4015,
+# Server-initiated closes after which the session stays suspended for RESUME (djs resumes on 4015,
 # UD says "try resuming" for 4013). After any other code the session ends (4014/4022: do not reconnect).
 RESUMABLE_CLOSE_CODES: frozenset[int] = frozenset({CloseCode.MEDIA_FAILED, CloseCode.VOICE_SERVER_CRASHED})
 

@@ -1,4 +1,4 @@
-"""Decoding and validation of client frames (discord-gateway.md §3); raises GatewayError to close."""
+"""Decoding and validation of client frames (docs/discord.md#opcodes); raises GatewayError to close."""
 
 from __future__ import annotations
 
@@ -9,14 +9,14 @@ from typing import Any, NoReturn, TypeGuard
 from fastsfu.discord.errors import GatewayError
 from fastsfu.discord.opcodes import KNOWN_OPS, CloseCode
 
-# The rule used throughout (§5): 4002 "failed to decode" when the JSON does not have the documented
+# The rule used throughout: 4002 "failed to decode" when the JSON does not have the documented
 # shape (not JSON, not an object, `op` missing or not an integer, `d` or a required field missing or of
 # the wrong JSON type); 4020 "bad request" when the shape is right but a value is not (a malformed
 # snowflake, an empty token, a port > 65535).
 
 MAX_ID_CHARS = 256  # server_id (may be a Go Live stream key), session_id, token
 MAX_SNOWFLAKE = 2**64 - 1
-PROTOCOLS = ("udp", "webrtc")  # §3 op 1
+PROTOCOLS = ("udp", "webrtc")  # op 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,7 +49,7 @@ def _is_int(value: Any) -> TypeGuard[int]:
 def decode(frame: str | bytes, max_bytes: int) -> tuple[int, Any]:
     """One WebSocket frame -> (op, d). `d` is None when absent."""
     if not isinstance(frame, str):
-        # §3: text frames only. Binary frames are DAVE's, and we answer dave_protocol_version 0.
+        # Text frames only. Binary frames are DAVE's, and we answer dave_protocol_version 0.
         _shape("binary frames are not supported")
     # Oversized frames are refused before decoding (4002, "failed to decode"): checking len() first
     # avoids encoding a huge string; a char is 1-4 UTF-8 bytes.
@@ -67,7 +67,7 @@ def decode(frame: str | bytes, max_bytes: int) -> tuple[int, Any]:
     if not _is_int(op):
         _shape("op missing or not an integer")
     if op not in KNOWN_OPS:
-        raise GatewayError(CloseCode.UNKNOWN_OPCODE, f"unknown opcode {op}")  # §5: never for §1 ops
+        raise GatewayError(CloseCode.UNKNOWN_OPCODE, f"unknown opcode {op}")  # never for a known op
     return op, message.get("d")
 
 
@@ -87,7 +87,7 @@ def _string(d: dict[str, Any], key: str, what: str) -> str:
 
 
 def _snowflake(d: dict[str, Any], key: str, what: str) -> str:
-    # Snowflakes are decimal strings (§3); a JSON integer is accepted too and normalised.
+    # Snowflakes are decimal strings (docs/discord.md#opcodes); a JSON integer is accepted too and normalised.
     value = d.get(key)
     if _is_int(value):
         if not 0 <= value <= MAX_SNOWFLAKE:
@@ -101,25 +101,25 @@ def _snowflake(d: dict[str, Any], key: str, what: str) -> str:
 
 
 def _server_id(d: dict[str, Any], what: str) -> str:
-    # §3 op 0: a guild ID, a channel ID for DM calls, or a Go Live stream key: any non-empty string.
+    # Op 0: a guild ID, a channel ID for DM calls, or a Go Live stream key: any non-empty string.
     if _is_int(d.get("server_id")):
         return _snowflake(d, "server_id", what)
     return _string(d, "server_id", what)
 
 
 def seq_ack(value: Any, what: str) -> int:
-    """A client `seq_ack` (§4): an integer, -1 (or absent/null) before any numbered message."""
+    """A client `seq_ack`: an integer, -1 (or absent/null) before any numbered message."""
     if value is None:
         return -1
     if not _is_int(value):
         _shape(f"{what}: seq_ack is not an integer")
-    if not -1 <= value <= 0xFFFF:  # seq is a u16 (§4)
+    if not -1 <= value <= 0xFFFF:  # seq is a u16 (docs/discord.md#heartbeats-sequence-numbers-and-resume)
         _bad(f"{what}: seq_ack out of range")
     return int(value)
 
 
 def identify(d: Any) -> Credentials:
-    """Op 0 (§3): server_id, user_id, session_id, token required; other fields are the handler's."""
+    """Op 0: server_id, user_id, session_id, token required; other fields are the handler's."""
     msg = require_object(d, "IDENTIFY")
     return Credentials(
         server_id=_server_id(msg, "IDENTIFY"),
@@ -130,7 +130,7 @@ def identify(d: Any) -> Credentials:
 
 
 def resume(d: Any, version: int) -> Credentials:
-    """Op 7 (§3): server_id, session_id, token; seq_ack from v8 (ignored before)."""
+    """Op 7 (docs/discord.md#opcodes): server_id, session_id, token; seq_ack from v8 (ignored before)."""
     msg = require_object(d, "RESUME")
     return Credentials(
         server_id=_server_id(msg, "RESUME"),
@@ -141,7 +141,7 @@ def resume(d: Any, version: int) -> Credentials:
 
 
 def select_protocol(d: Any) -> dict[str, Any]:
-    """Op 1 (§3): the shape checks done before the handler sees it; unknown protocol -> 4012."""
+    """Op 1: the shape checks done before the handler sees it; unknown protocol -> 4012."""
     msg = require_object(d, "SELECT_PROTOCOL")
     protocol = msg.get("protocol")
     if not isinstance(protocol, str):
@@ -163,16 +163,16 @@ def select_protocol(d: Any) -> dict[str, Any]:
         if not 0 <= port <= 0xFFFF:
             _bad("SELECT_PROTOCOL: port out of range")
     elif not isinstance(data, str) and not isinstance(msg.get("sdp"), str):
-        # webrtc: an SDP fragment in data (a string), duplicated in sdp by the web client (§7.1).
+        # webrtc: an SDP fragment in data (a string), duplicated in sdp by the web client.
         _shape("SELECT_PROTOCOL: webrtc needs an SDP string in data or sdp")
     return msg
 
 
 def speaking(d: Any) -> dict[str, Any]:
-    """Op 5 C→S (§3): speaking bitmask and ssrc required; the handler checks SSRC ownership."""
+    """Op 5 C→S: speaking bitmask and ssrc required; the handler checks SSRC ownership."""
     msg = require_object(d, "SPEAKING")
     flags, ssrc = msg.get("speaking"), msg.get("ssrc")
-    # A JSON boolean passes as an int (pre-v4 `speaking` was a boolean, §3).
+    # A JSON boolean passes as an int (pre-v4 `speaking` was a boolean).
     if not isinstance(flags, int) or not _is_int(ssrc):
         _shape("SPEAKING: speaking and ssrc must be integers")
     if flags < 0 or not 0 <= ssrc <= 0xFFFFFFFF:
@@ -181,11 +181,11 @@ def speaking(d: Any) -> dict[str, Any]:
 
 
 def heartbeat(d: Any, what: str = "HEARTBEAT") -> tuple[Any, int | None]:
-    """Op 3 (§4) -> (the op 6 `d`, the seq_ack to apply or None).
+    """Op 3 -> (the op 6 `d`, the seq_ack to apply or None).
 
     v4-7 send an integer nonce, answered with the same value; v8 sends {t, seq_ack}, answered {t}.
     Either form is accepted in every version: a v8 client sending a bare integer is ACKed, not
-    dropped (Spacebar's bug, §10). Other scalars (a string, a float) are echoed unchanged too.
+    dropped (Spacebar's bug). Other scalars (a string, a float) are echoed unchanged too.
     """
     if isinstance(d, dict):
         ack: dict[str, Any] = {"t": d["t"]} if "t" in d else {}

@@ -1,4 +1,4 @@
-"""The Discord `udp` protocol's transport (discord-gateway.md §6): IP discovery, keep-alives and RTP
+"""Discord's `udp` transport (docs/transports.md#discord-udp): IP discovery, keep-alives and RTP
 protected with an rtpsize AEAD mode, on the engine's shared media port.
 
 IP discovery admits the client's address; media is then decrypted, rewritten (PT 120, CC 0) and
@@ -28,14 +28,14 @@ log = logging.getLogger("fastsfu.discord")
 DISCOVERY_LEN = 74
 DISCOVERY_REQUEST = 1
 DISCOVERY_RESPONSE = 2
-OPUS_PT = 120  # what Discord clients send and accept (§6.3)
+OPUS_PT = 120  # what Discord clients send and accept (docs/transports.md#encryption-modes)
 # Answers to refused discoveries (sent only while the bound address is unconfirmed), per transport:
 # a client that lost a race retries a few times at most; nobody gets a reflector out of a session.
 MAX_REFUSED_ANSWERS = 4
 PING_MAGIC = 0x1337CAFE
 PONG_MAGIC = 0x1337F00D
 
-# What a Discord client receives: Opus on PT 120, no header extensions (§6.3).
+# What a Discord client receives: Opus on PT 120, no header extensions (docs/transports.md#encryption-modes).
 DISCORD_RTP_CAPABILITIES: RtpCapabilities = {
     "codecs": [
         {
@@ -51,7 +51,7 @@ DISCORD_RTP_CAPABILITIES: RtpCapabilities = {
 
 
 def parse_discovery_request(data: bytes) -> int | None:
-    """The SSRC of a 74-byte IP discovery request (type 1, length 70, §6.1), else None."""
+    """The SSRC of a 74-byte IP discovery request (type 1, length 70), else None."""
     if len(data) != DISCOVERY_LEN:
         return None
     kind, length, ssrc = struct.unpack_from("!HHI", data)
@@ -62,7 +62,7 @@ def parse_discovery_request(data: bytes) -> int | None:
 
 class DiscoveryTable:
     """The engine's claimer for Discord: an IP discovery request from a new tuple names its
-    transport by READY's SSRC (§6.1), so those SSRCs are unique per engine."""
+    transport by READY's SSRC (docs/transports.md#ip-discovery), so those SSRCs are unique per engine."""
 
     def __init__(self) -> None:
         self.transports: dict[int, DiscordUdpTransport] = {}
@@ -99,7 +99,7 @@ def create_udp_transport(
     router: Router, ssrc: int, announced_ip: str | None = None, app_data: dict[str, Any] | None = None
 ) -> DiscordUdpTransport:
     """A Discord `udp` protocol transport for READY's `ssrc`, on the engine's shared media port
-    (§6): IP discovery admits the client, rtpsize AEAD protects the media."""
+    (docs/transports.md#discord-udp): IP discovery admits the client, rtpsize AEAD protects the media."""
     if router.closed:
         raise RuntimeError("router closed")
     engine = router.engine
@@ -159,7 +159,7 @@ class DiscordUdpTransport(Transport):
 
     @property
     def local_address(self) -> tuple[str, int]:
-        """READY's `ip` and `port`: the address clients send to and expect replies from (§8)."""
+        """READY's `ip` and `port`: the address clients send to and expect replies from."""
         ip, port = self.socket.local_address
         return (self.announced_ip or ip, port)
 
@@ -268,7 +268,7 @@ class DiscordUdpTransport(Transport):
             return
         self.keepalives += 1
         for order in ("big", "little"):
-            if int.from_bytes(data[:4], order) == PING_MAGIC:  # native ping: answer pong (§6.2)
+            if int.from_bytes(data[:4], order) == PING_MAGIC:  # native ping: answer pong
                 self._send(PONG_MAGIC.to_bytes(4, order) + data[4:], addr)
                 return
         self._send(data, addr)  # a keep-alive: echoing is harmless and old clients expect it

@@ -1,5 +1,5 @@
 """The media side of the Discord gateway: each session gets a Discord UDP transport and joins a room
-shared with Harmony users (discord-gateway.md §2, §3, §11.1 items 3-7).
+shared with Harmony users (docs/discord.md#rooms).
 
 A configured map puts a Discord server_id into a Harmony (guild_id, channel_id) room; other
 server_ids get rooms of their own. Members of either protocol fan out through RoomMember.
@@ -35,7 +35,7 @@ log = logging.getLogger("fastsfu.discord")
 
 Authenticate = Callable[[str], int]  # token -> user id; raises a RoomError (the Harmony hook's VoiceError)
 
-# Harmony authorization identifiers -> the Discord close code a client understands (§5).
+# Harmony authorization identifiers -> the Discord close code a client understands.
 _AUTHZ_CLOSE = {"h.bad-guild-id": CloseCode.SERVER_NOT_FOUND, "h.bad-channel-id": CloseCode.SERVER_NOT_FOUND}
 
 
@@ -53,7 +53,7 @@ class DiscordMember:
         self.ssrc: int | None = transport.ssrc  # READY's (udp) or the first announced (webrtc)
         self.producer: Producer | None = None
         self.consumers: dict[int, Consumer] = {}  # by the sending user
-        self.speaking = 0  # the last SPEAKING bitmask, replayed to newcomers (§3 op 5)
+        self.speaking = 0  # the last SPEAKING bitmask, replayed to newcomers (op 5)
         self.joined = False
 
     @property
@@ -76,8 +76,8 @@ class DiscordMember:
 
     def _consume(self, user_id: int, producer: Producer) -> Consumer:
         """Forward `producer` here under its own SSRC when free (so SPEAKING's ssrc is the
-        sender's), else a fresh one. udp receivers get PT 120, no extensions and CC 0 (§6.3);
-        webrtc receivers their own Opus PT and extension IDs (§7.3)."""
+        sender's), else a fresh one. udp receivers get PT 120, no extensions and CC 0;
+        webrtc receivers their own Opus PT and extension IDs (docs/discord.md#the-webrtc-protocol)."""
         caps = self.receive_capabilities
         try:
             try:
@@ -95,14 +95,14 @@ class DiscordMember:
             del self.consumers[user_id]
 
     def _introduce(self, user_id: int) -> None:
-        """CLIENT_FLAGS and CLIENT_PLATFORM for a member (§3 "other ops"): no clip or recording
+        """CLIENT_FLAGS and CLIENT_PLATFORM for a member (docs/discord.md#opcodes): no clip or recording
         permissions, desktop; real clients expect both for every user in the call."""
         self.session.send(Op.CLIENT_FLAGS, {"user_id": str(user_id), "flags": 0})
         self.session.send(Op.CLIENT_PLATFORM, {"user_id": str(user_id), "platform": 0})
 
     def _announce(self, user_id: int, ssrc: int, speaking: int) -> None:
         if self.offer is not None:
-            # A browser builds its remote description's a=ssrc lines from op 12 (§7.2, §7.3).
+            # A browser builds its remote description's a=ssrc lines from op 12.
             video = {
                 "user_id": str(user_id),
                 "audio_ssrc": ssrc,
@@ -111,7 +111,7 @@ class DiscordMember:
                 "streams": [],
             }
             self.session.send(Op.VIDEO, video)
-        # djs maps SSRC -> user only from a server SPEAKING with user_id (§3 op 5, §8).
+        # djs maps SSRC -> user only from a server SPEAKING with user_id (op 5).
         self.session.send(Op.SPEAKING, {"user_id": str(user_id), "ssrc": ssrc, "speaking": speaking})
 
 
@@ -223,12 +223,12 @@ class DiscordVoice(GatewayHandler):
             "audio_codec": "opus",
             "video_codec": "H264",
             "media_session_id": uuid.uuid4().hex,
-            "dave_protocol_version": 0,  # DAVE declined; discord.py needs the field (§8)
+            "dave_protocol_version": 0,  # DAVE declined; discord.py needs the field
         }
 
     def _select_webrtc(self, member: DiscordMember, d: dict[str, Any]) -> dict[str, Any]:
-        """§7: ICE-lite, DTLS passive and SRTP on the shared port; the producer comes with the
-        first SSRC the browser announces (SPEAKING or VIDEO)."""
+        """ICE-lite, DTLS passive and SRTP on the shared port (docs/discord.md#the-webrtc-protocol); the
+        producer comes with the first SSRC the browser announces (SPEAKING or VIDEO)."""
         if not self.webrtc:
             raise GatewayError(CloseCode.UNKNOWN_PROTOCOL, "the webrtc protocol is disabled")
         fragment = d.get("sdp") if isinstance(d.get("sdp"), str) else d.get("data")
@@ -313,7 +313,7 @@ class DiscordVoice(GatewayHandler):
                     other._announce(member.user_id, consumer.ssrc, member.speaking)
 
     def video(self, session: Session, d: dict[str, Any]) -> None:
-        """VIDEO (op 12): a browser announces its audio SSRC here too (§7.1); video is ignored."""
+        """VIDEO (op 12): a browser announces its audio SSRC here too; video is ignored."""
         audio = d.get("audio_ssrc")
         if isinstance(audio, int) and not isinstance(audio, bool) and 0 < audio < 2**32:
             member = self._member(session)
@@ -322,7 +322,7 @@ class DiscordVoice(GatewayHandler):
 
     def _claim_ssrc(self, member: DiscordMember, ssrc: int) -> bool:
         """udp: SPEAKING's ssrc must be READY's. webrtc: the first non-zero one is the browser's
-        audio SSRC; its producer is created then and announced to the room (§7.1, §7.3): True."""
+        audio SSRC; its producer is created then and announced to the room: True."""
         if member.offer is None or member.ssrc is not None:
             if ssrc != member.ssrc:
                 raise GatewayError(CloseCode.BAD_REQUEST, "SPEAKING with an SSRC that is not yours")
@@ -342,7 +342,7 @@ class DiscordVoice(GatewayHandler):
         return True
 
     def other_op(self, session: Session, op: int, d: Any) -> None:
-        if op == Op.VOICE_BACKEND_VERSION:  # C->S {}: answer with our versions (§3, v6+)
+        if op == Op.VOICE_BACKEND_VERSION:  # C->S {}: answer with our versions (v6+)
             session.send(op, {"voice": __version__, "rtc_worker": __version__}, replayable=False)
 
     # ------------------------------------------------------------------ server-initiated ends

@@ -1,4 +1,4 @@
-"""The `webrtc` protocol's SDP (discord-gateway.md §7): parse the browser's fragment from
+"""The `webrtc` protocol's SDP (docs/discord.md#the-webrtc-protocol): parse the browser's fragment from
 SELECT_PROTOCOL and write the server's template answer for op 4.
 
 The fragment has no m= lines, mids or candidates: only ICE credentials, the DTLS fingerprint,
@@ -63,8 +63,8 @@ class WebRtcOffer:
 
 
 def parse_fragment(text: str, codecs: Any = None) -> WebRtcOffer:
-    """The attributes of §7.1 (`a=` lines, `\\n` or `\\r\\n`); `codecs` (op 1's list) may name
-    Opus's payload type instead of an `a=rtpmap` line."""
+    """The attributes the browser's fragment carries (`a=` lines, `\\n` or `\\r\\n`); `codecs` (op 1's
+    list) may name Opus's payload type instead of an `a=rtpmap` line."""
     if not isinstance(text, str) or len(text) > MAX_FRAGMENT:
         raise SdpError("the SDP fragment must be a string of at most 16 KiB")
     ufrag = pwd = None
@@ -108,7 +108,7 @@ def parse_fragment(text: str, codecs: Any = None) -> WebRtcOffer:
 
 
 def answer(ip: str, port: int, ice: IceParameters, fingerprint: DtlsFingerprint) -> str:
-    """Op 4's `sdp`: the template of §7.2 (the browser builds the full remote answer from it)."""
+    """Op 4's `sdp`: the template answer (the browser builds the full remote answer from it)."""
     fp = f"a=fingerprint:{fingerprint['algorithm']} {fingerprint['value']}"
     return "\n".join(
         [

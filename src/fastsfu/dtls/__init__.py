@@ -1,4 +1,4 @@
-"""DTLS 1.2 for WebRTC (transport.md §3-4): sans-I/O handshake in both roles that exports SRTP keys."""
+"""DTLS 1.2 for WebRTC (docs/transports.md#dtls): sans-I/O handshake in both roles that exports SRTP keys."""
 
 from fastsfu.dtls.crypto import DtlsCertificate
 from fastsfu.dtls.handshake import DtlsClosed, DtlsConnected, DtlsFailed, DtlsTransport

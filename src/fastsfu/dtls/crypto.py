@@ -46,7 +46,7 @@ SRTP_PROFILES: dict[int, SrtpProfile] = {
     )
 }
 
-# Fingerprint hash functions we accept from signaling, strongest first (transport.md §3.9).
+# Fingerprint hash functions we accept from signaling, strongest first (docs/transports.md#fingerprints).
 FINGERPRINT_ALGORITHMS: dict[str, str] = {"sha-512": "sha512", "sha-384": "sha384", "sha-256": "sha256"}
 
 
@@ -121,7 +121,7 @@ def fingerprint_der(der: bytes, algorithm: str = "sha-256") -> str:
 
 
 def match_fingerprint(der: bytes, fingerprints: list[DtlsFingerprint]) -> str | None:
-    """Check `der` against the strongest supported remote fingerprint (transport.md §3.9).
+    """Check `der` against the strongest supported remote fingerprint (docs/transports.md#fingerprints).
 
     Returns None when it matches, else the reason for failing.
     """

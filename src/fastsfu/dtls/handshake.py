@@ -49,7 +49,7 @@ MAX_HOLES = 32  # disjoint received ranges per message being reassembled
 MAX_EARLY_RECORDS = 8  # next-epoch records kept until the keys exist (RFC 6347 §4.1)
 MAX_RETRANSMIT_INTERVAL = 60.0  # RFC 6347 §4.2.4.1
 MIN_MTU = 80
-SUPPORTED_GROUPS = (m.GROUP_X25519, m.GROUP_SECP256R1)  # X25519 preferred (transport.md §3.1)
+SUPPORTED_GROUPS = (m.GROUP_X25519, m.GROUP_SECP256R1)  # X25519 first (docs/transports.md#ciphers)
 
 _T = TypeVar("_T")
 
@@ -277,7 +277,7 @@ class DtlsTransport:
             self._fail(fatal.alert, fatal.reason)
         except SequenceExhausted:
             self._fail(None, "record sequence number exhausted")
-        except Exception as exc:  # never raise into the I/O edge (transport.md §9)
+        except Exception as exc:  # never raise into the I/O edge (docs/transports.md#sans-io-interface)
             self._fail(m.ALERT_INTERNAL_ERROR, f"internal error: {exc!r}")
 
     def datagrams_to_send(self, now: float) -> list[bytes]:
@@ -426,7 +426,7 @@ class DtlsTransport:
 
     def _handle_fragment_after_handshake(self, fragment: m.HandshakeFragment) -> None:
         if fragment.msg_type == m.HT_CLIENT_HELLO:
-            # No renegotiation (transport.md §3.7): a new session needs a new transport.
+            # No renegotiation (docs/transports.md#extensions): a new session needs a new transport.
             self.counters["client_hello_after_handshake"] += 1
         elif fragment.message_seq < self._reassembler.next_seq and self.role == "server":
             # Flight 5 repeated: our flight 6 was lost; the server resends it (RFC 6347 §4.2.4).

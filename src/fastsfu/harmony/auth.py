@@ -1,6 +1,6 @@
 """Default authentication: HS256-signed tokens (JWT, RFC 7519) whose subject is the Harmony user ID,
 and a static (guild, channel) authorization policy. A homeserver can plug in its own
-`authenticate(token) -> user_id` and `authorize(user_id, guild_id, channel_id)` (harmony.md §2.3).
+`authenticate(token) -> user_id`, `authorize(user_id, guild_id, channel_id)`; docs/harmony.md#authentication.
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ class TokenAuth:
 
 
 class StaticTokens:
-    """A fixed token -> user ID map, for development and tests (harmony.md §2.3)."""
+    """A fixed token -> user ID map, for development and tests (docs/harmony.md#authentication)."""
 
     def __init__(self, tokens: dict[str, int]) -> None:
         self.tokens = dict(tokens)
@@ -85,7 +85,7 @@ class GuildPolicy:
 
 
 class StaticAuthorization:
-    """`authorize(user_id, guild_id, channel_id)` from a fixed table of guilds (harmony.md §2.3, §6);
+    """`authorize(user_id, guild_id, channel_id)` from a table of guilds (docs/harmony.md#authentication);
     for a voice server without a homeserver hook, and for tests."""
 
     def __init__(self, guilds: dict[int, GuildPolicy]) -> None:

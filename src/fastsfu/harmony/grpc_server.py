@@ -1,6 +1,6 @@
 """protocol.voice.v1 over gRPC (grpc.aio, bidirectional stream): the session driven by a stream.
 
-Token from the `authorization` metadata (an optional `Bearer ` is stripped, harmony.md §2.2);
+Token from the `authorization` metadata (an optional `Bearer ` is stripped, docs/harmony.md#grpc);
 errors end the RPC with a status, a human message and the hrpc.v1.Error in `hrpc-error-bin`.
 The server also answers grpc.health.v1.Health.
 """
@@ -56,7 +56,7 @@ def decode_request(data: bytes) -> voice_pb2.StreamMessageRequest | VoiceError:
 
 # What the reader hands to the stream loop: a request, a bad-frame error, or END.
 Inbound = voice_pb2.StreamMessageRequest | VoiceError | None
-END = None  # the client half-closed, cancelled, or its connection broke: a leave (harmony.md §3.6)
+END = None  # the client half-closed, cancelled, or its connection broke: a leave (docs/harmony.md#leaving)
 
 
 class VoiceServicer:

@@ -1,4 +1,4 @@
-"""protocol.voice.v1 over hRPC (WebSocket), what Harmony's web clients speak (harmony.md §2.1).
+"""protocol.voice.v1 over hRPC (WebSocket) for Harmony web clients (docs/harmony.md#hrpc).
 
 GET /protocol.voice.v1.VoiceService/StreamMessage with subprotocol `hrpc1`; binary frames: a raw
 StreamMessageRequest from the client; `0x00` + StreamMessageResponse or `0x01` + hrpc.v1.Error from us.
@@ -31,7 +31,7 @@ PING_INTERVAL = 20.0  # hrpc-rs sends none; browsers answer pings by themselves
 
 def token_from_request(request: web.Request) -> str:
     """Authorization header (raw, harmony_rust_sdk), else the last Sec-WebSocket-Protocol item
-    that is not `hrpc1` (browsers cannot set headers), per harmony.md §2.3."""
+    that is not `hrpc1` (browsers cannot set headers), per docs/harmony.md#authentication."""
     header = request.headers.get("Authorization", "")
     if header:
         return header[7:] if header.startswith("Bearer ") else header
@@ -87,7 +87,7 @@ class HrpcVoiceEndpoint:
         await ws.prepare(request)  # answers exactly `hrpc1` when offered, never the token
         remote = request.remote or ""
         # Counted before authentication: a flood of bad tokens is limited too. Refused in-band,
-        # after the upgrade, because browsers cannot read an HTTP error (harmony.md §2.1).
+        # after the upgrade, because browsers cannot read an HTTP error (docs/harmony.md#hrpc).
         wait = self.rate_limit.check(remote) if self.rate_limit is not None else 0.0
         if wait > 0:
             await self._fail(ws, rate_limited(wait), remote)
@@ -128,7 +128,7 @@ class HrpcVoiceEndpoint:
                     continue
                 msg = receiver.result()
                 if msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED, WSMsgType.ERROR):
-                    return ws  # any close, with or without a status code, is a leave (§2.1)
+                    return ws  # any close, with or without a status code, is a leave (docs/harmony.md#hrpc)
                 try:
                     req = decode_frame(msg.data if msg.type == WSMsgType.BINARY else None)
                 except VoiceError as error:
@@ -143,7 +143,7 @@ class HrpcVoiceEndpoint:
                             await ws.send_bytes(b"\x00" + message.SerializeToString())
                     await self._fail(ws, exc, remote, session)
                     return ws
-        except ConnectionError:  # the client went away while we wrote: a leave (harmony.md §2.1)
+        except ConnectionError:  # the client left while we wrote: a leave (docs/harmony.md#leaving)
             return ws
         finally:
             receiver.cancel()

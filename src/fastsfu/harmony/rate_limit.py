@@ -1,4 +1,4 @@
-"""Connection rate limit per remote address (harmony.md §3.5), sans-I/O: a token bucket per address
+"""Connection rate limit per remote address (docs/harmony.md#rate-limit), sans-I/O: a token bucket per address
 with bounded memory. Both front-ends ask it before authenticating a new stream.
 """
 

@@ -1,8 +1,8 @@
-"""Harmony protocol.voice.v1: one session state machine per StreamMessage stream (harmony.md §3).
+"""protocol.voice.v1: one session state machine per StreamMessage stream (docs/harmony.md#session-flow).
 
 Synchronous and independent of how frames arrive: a front-end (grpc.aio, hRPC WebSocket) feeds
 requests to `handle()`, drains `take_outgoing()`, enforces `timeout()`, and calls `close()` when
-the stream ends. Room changes happen in one step with no await, so fan-out is atomic (§3.3).
+the stream ends. Room changes happen in one step with no await, so fan-out is atomic.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ __all__ = ["CREATE_ERRORS", "RoomMember", "VoiceError", "VoiceRooms", "VoiceSess
 Req = voice_pb2.StreamMessageRequest
 Resp = voice_pb2.StreamMessageResponse
 
-# harmony.md §6: identifier -> gRPC status code name (front-ends map the name to their own codes).
+# docs/harmony.md#errors: identifier -> gRPC status code name (front-ends map the name to their own codes).
 GRPC_CODES = {
     "h.blank-session": "UNAUTHENTICATED",
     "h.bad-session": "UNAUTHENTICATED",
@@ -79,7 +79,7 @@ class VoiceError(RoomError):
 
 @dataclass
 class VoiceSettings:
-    """Session policies (harmony.md §3.1, §3.5, §8)."""
+    """Session policies (docs/harmony.md#limits)."""
 
     id_quoting: str = "json"  # "json": IDs as JSON string literals, as scherzo sends them; or "bare"
     duplicate_session: str = "replace"  # or "reject"
@@ -122,7 +122,7 @@ class VoiceRooms(Rooms):
 
 
 class VoiceSession:
-    """INIT -> PREPARE -> JOIN -> JOINED (harmony.md §3.1), then closed exactly once."""
+    """INIT -> PREPARE -> JOIN -> JOINED (docs/harmony.md#session-flow), then closed exactly once."""
 
     def __init__(self, rooms: VoiceRooms, user_id: int, frontend: str = "", remote: str = "") -> None:
         self.rooms = rooms
@@ -162,7 +162,7 @@ class VoiceSession:
         if self.state == "joined":
             if kind == "resume_consumer":
                 self._resume(request.resume_consumer.consumer_id)
-            return  # anything else once joined is ignored (harmony.md §3.1)
+            return  # anything else once joined is ignored (docs/harmony.md#session-flow)
         if kind != expected[self.state]:
             raise VoiceError(
                 "fastsfu.voice-unexpected-message", f"expected {expected[self.state]}, got {kind}"
@@ -184,7 +184,7 @@ class VoiceSession:
         return VoiceError("fastsfu.voice-message-timeout", f"no message in state {self.state}")
 
     def close(self, reason: str = "") -> None:
-        """The stream ended (any reason): leave exactly once (harmony.md §3.6)."""
+        """The stream ended (any reason): leave exactly once (docs/harmony.md#leaving)."""
         if self.state == "closed":
             return
         room = self.room
@@ -304,7 +304,7 @@ class VoiceSession:
             self.producer = self.producer_transport.produce(rtp_parameters)
         except CREATE_ERRORS as exc:
             raise VoiceError("fastsfu.voice-create-producer", str(exc)) from None
-        # The join commit: one step, no await (harmony.md §3.3).
+        # The join commit: one step, no await (docs/harmony.md#session-flow).
         others = []
         consumer_transport = self.consumer_transport
 
@@ -339,7 +339,7 @@ class VoiceSession:
         self._send(Resp(user_left=Resp.UserLeft(user_id=user_id)))
 
     def _resume(self, consumer_id: str) -> None:
-        # Accept the quoted form (what we send with id_quoting=json) and the bare one (§3.4).
+        # Accept the quoted form (what we send with id_quoting=json) and the bare one (docs/harmony.md#ids).
         bare = consumer_id
         if consumer_id.startswith('"'):
             try:

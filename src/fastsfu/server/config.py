@@ -29,7 +29,7 @@ class ConfigError(Exception):
 
 @dataclass
 class RateLimitConfig:
-    """New streams per remote address (harmony.md §3.5): `burst` at once, then one per `interval` s."""
+    """New streams per address (docs/harmony.md#rate-limit): `burst` at once, then one per `interval` s."""
 
     burst: int = 5  # 0: no limit
     interval: float = 10.0
@@ -45,7 +45,7 @@ class LogConfig:
 
 @dataclass
 class DiscordConfig:
-    """The Discord-style voice gateway (discord-gateway.md): WebSocket on `port`, wss with a
+    """The Discord-style voice gateway (docs/discord.md): WebSocket on `port`, wss with a
     certificate; media on the shared UDP port. `rooms` maps a server_id to a Harmony room."""
 
     port: int = 2291  # 0: any free port; -1: off
