@@ -78,7 +78,7 @@ def speaker_rounds(key: bytes, count: int) -> list[Round]:
     for _ in range(count):
         pkts = []
         for _ in range(PACKETS_PER_ROUND):
-            # 160-byte RTP anchor of performance.md §3: 12 header + 12 extension + 136 payload.
+            # 160-byte anchor (docs/benchmarks.md#micro-benchmarks): 12 header, 12 extension, 136 payload.
             pkt = RtpPacket(
                 111,
                 seq & 0xFFFF,
