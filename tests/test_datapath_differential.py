@@ -8,9 +8,10 @@ import struct
 from dataclasses import dataclass, field
 
 import pytest
+from reference_forwarder import ReferenceForwarder
 
 from fastsfu import _rtp
-from fastsfu.rtp import ReferenceForwarder, RtpPacket
+from fastsfu.rtp import RtpPacket
 from fastsfu.srtp import SrtpContext, generate_key
 
 SUITES = [None, "AES_CM_128_HMAC_SHA1_80", "AEAD_AES_128_GCM", "AEAD_AES_256_GCM", "AES_CM_128_HMAC_SHA1_32"]

@@ -2,7 +2,8 @@
 """The fastsfu datapath: C tables programmed from Python, and the per-packet RTP forwarder.
 
 Per packet: no Python call, no allocation, no exception (docs/architecture.md#principles, 1); the
-rules mirror `fastsfu.rtp.ReferenceForwarder`, and tests compare the two byte for byte.
+rules mirror the reference forwarder of tests/reference_forwarder.py, and tests compare the two byte
+for byte.
 """
 
 from cpython.bytes cimport PyBytes_FromStringAndSize
