@@ -95,9 +95,9 @@ def settings_for(
     n = len(cfg["participants"])
     discord = benchconfig.is_discord(cfg["suite"])
     kw: dict[str, Any] = {
-        "webrtc_listen_ip": "127.0.0.1",
+        "media_listen_ip": "127.0.0.1",
         # Discord transports share the engine's media port; SRTP ones do not use it.
-        "webrtc_port": cfg["participants"][0]["sut_port"] if discord else 0,
+        "media_port": cfg["participants"][0]["sut_port"] if discord else 0,
     }
     if max_queue_age_ms is not None:
         kw["max_queue_age_ms"] = max_queue_age_ms

@@ -183,7 +183,7 @@ def test_a_claimer_gets_slow_path_datagrams_from_new_tuples_on_the_real_socket()
             engine.register_claimer("test", Claims())
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         try:
-            sock.sendto(b"\x00\x01\x00\x00probe", engine.webrtc_socket().local_address)
+            sock.sendto(b"\x00\x01\x00\x00probe", engine.media_socket().local_address)
             for _ in range(100):
                 if claims.seen:
                     break

@@ -58,10 +58,11 @@ class Settings:
     send_buffer_bytes: int = 1 << 20
     # Mean seconds between a transport's RTCP reports, randomized per transport (RFC 3550 §6.3.1).
     rtcp_interval: float = 1.0
-    # WebRtcTransports share one UDP port per engine (demuxed by tuple, then STUN ufrag).
-    webrtc_listen_ip: str | None = None  # default: listen_ip
-    webrtc_announced_ip: str | None = None  # the address put in ICE candidates (NAT, containers)
-    webrtc_port: int = 0  # 0: any free port
+    # The one shared media socket of an engine: every WebRtcTransport and Discord UDP transport
+    # uses it (demuxed by tuple, then by STUN ufrag or Discord IP discovery).
+    media_listen_ip: str | None = None  # default: listen_ip
+    media_announced_ip: str | None = None  # the address put in ICE candidates (NAT, containers)
+    media_port: int = 0  # 0: any free port
     ice_consent_timeout: float = 30.0  # RFC 7675 §5.1, clamped to 10..60 s
     dtls_handshake_timeout: float = 30.0
     # PEM certificate and key for DTLS (ECDSA P-256); None: a fresh one per engine.
@@ -142,7 +143,7 @@ class Engine(EventEmitter):
         self._transports: dict[int, Transport] = {}
         self._closed = False
         self._dtls_certificate: DtlsCertificate | None = None
-        self._shared_webrtc_socket: UdpSocket | None = None
+        self._media_socket: UdpSocket | None = None
         self._claimers: dict[str, Claimer] = {}
         if s.datapath_thread:
             # RTP never reaches Python: the loop wakes only for slow-path datagrams and events.
@@ -240,12 +241,12 @@ class Engine(EventEmitter):
                 self._dtls_certificate = DtlsCertificate.generate()
         return self._dtls_certificate
 
-    def webrtc_socket(self) -> UdpSocket:
+    def media_socket(self) -> UdpSocket:
         """The UDP socket shared by WebRtcTransports (and Discord transports) of this engine."""
-        if self._shared_webrtc_socket is None:
+        if self._media_socket is None:
             s = self.settings
-            self._shared_webrtc_socket = self.open_socket(s.webrtc_listen_ip or s.listen_ip, s.webrtc_port)
-        return self._shared_webrtc_socket
+            self._media_socket = self.open_socket(s.media_listen_ip or s.listen_ip, s.media_port)
+        return self._media_socket
 
     def register_claimer(self, name: str, claimer: Claimer) -> None:
         """Consult `claimer` for slow-path datagrams from unknown tuples (one per transport family)."""

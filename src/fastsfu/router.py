@@ -132,12 +132,12 @@ class Router(EventEmitter):
         settings = self.engine.settings
         own = listen_ip is not None or port is not None
         socket = (
-            self.engine.open_socket(listen_ip or settings.webrtc_listen_ip or settings.listen_ip, port or 0)
+            self.engine.open_socket(listen_ip or settings.media_listen_ip or settings.listen_ip, port or 0)
             if own
-            else self.engine.webrtc_socket()
+            else self.engine.media_socket()
         )
         try:
-            transport = WebRtcTransport(self, socket, announced_ip or settings.webrtc_announced_ip, app_data)
+            transport = WebRtcTransport(self, socket, announced_ip or settings.media_announced_ip, app_data)
         except BaseException:
             if own:
                 self.engine.close_socket(socket)

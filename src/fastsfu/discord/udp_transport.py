@@ -104,7 +104,7 @@ def create_udp_transport(
         raise RuntimeError("router closed")
     engine = router.engine
     transport = DiscordUdpTransport(
-        router, engine.webrtc_socket(), ssrc, announced_ip or engine.settings.webrtc_announced_ip, app_data
+        router, engine.media_socket(), ssrc, announced_ip or engine.settings.media_announced_ip, app_data
     )
     router.add_transport(transport)
     return transport

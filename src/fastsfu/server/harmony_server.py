@@ -45,8 +45,8 @@ async def serve_harmony(config: ServerConfig, voice: VoiceSettings | None = None
     pem = config.dtls_pem()
     settings = Settings(
         listen_ip=config.listen_ip,
-        webrtc_port=config.media_port,
-        webrtc_announced_ip=config.announced_ip,
+        media_port=config.media_port,
+        media_announced_ip=config.announced_ip,
         dtls_certificate_pem=pem[0] if pem else None,
         dtls_private_key_pem=pem[1] if pem else None,
         datapath_thread=config.datapath_thread,
@@ -90,7 +90,7 @@ async def serve_harmony(config: ServerConfig, voice: VoiceSettings | None = None
             await runner.cleanup()
             await grpc_server.stop(grace=None)
             raise
-        media = engine.webrtc_socket().local_address
+        media = engine.media_socket().local_address
         fmt = config.log.format
         hrpc_url = f"ws://{config.listen_ip}:{hrpc_port}{STREAM_PATH}"
         announce(log, fmt, f"hRPC {hrpc_url}", hrpc_url=hrpc_url)
