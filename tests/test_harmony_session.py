@@ -12,7 +12,7 @@ import pytest
 
 from fastsfu import Engine
 from fastsfu._proto.protocol.voice.v1 import voice_pb2
-from fastsfu.dtls import DtlsCertificate, DtlsFailed
+from fastsfu.dtls import DtlsCertificate, DtlsClosed, DtlsFailed
 from fastsfu.harmony import VoiceError, VoiceRooms, VoiceSession, VoiceSettings
 
 Req, Resp = voice_pb2.StreamMessageRequest, voice_pb2.StreamMessageResponse
@@ -399,6 +399,16 @@ def test_a_dead_transport_ends_the_session_with_transport_failed() -> None:
         (err,) = messages(a)
         assert err.identifier == "fastsfu.voice-transport-failed" and rooms.rooms == {}
         assert err.human_message == "DTLS failed: bad record MAC"
+        # A client that closes its DTLS association (close_notify) has left on purpose: the
+        # session ends as a leave, without an error, and the others get UserLeft.
+        c, _ = join(rooms, 3)
+        d, _ = join(rooms, 4)
+        messages(c)
+        assert d.consumer_transport is not None
+        d.consumer_transport._on_dtls_event(DtlsClosed())
+        await asyncio.sleep(0)
+        assert messages(d) == [] and d.state == "closed" and d.left_by_peer
+        assert [m.user_left.user_id for m in messages(c)] == [4]
 
     run(body)
 

@@ -31,6 +31,8 @@ if TYPE_CHECKING:
     from fastsfu.router import Router
 
 log = logging.getLogger(__name__)
+# close_reason when the peer itself closed its DTLS association: a deliberate leave, no failure.
+CLOSED_BY_PEER = "DTLS closed by the peer"
 
 DTLS_ROLES = ("auto", "client", "server")
 # Host candidate priority (RFC 8445 §5.1.2.1): type preference 126, local preference 65535, component 1.
@@ -296,7 +298,7 @@ class WebRtcTransport(Transport):
             # follow on this association, so the transport closes now rather than waiting for ICE
             # consent to expire (RFC 7675 §5.1: up to 30 s of a ghost member).
             self._set_dtls_state("closed")
-            self._close_soon("DTLS closed by the peer")
+            self._close_soon(CLOSED_BY_PEER)
 
     def _close_soon(self, reason: str) -> None:
         """Close after the current callback (its listeners may still be running), once."""

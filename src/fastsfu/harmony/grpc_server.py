@@ -117,7 +117,7 @@ class VoiceServicer:
                         return
                     yield message
                 if session.state == "closed":
-                    return  # closed by the server with nothing to report (shutdown)
+                    return  # status OK: a shutdown, or the client closed its media (a leave)
                 try:
                     request = inbox.get_nowait()
                 except asyncio.QueueEmpty:

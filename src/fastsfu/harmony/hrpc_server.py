@@ -112,6 +112,9 @@ class HrpcVoiceEndpoint:
                         return ws
                     await ws.send_bytes(b"\x00" + message.SerializeToString())
                 if session.state == "closed":
+                    if session.left_by_peer:  # the client closed its media: it left, 1000
+                        await ws.close(code=WSCloseCode.OK, message=b"left")
+                        return ws
                     # Closed by the server with nothing to report: it is shutting down, so the close
                     # is 1001 "going away" (RFC 6455 §7.4.1); the client may reconnect elsewhere.
                     await ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutting down")

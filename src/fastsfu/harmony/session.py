@@ -18,6 +18,7 @@ from fastsfu._proto.protocol.voice.v1 import voice_pb2
 from fastsfu.rooms import CREATE_ERRORS, Authorize, Room, RoomError, RoomMember, Rooms
 from fastsfu.transport import TransportError
 from fastsfu.types import RtpCapabilities
+from fastsfu.webrtc_transport import CLOSED_BY_PEER
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -130,6 +131,7 @@ class VoiceSession:
         self.frontend = frontend
         self.remote = remote
         self.end_reason = ""  # why the stream ends (an error identifier), for the leave line
+        self.left_by_peer = False  # the client closed its DTLS association: a leave, no error
         self.state = "init"
         self.outbox: deque[Resp | VoiceError] = deque()
         self.room: Room | None = None  # from Initialize on
@@ -266,7 +268,7 @@ class VoiceSession:
             # Consent expiry (RFC 7675 §5.1), a DTLS failure or the peer's DTLS close (RFC 5246
             # §7.2) closes the transport, and that ends the session: the others get UserLeft.
             transport.observer.once(
-                "close", lambda t=transport: self._transport_failed(t.close_reason or "closed")
+                "close", lambda t=transport: self._transport_closed(t.close_reason or "closed")
             )
         self.state = "join"
         self._send(
@@ -349,6 +351,16 @@ class VoiceSession:
         consumer = self.consumers.get(bare) if isinstance(bare, str) else None
         if consumer is not None:
             consumer.resume()  # idempotent; only this session's consumers are reachable
+
+    def _transport_closed(self, reason: str) -> None:
+        if reason == CLOSED_BY_PEER:
+            # The client sent close_notify (RFC 5246 §7.2.1): it left on purpose, so the session
+            # ends as a leave (the others get UserLeft) and its stream ends cleanly, not in error.
+            if self.state != "closed":
+                self.left_by_peer = True
+                self.close("left: the client closed its DTLS association")
+            return
+        self._transport_failed(reason)
 
     def _transport_failed(self, reason: str) -> None:
         if self.state == "closed":
