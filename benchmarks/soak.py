@@ -276,13 +276,17 @@ class Soak:
 
         await asyncio.gather(*(worker() for _ in range(self.args.concurrency)))
 
-    async def settle(self, baseline: dict[str, float]) -> float:
-        """Wait until the gauges equal `baseline` (Discord sessions end after the resume grace)."""
+    async def settle(self, baseline: dict[str, float], fds: int | None = None) -> float:
+        """Wait until the gauges equal `baseline` (Discord sessions end after the resume grace) and
+        the server holds no more than `fds` descriptors (a client's last TCP connection may still
+        be closing), up to the settle timeout: what is left then is a leak."""
         start = time.monotonic()
         deadline = start + self.args.settle_timeout
         while time.monotonic() < deadline:
             m = await self.metrics()
-            if all(m.get(g, 0.0) == baseline.get(g, 0.0) for g in GAUGES):
+            if all(m.get(g, 0.0) == baseline.get(g, 0.0) for g in GAUGES) and (
+                fds is None or proc_sample(self.server.pid)["fds"] <= fds
+            ):
                 break
             await asyncio.sleep(0.1)
         await asyncio.sleep(self.args.settle)  # let the process free what the last leaves released
@@ -309,7 +313,7 @@ class Soak:
                 await self.run_cycles(protocol, self.args.cycles, sample=True)
                 elapsed = time.monotonic() - t
                 end = await self.sample(f"{protocol} {self.args.cycles}")
-                settle_s = await self.settle(base["gauges"])
+                settle_s = await self.settle(base["gauges"], before["fds"])
                 after = await self.sample(f"{protocol} settled")
                 phases.append(self.phase(protocol, before, end, after, elapsed, settle_s))
                 windows += [(f"{protocol} churn", before, end), (f"{protocol} settle", end, after)]

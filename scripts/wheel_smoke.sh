@@ -3,7 +3,7 @@
 # an sdist, then the wheel from that sdist; auditwheel repair to a manylinux tag), deploy/install.sh
 # (a fresh venv in a temporary directory, pip install of the repaired wheel), the test clients
 # from PyPI, then scripts/wheel_smoke.py run from that directory: serve, two aiortc members over
-# gRPC, /metrics, /demo.
+# gRPC, /metrics, /demo; and mypy --strict on an embedder's typed code against the installed wheel.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -25,8 +25,13 @@ expect_demo=no
 
 # Installed as an operator installs it (deploy/install.sh), then the test clients from PyPI.
 env -u PYTHONPATH PYTHON="$PYTHON" deploy/install.sh "$repaired" "$work/venv"
-"$work/venv/bin/pip" install "${PIP_FLAGS[@]}" "aiortc==1.16.*"
+"$work/venv/bin/pip" install "${PIP_FLAGS[@]}" "aiortc==1.16.*" "mypy>=1.10"
 echo "wheel_smoke: installed into $work/venv ($((SECONDS - start)) s)"
 (cd "$work" && env -u PYTHONPATH "$work/venv/bin/python" "$ROOT/scripts/wheel_smoke.py" \
     --tests "$ROOT/tests" --wheel "$repaired" --expect-demo "$expect_demo")
+# An embedder's typed code checks clean under mypy --strict against the installed wheel (its
+# py.typed, stubs and the generated protobuf modules), not this checkout.
+cp tests/typing_check.py "$work/typing_check.py"
+(cd "$work" && env -u PYTHONPATH -u MYPYPATH "$work/venv/bin/mypy" --strict --no-incremental \
+    --python-executable "$work/venv/bin/python" typing_check.py)
 echo "wheel_smoke: done in $((SECONDS - start)) s"
