@@ -762,7 +762,9 @@ def hog_report(summary: dict[str, Any]) -> list[str]:
         if benchconfig.is_discord(suite) or frac <= 0:
             continue
         base = per_sut.get("baseline")
-        phases = [p for p in ("fixed_low", "fixed") if any(_get(r, p + HOG_SUFFIX) for r in per_sut.values())]
+        phases = [
+            p for p in ("fixed_low", "fixed") if any((r or {}).get(p + HOG_SUFFIX) for r in per_sut.values())
+        ]
         if not phases:
             continue
         head = " | ".join(
