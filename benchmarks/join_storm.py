@@ -3,7 +3,8 @@ signaling runs one (a WebRtcTransport, ICE and a DTLS handshake from an in-proce
 loopback UDP, a producer, consumers of the room's producers), left after a short hold.
 
 Each join's event-loop time is the sum of perf_counter spans around its synchronous server steps:
-create, connect, produce, consume, close, and the transport's STUN/DTLS datagram callbacks.
+create, connect, produce, consume, close, and the transport's STUN/DTLS datagram callbacks; the
+loop thread's CPU time over the same spans is recorded beside it.
 """
 
 from __future__ import annotations
@@ -51,6 +52,9 @@ class JoinStorm:
         self.seconds = seconds
         self.hold = hold
         self.loop_s: list[float] = []  # per completed join: event-loop seconds of its server steps
+        # The same spans in the loop thread's CPU time: on a contended core the wall spans also
+        # hold waits for the CPU and for the GIL (the datapath thread); this part is the join's own.
+        self.loop_cpu_s: list[float] = []
         self.setup_s: list[float] = []  # per completed join: wall seconds from create to consuming
         self.failures: list[str] = []
         self.cert = DtlsCertificate.generate()  # one client certificate for every joiner
@@ -69,15 +73,16 @@ class JoinStorm:
         await asyncio.gather(*tasks)
 
     async def _join_once(self) -> None:
-        spent = [0.0]
+        spent = [0.0, 0.0]  # perf_counter seconds, loop-thread CPU seconds
 
         def timed(fn: Callable[..., Any]) -> Callable[..., Any]:
             def wrapper(*args: Any) -> Any:
-                t = time.perf_counter()
+                t, c = time.perf_counter(), time.thread_time()
                 try:
                     return fn(*args)
                 finally:
                     spent[0] += time.perf_counter() - t
+                    spent[1] += time.thread_time() - c
 
             return wrapper
 
@@ -101,6 +106,7 @@ class JoinStorm:
         timed(transport.close)()
         client.sock.close()
         self.loop_s.append(spent[0])
+        self.loop_cpu_s.append(spent[1])
 
     async def _connect(self, client: StormClient, timed: Callable[..., Any]) -> None:
         client.check()
@@ -129,6 +135,7 @@ class JoinStorm:
             "failures": len(self.failures),
             "failure_reasons": sorted(set(self.failures))[:5],
             "loop_ms": _percentiles(self.loop_s),
+            "loop_cpu_ms": _percentiles(self.loop_cpu_s),
             "setup_ms": _percentiles(self.setup_s),
         }
 
