@@ -28,6 +28,7 @@ if str(BENCH_DIR) not in sys.path:
     sys.path.insert(0, str(BENCH_DIR))
 
 import benchconfig  # noqa: E402
+from hog import Hog  # noqa: E402
 from loadgen import native, run_loadgen  # noqa: E402
 
 # fastsfu runs with Settings() defaults, as a user runs it. fastsfu_nolimit: the same with its
@@ -119,6 +120,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="with --quick: step-search the Discord suites too (by default quick runs only their fixed step)",
     )
+    add(
+        "--hog",
+        type=float,
+        default=0.0,
+        metavar="FRACTION",
+        help="after the usual fixed rounds, --hog-repeat more with a busy process pinned to the SUT's CPU "
+        "burning FRACTION of it (e.g. 0.3: busy 3 ms, sleep 7 ms), for every system alike; "
+        "SRTP suites only; 0: none [0]",
+    )
+    add("--hog-repeat", type=int, default=1, help="interleaved fixed rounds with the hog [1]")
+    add(
+        "--join-storm",
+        metavar="RATE,SECONDS",
+        help="instead of the usual run: fastsfu's fixed step of SECONDS, without and with RATE WebRTC "
+        "joins per second (ICE, DTLS, produce, consume the room) in the SUT, --fixed-repeat rounds",
+    )
+    add("--join-hold", type=float, default=1.0, help="seconds a storm joiner stays before leaving [1]")
     add("--verify-every", type=int, default=16, help="verify every n-th SRTP tag per subscription [16]")
     add("--verify-all", action="store_true", help="verify every packet's SRTP tag")
     add("--sink-sleep", action="store_true", help="sink sleeps in epoll_wait instead of busy polling")
@@ -142,6 +160,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         ap.error("--step-factor must be > 1")
     if args.fixed_repeat < 1:
         ap.error("--fixed-repeat must be >= 1")
+    if not 0.0 <= args.hog <= 1.0 or args.hog_repeat < 1:
+        ap.error("--hog must be in [0, 1] and --hog-repeat >= 1")
+    if args.join_storm:
+        try:
+            rate, secs = (float(x) for x in args.join_storm.split(","))
+        except ValueError:
+            ap.error("--join-storm RATE,SECONDS")
+        if rate <= 0 or secs <= 0:
+            ap.error("--join-storm: RATE and SECONDS must be > 0")
+        args.storm_seconds = secs
     args.payload_size = 0 if args.payload == "opus" else int(args.payload)
     suites: list[str] = []
     for s in args.suite or ["cm"]:
@@ -250,7 +278,7 @@ class Runner:
 
     def _fixed_repeats(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
-        for phase in ("fixed", "fixed_low"):
+        for phase in FIXED_PHASES:
             runs = [s for s in self.steps if s["phase"] == phase]
             if len(runs) >= 2:
                 out[f"{phase}_cpu_us_per_pkt_all"] = [s.get("cpu_us_per_pkt") for s in runs]
@@ -260,7 +288,7 @@ class Runner:
     def run(self) -> dict[str, Any]:
         """The step search and the half-load step, after the fixed steps; returns the result."""
         a = self.args
-        base: dict[str, Any] = {"fixed": self.pick_fixed("fixed"), "fixed_low": self.pick_fixed("fixed_low")}
+        base: dict[str, Any] = {p: self.pick_fixed(p) for p in FIXED_PHASES}
         if self.fixed_only:
             return {**base, "fixed_only": True, **self._fixed_repeats(), "steps": self.steps}
         searches = [self.search() for _ in range(a.repeat)]
@@ -342,6 +370,8 @@ def build_pion(build_dir: Path) -> Path:
 
 
 HARNESS_ERRORS = (run_loadgen.HarnessError, OSError, ValueError)
+HOG_SUFFIX = "_hog"
+FIXED_PHASES = ("fixed", "fixed_low", "fixed" + HOG_SUFFIX, "fixed_low" + HOG_SUFFIX)
 START_ATTEMPTS = 2
 
 
@@ -404,6 +434,7 @@ def run_suite(
                         log(f"{sut} ({suite}) failed: {exc}")
                         results[sut] = {"error": str(exc)}
                         del runners[sut]
+        hog_rounds(args, suite, runners, results)
         for sut, runner in list(runners.items()):
             try:
                 results[sut] = runner.run()
@@ -424,6 +455,110 @@ def run_suite(
         if not h.final:
             results[sut] = {"error": f"{sut} printed no final JSON line", **result}
     return results
+
+
+def hog_rounds(
+    args: argparse.Namespace, suite: str, runners: dict[str, Runner], results: dict[str, dict[str, Any]]
+) -> None:
+    """The fixed steps again, interleaved, with the hog pinned to the SUT's CPU (SRTP suites). Each
+    step records the share of a CPU the hog actually took during it. Quick runs leave out
+    fastsfu_nolimit (a variant of fastsfu) to keep CI short."""
+    if args.hog <= 0 or benchconfig.is_discord(suite):
+        return
+    for _ in range(args.hog_repeat):
+        with Hog(args.sut_cpu, args.hog) as hog:
+            for phase, speakers in fixed_phases(args, suite):
+                for sut, runner in list(runners.items()):
+                    if args.quick and sut == "fastsfu_nolimit":
+                        continue
+                    cpu0, t0 = hog.cpu_seconds(), time.monotonic()
+                    try:
+                        runner.fixed(phase + HOG_SUFFIX, speakers)
+                    except HARNESS_ERRORS as exc:
+                        log(f"{sut} ({suite}) failed: {exc}")
+                        results[sut] = {"error": str(exc)}
+                        del runners[sut]
+                        continue
+                    share = (hog.cpu_seconds() - cpu0) / (time.monotonic() - t0)
+                    runner.steps[-1]["hog_share"] = round(share, 3)
+                    log(f"{sut} {phase}{HOG_SUFFIX}: hog took {share:.2f} of the SUT's CPU")
+
+
+def run_storm(suite: str, args: argparse.Namespace, libs: dict[str, Path]) -> dict[str, Any]:
+    """fastsfu's fixed step, alternately without and with a join storm inside the SUT (SIGUSR1
+    starts one; the SUT waits out the step's warm-up first), each step as long as the storm."""
+    n = args.rooms * args.size
+    cfg = benchconfig.make_config(args.rooms, args.size, suite, benchconfig.find_free_base_port(n))
+    argv = sut_argv("fastsfu", args, libs)
+    argv += [
+        "--join-storm",
+        args.join_storm,
+        "--join-hold",
+        str(args.join_hold),
+        "--join-delay",
+        str(args.warmup),
+    ]
+    runner = None
+    with run_loadgen.harness(
+        cfg,
+        argv,
+        args.build_dir / f"config-storm-{suite}.json",
+        gen_cpu=args.gen_cpu,
+        sut_cpu=args.sut_cpu,
+        lib_path=libs["loadgen"],
+    ) as h:
+        runner = Runner(args, "fastsfu", suite, h)
+        for _ in range(args.fixed_repeat):
+            runner.step("fixed", args.fixed_rate, args.storm_seconds)
+            os.kill(h.sut.pid, signal.SIGUSR1)
+            runner.step("fixed_storm", args.fixed_rate, args.storm_seconds)
+            # The last joiners leave a hold after the window: not into the next step.
+            time.sleep(args.join_hold + 0.5)
+    return {"steps": runner.steps, "join_storms": h.final.get("join_storms", []), "sut_final": h.final}
+
+
+def storm_report(summary: dict[str, Any]) -> list[str]:
+    lines: list[str] = []
+    a = summary["args"]
+    for suite, res in summary.get("join_storm", {}).items():
+        lines += [
+            f"### Join storm (RATE,SECONDS {a['join_storm']}; hold {a['join_hold']} s), "
+            f"fastsfu, {suite}, {summary['scenario']}",
+            "",
+            "| step | fwd pps | loss | p50 us | p99 us | p99.9 us | CPU us/pkt |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for s in res["steps"]:
+            lines.append(
+                f"| {s['phase']} | {_fmt(s['offered_fwd_pps'])} | {s['loss']} | {_fmt(s['p50_us'])} "
+                f"| {_fmt(s['p99_us'])} | {_fmt(s.get('p999_us'))} | {_fmt(s.get('cpu_us_per_pkt'))} |"
+            )
+        lines += [
+            "",
+            "| storm | joins | failed | loop ms p50 | p99 | max | loop CPU ms p50 | p99 | max "
+            "| join setup ms p50 | p99 |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for i, st in enumerate(res["join_storms"]):
+            lp, cp, su = st["loop_ms"], st.get("loop_cpu_ms", {}), st["setup_ms"]
+            lines.append(
+                f"| {i + 1} | {st['joins']} | {st['failures']} | {_fmt(lp['p50'])} | {_fmt(lp['p99'])} "
+                f"| {_fmt(lp['max'])} | {_fmt(cp.get('p50'))} | {_fmt(cp.get('p99'))} "
+                f"| {_fmt(cp.get('max'))} "
+                f"| {_fmt(su['p50'])} | {_fmt(su['p99'])} |"
+            )
+        lines += [
+            "",
+            "Loop ms: per join, the event-loop time of its server steps (create, connect, produce, "
+            "consume the room, close, and its STUN/DTLS datagram callbacks); the in-process client's "
+            "own DTLS work also runs on the SUT's core but is not counted. Loop CPU ms: the loop "
+            "thread's CPU time over the same spans (the wall spans also hold waits for the core and "
+            "for the GIL). "
+            "Setup: create to consuming, wall time. Each joiner's consumers add the room's 50 streams "
+            "to the SUT's work while it stays, which the fwd pps column (the room's own) leaves out.",
+            "",
+        ]
+    return lines
 
 
 # ---- report ----
@@ -623,6 +758,73 @@ def peers_report(summary: dict[str, Any]) -> list[str]:
     return lines
 
 
+def hog_report(summary: dict[str, Any]) -> list[str]:
+    """Per SRTP suite, every system at both fixed loads with the hog on the SUT's CPU: CPU per packet
+    and its ratio to the baseline (median run), the largest loss and p99 of any hog round."""
+    lines: list[str] = []
+    out: dict[str, Any] = {}
+    frac = summary["args"].get("hog") or 0.0
+    for suite, per_sut in summary["results"].items():
+        if benchconfig.is_discord(suite) or frac <= 0:
+            continue
+        base = per_sut.get("baseline")
+        phases = [
+            p for p in ("fixed_low", "fixed") if any((r or {}).get(p + HOG_SUFFIX) for r in per_sut.values())
+        ]
+        if not phases:
+            continue
+        head = " | ".join(
+            f"{p} + hog: CPU us/pkt | ratio | loss (max) | p99 us (max) | hog share" for p in phases
+        )
+        lines += [
+            f"### With a CPU hog ({frac:.0%} of the SUT's core asked), {suite}, {summary['scenario']}",
+            "",
+            f"| system | {head} |",
+            "|---|" + "---|---|---|---|---|" * len(phases),
+        ]
+        rows: dict[str, Any] = {}
+        for sut in (*SUTS, *OPTIONAL_SUTS):
+            res = per_sut.get(sut)
+            # Quick runs leave fastsfu_nolimit out of the hog rounds: no row.
+            if not res or not any(s["phase"].endswith(HOG_SUFFIX) for s in res.get("steps", [])):
+                continue
+            cells, row = [], {}
+            for p in phases:
+                ph = p + HOG_SUFFIX
+                runs = [s for s in res["steps"] if s["phase"] == ph]
+                if not runs:
+                    cells.append("- | - | - | - | -")
+                    continue
+                cpu, b = _get(res, ph, "cpu_us_per_pkt"), _get(base, ph, "cpu_us_per_pkt")
+                loss = max(s["loss"] for s in runs)
+                p99 = max((s["p99_us"] or 0.0) for s in runs)
+                shares = [s.get("hog_share") or 0.0 for s in runs]
+                cells.append(
+                    f"{_fmt(cpu)} | {_ratio(cpu, b)} | {_fmt(loss)} | {_fmt(p99)} | {min(shares):.2f}"
+                    + (f"–{max(shares):.2f}" if len(shares) > 1 else "")
+                )
+                row[p] = {
+                    "cpu_us_per_pkt": cpu,
+                    "ratio": cpu / b if cpu and b else None,
+                    "round_ratios": round_ratios(res, base, ph),
+                    "loss_all": [s["loss"] for s in runs],
+                    "p99_us_all": [s["p99_us"] for s in runs],
+                    "hog_share_all": shares,
+                }
+            rows[sut] = row
+            lines.append(f"| {PEER_LABELS.get(sut, sut)} | {' | '.join(cells)} |")
+        out[suite] = rows
+        lines += [
+            "",
+            "Hog: a process pinned to the SUT's core busy for a share of every 10 ms (benchmarks/hog.py); "
+            "hog share: the CPU it took during each system's step (the scheduler splits the core, so a "
+            "SUT that needs more than the rest gets less). Loss and p99: the largest over the hog rounds.",
+            "",
+        ]
+    summary["hog"] = out
+    return lines
+
+
 def report(summary: dict[str, Any]) -> str:
     lines: list[str] = []
     for suite, per_sut in summary["results"].items():
@@ -684,6 +886,7 @@ def report(summary: dict[str, Any]) -> str:
         lines += _notes(per_sut)
         lines.append("")
     lines += peers_report(summary)
+    lines += hog_report(summary)
     lines += discord_report(summary)
     return "\n".join(lines)
 
@@ -761,6 +964,26 @@ def _exit_on_sigterm(signum: int, frame: object) -> None:
     raise SystemExit(128 + signum)
 
 
+def storm_main(args: argparse.Namespace, libs: dict[str, Path], summary: dict[str, Any]) -> int:
+    """--join-storm: only fastsfu, only the storm comparison, per SRTP suite."""
+    failed = False
+    summary["join_storm"] = {}
+    for suite in args.suites:
+        if benchconfig.is_discord(suite):
+            log(f"{suite}: join storm runs on SRTP suites only: skipped")
+            continue
+        try:
+            summary["join_storm"][suite] = run_storm(suite, args, libs)
+        except (*HARNESS_ERRORS, RuntimeError) as exc:
+            log(f"join storm ({suite}) failed: {exc}")
+            failed = True
+    print("\n".join(storm_report(summary)), flush=True)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(summary, indent=1) + "\n")
+    return 1 if failed else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
@@ -812,6 +1035,8 @@ def main(argv: list[str] | None = None) -> int:
         "valid": {},
     }
     t0 = time.monotonic()
+    if args.join_storm:
+        return storm_main(args, libs, summary)
     for suite in args.suites:
         per_sut: dict[str, Any] = {}
         for sut in suts:

@@ -4,6 +4,8 @@ or for the Discord suites one Discord UDP transport per participant on the engin
 Reads the shared JSON config (benchconfig.py), prints READY once every transport is set up,
 forwards until SIGTERM/SIGINT or EOF on a stdin pipe, then prints one JSON line of counters.
 Discord transports learn the generator's address from its IP discovery requests, after READY.
+With --join-storm, each SIGUSR1 starts a join storm (join_storm.py) in the first room; the final
+line then carries each storm's per-join loop times.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import benchconfig  # noqa: E402
+from join_storm import JoinStorm  # noqa: E402
 
 from fastsfu import Engine, Settings, ortc  # noqa: E402
 
@@ -116,7 +119,9 @@ def settings_for(
     return Settings(**kw)
 
 
-async def serve(cfg: dict[str, Any], stop: asyncio.Event, settings: Settings) -> dict[str, Any]:
+async def serve(
+    cfg: dict[str, Any], stop: asyncio.Event, settings: Settings, storm: StormSpec | None = None
+) -> dict[str, Any]:
     discord = benchconfig.is_discord(cfg["suite"])
     async with Engine(settings) as engine:
         routers: dict[int, Any] = {}
@@ -148,6 +153,10 @@ async def serve(cfg: dict[str, Any], stop: asyncio.Event, settings: Settings) ->
         for c in cfg["consumers"]:
             # The sink tells subscriptions apart by the config's consumer SSRCs.
             transports[c["receiver"]].consume(producers[c["sender"]].id, caps, ssrc=c["ssrc"])
+        storms: list[JoinStorm] = []
+        if storm is not None:
+            room0 = [pr for pr, p in zip(producers, cfg["participants"], strict=True) if p["room"] == 0]
+            arm_storm(storm, routers[0], room0, storms)
         print("READY", flush=True)
         await stop.wait()
         stats = engine.stats()
@@ -162,8 +171,40 @@ async def serve(cfg: dict[str, Any], stop: asyncio.Event, settings: Settings) ->
             "drops": {k: v for k, v in stats["drops"].items() if v},
             # RTCP packets (not compounds) the transports took in: the generator's receiver reports.
             "rtcp_received": sum(sum(t.rtcp_received.values()) for t in transports),
+            "join_storms": [s.summary() for s in storms],
             "ok": True,
         }
+
+
+class StormSpec:
+    """--join-storm RATE,SECONDS with its hold and start delay."""
+
+    def __init__(self, spec: str, hold: float, delay: float) -> None:
+        rate, seconds = (float(x) for x in spec.split(","))
+        if rate <= 0 or seconds <= 0:
+            raise ValueError("--join-storm RATE,SECONDS: both > 0")
+        self.rate, self.seconds, self.hold, self.delay = rate, seconds, hold, delay
+
+
+def arm_storm(spec: StormSpec, router: Any, producers: list[Any], storms: list[JoinStorm]) -> None:
+    """On SIGUSR1 (sent by run.py as a fixed step starts), wait `delay` (the step's warm-up), then
+    run one storm; a signal during a storm is ignored."""
+    loop = asyncio.get_running_loop()
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def one() -> None:
+        await asyncio.sleep(spec.delay)
+        storm = JoinStorm(router, producers, spec.rate, spec.seconds, spec.hold)
+        storms.append(storm)
+        await storm.run()
+
+    def start() -> None:
+        if not tasks:
+            task = asyncio.ensure_future(one())
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+
+    loop.add_signal_handler(signal.SIGUSR1, start)
 
 
 def _b64(key: bytes) -> str:
@@ -186,7 +227,18 @@ def main(argv: list[str] | None = None) -> int:
         help="size the engine's tables to this load instead of Settings() defaults",
     )
     ap.add_argument("--inline", action="store_true", help="datapath on the loop (datapath_thread=False)")
+    ap.add_argument(
+        "--join-storm",
+        metavar="RATE,SECONDS",
+        help="on each SIGUSR1, RATE WebRTC joins per second for SECONDS into the first room",
+    )
+    ap.add_argument("--join-hold", type=float, default=1.0, help="seconds a storm joiner stays [1]")
+    ap.add_argument("--join-delay", type=float, default=0.0, help="seconds from SIGUSR1 to the storm [0]")
     args = ap.parse_args(argv)
+    try:
+        storm = StormSpec(args.join_storm, args.join_hold, args.join_delay) if args.join_storm else None
+    except ValueError as exc:
+        ap.error(str(exc))
     if args.cpu >= 0:
         try:
             os.sched_setaffinity(0, {args.cpu})
@@ -205,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
         except OSError:
             pass
         settings = settings_for(cfg, args.max_queue_age_ms, args.out_slots, args.sized_tables, args.inline)
-        return await serve(cfg, stop, settings)
+        return await serve(cfg, stop, settings, storm)
 
     counters = asyncio.run(run())
     print(json.dumps(counters), flush=True)

@@ -27,9 +27,9 @@ $PY -m pytest benchmarks/bench_datapath.py benchmarks/bench_stun.py benchmarks/b
 echo "== event-loop time of one join (Harmony and Discord, rooms of 10 and 50)"
 $PY benchmarks/join_loop_time.py --members 10 50 --repeat 2
 
-echo "== loopback load benchmark, short (fastsfu vs bare C forwarder vs pion/srtp Go forwarder, both SRTP suites; Discord UDP vs SRTP GCM)"
+echo "== loopback load benchmark, short (fastsfu vs bare C forwarder vs pion/srtp Go forwarder, both SRTP suites, plus a round with a 30 % CPU hog on the SUT core; Discord UDP vs SRTP GCM)"
 scripts/pion_setup.sh  # Go and pion/srtp from Debian packages for the pion peer
-$PY benchmarks/run.py --quick --suite both --suite discord --json benchmarks/.build/last-run.json
+$PY benchmarks/run.py --quick --suite both --suite discord --hog 0.3 --json benchmarks/.build/last-run.json
 
 echo "== soak, short (join/leave churn over hRPC, gRPC, Discord beside a talking reference call: gauges, fds, loss)"
 $PY benchmarks/soak.py --quick --quiet --json benchmarks/.build/last-soak.json

@@ -24,14 +24,15 @@ pytestmark = [pytest.mark.loopback, pytest.mark.timeout(60)]
 class WebRtcClient:
     """ICE (controlling, checks only), DTLS client, SRTP: the minimum a browser does."""
 
-    def __init__(self, transport: Any) -> None:
+    def __init__(self, transport: Any, cert: DtlsCertificate | None = None) -> None:
         self.transport = transport
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.sock.bind(("127.0.0.1", 0))
         self.sock.setblocking(False)
         c = transport.ice_candidates[0]
         self.server = (c["ip"], c["port"])
-        self.cert = DtlsCertificate.generate()
+        # A shared certificate saves a key generation per client (benchmarks/join_storm.py).
+        self.cert = cert or DtlsCertificate.generate()
         self.dtls: DtlsTransport | None = None
         self.keys: DtlsConnected | None = None
 
