@@ -154,3 +154,30 @@ def test_the_datapath_follows_the_remote_and_gives_up_on_a_second_one() -> None:
         dp.remove_transport(t)
         dp.remove_socket(sock)
     dp.close()
+
+
+def test_a_peer_that_went_away_costs_counted_drops_only() -> None:
+    """A connected socket gets the ICMP port-unreachable of a closed peer as ECONNREFUSED on its
+    next recv or send: counted (recv_error, send_failed), the thread goes on, the room too."""
+
+    async def main() -> None:
+        async with Engine() as engine:
+            router = engine.create_router()
+            speaker = SrtpClient()
+            t = router.create_plain_transport(enable_srtp=True)
+            t.connect("127.0.0.1", speaker.port, speaker.srtp_parameters)
+            producer = t.produce(producer_params(5000))
+            gone, _ = listener(router, producer.id)
+            stays, _ = listener(router, producer.id)
+            gone.close()
+            for seq in range(50):
+                speaker.send_rtp(server_addr(t), opus(5000, seq))
+                await asyncio.sleep(0.002)
+            assert await heard_seqs(stays, 50) == list(range(50))
+            drops = engine.stats()["drops"]
+            assert drops["recv_error"] + drops["send_failed"] >= 1
+            assert engine.stats()["slow_path_errors"] == 0
+            speaker.close()
+            stays.close()
+
+    run(main())
