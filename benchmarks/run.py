@@ -37,8 +37,9 @@ from loadgen import native, run_loadgen  # noqa: E402
 # (benchmarks/pion/), LiveKit's building blocks. fastsfu_sized (--sized-tables): tables sized to
 # the load, as this benchmark ran fastsfu before.
 SUTS = ("baseline", "fastsfu", "fastsfu_nolimit", "pion")
-# Run only when named: fastsfu with its datapath on the event loop instead of its own thread.
-OPTIONAL_SUTS = ("fastsfu_sized", "fastsfu_inline")
+# Run only when named: fastsfu with its datapath on the event loop instead of its own thread;
+# fastsfu with its PlainTransport sockets left unconnected (every send carries its address).
+OPTIONAL_SUTS = ("fastsfu_sized", "fastsfu_inline", "fastsfu_unconnected")
 # SUTs that have no Discord mode.
 SRTP_ONLY = ("baseline", "pion")
 PION_BUILD = BENCH_DIR / "pion" / "build.sh"
@@ -346,6 +347,8 @@ def sut_argv(sut: str, args: argparse.Namespace, libs: dict[str, Path]) -> list[
         argv += ["--max-queue-age-ms", "0"]
     if sut == "fastsfu_inline":
         argv += ["--inline"]
+    if sut == "fastsfu_unconnected":
+        argv += ["--unconnected"]
     if sut == "fastsfu_sized":
         argv += ["--sized-tables"]
     return argv
@@ -686,6 +689,7 @@ PEER_LABELS = {
     "fastsfu_nolimit": "fastsfu, no queue-age limit",
     "fastsfu_sized": "fastsfu, tables sized to the load",
     "fastsfu_inline": "fastsfu, datapath on the event loop",
+    "fastsfu_unconnected": "fastsfu, unconnected sockets",
     "pion": "pion/srtp v2 Go forwarder",
 }
 
@@ -892,9 +896,10 @@ def report(summary: dict[str, Any]) -> str:
 
 
 def _extra_suts(per_sut: dict[str, Any], base: dict[str, Any] | None) -> list[str]:
-    """Rows for SUTs run only on request (fastsfu_inline), with their ratio to the baseline."""
+    """Rows for SUTs run only on request (fastsfu_inline, fastsfu_unconnected), with their ratio
+    to the baseline."""
     lines: list[str] = []
-    for name in ("fastsfu_inline",):
+    for name in ("fastsfu_inline", "fastsfu_unconnected"):
         res = per_sut.get(name)
         if res is None:
             continue

@@ -88,12 +88,14 @@ def settings_for(
     out_slots: int | None = None,
     sized: bool = False,
     inline: bool = False,
+    unconnected: bool = False,
 ) -> Settings:
     """`Settings()` defaults, as a user runs fastsfu, except what the command line overrides.
 
     sized: tables sized to this load instead of the defaults (65,536 consumers, 4,096 producers...),
     as the benchmark did before: smaller tables stay in cache, which flatters fastsfu.
     inline: the datapath on the event loop instead of its own thread (datapath_thread=False).
+    unconnected: PlainTransport sockets left unconnected (connect_sockets=False), every send addressed.
     """
     n = len(cfg["participants"])
     discord = benchconfig.is_discord(cfg["suite"])
@@ -108,6 +110,8 @@ def settings_for(
         kw["out_slots"] = out_slots
     if inline:
         kw["datapath_thread"] = False
+    if unconnected:
+        kw["connect_sockets"] = False
     if sized:
         kw.update(
             max_sockets=n + 8,
@@ -234,6 +238,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--join-hold", type=float, default=1.0, help="seconds a storm joiner stays [1]")
     ap.add_argument("--join-delay", type=float, default=0.0, help="seconds from SIGUSR1 to the storm [0]")
+    ap.add_argument(
+        "--unconnected", action="store_true", help="sockets left unconnected (connect_sockets=False)"
+    )
     args = ap.parse_args(argv)
     try:
         storm = StormSpec(args.join_storm, args.join_hold, args.join_delay) if args.join_storm else None
@@ -256,7 +263,9 @@ def main(argv: list[str] | None = None) -> int:
                 loop.add_reader(0, lambda: os.read(0, 4096) or stop.set())
         except OSError:
             pass
-        settings = settings_for(cfg, args.max_queue_age_ms, args.out_slots, args.sized_tables, args.inline)
+        settings = settings_for(
+            cfg, args.max_queue_age_ms, args.out_slots, args.sized_tables, args.inline, args.unconnected
+        )
         return await serve(cfg, stop, settings, storm)
 
     counters = asyncio.run(run())

@@ -37,6 +37,7 @@ cdef extern from "<sys/socket.h>" nogil:
         int cmsg_level
         int cmsg_type
 
+    int AF_UNSPEC
     int AF_INET
     int AF_INET6
     int SOL_SOCKET
@@ -49,6 +50,7 @@ cdef extern from "<sys/socket.h>" nogil:
     int recvmmsg(int fd, mmsghdr *msgvec, unsigned int vlen, int flags, timespec *timeout)
     int sendmmsg(int fd, mmsghdr *msgvec, unsigned int vlen, int flags)
     int setsockopt(int fd, int level, int optname, const void *optval, socklen_t optlen)
+    int connect(int fd, const sockaddr *addr, socklen_t addrlen)
 
     cmsghdr *CMSG_FIRSTHDR(msghdr *msg)
     cmsghdr *CMSG_NXTHDR(msghdr *msg, cmsghdr *cmsg)

@@ -122,6 +122,8 @@ ctypedef struct Socket:
     int family
     int timestamps
     int comedia_transport            # a comedia transport with no remote yet, or -1
+    int connect_peer                 # one transport owns the socket: connect(2) it to its remote
+    int peer                         # the transport the socket is connected to, or -1
     int out_head
     int out_tail
     int out_count
@@ -305,6 +307,7 @@ cdef class Datapath:
     cdef int _check_consumer(self, int c) except -1
     cdef void _bind_tuple(self, int t, Key *k) noexcept nogil
     cdef void _clear_remote(self, int t) noexcept nogil
+    cdef void _connect_peer(self, int sock, int t) noexcept nogil
     cdef object _remote_tuple(self, Transport *tr)
     cdef object _addr_tuple(self, const uint8_t *sa)
     cdef object _slow_item(self, int kind, int t, int i, int n, int sock)

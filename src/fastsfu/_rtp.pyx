@@ -14,14 +14,14 @@ from libc.string cimport memcmp, memcpy, memmove, memset
 from posix.time cimport CLOCK_MONOTONIC, CLOCK_REALTIME, clock_gettime, timespec
 
 from fastsfu._csys cimport (
-    AF_INET, AF_INET6, CMSG_DATA, CMSG_FIRSTHDR, CMSG_NXTHDR, CMSG_SPACE, EFD_CLOEXEC, EFD_NONBLOCK,
+    AF_INET, AF_INET6, AF_UNSPEC, CMSG_DATA, CMSG_FIRSTHDR, CMSG_NXTHDR, CMSG_SPACE, EFD_CLOEXEC, EFD_NONBLOCK,
     INET6_ADDRSTRLEN, EPOLL_CLOEXEC, EPOLL_CTL_ADD, EPOLL_CTL_DEL, EPOLLIN, MSG_DONTWAIT, MSG_TRUNC,
     PTHREAD_MUTEX_RECURSIVE, SCM_TIMESTAMPNS, SO_TIMESTAMPNS, SOL_SOCKET, close, cmsghdr, epoll_create1,
     epoll_ctl, epoll_event, epoll_wait, eventfd, fsfu_add_int, fsfu_load_int, fsfu_load_u32,
     fsfu_store_int, fsfu_store_u32, fsfu_xchg_int, htons, inet_ntop, inet_pton, iovec, mmsghdr, msghdr,
     ntohs, pthread_mutex_destroy, pthread_mutex_init, pthread_mutex_lock, pthread_mutex_trylock,
     pthread_mutex_unlock, pthread_mutexattr_destroy, pthread_mutexattr_init, pthread_mutexattr_settype,
-    pthread_mutexattr_t, read, recvmmsg, sendmmsg, setsockopt, sockaddr, sockaddr_in,
+    pthread_mutexattr_t, connect, read, recvmmsg, sendmmsg, setsockopt, sockaddr, sockaddr_in,
     sockaddr_in6, socklen_t, write,
 )
 
@@ -710,6 +710,7 @@ cdef class Datapath:
             self.sockets[s].fd = fd
             self.sockets[s].family = family
             self.sockets[s].comedia_transport = -1
+            self.sockets[s].peer = -1
             self.sockets[s].out_head = -1
             self.sockets[s].out_tail = -1
             # Kernel arrival times let us drop RTP that queued longer than max_queue_age.
@@ -734,6 +735,27 @@ cdef class Datapath:
             if self.sockets[sock].fd >= 0:
                 epoll_ctl(self.epoll_fd, EPOLL_CTL_DEL, self.sockets[sock].fd, NULL)
             self.sockets[sock].in_use = 0
+
+    def set_socket_connect(self, int sock, bint on) -> None:
+        """on: the socket serves one transport, so connect(2) it to that transport's remote
+        whenever it has one, and send without a destination address (docs/datapath.md,
+        "Connected sockets"); off: disconnect it. Only for a socket no other transport shares."""
+        cdef int t
+        with self.tables_lock:
+            self._check_socket(sock)
+            self.sockets[sock].connect_peer = on
+            self._connect_peer(sock, -1)
+            if on:
+                for t in range(self.max_transports):
+                    if self.transports[t].in_use and self.transports[t].sock == sock and self.transports[t].has_remote:
+                        self._connect_peer(sock, t)
+                        break
+
+    def socket_peer(self, int sock) -> int:
+        """The transport the socket is connect(2)ed to (sends carry no address), or -1."""
+        with self.tables_lock:
+            self._check_socket(sock)
+            return self.sockets[sock].peer
 
     def add_transport(self, int sock, bint comedia=False) -> int:
         cdef int t
@@ -1355,12 +1377,40 @@ cdef class Datapath:
         table_put(&self.tuples, k, t)
         if self.sockets[tr.sock].comedia_transport == t:
             self.sockets[tr.sock].comedia_transport = -1
+        if self.sockets[tr.sock].connect_peer:
+            if self.sockets[tr.sock].peer >= 0 and self.sockets[tr.sock].peer != t:
+                # A second remote on the socket after all: addressed sends from now on.
+                self.sockets[tr.sock].connect_peer = 0
+                self._connect_peer(tr.sock, -1)
+            else:
+                self._connect_peer(tr.sock, t)
+
+    cdef void _connect_peer(self, int sock, int t) noexcept nogil:
+        """Connect the socket to transport t's remote (-1: disconnect it). A connected UDP
+        socket sends without a per-datagram route lookup and only receives from its peer, so a
+        socket is connected only while exactly one transport, t, uses it."""
+        cdef Socket *so = &self.sockets[sock]
+        cdef sockaddr unspec
+        if so.peer >= 0:
+            # Queued datagrams were meant for the old peer: send them before it changes.
+            self._flush_socket(sock, False)
+            so.peer = -1
+            if so.fd >= 0:
+                memset(&unspec, 0, sizeof(unspec))
+                unspec.sa_family = AF_UNSPEC      # connect(2): AF_UNSPEC dissolves the association
+                connect(so.fd, &unspec, sizeof(unspec))
+        if t < 0 or not so.connect_peer:
+            return
+        if so.fd < 0 or connect(so.fd, <sockaddr *>self.transports[t].remote, self.transports[t].remote_len) == 0:
+            so.peer = t
 
     cdef void _clear_remote(self, int t) noexcept nogil:
         cdef Transport *tr = &self.transports[t]
         if tr.has_remote:
             table_del(&self.tuples, &tr.tuple_key)
             tr.has_remote = 0
+            if self.sockets[tr.sock].peer == t:
+                self._connect_peer(tr.sock, -1)
             if tr.comedia:
                 self.sockets[tr.sock].comedia_transport = t
 
@@ -1842,8 +1892,13 @@ cdef class Datapath:
             while slot >= 0 and m < SEND_BATCH:
                 self.siov[m].iov_base = self.out[slot].data
                 self.siov[m].iov_len = self.out[slot].len
-                self.smsgs[m].msg_hdr.msg_name = self.out[slot].dest
-                self.smsgs[m].msg_hdr.msg_namelen = self.out[slot].dest_len
+                if so.peer >= 0:
+                    # Connected: the kernel uses the socket's cached route (docs/datapath.md).
+                    self.smsgs[m].msg_hdr.msg_name = NULL
+                    self.smsgs[m].msg_hdr.msg_namelen = 0
+                else:
+                    self.smsgs[m].msg_hdr.msg_name = self.out[slot].dest
+                    self.smsgs[m].msg_hdr.msg_namelen = self.out[slot].dest_len
                 self.smsgs[m].msg_hdr.msg_iov = &self.siov[m]
                 self.smsgs[m].msg_hdr.msg_iovlen = 1
                 self.smsgs[m].msg_hdr.msg_control = NULL

@@ -54,6 +54,9 @@ class Settings:
     datapath_thread: bool = True
     # Output slots: forwarded packets queued before sendmmsg; when they run out the datapath flushes.
     out_slots: int = 1024
+    # connect(2) the socket of a PlainTransport or PipeTransport to its one remote: sends skip
+    # the per-datagram route lookup (docs/datapath.md, "Connected sockets").
+    connect_sockets: bool = True
     recv_buffer_bytes: int = 1 << 20
     send_buffer_bytes: int = 1 << 20
     # Mean seconds between a transport's RTCP reports, randomized per transport (RFC 3550 §6.3.1).

@@ -58,6 +58,9 @@ class PlainTransport(Transport):
         # remote key is known, so that nothing unauthenticated ever teaches a tuple.
         if comedia and not enable_srtp:
             self.engine.datapath.set_transport_comedia(self.slot, True)
+        if self.engine.settings.connect_sockets:
+            # The socket is this transport's alone: connected to the remote once it is known.
+            self.engine.datapath.set_socket_connect(socket.slot, True)
 
     @property
     def tuple(self) -> TransportTuple:
