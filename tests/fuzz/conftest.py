@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 
+import pytest
+from engine_loop import Loop
 from hypothesis import HealthCheck, settings
 
 _COMMON = {
@@ -17,3 +20,11 @@ _COMMON = {
 settings.register_profile("ci", max_examples=100, **_COMMON)
 settings.register_profile("long", max_examples=10_000, **_COMMON)
 settings.load_profile(os.environ.get("FASTSFU_FUZZ_PROFILE", "ci"))
+
+
+@pytest.fixture(scope="module")
+def media() -> Iterator[Loop]:
+    """The stateful targets' shared event loop and Engine, one per test module."""
+    media = Loop()
+    yield media
+    media.close()

@@ -9,15 +9,13 @@ from __future__ import annotations
 import asyncio
 import json
 import struct
-from collections.abc import Iterator
 from typing import Any
 
-import pytest
+from engine_loop import Loop
 from hypothesis import event, given
 from hypothesis import strategies as st
 from mutations import budget, corpus, json_text, mutated, mutated_json, seeded
 
-from fastsfu import Engine
 from fastsfu.discord import payloads
 from fastsfu.discord.errors import GatewayError
 from fastsfu.discord.gateway import Close, Gateway, GatewayConfig, Send
@@ -125,27 +123,6 @@ def test_sdp_fragment_raises_only_sdp_error(text: Any, codecs: Any) -> None:
     offer.rtp_parameters(1)
 
 
-class Loop:
-    """One event loop and Engine for all examples: each example runs as a coroutine on it."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.engine: Engine = self.loop.run_until_complete(self._engine())
-
-    @staticmethod
-    async def _engine() -> Engine:
-        return Engine()
-
-    def close(self) -> None:
-        self.engine.close()
-        self.loop.close()
-
-
-@pytest.fixture(scope="module")
-def media() -> Iterator[Loop]:
-    media = Loop()
-    yield media
-    media.close()
 
 
 def check_outputs(outputs: list[Send | Close]) -> int | None:

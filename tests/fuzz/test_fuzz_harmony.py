@@ -8,16 +8,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import Iterator
 from typing import Any
 
-import pytest
+from engine_loop import Loop
 from hypothesis import event, given
 from hypothesis import strategies as st
 from mutations import budget, corpus, json_text, mutated, mutated_json
 from test_harmony_session import CHANNEL, CLIENT_CAPS, GUILD, chromium_producer
 
-from fastsfu import Engine, ortc
+from fastsfu import ortc
 from fastsfu._proto.protocol.voice.v1 import voice_pb2
 from fastsfu.dtls import DtlsCertificate
 from fastsfu.harmony import VoiceError, VoiceRooms, VoiceSession
@@ -76,27 +75,6 @@ def test_hrpc_frame_decodes_or_is_a_bad_frame(data: bytes) -> None:
     assert isinstance(request, Req)
 
 
-class Loop:
-    """One event loop and Engine for all examples: each example runs as a coroutine on it."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.engine: Engine = self.loop.run_until_complete(self._engine())
-
-    @staticmethod
-    async def _engine() -> Engine:
-        return Engine()
-
-    def close(self) -> None:
-        self.engine.close()
-        self.loop.close()
-
-
-@pytest.fixture(scope="module")
-def media() -> Iterator[Loop]:
-    media = Loop()
-    yield media
-    media.close()
 
 
 def drive(session: VoiceSession, request: Req) -> VoiceError | None:
