@@ -15,15 +15,18 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import aiohttp
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from nats.js.errors import KeyNotFoundError
 from test_server_ops import SECRET, parse_metrics
 
 from fastsfu._proto.protocol.voice.v1 import voice_pb2
+from fastsfu.cluster.bus import Bus
+from fastsfu.cluster.registry import NODES_SUBJECT, ROOMS_BUCKET
 from fastsfu.harmony.auth import TokenAuth
 from fastsfu.server.worker import DRAIN_WAIT
 
@@ -129,32 +132,92 @@ async def scrape(http: aiohttp.ClientSession, url: str) -> dict[str, float]:
         return parse_metrics(await resp.text())
 
 
+async def wait_metrics(
+    http: aiohttp.ClientSession, cluster: Cluster, check: Callable[[list[dict[str, float]]], bool]
+) -> list[dict[str, float]]:
+    """Both workers' metrics once `check` holds of them (within 15 s: heartbeats are every second)."""
+    deadline = time.monotonic() + 15
+    while True:
+        seen = [await scrape(http, cluster.metrics[i]) for i in (0, 1)]
+        if check(seen) or time.monotonic() > deadline:
+            return seen
+        await asyncio.sleep(0.2)
+
+
+def total(seen: list[dict[str, float]], name: str) -> float:
+    return sum(m[name] for m in seen)
+
+
 @pytest.mark.timeout(90)
-def test_two_workers_share_the_signaling_port_and_each_has_its_own_metrics(cluster: Cluster) -> None:
-    """40 hRPC sessions (past Initialize) to the one shared port: both workers get some (the kernel's
-    SO_REUSEPORT spread), and the workers' own /metrics add up to all 40."""
+def test_two_workers_share_the_signaling_port_and_place_every_room_once(cluster: Cluster) -> None:
+    """40 hRPC sessions (past Initialize, two per room) to the one shared port: both workers get
+    some (the kernel's SO_REUSEPORT spread) and their own /metrics add up to all 40; both see two
+    nodes; each of the 20 rooms is placed exactly once in the registry, and a room served on both
+    workers is homed on one of them. When the sessions end, the homes are released."""
     auth = TokenAuth(SECRET)
     url = f"ws://127.0.0.1:{cluster.hrpc}/protocol.voice.v1.VoiceService/StreamMessage"
+    room_keys = [f"5.{channel}" for channel in range(1, 21)]
 
-    async def run() -> list[dict[str, float]]:
+    def placed(seen: list[dict[str, float]]) -> bool:
+        return (
+            all(
+                m["fastsfu_cluster_rooms_homed"] + m["fastsfu_cluster_rooms_elsewhere"] == m["fastsfu_rooms"]
+                for m in seen
+            )
+            and total(seen, "fastsfu_cluster_rooms_placed_total") == 20
+        )
+
+    async def run() -> tuple[list[dict[str, float]], list[dict[str, float]]]:
         async with aiohttp.ClientSession() as http:
             sockets = []
             for user in range(1, 41):
                 ws = await http.ws_connect(url, protocols=("hrpc1", auth.mint(user)))
-                await ws.send_bytes(
-                    Req(initialize=Req.Initialize(guild_id=5, channel_id=user)).SerializeToString()
-                )
+                init = Req.Initialize(guild_id=5, channel_id=(user + 1) // 2)
+                await ws.send_bytes(Req(initialize=init).SerializeToString())
                 msg = await asyncio.wait_for(ws.receive(), 10)
                 assert msg.type == aiohttp.WSMsgType.BINARY and msg.data[0] == 0, msg
                 sockets.append(ws)
-            seen = [await scrape(http, cluster.metrics[i]) for i in (0, 1)]
+            during = await wait_metrics(http, cluster, placed)
             for ws in sockets:
                 await ws.close()
-            return seen
+            after = await wait_metrics(
+                http,
+                cluster,
+                lambda seen: (
+                    total(seen, "fastsfu_rooms") == 0
+                    and total(seen, "fastsfu_cluster_rooms_homed")
+                    + total(seen, "fastsfu_cluster_rooms_elsewhere")
+                    == 0
+                ),
+            )
+            return during, after
 
-    seen = asyncio.run(asyncio.wait_for(run(), 60))
-    sessions = [m["fastsfu_voice_sessions"] for m in seen]
+    during, after = asyncio.run(asyncio.wait_for(run(), 60))
+    sessions = [m["fastsfu_voice_sessions"] for m in during]
     assert sum(sessions) == 40 and min(sessions) >= 1, sessions
+    assert [m["fastsfu_cluster_nodes"] for m in during] == [2, 2]
+    assert [m["fastsfu_cluster_connected"] for m in during] == [1, 1]
+    assert placed(during), during
+    # Rooms served on both workers count once on each; every room has one home.
+    assert total(during, "fastsfu_rooms") >= 20
+    assert total(during, "fastsfu_cluster_rooms_homed") <= 20
+    assert total(during, "fastsfu_cluster_bus_failures_total") == 0
+    assert total(during, "fastsfu_cluster_bus_requests_total") > 0
+    assert total(after, "fastsfu_rooms") == 0
+
+    async def homes_left() -> list[str]:
+        bus = await Bus.connect(cluster.nats, "test")
+        try:
+            kv = await bus.bucket(ROOMS_BUCKET)
+            left = []
+            for key in room_keys:
+                with contextlib.suppress(KeyNotFoundError):
+                    left.append((await kv.get(key)).value)
+            return left
+        finally:
+            await bus.close()
+
+    assert asyncio.run(asyncio.wait_for(homes_left(), 20)) == []  # released by their homes
 
 
 @pytest.mark.timeout(90)
@@ -174,15 +237,17 @@ def test_a_sigkilled_worker_is_restarted(cluster: Cluster) -> None:
 
 @pytest.mark.timeout(90)
 def test_sigterm_drains_then_every_process_exits(cluster: Cluster) -> None:
-    """SIGTERM to the supervisor: both workers report NOT_SERVING during the drain, then the
-    supervisor, the workers and the embedded nats-server are all gone within the grace."""
+    """SIGTERM to the supervisor: both workers say draining in the registry and report NOT_SERVING
+    during the drain, then the supervisor, the workers and the embedded nats-server are all gone
+    within the grace."""
     host, port = cluster.nats.removeprefix("nats://").rsplit(":", 1)
-    with socket.create_connection((host, int(port)), timeout=5):
-        pass  # the embedded NATS is up
-    cluster.proc.send_signal(signal.SIGTERM)
-    t0 = time.monotonic()
 
-    async def health() -> list[int]:
+    async def run() -> tuple[list[int], set[str], float]:
+        bus = await Bus.connect(cluster.nats, "test")
+        draining: set[str] = set()
+        await bus.subscribe(NODES_SUBJECT, lambda d: draining.add(d["node"]) if d.get("draining") else None)
+        cluster.proc.send_signal(signal.SIGTERM)
+        t0 = time.monotonic()
         states = []
         for _ in range(4):  # new connections: the kernel may pick either worker
             async with grpc.aio.insecure_channel(f"127.0.0.1:{cluster.grpc}") as channel:
@@ -190,10 +255,15 @@ def test_sigterm_drains_then_every_process_exits(cluster: Cluster) -> None:
                     health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service="")), 5
                 )
                 states.append(reply.status)
-        return states
+        deadline = time.monotonic() + DRAIN_WAIT
+        while len(draining) < 2 and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        await bus.close()
+        return states, draining, t0
 
-    assert asyncio.run(health()) == [NOT_SERVING] * 4
-    assert time.monotonic() - t0 < DRAIN_WAIT  # all read within the drain
+    states, draining, t0 = asyncio.run(asyncio.wait_for(run(), 30))
+    assert states == [NOT_SERVING] * 4
+    assert len(draining) == 2, draining  # both nodes, before their sessions end
     assert cluster.proc.wait(DRAIN_WAIT + GRACE + 10) == 0
     assert time.monotonic() - t0 < DRAIN_WAIT + GRACE + 5
     assert not any(alive(pid) for pid in cluster.pids.values())

@@ -73,8 +73,10 @@ async def serve_harmony(config: ServerConfig, voice: VoiceSettings | None = None
             guards.append(ConnectionGuard("discord", limits))
         mounts: list[Callable[[web.Application], None]] = [mount_demo]
         gc_monitor = GcMonitor().install()
-        scrape = metrics_mount(rooms, rate_limit, discord, guards, gc_monitor) if config.metrics else None
-        if scrape is not None:
+        cluster = worker.bind(rooms, engine) if worker is not None else ()
+        scrape = None
+        if config.metrics:
+            scrape = metrics_mount(rooms, rate_limit, discord, guards, gc_monitor, cluster)
             mounts.append(scrape)
         app = make_app(rooms, auth.authenticate, mounts, rate_limit)
         guards[0].install(app)

@@ -4,14 +4,24 @@ hRPC port reaches any worker), its node in the cluster registry, and the drain b
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Callable, Mapping
+import os
+import socket
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 from aiohttp import web
+from prometheus_client.registry import Collector
 
+from fastsfu.engine import Engine
+from fastsfu.rooms import Rooms
 from fastsfu.server.config import ServerConfig
 from fastsfu.server.logs import announce
 from fastsfu.server.metrics import METRICS_PATH
+
+if TYPE_CHECKING:
+    from fastsfu.cluster.node import Node
 
 log = logging.getLogger(__name__)
 
@@ -26,10 +36,26 @@ class WorkerRole:
         self.index = index
         self.config = config
         self.metrics_port = 0
+        self.node: Node | None = None
         self._runner: web.AppRunner | None = None
+        self._node_task: asyncio.Task[None] | None = None
+
+    def bind(self, rooms: Rooms, engine: Engine) -> Sequence[Collector]:
+        """This worker's node in the cluster registry (when a NATS URL is set); its metrics."""
+        if self.config.nats is None:
+            return ()
+        from fastsfu.cluster.node import ClusterCollector, Node  # needs the cluster extra
+
+        host, port = engine.media_socket().local_address[:2]
+        node_id = f"{socket.gethostname()}-w{self.index}-{os.getpid()}"
+        self.node = Node(node_id, self.config.nats, rooms, f"{self.config.announced_ip or host}:{port}")
+        return (ClusterCollector(self.node),)
 
     async def start(self, metrics: Callable[[web.Application], None] | None) -> None:
-        """Serve this worker's own /metrics (when metrics are on) and announce where."""
+        """Join the cluster in the background; serve this worker's own /metrics (when metrics are
+        on) and announce where."""
+        if self.node is not None:
+            self._node_task = asyncio.create_task(self.node.run())
         if metrics is None:
             return
         app = web.Application()
@@ -51,11 +77,20 @@ class WorkerRole:
         )
 
     async def drain(self) -> None:
-        """Before sessions close: give load balancers and edges DRAIN_WAIT seconds to see NOT_SERVING."""
+        """Before sessions close: draining in the registry (no new rooms here), then DRAIN_WAIT
+        seconds for load balancers and edges to see it and NOT_SERVING."""
         log.info("worker %d draining", self.index)
+        if self.node is not None:
+            await self.node.drain()
         await asyncio.sleep(DRAIN_WAIT)
 
     async def close(self) -> None:
+        if self._node_task is not None:
+            self._node_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._node_task
+        if self.node is not None:
+            await self.node.close()
         if self._runner is not None:
             await self._runner.cleanup()
 
