@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import aiohttp
 import grpc
@@ -24,10 +25,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from nats.js.errors import KeyNotFoundError
 from test_server_ops import SECRET, parse_metrics
 
-from fastsfu._proto.protocol.voice.v1 import voice_pb2
+from fastsfu._proto.protocol.voice.v1 import voice_pb2, voice_pb2_grpc
 from fastsfu.cluster.bus import Bus
 from fastsfu.cluster.registry import NODES_SUBJECT, ROOMS_BUCKET
 from fastsfu.harmony.auth import TokenAuth
+from fastsfu.server.config import ConfigError, load_config
 from fastsfu.server.worker import DRAIN_WAIT
 
 pytestmark = [pytest.mark.loopback, pytest.mark.slow]
@@ -269,3 +271,61 @@ def test_sigterm_drains_then_every_process_exits(cluster: Cluster) -> None:
     assert not any(alive(pid) for pid in cluster.pids.values())
     with pytest.raises(OSError):
         socket.create_connection((host, int(port)), timeout=2).close()
+
+
+def test_workers_knob_layers_and_bounds(tmp_path: Path) -> None:
+    """`workers`: embedded 1 < TOML < env < flag; auto is one per core; anything else is refused."""
+    assert (load_config(None, {}, {}).worker_count, load_config(None, {}, {}).nats) == (1, None)
+    toml = tmp_path / "fastsfu.toml"
+    toml.write_text('workers = "3"\nnats = "nats://10.0.0.1:4222"\nworker_metrics_port = 9100\n')
+    config = load_config(str(toml), {}, {})
+    assert (config.worker_count, config.nats, config.worker_metrics_port) == (3, "nats://10.0.0.1:4222", 9100)
+    assert load_config(str(toml), {"FASTSFU_WORKERS": "2"}, {}).worker_count == 2
+    assert load_config(str(toml), {"FASTSFU_WORKERS": "2"}, {"workers": "AUTO"}).worker_count == (
+        os.cpu_count() or 1
+    )
+    for bad in ("0", "-1", "two", "1025"):
+        with pytest.raises(ConfigError, match="workers: expected a number 1..1024 or auto"):
+            load_config(None, {}, {"workers": bad})
+    out = subprocess.run(
+        [sys.executable, "-m", "fastsfu.server.cli", "serve", "--workers", "0"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={k: v for k, v in os.environ.items() if not k.startswith("FASTSFU_")},
+    )
+    assert out.returncode == 2 and "workers: expected" in out.stderr and "Traceback" not in out.stderr
+
+
+@pytest.mark.timeout(90)
+def test_grpc_streams_are_spread_over_both_workers(cluster: Cluster) -> None:
+    """20 gRPC voice streams, each on its own channel (connection) to the one shared gRPC port:
+    both workers serve some, and their counters add up to 20."""
+    auth = TokenAuth(SECRET)
+
+    async def run() -> list[dict[str, float]]:
+        channels, calls = [], []
+        try:
+            for user in range(1, 21):
+                # Its own subchannel: gRPC otherwise shares one connection between equal channels.
+                channel = grpc.aio.insecure_channel(
+                    f"127.0.0.1:{cluster.grpc}", options=[("grpc.use_local_subchannel_pool", 1)]
+                )
+                channels.append(channel)
+                call = voice_pb2_grpc.VoiceServiceStub(channel).StreamMessage(
+                    metadata=(("authorization", auth.mint(user)),)
+                )
+                await call.write(Req(initialize=Req.Initialize(guild_id=6, channel_id=user)))
+                assert (await asyncio.wait_for(call.read(), 10)).WhichOneof("message") == "initialized"
+                calls.append(call)
+            async with aiohttp.ClientSession() as http:
+                return [await scrape(http, cluster.metrics[i]) for i in (0, 1)]
+        finally:
+            for call in calls:
+                call.cancel()
+            for channel in channels:
+                await channel.close()
+
+    seen = asyncio.run(asyncio.wait_for(run(), 60))
+    grpc_streams = [m['fastsfu_voice_streams_total{frontend="grpc"}'] for m in seen]
+    assert sum(grpc_streams) == 20 and min(grpc_streams) >= 1, grpc_streams
