@@ -22,6 +22,7 @@ import aiohttp
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from harmony_client import HarmonyMember
 from nats.js.errors import KeyNotFoundError
 from test_server_ops import SECRET, parse_metrics
 
@@ -153,9 +154,9 @@ def total(seen: list[dict[str, float]], name: str) -> float:
 @pytest.mark.timeout(90)
 def test_two_workers_share_the_signaling_port_and_place_every_room_once(cluster: Cluster) -> None:
     """40 hRPC sessions (past Initialize, two per room) to the one shared port: both workers get
-    some (the kernel's SO_REUSEPORT spread) and their own /metrics add up to all 40; both see two
-    nodes; each of the 20 rooms is placed exactly once in the registry, and a room served on both
-    workers is homed on one of them. When the sessions end, the homes are released."""
+    streams (the kernel's SO_REUSEPORT spread); each of the 20 rooms is placed exactly once in the
+    registry, spread over both workers, and every session runs at its room's home (bridged there
+    when its stream landed on the other worker). When the sessions end, the homes are released."""
     auth = TokenAuth(SECRET)
     url = f"ws://127.0.0.1:{cluster.hrpc}/protocol.voice.v1.VoiceService/StreamMessage"
     room_keys = [f"5.{channel}" for channel in range(1, 21)]
@@ -171,6 +172,7 @@ def test_two_workers_share_the_signaling_port_and_place_every_room_once(cluster:
 
     async def run() -> tuple[list[dict[str, float]], list[dict[str, float]]]:
         async with aiohttp.ClientSession() as http:
+            await wait_metrics(http, cluster, lambda seen: total(seen, "fastsfu_cluster_nodes") == 4)
             sockets = []
             for user in range(1, 41):
                 ws = await http.ws_connect(url, protocols=("hrpc1", auth.mint(user)))
@@ -195,14 +197,21 @@ def test_two_workers_share_the_signaling_port_and_place_every_room_once(cluster:
             return during, after
 
     during, after = asyncio.run(asyncio.wait_for(run(), 60))
-    sessions = [m["fastsfu_voice_sessions"] for m in during]
-    assert sum(sessions) == 40 and min(sessions) >= 1, sessions
+    # The kernel spread the streams over both workers (the edges) ...
+    edges = [m['fastsfu_voice_streams_total{frontend="hrpc"}'] for m in during]
+    assert sum(edges) == 40 and min(edges) >= 1, edges
+    # ... and each session runs at its room's home: some bridged there from the other worker.
+    assert total(during, "fastsfu_voice_sessions") == 40
+    bridged = total(during, 'fastsfu_cluster_sessions_total{where="bridged"}')
+    here = total(during, 'fastsfu_cluster_sessions_total{where="here"}')
+    assert bridged + here == 40 and bridged >= 1, (bridged, here)
+    assert total(during, 'fastsfu_cluster_sessions_total{where="hosted"}') == bridged
     assert [m["fastsfu_cluster_nodes"] for m in during] == [2, 2]
     assert [m["fastsfu_cluster_connected"] for m in during] == [1, 1]
     assert placed(during), during
-    # Rooms served on both workers count once on each; every room has one home.
-    assert total(during, "fastsfu_rooms") >= 20
-    assert total(during, "fastsfu_cluster_rooms_homed") <= 20
+    # Every room is served at its home only, and the homes are spread over both workers.
+    assert total(during, "fastsfu_rooms") == 20 and total(during, "fastsfu_cluster_rooms_elsewhere") == 0
+    assert min(m["fastsfu_rooms"] for m in during) >= 1, [m["fastsfu_rooms"] for m in during]
     assert total(during, "fastsfu_cluster_bus_failures_total") == 0
     assert total(during, "fastsfu_cluster_bus_requests_total") > 0
     assert total(after, "fastsfu_rooms") == 0
@@ -329,3 +338,97 @@ def test_grpc_streams_are_spread_over_both_workers(cluster: Cluster) -> None:
     seen = asyncio.run(asyncio.wait_for(run(), 60))
     grpc_streams = [m['fastsfu_voice_streams_total{frontend="grpc"}'] for m in seen]
     assert sum(grpc_streams) == 20 and min(grpc_streams) >= 1, grpc_streams
+
+
+class OwnConnectionMember(HarmonyMember):
+    """A Harmony client on a gRPC connection of its own (gRPC otherwise shares one between equal
+    channels), so the kernel picks its worker independently of the others."""
+
+    def __init__(self, port: int, token: str, guild_id: int, channel_id: int) -> None:
+        super().__init__(port, token, guild_id, channel_id)
+        self.user = 0
+        self.call.cancel()
+        self.channel = grpc.aio.insecure_channel(
+            f"127.0.0.1:{port}", options=[("grpc.use_local_subchannel_pool", 1)]
+        )
+        self.call = voice_pb2_grpc.VoiceServiceStub(self.channel).StreamMessage(
+            metadata=(("authorization", token),)
+        )
+
+    async def edge(self, cluster: Cluster, http: aiohttp.ClientSession, probe_token: str) -> int:
+        """The worker this client's connection reached: a short probe stream on it, in a room of its
+        own, counted by exactly one worker's gRPC stream counter."""
+        key = 'fastsfu_voice_streams_total{frontend="grpc"}'
+        before = [(await scrape(http, cluster.metrics[i]))[key] for i in (0, 1)]
+        probe = voice_pb2_grpc.VoiceServiceStub(self.channel).StreamMessage(
+            metadata=(("authorization", probe_token),)
+        )
+        await probe.write(Req(initialize=Req.Initialize(guild_id=99, channel_id=99)))
+        assert (await asyncio.wait_for(probe.read(), 10)).WhichOneof("message") == "initialized"
+        probe.cancel()
+        after = [(await scrape(http, cluster.metrics[i]))[key] for i in (0, 1)]
+        (edge,) = [i for i in (0, 1) if after[i] > before[i]]
+        return edge
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.usefixtures("aiortc_loopback")
+def test_members_on_different_workers_hear_each_other_through_the_bridge(cluster: Cluster) -> None:
+    """Two aiortc clients whose gRPC connections reached different workers join one room: the
+    session of the one not on the room's home is bridged there, so both hear each other (media
+    straight to the home's port), UserJoined and UserLeft arrive exactly once."""
+    auth = TokenAuth(SECRET)
+
+    async def run() -> None:
+        async with aiohttp.ClientSession() as http:
+            await wait_metrics(http, cluster, lambda seen: total(seen, "fastsfu_cluster_nodes") == 4)
+            members: dict[int, OwnConnectionMember] = {}  # by edge worker
+            for attempt in range(12):  # each lands on either worker: 12 tries miss one with p = 2^-11
+                user = 1 + len(members)
+                member = OwnConnectionMember(cluster.grpc, auth.mint(user), 7, 8)
+                member.user = user
+                edge = await member.edge(cluster, http, auth.mint(100 + attempt))
+                if edge in members:
+                    member.call.cancel()
+                    await member.channel.close()
+                    continue
+                members[edge] = member
+                if len(members) == 2:
+                    break
+            assert len(members) == 2, "every connection reached the same worker"
+            a, b = members[0], members[1]
+            first, second = a, b
+            base = [await scrape(http, cluster.metrics[i]) for i in (0, 1)]  # after the probes
+            await first.join()
+            await second.join()
+            for _ in range(100):
+                if len(first.receivers) == 1 and len(second.receivers) == 1:
+                    break
+                await asyncio.sleep(0.05)
+            ids = {first: first.user, second: second.user}
+            assert list(first.receivers) == [ids[second]] and list(second.receivers) == [ids[first]]
+            assert await first.heard(ids[second]) == 5 and await second.heard(ids[first]) == 5
+            seen = [await scrape(http, cluster.metrics[i]) for i in (0, 1)]
+            for where in ("bridged", "hosted"):  # exactly one of the two sessions went over the bus
+                key = f'fastsfu_cluster_sessions_total{{where="{where}"}}'
+                assert total(seen, key) - total(base, key) == 1, where
+            assert (
+                total(seen, "fastsfu_room_members") == 2 and min(m["fastsfu_room_members"] for m in seen) == 0
+            )
+            await second.leave()
+            for _ in range(100):
+                if any(r.WhichOneof("message") == "user_left" for r in first.received):
+                    break
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(0.3)  # a duplicate would come within this
+            joined = [
+                r.user_joined.data.user_id for r in first.received if r.WhichOneof("message") == "user_joined"
+            ]
+            left = [r.user_left.user_id for r in first.received if r.WhichOneof("message") == "user_left"]
+            assert joined == [ids[second]] and left == [ids[second]], (joined, left)
+            assert not [r for r in second.received if r.WhichOneof("message") in ("user_joined", "user_left")]
+            await first.leave()
+            for m in (first, second):
+                await m.channel.close()
+
+    asyncio.run(asyncio.wait_for(run(), 100))

@@ -81,8 +81,24 @@ class Bus:
             self.failures += 1
             raise BusError(str(exc) or type(exc).__name__) from exc
 
+    @staticmethod
+    def encode(message: dict[str, object]) -> bytes:
+        return json.dumps(message, separators=(",", ":")).encode()
+
+    @staticmethod
+    def decode(data: bytes) -> dict[str, Any]:
+        """A JSON object of this version (ValueError for anything else)."""
+        message = json.loads(data)
+        if not isinstance(message, dict) or message.get("v") != 1:
+            raise ValueError("not a v1 message")
+        return message
+
     async def publish(self, subject: str, message: dict[str, object]) -> None:
-        await self.nc.publish(subject, json.dumps(message, separators=(",", ":")).encode())
+        try:
+            await self.nc.publish(subject, self.encode(message))
+        except Exception as exc:  # closed or reconnecting with a full buffer
+            self.failures += 1
+            raise BusError(str(exc) or type(exc).__name__) from exc
 
     async def subscribe(self, subject: str, handler: Callable[[object], None]) -> None:
         """Call `handler` with each JSON message on `subject`; a message that is not JSON is dropped."""

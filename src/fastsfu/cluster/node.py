@@ -8,15 +8,17 @@ import asyncio
 import contextlib
 import logging
 import re
+from collections import Counter
 from collections.abc import Hashable, Iterator
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from fastsfu.cluster.bridge import BridgeHost, RoutedSession
 from fastsfu.cluster.bus import Bus, BusError
 from fastsfu.cluster.placement import NodeLoad
 from fastsfu.cluster.registry import Registry
-from fastsfu.rooms import Rooms
+from fastsfu.harmony.session import VoiceRooms, VoiceSession
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +35,7 @@ def room_subject_key(key: tuple[Hashable, ...]) -> str:
 class Node:
     """This worker in the registry: `run` until cancelled; `drain` publishes draining at once."""
 
-    def __init__(self, node_id: str, url: str, rooms: Rooms, media: str) -> None:
+    def __init__(self, node_id: str, url: str, rooms: VoiceRooms, media: str) -> None:
         self.node_id = node_id
         self.url = url
         self.rooms = rooms
@@ -42,11 +44,19 @@ class Node:
         self.bus: Bus | None = None
         self.registry: Registry | None = None
         self.homes: dict[str, str] = {}  # rooms served here -> their home node
-        self.placed = 0  # rooms this node placed (won the compare-and-set)
         self.connected = asyncio.Event()
+        self.host: BridgeHost | None = None
+        self.sessions: Counter[str] = Counter()  # Harmony sessions run here or bridged elsewhere
+        rooms.session_factory = self._session
+
+    def _session(self, rooms: VoiceRooms, user_id: int, frontend: str, remote: str) -> VoiceSession:
+        return RoutedSession(rooms, user_id, frontend, remote, lambda: self.registry, self.sessions)
 
     def load(self) -> NodeLoad:
-        members = sum(len(room.members) for room in self.rooms)
+        # Members, and sessions holding a room before they join: both will cost media soon.
+        members = sum(
+            len(room.members) + len(room.holders - set(room.members.values())) for room in self.rooms
+        )
         served = tuple(sorted({room_subject_key(room.key) for room in self.rooms}))
         return NodeLoad(self.node_id, members, len(self.rooms), self.draining, self.media, served)
 
@@ -56,11 +66,13 @@ class Node:
                 bus = await Bus.connect(self.url, self.node_id)
                 registry = Registry(bus, self.node_id)
                 await registry.open()
+                host = BridgeHost(self.rooms, registry)
+                await host.start()
             except BusError as exc:
                 log.warning("cluster: %s; retrying", exc)
                 await asyncio.sleep(RETRY_INTERVAL)
                 continue
-            self.bus, self.registry = bus, registry
+            self.bus, self.registry, self.host = bus, registry, host
         self.connected.set()
         log.info("cluster: node %s on %s", self.node_id, self.url)
         while True:
@@ -78,9 +90,7 @@ class Node:
         nodes = registry.nodes()
         for key in local:
             if self.homes.get(key) not in nodes:
-                placement = await registry.home(key)
-                self.homes[key] = placement.home
-                self.placed += placement.created
+                self.homes[key] = (await registry.home(key)).home
         for key in [k for k in self.homes if k not in local]:
             del self.homes[key]
             await registry.release(key)
@@ -125,7 +135,21 @@ class ClusterCollector(Collector):
             "Rooms served here whose home is another node (their members here are not bridged yet)",
             value=len(n.homes) - homed,
         )
-        yield CounterMetricFamily("fastsfu_cluster_rooms_placed", "Rooms this node placed", value=n.placed)
+        yield CounterMetricFamily(
+            "fastsfu_cluster_rooms_placed",
+            "Rooms this node placed",
+            value=n.registry.placed if n.registry else 0,
+        )
+        sessions = CounterMetricFamily(
+            "fastsfu_cluster_sessions",
+            "Harmony sessions by where they ran: here (this node is the room's home), bridged (to the "
+            "home elsewhere), hosted (bridged here from another node)",
+            labels=["where"],
+        )
+        for where in ("here", "bridged"):
+            sessions.add_metric([where], n.sessions[where])
+        sessions.add_metric(["hosted"], n.host.hosted if n.host is not None else 0)
+        yield sessions
         bus = n.bus
         yield CounterMetricFamily(
             "fastsfu_cluster_bus_requests",

@@ -4,6 +4,7 @@ wins and every node then reads the same home."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -35,6 +36,7 @@ class Registry:
         self.clock = clock
         self._seen: dict[str, tuple[float, NodeLoad]] = {}
         self._rooms: KeyValue | None = None
+        self.placed = 0  # rooms this node placed (it won the compare-and-set)
 
     async def open(self) -> None:
         """Listen to heartbeats and open the rooms bucket (BusError if NATS cannot)."""
@@ -50,7 +52,8 @@ class Registry:
         self._seen[load.node] = (self.clock(), load)
 
     async def heartbeat(self, load: NodeLoad) -> None:
-        """Publish this node's load (it hears itself too, through NATS)."""
+        """Publish this node's load (others hear it through NATS; this node knows it at once)."""
+        self._seen[load.node] = (self.clock(), load)
         await self.bus.publish(NODES_SUBJECT, load.to_json())
 
     def nodes(self) -> dict[str, NodeLoad]:
@@ -86,8 +89,17 @@ class Registry:
                     await self.bus.call(kv.create(room, choice.encode()))
             except KeyWrongLastSequenceError:
                 continue  # another node placed it first: read its choice
+            self._count_room(choice)
+            self.placed += 1
             return Placement(choice, True)
         raise BusError(f"room {room}: placement kept racing")
+
+    def _count_room(self, node: str) -> None:
+        """Count a room just placed on `node` in this view until its next heartbeat, so that rooms
+        placed within one heartbeat interval spread instead of all going to the same node."""
+        seen = self._seen.get(node)
+        if seen is not None:
+            self._seen[node] = (seen[0], dataclasses.replace(seen[1], rooms=seen[1].rooms + 1))
 
     def served_elsewhere(self, room: str) -> bool:
         """Whether another live node's last heartbeat lists `room` as served there."""

@@ -15,7 +15,7 @@ from aiohttp import web
 from prometheus_client.registry import Collector
 
 from fastsfu.engine import Engine
-from fastsfu.rooms import Rooms
+from fastsfu.harmony.session import VoiceRooms
 from fastsfu.server.config import ServerConfig
 from fastsfu.server.logs import announce
 from fastsfu.server.metrics import METRICS_PATH
@@ -40,7 +40,7 @@ class WorkerRole:
         self._runner: web.AppRunner | None = None
         self._node_task: asyncio.Task[None] | None = None
 
-    def bind(self, rooms: Rooms, engine: Engine) -> Sequence[Collector]:
+    def bind(self, rooms: VoiceRooms, engine: Engine) -> Sequence[Collector]:
         """This worker's node in the cluster registry (when a NATS URL is set); its metrics."""
         if self.config.nats is None:
             return ()
