@@ -53,6 +53,7 @@ GRPC_CODES = {
     "fastsfu.voice-create-producer": "INVALID_ARGUMENT",
     "fastsfu.voice-create-consumer": "INTERNAL",
     "fastsfu.voice-transport-failed": "UNAVAILABLE",
+    "fastsfu.voice-cluster-unavailable": "UNAVAILABLE",  # --workers: the bus cannot place the room
     "fastsfu.voice-session-replaced": "ABORTED",
     "fastsfu.voice-already-connected": "ALREADY_EXISTS",
     "fastsfu.voice-room-full": "RESOURCE_EXHAUSTED",
@@ -114,10 +115,12 @@ class VoiceRooms(Rooms):
         # Counted by the front-ends for monitoring: streams opened (by front-end) and ended by error.
         self.streams_opened: Counter[str] = Counter()
         self.stream_errors: Counter[str] = Counter()  # by identifier
+        # Makes each stream's session; a cluster worker's routes it to its room's home node.
+        self.session_factory: Callable[[VoiceRooms, int, str, str], VoiceSession] = VoiceSession
 
     def open_session(self, user_id: int, frontend: str = "", remote: str = "") -> VoiceSession:
         """A new stream from an authenticated user (front-end and address for the logs)."""
-        session = VoiceSession(self, user_id, frontend, remote)
+        session = self.session_factory(self, user_id, frontend, remote)
         self.open_sessions.add(session)
         return session
 

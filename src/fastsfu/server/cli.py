@@ -144,6 +144,15 @@ def main(argv: list[str] | None = None) -> int:
     raise_open_file_limit()
     if args.demo:
         return asyncio.run(serve_demo(args, config.listen_ip))
+    if config.worker_count > 1:
+        from fastsfu.server.supervisor import Supervisor  # only --workers needs it
+
+        serve_argv = (sys.argv[1:] if argv is None else argv)[1:]  # after "serve"
+        try:
+            return asyncio.run(Supervisor(serve_argv, config, config.worker_count).run())
+        except (OSError, RuntimeError) as exc:  # no nats-server binary, or it did not start
+            log.error("cannot serve: %s", exc)
+            return 1
     try:
         return asyncio.run(serve_harmony(config))
     except OSError as exc:  # e.g. a port already in use

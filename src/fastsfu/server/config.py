@@ -8,6 +8,7 @@ import argparse
 import dataclasses
 import ipaddress
 import math
+import os
 import ssl
 import tomllib
 from collections.abc import Mapping
@@ -79,12 +80,23 @@ class ServerConfig:
     datapath_thread: bool = True  # forward on a dedicated thread, GIL released (docs/datapath.md)
     max_queue_age_ms: float = 200.0  # drop RTP queued longer than this; 0: never (docs/datapath.md)
     duration: float = 0.0  # stop after this many seconds; 0: until SIGINT/SIGTERM (flag only)
+    # Scaling out on one host (docs/cluster.md): worker processes ("auto": one per core), the NATS
+    # server they coordinate over (None: an embedded one when workers > 1), and the first port of
+    # the workers' own /metrics listeners (worker i on this + i; 0: any free port each).
+    workers: str = "1"
+    nats: str | None = None
+    worker_metrics_port: int = 0
     voice: VoiceSettings = field(default_factory=VoiceSettings)
     rate_limit: RateLimitConfig = field(default_factory=RateLimitConfig)
     log: LogConfig = field(default_factory=LogConfig)
     discord: DiscordConfig = field(default_factory=DiscordConfig)
     # Static authorization by guild ID ([auth.guilds.<id>]); None: every (guild, channel) is allowed.
     auth: dict[int, GuildPolicy] | None = None
+
+    @property
+    def worker_count(self) -> int:
+        """The worker processes to run: `workers`, with auto as one per core."""
+        return (os.cpu_count() or 1) if self.workers == "auto" else int(self.workers)
 
     def dtls_pem(self) -> tuple[bytes, bytes] | None:
         """The DTLS certificate and key PEM bytes, or None for a generated certificate."""
@@ -190,6 +202,16 @@ OPTIONS = (
         float,
         "seconds SIGTERM waits for sessions to close",
         minimum=0.0,
+    ),
+    Option("workers", "--workers", str, "worker processes (N or auto: one per core)", metavar="N|auto"),
+    Option("nats", "--nats", str, "NATS server URL for --workers (default: an embedded one)", metavar="URL"),
+    Option(
+        "worker_metrics_port",
+        "--worker-metrics-port",
+        int,
+        "with --workers: worker i serves /metrics on this + i; 0: any",
+        minimum=0,
+        maximum=65535,
     ),
     Option("datapath_thread", "--datapath-thread", bool, "forward media on its own thread, not the loop"),
     Option(
@@ -341,7 +363,15 @@ def load_config(
     _load_token_secret(config)
     _check_dtls(config)
     _check_discord_tls(config)
+    _check_workers(config)
     return config
+
+
+def _check_workers(config: ServerConfig) -> None:
+    value = config.workers.strip().lower()
+    if value != "auto" and not (value.isdigit() and 1 <= int(value) <= 1024):
+        raise ConfigError(f"workers: expected a number 1..1024 or auto, got {config.workers!r}")
+    config.workers = value
 
 
 # ---------------------------------------------------------------------- parsing and checks

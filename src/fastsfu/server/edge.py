@@ -305,11 +305,13 @@ class GuardedSite(web.BaseSite):
         *,
         ssl_context: ssl.SSLContext | None = None,
         backlog: int = 128,
+        reuse_port: bool = False,
     ) -> None:
         super().__init__(runner, ssl_context=ssl_context, backlog=backlog)
         self._host = host
         self._port = port
         self.guard = guard
+        self.reuse_port = reuse_port  # workers of one host share the port (the kernel spreads accepts)
 
     @property
     def port(self) -> int:
@@ -327,6 +329,8 @@ class GuardedSite(web.BaseSite):
         server = self._runner.server
         assert server is not None
         family = socket.AF_INET6 if ":" in self._host else socket.AF_INET
-        sock = socket.create_server((self._host, self._port), family=family, backlog=self._backlog)
+        sock = socket.create_server(
+            (self._host, self._port), family=family, backlog=self._backlog, reuse_port=self.reuse_port
+        )
         sock.setblocking(False)
         self._server = _Listener(sock, self.guard, server, self._ssl_context)

@@ -10,6 +10,7 @@ SIGTERM flips health to NOT_SERVING, then leaves every session cleanly (UserLeft
 from __future__ import annotations
 
 import logging
+import os
 import ssl
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -33,6 +34,7 @@ from fastsfu.server.gc_health import GcMonitor, freeze_startup_heap
 from fastsfu.server.lifecycle import drain, stop_event
 from fastsfu.server.logs import announce
 from fastsfu.server.metrics import METRICS_PATH, metrics_mount
+from fastsfu.server.worker import worker_role
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +59,8 @@ async def serve_harmony(config: ServerConfig, voice: VoiceSettings | None = None
     # One limiter for both front-ends: the limit is per address, whichever protocol it speaks.
     rate_limit = RateLimiter(limit.burst, limit.interval, limit.max_addresses) if limit.burst else None
     health = Health()
+    worker = worker_role(config, os.environ)  # started by `--workers N`: shares the signaling ports
+    reuse_port = worker is not None
     async with Engine(settings) as engine:
         rooms = VoiceRooms(engine, voice or config.voice, policy)
         grpc_server, grpc_port = await start_grpc_server(
@@ -69,13 +73,16 @@ async def serve_harmony(config: ServerConfig, voice: VoiceSettings | None = None
             guards.append(ConnectionGuard("discord", limits))
         mounts: list[Callable[[web.Application], None]] = [mount_demo]
         gc_monitor = GcMonitor().install()
+        cluster = worker.bind(rooms, engine) if worker is not None else ()
+        scrape = None
         if config.metrics:
-            mounts.append(metrics_mount(rooms, rate_limit, discord, guards, gc_monitor))
+            scrape = metrics_mount(rooms, rate_limit, discord, guards, gc_monitor, cluster)
+            mounts.append(scrape)
         app = make_app(rooms, auth.authenticate, mounts, rate_limit)
         guards[0].install(app)
         runner = web.AppRunner(app, **_runner_options(config))
         await runner.setup()
-        site = GuardedSite(runner, config.listen_ip, config.hrpc_port, guards[0])
+        site = GuardedSite(runner, config.listen_ip, config.hrpc_port, guards[0], reuse_port=reuse_port)
         try:
             await site.start()
         except OSError:  # e.g. the port is taken: stop what already runs, then report it
@@ -85,7 +92,7 @@ async def serve_harmony(config: ServerConfig, voice: VoiceSettings | None = None
         hrpc_port = site.port
         gateway = discord.gateway if discord is not None else None
         try:
-            discord_runner, discord_url = await _start_discord(config, discord, guards[-1])
+            discord_runner, discord_url = await _start_discord(config, discord, guards[-1], reuse_port)
         except OSError:  # the Discord port is taken: stop what already runs, then report it
             await runner.cleanup()
             await grpc_server.stop(grace=None)
@@ -103,6 +110,8 @@ async def serve_harmony(config: ServerConfig, voice: VoiceSettings | None = None
             announce(log, fmt, f"metrics {metrics}", metrics=metrics)
         if discord_url:
             announce(log, fmt, f"Discord voice gateway {discord_url}", discord=discord_url)
+        if worker is not None:
+            await worker.start(scrape)
         if config.token_secret is None:
             # Tokens only this run can verify: open both links (two browsers or profiles) to talk.
             token = auth.mint(1)
@@ -120,6 +129,8 @@ async def serve_harmony(config: ServerConfig, voice: VoiceSettings | None = None
             gc_monitor.uninstall()
             # Health first, so load balancers stop sending new streams while sessions end.
             health.shutdown()
+            if worker is not None:
+                await worker.drain()
             announce(log, config.log.format, "shutting down")
             if gateway is not None:
                 gateway.shutdown()  # 4015: Discord clients resume against the next instance
@@ -134,6 +145,8 @@ async def serve_harmony(config: ServerConfig, voice: VoiceSettings | None = None
             if discord_runner is not None:
                 cleanups.append(discord_runner.cleanup())
             await drain(cleanups, guards, config.shutdown_grace)
+            if worker is not None:
+                await worker.close()
     return 0
 
 
@@ -162,7 +175,7 @@ def _discord_endpoint(
 
 
 async def _start_discord(
-    config: ServerConfig, endpoint: GatewayEndpoint | None, guard: ConnectionGuard
+    config: ServerConfig, endpoint: GatewayEndpoint | None, guard: ConnectionGuard, reuse_port: bool = False
 ) -> tuple[web.AppRunner | None, str]:
     """Listen on the Discord gateway's port: ws, or wss with the configured certificate."""
     if endpoint is None:
@@ -176,7 +189,7 @@ async def _start_discord(
     guard.install(app)
     runner = web.AppRunner(app, access_log=None, **_runner_options(config))
     await runner.setup()
-    site = GuardedSite(runner, config.listen_ip, d.port, guard, ssl_context=tls)
+    site = GuardedSite(runner, config.listen_ip, d.port, guard, ssl_context=tls, reuse_port=reuse_port)
     try:
         await site.start()
     except OSError:

@@ -206,10 +206,14 @@ def metrics_mount(
     discord: GatewayEndpoint | None = None,
     edges: Sequence[ConnectionGuard] = (),
     gc_monitor: GcMonitor | None = None,
+    extra: Sequence[Collector] = (),
 ) -> Callable[[web.Application], None]:
-    """A `make_app` mount adding GET /metrics; its own registry, so servers in one process never clash."""
+    """A `make_app` mount adding GET /metrics; its own registry, so servers in one process never clash.
+    `extra`: more collectors (a worker's cluster metrics)."""
     registry = CollectorRegistry()
     registry.register(ServerCollector(rooms, rate_limit, discord, edges, gc_monitor))
+    for collector in extra:
+        registry.register(collector)
     # The conventional process_* (CPU, memory, fds, start time) and python_* families, so the
     # usual dashboards and alerts work unchanged.
     ProcessCollector(registry=registry)

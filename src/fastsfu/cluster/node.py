@@ -1,0 +1,167 @@
+"""A worker as a node of the cluster (docs/cluster.md#the-registry): connects to NATS in the
+background (the server serves without it), publishes its load every second, records the home of
+each room it serves, and forgets the homes of rooms that ended here. Its counters are metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+from collections import Counter
+from collections.abc import Hashable, Iterator
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from fastsfu.cluster.bridge import BridgeHost, RoutedSession
+from fastsfu.cluster.bus import Bus, BusError
+from fastsfu.cluster.placement import NodeLoad
+from fastsfu.cluster.registry import Registry
+from fastsfu.harmony.session import VoiceRooms, VoiceSession
+
+log = logging.getLogger(__name__)
+
+HEARTBEAT_INTERVAL = 1.0  # seconds between two load heartbeats (NODE_TTL is ten of them)
+RETRY_INTERVAL = 1.0  # seconds between two attempts to reach NATS
+_KEY_UNSAFE = re.compile(r"[^-/_=a-zA-Z0-9]")
+
+
+def room_subject_key(key: tuple[Hashable, ...]) -> str:
+    """A room key as a key of the rooms bucket: its parts joined by dots, other characters as _."""
+    return ".".join(_KEY_UNSAFE.sub("_", str(part)) for part in key) or "_"
+
+
+class Node:
+    """This worker in the registry: `run` until cancelled; `drain` publishes draining at once."""
+
+    def __init__(self, node_id: str, url: str, rooms: VoiceRooms, media: str) -> None:
+        self.node_id = node_id
+        self.url = url
+        self.rooms = rooms
+        self.media = media
+        self.draining = False
+        self.bus: Bus | None = None
+        self.registry: Registry | None = None
+        self.homes: dict[str, str] = {}  # rooms served here -> their home node
+        self.connected = asyncio.Event()
+        self.host: BridgeHost | None = None
+        self.sessions: Counter[str] = Counter()  # Harmony sessions run here or bridged elsewhere
+        rooms.session_factory = self._session
+
+    def _session(self, rooms: VoiceRooms, user_id: int, frontend: str, remote: str) -> VoiceSession:
+        return RoutedSession(rooms, user_id, frontend, remote, lambda: self.registry, self.sessions)
+
+    def load(self) -> NodeLoad:
+        # Members, and sessions holding a room before they join: both will cost media soon.
+        members = sum(
+            len(room.members) + len(room.holders - set(room.members.values())) for room in self.rooms
+        )
+        served = tuple(sorted({room_subject_key(room.key) for room in self.rooms}))
+        return NodeLoad(self.node_id, members, len(self.rooms), self.draining, self.media, served)
+
+    async def run(self) -> None:
+        while self.registry is None:
+            try:
+                bus = await Bus.connect(self.url, self.node_id)
+                registry = Registry(bus, self.node_id)
+                await registry.open()
+                host = BridgeHost(self.rooms, registry)
+                await host.start()
+            except BusError as exc:
+                log.warning("cluster: %s; retrying", exc)
+                await asyncio.sleep(RETRY_INTERVAL)
+                continue
+            self.bus, self.registry, self.host = bus, registry, host
+        self.connected.set()
+        log.info("cluster: node %s on %s", self.node_id, self.url)
+        while True:
+            try:
+                await self.registry.heartbeat(self.load())
+                await self._reconcile(self.registry)
+            except BusError as exc:
+                log.debug("cluster: %s", exc)
+            await asyncio.sleep(HEARTBEAT_INTERVAL)
+
+    async def _reconcile(self, registry: Registry) -> None:
+        """Record the home of every room served here (a placement a dead node held is made again, so
+        its rooms move to a live one); release the ones that ended here and are served nowhere else."""
+        local = {room_subject_key(room.key) for room in self.rooms}
+        nodes = registry.nodes()
+        for key in local:
+            if self.homes.get(key) not in nodes:
+                self.homes[key] = (await registry.home(key)).home
+        for key in [k for k in self.homes if k not in local]:
+            del self.homes[key]
+            await registry.release(key)
+
+    async def drain(self) -> None:
+        """Mark this node draining in the registry now (no new rooms are placed here)."""
+        self.draining = True
+        if self.registry is not None:
+            with contextlib.suppress(BusError):
+                await self.registry.heartbeat(self.load())
+                assert self.bus is not None
+                await self.bus.nc.flush(timeout=1)
+
+    async def close(self) -> None:
+        if self.bus is not None:
+            with contextlib.suppress(Exception):  # closing on a dead connection is not an error
+                await asyncio.wait_for(self.bus.close(), 2.0)
+
+
+class ClusterCollector(Collector):
+    """`fastsfu_cluster_*`: what this worker sees of the cluster and what it asked of the bus."""
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+
+    def collect(self) -> Iterator[Metric]:
+        n = self.node
+        nodes = n.registry.nodes() if n.registry is not None else {}
+        yield GaugeMetricFamily("fastsfu_cluster_connected", "1 while connected to NATS", value=_up(n))
+        yield GaugeMetricFamily(
+            "fastsfu_cluster_nodes", "Nodes heard from within the heartbeat TTL", value=len(nodes)
+        )
+        yield GaugeMetricFamily(
+            "fastsfu_cluster_draining", "1 once this node is draining (no new rooms)", value=int(n.draining)
+        )
+        homed = sum(1 for home in n.homes.values() if home == n.node_id)
+        yield GaugeMetricFamily(
+            "fastsfu_cluster_rooms_homed", "Rooms served here whose home is here", value=homed
+        )
+        yield GaugeMetricFamily(
+            "fastsfu_cluster_rooms_elsewhere",
+            "Rooms served here whose home is another node (their members here are not bridged yet)",
+            value=len(n.homes) - homed,
+        )
+        yield CounterMetricFamily(
+            "fastsfu_cluster_rooms_placed",
+            "Rooms this node placed",
+            value=n.registry.placed if n.registry else 0,
+        )
+        sessions = CounterMetricFamily(
+            "fastsfu_cluster_sessions",
+            "Harmony sessions by where they ran: here (this node is the room's home), bridged (to the "
+            "home elsewhere), hosted (bridged here from another node)",
+            labels=["where"],
+        )
+        for where in ("here", "bridged"):
+            sessions.add_metric([where], n.sessions[where])
+        sessions.add_metric(["hosted"], n.host.hosted if n.host is not None else 0)
+        yield sessions
+        bus = n.bus
+        yield CounterMetricFamily(
+            "fastsfu_cluster_bus_requests",
+            "Bus operations that need an answer",
+            value=bus.requests if bus else 0,
+        )
+        yield CounterMetricFamily(
+            "fastsfu_cluster_bus_failures",
+            "Bus operations that failed or timed out",
+            value=bus.failures if bus else 0,
+        )
+
+
+def _up(node: Node) -> int:
+    return int(node.bus is not None and node.bus.nc.is_connected)

@@ -1,0 +1,101 @@
+"""One worker of `fastsfu serve --workers N` (docs/cluster.md): its own /metrics listener (the shared
+hRPC port reaches any worker), its node in the cluster registry, and the drain before shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+from prometheus_client.registry import Collector
+
+from fastsfu.engine import Engine
+from fastsfu.harmony.session import VoiceRooms
+from fastsfu.server.config import ServerConfig
+from fastsfu.server.logs import announce
+from fastsfu.server.metrics import METRICS_PATH
+
+if TYPE_CHECKING:
+    from fastsfu.cluster.node import Node
+
+log = logging.getLogger(__name__)
+
+WORKER_ENV = "FASTSFU_WORKER_INDEX"  # set by the supervisor in each worker's environment
+DRAIN_WAIT = 1.0  # seconds between NOT_SERVING (and draining in the registry) and closing sessions
+
+
+class WorkerRole:
+    """What a worker process does beyond a single `fastsfu serve`."""
+
+    def __init__(self, index: int, config: ServerConfig) -> None:
+        self.index = index
+        self.config = config
+        self.metrics_port = 0
+        self.node: Node | None = None
+        self._runner: web.AppRunner | None = None
+        self._node_task: asyncio.Task[None] | None = None
+
+    def bind(self, rooms: VoiceRooms, engine: Engine) -> Sequence[Collector]:
+        """This worker's node in the cluster registry (when a NATS URL is set); its metrics."""
+        if self.config.nats is None:
+            return ()
+        from fastsfu.cluster.node import ClusterCollector, Node  # needs the cluster extra
+
+        host, port = engine.media_socket().local_address[:2]
+        node_id = f"{socket.gethostname()}-w{self.index}-{os.getpid()}"
+        self.node = Node(node_id, self.config.nats, rooms, f"{self.config.announced_ip or host}:{port}")
+        return (ClusterCollector(self.node),)
+
+    async def start(self, metrics: Callable[[web.Application], None] | None) -> None:
+        """Join the cluster in the background; serve this worker's own /metrics (when metrics are
+        on) and announce where."""
+        if self.node is not None:
+            self._node_task = asyncio.create_task(self.node.run())
+        if metrics is None:
+            return
+        app = web.Application()
+        metrics(app)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.config.listen_ip, self.config.worker_metrics_port)
+        await site.start()
+        server = site._server  # aiohttp exposes the bound port only through its server's sockets
+        assert isinstance(server, asyncio.Server)
+        self.metrics_port = int(server.sockets[0].getsockname()[1])
+        url = f"http://{self.config.listen_ip}:{self.metrics_port}{METRICS_PATH}"
+        announce(
+            log,
+            self.config.log.format,
+            f"worker {self.index} metrics {url}",
+            worker=self.index,
+            worker_metrics=url,
+        )
+
+    async def drain(self) -> None:
+        """Before sessions close: draining in the registry (no new rooms here), then DRAIN_WAIT
+        seconds for load balancers and edges to see it and NOT_SERVING."""
+        log.info("worker %d draining", self.index)
+        if self.node is not None:
+            await self.node.drain()
+        await asyncio.sleep(DRAIN_WAIT)
+
+    async def close(self) -> None:
+        if self._node_task is not None:
+            self._node_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._node_task
+        if self.node is not None:
+            await self.node.close()
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+
+def worker_role(config: ServerConfig, env: Mapping[str, str]) -> WorkerRole | None:
+    """This process's worker role when the supervisor started it, else None (a single server)."""
+    raw = env.get(WORKER_ENV)
+    return WorkerRole(int(raw), config) if raw is not None and raw.isdigit() else None

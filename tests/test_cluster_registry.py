@@ -1,0 +1,145 @@
+"""Placement (pure) and the registry against a real nats-server on loopback: heartbeats seen by every
+node, a room placed exactly once however many nodes race for it (compare-and-set), the least-loaded
+node chosen, a dead home replaced, and a home released only by its own node."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+
+from fastsfu.cluster.bus import Bus
+from fastsfu.cluster.placement import NodeLoad, choose_home
+from fastsfu.cluster.registry import NODE_TTL, Registry
+from fastsfu.server.supervisor import EmbeddedNats
+
+pytestmark = [pytest.mark.loopback]
+
+
+def test_choose_home_is_the_least_loaded_open_node() -> None:
+    nodes = {
+        "a": NodeLoad("a", members=5, rooms=1),
+        "b": NodeLoad("b", members=2, rooms=3),
+        "c": NodeLoad("c", members=0, rooms=0, draining=True),
+        "d": NodeLoad("d", members=2, rooms=1),
+    }
+    assert choose_home(nodes) == "d"  # c is empty but draining; b and d tie on members, d has fewer rooms
+    assert choose_home({"x": NodeLoad("x", 1), "w": NodeLoad("w", 1)}) == "w"  # the same pick everywhere
+    assert choose_home({"c": nodes["c"]}) is None
+    assert choose_home({}) is None
+
+
+def test_heartbeats_of_another_version_or_bad_load_are_refused() -> None:
+    good = NodeLoad("n", 3, 1, False, "127.0.0.1:5000", ("5.1", "5.2"))
+    assert NodeLoad.from_json(good.to_json()) == good
+    bad_rooms = {**good.to_json(), "served": [1]}
+    for bad in ({**good.to_json(), "v": 2}, {"v": 1}, {**good.to_json(), "members": -1}, bad_rooms, [1], "x"):
+        with pytest.raises(ValueError):
+            NodeLoad.from_json(bad)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def nats_server() -> AsyncIterator[str]:
+    server = EmbeddedNats()
+    try:
+        yield await server.start()
+    finally:
+        await server.stop()
+
+
+async def open_registry(url: str, node: str, clock: Clock) -> Registry:
+    registry = Registry(await Bus.connect(url, node), node, clock)
+    await registry.open()
+    return registry
+
+
+async def until(check: object, timeout: float = 5.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not check():  # type: ignore[operator]
+        assert asyncio.get_running_loop().time() < deadline, "timed out"
+        await asyncio.sleep(0.02)
+
+
+@pytest.mark.timeout(60)
+def test_nodes_race_to_place_rooms_and_exactly_one_wins_each() -> None:
+    async def run() -> None:
+        async for url in nats_server():
+            clock = Clock()
+            regs = [await open_registry(url, f"n{i}", clock) for i in range(3)]
+            try:
+                loads = [NodeLoad("n0", 4), NodeLoad("n1", 1), NodeLoad("n2", 9)]
+                for reg, load in zip(regs, loads, strict=True):
+                    await reg.heartbeat(load)
+                await until(lambda: all(len(r.nodes()) == 3 for r in regs))  # noqa: B023
+                # 20 rooms, each asked for by all three nodes at once.
+                rooms = [f"g5.c{i}" for i in range(20)]
+                results = await asyncio.gather(*(r.home(room) for room in rooms for r in regs))
+                for i, room in enumerate(rooms):
+                    answers = results[i * 3 : i * 3 + 3]
+                    assert {a.home for a in answers} == {"n1"}, (room, answers)  # the least loaded
+                    assert sum(a.created for a in answers) == 1, (room, answers)  # placed once
+                assert all(r.bus.failures == 0 for r in regs)
+                # The home goes away (no heartbeat within the TTL): the next ask places it again.
+                clock.now += NODE_TTL + 1
+                await regs[0].heartbeat(NodeLoad("n0", 4))
+                await regs[2].heartbeat(NodeLoad("n2", 9))
+                await until(lambda: set(regs[0].nodes()) == {"n0", "n2"})  # noqa: B023
+                await until(lambda: set(regs[2].nodes()) == {"n0", "n2"})  # noqa: B023
+                again = await asyncio.gather(regs[0].home("g5.c0"), regs[2].home("g5.c0"))
+                assert {a.home for a in again} == {"n0"} and sum(a.created for a in again) == 1
+                # A room ended on one node is released only if no other node serves it.
+                await regs[2].heartbeat(NodeLoad("n2", 9, served=("g5.c0",)))
+                await until(lambda: regs[0].nodes()["n2"].served == ("g5.c0",))  # noqa: B023
+                assert not await regs[0].release("g5.c0")
+                await regs[2].heartbeat(NodeLoad("n2", 9))
+                await until(lambda: regs[0].nodes()["n2"].served == ())  # noqa: B023
+                assert await regs[0].release("g5.c0")
+                assert (await regs[2].home("g5.c0")).created  # then it is placed anew
+            finally:
+                for r in regs:
+                    await r.bus.close()
+
+    asyncio.run(asyncio.wait_for(run(), 50))
+
+
+@pytest.mark.timeout(60)
+def test_draining_nodes_get_no_new_rooms_and_a_nats_outage_is_a_clear_error() -> None:
+    from fastsfu.cluster.bus import BusError
+
+    async def run() -> None:
+        server = EmbeddedNats()
+        url = await server.start()
+        try:
+            clock = Clock()
+            a, b = [await open_registry(url, n, clock) for n in ("a", "b")]
+            try:
+                await a.heartbeat(NodeLoad("a", 0, draining=True))
+                await b.heartbeat(NodeLoad("b", 50))
+                await until(lambda: len(a.nodes()) == 2)
+                assert (await a.home("r1")).home == "b"
+                await b.heartbeat(NodeLoad("b", 0, draining=True))
+                await until(lambda: a.nodes()["b"].draining)
+                assert (await a.home("r1")).home == "b"  # a draining home keeps its rooms
+                with pytest.raises(BusError, match="no node takes new rooms"):
+                    await a.home("r2")
+                # NATS goes away: placement is a clear, counted error within the request timeout.
+                await server.stop()
+                t0 = asyncio.get_running_loop().time()
+                with pytest.raises(BusError):
+                    await a.home("r1")
+                assert asyncio.get_running_loop().time() - t0 < 5 and a.bus.failures >= 1
+            finally:
+                await a.bus.close()
+                await b.bus.close()
+        finally:
+            await server.stop()
+
+    asyncio.run(asyncio.wait_for(run(), 50))
