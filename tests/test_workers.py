@@ -28,7 +28,7 @@ from test_server_ops import SECRET, parse_metrics
 
 from fastsfu._proto.protocol.voice.v1 import voice_pb2, voice_pb2_grpc
 from fastsfu.cluster.bus import Bus
-from fastsfu.cluster.registry import NODES_SUBJECT, ROOMS_BUCKET
+from fastsfu.cluster.registry import NODE_TTL, NODES_SUBJECT, ROOMS_BUCKET
 from fastsfu.harmony.auth import TokenAuth
 from fastsfu.server.config import ConfigError, load_config
 from fastsfu.server.worker import DRAIN_WAIT
@@ -373,10 +373,14 @@ class OwnConnectionMember(HarmonyMember):
 
 @pytest.mark.timeout(120)
 @pytest.mark.usefixtures("aiortc_loopback")
-def test_members_on_different_workers_hear_each_other_through_the_bridge(cluster: Cluster) -> None:
+@pytest.mark.parametrize("ending", ["leave", "edge_killed"])
+def test_members_on_different_workers_hear_each_other_through_the_bridge(
+    cluster: Cluster, ending: str
+) -> None:
     """Two aiortc clients whose gRPC connections reached different workers join one room: the
     session of the one not on the room's home is bridged there, so both hear each other (media
-    straight to the home's port), UserJoined and UserLeft arrive exactly once."""
+    straight to the home's port), UserJoined and UserLeft arrive exactly once: when the bridged
+    member leaves, or when its edge worker is SIGKILLed (within the heartbeat TTL)."""
     auth = TokenAuth(SECRET)
 
     async def run() -> None:
@@ -415,19 +419,36 @@ def test_members_on_different_workers_hear_each_other_through_the_bridge(cluster
             assert (
                 total(seen, "fastsfu_room_members") == 2 and min(m["fastsfu_room_members"] for m in seen) == 0
             )
-            await second.leave()
-            for _ in range(100):
-                if any(r.WhichOneof("message") == "user_left" for r in first.received):
+            home = 0 if seen[0]["fastsfu_room_members"] == 2 else 1
+            stayer, goner = first, second
+            if ending == "edge_killed":  # the bridged member's edge dies; its media still reaches the home
+                stayer, goner = members[home], members[1 - home]
+                os.kill(cluster.pids[1 - home], signal.SIGKILL)
+            else:
+                await goner.leave()
+            deadline = time.monotonic() + NODE_TTL + 5
+            while time.monotonic() < deadline:
+                if any(r.WhichOneof("message") == "user_left" for r in stayer.received):
                     break
                 await asyncio.sleep(0.05)
             await asyncio.sleep(0.3)  # a duplicate would come within this
             joined = [
                 r.user_joined.data.user_id for r in first.received if r.WhichOneof("message") == "user_joined"
             ]
-            left = [r.user_left.user_id for r in first.received if r.WhichOneof("message") == "user_left"]
-            assert joined == [ids[second]] and left == [ids[second]], (joined, left)
-            assert not [r for r in second.received if r.WhichOneof("message") in ("user_joined", "user_left")]
-            await first.leave()
+            left = [r.user_left.user_id for r in stayer.received if r.WhichOneof("message") == "user_left"]
+            assert joined == [second.user] and left == [goner.user], (joined, left)
+            # The later joiner had the first in JoinedChannel, never as UserJoined; only the stayer
+            # hears a UserLeft.
+            assert not [r for r in second.received if r.WhichOneof("message") == "user_joined"]
+            assert not [r for r in goner.received if r.WhichOneof("message") == "user_left"]
+            await stayer.leave()
+            if ending == "edge_killed":
+                goner.call.cancel()
+                await goner.sender.stop()
+                for leg in (goner.producer, goner.consumer):
+                    await leg.stop()
+                if goner.reader:
+                    goner.reader.cancel()
             for m in (first, second):
                 await m.channel.close()
 
