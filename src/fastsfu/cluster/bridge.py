@@ -184,10 +184,12 @@ class RoutedSession(VoiceSession):
         remote: str,
         registry: Callable[[], Registry | None],
         counts: Counter[str],
+        connected: asyncio.Event | None = None,
     ) -> None:
         super().__init__(rooms, user_id, frontend, remote)
         self._registry = registry
         self.counts = counts  # sessions by where they ran: here, or bridged to another home
+        self.connected = connected  # set once the node reached NATS (a stream may come just before)
         self.inner: VoiceSession | None = None  # the session, when the room is homed here
         self.sid = ""  # the bridge, when it is homed elsewhere
         self.home = ""
@@ -220,10 +222,13 @@ class RoutedSession(VoiceSession):
         self._task = asyncio.get_running_loop().create_task(self._place(request))
 
     async def _place(self, first: Any) -> None:
-        registry = self._registry()
         init = first.initialize
         key = f"{init.guild_id}.{init.channel_id}"
         try:
+            if self.connected is not None and not self.connected.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.connected.wait(), OPEN_TIMEOUT)
+            registry = self._registry()
             if registry is None:
                 raise BusError("not connected to the cluster")
             home = (await registry.home(key)).home

@@ -50,7 +50,9 @@ class Node:
         rooms.session_factory = self._session
 
     def _session(self, rooms: VoiceRooms, user_id: int, frontend: str, remote: str) -> VoiceSession:
-        return RoutedSession(rooms, user_id, frontend, remote, lambda: self.registry, self.sessions)
+        return RoutedSession(
+            rooms, user_id, frontend, remote, lambda: self.registry, self.sessions, self.connected
+        )
 
     def load(self) -> NodeLoad:
         # Members, and sessions holding a room before they join: both will cost media soon.
