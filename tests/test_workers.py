@@ -257,15 +257,24 @@ def test_sigterm_drains_then_every_process_exits(cluster: Cluster) -> None:
         bus = await Bus.connect(cluster.nats, "test")
         draining: set[str] = set()
         await bus.subscribe(NODES_SUBJECT, lambda d: draining.add(d["node"]) if d.get("draining") else None)
+        # Health watches opened before SIGTERM, each on a connection of its own (either worker):
+        # every one is told NOT_SERVING, however long the checks take on a loaded machine.
+        channels = [
+            grpc.aio.insecure_channel(
+                f"127.0.0.1:{cluster.grpc}", options=[("grpc.use_local_subchannel_pool", 1)]
+            )
+            for _ in range(4)
+        ]
+        watches = [
+            health_pb2_grpc.HealthStub(c).Watch(health_pb2.HealthCheckRequest(service="")) for c in channels
+        ]
+        for watch in watches:
+            assert (await asyncio.wait_for(watch.read(), 10)).status == health_pb2.HealthCheckResponse.SERVING
         cluster.proc.send_signal(signal.SIGTERM)
         t0 = time.monotonic()
-        states = []
-        for _ in range(4):  # new connections: the kernel may pick either worker
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{cluster.grpc}") as channel:
-                reply = await asyncio.wait_for(
-                    health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service="")), 5
-                )
-                states.append(reply.status)
+        states = [(await asyncio.wait_for(watch.read(), 10)).status for watch in watches]
+        for channel in channels:
+            await channel.close()
         deadline = time.monotonic() + DRAIN_WAIT
         while len(draining) < 2 and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
