@@ -28,7 +28,7 @@ from test_server_ops import SECRET, parse_metrics
 
 from fastsfu._proto.protocol.voice.v1 import voice_pb2, voice_pb2_grpc
 from fastsfu.cluster.bus import Bus
-from fastsfu.cluster.registry import NODES_SUBJECT, ROOMS_BUCKET
+from fastsfu.cluster.registry import NODE_TTL, NODES_SUBJECT, ROOMS_BUCKET
 from fastsfu.harmony.auth import TokenAuth
 from fastsfu.server.config import ConfigError, load_config
 from fastsfu.server.worker import DRAIN_WAIT
@@ -257,15 +257,24 @@ def test_sigterm_drains_then_every_process_exits(cluster: Cluster) -> None:
         bus = await Bus.connect(cluster.nats, "test")
         draining: set[str] = set()
         await bus.subscribe(NODES_SUBJECT, lambda d: draining.add(d["node"]) if d.get("draining") else None)
+        # Health watches opened before SIGTERM, each on a connection of its own (either worker):
+        # every one is told NOT_SERVING, however long the checks take on a loaded machine.
+        channels = [
+            grpc.aio.insecure_channel(
+                f"127.0.0.1:{cluster.grpc}", options=[("grpc.use_local_subchannel_pool", 1)]
+            )
+            for _ in range(4)
+        ]
+        watches = [
+            health_pb2_grpc.HealthStub(c).Watch(health_pb2.HealthCheckRequest(service="")) for c in channels
+        ]
+        for watch in watches:
+            assert (await asyncio.wait_for(watch.read(), 10)).status == health_pb2.HealthCheckResponse.SERVING
         cluster.proc.send_signal(signal.SIGTERM)
         t0 = time.monotonic()
-        states = []
-        for _ in range(4):  # new connections: the kernel may pick either worker
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{cluster.grpc}") as channel:
-                reply = await asyncio.wait_for(
-                    health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service="")), 5
-                )
-                states.append(reply.status)
+        states = [(await asyncio.wait_for(watch.read(), 10)).status for watch in watches]
+        for channel in channels:
+            await channel.close()
         deadline = time.monotonic() + DRAIN_WAIT
         while len(draining) < 2 and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
@@ -373,10 +382,14 @@ class OwnConnectionMember(HarmonyMember):
 
 @pytest.mark.timeout(120)
 @pytest.mark.usefixtures("aiortc_loopback")
-def test_members_on_different_workers_hear_each_other_through_the_bridge(cluster: Cluster) -> None:
+@pytest.mark.parametrize("ending", ["leave", "edge_killed"])
+def test_members_on_different_workers_hear_each_other_through_the_bridge(
+    cluster: Cluster, ending: str
+) -> None:
     """Two aiortc clients whose gRPC connections reached different workers join one room: the
     session of the one not on the room's home is bridged there, so both hear each other (media
-    straight to the home's port), UserJoined and UserLeft arrive exactly once."""
+    straight to the home's port), UserJoined and UserLeft arrive exactly once: when the bridged
+    member leaves, or when its edge worker is SIGKILLed (within the heartbeat TTL)."""
     auth = TokenAuth(SECRET)
 
     async def run() -> None:
@@ -415,19 +428,36 @@ def test_members_on_different_workers_hear_each_other_through_the_bridge(cluster
             assert (
                 total(seen, "fastsfu_room_members") == 2 and min(m["fastsfu_room_members"] for m in seen) == 0
             )
-            await second.leave()
-            for _ in range(100):
-                if any(r.WhichOneof("message") == "user_left" for r in first.received):
+            home = 0 if seen[0]["fastsfu_room_members"] == 2 else 1
+            stayer, goner = first, second
+            if ending == "edge_killed":  # the bridged member's edge dies; its media still reaches the home
+                stayer, goner = members[home], members[1 - home]
+                os.kill(cluster.pids[1 - home], signal.SIGKILL)
+            else:
+                await goner.leave()
+            deadline = time.monotonic() + NODE_TTL + 5
+            while time.monotonic() < deadline:
+                if any(r.WhichOneof("message") == "user_left" for r in stayer.received):
                     break
                 await asyncio.sleep(0.05)
             await asyncio.sleep(0.3)  # a duplicate would come within this
             joined = [
                 r.user_joined.data.user_id for r in first.received if r.WhichOneof("message") == "user_joined"
             ]
-            left = [r.user_left.user_id for r in first.received if r.WhichOneof("message") == "user_left"]
-            assert joined == [ids[second]] and left == [ids[second]], (joined, left)
-            assert not [r for r in second.received if r.WhichOneof("message") in ("user_joined", "user_left")]
-            await first.leave()
+            left = [r.user_left.user_id for r in stayer.received if r.WhichOneof("message") == "user_left"]
+            assert joined == [second.user] and left == [goner.user], (joined, left)
+            # The later joiner had the first in JoinedChannel, never as UserJoined; only the stayer
+            # hears a UserLeft.
+            assert not [r for r in second.received if r.WhichOneof("message") == "user_joined"]
+            assert not [r for r in goner.received if r.WhichOneof("message") == "user_left"]
+            await stayer.leave()
+            if ending == "edge_killed":
+                goner.call.cancel()
+                await goner.sender.stop()
+                for leg in (goner.producer, goner.consumer):
+                    await leg.stop()
+                if goner.reader:
+                    goner.reader.cancel()
             for m in (first, second):
                 await m.channel.close()
 

@@ -59,7 +59,18 @@ class BridgeHost:
         self.registry = registry
         self.bus = registry.bus
         self.sessions: dict[str, VoiceSession] = {}
+        self.edges: dict[str, str] = {}  # the node each bridged session's stream is on
         self.hosted = 0  # bridged sessions accepted (a metric)
+
+    def drop_orphans(self, live: set[str]) -> int:
+        """End the bridged sessions whose edge node is gone (its stream died with it): the others
+        in the room get UserLeft. The count ended."""
+        gone = [sid for sid, edge in self.edges.items() if edge not in live]
+        for sid in gone:
+            session = self.sessions.get(sid)
+            if session is not None:
+                session.close("the edge of this session went away")
+        return len(gone)
 
     async def start(self) -> None:
         await self.bus.nc.subscribe(open_subject(self.registry.node), cb=self._open)
@@ -75,6 +86,7 @@ class BridgeHost:
         session = VoiceSession(self.rooms, user_id, str(req.get("frontend", "")), str(req.get("remote", "")))
         self.rooms.open_sessions.add(session)
         self.sessions[sid] = session
+        self.edges[sid] = str(req.get("edge", ""))
         self.hosted += 1
         out = f"fastsfu.v1.bridge.{sid}.out"
         wake = asyncio.Event()
@@ -155,6 +167,7 @@ class BridgeHost:
             session.on_output = None
             session.close()
             self.sessions.pop(sid, None)
+            self.edges.pop(sid, None)
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
 
@@ -171,10 +184,12 @@ class RoutedSession(VoiceSession):
         remote: str,
         registry: Callable[[], Registry | None],
         counts: Counter[str],
+        connected: asyncio.Event | None = None,
     ) -> None:
         super().__init__(rooms, user_id, frontend, remote)
         self._registry = registry
         self.counts = counts  # sessions by where they ran: here, or bridged to another home
+        self.connected = connected  # set once the node reached NATS (a stream may come just before)
         self.inner: VoiceSession | None = None  # the session, when the room is homed here
         self.sid = ""  # the bridge, when it is homed elsewhere
         self.home = ""
@@ -207,10 +222,13 @@ class RoutedSession(VoiceSession):
         self._task = asyncio.get_running_loop().create_task(self._place(request))
 
     async def _place(self, first: Any) -> None:
-        registry = self._registry()
         init = first.initialize
         key = f"{init.guild_id}.{init.channel_id}"
         try:
+            if self.connected is not None and not self.connected.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.connected.wait(), OPEN_TIMEOUT)
+            registry = self._registry()
             if registry is None:
                 raise BusError("not connected to the cluster")
             home = (await registry.home(key)).home
@@ -226,6 +244,7 @@ class RoutedSession(VoiceSession):
                 "v": VERSION,
                 "sid": sid,
                 "user": self.user_id,
+                "edge": registry.node,
                 "frontend": self.frontend,
                 "remote": self.remote,
                 "first": _b64(first.SerializeToString()),
@@ -293,6 +312,13 @@ class RoutedSession(VoiceSession):
             return
         if self.on_output is not None:
             self.on_output()
+
+    def check_home(self, live: set[str]) -> None:
+        """A bridged session whose home is gone ends with a clear error (the client may rejoin and
+        be placed on a live node)."""
+        if self.state == "bridged" and self.home not in live:
+            self.sid = ""
+            self._error(VoiceError(UNAVAILABLE, "the voice server of this channel went away"))
 
     def _error(self, error: VoiceError) -> None:
         self.outbox.append(error)

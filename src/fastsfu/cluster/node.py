@@ -50,7 +50,9 @@ class Node:
         rooms.session_factory = self._session
 
     def _session(self, rooms: VoiceRooms, user_id: int, frontend: str, remote: str) -> VoiceSession:
-        return RoutedSession(rooms, user_id, frontend, remote, lambda: self.registry, self.sessions)
+        return RoutedSession(
+            rooms, user_id, frontend, remote, lambda: self.registry, self.sessions, self.connected
+        )
 
     def load(self) -> NodeLoad:
         # Members, and sessions holding a room before they join: both will cost media soon.
@@ -78,10 +80,20 @@ class Node:
         while True:
             try:
                 await self.registry.heartbeat(self.load())
+                self._check_bridges(self.registry)
                 await self._reconcile(self.registry)
             except BusError as exc:
                 log.debug("cluster: %s", exc)
             await asyncio.sleep(HEARTBEAT_INTERVAL)
+
+    def _check_bridges(self, registry: Registry) -> None:
+        """Bridged sessions whose other end's node is gone (no heartbeat within the TTL) end."""
+        live = set(registry.nodes())
+        if self.host is not None:
+            self.host.drop_orphans(live)
+        for session in list(self.rooms.open_sessions):
+            if isinstance(session, RoutedSession):
+                session.check_home(live)
 
     async def _reconcile(self, registry: Registry) -> None:
         """Record the home of every room served here (a placement a dead node held is made again, so

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 WORKER_ENV = "FASTSFU_WORKER_INDEX"  # set by the supervisor in each worker's environment
+CONNECT_WAIT = 5.0  # seconds a starting worker waits for NATS before announcing itself anyway
 DRAIN_WAIT = 1.0  # seconds between NOT_SERVING (and draining in the registry) and closing sessions
 
 
@@ -56,6 +57,9 @@ class WorkerRole:
         on) and announce where."""
         if self.node is not None:
             self._node_task = asyncio.create_task(self.node.run())
+            # Announced ready once in the cluster (bounded: the worker serves without NATS too).
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.node.connected.wait(), CONNECT_WAIT)
         if metrics is None:
             return
         app = web.Application()
