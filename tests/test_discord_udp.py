@@ -234,6 +234,28 @@ def test_refused_discoveries_get_a_bounded_number_of_answers() -> None:
     run_room(body)
 
 
+def test_a_discovery_from_another_sessions_address_is_answered_without_taking_it() -> None:
+    """A's client left and the OS gave its port to B's client while A's session waits for RESUME:
+    B's discovery arrives on A's tuple. B answers (its SSRC, the sender's own address) so its
+    client goes on, but the address stays A's (a discovery proves nothing); once A's session
+    ends, B's next discovery from there binds it."""
+
+    async def body(room: Room) -> None:
+        engine, (a, b), (ta, tb), producer, consumer = room
+        await discover(a)
+        b_request = struct.pack("!HHI66x", 1, 70, b.ssrc)
+        a.sock.sendto(b_request, a.server)  # B's client, on the port A's client had
+        assert await a.recv() == discovery_response(b.ssrc, *a.address)
+        assert ta.remote == a.address and tb.remote is None
+        assert tb.discoveries_refused == 1 and ta.discoveries_refused == 0
+        ta.close()  # A's session ends: its address is free
+        a.sock.sendto(b_request, a.server)
+        assert await a.recv() == discovery_response(b.ssrc, *a.address)
+        assert tb.remote == a.address
+
+    run_room(body)
+
+
 def test_roaming_needs_an_rtpsize_aead_key_and_an_ssrc_of_its_own() -> None:
     """Only a transport keyed with an rtpsize AEAD mode (a replay window) may move on proof of the
     key; its SSRC names it among the socket's unknown addresses, so it is unique and freed on close."""

@@ -190,8 +190,14 @@ class DiscordUdpTransport(Transport):
     # ------------------------------------------------------------------ slow path
 
     def _on_slow_datagram(self, kind: int, data: bytes, addr: tuple[str, int]) -> None:
-        if kind == rtp.SLOW_STUN and parse_discovery_request(data) == self.ssrc:
+        ssrc = parse_discovery_request(data) if kind == rtp.SLOW_STUN else None
+        if ssrc == self.ssrc:
             self._on_discovery(addr)
+        elif ssrc is not None and (named := discovery_table(self.engine).lookup(ssrc)) is not None:
+            # A discovery from our tuple that names another session: its client now holds the
+            # address we were bound to (a port reused after our client left, within our RESUME
+            # grace). It is no proof, so the tuple stays ours; the session it names answers.
+            named._on_discovery(addr)
         elif kind == rtp.SLOW_OTHER and len(data) == 8:
             self._on_keepalive(data, addr)
         elif kind == rtp.SLOW_RTCP:
@@ -224,7 +230,13 @@ class DiscordUdpTransport(Transport):
             try:
                 self.engine.datapath.set_transport_remote(self.slot, *source)
             except ValueError:
+                # The address is another session's: no binding, but an answer (bounded, only the
+                # sender's own address), so that the client goes on; its media flows once the
+                # other session lets the address go (it ends, or its own roaming moves it).
                 self._refuse(source, "its address belongs to another session")
+                if self.discoveries_refused > MAX_REFUSED_ANSWERS:
+                    return
+                self._send(discovery_response(self.ssrc, *source), source)
                 return
             self.remote = source
         elif source != self.remote:
