@@ -85,4 +85,7 @@ def announce(log: logging.Logger, fmt: str, text: str, **fields: Any) -> None:
     if fmt == "json":
         log.handle(log.makeRecord(log.name, logging.INFO, __file__, 0, text, (), None, extra=fields))
     else:
-        print(f"fastsfu: {text}", flush=True)
+        # One write per line (print writes the text and its newline apart): workers of one
+        # supervisor share its stdout, and a pipe keeps a write of up to PIPE_BUF bytes whole.
+        sys.stdout.write(f"fastsfu: {text}\n")
+        sys.stdout.flush()
