@@ -70,6 +70,19 @@ class Pair:
     pipe_forwarded = 0
 
 
+def assert_counters_agree(pair: Pair, senders: list[Sender]) -> None:
+    """The C datapath's and the reference's per-consumer and per-producer counters are equal."""
+    for s in senders:
+        for c in s.consumers:
+            a, b = pair.dp.consumer_stats(c), pair.ref.consumers[c]
+            assert a["packets"] == b.packets
+            assert (a["last_seq"], a["last_timestamp"]) == (
+                (b.last_seq, b.last_ts) if b.has_sent else (None, None)
+            )
+        assert pair.dp.producer_stats(s.producer)["packets"] == pair.ref.producers[s.producer].packets
+        assert pair.dp.producer_stats(s.producer)["jitter"] == pair.ref.producers[s.producer].jitter_q4 >> 4
+
+
 def random_extensions(rng: random.Random, sender: Sender) -> tuple[list[tuple[int, bytes]], int]:
     elements = []
     for eid in sender.ext_ids:
@@ -237,15 +250,7 @@ def test_random_traffic_matches_reference(seed: int) -> None:
     assert pair.forwarded > 0
     assert pair.pipe_forwarded > 0, "no pipe consumer forwarded anything in this run"
     # Counters agree too, not just the bytes.
-    for s in senders:
-        for c in s.consumers:
-            a, b = pair.dp.consumer_stats(c), pair.ref.consumers[c]
-            assert a["packets"] == b.packets
-            assert (a["last_seq"], a["last_timestamp"]) == (
-                (b.last_seq, b.last_ts) if b.has_sent else (None, None)
-            )
-        assert pair.dp.producer_stats(s.producer)["packets"] == pair.ref.producers[s.producer].packets
-        assert pair.dp.producer_stats(s.producer)["jitter"] == pair.ref.producers[s.producer].jitter_q4 >> 4
+    assert_counters_agree(pair, senders)
 
 
 def test_slow_path_rtcp_is_unprotected_and_matches() -> None:
