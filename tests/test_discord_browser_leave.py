@@ -189,6 +189,10 @@ def end_reasons(caplog: pytest.LogCaptureFixture) -> list[str]:
 
 async def op13_latencies(bot: DpyBot, left_at: dict[int, float]) -> dict[int, float]:
     """Seconds from each user's leave action to the bot's op 13 for it (one clock: CLOCK_MONOTONIC)."""
+    # room.gone() saw the sessions end on the server; the op 13s it sent may still be on their way
+    # to the bot's process: let them land before the bot disconnects (the latencies are the bot's
+    # own receive times, so this wait does not enter them).
+    await asyncio.sleep(1.0)
     bot.end_hold()
     result = await bot.result()
     assert result.connected, (result.error, result.stderr[-2000:])
