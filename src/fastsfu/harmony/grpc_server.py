@@ -18,7 +18,7 @@ from fastsfu._proto.hrpc.v1 import hrpc_pb2
 from fastsfu._proto.protocol.voice.v1 import voice_pb2
 from fastsfu.harmony.health import Health
 from fastsfu.harmony.rate_limit import RateLimiter, rate_limited
-from fastsfu.harmony.session import VoiceError, VoiceRooms, VoiceSession
+from fastsfu.harmony.session import VoiceError, VoiceRooms, VoiceSession, parse_request
 
 log = logging.getLogger(__name__)
 
@@ -47,11 +47,7 @@ def token_from_metadata(metadata: tuple[tuple[str, str | bytes], ...] | None) ->
 def decode_request(data: bytes) -> voice_pb2.StreamMessageRequest | VoiceError:
     """The request deserializer. It never raises: grpc.aio would raise its error inside the
     request iterator, where it looks like a broken stream; the servicer answers it instead."""
-    try:
-        request: voice_pb2.StreamMessageRequest = voice_pb2.StreamMessageRequest.FromString(data)
-    except Exception:  # protobuf's DecodeError: bad wire format, bad UTF-8 in a string field
-        return VoiceError("fastsfu.voice-bad-frame", "undecodable StreamMessageRequest")
-    return request
+    return parse_request(data)
 
 
 # What the reader hands to the stream loop: a request, a bad-frame error, or END.

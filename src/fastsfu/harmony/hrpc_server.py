@@ -16,7 +16,7 @@ from fastsfu._proto.hrpc.v1 import hrpc_pb2
 from fastsfu._proto.protocol.voice.v1 import voice_pb2
 from fastsfu.harmony.grpc_server import Authenticate
 from fastsfu.harmony.rate_limit import RateLimiter, rate_limited
-from fastsfu.harmony.session import VoiceError, VoiceRooms, VoiceSession
+from fastsfu.harmony.session import VoiceError, VoiceRooms, VoiceSession, parse_request
 
 log = logging.getLogger(__name__)
 
@@ -47,10 +47,9 @@ def decode_frame(data: bytes | None) -> voice_pb2.StreamMessageRequest:
         raise VoiceError("fastsfu.voice-bad-frame", "expected a binary frame")
     if len(data) > MAX_FRAME:
         raise VoiceError("fastsfu.voice-bad-frame", "frame over 64 KiB")
-    try:
-        request: voice_pb2.StreamMessageRequest = voice_pb2.StreamMessageRequest.FromString(data)
-    except Exception:  # protobuf's DecodeError (and RecursionError on deep nesting)
-        raise VoiceError("fastsfu.voice-bad-frame", "undecodable StreamMessageRequest") from None
+    request = parse_request(data)
+    if isinstance(request, VoiceError):
+        raise request
     return request
 
 

@@ -79,6 +79,16 @@ class VoiceError(RoomError):
         return error if isinstance(error, VoiceError) else cls(error.identifier, error.human_message)
 
 
+def parse_request(data: bytes) -> voice_pb2.StreamMessageRequest | VoiceError:
+    """A client's StreamMessageRequest, or voice-bad-frame (docs/harmony.md#errors) for bytes that
+    do not decode: both front-ends (gRPC and hRPC) and the cluster bridge read requests through it."""
+    try:
+        request: voice_pb2.StreamMessageRequest = voice_pb2.StreamMessageRequest.FromString(data)
+    except Exception:  # protobuf's DecodeError: bad wire format, bad UTF-8, RecursionError on nesting
+        return VoiceError("fastsfu.voice-bad-frame", "undecodable StreamMessageRequest")
+    return request
+
+
 @dataclass
 class VoiceSettings:
     """Session policies (docs/harmony.md#limits)."""
