@@ -289,20 +289,10 @@ class DatapathStats(TypedDict):
     drops: dict[str, int]  # every reason of fastsfu._rtp.DROP_REASONS
 
 
-class EngineStats(TypedDict):
-    """`Engine.stats()`: the datapath's totals (DatapathStats' keys, repeated here rather than
-    inherited so that the API reference can place every key) plus the control plane's counters."""
+class EngineStats(DatapathStats):
+    """`Engine.stats()`: the datapath's totals (every key of DatapathStats) plus the control
+    plane's counters below."""
 
-    rx_packets: int
-    rx_bytes: int
-    forwarded_packets: int
-    forwarded_bytes: int
-    batches: int
-    slow_path_packets: int
-    late_packets: int  # RTP forwarded after waiting over 20 ms in the socket queue
-    table_hand_offs: int  # times the datapath thread handed its tables to a control-plane call
-    events_lost: int
-    drops: dict[str, int]
     unhandled_datagrams: int
     slow_path_errors: int
     dtls_failures: int
