@@ -256,6 +256,46 @@ def test_a_discovery_from_another_sessions_address_is_answered_without_taking_it
     run_room(body)
 
 
+def test_a_reused_port_passes_to_the_new_session_on_proof_of_its_key_only_if_the_old_one_yields() -> None:
+    """A's client left (A waits for RESUME) and the OS gave its port to C's client. C's media from
+    there is dropped while A holds the address as a live session would; once A yields it (as a
+    suspended session does), C's first packet that authenticates with C's key takes the address,
+    and A's remote is cleared. A forged packet (C's SSRC, wrong key) takes nothing."""
+
+    async def body(room: Room) -> None:
+        engine, (a, b), (ta, tb), producer, consumer = room
+        tc = ta.router.create_discord_udp_transport(1003)
+        c = Client(1003, AES)
+        c.sock.close()
+        c.sock = a.sock  # C's client on the port A's client had
+        c.server, c.key = tc.local_address, tc.select_mode(AES)
+        tb.consume(tc.produce(rtp_parameters(1003)).id, DISCORD_RTP_CAPABILITIES, ssrc=1003)
+        await discover(a)
+        await discover(b)
+        c.discovery()  # answered by C's session, the address stays A's
+        assert await a.recv() == discovery_response(1003, *a.address)
+        c.send_rtp(rtp_packet(1003, 1, b"not yet"))
+        await b.recv_none()
+        assert tc.remote is None and ta.remote == a.address
+        assert engine.stats()["drops"]["unknown_ssrc"] >= 1
+        ta.set_yields_address(True)
+        c.send(ref_seal(AES, os.urandom(32), rtp_packet(1003, 2, b"forged"), 12, 5000))
+        await b.recv_none()
+        assert tc.remote is None and ta.remote == a.address
+        c.send_rtp(rtp_packet(1003, 3, b"C speaks"))
+        plain, _ = ref_open(XCHACHA, b.key, await b.recv(), 12)
+        assert plain[12:] == b"C speaks" and struct.unpack_from("!I", plain, 8)[0] == 1003
+        assert tc.remote == a.address and ta.remote is None
+        assert tc.remote_moves == 1
+        # The address is C's now, and C never yields: A's old key from there moves nothing back.
+        a.send_rtp(rtp_packet(1001, 9, b"A's leftover"))
+        await b.recv_none()
+        assert tc.remote == a.address and ta.remote is None
+        assert engine.stats()["drops"]["decrypt_failed"] == 1
+
+    run_room(body)
+
+
 def test_roaming_needs_an_rtpsize_aead_key_and_an_ssrc_of_its_own() -> None:
     """Only a transport keyed with an rtpsize AEAD mode (a replay window) may move on proof of the
     key; its SSRC names it among the socket's unknown addresses, so it is unique and freed on close."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import struct
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -95,7 +96,12 @@ def serve(
 
 
 async def connect(
-    url: str, http: aiohttp.ClientSession, user_id: int, mode: str, session_id: str = ""
+    url: str,
+    http: aiohttp.ClientSession,
+    user_id: int,
+    mode: str,
+    session_id: str = "",
+    udp_sock: socket.socket | None = None,
 ) -> GatewayClient:
     """HELLO, IDENTIFY, READY, IP discovery, SELECT_PROTOCOL, op 4: docs/discord.md#connection-flow."""
     client = GatewayClient(await http.ws_connect(url), user_id)
@@ -119,6 +125,9 @@ async def connect(
     assert d["modes"][:2] == ["aead_aes256_gcm_rtpsize", "aead_xchacha20_poly1305_rtpsize"]
     assert d["ip"] == "127.0.0.1" and 0 < d["ssrc"] < 2**32
     udp = Client(d["ssrc"], mode)
+    if udp_sock is not None:  # a client on a port another client had
+        udp.sock.close()
+        udp.sock = udp_sock
     udp.server = (d["ip"], d["port"])
     await discover(udp)
     client.udp = udp
@@ -292,6 +301,29 @@ def test_resume_keeps_media_flowing() -> None:
         a.udp.send_rtp(rtp_packet(a.udp.ssrc, 2, b"after resume"))
         assert ref_open(AES, b.udp.key, await b.udp.recv(), 12)[0][12:] == b"after resume"
         assert sorted(rooms.rooms[("discord", SERVER_ID)].members) == [1001, 1002]
+
+    serve(body)
+
+
+def test_a_new_client_on_the_port_of_a_session_waiting_for_resume_is_heard_at_once() -> None:
+    """B's socket drops; while B's session waits for RESUME, C's client gets B's old UDP port from
+    the OS. C's discovery is answered and C's first authenticated packet takes the address (B's
+    suspended session yields it), so A hears C at once instead of after resume_grace."""
+
+    async def body(url: str, http: aiohttp.ClientSession, rooms: VoiceRooms) -> None:
+        a = await connect(url, http, 1001, XCHACHA, session_id="sa")
+        b = await connect(url, http, 1002, AES, session_id="sb")
+        assert a.udp is not None and b.udp is not None
+        await b.expect(5)
+        b.ws._response.connection.transport.abort()  # type: ignore[union-attr]
+        await asyncio.sleep(0.2)  # B's session is suspended for RESUME, its address still bound
+        c = await connect(url, http, 1003, AES, session_id="sc", udp_sock=b.udp.sock)
+        assert c.udp is not None
+        await a.expect(5)  # C's SPEAKING (its producer is in the room)
+        c.udp.send_rtp(rtp_packet(c.udp.ssrc, 1, b"C on B's old port"))
+        plain = ref_open(XCHACHA, a.udp.key, await a.udp.recv(), 12)[0]
+        assert plain[12:] == b"C on B's old port"
+        assert sorted(rooms.rooms[("discord", SERVER_ID)].members) == [1001, 1002, 1003]
 
     serve(body)
 

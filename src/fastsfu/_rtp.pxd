@@ -55,7 +55,7 @@ cdef enum:
     K_SLOW_DTLS = 2
     K_SLOW_RTCP = 3
     K_SLOW_OTHER = 4
-    K_EVENT_TUPLE_LEARNED = 1
+    K_EVENT_TUPLE_LEARNED = 1         # the datapath changed a transport's remote (learned, moved or lost)
     K_EVENT_UNKNOWN_SSRC = 2
     K_OUTPUT_SEND = 0
     K_OUTPUT_CAPTURE = 1
@@ -144,6 +144,7 @@ ctypedef struct Transport:
     int reported_unknown
     int roaming                      # roam_ssrc is in Datapath.roams (see set_transport_roaming)
     uint32_t roam_ssrc
+    int yields_tuple                 # another roaming transport may take its tuple (set_transport_yields_tuple)
     uint64_t auth_packets            # RTP/RTCP that passed SRTP or AEAD authentication
     uint64_t rx_packets
     uint64_t rx_bytes

@@ -884,6 +884,15 @@ cdef class Datapath:
                 tr.roaming = 1
                 tr.roam_ssrc = value
 
+    def set_transport_yields_tuple(self, int t, bint yields) -> None:
+        """Let another roaming transport of the socket take this transport's remote tuple when an
+        RTP packet from that tuple names the other's SSRC and authenticates with the other's key
+        (the OS gave a departed client's port to a new client while this session waits for
+        RESUME). Only a transport whose client is gone should yield: a live one never does."""
+        with self.tables_lock:
+            self._check_transport(t)
+            self.transports[t].yields_tuple = yields
+
     def set_transport_srtp(self, int t, inbound, outbound) -> None:
         """Install SRTP contexts (objects with an `address` of a libsrtp srtp_t), or None for plain RTP."""
         with self.tables_lock:
@@ -1601,6 +1610,16 @@ cdef class Datapath:
         ssrc_key(&k, t, ssrc)
         p = table_get(&self.ssrcs, &k)
         if p < 0:
+            if not tentative and tr.yields_tuple and tr.aead != NULL and not fsfu_aead_legacy(tr.aead):
+                # Another session's SSRC from this (yielding) transport's tuple: the port was
+                # reused by that session's client. It takes the tuple if the packet authenticates
+                # with its key (the tentative path below); only the roams table names it, so the
+                # SSRC must be a roaming (rtpsize AEAD) transport's of this socket.
+                ssrc_key(&k, tr.sock, ssrc)
+                p = table_get(&self.roams, &k)
+                if p >= 0 and p != t:
+                    self._rtp(p, &self.transports[p], buf, n, src, now, 1)
+                    return
             self._drop(tr, DROP_UNKNOWN_SSRC)
             if not tentative and not (tr.reported_unknown and tr.last_unknown_ssrc == ssrc):
                 tr.reported_unknown = 1
@@ -1652,6 +1671,11 @@ cdef class Datapath:
             if tr.has_remote:
                 self._clear_remote(t)     # a roaming transport moves: the key was proven (_handle)
             tuple_key_from_sockaddr(&k, tr.sock, src)
+            c = table_get(&self.tuples, &k)
+            if c >= 0 and c != t:
+                # The tuple was a yielding transport's (its client's port, reused): it loses it.
+                self._clear_remote(c)
+                self._event(K_EVENT_TUPLE_LEARNED, c, 0)
             memcpy(tr.remote, src, 28)
             tr.remote_len = sizeof(sockaddr_in) if (<const sockaddr *>src).sa_family == AF_INET else sizeof(sockaddr_in6)
             self._bind_tuple(t, &k)

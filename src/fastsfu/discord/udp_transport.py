@@ -262,10 +262,25 @@ class DiscordUdpTransport(Transport):
             why,
         )
 
+    def set_yields_address(self, yields: bool) -> None:
+        """While True (the session waits for RESUME: its client may be gone), another session whose
+        client got this one's port from the OS takes the address by proof of its own key: an RTP
+        packet from the address with its SSRC that authenticates. Without it the new client's media
+        would wait for this session to end (resume_grace). A session whose client is connected
+        never yields, so no other member can take its address (docs/transports.md#ip-discovery)."""
+        self._check_open()
+        self.engine.datapath.set_transport_yields_tuple(self.slot, yields)
+
     def _on_tuple_learned(self) -> None:
-        """The datapath moved the remote to the source of an authenticated RTP packet."""
+        """The datapath moved the remote to the source of an authenticated RTP packet, or (this
+        transport yielding its address) gave the address to the session that proved its key there."""
         remote = self.engine.datapath.transport_stats(self.slot)["remote"]
-        if remote is None or tuple(remote) == self.remote:
+        if remote is None:
+            if self.remote is not None:
+                log.info("transport %s: address %s:%d taken by another session", self.id, *self.remote)
+                self.remote = None
+            return
+        if tuple(remote) == self.remote:
             return
         old, self.remote = self.remote, (remote[0], remote[1])
         self.remote_moves += 1

@@ -372,6 +372,17 @@ class DiscordVoice(GatewayHandler):
                     closed += 1
         return closed
 
+    def suspended(self, session: Session) -> None:
+        # Its client may be gone and its port reused by a new client (docs/transports.md#ip-discovery).
+        member = session.attachment
+        if isinstance(member, DiscordMember) and member.udp is not None and not member.udp.closed:
+            member.udp.set_yields_address(True)
+
+    def resumed(self, session: Session) -> None:
+        member = session.attachment
+        if isinstance(member, DiscordMember) and member.udp is not None and not member.udp.closed:
+            member.udp.set_yields_address(False)
+
     def ended(self, session: Session) -> None:
         member = session.attachment
         if not isinstance(member, DiscordMember):
