@@ -154,3 +154,43 @@ def test_bad_options_and_unknown_producer_are_refused() -> None:
             assert not router.rtp_observers
 
     run(main())
+
+
+def test_room_speaking_goes_on_at_once_and_off_after_the_hold_without_flapping() -> None:
+    """A room's measured members (fastsfu.rooms): A talks in bursts with 200 ms pauses between
+    words, then stops. B hears "speaking" once when A starts and "quiet" once after A stops, and
+    nothing in between (the hold covers the pauses); the metric's set follows."""
+    from test_rooms import Recorder
+
+    from fastsfu.rooms import Rooms
+
+    async def main() -> None:
+        async with Engine(Settings(datapath_thread=True)) as engine:
+            rooms = Rooms(engine)
+            room = rooms.acquire(("g", 1))
+            ca, ta, a = speaker(room.router, 4444)
+            alice, bob = Recorder(1, a), Recorder(2, None)
+            room.add(bob)
+            room.add(alice)
+            loop = asyncio.get_running_loop()
+            seq = 0
+            started = loop.time()
+            for _ in range(4):  # words of 0.5 s, pauses of 0.2 s (DTX: nothing sent)
+                seq = await talk([(ca, ta, 4444, 25)], 0.5, seq)
+                assert 1 in room.speaking_users or loop.time() - started < 0.6
+                await asyncio.sleep(0.2)
+            assert room.speaking_users == {1}
+            stopped = loop.time()
+            while 1 in room.speaking_users and loop.time() - stopped < 3:
+                await asyncio.sleep(0.05)
+            quiet_after = loop.time() - stopped
+            assert bob.events == [("speaking", 1), ("quiet", 1)], bob.events
+            assert 0.5 <= quiet_after <= 1.5, quiet_after  # 3 intervals of 250 ms, plus the timer phase
+            assert alice.events == []  # nobody tells a member about itself
+            for member in (alice, bob):
+                room.remove(member)
+            rooms.release(room)
+            assert room.router.closed and not room.router.rtp_observers
+            ca.close()
+
+    run(main())

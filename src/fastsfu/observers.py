@@ -275,3 +275,52 @@ class ActiveSpeakerObserver(RtpObserver):
 
     def _on_pause(self) -> None:
         self._scores.clear()
+
+
+class SpeakingObserver(RtpObserver):
+    """Who is speaking, for speaking indicators (fastsfu's own; docs/observers.md#speaking): a
+    producer starts speaking in the first interval whose mean level reaches `threshold` dBov and
+    stops after `hold` intervals under it, so a pause between words does not flap the indicator.
+    Event: "speaking" (producer, bool), on changes only."""
+
+    def __init__(
+        self,
+        router: Router,
+        threshold: int = -50,
+        interval: int = 250,
+        hold: int = 3,
+        app_data: dict[str, Any] | None = None,
+    ) -> None:
+        if not -127 <= threshold <= 0 or hold < 1:
+            raise ValueError("threshold must be -127..0 dBov and hold >= 1")
+        self.threshold = threshold
+        self.hold = hold
+        self.speaking: set[str] = set()
+        self._quiet: dict[str, int] = {}
+        super().__init__(router, min(max(interval, 100), 5000), app_data)
+
+    def _evaluate(self, taken: list[tuple[Producer, Levels]]) -> None:
+        for producer, levels in taken:
+            loud = levels.count >= max(1, MIN_SAMPLES * self.interval_ms // 2000) and (
+                levels.mean_dbov >= self.threshold
+            )
+            if loud:
+                self._quiet[producer.id] = 0
+                if producer.id not in self.speaking:
+                    self.speaking.add(producer.id)
+                    self.emit("speaking", producer, True)
+            elif producer.id in self.speaking:
+                self._quiet[producer.id] = self._quiet.get(producer.id, 0) + 1
+                if self._quiet[producer.id] >= self.hold:
+                    self.speaking.discard(producer.id)
+                    self.emit("speaking", producer, False)
+
+    def _producer_removed(self, producer: Producer) -> None:
+        self._quiet.pop(producer.id, None)
+        if producer.id in self.speaking:
+            self.speaking.discard(producer.id)
+            self.emit("speaking", producer, False)
+
+    def _on_pause(self) -> None:
+        for producer_id in list(self.speaking):
+            self._producer_removed(self.producers[producer_id])

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from fastsfu import ortc
 from fastsfu.events import EventEmitter
-from fastsfu.observers import ActiveSpeakerObserver, AudioLevelObserver, RtpObserver
+from fastsfu.observers import ActiveSpeakerObserver, AudioLevelObserver, RtpObserver, SpeakingObserver
 from fastsfu.pipe_transport import PipeToRouterResult, PipeTransport, pipe_to_router
 from fastsfu.plain_transport import PlainTransport
 from fastsfu.srtp import DEFAULT_SUITE
@@ -75,6 +75,17 @@ class Router(EventEmitter):
         if self._closed:
             raise RuntimeError("router closed")
         observer = ActiveSpeakerObserver(self, interval, app_data)
+        self.rtp_observers[observer.id] = observer
+        self.observer.emit("newrtpobserver", observer)
+        return observer
+
+    def create_speaking_observer(
+        self, threshold: int = -50, interval: int = 250, hold: int = 3, app_data: dict[str, Any] | None = None
+    ) -> SpeakingObserver:
+        """Speaking indicators with hysteresis (fastsfu's own, docs/observers.md#speaking)."""
+        if self._closed:
+            raise RuntimeError("router closed")
+        observer = SpeakingObserver(self, threshold, interval, hold, app_data)
         self.rtp_observers[observer.id] = observer
         self.observer.emit("newrtpobserver", observer)
         return observer

@@ -340,6 +340,13 @@ class VoiceSession:
             Resp(user_joined=Resp.UserJoined(data=self._consumer_options(user_id, producer, consumer)))
         )
 
+    @property
+    def reports_speaking(self) -> bool:
+        return False  # protocol.voice.v1 has no speaking message: measured (docs/observers.md#speaking)
+
+    def member_speaking(self, user_id: int, speaking: bool) -> None:
+        """protocol.voice.v1 cannot carry it; the demo page polls the room instead."""
+
     def member_left(self, user_id: int) -> None:
         self._send(Resp(user_left=Resp.UserLeft(user_id=user_id)))
 
