@@ -935,6 +935,7 @@ cdef class Datapath:
             pr.ssrc = ssrc
             pr.pt = payload_type
             pr.clock_rate = clock_rate
+            pr.level_min = 127               # no level yet: silence (RFC 6464 §3)
             table_put(&self.ssrcs, &k, p)
             return p
 
