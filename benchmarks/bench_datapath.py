@@ -97,7 +97,8 @@ class Fixture:
                         seq & 0xFFFF,
                         seq * 960 & 0xFFFFFFFF,
                         1,
-                        extensions=[(3, seq.to_bytes(8, "big"))] + ([(1, bytes([0x80 | (seq % 90)]))] if levels else []),
+                        extensions=[(3, seq.to_bytes(8, "big"))]
+                        + ([(1, bytes([0x80 | (seq % 90)]))] if levels else []),
                         payload=bytes(132 if levels else 136),
                     )
                 )
@@ -161,12 +162,12 @@ def test_audio_level_observer_overhead() -> None:
                 t0 = time.process_time_ns()
                 fx.run(*args)
                 samples[name].append((time.process_time_ns() - t0) / (PACKETS_PER_ROUND * fanout))
-        (count, _, _, _), = on.dp.take_levels([on.producer])
+        ((count, _, _, _),) = on.dp.take_levels([on.producer])
         assert count == (ROUNDS + 1) * PACKETS_PER_ROUND
         m_off, m_on = statistics.median(samples["off"]), statistics.median(samples["on"])
+        span = {k: f"[{min(v):.1f}-{max(v):.1f}]" for k, v in samples.items()}
         print(
-            f"\n  fan-out {fanout:2d}: levels off {m_off:6.1f} ns [{min(samples['off']):.1f}-{max(samples['off']):.1f}]"
-            f", on {m_on:6.1f} ns [{min(samples['on']):.1f}-{max(samples['on']):.1f}]"
+            f"\n  fan-out {fanout:2d}: off {m_off:6.1f} ns {span['off']}, on {m_on:6.1f} ns {span['on']}"
             f": {100 * (m_on / m_off - 1):+.2f} % per forwarded packet"
         )
     # The observer's timer: one take_levels for a room of 50 producers, per 300 ms interval.
@@ -181,4 +182,7 @@ def test_audio_level_observer_overhead() -> None:
     for _ in range(1000):
         room.take_levels(slots)
     per_call = (time.process_time_ns() - t0) / 1000
-    print(f"  take_levels(50 producers): {per_call / 1000:.1f} us per call, {per_call / 0.3 / 1e9 * 100:.4f} % of a core at 300 ms")
+    share = per_call / 0.3 / 1e9 * 100
+    print(
+        f"  take_levels(50 producers): {per_call / 1000:.1f} us per call, {share:.4f} % of a core at 300 ms"
+    )
