@@ -588,29 +588,13 @@ def test_a_browser_that_talks_is_announced_speaking_by_its_measured_levels() -> 
     silent, talks (a 440 Hz tone) for 1.5 s, then is silent again, sending no op 5 of its own
     after the first: the udp bot gets op 5 speaking 1 once when the tone starts and speaking 0
     once after it stops (docs/observers.md#speaking); the metric's set follows."""
-    import array
-    import math
-
     from aiortc import RTCConfiguration, RTCPeerConnection
-    from aiortc.mediastreams import AudioStreamTrack
-
-    class Voice(AudioStreamTrack):
-        talking = False
-
-        async def recv(self) -> Any:
-            frame = await super().recv()
-            if self.talking:
-                n = frame.samples
-                pcm = array.array(
-                    "h", (int(12000 * math.sin(2 * math.pi * 440 * (frame.pts + i) / 8000)) for i in range(n))
-                )
-                frame.planes[0].update(pcm.tobytes())
-            return frame
+    from aiortc_helpers import VoiceTrack
 
     async def body(url: str, http: aiohttp.ClientSession, rooms: VoiceRooms) -> None:
         bot = await connect(url, http, 1001, XCHACHA)
         assert bot.udp is not None
-        track = Voice()
+        track = VoiceTrack()
         pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
         pc.addTrack(track)
         try:
