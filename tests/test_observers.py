@@ -194,3 +194,27 @@ def test_room_speaking_goes_on_at_once_and_off_after_the_hold_without_flapping()
             ca.close()
 
     run(main())
+
+
+def test_a_speaking_members_closed_producer_leaves_the_speaking_set() -> None:
+    """A member's producer closes while it talks (its transport failed; the member is still in
+    the room for a moment): it is no longer counted as speaking, and the others hear it stop."""
+    from test_rooms import Recorder
+
+    from fastsfu.rooms import Rooms
+
+    async def main() -> None:
+        async with Engine(Settings(datapath_thread=False)) as engine:
+            rooms = Rooms(engine)
+            room = rooms.acquire(("g", 2))
+            ca, ta, a = speaker(room.router, 5555)
+            alice, bob = Recorder(1, a), Recorder(2, None)
+            room.add(bob)
+            room.add(alice)
+            await talk([(ca, ta, 5555, 20)], 0.6, 0)
+            assert room.speaking_users == {1} and bob.events == [("speaking", 1)]
+            ta.close()
+            assert room.speaking_users == set() and bob.events == [("speaking", 1), ("quiet", 1)]
+            ca.close()
+
+    run(main())

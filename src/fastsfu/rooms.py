@@ -117,8 +117,9 @@ class Room:
             self._speaking = self.router.create_speaking_observer()
             self._speaking.on("speaking", self._on_speaking)
         self._speakers[producer.id] = member.user_id
-        producer.observer.once("close", lambda: self._speakers.pop(producer.id, None))
         self._speaking.add_producer(producer.id)
+        # After the observer's own close listener: its last "speaking" False still finds the user.
+        producer.observer.once("close", lambda: self._speakers.pop(producer.id, None))
 
     def _on_speaking(self, producer: Producer, speaking: bool) -> None:
         user_id = self._speakers.get(producer.id)
