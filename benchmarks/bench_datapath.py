@@ -42,7 +42,10 @@ class Sealer:
 class Fixture:
     """A producer fanned out to `fanout` consumers, and enough pre-protected input for every round."""
 
-    def __init__(self, fanout: int, suite: str | None) -> None:
+    def __init__(self, fanout: int, suite: str | None, levels: bool = False) -> None:
+        """levels: packets also carry ssrc-audio-level (RFC 6464) and the producer's levels are
+        read (what an observer turns on); the level element is there either way when asked, so
+        that only the read differs between the two variants."""
         self.dp = _rtp.Datapath(max_consumers=max(64, fanout))
         self.dp.set_output_mode(_rtp.OUTPUT_DISCARD)
         self.sock = self.dp.add_socket(-1, socket.AF_INET, False)
@@ -62,7 +65,8 @@ class Fixture:
             self.dp.set_transport_srtp(t_in, inbound, None)
             self.keep.append(inbound)
         # The same rewrite in every case (SSRC, PT, one extension ID), so only the crypto differs.
-        p = self.dp.add_producer(t_in, 1, 111, 48000, {3: 3})
+        p = self.dp.add_producer(t_in, 1, 111, 48000, {3: 3, 1: 2})
+        self.producer = p
         for i in range(fanout):
             t = self.dp.add_transport(self.sock)
             self.dp.set_transport_remote(t, "127.0.0.1", 5000 + i)
@@ -75,7 +79,7 @@ class Fixture:
                 out.add_stream(100 + i)
                 self.dp.set_transport_srtp(t, None, out)
                 self.keep.append(out)
-            self.dp.add_consumer(p, t, 100 + i, 100, {3: 7})
+            self.dp.add_consumer(p, t, 100 + i, 100, {3: 7, 2: 1} if levels else {3: 7})
         sender: SrtpContext | Sealer | None = None
         if mode:
             sender = Sealer(mode, up)
@@ -93,8 +97,9 @@ class Fixture:
                         seq & 0xFFFF,
                         seq * 960 & 0xFFFFFFFF,
                         1,
-                        extensions=[(3, seq.to_bytes(8, "big"))],
-                        payload=bytes(136),
+                        extensions=[(3, seq.to_bytes(8, "big"))]
+                        + ([(1, bytes([0x80 | (seq % 90)]))] if levels else []),
+                        payload=bytes(132 if levels else 136),
                     )
                 )
                 data = sender.protect(pkt) if sender else pkt
@@ -132,4 +137,52 @@ def test_forward_in_memory(benchmark: pytest.FixtureRequest, fanout: int, suite:
     benchmark.extra_info["ns_per_forwarded_packet"] = round(median_ns, 1)
     print(
         f"\n  fan-out {fanout:2d} {suite or 'plain':24s}: {median_ns:7.1f} ns per forwarded packet (median)"
+    )
+
+
+def test_audio_level_observer_overhead() -> None:
+    """CPU per forwarded packet, a room of 50 (one speaker, 49 receivers; and fan-out 1, the worst
+    case), ssrc-audio-level in every packet: the producer observed (levels read per packet, and an
+    observer's take_levels for 50 producers every 300 ms, timed apart) vs not. Interleaved rounds
+    on one fixture each, so a shared machine's noise falls on both; medians and ranges printed."""
+    import statistics
+    import time
+
+    suite = "AES_CM_128_HMAC_SHA1_80"
+    for fanout in (49, 1):
+        off, on = Fixture(fanout, suite, levels=True), Fixture(fanout, suite, levels=True)
+        assert on.dp.set_producer_levels(on.producer, True)
+        for fx in (off, on):
+            fx.run(*fx.setup()[0])
+        samples: dict[str, list[float]] = {"off": [], "on": []}
+        for r in range(ROUNDS):
+            order = ((off, "off"), (on, "on")) if r % 2 == 0 else ((on, "on"), (off, "off"))
+            for fx, name in order:
+                args = fx.setup()[0]
+                t0 = time.process_time_ns()
+                fx.run(*args)
+                samples[name].append((time.process_time_ns() - t0) / (PACKETS_PER_ROUND * fanout))
+        ((count, _, _, _),) = on.dp.take_levels([on.producer])
+        assert count == (ROUNDS + 1) * PACKETS_PER_ROUND
+        m_off, m_on = statistics.median(samples["off"]), statistics.median(samples["on"])
+        span = {k: f"[{min(v):.1f}-{max(v):.1f}]" for k, v in samples.items()}
+        print(
+            f"\n  fan-out {fanout:2d}: off {m_off:6.1f} ns {span['off']}, on {m_on:6.1f} ns {span['on']}"
+            f": {100 * (m_on / m_off - 1):+.2f} % per forwarded packet"
+        )
+    # The observer's timer: one take_levels for a room of 50 producers, per 300 ms interval.
+    room = _rtp.Datapath(max_producers=64)
+    sock = room.add_socket(-1, socket.AF_INET, False)
+    slots = []
+    for i in range(50):
+        t = room.add_transport(sock)
+        slots.append(room.add_producer(t, 1000 + i, 111, 48000, {1: 2}))
+        room.set_producer_levels(slots[-1], True)
+    t0 = time.process_time_ns()
+    for _ in range(1000):
+        room.take_levels(slots)
+    per_call = (time.process_time_ns() - t0) / 1000
+    share = per_call / 0.3 / 1e9 * 100
+    print(
+        f"  take_levels(50 producers): {per_call / 1000:.1f} us per call, {share:.4f} % of a core at 300 ms"
     )

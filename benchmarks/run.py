@@ -39,7 +39,7 @@ from loadgen import native, run_loadgen  # noqa: E402
 SUTS = ("baseline", "fastsfu", "fastsfu_nolimit", "pion")
 # Run only when named: fastsfu with its datapath on the event loop instead of its own thread;
 # fastsfu with its PlainTransport sockets left unconnected (every send carries its address).
-OPTIONAL_SUTS = ("fastsfu_sized", "fastsfu_inline", "fastsfu_unconnected")
+OPTIONAL_SUTS = ("fastsfu_sized", "fastsfu_inline", "fastsfu_unconnected", "fastsfu_observer")
 # SUTs that have no Discord mode.
 SRTP_ONLY = ("baseline", "pion")
 PION_BUILD = BENCH_DIR / "pion" / "build.sh"
@@ -349,6 +349,8 @@ def sut_argv(sut: str, args: argparse.Namespace, libs: dict[str, Path]) -> list[
         argv += ["--inline"]
     if sut == "fastsfu_unconnected":
         argv += ["--unconnected"]
+    if sut == "fastsfu_observer":
+        argv += ["--observer"]
     if sut == "fastsfu_sized":
         argv += ["--sized-tables"]
     return argv
@@ -690,6 +692,7 @@ PEER_LABELS = {
     "fastsfu_sized": "fastsfu, tables sized to the load",
     "fastsfu_inline": "fastsfu, datapath on the event loop",
     "fastsfu_unconnected": "fastsfu, unconnected sockets",
+    "fastsfu_observer": "fastsfu, an active-speaker observer per room",
     "pion": "pion/srtp v2 Go forwarder",
 }
 
@@ -899,7 +902,7 @@ def _extra_suts(per_sut: dict[str, Any], base: dict[str, Any] | None) -> list[st
     """Rows for SUTs run only on request (fastsfu_inline, fastsfu_unconnected), with their ratio
     to the baseline."""
     lines: list[str] = []
-    for name in ("fastsfu_inline", "fastsfu_unconnected"):
+    for name in ("fastsfu_inline", "fastsfu_unconnected", "fastsfu_observer"):
         res = per_sut.get(name)
         if res is None:
             continue

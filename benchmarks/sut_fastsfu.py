@@ -124,7 +124,11 @@ def settings_for(
 
 
 async def serve(
-    cfg: dict[str, Any], stop: asyncio.Event, settings: Settings, storm: StormSpec | None = None
+    cfg: dict[str, Any],
+    stop: asyncio.Event,
+    settings: Settings,
+    storm: StormSpec | None = None,
+    observe: bool = False,
 ) -> dict[str, Any]:
     discord = benchconfig.is_discord(cfg["suite"])
     async with Engine(settings) as engine:
@@ -157,6 +161,13 @@ async def serve(
         for c in cfg["consumers"]:
             # The sink tells subscriptions apart by the config's consumer SSRCs.
             transports[c["receiver"]].consume(producers[c["sender"]].id, caps, ssrc=c["ssrc"])
+        if observe:
+            # An active-speaker observer per room over all its producers: levels read per packet in C.
+            for room, router in routers.items():
+                observer = router.create_active_speaker_observer()
+                for pr, p in zip(producers, cfg["participants"], strict=True):
+                    if p["room"] == room:
+                        observer.add_producer(pr.id)
         storms: list[JoinStorm] = []
         if storm is not None:
             room0 = [pr for pr, p in zip(producers, cfg["participants"], strict=True) if p["room"] == 0]
@@ -241,6 +252,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--unconnected", action="store_true", help="sockets left unconnected (connect_sockets=False)"
     )
+    ap.add_argument(
+        "--observer", action="store_true", help="an active-speaker observer per room over all its producers"
+    )
     args = ap.parse_args(argv)
     try:
         storm = StormSpec(args.join_storm, args.join_hold, args.join_delay) if args.join_storm else None
@@ -266,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = settings_for(
             cfg, args.max_queue_age_ms, args.out_slots, args.sized_tables, args.inline, args.unconnected
         )
-        return await serve(cfg, stop, settings, storm)
+        return await serve(cfg, stop, settings, storm, args.observer)
 
     counters = asyncio.run(run())
     print(json.dumps(counters), flush=True)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import array
+import math
 from typing import Any
 
 from aiortc import (
@@ -14,6 +16,27 @@ from aiortc import (
     RTCIceParameters,
     RTCIceTransport,
 )
+from aiortc.mediastreams import AudioStreamTrack
+
+
+class VoiceTrack(AudioStreamTrack):
+    """aiortc's silent track, or a 440 Hz tone while `talking`: aiortc writes the ssrc-audio-level
+    it computes from this audio (RFC 6464) when the extension is negotiated."""
+
+    talking = False
+
+    async def recv(self) -> Any:
+        frame = await super().recv()
+        if self.talking:
+            pcm = array.array(
+                "h",
+                (
+                    int(12000 * math.sin(2 * math.pi * 440 * (frame.pts + i) / 8000))
+                    for i in range(frame.samples)
+                ),
+            )
+            frame.planes[0].update(pcm.tobytes())
+        return frame
 
 
 class AiortcLeg:

@@ -12,14 +12,17 @@ from aiortc.mediastreams import AudioStreamTrack
 from aiortc.rtcrtpparameters import (
     RTCRtcpParameters,
     RTCRtpDecodingParameters,
+    RTCRtpHeaderExtensionParameters,
     RTCRtpReceiveParameters,
     RTCRtpSendParameters,
 )
 from aiortc.rtcrtpreceiver import RemoteStreamTrack
 from aiortc_helpers import AiortcLeg
+from helpers import AUDIO_LEVEL_ID as LEVEL_ID
 from helpers import OPUS_CAPS
 
 from fastsfu._proto.protocol.voice.v1 import voice_pb2, voice_pb2_grpc
+from fastsfu.ortc import URI_AUDIO_LEVEL
 
 Req, Resp = voice_pb2.StreamMessageRequest, voice_pb2.StreamMessageResponse
 CAPS = OPUS_CAPS
@@ -37,8 +40,13 @@ def start(leg: AiortcLeg, options: Any) -> Any:
 class HarmonyMember:
     """A Harmony voice client over gRPC with aiortc legs (docs/harmony.md#client-side, ORTC style)."""
 
-    def __init__(self, port: int, token: str, guild_id: int = 10, channel_id: int = 20) -> None:
+    def __init__(
+        self, port: int, token: str, guild_id: int = 10, channel_id: int = 20, track: Any = None
+    ) -> None:
+        """`track`: what to send (silence by default); with one, ssrc-audio-level is negotiated and
+        aiortc writes the level of that audio (RFC 6464)."""
         self.guild_id, self.channel_id = guild_id, channel_id
+        self.track = track
         self.channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
         self.call = voice_pb2_grpc.VoiceServiceStub(self.channel).StreamMessage(
             metadata=(("authorization", token),)
@@ -63,13 +71,15 @@ class HarmonyMember:
         )
         prep = (await self.read()).prepared_for_join_channel
         await asyncio.gather(self.producer.gatherer.gather(), self.consumer.gatherer.gather())
-        self.sender = RTCRtpSender(AudioStreamTrack(), self.producer.dtls)
+        self.sender = RTCRtpSender(self.track or AudioStreamTrack(), self.producer.dtls)
         ssrc = self.sender._ssrc
         params = {
             "codecs": [{"mimeType": "audio/opus", "payloadType": 111, "clockRate": 48000, "channels": 2}],
             "encodings": [{"ssrc": ssrc}],
             "rtcp": {"cname": f"m{ssrc}", "reducedSize": True},
         }
+        if self.track is not None:
+            params["headerExtensions"] = [{"uri": URI_AUDIO_LEVEL, "id": LEVEL_ID}]
         await self.call.write(
             Req(
                 join_channel=Req.JoinChannel(
@@ -94,6 +104,9 @@ class HarmonyMember:
                     RTCRtpCodecParameters(mimeType="audio/opus", clockRate=48000, channels=2, payloadType=111)
                 ],
                 rtcp=RTCRtcpParameters(cname=f"m{ssrc}", ssrc=ssrc),
+                headerExtensions=(
+                    [RTCRtpHeaderExtensionParameters(id=LEVEL_ID, uri=URI_AUDIO_LEVEL)] if self.track else []
+                ),
             )
         )
         for other in joined.joined_channel.other_users:

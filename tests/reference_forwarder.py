@@ -17,6 +17,7 @@ from fastsfu.rtp import (
     DROP_REASONS,
     EVENT_TUPLE_LEARNED,
     EVENT_UNKNOWN_SSRC,
+    KIND_AUDIO_LEVEL,
     KIND_MID,
     SLOW_DTLS,
     SLOW_OTHER,
@@ -70,6 +71,8 @@ class _Producer:
     last_transit: int | None = None
     jitter_q4: int = 0
     packets: int = 0
+    level_id: int = 0  # ssrc-audio-level read (RFC 6464) while an observer wants it
+    levels: tuple[int, int, int, int] = (0, 0, 127, 0)  # count, sum, loudest, voiced
 
 
 @dataclass
@@ -189,6 +192,20 @@ class ReferenceForwarder:
         if pr.paused and not paused:
             pr.epoch += 1
         pr.paused = paused
+
+    def set_producer_levels(self, p: int, on: bool) -> bool:
+        pr = self.producers[p]
+        kinds = [eid for eid, kind in sorted(pr.ext_kind.items()) if kind == KIND_AUDIO_LEVEL]
+        pr.level_id = kinds[0] if on and kinds else 0
+        pr.levels = (0, 0, 127, 0)
+        return pr.level_id != 0
+
+    def take_levels(self, slots: list[int]) -> list[tuple[int, int, int, int]]:
+        out = []
+        for p in slots:
+            out.append(self.producers[p].levels)
+            self.producers[p].levels = (0, 0, 127, 0)
+        return out
 
     def remove_producer(self, p: int) -> None:
         pr = self.producers[p]
@@ -316,7 +333,7 @@ class ReferenceForwarder:
         active = self._n_active(pr)
         decrypt = tr.srtp_in is not None and (
             tentative
-            or (not pr.paused and active > 0)
+            or (not pr.paused and (active > 0 or pr.level_id))
             or pr.last_auth_seq is None
             or (seq - pr.last_auth_seq) & 0xFFFF >= SRTP_KEEPALIVE_SEQ
         )
@@ -345,11 +362,24 @@ class ReferenceForwarder:
         if pr.paused:
             self.drops["producer_paused"] += 1
             return
+        if pr.level_id:
+            self._read_level(pr, data[ext_off : ext_off + ext_len], profile)
         if active == 0:
             self.drops["no_consumers"] += 1
             return
         for c in pr.consumers:
             self._forward(pr, self.consumers[c], data, hlen, ext_off, ext_len, profile, ext, now)
+
+    @staticmethod
+    def _read_level(pr: _Producer, block: bytes, profile: int) -> None:
+        """The first element with the level's ID: V bit and -dBov in its first byte (RFC 6464 §3)."""
+        for eid, value in iter_extensions(block, profile):
+            if eid == pr.level_id:
+                if value:
+                    count, total, loudest, voiced = pr.levels
+                    level = value[0] & 0x7F
+                    pr.levels = (count + 1, total + level, min(loudest, level), voiced + (value[0] >> 7))
+                return
 
     @staticmethod
     def _track(pr: _Producer, seq: int, ts: int, now: int) -> int:

@@ -80,6 +80,7 @@ def assert_counters_agree(pair: Pair, senders: list[Sender]) -> None:
                 (b.last_seq, b.last_ts) if b.has_sent else (None, None)
             )
         assert pair.dp.producer_stats(s.producer)["packets"] == pair.ref.producers[s.producer].packets
+        assert pair.call("take_levels", [s.producer]) is not None  # the levels read agree (Pair.call)
         assert pair.dp.producer_stats(s.producer)["jitter"] == pair.ref.producers[s.producer].jitter_q4 >> 4
 
 
@@ -174,6 +175,8 @@ def build(rng: random.Random, pair: Pair) -> tuple[int, list[Sender], list[int]]
             ts=rng.getrandbits(32),
         )
         s.producer = pair.call("add_producer", t, s.ssrc, s.pt, 48000, ext_ids)
+        if rng.random() < 0.5:
+            pair.call("set_producer_levels", s.producer, True)
         senders.append(s)
     for s in senders:
         for t in transports:
@@ -204,7 +207,7 @@ def add_consumer(rng: random.Random, pair: Pair, s: Sender, t: int, pipe: bool =
 
 def apply_control(rng: random.Random, pair: Pair, senders: list[Sender], transports: list[int]) -> None:
     s = rng.choice(senders)
-    op = rng.randrange(7)
+    op = rng.randrange(8)
     if op == 0 and s.consumers:
         pair.call("set_consumer_paused", rng.choice(s.consumers), rng.random() < 0.5)
     elif op == 1:
@@ -220,6 +223,10 @@ def apply_control(rng: random.Random, pair: Pair, senders: list[Sender], transpo
     elif op == 5:
         t = rng.choice(transports)
         pair.call("set_transport_remote", t, "127.0.0.1", 7000 + transports.index(t))
+    elif op == 7:
+        # An observer comes or goes (docs/observers.md): levels read, observed packets decrypted.
+        pair.call("take_levels", [s.producer])
+        pair.call("set_producer_levels", s.producer, rng.random() < 0.6)
 
 
 @pytest.mark.parametrize("seed", range(24))

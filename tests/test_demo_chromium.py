@@ -28,7 +28,7 @@ from fastsfu import Engine, Settings  # noqa: E402
 from fastsfu.harmony import VoiceRooms  # noqa: E402
 from fastsfu.harmony.auth import TokenAuth  # noqa: E402
 from fastsfu.harmony.hrpc_server import make_app  # noqa: E402
-from fastsfu.server.demo_page import BUNDLE, mount_demo  # noqa: E402
+from fastsfu.server.demo_page import BUNDLE, mount_demo, speaking_mount  # noqa: E402
 
 pytestmark = [pytest.mark.browser, pytest.mark.loopback, pytest.mark.timeout(180)]
 
@@ -135,6 +135,24 @@ async def check_both_hear(one: Any, two: Any, room: Any, engine: Engine) -> None
     assert engine_stats["drops"]["decrypt_failed"] == 0, engine_stats
 
 
+async def check_both_shown_speaking(one: Any, two: Any, run: DemoRun) -> None:
+    """Both send the looped tone: the server measures both speaking from their ssrc-audio-level
+    (docs/observers.md#speaking) and each page marks the other's row; a stranger cannot ask."""
+    for page, other in ((one, "2"), (two, "1")):
+        await page.wait_for_function(f"fastsfuDemo.speaking.includes({other!r})", timeout=10_000)
+        assert await page.evaluate("document.querySelector('#peers li.speaking') !== null")
+    assert run.rooms.rooms[(GUILD, CHANNEL)].speaking_users == {1, 2}
+    import aiohttp
+
+    async with aiohttp.ClientSession() as http:
+        url = f"http://127.0.0.1:{run.port}/demo/speaking?guild={GUILD}&channel={CHANNEL}"
+        for token in ("not-a-token", run.auth.mint(3)):  # a bad token; a user not in the room
+            async with http.get(url, headers={"Authorization": f"Bearer {token}"}) as response:
+                assert response.status == 403
+        async with http.get(url, headers={"Authorization": f"Bearer {run.auth.mint(1)}"}) as response:
+            assert response.status == 200 and (await response.json()) == {"speaking": ["1", "2"]}
+
+
 @contextlib.asynccontextmanager
 async def demo_browser(chromium: str, args: list[str]) -> AsyncIterator[DemoRun]:
     """An Engine, the Harmony rooms and the demo page over hRPC, and one Chromium; on failure
@@ -142,7 +160,8 @@ async def demo_browser(chromium: str, args: list[str]) -> AsyncIterator[DemoRun]
     auth = TokenAuth("demo-test-secret-of-at-least-thirty-two-bytes")
     async with Engine(Settings(listen_ip="127.0.0.1")) as engine:
         rooms = VoiceRooms(engine)
-        async with serve_app(make_app(rooms, auth.authenticate, [mount_demo])) as port:
+        mounts = [mount_demo, speaking_mount(rooms, auth.authenticate)]
+        async with serve_app(make_app(rooms, auth.authenticate, mounts)) as port:
             run = DemoRun(engine, rooms, auth, port)
             try:
                 async with playwright_async.async_playwright() as pw:
@@ -189,6 +208,7 @@ async def run_demo(chromium: str, args: list[str]) -> None:
 
         room = rooms.rooms[(GUILD, CHANNEL)]
         await check_both_hear(one, two, room, engine)
+        await check_both_shown_speaking(one, two, run)
 
         # A bad token: the page shows the hRPC error the server sent (RpcError code).
         intruder = await run.open("intruder", token="not-a-token")

@@ -183,8 +183,11 @@ def test_discord_py_and_discordjs_hear_each_other(tmp_path: Path) -> None:
 @pytest.mark.usefixtures("aiortc_loopback")
 def test_a_discord_bot_and_a_harmony_user_share_a_mapped_room(tmp_path: Path) -> None:
     """[discord.rooms] puts Discord server 41 into Harmony room (41, 42): a discord.py bot and an
-    aiortc client over gRPC hear each other (PT, SSRC and header-extension translation both ways)."""
+    aiortc client over gRPC hear each other (PT, SSRC and header-extension translation both ways).
+    The Harmony user is silent, then talks once the bot is in: discord.py gets SPEAKING 0 for it
+    at the join and SPEAKING 1 when its measured level rises (docs/observers.md#speaking)."""
     require_clients()
+    from aiortc_helpers import VoiceTrack
     from harmony_client import HarmonyMember
 
     dpy_frames = opus_tone_frames(150, 440.0)
@@ -192,13 +195,15 @@ def test_a_discord_bot_and_a_harmony_user_share_a_mapped_room(tmp_path: Path) ->
     async def main() -> None:
         async with fastsfu_serve(tmp_path) as (server, cert):
             grpc_port = int(server.address("fastsfu: gRPC").rsplit(":", 1)[1])
-            harmony = HarmonyMember(grpc_port, AUTH.mint(HARMONY_USER), GUILD, CHANNEL)
+            voice = VoiceTrack()
+            harmony = HarmonyMember(grpc_port, AUTH.mint(HARMONY_USER), GUILD, CHANNEL, track=voice)
             await harmony.join()
             try:
                 bot = await start_dpy_bot(
                     server.discord_endpoint, **ids(DPY_USER), frames=dpy_frames, cafile=cert, hold=2.0
                 )
                 await bot.wait_event("connected", 15)
+                voice.talking = True  # the bot is in: its SPEAKING for the Harmony user goes 0 -> 1
                 for _ in range(100):  # UserJoined for the bot, consumed by the Harmony client
                     if DPY_USER in harmony.receivers:
                         break
@@ -222,6 +227,8 @@ def test_a_discord_bot_and_a_harmony_user_share_a_mapped_room(tmp_path: Path) ->
                 assert (11, {"user_ids": [str(HARMONY_USER)]}) in ops, ops
                 ssrcs = [d["ssrc"] for op, d in ops if op == 5 and d["user_id"] == str(HARMONY_USER)]
                 assert ssrcs, ops
+                speaking = [d["speaking"] for op, d in ops if op == 5 and d["user_id"] == str(HARMONY_USER)]
+                assert speaking == [0, 1], ops  # silent at the join, then measured talking: no flapping
                 heard = dpy.raw["received"].get(str(ssrcs[0]), [])
                 assert len(heard) > 50 and dpy.raw["receive_failures"] == 0, (
                     len(heard),

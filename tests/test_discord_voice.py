@@ -336,8 +336,14 @@ def fragment_from_offer(sdp: str) -> str:
     return "\n".join(dict.fromkeys(lines))  # once each (a session- and a media-level copy)
 
 
-def browser_answer(template: str, offer_sdp: str, ssrcs: list[int]) -> str:
-    """The full remote answer a web client synthesises from op 4's template."""
+def browser_answer(template: str, offer_sdp: str, ssrcs: list[int], levels: bool = False) -> str:
+    """The full remote answer a web client synthesises from op 4's template; `levels`: accept
+    the offer's ssrc-audio-level extmap (the browser then writes levels, RFC 6464)."""
+    extmaps = [
+        line
+        for line in offer_sdp.splitlines()
+        if levels and line.startswith("a=extmap:") and "audio-level" in line
+    ]
     attrs = dict(
         line.split(":", 1) for line in template.splitlines() if line.startswith("a=") and ":" in line
     )
@@ -366,6 +372,7 @@ def browser_answer(template: str, offer_sdp: str, ssrcs: list[int]) -> str:
                 f"a=fingerprint:{attrs['a=fingerprint']}",
                 "a=setup:passive",
                 f"a=rtpmap:{pt} opus/48000/2",
+                *extmaps,
                 attrs["a=candidate"].join(["a=candidate:", ""]),
                 "a=end-of-candidates",
                 *(f"a=ssrc:{s} cname:discord-{s}" for s in ssrcs),
@@ -376,7 +383,7 @@ def browser_answer(template: str, offer_sdp: str, ssrcs: list[int]) -> str:
 
 
 async def join_aiortc_browser(
-    url: str, http: aiohttp.ClientSession, pc: Any, user_id: int, bot_ssrc: int
+    url: str, http: aiohttp.ClientSession, pc: Any, user_id: int, bot_ssrc: int, levels: bool = False
 ) -> tuple[GatewayClient, int]:
     """A web client on the `webrtc` protocol with aiortc's RTCPeerConnection `pc` (an audio
     track added): IDENTIFY, SELECT_PROTOCOL with its offer's fragment, the answer synthesised from
@@ -399,7 +406,7 @@ async def join_aiortc_browser(
     assert description["dave_protocol_version"] == 0 and "a=ice-ufrag:" in description["sdp"]
     video = await browser.expect(12)  # the bot's audio SSRC, for the browser's a=ssrc lines
     assert video["d"]["user_id"] == "1001" and video["d"]["audio_ssrc"] == bot_ssrc
-    answer_sdp = browser_answer(description["sdp"], offer_sdp, [bot_ssrc])
+    answer_sdp = browser_answer(description["sdp"], offer_sdp, [bot_ssrc], levels)
     await pc.setRemoteDescription(RTCSessionDescription(answer_sdp, "answer"))
     for _ in range(100):
         if pc.connectionState == "connected":
@@ -605,3 +612,44 @@ def test_legacy_modes_only_behind_the_setting_and_after_the_aead_ones(enabled: b
             assert await client.close_code() == 4016
 
     serve(body, legacy_modes=enabled)
+
+
+@pytest.mark.usefixtures("aiortc_loopback")
+def test_a_browser_that_talks_is_announced_speaking_by_its_measured_levels() -> None:
+    """A `webrtc` browser (aiortc, which writes ssrc-audio-level computed from its audio) is
+    silent, talks (a 440 Hz tone) for 1.5 s, then is silent again, sending no op 5 of its own
+    after the first: the udp bot gets op 5 speaking 1 once when the tone starts and speaking 0
+    once after it stops (docs/observers.md#speaking); the metric's set follows."""
+    from aiortc import RTCConfiguration, RTCPeerConnection
+    from aiortc_helpers import VoiceTrack
+
+    async def body(url: str, http: aiohttp.ClientSession, rooms: VoiceRooms) -> None:
+        bot = await connect(url, http, 1001, XCHACHA)
+        assert bot.udp is not None
+        track = VoiceTrack()
+        pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        pc.addTrack(track)
+        try:
+            browser, my_ssrc = await join_aiortc_browser(url, http, pc, 1002, bot.udp.ssrc, levels=True)
+            await browser.send(5, {"speaking": 0, "delay": 0, "ssrc": my_ssrc})  # then never again
+            assert (await bot.expect(11))["d"]["user_ids"] == ["1002"]
+            assert (await bot.expect(5))["d"]["speaking"] == 1  # the browser's own claim, at the join
+            assert (await bot.expect(5))["d"]["speaking"] == 0  # ... and its own 0, relayed
+            room = next(iter(rooms))
+            await asyncio.sleep(0.8)
+            assert room.speaking_users == set()
+            track.talking = True
+            on = await bot.expect(5)
+            assert on["d"] == {"user_id": "1002", "ssrc": my_ssrc, "speaking": 1}
+            assert room.speaking_users == {1002}
+            await asyncio.sleep(1.5)
+            track.talking = False
+            off = await bot.expect(5)
+            assert off["d"] == {"user_id": "1002", "ssrc": my_ssrc, "speaking": 0}
+            assert room.speaking_users == set()
+            assert [e for e in bot.events if e["op"] == 5] == []  # nothing in between: no flapping
+            await browser.ws.close()
+        finally:
+            await pc.close()
+
+    serve(body)

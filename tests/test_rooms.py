@@ -32,6 +32,10 @@ class Recorder:
         self.producer = producer
         self.events: list[tuple[str, int]] = []
         self.fail_on_join = fail_on_join
+        self.reports_speaking = False
+
+    def member_speaking(self, user_id: int, speaking: bool) -> None:
+        self.events.append(("speaking" if speaking else "quiet", user_id))
 
     def member_joined(self, user_id: int, producer: Producer) -> None:
         if self.fail_on_join:

@@ -4,6 +4,7 @@
 from fastsfu import types as types
 from fastsfu.consumer import Consumer
 from fastsfu.engine import Engine, Settings
+from fastsfu.observers import ActiveSpeakerObserver, AudioLevelObserver, RtpObserver
 from fastsfu.ortc import OrtcError
 from fastsfu.pipe_transport import PipeTransport
 from fastsfu.plain_transport import PlainTransport
@@ -13,6 +14,8 @@ from fastsfu.transport import Transport, TransportError
 from fastsfu.webrtc_transport import WebRtcTransport
 
 __all__ = [
+    "ActiveSpeakerObserver",
+    "AudioLevelObserver",
     "Consumer",
     "Engine",
     "OrtcError",
@@ -21,6 +24,7 @@ __all__ = [
     "Producer",
     "Router",
     "RouterLimitError",
+    "RtpObserver",
     "Settings",
     "Transport",
     "TransportError",

@@ -13,6 +13,7 @@ cdef enum:
     SRTCP_TRAILER = 148       # + the 4-byte SRTCP index
     MAX_EXT_KINDS = 32
     KIND_MID = 1              # the extension kind whose value each consumer writes itself
+    KIND_AUDIO_LEVEL = 2      # ssrc-audio-level (RFC 6464): read per producer when levels are on
     MID_MAX = 16
     SEND_BATCH = 64
     EVENT_CAP = 256
@@ -180,6 +181,12 @@ ctypedef struct Producer:
     uint64_t packets
     uint64_t bytes
     uint64_t drops
+    # ssrc-audio-level (RFC 6464) over the current interval, read and reset by take_levels()
+    uint8_t level_id                 # the extension ID read when levels are on (0: off)
+    uint8_t level_min                # the loudest level seen (dBov, 0 loudest .. 127 silence)
+    uint32_t level_count
+    uint32_t level_sum
+    uint32_t level_voiced            # packets with the V (voice activity) bit set
 
 ctypedef struct Consumer:
     int in_use
@@ -318,6 +325,7 @@ cdef class Datapath:
     cdef void _drop(self, Transport *tr, int reason) noexcept nogil
     cdef int _handle(self, int sock, uint8_t *buf, int n, const uint8_t *src, int64_t now, int *out_t, int *out_n) noexcept nogil
     cdef void _rtp(self, int t, Transport *tr, uint8_t *buf, int n, const uint8_t *src, int64_t now, int tentative) noexcept nogil
+    cdef void _read_level(self, Producer *pr, const uint8_t *blk, int blk_len, int profile) noexcept nogil
     cdef int64_t _track(self, Producer *pr, uint16_t seq, uint32_t ts, int64_t now) noexcept nogil
     cdef void _forward(self, Producer *pr, Consumer *co, const uint8_t *buf, int n, int hlen, int ext_off, int ext_len, int profile, int64_t ext, int64_t now) noexcept nogil
     cdef int _alloc_out(self) noexcept nogil

@@ -50,6 +50,7 @@ class Consumer(EventEmitter):
         self.app_data: dict[str, Any] = app_data if app_data is not None else {}
         self.observer = EventEmitter()
         self._paused = paused
+        self._suppressed = False  # held back by a loudest-N policy (fastsfu.last_n), apart from pause
         self._closed = False
         self._dp = transport.engine.datapath
         codec = rtp_parameters["codecs"][0]
@@ -85,12 +86,24 @@ class Consumer(EventEmitter):
         self._dp.set_consumer_paused(self.slot, True)
         self.observer.emit("pause")
 
+    @property
+    def suppressed(self) -> bool:
+        return self._suppressed
+
+    def set_suppressed(self, suppressed: bool) -> None:
+        """Hold the stream back (or let it through again) for a loudest-N policy, whatever the
+        receiver's own pause: the datapath forwards only when neither holds it back."""
+        if self._closed or self._suppressed == suppressed:
+            return
+        self._suppressed = suppressed
+        self._dp.set_consumer_paused(self.slot, self._paused or suppressed)
+
     def resume(self) -> None:
         """Resume forwarding; sequence numbers and timestamps continue with no gap."""
         if self._closed or not self._paused:
             return
         self._paused = False
-        self._dp.set_consumer_paused(self.slot, False)
+        self._dp.set_consumer_paused(self.slot, self._suppressed)
         self.observer.emit("resume")
 
     def close(self) -> None:

@@ -12,6 +12,7 @@ from fastsfu.types import MediaKind, ProducerDump, ProducerStats, RtpParameters
 
 if TYPE_CHECKING:
     from fastsfu.consumer import Consumer
+    from fastsfu.observers import Levels
     from fastsfu.transport import Transport
 
 
@@ -47,6 +48,8 @@ class Producer(EventEmitter):
         self.app_data: dict[str, Any] = app_data if app_data is not None else {}
         self.observer = EventEmitter()
         self.consumers: dict[str, Consumer] = {}
+        # Observers' running level sums (fastsfu.observers): the datapath reads levels while any
+        self.level_subscribers: list[Levels] = []
         self._paused = paused
         self._closed = False
         self._dp = transport.engine.datapath
@@ -73,6 +76,17 @@ class Producer(EventEmitter):
     @property
     def closed(self) -> bool:
         return self._closed
+
+    def add_level_subscriber(self, levels: Levels) -> None:
+        if not self.level_subscribers:
+            self._dp.set_producer_levels(self.slot, True)
+        self.level_subscribers.append(levels)
+
+    def remove_level_subscriber(self, levels: Levels) -> None:
+        if levels in self.level_subscribers:
+            self.level_subscribers.remove(levels)
+            if not self.level_subscribers and not self._closed:
+                self._dp.set_producer_levels(self.slot, False)
 
     def pause(self) -> None:
         if self._closed or self._paused:

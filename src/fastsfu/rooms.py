@@ -10,11 +10,13 @@ from collections.abc import Callable, Hashable, Iterator
 from typing import TYPE_CHECKING, Protocol
 
 from fastsfu import ortc
+from fastsfu.last_n import LastN
 from fastsfu.router import RouterLimitError
 from fastsfu.transport import TransportError
 
 if TYPE_CHECKING:
     from fastsfu.engine import Engine
+    from fastsfu.observers import SpeakingObserver
     from fastsfu.producer import Producer
     from fastsfu.router import Router
 
@@ -65,6 +67,11 @@ class RoomMember(Protocol):
     @property
     def producer(self) -> Producer | None: ...
 
+    @property
+    def reports_speaking(self) -> bool:
+        """Its client says when it speaks (Discord's op 5): no need to measure it."""
+        ...
+
     def member_joined(self, user_id: int, producer: Producer) -> None:
         """Another user joined: consume `producer` on your own transport and tell your client.
         Raise a RoomError (e.g. ConsumeError) if that is impossible."""
@@ -74,17 +81,57 @@ class RoomMember(Protocol):
         """A user who joined (and of whom you were told) left: tell your client."""
         ...
 
+    def member_speaking(self, user_id: int, speaking: bool) -> None:
+        """Another member started or stopped speaking (measured from its audio levels, for
+        members whose clients do not say so themselves): tell your client if it can show it."""
+        ...
+
 
 class Room:
     """One voice channel: its router, its members by user, and holders (sessions between taking
     the room and joining it, which keep it alive)."""
 
-    def __init__(self, key: RoomKey, router: Router, max_members: int) -> None:
+    def __init__(
+        self, key: RoomKey, router: Router, max_members: int, speaking_detection: bool = True, last_n: int = 0
+    ) -> None:
         self.key = key
         self.router = router
         self.max_members = max_members
         self.members: dict[int, RoomMember] = {}
         self.holders: set[object] = set()
+        self.speaking_detection = speaking_detection
+        self.speaking_users: set[int] = set()  # measured (SpeakingObserver), for members tracked
+        self._speaking: SpeakingObserver | None = None  # made with the first tracked producer
+        self._speakers: dict[str, int] = {}  # tracked producer id -> user id
+        self.last_n = LastN(router, last_n, every_transport=True) if last_n > 0 else None
+
+    def track_speaking(self, member: RoomMember) -> None:
+        """Measure whether `member` speaks (its client does not say it: a browser, a Harmony
+        client) and tell the others through member_speaking (docs/observers.md#speaking)."""
+        producer = member.producer
+        if member.reports_speaking or not self.speaking_detection:
+            return
+        if producer is None or producer.id in self._speakers:
+            return
+        if self._speaking is None or self._speaking.closed:
+            self._speaking = self.router.create_speaking_observer()
+            self._speaking.on("speaking", self._on_speaking)
+        self._speakers[producer.id] = member.user_id
+        self._speaking.add_producer(producer.id)
+        # After the observer's own close listener: its last "speaking" False still finds the user.
+        producer.observer.once("close", lambda: self._speakers.pop(producer.id, None))
+
+    def _on_speaking(self, producer: Producer, speaking: bool) -> None:
+        user_id = self._speakers.get(producer.id)
+        if user_id is None:
+            return
+        if speaking:
+            self.speaking_users.add(user_id)
+        else:
+            self.speaking_users.discard(user_id)
+        for other in list(self.members.values()):
+            if other.user_id != user_id:
+                other.member_speaking(user_id, speaking)
 
     @property
     def empty(self) -> bool:
@@ -121,16 +168,21 @@ class Room:
             for other in notified:
                 other.member_left(newcomer.user_id)
             raise
+        if self.members.get(newcomer.user_id) is newcomer:  # a producer made after the join
+            self.track_speaking(newcomer)
 
     def add(self, member: RoomMember) -> None:
         """The join commit: `member` is in, and no longer only a holder."""
         self.holders.discard(member)
         self.members[member.user_id] = member
+        if member.producer is not None:
+            self.track_speaking(member)
 
     def remove(self, member: RoomMember) -> bool:
         """Take `member` out (not its holding); True if it was the member of its user."""
         if self.members.get(member.user_id) is member:
             del self.members[member.user_id]
+            self.speaking_users.discard(member.user_id)
             return True
         return False
 
@@ -142,9 +194,18 @@ class Room:
 class Rooms:
     """The registry of one node's rooms: created on first use, freed (router closed) when empty."""
 
-    def __init__(self, engine: Engine, max_members: int = 50, authorize: Authorize | None = None) -> None:
-        if max_members < 1:
-            raise ValueError("max_members must be >= 1")
+    def __init__(
+        self,
+        engine: Engine,
+        max_members: int = 50,
+        authorize: Authorize | None = None,
+        speaking_detection: bool = True,
+        last_n: int = 0,
+    ) -> None:
+        if max_members < 1 or last_n < 0:
+            raise ValueError("max_members must be >= 1 and last_n >= 0")
+        self.speaking_detection = speaking_detection
+        self.last_n = last_n  # 0: every member hears everyone
         self.engine = engine
         self.max_members = max_members
         self.authorize = authorize
@@ -158,7 +219,7 @@ class Rooms:
         room = self.rooms.get(key)
         if room is None:
             router = self.engine.create_router(app_data={"voice": key})
-            room = self.rooms[key] = Room(key, router, self.max_members)
+            room = self.rooms[key] = Room(key, router, self.max_members, self.speaking_detection, self.last_n)
         return room
 
     def release(self, room: Room) -> None:

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from fastsfu import ortc
 from fastsfu.events import EventEmitter
+from fastsfu.observers import ActiveSpeakerObserver, AudioLevelObserver, RtpObserver, SpeakingObserver
 from fastsfu.pipe_transport import PipeToRouterResult, PipeTransport, pipe_to_router
 from fastsfu.plain_transport import PlainTransport
 from fastsfu.srtp import DEFAULT_SUITE
@@ -26,7 +27,7 @@ class RouterLimitError(RuntimeError):
 
 
 class Router(EventEmitter):
-    """A room. Events: "engineclose". Observer events: "close", "newtransport"."""
+    """A room. Events: "engineclose". Observer events: "close", "newtransport", "newrtpobserver"."""
 
     def __init__(
         self,
@@ -45,11 +46,52 @@ class Router(EventEmitter):
         self.producers: dict[str, Producer] = {}
         # (other router's id, SRTP?) -> (our pipe, its pipe), reused by pipe_to_router
         self._pipes: dict[tuple[str, bool], tuple[PipeTransport, PipeTransport]] = {}
+        self.rtp_observers: dict[str, RtpObserver] = {}
         self._closed = False
 
     @property
     def closed(self) -> bool:
         return self._closed
+
+    def create_audio_level_observer(
+        self,
+        max_entries: int = 1,
+        threshold: int = -80,
+        interval: int = 1000,
+        app_data: dict[str, Any] | None = None,
+    ) -> AudioLevelObserver:
+        """mediasoup `createAudioLevelObserver` (docs/observers.md)."""
+        if self._closed:
+            raise RuntimeError("router closed")
+        observer = AudioLevelObserver(self, max_entries, threshold, interval, app_data)
+        self.rtp_observers[observer.id] = observer
+        self.observer.emit("newrtpobserver", observer)
+        return observer
+
+    def create_active_speaker_observer(
+        self, interval: int = 300, app_data: dict[str, Any] | None = None
+    ) -> ActiveSpeakerObserver:
+        """mediasoup `createActiveSpeakerObserver` (docs/observers.md)."""
+        if self._closed:
+            raise RuntimeError("router closed")
+        observer = ActiveSpeakerObserver(self, interval, app_data)
+        self.rtp_observers[observer.id] = observer
+        self.observer.emit("newrtpobserver", observer)
+        return observer
+
+    def create_speaking_observer(
+        self, threshold: int = -50, interval: int = 250, hold: int = 3, app_data: dict[str, Any] | None = None
+    ) -> SpeakingObserver:
+        """Speaking indicators with hysteresis (fastsfu's own, docs/observers.md#speaking)."""
+        if self._closed:
+            raise RuntimeError("router closed")
+        observer = SpeakingObserver(self, threshold, interval, hold, app_data)
+        self.rtp_observers[observer.id] = observer
+        self.observer.emit("newrtpobserver", observer)
+        return observer
+
+    def on_observer_closed(self, observer: RtpObserver) -> None:
+        self.rtp_observers.pop(observer.id, None)
 
     def create_plain_transport(
         self,
@@ -181,6 +223,8 @@ class Router(EventEmitter):
         if self._closed:
             return False
         self._closed = True
+        for rtp_observer in list(self.rtp_observers.values()):
+            rtp_observer._router_closed()
         for transport in list(self.transports.values()):
             transport._router_closed()
         self.observer.emit("close")

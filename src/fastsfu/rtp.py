@@ -17,7 +17,12 @@ EVENT_TUPLE_LEARNED, EVENT_UNKNOWN_SSRC = _rtp.EVENT_TUPLE_LEARNED, _rtp.EVENT_U
 KIND_MID = 1  # the extension kind each consumer fills with its own MID (RFC 8843 §15)
 # Header extensions the datapath forwards, by URI -> kind (a small integer the C tables use).
 # Anything else (abs-send-time, transport-cc: per-hop values) is stripped from forwarded packets.
-EXTENSION_KINDS: dict[str, int] = {URI_MID: KIND_MID, URI_AUDIO_LEVEL: 2, URI_ABS_CAPTURE_TIME: 3}
+KIND_AUDIO_LEVEL = 2  # ssrc-audio-level (RFC 6464): the datapath reads it for observers
+EXTENSION_KINDS: dict[str, int] = {
+    URI_MID: KIND_MID,
+    URI_AUDIO_LEVEL: KIND_AUDIO_LEVEL,
+    URI_ABS_CAPTURE_TIME: 3,
+}
 
 Address = tuple[str, int]
 

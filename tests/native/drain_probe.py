@@ -80,6 +80,7 @@ def main(n: int, fanout: int, kind: str, threaded: bool) -> None:
     dp.set_transport_remote(t_in, *client.getsockname())
     install(dp, t_in, inbound, None)
     p = dp.add_producer(t_in, 1, 111, 48000, {1: 2})
+    assert dp.set_producer_levels(p, True)  # ssrc-audio-level read per packet (an observer's)
     keep = [inbound]
     for i in range(fanout):
         t = dp.add_transport(sock)
@@ -161,6 +162,7 @@ def main(n: int, fanout: int, kind: str, threaded: bool) -> None:
     control_allocations = counter() - before - overhead
     del control
     stats = dp.stats()
+    ((level_count, _, _, _),) = dp.take_levels([p])
     dp.close()
     print(
         json.dumps(
@@ -171,6 +173,7 @@ def main(n: int, fanout: int, kind: str, threaded: bool) -> None:
                 "thread_profiled_calls": profiled,
                 "forwarded": stats["forwarded_packets"],
                 "batches": stats["batches"],
+                "levels": level_count,
             }
         )
     )

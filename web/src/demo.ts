@@ -17,6 +17,7 @@ interface DemoState {
   state: "idle" | "joining" | "joined" | "closed" | "error";
   error: string | null;
   log: string[];
+  speaking: string[]; // user IDs the server measures as speaking now (GET /demo/speaking)
   join: () => Promise<void>;
   leave: () => Promise<void>;
   peers: () => string[];
@@ -46,6 +47,7 @@ const demo: DemoState = {
   state: "idle",
   error: null,
   log: [],
+  speaking: [],
   join,
   leave,
   peers: () => [...(connection?.peers.keys() ?? [])],
@@ -162,6 +164,26 @@ setInterval(() => {
     if (m) m.meter.value = sources.length ? (sources[0].audioLevel ?? 0) : 0;
   }
 }, 200);
+
+// Who is speaking: protocol.voice.v1 has no speaking message, so the page asks the server, which
+// measures it from every member's audio levels (docs/observers.md#speaking).
+let speakingBusy = false;
+setInterval(async () => {
+  if (demo.state !== "joined" || speakingBusy) return;
+  speakingBusy = true;
+  try {
+    const url = `/demo/speaking?guild=${encodeURIComponent(guildInput.value.trim())}&channel=${encodeURIComponent(channelInput.value.trim())}`;
+    const response = await fetch(url, { headers: { Authorization: `Bearer ${tokenInput.value.trim()}` } });
+    if (response.ok) {
+      demo.speaking = ((await response.json()) as { speaking: string[] }).speaking;
+      for (const [userId, m] of meters) m.row.classList.toggle("speaking", demo.speaking.includes(userId));
+    }
+  } catch (e) {
+    log(`speaking: ${e}`);
+  } finally {
+    speakingBusy = false;
+  }
+}, 250);
 
 joinButton.addEventListener("click", () => void join());
 leaveButton.addEventListener("click", () => void leave());

@@ -57,6 +57,11 @@ class DiscordMember:
         self.joined = False
 
     @property
+    def reports_speaking(self) -> bool:
+        """udp clients send SPEAKING (op 5) as they talk; browsers (webrtc) are measured."""
+        return self.offer is None
+
+    @property
     def receive_capabilities(self) -> RtpCapabilities:
         return self.offer.rtp_capabilities() if self.offer is not None else DISCORD_RTP_CAPABILITIES
 
@@ -71,6 +76,13 @@ class DiscordMember:
     def member_left(self, user_id: int) -> None:
         self.consumers.pop(user_id, None)  # closed with its producer already
         self.session.send(Op.CLIENT_DISCONNECT, {"user_id": str(user_id)})
+
+    def member_speaking(self, user_id: int, speaking: bool) -> None:
+        """A measured member (a browser, a Harmony user) started or stopped speaking: op 5 with
+        the microphone bit, under the SSRC this client receives it as."""
+        consumer = self.consumers.get(user_id)
+        if consumer is not None:
+            self._announce_speaking(user_id, consumer.ssrc, 1 if speaking else 0)
 
     # ------------------------------------------------------------------ helpers
 
@@ -112,13 +124,20 @@ class DiscordMember:
             }
             self.session.send(Op.VIDEO, video)
         # djs maps SSRC -> user only from a server SPEAKING with user_id (op 5).
+        self._announce_speaking(user_id, ssrc, speaking)
+
+    def _announce_speaking(self, user_id: int, ssrc: int, speaking: int) -> None:
         self.session.send(Op.SPEAKING, {"user_id": str(user_id), "ssrc": ssrc, "speaking": speaking})
 
 
 def _speaking_of(room: Room, user_id: int) -> int:
     member = room.members.get(user_id)
-    # A Harmony user has no SPEAKING of its own: announce it as a microphone (bit 1).
-    return member.speaking if isinstance(member, DiscordMember) else 1
+    if isinstance(member, DiscordMember) and (member.reports_speaking or member.speaking):
+        return member.speaking  # what its client said last
+    if room.speaking_detection:  # measured: speaking now or not (docs/observers.md#speaking)
+        return 1 if user_id in room.speaking_users else 0
+    # Not measured: a Harmony user or a silent browser; announce a microphone (bit 1).
+    return 1
 
 
 class DiscordVoice(GatewayHandler):
@@ -303,6 +322,11 @@ class DiscordVoice(GatewayHandler):
     def speaking(self, session: Session, d: dict[str, Any]) -> None:
         member = self._member(session)
         member.speaking = d["speaking"]
+        if member.reports_speaking and member.joined:  # counted in fastsfu_speaking_members
+            if member.speaking:
+                member.room.speaking_users.add(member.user_id)
+            else:
+                member.room.speaking_users.discard(member.user_id)
         if self._claim_ssrc(member, d["ssrc"]) or not member.joined:
             return  # just announced to the room with this speaking state, or not in it yet
         # Relay to every Discord member, with the SSRC that member receives this user under.

@@ -100,12 +100,14 @@ class VoiceSettings:
     prepare_timeout: float = 10.0
     join_timeout: float = 30.0  # covers a microphone permission prompt
     max_outbox: int = 4096  # queued responses before a client that does not read is dropped
+    speaking_detection: bool = True  # measure who speaks from audio levels (docs/observers.md#speaking)
+    last_n: int = 0  # forward each member only the N most recent loud speakers; 0: everyone
 
     def __post_init__(self) -> None:
         if self.id_quoting not in ("json", "bare") or self.duplicate_session not in ("replace", "reject"):
             raise ValueError("id_quoting must be json|bare and duplicate_session replace|reject")
-        if self.max_users_per_room < 1 or self.max_outbox < 16:
-            raise ValueError("max_users_per_room must be >= 1 and max_outbox >= 16")
+        if self.max_users_per_room < 1 or self.max_outbox < 16 or self.last_n < 0:
+            raise ValueError("max_users_per_room must be >= 1, max_outbox >= 16 and last_n >= 0")
 
 
 class VoiceRooms(Rooms):
@@ -119,7 +121,13 @@ class VoiceRooms(Rooms):
         authorize: Authorize | None = None,  # raises VoiceError (h.*) to refuse
     ) -> None:
         self.settings = settings or VoiceSettings()
-        super().__init__(engine, self.settings.max_users_per_room, authorize)
+        super().__init__(
+            engine,
+            self.settings.max_users_per_room,
+            authorize,
+            self.settings.speaking_detection,
+            self.settings.last_n,
+        )
         self.sessions: dict[int, VoiceSession] = {}  # user -> the session that passed Initialize
         self.open_sessions: set[VoiceSession] = set()  # every stream's session, until it closes
         # Counted by the front-ends for monitoring: streams opened (by front-end) and ended by error.
@@ -349,6 +357,13 @@ class VoiceSession:
         self._send(
             Resp(user_joined=Resp.UserJoined(data=self._consumer_options(user_id, producer, consumer)))
         )
+
+    @property
+    def reports_speaking(self) -> bool:
+        return False  # protocol.voice.v1 has no speaking message: measured (docs/observers.md#speaking)
+
+    def member_speaking(self, user_id: int, speaking: bool) -> None:
+        """protocol.voice.v1 cannot carry it; the demo page polls the room instead."""
 
     def member_left(self, user_id: int) -> None:
         self._send(Resp(user_left=Resp.UserLeft(user_id=user_id)))

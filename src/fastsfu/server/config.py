@@ -238,6 +238,8 @@ OPTIONS = (
     Option(
         "voice.max_outbox", "--max-outbox", int, "queued responses before a non-reader is dropped", minimum=16
     ),
+    Option("voice.speaking_detection", "--speaking-detection", bool, "measure who speaks from audio levels"),
+    Option("voice.last_n", "--last-n", int, "forward only the N latest loud speakers; 0: all", minimum=0),
     Option(
         "rate_limit.burst",
         "--rate-limit-burst",

@@ -7,9 +7,17 @@ there at build time). Nothing minified is committed. Without the bundle /demo/ s
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from aiohttp import web
+
+from fastsfu.rooms import RoomError
+
+if TYPE_CHECKING:
+    from fastsfu.rooms import Rooms
 
 STATIC = Path(__file__).parent / "static"
 PAGE = STATIC / "demo.html"
@@ -53,3 +61,27 @@ def mount_demo(app: web.Application) -> None:
     app.router.add_get("/demo", _redirect)
     app.router.add_get("/demo/", _page)
     app.router.add_get("/demo/demo.js", _bundle)
+
+
+def speaking_mount(rooms: Rooms, authenticate: Callable[[str], int]) -> Callable[[web.Application], None]:
+    """GET /demo/speaking?guild=&channel= (Authorization: Bearer <token>): the user IDs speaking
+    now in that room, for the demo page's indicators (docs/observers.md#speaking). Harmony's
+    protocol has no speaking message, so the page asks here; only a member of the room may ask."""
+
+    async def speaking(request: web.Request) -> web.Response:
+        token = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+        try:
+            user_id = authenticate(token)
+            key = (int(request.query["guild"]), int(request.query["channel"]))
+        except (RoomError, KeyError, ValueError):  # a bad token, a missing or bad query: one answer
+            return web.Response(status=403, text="not a member of this voice channel")
+        room = rooms.get(key)
+        if room is None or user_id not in room.members:
+            return web.Response(status=403, text="not a member of this voice channel")
+        body = json.dumps({"speaking": sorted(str(u) for u in room.speaking_users)})
+        return web.Response(text=body, content_type="application/json", headers={"Cache-Control": "no-store"})
+
+    def mount(app: web.Application) -> None:
+        app.router.add_get("/demo/speaking", speaking)
+
+    return mount

@@ -28,7 +28,7 @@ from fastsfu.harmony.hrpc_server import STREAM_PATH, make_app
 from fastsfu.harmony.rate_limit import RateLimiter
 from fastsfu.harmony.session import VoiceRooms, VoiceSettings
 from fastsfu.server.config import ServerConfig
-from fastsfu.server.demo_page import NOT_BUILT, bundle_built, mount_demo
+from fastsfu.server.demo_page import NOT_BUILT, bundle_built, mount_demo, speaking_mount
 from fastsfu.server.edge import ConnectionGuard, EdgeLimits, GuardedSite
 from fastsfu.server.gc_health import GcMonitor, freeze_startup_heap
 from fastsfu.server.lifecycle import drain, stop_event
@@ -71,7 +71,10 @@ async def serve_harmony(config: ServerConfig, voice: VoiceSettings | None = None
         guards = [ConnectionGuard("hrpc", limits)]
         if discord is not None:
             guards.append(ConnectionGuard("discord", limits))
-        mounts: list[Callable[[web.Application], None]] = [mount_demo]
+        mounts: list[Callable[[web.Application], None]] = [
+            mount_demo,
+            speaking_mount(rooms, auth.authenticate),
+        ]
         gc_monitor = GcMonitor().install()
         cluster = worker.bind(rooms, engine) if worker is not None else ()
         scrape = None

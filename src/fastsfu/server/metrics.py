@@ -64,6 +64,8 @@ class ServerCollector(Collector):
         yield _gauge("fastsfu_rooms", "Voice channels with a router", len(rooms.rooms))
         members = sum(len(room.members) for room in rooms.rooms.values())
         yield _gauge("fastsfu_room_members", "Users who completed the join, over all rooms", members)
+        speaking = sum(len(room.speaking_users) for room in rooms.rooms.values())
+        yield _gauge("fastsfu_speaking_members", "Members speaking now (measured, or their op 5)", speaking)
         yield _gauge("fastsfu_voice_sessions", "Users with a session past Initialize", len(rooms.sessions))
         yield _gauge("fastsfu_voice_streams_open", "Open voice streams (any state)", len(rooms.open_sessions))
         streams = CounterMetricFamily(
