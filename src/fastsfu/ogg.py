@@ -76,8 +76,8 @@ class OggOpusStream:
     """One logical Ogg Opus stream. `headers()` first, then `packet()` per Opus packet (with its
     duration in 48 kHz samples), then `finish()`; each returns the bytes of the pages it completed.
 
-    The granule position of a page is pre-skip plus every sample of the packets that end on it
-    (RFC 7845 §4), so a reader's duration is exactly the samples we were given.
+    The granule position of a page counts every sample of the packets that end on it, the
+    pre-skip ones included (RFC 7845 §4): a reader plays the last granule minus pre-skip samples.
     """
 
     def __init__(self, serial: int, channels: int = 2, pre_skip: int = 0) -> None:
@@ -85,8 +85,8 @@ class OggOpusStream:
         self.channels = channels
         self.pre_skip = pre_skip
         self.sequence = 0
-        self.granule = pre_skip  # after the last packet given
-        self.samples = 0  # audio samples given (the duration of the stream)
+        self.granule = 0  # samples of every packet given, pre-skip included
+        self.samples = 0  # samples given, pre-skip included
         self._packets: list[bytes] = []
         self._segments = 0
         self._bytes = 0
@@ -116,7 +116,7 @@ class OggOpusStream:
         self._bytes += len(data)
         self._page_samples += samples
         self.granule += samples
-        self.samples += samples
+        self.samples = self.granule
         if self._page_samples >= PAGE_SAMPLES or self._bytes >= PAGE_BYTES:
             out += self._flush()
         return out

@@ -29,6 +29,11 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 TAP_RECORD = struct.Struct("<iiIIqq")  # the datapath's tap record header (Datapath.take_tap)
+# Each file starts with one empty 10 ms frame, which a decoder with no state yet turns into zeros,
+# and a pre-skip that discards exactly those (RFC 7845 §4.2): players see the received audio from
+# its first sample, and the header carries a non-zero pre-skip as readers expect.
+PRE_SKIP = 480
+LEAD_IN = bytes([30 << 3])  # config 30: CELT FB 10 ms, code 0, an empty frame (RFC 6716 §3.2.2)
 MIN_FILE_BYTES = 8192  # room for the headers and a page: a smaller cap could never hold audio
 OnCap = Literal["rotate", "stop"]
 
@@ -260,11 +265,11 @@ class Recorder(EventEmitter):
                 return
             f = speaker.file or self._open_file(speaker)
             stream = f.stream
-            over_time = cap_samples and stream.samples + samples > cap_samples
+            over_time = cap_samples and stream.samples - PRE_SKIP + samples > cap_samples
             # Worst case after this packet: the buffered page, plus a new page if it overflows.
             worst = f.written + len(speaker.out) + stream.pending_bytes() + HEADER_FIXED
             over_size = opts.max_file_bytes and worst + len(data) + len(data) // 255 + 1 > opts.max_file_bytes
-            if (over_time or over_size) and stream.samples:
+            if (over_time or over_size) and stream.samples > PRE_SKIP:
                 self._finish_file(speaker)
                 if opts.on_cap == "stop":
                     speaker.capped = True
@@ -283,7 +288,7 @@ class Recorder(EventEmitter):
         speaker.part += 1
         path = os.path.join(self.directory, f"{safe}-{stamp}-{self.id[:8]}-{speaker.part:03d}.opus")
         self._next_key += 1
-        f = _File(self._next_key, path, OggOpusStream(self._next_key))
+        f = _File(self._next_key, path, OggOpusStream(self._next_key, pre_skip=PRE_SKIP))
         first = speaker.track.first_arrival or time.monotonic_ns()
         start = time.time_ns() - (time.monotonic_ns() - first)
         comments = [
@@ -295,6 +300,7 @@ class Recorder(EventEmitter):
         ]
         speaker.file = f
         speaker.out += f.stream.headers("fastsfu", comments)
+        speaker.out += f.stream.packet(LEAD_IN, PRE_SKIP)
         self.files.append(path)
         self._queue(self._io_open, f.key, path)
         self.observer.emit("newfile", path)
