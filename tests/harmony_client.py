@@ -37,8 +37,11 @@ def start(leg: AiortcLeg, options: Any) -> Any:
 class HarmonyMember:
     """A Harmony voice client over gRPC with aiortc legs (docs/harmony.md#client-side, ORTC style)."""
 
-    def __init__(self, port: int, token: str, guild_id: int = 10, channel_id: int = 20) -> None:
+    def __init__(
+        self, port: int, token: str, guild_id: int = 10, channel_id: int = 20, track: Any = None
+    ) -> None:
         self.guild_id, self.channel_id = guild_id, channel_id
+        self.track = track if track is not None else AudioStreamTrack()  # what the member sends
         self.channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
         self.call = voice_pb2_grpc.VoiceServiceStub(self.channel).StreamMessage(
             metadata=(("authorization", token),)
@@ -63,7 +66,7 @@ class HarmonyMember:
         )
         prep = (await self.read()).prepared_for_join_channel
         await asyncio.gather(self.producer.gatherer.gather(), self.consumer.gatherer.gather())
-        self.sender = RTCRtpSender(AudioStreamTrack(), self.producer.dtls)
+        self.sender = RTCRtpSender(self.track, self.producer.dtls)
         ssrc = self.sender._ssrc
         params = {
             "codecs": [{"mimeType": "audio/opus", "payloadType": 111, "clockRate": 48000, "channels": 2}],

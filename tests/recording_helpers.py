@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import array
+import asyncio
+import fractions
 import math
 import shutil
 import struct
@@ -13,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from aiortc.mediastreams import AudioStreamTrack
+from av import AudioFrame
 
 from fastsfu.ogg import ogg_crc
 
@@ -97,3 +101,44 @@ def dominant_hz(samples: array.array[int], start: float, seconds: float = 0.2) -
 def rms(samples: array.array[int], start: float, seconds: float) -> float:
     window = samples[int(start * RATE) : int((start + seconds) * RATE)]
     return math.sqrt(sum(x * x for x in window) / max(1, len(window)))
+
+
+class ToneTrack(AudioStreamTrack):
+    """aiortc audio in real time from `segments` of (Hz, seconds); Hz None sends nothing while the
+    timestamps run on (a muted microphone). Starts at `go`; after the last segment, nothing more:
+    `sent_seconds` is the wall time from the first frame to the end of the last."""
+
+    def __init__(self, segments: list[tuple[float | None, float]], go: asyncio.Event) -> None:
+        super().__init__()
+        self.plan = [hz for hz, seconds in segments for _ in range(round(seconds * 50))]
+        self.go = go
+        self.index = 0
+        self.start = 0.0
+
+    @property
+    def sent_seconds(self) -> float:
+        return len(self.plan) * 0.02
+
+    async def recv(self) -> AudioFrame:  # type: ignore[override]
+        loop = asyncio.get_running_loop()
+        if self.index == 0:
+            await self.go.wait()
+            self.start = loop.time()
+        while self.index < len(self.plan) and self.plan[self.index] is None:
+            self.index += 1
+        if self.index >= len(self.plan):
+            await asyncio.Event().wait()  # nothing more until the sender stops
+        hz, i = self.plan[self.index], self.index
+        self.index += 1
+        await asyncio.sleep(max(0.0, self.start + i * 0.02 - loop.time()))
+        assert hz is not None
+        pcm = array.array("h")
+        for k in range(i * 960, (i + 1) * 960):
+            v = int(8000 * math.sin(2 * math.pi * hz * k / RATE))
+            pcm.extend((v, v))
+        frame = AudioFrame(format="s16", layout="stereo", samples=960)
+        frame.planes[0].update(pcm.tobytes())
+        frame.pts = i * 960
+        frame.sample_rate = RATE
+        frame.time_base = fractions.Fraction(1, RATE)
+        return frame

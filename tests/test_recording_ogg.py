@@ -96,13 +96,16 @@ def test_opus_samples_from_the_toc() -> None:
 
 
 def test_gap_packets_conceal_then_silence_and_add_up() -> None:
-    for samples in (120, 960, 1000, 2 * 960, 3 * 960 + 480, 48000, 480 + 240 + 120):
-        packets = gap_packets(samples)
-        assert sum(n for _, n in packets) == samples - samples % 120
-        assert all(opus_samples(p) == n for p, n in packets)
-    first, *rest = gap_packets(10 * 960)
-    assert first == (bytes([0xFB, 2]), 1920)  # two empty frames: the decoder conceals
-    assert rest[0][0] == bytes([0xFB, 6]) + SILENCE * 6  # then CELT silence frames
+    for previous in (None, 0xFC, 0x08, 0x18, 0x78):  # CELT 20 ms, SILK 20 ms, SILK 60 ms, hybrid 10 ms
+        for samples in (120, 960, 1000, 2 * 960, 3 * 960 + 480, 48000, 480 + 240 + 120):
+            packets = gap_packets(samples, previous)
+            assert sum(n for _, n in packets) == samples - samples % 120, (previous, samples)
+            assert all(opus_samples(p) == n for p, n in packets)
+    first, *rest = gap_packets(10 * 960, 0xFC)
+    assert first == (bytes([0xFF, 3]), 3 * 960)  # three zero-length frames as the last TOC: PLC
+    assert rest[0][0] == bytes([0xFF, 6]) + SILENCE * 6  # then CELT silence frames, stereo as before
+    assert gap_packets(960, 0x08) == [(bytes([0x0B, 1]), 960)]  # SILK NB 20 ms, as the last packet
+    assert gap_packets(2880, 0x18) == [(bytes([0x1B, 1]), 2880)]  # one lost 60 ms SILK frame
 
 
 def push_all(track: SpeakerTrack, packets: list[tuple[int, int, bytes]], t0: int = 0) -> None:
@@ -120,7 +123,7 @@ def test_track_orders_drops_duplicates_and_fills_gaps_across_a_timestamp_wrap() 
     track.push(102, (ts0 + 2 * 960) & 0xFFFFFFFF, 0, TONE)  # a duplicate still pending
     out = track.pop(10**12)
     assert sum(n for _, n in out) == 6 * 960  # across the wrap, the lost packet included
-    assert out[3] == (bytes([0xFB, 1]), 960)
+    assert out[3] == (bytes([0xFF, 1]), 960)  # TONE's configuration, stereo, one empty frame
     assert track.late == 1 and track.concealed == 960
     track.push(101, ts0 + 960, 10**12, TONE)  # older than what was written: late
     assert track.late == 2 and track.pop(10**13, final=True) == []
@@ -144,6 +147,17 @@ def test_track_follows_arrivals_when_the_senders_clock_stands_still() -> None:
     track.push(3, 1920, 2_040_000_000, TONE)
     out = track.pop(10**12)
     assert sum(n for _, n in out) == 3 * 960 + 2 * 48000
+
+
+def test_track_counts_a_held_frame_and_the_timestamp_gap_after_it_once() -> None:
+    # An encoder with a frame of lookahead sends its last frame before a 2 s gap only when the
+    # next input comes: that frame arrives 2 s late, then the timestamp jumps by the gap.
+    track = SpeakerTrack()
+    track.push(1, 0, 0, TONE)
+    track.push(2, 960, 2_020_000_000, TONE)
+    track.push(3, 1920 + 2 * 48000, 2_040_000_000, TONE)
+    track.push(4, 2880 + 2 * 48000, 2_060_000_000, TONE)
+    assert sum(n for _, n in track.pop(10**12)) == 4 * 960 + 2 * 48000
 
 
 def test_track_trusts_arrivals_over_a_timestamp_jump() -> None:

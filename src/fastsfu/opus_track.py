@@ -10,24 +10,26 @@ RATE = 48000  # Opus's RTP clock and Ogg Opus's granule rate (RFC 7587 §4.1, RF
 HOLD_NS = 100_000_000  # a packet waits this long after arrival for earlier ones arriving late
 MAX_PACKET_SAMPLES = 5760  # 120 ms (RFC 6716 §3.2.5)
 JUMP_SLACK = RATE  # a timestamp gap more than 1 s past the arrival gap is a discontinuity
-PLC_FRAMES = 2  # 20 ms frames of a gap left to the decoder's concealment, the rest is silence
+PLC_SAMPLES = 2880  # the first 60 ms of a gap are left to the decoder's concealment, then silence
 SILENCE = b"\xff\xfe"  # a CELT frame whose silence flag is set (RFC 6716 §4.3)
 SLIP = RATE  # arrivals 1 s behind the timestamps: the sender's clock stood still during a silence
+
+
+def frame_samples(toc: int) -> int:
+    """48 kHz samples of one frame of the TOC byte's configuration (RFC 6716 §3.1, Table 2)."""
+    config = toc >> 3
+    if config < 12:  # SILK-only: 10, 20, 40, 60 ms
+        return (480, 960, 1920, 2880)[config & 3]
+    if config < 16:  # hybrid: 10, 20 ms
+        return (480, 960)[config & 1]
+    return (120, 240, 480, 960)[config & 3]  # CELT-only: 2.5, 5, 10, 20 ms
 
 
 def opus_samples(packet: bytes) -> int:
     """48 kHz samples in an Opus packet from its TOC byte (RFC 6716 §3.1, §3.2); 0 if invalid."""
     if not packet:
         return 0
-    toc = packet[0]
-    config = toc >> 3
-    if config < 12:  # SILK-only: 10, 20, 40, 60 ms
-        frame = (480, 960, 1920, 2880)[config & 3]
-    elif config < 16:  # hybrid: 10, 20 ms
-        frame = (480, 960)[config & 1]
-    else:  # CELT-only: 2.5, 5, 10, 20 ms
-        frame = (120, 240, 480, 960)[config & 3]
-    code = toc & 3
+    code = packet[0] & 3
     if code == 0:
         frames = 1
     elif code < 3:
@@ -36,31 +38,39 @@ def opus_samples(packet: bytes) -> int:
         if len(packet) < 2:
             return 0
         frames = packet[1] & 0x3F
-    total = frames * frame
+    total = frames * frame_samples(packet[0])
     return total if 0 < total <= MAX_PACKET_SAMPLES else 0
 
 
-def gap_packets(samples: int) -> list[tuple[bytes, int]]:
+def gap_packets(samples: int, previous: int | None = None) -> list[tuple[bytes, int]]:
     """Opus packets lasting `samples` (rounded down to 2.5 ms) that stand for audio never received.
 
-    The first 40 ms are empty frames, what a lost frame or DTX looks like to a decoder (RFC 6716
-    §3.2.1): it conceals them (PLC), continuing the sound and fading it. The rest are CELT frames
-    with the silence flag set (RFC 6716 §4.3, the first symbol; the 0xFF 0xFE frame Discord clients
-    send), which decode to digital silence: PLC alone settles on a noise floor about -20 dB under
-    the speech instead. Code 3 packets (§3.2.5) carry up to six 20 ms frames each."""
+    First up to 60 ms of zero-length frames, which ask the decoder to conceal (PLC) what is missing
+    (RFC 7845 §4.1, RFC 6716 §3.2.1), with the configuration of the `previous` packet's TOC byte as
+    RFC 7845 §4.1 advises. Then CELT frames with the silence flag set (RFC 6716 §4.3, the first
+    symbol; the 0xFF 0xFE frame Discord clients send), which decode to digital silence: libopus's
+    PLC over a long gap settles on a noise floor about 21 dB under the speech instead
+    (docs/recording.md). Code 3 packets (RFC 6716 §3.2.5) carry several frames each, up to 120 ms.
+    """
     out: list[tuple[bytes, int]] = []
-    conceal = min(samples // 960, PLC_FRAMES)
-    if conceal:
-        out.append((bytes([(31 << 3) | 3, conceal]), conceal * 960))  # CBR, `conceal` empty frames
-        samples -= conceal * 960
+    toc = previous if previous is not None else (31 << 3)  # default: CELT FB 20 ms
+    head = toc & 0xFC  # the configuration and stereo flag, code 0
+    frame = frame_samples(toc)
+    conceal = min(samples, max(PLC_SAMPLES, frame)) // frame
+    while conceal:
+        n = min(conceal, MAX_PACKET_SAMPLES // frame)
+        out.append((bytes([head | 3, n]), n * frame))  # code 3, CBR, n zero-length frames
+        samples -= n * frame
+        conceal -= n
+    silent = (31 << 3) | (toc & 4)  # CELT FB 20 ms, the previous packet's stereo flag
     while samples >= 960:
         n = min(6, samples // 960)
-        out.append((bytes([(31 << 3) | 3, n]) + SILENCE * n, n * 960))  # config 31: CELT FB 20 ms
+        out.append((bytes([silent | 3, n]) + SILENCE * n, n * 960))
         samples -= n * 960
-    for config, frame in ((30, 480), (29, 240), (28, 120)):  # 10, 5, 2.5 ms, code 0, empty
-        if samples >= frame:
-            out.append((bytes([config << 3]), frame))
-            samples -= frame
+    for config, size in ((30, 480), (29, 240), (28, 120)):  # CELT 10, 5, 2.5 ms, zero-length
+        if samples >= size:
+            out.append((bytes([config << 3]), size))
+            samples -= size
     return out
 
 
@@ -80,6 +90,8 @@ class SpeakerTrack:
     first_arrival: int | None = None
     position: int = 0  # samples out (packets and fill)
     base_offset: int = 0  # the least (arrival clock - position) so far: the path's own delay
+    credit: int = 0  # samples filled for the last packet's late arrival
+    last_toc: int | None = None
 
     def push(self, ext: int, ts: int, arrival_ns: int, payload: bytes) -> None:
         if (self.last_ext is not None and ext <= self.last_ext) or ext in self.pending:
@@ -121,13 +133,18 @@ class SpeakerTrack:
             if gap > wall + JUMP_SLACK or gap < -JUMP_SLACK:
                 gap = wall - samples  # the sender's clock jumped (a restart): trust arrivals
             fill = max(0, gap)
+            # Silence filled for a late arrival already covers (part of) a timestamp gap that
+            # follows it: an encoder that held its last frame until the next input came.
+            fill -= min(fill, self.credit)
+            self.credit = 0
             # A sender whose timestamp stood still while it sent nothing (discord.py counts frames
             # sent) arrives late by the whole silence: fill what exceeds the least delay seen.
             slip = elapsed - (self.position + fill) - self.base_offset
             if slip > SLIP:
                 fill += slip
+                self.credit = slip
         if fill:
-            filler = gap_packets(fill)
+            filler = gap_packets(fill, self.last_toc)
             out.extend(filler)
             filled = sum(n for _, n in filler)
             self.concealed += filled
@@ -139,3 +156,4 @@ class SpeakerTrack:
         self.last_ext = ext
         self.next_ts = (ts + samples) & 0xFFFFFFFF
         self.last_arrival = arrival
+        self.last_toc = payload[0]

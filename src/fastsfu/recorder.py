@@ -113,6 +113,7 @@ class Recorder(EventEmitter):
         self._handles: dict[int, IO[bytes]] = {}  # writer thread only
         self._last: Future[None] | None = None
         self.tap = self._dp.add_tap(self.options.tap_slots)
+        self._tap_final: dict[str, int] = {}
         self._record_all = record_all
         router.observer.once("close", self._on_router_close)
         if record_all:
@@ -162,9 +163,7 @@ class Recorder(EventEmitter):
             await asyncio.wrap_future(last)
 
     def stats(self) -> dict[str, Any]:
-        tap: dict[str, int] = {}
-        if not self.closed:
-            tap = self._dp.tap_stats(self.tap)
+        tap = self._tap_final if self.closed else self._dp.tap_stats(self.tap)
         speakers = list(self._speakers.values())
         return {
             "id": self.id,
@@ -215,6 +214,7 @@ class Recorder(EventEmitter):
         self._submit_outputs()
         self.closed = True
         self.close_reason = reason
+        self._tap_final = self._dp.tap_stats(self.tap)
         self._dp.remove_tap(self.tap)
         self.router.observer.off("close", self._on_router_close)
         if self._record_all:
