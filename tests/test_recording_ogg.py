@@ -4,6 +4,7 @@ and, where it exists, checked by opus-tools' opusinfo."""
 
 from __future__ import annotations
 
+import random
 import shutil
 import struct
 import subprocess
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 from recording_helpers import check_structure, read_pages
 
-from fastsfu.ogg import OggOpusStream, lacing, ogg_crc, opus_head, page
+from fastsfu.ogg import OggOpusStream, lacing, ogg_crc, ogg_crc_reference, opus_head, page
 from fastsfu.opus_track import HOLD_NS, SILENCE, SpeakerTrack, gap_packets, opus_samples
 
 TONE = bytes([0xFC]) + bytes(80)  # CELT FB 20 ms stereo, code 0: 960 samples
@@ -25,6 +26,10 @@ def test_crc_is_the_ogg_polynomial_not_zlibs() -> None:
     assert ogg_crc(b"123456789") == 0x89A1897F
     assert ogg_crc(b"123456789") != zlib.crc32(b"123456789")
     assert ogg_crc(b"") == 0
+    rng = random.Random(7)
+    for size in (1, 27, 255, 4096, 65307):
+        data = rng.randbytes(size)
+        assert ogg_crc(data) == ogg_crc_reference(data)  # the C one against the Python reference
 
 
 def test_lacing_of_a_255_byte_packet_ends_with_a_zero() -> None:

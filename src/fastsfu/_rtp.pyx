@@ -101,6 +101,30 @@ def install_aead_functions(tuple addresses) -> None:
     fsfu_evp_install(f)
 
 
+cdef uint32_t g_ogg_crc[256]
+cdef bint g_ogg_crc_ready = False
+
+
+def ogg_crc(const uint8_t[:] data) -> int:
+    """The Ogg page checksum (RFC 3533 §6: polynomial 0x04c11db7, no reflection, initial 0), for
+    the recorder's pages; fastsfu.ogg.ogg_crc_reference is the same in Python (tests compare)."""
+    global g_ogg_crc_ready
+    cdef uint32_t crc = 0, r
+    cdef Py_ssize_t i, n = data.shape[0]
+    cdef int k
+    if not g_ogg_crc_ready:
+        for i in range(256):
+            r = <uint32_t>i << 24
+            for k in range(8):
+                r = (r << 1) ^ 0x04C11DB7 if r & 0x80000000 else r << 1
+            g_ogg_crc[i] = r
+        g_ogg_crc_ready = True
+    with nogil:
+        for i in range(n):
+            crc = (crc << 8) ^ g_ogg_crc[(crc >> 24) ^ data[i]]
+    return crc
+
+
 def hchacha20(const uint8_t[:] key, const uint8_t[:] nonce16) -> bytes:
     """HChaCha20 (draft-irtf-cfrg-xchacha-03 §2.2), exposed for the known-answer test."""
     cdef uint8_t out[32]

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import struct
 
+from fastsfu._rtp import ogg_crc
+
 PAGE_SAMPLES = 48000  # close a page after about one second of audio (RFC 7845 §6: ≤ 1 s per page)
 PAGE_BYTES = 4096  # ... or this much data, so a crash loses little
 MAX_SEGMENTS = 255  # lacing values per page (RFC 3533 §6)
@@ -28,7 +30,8 @@ def _crc_table() -> list[int]:
 _CRC = _crc_table()
 
 
-def ogg_crc(data: bytes | bytearray) -> int:
+def ogg_crc_reference(data: bytes | bytearray) -> int:
+    """The page checksum in Python: the reference of the datapath module's ogg_crc."""
     crc = 0
     for byte in data:
         crc = ((crc << 8) & 0xFFFFFFFF) ^ _CRC[(crc >> 24) ^ byte]
