@@ -83,6 +83,21 @@ def decode(path: Path, tmp: Path) -> array.array[int]:
     return pcm[::channels]
 
 
+def decode_ffmpeg(path: Path) -> array.array[int]:
+    """The file read by FFmpeg's Ogg demuxer and decoded by its own Opus decoder (through PyAV,
+    which aiortc installs): a second, independent reader. Left channel, 16-bit."""
+    import av
+
+    out: array.array[int] = array.array("h")
+    with av.open(str(path)) as container:
+        stream = container.streams.audio[0]
+        resampler = av.AudioResampler(format="s16", layout="mono", rate=RATE)
+        for frame in container.decode(stream):
+            for pcm in resampler.resample(frame):
+                out.frombytes(bytes(pcm.planes[0])[: pcm.samples * 2])
+    return out
+
+
 def power(samples: array.array[int] | list[int], hz: float) -> float:
     """Goertzel: the signal's power at `hz`."""
     coeff = 2 * math.cos(2 * math.pi * hz / RATE)

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from discord_clients import opus_tone_frames
 from helpers import SrtpClient, client_caps, producer_params
-from recording_helpers import check_structure, decode, dominant_hz, needs_opusdec, rms
+from recording_helpers import check_structure, decode, decode_ffmpeg, dominant_hz, needs_opusdec, rms
 
 from fastsfu import Engine, Recorder, RecorderOptions, Settings
 from fastsfu.plain_transport import PlainTransport
@@ -136,6 +136,9 @@ def test_tone_gap_loss_reorder_and_wraps_decode_to_the_sent_timeline(tmp_path: P
         assert dominant_hz(pcm, 0.5) == 440
         assert rms(pcm, 1.25, 0.3) < 0.05 * rms(pcm, 0.5, 0.3)  # the gap decodes as silence
         assert dominant_hz(pcm, 2.1) == 880
+        other = decode_ffmpeg(Path(files[0]))  # FFmpeg reads the same timeline
+        assert abs(len(other) - len(pcm)) <= 480 and dominant_hz(other, 2.1) == 880
+        assert rms(other, 1.25, 0.3) < 0.05 * rms(other, 0.5, 0.3)
 
     run(main())
 

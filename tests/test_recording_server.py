@@ -17,7 +17,15 @@ from typing import Any
 import aiohttp
 import pytest
 from discord_clients import dpy_available, opus_tone_frames, start_dpy_bot
-from recording_helpers import ToneTrack, check_structure, decode, dominant_hz, needs_opusdec, rms
+from recording_helpers import (
+    ToneTrack,
+    check_structure,
+    decode,
+    decode_ffmpeg,
+    dominant_hz,
+    needs_opusdec,
+    rms,
+)
 
 from fastsfu.harmony.auth import TokenAuth
 from fastsfu.server.config import ConfigError, load_config
@@ -211,14 +219,20 @@ def test_a_harmony_and_a_discord_member_are_recorded_to_the_tones_they_sent(tmp_
         assert abs(seconds - track.sent_seconds) <= 0.01 * track.sent_seconds, (seconds, track.sent_seconds)
         assert dominant_hz(pcm, 0.4) == 440 and dominant_hz(pcm, 2.0) == 660
         assert rms(pcm, 1.15, 0.3) < 0.02 * rms(pcm, 0.4, 0.3)
-        print(f"aiortc member: decoded {seconds:.3f} s, sent {track.sent_seconds:.3f} s")
+        other = decode_ffmpeg(files[f"user{HARMONY_USER}"])
+        assert abs(len(other) - len(pcm)) <= 480 and dominant_hz(other, 2.0) == 660
+        ffmpeg, sent = len(other) / 48000, track.sent_seconds
+        print(f"aiortc member: decoded {seconds:.3f} s (ffmpeg {ffmpeg:.3f} s), sent {sent:.3f} s")
 
         pcm = decode(files[f"user{DPY_USER}"], tmp_path)
         seconds, sent = len(pcm) / 48000, 100 * 0.02 + 2.0
         assert abs(seconds - sent) <= 0.01 * sent, (seconds, sent)
         assert dominant_hz(pcm, 0.4) == 880 and dominant_hz(pcm, 3.5) == 880
         assert rms(pcm, 1.5, 1.0) < 0.02 * rms(pcm, 0.4, 0.3)
-        print(f"discord.py bot: decoded {seconds:.3f} s, sent {sent:.3f} s")
+        other = decode_ffmpeg(files[f"user{DPY_USER}"])
+        assert abs(len(other) - len(pcm)) <= 480 and dominant_hz(other, 3.5) == 880
+        ffmpeg = len(other) / 48000
+        print(f"discord.py bot: decoded {seconds:.3f} s (ffmpeg {ffmpeg:.3f} s), sent {sent:.3f} s")
 
     asyncio.run(asyncio.wait_for(main(), 100))
 
