@@ -90,7 +90,6 @@ class SpeakerTrack:
     first_arrival: int | None = None
     position: int = 0  # samples out (packets and fill)
     base_offset: int = 0  # the least (arrival clock - position) so far: the path's own delay
-    credit: int = 0  # samples filled for the last packet's late arrival
     last_toc: int | None = None
 
     def push(self, ext: int, ts: int, arrival_ns: int, payload: bytes) -> None:
@@ -131,18 +130,15 @@ class SpeakerTrack:
                 gap -= 1 << 32
             wall = max(0, (arrival - self.last_arrival) * RATE // 1_000_000_000)
             if gap > wall + JUMP_SLACK or gap < -JUMP_SLACK:
-                gap = wall - samples  # the sender's clock jumped (a restart): trust arrivals
+                # The sender's clock jumped (a restart), or a frame held back by the encoder came
+                # late and was filled for already (below): trust the arrivals.
+                gap = wall - samples
             fill = max(0, gap)
-            # Silence filled for a late arrival already covers (part of) a timestamp gap that
-            # follows it: an encoder that held its last frame until the next input came.
-            fill -= min(fill, self.credit)
-            self.credit = 0
             # A sender whose timestamp stood still while it sent nothing (discord.py counts frames
             # sent) arrives late by the whole silence: fill what exceeds the least delay seen.
             slip = elapsed - (self.position + fill) - self.base_offset
             if slip > SLIP:
                 fill += slip
-                self.credit = slip
         if fill:
             filler = gap_packets(fill, self.last_toc)
             out.extend(filler)
