@@ -7,9 +7,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import logging
 import os
 import subprocess
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -20,8 +21,10 @@ from recording_helpers import check_structure, decode, decode_ffmpeg, dominant_h
 from fastsfu import Engine, Recorder, RecorderOptions, Settings
 from fastsfu.plain_transport import PlainTransport
 from fastsfu.producer import Producer
+from fastsfu.rooms import Rooms
 from fastsfu.router import Router
 from fastsfu.rtp import RtpPacket
+from fastsfu.server.recordings import RecordingCollector, Recordings
 
 pytestmark = [pytest.mark.loopback, needs_opusdec]
 
@@ -35,10 +38,10 @@ def run(coro: object, timeout: float = 60) -> None:
 
 @contextlib.asynccontextmanager
 async def speaker(
-    settings: Settings | None = None,
+    settings: Settings | None = None, make_router: Callable[[Engine], Router] | None = None
 ) -> AsyncIterator[tuple[Router, SrtpClient, PlainTransport, Producer]]:
     async with Engine(settings or Settings()) as engine:
-        router = engine.create_router()
+        router = make_router(engine) if make_router else engine.create_router()
         client = SrtpClient()
         t = router.create_plain_transport(enable_srtp=True)
         t.connect("127.0.0.1", client.port, client.srtp_parameters)
@@ -206,21 +209,32 @@ def small_disk(path: Path, free: int) -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(path)], check=False, timeout=10)
 
 
-def test_full_disk_stops_the_recording_and_forwarding_goes_on(tmp_path: Path) -> None:
+def test_full_disk_stops_the_recording_and_forwarding_goes_on(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The server's room recording (fastsfu.server.recordings) on a disk that fills up: the
+    recording stops with one logged error and one counted in the metrics; forwarding goes on."""
     frames = opus_tone_frames(150, 440.0, bitrate=64000)
+    key = ("room", 1)
+    registry: list[Rooms] = []
+
+    def room_router(engine: Engine) -> Router:
+        registry.append(Rooms(engine))
+        return registry[0].acquire(key).router
 
     async def main() -> None:
         with small_disk(tmp_path / "disk", 8192) as disk:
-            async with speaker() as (router, client, t, producer):
+            async with speaker(make_router=room_router) as (router, client, t, producer):
                 listener = SrtpClient()
                 lt = router.create_plain_transport(enable_srtp=True)
                 lt.connect("127.0.0.1", listener.port, listener.srtp_parameters)
                 listener.set_server_parameters(lt.srtp_parameters)  # type: ignore[arg-type]
                 lt.consume(producer.id, client_caps(opus_pt=100))
-                recorder = router.create_recorder(str(disk))
+                recordings = Recordings(registry[0], str(disk), RecorderOptions())
+                recorder = recordings.start(key)
+                assert recorder.producer_ids == [producer.id]
                 closed: list[str] = []
                 recorder.observer.on("close", closed.append)
-                recorder.add_producer(producer)
                 sending = asyncio.create_task(send(client, t, frames))
                 for _ in range(300):
                     if recorder.closed:
@@ -233,6 +247,16 @@ def test_full_disk_stops_the_recording_and_forwarding_goes_on(tmp_path: Path) ->
                 assert len(got) == 20
                 await sending
                 listener.close()
+                await recordings.close()
+                metrics = {
+                    sample.name: sample.value
+                    for family in RecordingCollector(recordings).collect()
+                    for sample in family.samples
+                }
+                assert metrics["fastsfu_recording_errors_total"] == 1
+                assert metrics["fastsfu_recordings"] == 0 and metrics["fastsfu_recording_files_total"] == 1
+        errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+        assert len(errors) == 1 and "No space left" in errors[0], caplog.text
 
     run(main())
 
