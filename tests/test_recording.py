@@ -296,3 +296,37 @@ def test_recorder_of_a_closing_router_ends_its_files(tmp_path: Path) -> None:
             assert abs(seconds - 0.5) <= 0.005
 
     run(main())
+
+
+def test_remove_producer_ends_its_file_and_close_leaves_no_listeners(tmp_path: Path) -> None:
+    first, later = opus_tone_frames(25, 440.0), opus_tone_frames(15, 440.0)
+
+    async def main() -> None:
+        async with speaker() as (router, client, t, producer):
+            before = (
+                router.observer.listener_count("close"),
+                router.observer.listener_count("newtransport"),
+                t.observer.listener_count("newproducer"),
+                producer.observer.listener_count("close"),
+            )
+            recorder = router.create_recorder(str(tmp_path), record_all=True)
+            done: list[str] = []
+            recorder.observer.on("filedone", done.append)
+            await send(client, t, first)
+            await asyncio.sleep(0.2)
+            recorder.remove_producer(producer)
+            assert done == recorder.files and recorder.producer_ids == []
+            await send(client, t, later, seq0=25, ts0=25 * FRAME)  # not recorded any more
+            recorder.close()
+            await recorder.wait_closed()
+            after = (
+                router.observer.listener_count("close"),
+                router.observer.listener_count("newtransport"),
+                t.observer.listener_count("newproducer"),
+                producer.observer.listener_count("close"),
+            )
+            assert after == before
+            (seconds,) = durations(recorder.files, tmp_path)
+            assert abs(seconds - 0.5) <= 0.005
+
+    run(main())

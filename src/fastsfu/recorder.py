@@ -75,6 +75,7 @@ class _Speaker:
         self.part = 0
         self.capped = False  # on_cap "stop" was hit: the rest is not written
         self.out = bytearray()
+        self.on_close: Callable[[], None] = lambda: None  # its listener on the producer's observer
 
 
 class Recorder(EventEmitter):
@@ -115,9 +116,13 @@ class Recorder(EventEmitter):
         self.tap = self._dp.add_tap(self.options.tap_slots)
         self._tap_final: dict[str, int] = {}
         self._record_all = record_all
-        router.observer.once("close", self._on_router_close)
+        # Bound once: EventEmitter.off() finds a listener by identity.
+        self._router_closed = self._on_router_close
+        self._new_transport = self._watch_transport
+        self._new_producer = self._on_new_producer
+        router.observer.once("close", self._router_closed)
         if record_all:
-            router.observer.on("newtransport", self._watch_transport)
+            router.observer.on("newtransport", self._new_transport)
             for transport in list(router.transports.values()):
                 self._watch_transport(transport)
         self._timer = self._loop.call_later(self.options.interval, self._tick)
@@ -140,15 +145,17 @@ class Recorder(EventEmitter):
         speaker = _Speaker(producer, consumer, label)
         self._speakers[producer.id] = speaker
         self._by_consumer[consumer] = speaker
-        producer.observer.once("close", lambda: self._producer_closed(producer.id))
+        speaker.on_close = lambda: self._producer_closed(producer.id)
+        producer.observer.once("close", speaker.on_close)
 
     def remove_producer(self, producer: Producer) -> None:
         """Stop recording `producer`: its file ends (EOS page) with what was received."""
         speaker = self._speakers.get(producer.id)
         if speaker is None or self.closed:
             return
-        self._drain_tap(final=False)
+        # Removed first: no packet of it can enter the tap after the drain (its index may be reused).
         self._dp.remove_consumer(speaker.consumer)
+        self._drain_tap(final=False)
         self._end_speaker(speaker)
         self._submit_outputs()
 
@@ -183,7 +190,7 @@ class Recorder(EventEmitter):
     # ------------------------------------------------------------------ events
 
     def _watch_transport(self, transport: Transport) -> None:
-        transport.observer.on("newproducer", self._on_new_producer)
+        transport.observer.on("newproducer", self._new_producer)
         for producer in list(transport.producers.values()):
             self._on_new_producer(producer)
 
@@ -216,11 +223,11 @@ class Recorder(EventEmitter):
         self.close_reason = reason
         self._tap_final = self._dp.tap_stats(self.tap)
         self._dp.remove_tap(self.tap)
-        self.router.observer.off("close", self._on_router_close)
+        self.router.observer.off("close", self._router_closed)
         if self._record_all:
-            self.router.observer.off("newtransport", self._watch_transport)
+            self.router.observer.off("newtransport", self._new_transport)
             for transport in list(self.router.transports.values()):
-                transport.observer.off("newproducer", self._on_new_producer)
+                transport.observer.off("newproducer", self._new_producer)
         self._io.shutdown(wait=False)  # the queued writes still run
         self.observer.emit("close", reason)
 
@@ -247,6 +254,7 @@ class Recorder(EventEmitter):
             self._write(speaker, speaker.track.pop(now, final))
 
     def _end_speaker(self, speaker: _Speaker) -> None:
+        speaker.producer.observer.off("close", speaker.on_close)
         self._write(speaker, speaker.track.pop(0, final=True))
         self._finish_file(speaker)
         del self._speakers[speaker.producer.id]
