@@ -7,6 +7,7 @@ import array
 import asyncio
 import fractions
 import math
+import os
 import shutil
 import struct
 import subprocess
@@ -22,8 +23,10 @@ from fastsfu.ogg import ogg_crc_reference
 
 RATE = 48000
 
+# Skipped only outside CI: there scripts/recording_setup.sh installs it, and a missing one fails.
 needs_opusdec = pytest.mark.skipif(
-    shutil.which("opusdec") is None, reason="opusdec missing: scripts/recording_setup.sh installs opus-tools"
+    shutil.which("opusdec") is None and os.environ.get("CI") != "true",
+    reason="opusdec missing: scripts/recording_setup.sh installs opus-tools",
 )
 
 

@@ -199,6 +199,8 @@ def small_disk(path: Path, free: int) -> Iterator[Path]:
         mount = ["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(path)]
         subprocess.run(mount, check=True, timeout=10)
     except (subprocess.CalledProcessError, FileNotFoundError):
+        if os.environ.get("CI") == "true":
+            raise
         pytest.skip("mounting a tmpfs needs root (CI runs the tests as root)")
     try:
         st = os.statvfs(path)
