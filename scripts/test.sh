@@ -9,6 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/bootstrap.sh
 scripts/discord_clients_setup.sh  # @discordjs/voice for the Discord gateway interop tests
+scripts/recording_setup.sh  # opusdec: the recording tests decode what fastsfu wrote
 PY=.venv/bin/python
 export PYTHONDONTWRITEBYTECODE=1
 

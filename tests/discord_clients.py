@@ -690,11 +690,13 @@ async def start_dpy_bot(
     timeout: float | None = None,
     log_level: str = "WARNING",
     python: str | None = None,
+    pause_at: int = -1,
+    pause: float = 0.0,
 ) -> DpyBot:
     """Start tests/dpy_bot.py (see :func:`run_dpy_bot`); the keywords below are its options."""
     if send_via not in ("direct", "player"):
         raise ValueError("send_via must be 'direct' or 'player'")
-    budget = connect_timeout + start_delay + len(frames) * frame_interval + hold + 15.0
+    budget = connect_timeout + start_delay + len(frames) * frame_interval + pause + hold + 15.0
     deadline = budget if timeout is None else timeout
     args = {
         "endpoint": endpoint,
@@ -714,6 +716,8 @@ async def start_dpy_bot(
         "scheme": scheme,
         "deadline": max(1.0, deadline - 3.0),  # the bot reports partial results before we kill it
         "log_level": log_level,
+        "pause_at": pause_at,
+        "pause": pause,
     }
     env = dict(os.environ)
     if cafile is not None:
@@ -735,6 +739,7 @@ async def run_dpy_bot(endpoint: str, **options: Any) -> DpyResult:
     * ``send_via="player"``: ``vc.play()`` of an ``AudioSource`` with ``is_opus()`` True; the
       AudioPlayer adds op 5 speaking 1/0 and five silence frames.
     * ``speaking``: send op 5 ``speaking: 1`` before and ``0`` after the frames (direct mode).
+    * ``pause_at``/``pause``: send nothing for ``pause`` seconds before frame ``pause_at`` (direct mode).
     * ``start_delay`` (default 0.2 s) between connect and the first frame: discord.py sends its
       op 5 right after op 4 and its first RTP at once; the server relays op 5 over TLS while it
       forwards RTP at once, so without a pause the first datagram can reach djs before the SSRC

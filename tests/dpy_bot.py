@@ -266,7 +266,8 @@ async def _run(args: dict[str, Any], rec: Recorder) -> None:
         if args.get("send_via", "direct") == "player":
             await _play(vc, frames, rec, args)
         else:
-            await _send_direct(vc, frames, interval, bool(args.get("speaking")), rec)
+            pause_at, pause = int(args.get("pause_at", -1)), float(args.get("pause", 0.0))
+            await _send_direct(vc, frames, interval, bool(args.get("speaking")), rec, pause_at, pause)
         _emit({"event": "sent", "t": _now(), "frames_sent": rec.result["frames_sent"]})
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), float(args.get("hold", 0.2)))
@@ -319,13 +320,26 @@ def _receiver(mode: str, key: bytes, rec: Recorder) -> Any:
     return listener
 
 
-async def _send_direct(vc: Any, frames: list[bytes], interval: float, speaking: bool, rec: Recorder) -> None:
+async def _send_direct(
+    vc: Any,
+    frames: list[bytes],
+    interval: float,
+    speaking: bool,
+    rec: Recorder,
+    pause_at: int = -1,
+    pause: float = 0.0,
+) -> None:
     import discord
 
     if speaking:
         await vc.ws.speak(discord.SpeakingState.voice)
     start = time.monotonic()
     for i, frame in enumerate(frames):
+        if i == pause_at:
+            # Nothing sent for `pause` seconds (a speaker falling silent); discord.py's timestamp
+            # does not advance meanwhile, as it counts frames sent.
+            await asyncio.sleep(pause)
+            start += pause
         if not vc.is_connected():
             raise ConnectionError(f"voice connection lost after {i} frames")
         vc.send_audio_packet(frame, encode=False)

@@ -47,10 +47,13 @@ def probe(lib: Path, n: int, fanout: int, kind: str = "srtp", mode: str = "inlin
 @pytest.mark.parametrize("kind", ["srtp", "aead_aes256_gcm_rtpsize", "aead_xchacha20_poly1305_rtpsize"])
 def test_counts_do_not_grow_with_packets(malloc_counter: Path, fanout: int, kind: str, mode: str) -> None:
     """SRTP, and Discord's AEAD modes (OpenSSL through _aead.h), alike; inline or threaded.
-    The fan-out of 10 includes a pipe (passthrough) consumer; the producer's audio levels are on."""
+    The fan-out of 10 includes a pipe (passthrough) consumer and a recording tap; the producer's
+    audio levels are on."""
     small = probe(malloc_counter, 32, fanout, kind, mode)
     large = probe(malloc_counter, 320, fanout, kind, mode)
     assert small["forwarded"] == (32 + 32) * fanout and large["forwarded"] == (320 + 32) * fanout
+    if fanout > 1:  # the recording tap copied every packet as well
+        assert small["tapped"] == 32 + 32 and large["tapped"] == 320 + 32
     assert large["batches"] > small["batches"]  # recvmmsg takes 64 datagrams a batch
     assert small["levels"] == 32 + 32 and large["levels"] == 320 + 32  # every level was read
     assert small["control_allocations"] >= 10  # the counter sees Python objects being made

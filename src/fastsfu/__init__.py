@@ -9,6 +9,7 @@ from fastsfu.ortc import OrtcError
 from fastsfu.pipe_transport import PipeTransport
 from fastsfu.plain_transport import PlainTransport
 from fastsfu.producer import Producer
+from fastsfu.recorder import Recorder, RecorderOptions
 from fastsfu.router import Router, RouterLimitError
 from fastsfu.transport import Transport, TransportError
 from fastsfu.webrtc_transport import WebRtcTransport
@@ -22,6 +23,8 @@ __all__ = [
     "PipeTransport",
     "PlainTransport",
     "Producer",
+    "Recorder",
+    "RecorderOptions",
     "Router",
     "RouterLimitError",
     "RtpObserver",

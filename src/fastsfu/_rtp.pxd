@@ -26,6 +26,8 @@ cdef enum:
     SLOW_RING = 1024          # slow-path datagrams waiting for the event loop (power of two)
     LOCK_DATAGRAMS = 256      # the datapath thread releases the tables after this many datagrams
     LOCK_FORWARDS = 2048      # ... or this many forwarded packets (a join never waits long)
+    MAX_TAPS = 64             # recording taps (docs/recording.md)
+    TAP_SLOT = 1500           # largest RTP payload a tap copies; larger is a counted drop
 
 # Drop reasons; the names list below is the Python view, in the same order.
 cdef enum:
@@ -212,6 +214,26 @@ ctypedef struct Consumer:
     uint64_t packets
     uint64_t bytes
     uint64_t drops
+    int direct                       # a direct consumer: tap index + 1 (0: a transport consumer)
+
+ctypedef struct TapSlot:             # one decrypted RTP payload copied for a recorder
+    int32_t consumer                 # the direct consumer (one per recorded producer)
+    int32_t len
+    uint32_t ts
+    uint32_t pad
+    int64_t ext                      # extended sequence number (RFC 3550 A.1)
+    int64_t arrival_ns               # CLOCK_MONOTONIC
+    uint8_t data[TAP_SLOT]
+
+ctypedef struct TapRing:             # written by whoever forwards, read by Python under the tables
+    uint32_t cap                     # slots, a power of two
+    uint32_t head
+    uint32_t tail
+    uint64_t packets
+    uint64_t bytes
+    uint64_t full                    # packets dropped: the ring was full
+    uint64_t oversize                # packets dropped: payload larger than TAP_SLOT
+    TapSlot *slots
 
 ctypedef struct OutSlot:
     int next
@@ -299,6 +321,7 @@ cdef class Datapath:
     cdef readonly int notify_fd          # eventfd: readable when slow-path datagrams or events wait
     cdef int wake_fd                     # eventfd in the epoll set: wakes the thread to stop
     cdef object _thread
+    cdef TapRing *taps[MAX_TAPS]         # recording taps (NULL: free)
 
     cdef object _take_slow(self)
     cdef int _drain(self, int sock, int budget) noexcept nogil
@@ -306,6 +329,8 @@ cdef class Datapath:
     cdef void _thread_loop(self) noexcept nogil
     cdef void _wait_gate(self) noexcept nogil
     cdef void _hand_off(self) noexcept nogil
+    cdef void _tap_push(self, Consumer *co, const uint8_t *buf, int n, int hlen, int64_t ext,
+                        int64_t now) noexcept nogil
     cdef void _slow_push(self, int kind, int t, int i, int n, int sock) noexcept nogil
     cdef uint32_t _ring_room(self) noexcept nogil
     cdef int _check_inline(self) except -1
@@ -313,6 +338,7 @@ cdef class Datapath:
     cdef int _check_transport(self, int t) except -1
     cdef int _check_producer(self, int p) except -1
     cdef int _check_consumer(self, int c) except -1
+    cdef int _check_tap(self, int r) except -1
     cdef void _bind_tuple(self, int t, Key *k) noexcept nogil
     cdef void _clear_remote(self, int t) noexcept nogil
     cdef void _connect_peer(self, int sock, int t) noexcept nogil

@@ -101,6 +101,30 @@ def install_aead_functions(tuple addresses) -> None:
     fsfu_evp_install(f)
 
 
+cdef uint32_t g_ogg_crc[256]
+cdef bint g_ogg_crc_ready = False
+
+
+def ogg_crc(const uint8_t[:] data) -> int:
+    """The Ogg page checksum (RFC 3533 §6: polynomial 0x04c11db7, no reflection, initial 0), for
+    the recorder's pages; fastsfu.ogg.ogg_crc_reference is the same in Python (tests compare)."""
+    global g_ogg_crc_ready
+    cdef uint32_t crc = 0, r
+    cdef Py_ssize_t i, n = data.shape[0]
+    cdef int k
+    if not g_ogg_crc_ready:
+        for i in range(256):
+            r = <uint32_t>i << 24
+            for k in range(8):
+                r = (r << 1) ^ 0x04C11DB7 if r & 0x80000000 else r << 1
+            g_ogg_crc[i] = r
+        g_ogg_crc_ready = True
+    with nogil:
+        for i in range(n):
+            crc = (crc << 8) ^ g_ogg_crc[(crc >> 24) ^ data[i]]
+    return crc
+
+
 def hchacha20(const uint8_t[:] key, const uint8_t[:] nonce16) -> bytes:
     """HChaCha20 (draft-irtf-cfrg-xchacha-03 §2.2), exposed for the known-answer test."""
     cdef uint8_t out[32]
@@ -562,6 +586,10 @@ cdef class Datapath:
         if self.wake_fd >= 0:
             close(self.wake_fd)
         free(self.ring)
+        for i in range(MAX_TAPS):
+            if self.taps[i] != NULL:
+                free(self.taps[i].slots)
+                free(self.taps[i])
         if self.producers != NULL:
             for i in range(self.max_producers):
                 free(self.producers[i].consumers)
@@ -1053,6 +1081,96 @@ cdef class Datapath:
             if not paused:
                 pr.n_active += 1
             return c
+
+    # ----------------------------------------------------------------- recording taps
+
+    def add_tap(self, int slots=512) -> int:
+        """A bounded ring that direct consumers copy decrypted payloads into (docs/recording.md)."""
+        cdef int r
+        cdef uint32_t cap = 16
+        cdef TapRing *ring
+        if not 16 <= slots <= 65536:
+            raise ValueError("tap slots must be 16..65536")
+        while cap < <uint32_t>slots:
+            cap <<= 1
+        with self.tables_lock:
+            for r in range(MAX_TAPS):
+                if self.taps[r] == NULL:
+                    break
+            else:
+                raise OverflowError("too many recording taps")
+            ring = <TapRing *>calloc(1, sizeof(TapRing))
+            if ring == NULL:
+                raise MemoryError()
+            ring.slots = <TapSlot *>calloc(cap, sizeof(TapSlot))
+            if ring.slots == NULL:
+                free(ring)
+                raise MemoryError()
+            ring.cap = cap
+            self.taps[r] = ring
+            return r
+
+    def remove_tap(self, int r) -> None:
+        """Remove the tap and its direct consumers."""
+        cdef int c
+        with self.tables_lock:
+            self._check_tap(r)
+            for c in range(self.max_consumers):
+                if self.consumers[c].in_use and self.consumers[c].direct == r + 1:
+                    self.remove_consumer(c)
+            free(self.taps[r].slots)
+            free(self.taps[r])
+            self.taps[r] = NULL
+
+    def add_direct_consumer(self, int p, int r) -> int:
+        """Copy producer p's decrypted payloads into tap r (a consumer with no transport)."""
+        cdef int c
+        with self.tables_lock:
+            self._check_tap(r)
+            self._check_producer(p)
+            # Borrow the producer's own transport for the checks; direct marks it as a tap.
+            c = self.add_consumer(p, self.producers[p].transport, 0, self.producers[p].pt, {})
+            self.consumers[c].transport = -1
+            self.consumers[c].direct = r + 1
+            return c
+
+    def take_tap(self, int r) -> bytes:
+        """The packets waiting in tap r, packed: per packet a 32-byte little-endian header
+        (consumer i32, length i32, timestamp u32, pad u32, extended seq i64, arrival ns i64)
+        and the payload. One copy under the tables; the caller parses it off the lock."""
+        cdef TapRing *ring
+        cdef TapSlot *slot
+        cdef uint32_t i
+        cdef Py_ssize_t total = 0, off = 0
+        cdef bytes out
+        cdef char *o
+        with self.tables_lock:
+            self._check_tap(r)
+            ring = self.taps[r]
+            for i in range(ring.tail, ring.head):
+                total += 32 + ring.slots[i & (ring.cap - 1)].len
+            out = PyBytes_FromStringAndSize(NULL, total)
+            o = <char *>out
+            while ring.tail != ring.head:
+                slot = &ring.slots[ring.tail & (ring.cap - 1)]
+                memcpy(o + off, slot, 32)
+                memcpy(o + off + 32, slot.data, slot.len)
+                off += 32 + slot.len
+                ring.tail += 1
+            return out
+
+    def tap_stats(self, int r) -> dict:
+        cdef TapRing *ring
+        with self.tables_lock:
+            self._check_tap(r)
+            ring = self.taps[r]
+            return {"packets": ring.packets, "bytes": ring.bytes, "ring_full": ring.full,
+                    "oversize": ring.oversize, "waiting": ring.head - ring.tail, "slots": ring.cap}
+
+    cdef int _check_tap(self, int r) except -1:
+        if not (0 <= r < MAX_TAPS and self.taps[r] != NULL):
+            raise KeyError(f"no tap {r}")
+        return 0
 
     def set_consumer_paused(self, int c, bint paused) -> None:
         cdef Consumer *co
@@ -1733,7 +1851,40 @@ cdef class Datapath:
             return
         for i in range(pr.n_consumers):
             c = pr.consumers[i]
-            self._forward(pr, &self.consumers[c], buf, n, hlen, ext_off, ext_len, profile, ext, now)
+            if self.consumers[c].direct:
+                self._tap_push(&self.consumers[c], buf, n, hlen, ext, now)
+            else:
+                self._forward(pr, &self.consumers[c], buf, n, hlen, ext_off, ext_len, profile, ext, now)
+
+    cdef void _tap_push(self, Consumer *co, const uint8_t *buf, int n, int hlen, int64_t ext,
+                        int64_t now) noexcept nogil:
+        """Copy the decrypted payload (padding removed, RFC 3550 §5.1) into the consumer's tap."""
+        cdef TapRing *r = self.taps[co.direct - 1]
+        cdef TapSlot *slot
+        cdef int body = n - hlen - (buf[n - 1] if buf[0] & 0x20 else 0)
+        if co.paused:
+            co.drops += 1
+            return
+        if body > TAP_SLOT:
+            r.oversize += 1
+            co.drops += 1
+            return
+        if r.head - r.tail >= r.cap:
+            r.full += 1                  # the recorder's timer is behind: never wait for it
+            co.drops += 1
+            return
+        slot = &r.slots[r.head & (r.cap - 1)]
+        slot.consumer = <int32_t>(co - self.consumers)
+        slot.len = body
+        slot.ts = rd32(&buf[4])
+        slot.ext = ext
+        slot.arrival_ns = now
+        memcpy(slot.data, &buf[hlen], body)
+        r.head += 1
+        r.packets += 1
+        r.bytes += body
+        co.packets += 1
+        co.bytes += body
 
     cdef void _read_level(self, Producer *pr, const uint8_t *blk, int blk_len, int profile) noexcept nogil:
         """Add the packet's ssrc-audio-level (RFC 6464 §3: the V bit, then the level in -dBov,

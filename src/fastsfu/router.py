@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from fastsfu import ortc
@@ -10,6 +11,7 @@ from fastsfu.events import EventEmitter
 from fastsfu.observers import ActiveSpeakerObserver, AudioLevelObserver, RtpObserver, SpeakingObserver
 from fastsfu.pipe_transport import PipeToRouterResult, PipeTransport, pipe_to_router
 from fastsfu.plain_transport import PlainTransport
+from fastsfu.recorder import Recorder, RecorderOptions
 from fastsfu.srtp import DEFAULT_SUITE
 from fastsfu.types import RouterDump, RtpCapabilities, RtpCodecCapability
 from fastsfu.webrtc_transport import WebRtcTransport
@@ -196,6 +198,20 @@ class Router(EventEmitter):
         from fastsfu.discord.udp_transport import create_udp_transport
 
         return create_udp_transport(self, ssrc, announced_ip, app_data)
+
+    def create_recorder(
+        self,
+        directory: str,
+        options: RecorderOptions | None = None,
+        record_all: bool = False,
+        label: Callable[[Producer], str | None] | None = None,
+        app_data: dict[str, Any] | None = None,
+    ) -> Recorder:
+        """Record producers of this router to Ogg Opus files in `directory`, one per speaker
+        (docs/recording.md): those given to `recorder.add_producer`, or every one with `record_all`."""
+        if self._closed:
+            raise RuntimeError("router closed")
+        return Recorder(self, directory, options, record_all, label, app_data)
 
     def add_transport(self, transport: Transport) -> None:
         """Adopt a transport built on this router (by a front-end's own transport family)."""

@@ -1,7 +1,7 @@
 """Subprocess for test_no_per_packet_work: drains N protected packets (SRTP, or a Discord AEAD
 mode) through a real socket and prints (allocations, python calls, forwarded) measured around the
 drain calls only: inline (the event loop's poll() call) or on the datapath thread. With a fan-out
-above 1 the last consumer is a pipe (passthrough) consumer."""
+above 1 the last consumer is a pipe (passthrough) consumer, and a recording tap copies every packet."""
 
 from __future__ import annotations
 
@@ -95,6 +95,11 @@ def main(n: int, fanout: int, kind: str, threaded: bool) -> None:
             install(dp, t, None, out)
             dp.add_consumer(p, t, 100 + i, 100, {2: 3}, b"0")
         keep.append(out)
+    # With a fan-out above 1, a recording tap too (docs/recording.md): a direct consumer copying
+    # each decrypted payload into a ring the probe never drains (512 slots: room for them all).
+    tap = dp.add_tap(512) if fanout > 1 else -1
+    if tap >= 0:
+        dp.add_direct_consumer(p, tap)
     packets = [
         protect(bytes(RtpPacket(111, s, s * 960, 1, extensions=[(1, b"\x80")], payload=bytes(100))))
         for s in range(n + 32)
@@ -163,6 +168,7 @@ def main(n: int, fanout: int, kind: str, threaded: bool) -> None:
     del control
     stats = dp.stats()
     ((level_count, _, _, _),) = dp.take_levels([p])
+    tapped = dp.tap_stats(tap)["packets"] if tap >= 0 else 0
     dp.close()
     print(
         json.dumps(
@@ -174,6 +180,7 @@ def main(n: int, fanout: int, kind: str, threaded: bool) -> None:
                 "forwarded": stats["forwarded_packets"],
                 "batches": stats["batches"],
                 "levels": level_count,
+                "tapped": tapped,
             }
         )
     )

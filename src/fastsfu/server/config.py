@@ -19,6 +19,7 @@ from typing import Any
 from fastsfu.dtls import DtlsCertificate
 from fastsfu.harmony.auth import GuildPolicy
 from fastsfu.harmony.session import VoiceSettings
+from fastsfu.recorder import MIN_FILE_BYTES
 from fastsfu.server.logs import FORMATS, LEVELS, parse_levels
 
 MAX_ID = 2**64  # Harmony IDs are unsigned 64-bit
@@ -60,6 +61,17 @@ class DiscordConfig:
 
 
 @dataclass
+class RecordingConfig:
+    """Recording to Ogg Opus (docs/recording.md), started and stopped through the admin endpoint."""
+
+    enabled: bool = False  # serve /admin/recordings (needs admin_token)
+    directory: str = "recordings"
+    max_file_bytes: int = 100_000_000  # per file; 0: no cap
+    max_file_seconds: float = 3600.0  # per file; 0: no cap
+    on_cap: str = "rotate"  # or "stop": that speaker's recording ends at the cap
+
+
+@dataclass
 class ServerConfig:
     listen_ip: str = "127.0.0.1"
     announced_ip: str | None = None  # put in ICE candidates (NAT, containers); None: listen_ip
@@ -92,6 +104,8 @@ class ServerConfig:
     discord: DiscordConfig = field(default_factory=DiscordConfig)
     # Static authorization by guild ID ([auth.guilds.<id>]); None: every (guild, channel) is allowed.
     auth: dict[int, GuildPolicy] | None = None
+    admin_token: str | None = None  # bearer token of the /admin endpoints; None: no admin endpoint
+    recording: RecordingConfig = field(default_factory=RecordingConfig)
 
     @property
     def worker_count(self) -> int:
@@ -109,6 +123,8 @@ class ServerConfig:
         out = dataclasses.asdict(self)
         if self.token_secret is not None:
             out["token_secret"] = "<set>"
+        if self.admin_token is not None:
+            out["admin_token"] = "<set>"
         if self.auth is not None:
             out["auth"] = {
                 str(g): {k: "any" if v is None else sorted(v) for k, v in vars(p).items()}
@@ -312,9 +328,25 @@ OPTIONS = (
         repeat=True,
     ),
     Option("log.format", "--log-format", str, "log format: text, or json (one object per line)", FORMATS),
+    Option("admin_token", "--admin-token", str, "bearer token of the /admin endpoints", metavar="TOKEN"),
+    Option("recording.enabled", "--recording-enabled", bool, "serve /admin/recordings (needs admin_token)"),
+    Option("recording.directory", "--recording-directory", str, "directory for recordings", metavar="PATH"),
+    Option(
+        "recording.max_file_bytes", "--recording-max-file-bytes", int, "bytes per file; 0: no cap", minimum=0
+    ),
+    Option(
+        "recording.max_file_seconds",
+        "--recording-max-file-seconds",
+        float,
+        "seconds per file; 0: no cap",
+        minimum=0.0,
+    ),
+    Option(
+        "recording.on_cap", "--recording-on-cap", str, "at a cap: a new file, or stop", ("rotate", "stop")
+    ),
 )
 _BY_KEY = {o.key: o for o in OPTIONS}
-SECTIONS = ("voice", "rate_limit", "log", "discord")
+SECTIONS = ("voice", "rate_limit", "log", "discord", "recording")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -366,7 +398,16 @@ def load_config(
     _check_dtls(config)
     _check_discord_tls(config)
     _check_workers(config)
+    _check_recording(config)
     return config
+
+
+def _check_recording(config: ServerConfig) -> None:
+    r = config.recording
+    if r.enabled and config.admin_token is None:
+        raise ConfigError("recording.enabled needs admin_token (FASTSFU_ADMIN_TOKEN) to protect its endpoint")
+    if r.max_file_bytes and r.max_file_bytes < MIN_FILE_BYTES:
+        raise ConfigError(f"recording.max_file_bytes: must be 0 or at least {MIN_FILE_BYTES}")
 
 
 def _check_workers(config: ServerConfig) -> None:
@@ -560,6 +601,7 @@ def _build(values: dict[str, Any], auth: dict[int, GuildPolicy] | None, duration
         log=LogConfig(**sections["log"]),
         discord=DiscordConfig(**sections["discord"]),
         auth=auth,
+        recording=RecordingConfig(**sections["recording"]),
     )
 
 

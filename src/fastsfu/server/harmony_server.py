@@ -34,6 +34,7 @@ from fastsfu.server.gc_health import GcMonitor, freeze_startup_heap
 from fastsfu.server.lifecycle import drain, stop_event
 from fastsfu.server.logs import announce
 from fastsfu.server.metrics import METRICS_PATH, metrics_mount
+from fastsfu.server.recordings import ADMIN_PATH, recordings_for
 from fastsfu.server.worker import worker_role
 
 log = logging.getLogger(__name__)
@@ -77,9 +78,13 @@ async def serve_harmony(config: ServerConfig, voice: VoiceSettings | None = None
         ]
         gc_monitor = GcMonitor().install()
         cluster = worker.bind(rooms, engine) if worker is not None else ()
+        recordings, admin = recordings_for(config, rooms)  # docs/recording.md
+        if admin is not None:
+            mounts.append(admin)
         scrape = None
         if config.metrics:
-            scrape = metrics_mount(rooms, rate_limit, discord, guards, gc_monitor, cluster)
+            collectors = (*cluster, *recordings.collectors()) if recordings is not None else cluster
+            scrape = metrics_mount(rooms, rate_limit, discord, guards, gc_monitor, collectors)
             mounts.append(scrape)
         app = make_app(rooms, auth.authenticate, mounts, rate_limit)
         guards[0].install(app)
@@ -113,6 +118,9 @@ async def serve_harmony(config: ServerConfig, voice: VoiceSettings | None = None
             announce(log, fmt, f"metrics {metrics}", metrics=metrics)
         if discord_url:
             announce(log, fmt, f"Discord voice gateway {discord_url}", discord=discord_url)
+        if recordings is not None:
+            admin_url = f"http://{config.listen_ip}:{hrpc_port}{ADMIN_PATH}"
+            announce(log, fmt, f"recordings admin {admin_url}", recordings=admin_url)
         if worker is not None:
             await worker.start(scrape)
         if config.token_secret is None:
@@ -148,6 +156,8 @@ async def serve_harmony(config: ServerConfig, voice: VoiceSettings | None = None
             if discord_runner is not None:
                 cleanups.append(discord_runner.cleanup())
             await drain(cleanups, guards, config.shutdown_grace)
+            if recordings is not None:
+                await recordings.close()  # every file ends with its EOS page before the exit
             if worker is not None:
                 await worker.close()
     return 0
