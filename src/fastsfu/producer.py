@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from fastsfu.events import EventEmitter
 from fastsfu.ortc import ProducerRtpInfo
 from fastsfu.rtp import EXTENSION_KINDS
-from fastsfu.types import MediaKind, ProducerDump, ProducerStats, RtpParameters
+from fastsfu.types import MediaKind, ProducerDump, ProducerStats, RtpCapabilities, RtpParameters
 
 if TYPE_CHECKING:
     from fastsfu.consumer import Consumer
@@ -47,6 +47,8 @@ class Producer(EventEmitter):
         self.app_data: dict[str, Any] = app_data if app_data is not None else {}
         self.observer = EventEmitter()
         self.consumers: dict[str, Consumer] = {}
+        # Consumer RtpParameters without SSRC and mid, by kind of receiver (transport.py).
+        self.consumer_templates: dict[int, tuple[RtpCapabilities, RtpParameters | None]] = {}
         self._paused = paused
         self._closed = False
         self._dp = transport.engine.datapath

@@ -28,6 +28,7 @@ from fastsfu.discord.udp_transport import (
 from fastsfu.discord.webrtc_sdp import SdpError, WebRtcOffer, answer, parse_fragment
 from fastsfu.producer import Producer
 from fastsfu.rooms import CREATE_ERRORS, ConsumeError, Room, RoomError, RoomKey, RoomMember, Rooms
+from fastsfu.table_hold import TableHold
 from fastsfu.transport import Transport, TransportError
 from fastsfu.types import RtpCapabilities
 
@@ -281,11 +282,15 @@ class DiscordVoice(GatewayHandler):
         others: list[RoomMember] = list(room.members.values())
         try:
             room.check_capacity()
-            for other in others:
-                if other.producer is not None:
-                    member._consume(other.user_id, other.producer)
-            if member.producer is not None:
-                room.announce_joined(member, others)
+            # The 2N table writes under one hold of the datapath's tables, handed back between
+            # members when the datapath thread waits (table_hold.py).
+            with TableHold(room.router.engine.datapath.tables_lock) as hold:
+                for other in others:
+                    hold.tick()
+                    if other.producer is not None:
+                        member._consume(other.user_id, other.producer)
+                if member.producer is not None:
+                    room.announce_joined(member, others, before=lambda _: hold.tick())
         except RoomError as exc:
             raise GatewayError(CloseCode.BAD_REQUEST, exc.human_message) from None
         room.add(member)
