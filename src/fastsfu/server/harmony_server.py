@@ -9,6 +9,7 @@ SIGTERM flips health to NOT_SERVING, then leaves every session cleanly (UserLeft
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import ssl
@@ -63,6 +64,7 @@ async def serve_harmony(config: ServerConfig, voice: VoiceSettings | None = None
     reuse_port = worker is not None
     async with Engine(settings) as engine:
         rooms = VoiceRooms(engine, voice or config.voice, policy)
+        rooms.schedule = asyncio.get_running_loop().call_soon  # big rooms join in slices
         grpc_server, grpc_port = await start_grpc_server(
             rooms, auth.authenticate, f"{config.listen_ip}:{config.grpc_port}", rate_limit, health
         )
