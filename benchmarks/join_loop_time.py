@@ -7,11 +7,12 @@ SELECT_PROTOCOL) joining rooms that fill up to N, timed around the protocol core
 Prints, per protocol and room size, the median and largest loop time of a join (all its slices:
 each request's handling, the slices a big room's Harmony join is cut into, and each stream's
 serialization of its replies, which the servers do in that stream's own task) and of its longest
-slice, the time the loop cannot run anything else; DTLS handshakes are measured apart in
-bench_dtls.py. With --flood F, the same again while another process blasts plain RTP at a producer forwarded to F
-transports, so that the datapath thread is always busy: the control plane's table writes then
-wait for it (docs/datapath.md#the-datapath-thread). This process is pinned to one core and the
-blaster to the other, as in run.py.
+slice, the time the loop cannot run anything else; wall time and the loop thread's CPU time (on a
+shared machine the wall time also counts waits for the core). DTLS handshakes are measured apart
+in bench_dtls.py. With --flood F, the same again while another process blasts plain RTP at a
+producer forwarded to F transports, so that the datapath thread is always busy and the control
+plane's table writes wait for it (docs/datapath.md#the-datapath-thread); this process is pinned to
+one core and the blaster to the other, as in run.py.
 """
 
 from __future__ import annotations
@@ -60,6 +61,19 @@ while time.monotonic() < end:
 """
 
 
+# A loop slice: (wall seconds, seconds of this thread's CPU). On a shared machine the wall time
+# also counts waits for the core (other processes, the datapath thread); the CPU time does not.
+Slice = tuple[float, float]
+
+
+def clock() -> Slice:
+    return time.perf_counter(), time.thread_time()
+
+
+def since(start: Slice) -> Slice:
+    return time.perf_counter() - start[0], time.thread_time() - start[1]
+
+
 def start_flood(engine: Engine, fanout: int, seconds: float) -> subprocess.Popen[str]:
     """A producer on a PlainTransport forwarded to `fanout` transports, and a process that blasts
     it for `seconds`: the datapath thread never idles while it runs."""
@@ -88,11 +102,11 @@ def start_flood(engine: Engine, fanout: int, seconds: float) -> subprocess.Popen
     )
 
 
-def harmony_joins(rooms: VoiceRooms, members: int, guild: int) -> list[list[float]]:
+def harmony_joins(rooms: VoiceRooms, members: int, guild: int) -> list[list[Slice]]:
     """Per joiner, the seconds each of its three requests kept the loop busy."""
     caps = json.dumps(CLIENT_CAPS)
     dtls = json.dumps({"role": "client", "fingerprints": DtlsCertificate.generate().fingerprints()[:1]})
-    steps: list[list[float]] = []
+    steps: list[list[Slice]] = []
     room: list[VoiceSession] = []
     pending: deque[Callable[[], None]] = deque()
     rooms.schedule = pending.append  # the server's is the loop's call_soon
@@ -110,33 +124,33 @@ def harmony_joins(rooms: VoiceRooms, members: int, guild: int) -> list[list[floa
                 )
             ),
         ]
-        times = []
+        times: list[Slice] = []
         for request in requests:
             # What the front-end does per request: parse and handle it (one loop slice), run the
             # slices a big room's join was cut into, then each stream's writer serializes its
             # replies (a slice per stream: each runs in its own task).
-            t = time.perf_counter()
+            t = clock()
             session.handle(Req.FromString(request.SerializeToString()))
-            times.append(time.perf_counter() - t)
+            times.append(since(t))
             while pending:
                 callback = pending.popleft()
-                t = time.perf_counter()
+                t = clock()
                 callback()
-                times.append(time.perf_counter() - t)
+                times.append(since(t))
             for other in room:
-                t = time.perf_counter()
+                t = clock()
                 out = other.take_outgoing()
                 for message in out:
                     if not isinstance(message, Exception):
                         message.SerializeToString()
                 if out:
-                    times.append(time.perf_counter() - t)
+                    times.append(since(t))
         steps.append(times)
     return steps
 
 
-def discord_joins(gateway: Gateway, members: int, server: str) -> list[list[float]]:
-    steps: list[list[float]] = []
+def discord_joins(gateway: Gateway, members: int, server: str) -> list[list[Slice]]:
+    steps: list[list[Slice]] = []
     connections = []
     for user in range(1, members + 1):
         now = time.monotonic()
@@ -160,40 +174,39 @@ def discord_joins(gateway: Gateway, members: int, server: str) -> list[list[floa
                 },
             },
         ]
-        times = []
+        times: list[Slice] = []
         for frame in frames:
             # One slice for the frame (the JSON of every message is made as it is sent), then
             # one per connection whose output its task takes.
-            t = time.perf_counter()
+            t = clock()
             conn.receive(json.dumps(frame), time.monotonic())
-            times.append(time.perf_counter() - t)
+            times.append(since(t))
             for c in (*connections, conn):
-                t = time.perf_counter()
+                t = clock()
                 if c.poll_output():
-                    times.append(time.perf_counter() - t)
+                    times.append(since(t))
         connections.append(conn)
         steps.append(times)
     return steps
 
 
-def summary(label: str, runs: list[list[list[float]]], members: int) -> dict[str, Any]:
+def summary(label: str, runs: list[list[list[Slice]]], members: int) -> dict[str, Any]:
     # The last joiners of each run: the ones whose join fans out to a full room.
     tail = [steps for run in runs for steps in run[-max(1, members // 10) :]]
-    total = [sum(s) * 1e3 for s in tail]
-    worst = [max(s) * 1e3 for s in tail]
-    row = {
-        "protocol": label,
-        "room": members,
-        "join_ms_median": round(statistics.median(total), 3),
-        "join_ms_max": round(max(total), 3),
-        "slice_ms_median": round(statistics.median(worst), 3),
-        "slice_ms_max": round(max(worst), 3),
-        "slices_median": statistics.median(len(s) for s in tail),
-    }
+    row: dict[str, Any] = {"protocol": label, "room": members}
+    for i, name in ((0, ""), (1, "cpu_")):
+        total = [sum(s[i] for s in steps) * 1e3 for steps in tail]
+        worst = [max(s[i] for s in steps) * 1e3 for steps in tail]
+        row[f"{name}join_ms_median"] = round(statistics.median(total), 3)
+        row[f"{name}join_ms_max"] = round(max(total), 3)
+        row[f"{name}slice_ms_median"] = round(statistics.median(worst), 3)
+        row[f"{name}slice_ms_max"] = round(max(worst), 3)
+    row["slices_median"] = statistics.median(len(s) for s in tail)
     print(
         f"{label:8} room of {members:3}: join {row['join_ms_median']:7.3f} ms median"
         f" ({row['join_ms_max']:.3f} max), longest slice {row['slice_ms_median']:.3f} ms median"
-        f" ({row['slice_ms_max']:.3f} max), {row['slices_median']} slices"
+        f" ({row['slice_ms_max']:.3f} max), {row['slices_median']} slices; CPU: join"
+        f" {row['cpu_join_ms_median']:.3f}, longest slice {row['cpu_slice_ms_median']:.3f} ms median"
     )
     return row
 
