@@ -351,12 +351,17 @@ class VoiceSession:
                         mine,
                         self._consumer_options(member.user_id, producer, mine),
                     )
-            if isinstance(member, VoiceSession) and member.state == "joined":
-                member._make_ahead_for(self.user_id, self.producer)
+            # Members of any protocol that can (Harmony's, Discord's) consume ours ahead too.
+            make_ahead_for = getattr(member, "make_ahead_for", None)
+            if make_ahead_for is not None:
+                make_ahead_for(self.user_id, self.producer)
             yield
 
-    def _make_ahead_for(self, user_id: int, producer: Producer) -> None:
-        """A joiner's producer consumed here ahead of its member_joined (or closed with it)."""
+    def make_ahead_for(self, user_id: int, producer: Producer) -> None:
+        """A joiner's producer consumed here ahead of its member_joined, which then uses it; the
+        consumer closes with the producer if the join never commits."""
+        if self.state != "joined" or producer.id in self._premade:
+            return
         assert self.consumer_transport is not None and self._caps is not None
         try:
             consumer = self._consume(self.consumer_transport, producer, self._caps, self)

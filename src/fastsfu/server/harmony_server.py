@@ -169,6 +169,7 @@ def _discord_endpoint(
     voice = DiscordVoice(
         rooms, authenticate, d.rooms, d.only_mapped, config.announced_ip, legacy_modes=d.legacy_modes
     )
+    voice.schedule = rooms.schedule  # big rooms join in slices, as Harmony's
     gateway = Gateway(
         voice,
         GatewayConfig(heartbeat_interval_ms=round(d.heartbeat_interval * 1000), resume_grace=d.resume_grace),
