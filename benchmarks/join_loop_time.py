@@ -5,7 +5,7 @@ SELECT_PROTOCOL) joining rooms that fill up to N, timed around the protocol core
     python benchmarks/join_loop_time.py --members 50 --repeat 3 [--flood 50]
 
 Prints, per protocol and room size, the median and largest loop time of a join (all its slices:
-each request's handling, the slices a big room's Harmony join is cut into, and each stream's
+each request's handling, the slices a big room's join is cut into, and each stream's
 serialization of its replies, which the servers do in that stream's own task) and of its longest
 slice, the time the loop cannot run anything else; wall time and the loop thread's CPU time (on a
 shared machine the wall time also counts waits for the core). DTLS handshakes are measured apart
@@ -152,6 +152,10 @@ def harmony_joins(rooms: VoiceRooms, members: int, guild: int) -> list[list[Slic
 def discord_joins(gateway: Gateway, members: int, server: str) -> list[list[Slice]]:
     steps: list[list[Slice]] = []
     connections = []
+    pending: deque[Callable[[], None]] = deque()
+    voice = gateway.handler
+    assert isinstance(voice, DiscordVoice)
+    voice.schedule = pending.append  # the server's is the loop's call_soon
     for user in range(1, members + 1):
         now = time.monotonic()
         conn = gateway.connect(8, now)
@@ -176,11 +180,17 @@ def discord_joins(gateway: Gateway, members: int, server: str) -> list[list[Slic
         ]
         times: list[Slice] = []
         for frame in frames:
-            # One slice for the frame (the JSON of every message is made as it is sent), then
-            # one per connection whose output its task takes.
+            # One slice for the frame (the JSON of every message is made as it is sent), the
+            # slices a big room's join was cut into, then one per connection whose output its
+            # task takes.
             t = clock()
             conn.receive(json.dumps(frame), time.monotonic())
             times.append(since(t))
+            while pending:
+                callback = pending.popleft()
+                t = clock()
+                callback()
+                times.append(since(t))
             for c in (*connections, conn):
                 t = clock()
                 if c.poll_output():
