@@ -257,6 +257,7 @@ ctypedef struct Sync:                # shared by the datapath thread and the eve
     int waiters                      # Python callers blocked on mu: the thread yields to them
     int depth                        # TableLock nesting of mu's Python owner (guarded by mu)
     int gate_held                    # that owner holds gate too (guarded by mu)
+    int thread_waiting               # the datapath thread is blocked on mu (or about to be)
     int stop
     int wake_pending                 # notify_fd written and not yet read by the loop
     int events_flag                  # events were added since take_events() last looked
@@ -284,6 +285,7 @@ cdef class Datapath:
     cdef Producer *producers
     cdef Consumer *consumers
     cdef int max_sockets, max_transports, max_producers, max_consumers
+    cdef int consumer_hint               # every consumer slot below it is in use (first fit from here)
     cdef Table tuples
     cdef Table ssrcs
     cdef Table roams                     # (socket, SSRC) -> transport that may move on proof of key

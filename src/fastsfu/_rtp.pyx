@@ -22,7 +22,7 @@ from fastsfu._csys cimport (
     ntohs, pthread_mutex_destroy, pthread_mutex_init, pthread_mutex_lock, pthread_mutex_trylock,
     pthread_mutex_unlock, pthread_mutexattr_destroy, pthread_mutexattr_init, pthread_mutexattr_settype,
     pthread_mutexattr_t, connect, read, recvmmsg, sendmmsg, setsockopt, sockaddr, sockaddr_in,
-    sockaddr_in6, socklen_t, write,
+    sched_yield, sockaddr_in6, socklen_t, write,
 )
 
 import threading
@@ -519,6 +519,25 @@ cdef class TableLock:
             pthread_mutex_unlock(&y.gate)     # wakes the thread sleeping on it
         return False
 
+    def hand_back(self) -> bool:
+        """For a caller holding the tables once (not nested) across many calls: if the datapath
+        thread waits for them, let it take them, then take them back (it hands them over at its
+        next datagram). Without the wait a plain release and retake would nearly always win the
+        mutex again, and the thread would starve for the whole hold. True if handed back."""
+        cdef Sync *y = self.sync
+        cdef int spins = 0
+        if y.depth != 1 or fsfu_load_int(&y.thread_waiting) == 0:
+            return False
+        self.__exit__(None, None, None)
+        with nogil:
+            # The woken thread decrements thread_waiting once it owns the mutex; bounded, in case
+            # it stopped meanwhile.
+            while fsfu_load_int(&y.thread_waiting) > 0 and spins < 10000:
+                sched_yield()
+                spins += 1
+        self.__enter__()
+        return True
+
 
 cdef class Datapath:
     """C tables (sockets, transports, producers, consumers) and the RTP forwarder over them.
@@ -693,7 +712,9 @@ cdef class Datapath:
                 break                      # the epoll descriptor is gone: nothing left to wait on
             i = 0
             while i < n:
+                fsfu_add_int(&self.sync.thread_waiting, 1)   # TableLock.hand_back() looks at it
                 pthread_mutex_lock(&self.sync.mu)
+                fsfu_add_int(&self.sync.thread_waiting, -1)
                 total = 0
                 fwd0 = self.fwd_packets
                 while i < n and total < LOCK_DATAGRAMS and self.fwd_packets - fwd0 < LOCK_FORWARDS:
@@ -1047,10 +1068,13 @@ cdef class Datapath:
             self._check_transport(t)
             if not 0 <= payload_type < 128 or len(mid) > MID_MAX:
                 raise ValueError("payload type must be 0..127 and mid at most 16 bytes")
-            for c in range(self.max_consumers):
+            # First fit, from the first slot that may be free: a scan from 0 walked every consumer
+            # in use (microseconds each at thousands, under the mutex) for each one added.
+            for c in range(self.consumer_hint, self.max_consumers):
                 if not self.consumers[c].in_use:
                     break
             else:
+                self.consumer_hint = self.max_consumers
                 raise OverflowError("datapath consumer table is full")
             pr = &self.producers[p]
             if pr.n_consumers == pr.cap_consumers:
@@ -1068,6 +1092,7 @@ cdef class Datapath:
             co.mid_len = len(mid)
             memcpy(co.mid, <const char *>mid, len(mid))
             co.in_use = 1
+            self.consumer_hint = c + 1
             co.producer = p
             co.transport = t
             co.paused = paused
@@ -1203,6 +1228,8 @@ cdef class Datapath:
             if not co.paused:
                 pr.n_active -= 1
             co.in_use = 0
+            if c < self.consumer_hint:
+                self.consumer_hint = c
 
     # ----------------------------------------------------------------- I/O
 

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from fastsfu.events import EventEmitter
 from fastsfu.ortc import ProducerRtpInfo
 from fastsfu.rtp import EXTENSION_KINDS
-from fastsfu.types import MediaKind, ProducerDump, ProducerStats, RtpParameters
+from fastsfu.types import MediaKind, ProducerDump, ProducerStats, RtpCapabilities, RtpParameters
 
 if TYPE_CHECKING:
     from fastsfu.consumer import Consumer
@@ -49,7 +49,10 @@ class Producer(EventEmitter):
         self.observer = EventEmitter()
         self.consumers: dict[str, Consumer] = {}
         # Observers' running level sums (fastsfu.observers): the datapath reads levels while any
+        # observer watches this producer.
         self.level_subscribers: list[Levels] = []
+        # Consumer RtpParameters without SSRC and mid, by kind of receiver (transport.py).
+        self.consumer_templates: dict[int, tuple[RtpCapabilities, RtpParameters | None]] = {}
         self._paused = paused
         self._closed = False
         self._dp = transport.engine.datapath

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import copy
+import json
 import logging
 import random
 import time
@@ -20,7 +21,8 @@ from fastsfu.consumer import Consumer
 from fastsfu.events import EventEmitter
 from fastsfu.producer import Producer
 from fastsfu.srtp import SrtpContext
-from fastsfu.types import RtpCapabilities, RtpParameters, TransportStats
+from fastsfu.table_hold import TableHold
+from fastsfu.types import RtpCapabilities, RtpCodecParameters, RtpParameters, TransportStats
 
 if TYPE_CHECKING:
     from fastsfu.engine import Engine, UdpSocket
@@ -53,6 +55,67 @@ class TransportListener(Protocol):
     def on_transport_new_consumer(self, consumer: Consumer) -> None: ...
     def on_transport_consumer_closed(self, consumer: Consumer) -> None: ...
     def on_transport_closed(self, transport: Transport) -> None: ...
+
+
+# Validated remote capabilities by their canonical JSON: receivers of one kind (one browser, one
+# client library) send equal ones, and sharing the object lets producers key derivations on it.
+_CAPS_POOL: dict[str, RtpCapabilities] = {}
+_CAPS_POOL_MAX = 256
+_TEMPLATES_PER_PRODUCER = 8
+
+
+def _intern_caps(caps: RtpCapabilities) -> RtpCapabilities:
+    key = json.dumps(caps, sort_keys=True)
+    shared = _CAPS_POOL.get(key)
+    if shared is None:
+        if len(_CAPS_POOL) >= _CAPS_POOL_MAX:
+            _CAPS_POOL.clear()  # rare (that many kinds of receiver): start over, nothing breaks
+        shared = _CAPS_POOL[key] = caps
+    return shared
+
+
+def _consumer_template(
+    producer: Producer, router_caps: RtpCapabilities, remote_caps: RtpCapabilities
+) -> RtpParameters | None:
+    """A consumer's RtpParameters for `producer` and these (validated) remote capabilities with
+    no SSRC or mid yet, only with extensions the datapath forwards; None if unconsumable.
+    Derived once per producer and kind of receiver: a join into a room of N derives 2N of them
+    on the event loop, and each derivation costs more than the rest of a consume."""
+    templates = producer.consumer_templates
+    entry = templates.get(id(remote_caps))
+    if entry is not None and entry[0] is remote_caps:
+        return entry[1]
+    # The producer's parameters were validated by produce() and the router made its own
+    # capabilities: only the remote's needed checking (Transport._validated_caps).
+    template = ortc.consumer_rtp_parameters(producer.rtp_parameters, router_caps, remote_caps, 0, None)
+    if template is not None:
+        template["headerExtensions"] = [
+            e for e in template.get("headerExtensions", []) if e["uri"] in rtp.EXTENSION_KINDS
+        ]
+    if len(templates) >= _TEMPLATES_PER_PRODUCER:
+        templates.clear()
+    templates[id(remote_caps)] = (remote_caps, template)  # holding the caps keeps the id unique
+    return template
+
+
+def _instantiate(template: RtpParameters, producer: Producer, ssrc: int, mid: str | None) -> RtpParameters:
+    """A consumer's own copy of `template` with its SSRC and mid (as ortc.consumer_rtp_parameters
+    builds it, key order included: the JSON reads in mediasoup's order)."""
+    codec = template["codecs"][0]
+    codecs: list[RtpCodecParameters] = [
+        {
+            **codec,
+            "parameters": dict(codec.get("parameters", {})),
+            "rtcpFeedback": [{**fb} for fb in codec.get("rtcpFeedback", [])],
+        }
+    ]
+    params: RtpParameters = {"mid": mid, "codecs": codecs} if mid is not None else {"codecs": codecs}
+    params["headerExtensions"] = [{**e, "parameters": {}} for e in template.get("headerExtensions", [])]
+    params["encodings"] = [{"ssrc": ssrc}]
+    # A producer without a CNAME gets a random one per consumer, as ortc does.
+    cname = producer.rtp_parameters.get("rtcp", {}).get("cname") or ortc.random_cname()
+    params["rtcp"] = {"cname": cname, "reducedSize": True}
+    return params
 
 
 class Transport(EventEmitter):
@@ -154,17 +217,10 @@ class Transport(EventEmitter):
             self._next_mid += 1
         elif not isinstance(mid, str) or not mid:
             raise TransportError("mid must be a non-empty string")
-        # The producer's parameters were validated by produce() and the router made its own
-        # capabilities: only the remote's need checking, and _validated_caps does that once.
-        params = ortc.consumer_rtp_parameters(
-            producer.rtp_parameters, self.router.rtp_capabilities, remote_caps, ssrc, mid
-        )
-        if params is None:
+        template = _consumer_template(producer, self.router.rtp_capabilities, remote_caps)
+        if template is None:
             raise ortc.OrtcError("cannot consume: the rtpCapabilities have no codec for this producer")
-        # Only extensions the datapath forwards are announced to the receiver.
-        params["headerExtensions"] = [
-            e for e in params.get("headerExtensions", []) if e["uri"] in rtp.EXTENSION_KINDS
-        ]
+        params = _instantiate(template, producer, ssrc, mid)
         ext_ids = {rtp.EXTENSION_KINDS[e["uri"]]: e["id"] for e in params["headerExtensions"]}
         return self._attach_consumer(producer, params, ext_ids, paused, app_data)
 
@@ -179,10 +235,13 @@ class Transport(EventEmitter):
     ) -> Consumer:
         """Create and register a consumer whose SSRC (in `params`) is free on this transport."""
         ssrc = int(params["encodings"][0]["ssrc"])
-        if self.srtp_out is not None:
-            with self.engine.datapath.tables_lock:  # the datapath thread may be using this session
+        # One hold for the SRTP stream and the consumer's table entry (which takes the same,
+        # recursive, mutex): under load each hold can wait for a hand-off from the datapath
+        # thread (docs/datapath.md#the-datapath-thread).
+        with self.engine.datapath.tables_lock:  # the datapath thread may be using this session
+            if self.srtp_out is not None:
                 self.srtp_out.add_stream(ssrc)
-        consumer = Consumer(self, producer, params, ext_ids, paused, app_data, passthrough)
+            consumer = Consumer(self, producer, params, ext_ids, paused, app_data, passthrough)
         self._consumer_ssrcs.add(ssrc)
         self.consumers[consumer.id] = consumer
         producer.consumers[consumer.id] = consumer
@@ -192,11 +251,13 @@ class Transport(EventEmitter):
 
     def _validated_caps(self, rtp_capabilities: RtpCapabilities) -> RtpCapabilities:
         """The remote's capabilities, validated; a receiver passes the same ones for every
-        consumer, so the last validation is reused while they compare equal (a C-level compare)."""
+        consumer, so the last validation is reused while they compare equal (a C-level compare).
+        Equal validated capabilities are one shared object (`_intern_caps`), so that consumers of
+        a producer for receivers of the same kind share one derivation (`_consumer_template`)."""
         cached = self._caps_cache
         if cached is not None and cached[0] == rtp_capabilities:
             return cached[1]
-        validated = ortc.validate_rtp_capabilities(rtp_capabilities)
+        validated = _intern_caps(ortc.validate_rtp_capabilities(rtp_capabilities))
         self._caps_cache = (copy.deepcopy(rtp_capabilities), validated)
         return validated
 
@@ -385,10 +446,15 @@ class Transport(EventEmitter):
         if self._closed:
             return False
         self._closed = True
-        for consumer in list(self.consumers.values()):
-            consumer._transport_closed()
-        for producer in list(self.producers.values()):
-            producer._transport_closed()
+        # A leave closes N consumers here and N more of our producer elsewhere: one hold of
+        # the tables for them all, handed back to a waiting datapath thread (table_hold.py).
+        with TableHold(self.engine.datapath.tables_lock) as hold:
+            for consumer in list(self.consumers.values()):
+                hold.tick()
+                consumer._transport_closed()
+            for producer in list(self.producers.values()):
+                hold.tick()
+                producer._transport_closed()
         # Closed children reference us: dropping them now lets reference counting free the lot,
         # instead of leaving cycles for the garbage collector (a full collection pauses the loop).
         self.consumers.clear()

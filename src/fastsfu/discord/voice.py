@@ -7,10 +7,11 @@ server_ids get rooms of their own. Members of either protocol fan out through Ro
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import secrets
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from fastsfu import __version__
@@ -28,10 +29,15 @@ from fastsfu.discord.udp_transport import (
 from fastsfu.discord.webrtc_sdp import SdpError, WebRtcOffer, answer, parse_fragment
 from fastsfu.producer import Producer
 from fastsfu.rooms import CREATE_ERRORS, ConsumeError, Room, RoomError, RoomKey, RoomMember, Rooms
+from fastsfu.table_hold import TableHold
 from fastsfu.transport import Transport, TransportError
 from fastsfu.types import RtpCapabilities
 
 log = logging.getLogger("fastsfu.discord")
+
+# Members per slice of a sliced join (about 40 us each), as Harmony's (docs/harmony.md, "Session
+# flow"): rooms this small join in one step.
+JOIN_SLICE_MEMBERS = 8
 
 Authenticate = Callable[[str], int]  # token -> user id; raises a RoomError (the Harmony hook's VoiceError)
 
@@ -68,10 +74,21 @@ class DiscordMember:
     # ------------------------------------------------------------------ RoomMember
 
     def member_joined(self, user_id: int, producer: Producer) -> None:
-        consumer = self._consume(user_id, producer)
+        consumer = self.consumers.get(user_id)
+        if consumer is None or consumer.closed or consumer.producer is not producer:
+            consumer = self._consume(user_id, producer)  # unless made ahead (make_ahead_for)
         self.session.send(Op.CLIENTS_CONNECT, {"user_ids": [str(user_id)]})
         self._introduce(user_id)
         self._announce(user_id, consumer.ssrc, _speaking_of(self.room, user_id))
+
+    def make_ahead_for(self, user_id: int, producer: Producer) -> None:
+        """A joiner's producer consumed here ahead of its member_joined, which then uses it (a
+        sliced join, DiscordVoice._start_join); it closes with the producer if the join never
+        commits. A failure is left to member_joined, which refuses the join all or none."""
+        if not self.joined or user_id in self.consumers:
+            return
+        with contextlib.suppress(ConsumeError):  # member_joined tries again
+            self._consume(user_id, producer)
 
     def member_left(self, user_id: int) -> None:
         self.consumers.pop(user_id, None)  # closed with its producer already
@@ -163,6 +180,9 @@ class DiscordVoice(GatewayHandler):
                 "legacy Discord modes need PyNaCl (pip install 'fastsfu[discord-legacy]'): not offered"
             )
         self.authenticate = authenticate
+        # Runs a callback soon, after what the event loop has waiting (the server sets the loop's
+        # call_soon): a join into a big room is then made in slices (_start_join). None: one step.
+        self.schedule: Callable[[Callable[[], None]], object] | None = None
         self.room_map = dict(room_map or {})
         self.only_mapped = only_mapped
         self.announced_ip = announced_ip
@@ -235,7 +255,7 @@ class DiscordVoice(GatewayHandler):
             member.producer = member.udp.produce(rtp_parameters(member.udp.ssrc))
         except CREATE_ERRORS as exc:
             raise GatewayError(CloseCode.BAD_REQUEST, f"cannot create the producer: {exc}") from None
-        self._join(member)
+        self._start_join(member)
         return {
             "mode": mode,
             "secret_key": list(key),
@@ -291,24 +311,118 @@ class DiscordVoice(GatewayHandler):
         if session.state in ("active", "suspended"):
             session.close(CloseCode.DISCONNECTED, f"media connection lost: {why or 'closed'}")
 
-    def _join(self, member: DiscordMember) -> None:
-        """The room commit, one step with no await: consumers both ways, then the announcements
-        (delivered after op 4)."""
+    def _start_join(self, member: DiscordMember) -> None:
+        """_join, or in a room of more than JOIN_SLICE_MEMBERS (with a schedule) the same in slices:
+        the consumers of both directions made ahead, JOIN_SLICE_MEMBERS members a slice with the
+        loop free in between and nobody told anything; then the commit, one step, which sends the
+        others their announcements; then the joiner's introductions of the others, in slices,
+        skipping whoever left meanwhile (it heard op 13 for them already)."""
+        room, schedule = member.room, self.schedule
+        if schedule is None or len(room.members) <= JOIN_SLICE_MEMBERS:
+            self._join(member)
+            return
+        if member.user_id in room.members:
+            raise GatewayError(CloseCode.BAD_REQUEST, "this user is already in the voice channel")
+        try:
+            room.check_capacity()  # refused at once if full now; checked again at the commit
+        except RoomError as exc:
+            raise GatewayError(CloseCode.BAD_REQUEST, exc.human_message) from None
+        steps = self._make_ahead(member, list(room.members.values()))
+        schedule(lambda: self._slice(member, steps, schedule, self._commit_later))
+
+    def _make_ahead(self, member: DiscordMember, others: list[RoomMember]) -> Iterator[None]:
+        for other in others:
+            if member.session.attachment is not member:
+                return  # ended: its producer took the consumers made for it along
+            if (
+                other.producer is not None
+                and not other.producer.closed
+                and other.user_id not in member.consumers
+            ):
+                # A failure is tried again by the commit, which refuses the join all or none.
+                with contextlib.suppress(ConsumeError):
+                    member._consume(other.user_id, other.producer)
+            make_ahead_for = getattr(other, "make_ahead_for", None)  # members of any protocol
+            if member.producer is not None and make_ahead_for is not None:
+                make_ahead_for(member.user_id, member.producer)
+            yield
+
+    def _slice(
+        self,
+        member: DiscordMember,
+        steps: Iterator[None],
+        schedule: Callable[[Callable[[], None]], object],
+        then: Callable[[DiscordMember], None],
+    ) -> None:
+        if member.session.attachment is not member:
+            return
+        done = True
+        with TableHold(member.room.router.engine.datapath.tables_lock) as hold:
+            for count, _ in enumerate(steps, 1):  # each item's work runs inside next()
+                if count == JOIN_SLICE_MEMBERS:
+                    done = False
+                    break
+                hold.tick()
+        schedule((lambda: then(member)) if done else lambda: self._slice(member, steps, schedule, then))
+
+    def _commit_later(self, member: DiscordMember) -> None:
+        if member.session.attachment is not member:
+            return  # ended before its commit
+        try:
+            others = self._commit(member)
+        except GatewayError as exc:
+            member.session.close(exc.code, exc.reason)
+            return
+        if others:
+            member.session.send(Op.CLIENTS_CONNECT, {"user_ids": [str(o.user_id) for o in others]})
+        schedule = self.schedule
+        assert schedule is not None
+        steps = self._introductions(member, others)
+        schedule(lambda: self._slice(member, steps, schedule, lambda _: None))
+
+    def _introductions(self, member: DiscordMember, others: list[RoomMember]) -> Iterator[None]:
+        room = member.room
+        for other in others:
+            if member.session.attachment is not member or not member.joined:
+                return
+            if room.members.get(other.user_id) is other:  # not gone meanwhile (op 13 sent then)
+                member._introduce(other.user_id)
+                consumer = member.consumers.get(other.user_id)
+                if consumer is not None:
+                    member._announce(other.user_id, consumer.ssrc, _speaking_of(room, other.user_id))
+            yield
+
+    def _commit(self, member: DiscordMember) -> list[RoomMember]:
+        """The room commit, one step with no await: consumers both ways (any not made ahead), the
+        announcements to the others, and the joiner in. Returns the others."""
         room = member.room
         if member.user_id in room.members:
             raise GatewayError(CloseCode.BAD_REQUEST, "this user is already in the voice channel")
         others: list[RoomMember] = list(room.members.values())
         try:
             room.check_capacity()
-            for other in others:
-                if other.producer is not None:
-                    member._consume(other.user_id, other.producer)
-            if member.producer is not None:
-                room.announce_joined(member, others)
+            # The 2N table writes under one hold of the datapath's tables, handed back between
+            # members when the datapath thread waits (table_hold.py).
+            with TableHold(room.router.engine.datapath.tables_lock) as hold:
+                for other in others:
+                    hold.tick()
+                    if other.producer is not None:
+                        consumer = member.consumers.get(other.user_id)
+                        if consumer is None or consumer.closed or consumer.producer is not other.producer:
+                            member._consume(other.user_id, other.producer)
+                if member.producer is not None:
+                    room.announce_joined(member, others, before=lambda _: hold.tick())
         except RoomError as exc:
             raise GatewayError(CloseCode.BAD_REQUEST, exc.human_message) from None
         room.add(member)
         member.joined = True
+        return others
+
+    def _join(self, member: DiscordMember) -> None:
+        """The room commit, one step with no await: consumers both ways, then the announcements
+        (delivered after op 4)."""
+        room = member.room
+        others = self._commit(member)
         if others:
             member.session.send(Op.CLIENTS_CONNECT, {"user_ids": [str(o.user_id) for o in others]})
         for other in others:

@@ -16,12 +16,13 @@ from typing import TYPE_CHECKING, Any
 from fastsfu import ortc
 from fastsfu._proto.protocol.voice.v1 import voice_pb2
 from fastsfu.rooms import CREATE_ERRORS, Authorize, Room, RoomError, RoomMember, Rooms
+from fastsfu.table_hold import TableHold
 from fastsfu.transport import TransportError
 from fastsfu.types import RtpCapabilities
 from fastsfu.webrtc_transport import CLOSED_BY_PEER
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Iterator
 
     from fastsfu.consumer import Consumer
     from fastsfu.engine import Engine
@@ -29,6 +30,10 @@ if TYPE_CHECKING:
     from fastsfu.webrtc_transport import WebRtcTransport
 
 log = logging.getLogger(__name__)
+
+# Members whose consumers a sliced join makes per slice (about 50 us each): bounds the event loop's
+# busy time per slice to well under a millisecond, and rooms this small join in one step.
+JOIN_SLICE_MEMBERS = 8
 
 __all__ = ["CREATE_ERRORS", "RoomMember", "VoiceError", "VoiceRooms", "VoiceSession", "VoiceSettings"]
 
@@ -135,6 +140,10 @@ class VoiceRooms(Rooms):
         self.stream_errors: Counter[str] = Counter()  # by identifier
         # Makes each stream's session; a cluster worker's routes it to its room's home node.
         self.session_factory: Callable[[VoiceRooms, int, str, str], VoiceSession] = VoiceSession
+        # Runs a callback soon, after what the event loop has waiting (the edge sets the loop's
+        # call_soon): a join into a big room is then made in slices (VoiceSession._join). None:
+        # every join is one step.
+        self.schedule: Callable[[Callable[[], None]], object] | None = None
 
     def open_session(self, user_id: int, frontend: str = "", remote: str = "") -> VoiceSession:
         """A new stream from an authenticated user (front-end and address for the logs)."""
@@ -161,6 +170,9 @@ class VoiceSession:
         self.producer_transport: WebRtcTransport | None = None
         self.producer: Producer | None = None
         self.consumers: dict[str, Consumer] = {}  # by bare consumer id
+        # Made ahead of a sliced join, before anyone is told (VoiceSession._join): by producer id,
+        # the consumer and its UserConsumerOptions.
+        self._premade: dict[str, tuple[Consumer, voice_pb2.UserConsumerOptions]] = {}
         # Called whenever something is queued, also from other sessions' steps (UserJoined,
         # UserLeft, session-replaced): the front-end wakes up and drains take_outgoing().
         self.on_output: Callable[[], None] | None = None
@@ -178,8 +190,8 @@ class VoiceSession:
 
     def handle(self, request: Req) -> None:
         """One request; raises VoiceError when the stream must end with that error."""
-        if self.state == "closed":
-            return
+        if self.state in ("closed", "joining"):
+            return  # joining: nothing is valid before JoinedChannel, and the join is under way
         kind = request.WhichOneof("message")
         expected = {"init": "initialize", "prepare": "prepare_for_join_channel", "join": "join_channel"}
         if self.state == "joined":
@@ -327,12 +339,102 @@ class VoiceSession:
             self.producer = self.producer_transport.produce(rtp_parameters)
         except CREATE_ERRORS as exc:
             raise VoiceError("fastsfu.voice-create-producer", str(exc)) from None
-        # The join commit: one step, no await (docs/harmony.md#session-flow).
+        schedule = self.rooms.schedule
+        if schedule is None or len(room.members) <= JOIN_SLICE_MEMBERS:
+            self._commit_join()
+            return
+        # A big room: its 2N consumers and their options are made ahead, JOIN_SLICE_MEMBERS
+        # members a slice with the loop free in between, and nobody is told anything until the
+        # commit (one step, as always), which only sends what is ready; members who came or
+        # went meanwhile are handled there as in a one-step join (docs/harmony.md#session-flow).
+        self.state = "joining"
+        steps = self._make_ahead(list(room.members.values()))
+        schedule(lambda: self._join_slice(steps, schedule))
+
+    def _make_ahead(self, members: list[RoomMember]) -> Iterator[None]:
+        """One item per member: our consumer of its producer, and its consumer of ours. A failure
+        is left for the commit, which tries again and refuses the join all or none."""
+        assert self.consumer_transport is not None and self._caps is not None and self.producer is not None
+        for member in members:
+            producer = member.producer
+            if self.state != "joining":
+                return
+            if producer is not None and not producer.closed:
+                try:
+                    mine = self._consume(self.consumer_transport, producer, self._caps, self)
+                except VoiceError:
+                    pass
+                else:
+                    self._premade[producer.id] = (
+                        mine,
+                        self._consumer_options(member.user_id, producer, mine),
+                    )
+            # Members of any protocol that can (Harmony's, Discord's) consume ours ahead too.
+            make_ahead_for = getattr(member, "make_ahead_for", None)
+            if make_ahead_for is not None:
+                make_ahead_for(self.user_id, self.producer)
+            yield
+
+    def make_ahead_for(self, user_id: int, producer: Producer) -> None:
+        """A joiner's producer consumed here ahead of its member_joined, which then uses it; the
+        consumer closes with the producer if the join never commits."""
+        if self.state != "joined" or producer.id in self._premade:
+            return
+        assert self.consumer_transport is not None and self._caps is not None
+        try:
+            consumer = self._consume(self.consumer_transport, producer, self._caps, self)
+        except VoiceError:
+            return  # member_joined tries again, and a failure there refuses the join
+        entry = self._premade[producer.id] = (consumer, self._consumer_options(user_id, producer, consumer))
+        # The joiner may go before its commit: forget the consumer when it closes with the producer.
+        consumer.observer.once(
+            "close",
+            lambda: self._premade.pop(producer.id) if self._premade.get(producer.id) is entry else None,
+        )
+
+    def _join_slice(self, steps: Iterator[None], schedule: Callable[[Callable[[], None]], object]) -> None:
+        if self.state != "joining":
+            return  # closed meanwhile: its producer took the consumers made ahead with it
+        assert self.room is not None
+        done = True
+        with TableHold(self.room.router.engine.datapath.tables_lock) as hold:
+            for count, _ in enumerate(steps, 1):  # each item's work runs inside next()
+                if count == JOIN_SLICE_MEMBERS:
+                    done = False
+                    break
+                hold.tick()
+        schedule(self._commit_joined_later if done else lambda: self._join_slice(steps, schedule))
+
+    def _commit_joined_later(self) -> None:
+        if self.state != "joining":
+            return
+        try:
+            self._commit_join()
+        except VoiceError as exc:
+            self._send(exc)
+            self.close(f"{exc.identifier}: {exc.human_message}")
+        except Exception:  # a bug: this stream ends with an error, the others go on
+            log.exception("voice session of user %d failed in state joining", self.user_id)
+            self._send(VoiceError("hrpc.internal-server-error", "internal error"))
+            self.close("hrpc.internal-server-error")
+
+    def _commit_join(self) -> None:
+        """The join commit: one step, no await (docs/harmony.md#session-flow)."""
+        room, caps = self.room, self._caps
+        assert room is not None and caps is not None and self.consumer_transport is not None
         others = []
         consumer_transport = self.consumer_transport
+        # The 2N table writes of this join under one hold of the datapath's tables, handed back
+        # between members when the datapath thread waits (table_hold.py).
+        hold = TableHold(room.router.engine.datapath.tables_lock)
 
         def consume(member: RoomMember) -> None:
+            hold.tick()
             if member.producer is not None:  # a member of another protocol may not send yet
+                ready = self._take_premade(member.producer)
+                if ready is not None:
+                    others.append(ready[1])
+                    return
                 mine = self._consume(consumer_transport, member.producer, caps, self)
                 others.append(self._consumer_options(member.user_id, member.producer, mine))
 
@@ -340,9 +442,13 @@ class VoiceSession:
             room.check_capacity()
             # Each member's producer consumed here, then UserJoined to it (unicast, never to the
             # joiner); all or none (Room.announce_joined).
-            room.announce_joined(self, list(room.members.values()), before=consume)
+            with hold:
+                room.announce_joined(self, list(room.members.values()), before=consume)
         except RoomError as exc:
             raise VoiceError.of(exc) from None
+        for consumer, _ in self._premade.values():
+            consumer.close()  # made ahead for a member who has left since
+        self._premade.clear()
         room.add(self)
         self.state = "joined"
         self._log_member("join")
@@ -353,10 +459,17 @@ class VoiceSession:
     def member_joined(self, user_id: int, producer: Producer) -> None:
         """A paused consumer on this user's transport, built with this user's caps, and UserJoined."""
         assert self.consumer_transport is not None and self._caps is not None
-        consumer = self._consume(self.consumer_transport, producer, self._caps, self)
-        self._send(
-            Resp(user_joined=Resp.UserJoined(data=self._consumer_options(user_id, producer, consumer)))
-        )
+        ready = self._take_premade(producer)
+        if ready is not None:
+            options = ready[1]
+        else:
+            consumer = self._consume(self.consumer_transport, producer, self._caps, self)
+            options = self._consumer_options(user_id, producer, consumer)
+        self._send(Resp(user_joined=Resp.UserJoined(data=options)))
+
+    def _take_premade(self, producer: Producer) -> tuple[Consumer, voice_pb2.UserConsumerOptions] | None:
+        ready = self._premade.pop(producer.id, None)
+        return ready if ready is not None and not ready[0].closed else None
 
     @property
     def reports_speaking(self) -> bool:

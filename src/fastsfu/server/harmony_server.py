@@ -9,6 +9,7 @@ SIGTERM flips health to NOT_SERVING, then leaves every session cleanly (UserLeft
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import ssl
@@ -64,6 +65,7 @@ async def serve_harmony(config: ServerConfig, voice: VoiceSettings | None = None
     reuse_port = worker is not None
     async with Engine(settings) as engine:
         rooms = VoiceRooms(engine, voice or config.voice, policy)
+        rooms.schedule = asyncio.get_running_loop().call_soon  # big rooms join in slices
         grpc_server, grpc_port = await start_grpc_server(
             rooms, auth.authenticate, f"{config.listen_ip}:{config.grpc_port}", rate_limit, health
         )
@@ -180,6 +182,7 @@ def _discord_endpoint(
     voice = DiscordVoice(
         rooms, authenticate, d.rooms, d.only_mapped, config.announced_ip, legacy_modes=d.legacy_modes
     )
+    voice.schedule = rooms.schedule  # big rooms join in slices, as Harmony's
     gateway = Gateway(
         voice,
         GatewayConfig(heartbeat_interval_ms=round(d.heartbeat_interval * 1000), resume_grace=d.resume_grace),
