@@ -305,9 +305,11 @@ def summarize(result: dict[str, Any]) -> str:
     ]
     groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for r in recs:
-        label = "first join (places the room)" if r["first"] else r["where"]
+        label = r["where"]
+        if r["first"]:
+            label += ", first join (places the room)"
         if r["op"] == "leave" and r["members_before"] == 1:
-            label = "last leave (releases the room)"
+            label += ", last leave (releases the room)"
         groups.setdefault((r["op"], label), []).append(r)
     for (op, label), rs in groups.items():
         msgs = [r["messages"] for r in rs]
