@@ -111,8 +111,12 @@ def port_gap(n_participants: int) -> int:
     return 1000 * max(1, -(-n_participants // 1000))
 
 
-def make_config(rooms: int, size: int, suite: str, base_port: int, seed: int = 1) -> dict[str, Any]:
-    """Build a config: `rooms` rooms of `size` participants, everyone subscribed to everyone else.
+def make_config(
+    rooms: int, size: int, suite: str, base_port: int, seed: int = 1, talkers: int = 0
+) -> dict[str, Any]:
+    """Build a config: `rooms` rooms of `size` participants, everyone subscribed to everyone else;
+    with `talkers` > 0 a stage: only the first `talkers` members of each room are heard (by all
+    the others), the rest only listen.
 
     SUT ports are base_port + id, generator ports base_port + port_gap + id. Keys come from a
     seeded PRNG so that two runs (and both SUTs) see the same keys: they are test keys only.
@@ -120,8 +124,8 @@ def make_config(rooms: int, size: int, suite: str, base_port: int, seed: int = 1
     Discord suites: every participant's SUT port is base_port (the engine's shared media port),
     both directions use one key (key_down == key_up), and publishers and consumers use PT 120.
     """
-    if rooms < 1 or size < 2:
-        raise ValueError("need rooms >= 1 and size >= 2")
+    if rooms < 1 or size < 2 or not 0 <= talkers <= size:
+        raise ValueError("need rooms >= 1, size >= 2 and 0 <= talkers <= size")
     suite = normalize_suite(suite)
     n = rooms * size
     gap = port_gap(n)
@@ -149,12 +153,19 @@ def make_config(rooms: int, size: int, suite: str, base_port: int, seed: int = 1
         )
     for room in range(rooms):
         members = range(room * size, (room + 1) * size)
-        for sender in members:
+        for sender in members[:talkers] if talkers else members:
             for receiver in members:
                 if receiver != sender:
                     ssrc = CONSUMER_SSRC_BASE + len(cfg.consumers) + 1
                     cfg.consumers.append(Consumer(receiver=receiver, sender=sender, ssrc=ssrc))
     return cfg.to_dict()
+
+
+def worker_of(p: dict[str, Any], workers: int) -> int:
+    """The worker serving participant `p` when a room is split over `workers` processes: members
+    alternate, so a room of 50 splits 25/25, a stage's talkers and listeners each split evenly,
+    and each room of 2 has one member on either side of the pipe."""
+    return int(p["id"]) % workers
 
 
 def room_size(cfg: dict[str, Any]) -> int:

@@ -39,9 +39,20 @@ from loadgen import native, run_loadgen  # noqa: E402
 SUTS = ("baseline", "fastsfu", "fastsfu_nolimit", "pion")
 # Run only when named: fastsfu with its datapath on the event loop instead of its own thread;
 # fastsfu with its PlainTransport sockets left unconnected (every send carries its address).
-OPTIONAL_SUTS = ("fastsfu_sized", "fastsfu_inline", "fastsfu_unconnected", "fastsfu_observer")
+# fastsfu_split2: the members split over two fastsfu worker processes joined by plain-RTP
+# PipeTransports (sut_split.py), i.e. a room spilled over two workers; CPU summed over both.
+OPTIONAL_SUTS = (
+    "fastsfu_sized",
+    "fastsfu_inline",
+    "fastsfu_unconnected",
+    "fastsfu_observer",
+    "fastsfu_split2",
+)
 # SUTs that have no Discord mode.
-SRTP_ONLY = ("baseline", "pion")
+SRTP_ONLY = ("baseline", "pion", "fastsfu_split2")
+# Worker processes of a SUT (1 unless named here).
+SUT_WORKERS = {"fastsfu_split2": 2}
+SPLIT_SCRIPT = BENCH_DIR / "sut_split.py"
 PION_BUILD = BENCH_DIR / "pion" / "build.sh"
 PION_BUILD_TIMEOUT_S = 300
 P99_FLOOR_US = 5000.0  # docs/benchmarks.md#the-loopback-load-benchmark: the baseline's validity floor
@@ -84,6 +95,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     add("--rooms", type=int, default=1, help="scenario A: rooms [1]")
     add("--size", type=int, default=50, help="scenario A: participants per room, all talking [50]")
+    add(
+        "--stage",
+        metavar="SPEAKERS,LISTENERS",
+        help="instead of scenario A: one room of SPEAKERS talking and LISTENERS listening (e.g. 4,400); "
+        "only the fixed step at --fixed-rate (and, without --fixed-only, a search) with the speakers talking",
+    )
     add("--payload", default="opus", help="'opus' (80-120 B, varying) or a fixed payload size [opus]")
     add("--fixed-rate", type=float, default=50.0, help="per-publisher pps of the fixed-load steps [50]")
     add(
@@ -172,6 +189,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             ap.error("--join-storm: RATE and SECONDS must be > 0")
         args.storm_seconds = secs
     args.payload_size = 0 if args.payload == "opus" else int(args.payload)
+    args.talkers = 0
+    if args.stage:
+        try:
+            speakers, listeners = (int(x) for x in args.stage.split(","))
+        except ValueError:
+            ap.error("--stage SPEAKERS,LISTENERS")
+        if speakers < 1 or listeners < 1:
+            ap.error("--stage: SPEAKERS and LISTENERS must be >= 1")
+        args.rooms, args.size, args.talkers = 1, speakers + listeners, speakers
     suites: list[str] = []
     for s in args.suite or ["cm"]:
         for one in SUITE_GROUPS.get(s.lower(), [s]):
@@ -203,6 +229,7 @@ class Runner:
 
     def step(self, phase: str, rate: float, duration: float, speakers: int = 0) -> dict[str, Any]:
         a = self.args
+        speakers = speakers or a.talkers  # a stage: only its speakers ever talk
         if self._backlog:
             # The previous step left packets queued in the SUT: start clean.
             self.h.settle(SETTLE_TIMEOUT_S)
@@ -342,6 +369,9 @@ def sut_argv(sut: str, args: argparse.Namespace, libs: dict[str, Path]) -> list[
     if sut == "pion":
         # Pinned by the harness (taskset), so the Go runtime sees one CPU: GOMAXPROCS=1.
         return [str(libs["pion"])]
+    if sut == "fastsfu_split2":
+        # Both workers pinned to the SUT's CPU: the cost is summed, the capacity not shown.
+        return [sys.executable, str(SPLIT_SCRIPT), "--cpu", str(args.sut_cpu)]
     argv = [sys.executable, str(run_loadgen.FASTSFU_SCRIPT), "--cpu", str(args.sut_cpu)]
     if sut == "fastsfu_nolimit":
         argv += ["--max-queue-age-ms", "0"]
@@ -383,6 +413,8 @@ START_ATTEMPTS = 2
 def fixed_phases(args: argparse.Namespace, suite: str) -> list[tuple[str, int]]:
     """(phase, talking members per room): the low load (a few talking, the rest muted), then all.
     Quick Discord runs skip the low step: the peer table, which shows it, is SRTP only."""
+    if args.talkers:
+        return [("fixed", args.talkers)]  # a stage has one load: its speakers
     low = args.low_speakers > 0 and not (args.quick and benchconfig.is_discord(suite))
     return [("fixed_low", args.low_speakers)] * low + [("fixed", 0)]
 
@@ -409,7 +441,9 @@ def run_suite(
                     # elsewhere in the range.
                     start = 20000 if attempt == 0 else random.randrange(20000, 30000, 500)
                     base_port = benchconfig.find_free_base_port(n, start=start)
-                    cfg = benchconfig.make_config(args.rooms, args.size, suite, base_port)
+                    cfg = benchconfig.make_config(
+                        args.rooms, args.size, suite, base_port, talkers=args.talkers
+                    )
                     h = stack.enter_context(
                         run_loadgen.harness(
                             cfg,
@@ -418,6 +452,7 @@ def run_suite(
                             gen_cpu=args.gen_cpu,
                             sut_cpu=args.sut_cpu,
                             lib_path=libs["loadgen"],
+                            workers=SUT_WORKERS.get(sut, 1),
                         )
                     )
                     break
@@ -693,8 +728,107 @@ PEER_LABELS = {
     "fastsfu_inline": "fastsfu, datapath on the event loop",
     "fastsfu_unconnected": "fastsfu, unconnected sockets",
     "fastsfu_observer": "fastsfu, an active-speaker observer per room",
+    "fastsfu_split2": "fastsfu, 2 workers joined by pipes",
     "pion": "pion/srtp v2 Go forwarder",
 }
+
+
+def _spread(values: list[float], fmt: str = "{:.2f}") -> str:
+    """median (min–max) of per-round values, or the one value."""
+    if not values:
+        return "-"
+    med = fmt.format(statistics.median(values))
+    return med if len(values) == 1 else f"{med} ({fmt.format(min(values))}–{fmt.format(max(values))})"
+
+
+def split_report(summary: dict[str, Any]) -> list[str]:
+    """fastsfu split over two worker processes (fastsfu_split2) against one worker, same run: CPU per
+    forwarded packet summed over the workers, its ratio to the single worker's round by round, each
+    worker's share, and the extra CPU per packet crossing a pipe."""
+    lines: list[str] = []
+    out: dict[str, Any] = {}
+    a = summary["args"]
+    # With members alternating between 2 workers, each talking producer crosses the pipe once and
+    # reaches size - 1 receivers: one crossing per size - 1 forwarded packets.
+    fwd_per_crossing = a["size"] - 1
+    for suite, per_sut in summary["results"].items():
+        split = per_sut.get("fastsfu_split2")
+        if not split or not split.get("steps"):
+            continue
+        single, base = per_sut.get("fastsfu"), per_sut.get("baseline")
+        lines += [
+            f"### fastsfu on 2 workers joined by pipes vs 1 worker, {suite}, {summary['scenario']}",
+            "",
+            "| step | fwd pps | 1 worker: CPU us/pkt | 2 workers: CPU us/pkt (sum) | 2 / 1 per round "
+            "| C baseline | 1 / baseline | 2 / baseline | worker shares | imbalance per round "
+            "| extra us per pipe crossing | loss 1 / 2 | p99 us 1 / 2 | other load |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        rows: dict[str, Any] = {}
+        for phase in FIXED_PHASES:
+            runs = [x for x in split["steps"] if x["phase"] == phase]
+            if not runs:
+                continue
+            ones = [x for x in (single or {}).get("steps", []) if x["phase"] == phase]
+            bases = [x for x in (base or {}).get("steps", []) if x["phase"] == phase]
+
+            def cpus(steps: list[dict[str, Any]]) -> list[float]:
+                return [x["cpu_us_per_pkt"] for x in steps if x.get("cpu_us_per_pkt")]
+
+            c2, c1, cb = cpus(runs), cpus(ones), cpus(bases)
+            vs_one = round_ratios(split, single, phase)
+            shares = [x["worker_cpu_share"] for x in runs if all(x.get("worker_cpu_share") or [None])]
+            imbalance = [abs(sh[0] - sh[1]) / max(sh) for sh in shares if len(sh) == 2 and max(sh)]
+            extra = [(x2 - x1) * fwd_per_crossing for x2, x1 in zip(c2, c1, strict=False)]
+            others = [x.get("core_other_util") or 0.0 for x in runs + ones + bases]
+            med = statistics.median
+            row = {
+                "offered_fwd_pps": runs[0]["offered_fwd_pps"],
+                "one_worker_cpu_us_per_pkt": c1,
+                "two_workers_cpu_us_per_pkt": c2,
+                "baseline_cpu_us_per_pkt": cb,
+                "two_over_one": vs_one,
+                "one_over_baseline": round_ratios(single, base, phase),
+                "two_over_baseline": round_ratios(split, base, phase),
+                "worker_shares": shares,
+                "imbalance": imbalance,
+                "extra_us_per_crossing": extra,
+                "loss_one": [x["loss"] for x in ones],
+                "loss_two": [x["loss"] for x in runs],
+                "p99_one": [x["p99_us"] for x in ones],
+                "p99_two": [x["p99_us"] for x in runs],
+                "other_load": others,
+            }
+            rows[phase] = row
+            share_txt = (
+                " / ".join(f"{med([sh[i] for sh in shares]):.3f}" for i in range(len(shares[0])))
+                if shares
+                else "-"
+            )
+            lines.append(
+                f"| {phase} | {_fmt(row['offered_fwd_pps'])} | {_spread(c1)} | {_spread(c2)} "
+                f"| {_spread(vs_one)} | {_spread(cb)} | {_spread(row['one_over_baseline'])} "
+                f"| {_spread(row['two_over_baseline'])} "
+                f"| {share_txt} | {_spread(imbalance)} | {_spread(extra)} "
+                f"| {max(row['loss_one'], default='-')} / {max(row['loss_two'])} "
+                f"| {_fmt(med([v or 0.0 for v in row['p99_one']]) if ones else None)} "
+                f"/ {_fmt(med([v or 0.0 for v in row['p99_two']]))} "
+                f"| {min(others):.2f}–{max(others):.2f} |"
+            )
+        out[suite] = rows
+        lines += [
+            "",
+            "CPU us/pkt: user + sys of the SUT's processes (both workers summed for 2) per forwarded "
+            "packet, median of the rounds (range); ratios: round by round (each round runs every system "
+            "once, back to back), median (range). Worker shares: each worker's part of the two workers' "
+            "CPU (median); imbalance: |a - b| / max(a, b) per round (target <= 0.15). Extra us per pipe "
+            f"crossing: (2 workers - 1 worker) x {fwd_per_crossing} forwarded packets per crossing. "
+            "Loss: the largest of the rounds; other load: the share of the SUT's core taken by "
+            "anything else during the steps (min–max).",
+            "",
+        ]
+    summary["split"] = out
+    return lines
 
 
 def round_ratios(res: dict[str, Any] | None, base: dict[str, Any] | None, phase: str) -> list[float]:
@@ -895,6 +1029,7 @@ def report(summary: dict[str, Any]) -> str:
     lines += peers_report(summary)
     lines += hog_report(summary)
     lines += discord_report(summary)
+    lines += split_report(summary)
     return "\n".join(lines)
 
 
@@ -1032,6 +1167,10 @@ def main(argv: list[str] | None = None) -> int:
             failed = os.environ.get("CI") == "true"
 
     scenario = f"scenario A: {args.rooms} x {args.size} all talking, payload {args.payload}"
+    if args.talkers:
+        scenario = (
+            f"stage: {args.talkers} speakers, {args.size - args.talkers} listeners, payload {args.payload}"
+        )
     summary: dict[str, Any] = {
         "machine": machine_info(),
         "scenario": scenario,

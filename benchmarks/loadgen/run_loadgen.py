@@ -510,6 +510,7 @@ class SutProcess:
         cpu: int | None = SUT_CPU,
         ready_timeout: float = 30.0,
         env: dict[str, str] | None = None,
+        ready_line: str = "READY",
     ) -> None:
         preexec = None
         if cpu is not None:
@@ -535,7 +536,7 @@ class SutProcess:
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
         try:
-            self._wait_ready(ready_timeout)
+            self.ready_text = self.wait_line(ready_line, ready_timeout)
         except BaseException:
             self.kill()
             raise
@@ -550,12 +551,13 @@ class SutProcess:
             self.lines.put(line.rstrip("\n"))
         self.lines.put(None)
 
-    def _wait_ready(self, timeout: float) -> None:
+    def wait_line(self, word: str, timeout: float) -> str:
+        """Read output until a line that is `word` or starts with `word` and a space; returns it."""
         deadline = time.monotonic() + timeout
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
-                raise HarnessError(f"SUT {self.argv} did not print READY within {timeout} s")
+                raise HarnessError(f"SUT {self.argv} did not print {word} within {timeout} s")
             try:
                 line = self.lines.get(timeout=min(left, 0.5))
             except queue.Empty:
@@ -564,10 +566,16 @@ class SutProcess:
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     self.proc.wait(timeout=5)
                 rc = self.proc.returncode
-                raise HarnessError(f"SUT {self.argv} exited with {rc} before READY: {self.output}")
+                raise HarnessError(f"SUT {self.argv} exited with {rc} before {word}: {self.output}")
             self.output.append(line)
-            if line.strip() == "READY":
-                return
+            if line.strip() == word or line.startswith(word + " "):
+                return line
+
+    def send_line(self, text: str) -> None:
+        """Write one line to the SUT's stdin (the split SUT's pipe exchange)."""
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(text.rstrip("\n") + "\n")
+        self.proc.stdin.flush()
 
     def cpu_times(self) -> tuple[float, float]:
         """(user, system) CPU seconds of the whole SUT process from /proc/<pid>/stat."""
@@ -619,6 +627,73 @@ class SutProcess:
                     pipe.close()
 
     def __enter__(self) -> SutProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.kill()
+
+
+class SutGroup:
+    """Several SUT worker processes acting as one SUT (sut_split.py): each prints `PIPE {json}`,
+    gets the others' offers as one JSON list on stdin, then prints READY. CPU is summed over the
+    workers (`cpu_times`) and also given per worker (`cpu_times_each`); the final counters are the
+    workers' numeric counters summed, plus each worker's line under "workers"."""
+
+    def __init__(
+        self, argvs: list[list[str]], cpu: int | None = SUT_CPU, ready_timeout: float = 30.0
+    ) -> None:
+        self.procs: list[SutProcess] = []
+        try:
+            for argv in argvs:
+                self.procs.append(SutProcess(argv, cpu=cpu, ready_timeout=ready_timeout, ready_line="PIPE"))
+            offers = [json.loads(p.ready_text.split(" ", 1)[1]) for p in self.procs]
+            for i, p in enumerate(self.procs):
+                p.send_line(json.dumps([o for j, o in enumerate(offers) if j != i]))
+            for p in self.procs:
+                p.wait_line("READY", ready_timeout)
+        except BaseException:
+            self.kill()
+            raise
+        self.argv = [p.argv for p in self.procs]
+
+    @property
+    def output(self) -> list[str]:
+        return [f"[{i}] {line}" for i, p in enumerate(self.procs) for line in p.output]
+
+    @property
+    def proc(self) -> subprocess.Popen[str]:
+        """The first worker that exited, else the first (Harness reports its return code)."""
+        return next((p.proc for p in self.procs if not p.alive()), self.procs[0].proc)
+
+    @property
+    def pid(self) -> int:
+        return self.procs[0].pid
+
+    def cpu_times_each(self) -> list[tuple[float, float]]:
+        return [p.cpu_times() for p in self.procs]
+
+    def cpu_times(self) -> tuple[float, float]:
+        each = self.cpu_times_each()
+        return sum(u for u, _ in each), sum(s for _, s in each)
+
+    def alive(self) -> bool:
+        return all(p.alive() for p in self.procs)
+
+    def stop(self, timeout: float = 15.0) -> dict[str, Any]:
+        for p in self.procs:
+            if p.proc.poll() is None:
+                p.proc.send_signal(signal.SIGTERM)
+        finals = [p.stop(timeout) for p in self.procs]
+        out: dict[str, Any] = {"workers": finals, "ok": all(f.get("ok") for f in finals)}
+        for key in {k for f in finals for k, v in f.items() if type(v) is int and k != "worker"}:
+            out[key] = sum(int(f.get(key, 0)) for f in finals)
+        return out
+
+    def kill(self) -> None:
+        for p in self.procs:
+            p.kill()
+
+    def __enter__(self) -> SutGroup:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -688,7 +763,7 @@ def settle(gen: LoadGen, ports: list[int], timeout: float = 10.0, cpu: int | Non
 
 def measure_step(
     gen: LoadGen,
-    sut: SutProcess | None,
+    sut: SutProcess | SutGroup | None,
     rate: float,
     duration: float,
     warmup: float = 0.5,
@@ -713,6 +788,7 @@ def measure_step(
     sut_ports = [p["sut_port"] for p in cfg["participants"]]
     d0 = udp_sockets()
     c0 = sut.cpu_times() if sut else (0.0, 0.0)
+    e0 = sut.cpu_times_each() if isinstance(sut, SutGroup) else []
     i0 = cpu_state_seconds(sut_cpu) if sut_cpu is not None else (0.0, 0.0)
     t0 = time.monotonic()
     res = gen.run_step(
@@ -730,6 +806,7 @@ def measure_step(
     )
     wall = time.monotonic() - t0
     c1 = sut.cpu_times() if sut else (0.0, 0.0)
+    e1 = sut.cpu_times_each() if isinstance(sut, SutGroup) else []
     i1 = cpu_state_seconds(sut_cpu) if sut_cpu is not None else (0.0, 0.0)
     d1 = udp_sockets()
     m = res.metrics()
@@ -747,6 +824,11 @@ def measure_step(
         m["cpu_us_per_pkt"] = round((user + system) * 1e6 / fwd, 3) if fwd else None
         m["cpu_user_us_per_pkt"] = round(user * 1e6 / fwd, 3) if fwd else None
         m["cpu_sys_us_per_pkt"] = round(system * 1e6 / fwd, 3) if fwd else None
+    if e0:
+        # Each worker's CPU (user + sys) in this step, and its share of the workers' total.
+        spent = [sum(b) - sum(a) for a, b in zip(e0, e1, strict=True)]
+        m["worker_cpu_us_per_pkt"] = [round(x * 1e6 / fwd, 3) if fwd else None for x in spent]
+        m["worker_cpu_share"] = [round(x / sum(spent), 3) if sum(spent) else None for x in spent]
     if sut_cpu is not None:
         # Everything on the SUT's core, softirq and any other process there included.
         busy = wall - (i1[0] - i0[0])
@@ -777,7 +859,12 @@ class Harness:
     """A running SUT plus a LoadGen on the same config; see harness()."""
 
     def __init__(
-        self, config: dict[str, Any], sut: SutProcess, gen: LoadGen, gen_cpu: int | None, sut_cpu: int | None
+        self,
+        config: dict[str, Any],
+        sut: SutProcess | SutGroup,
+        gen: LoadGen,
+        gen_cpu: int | None,
+        sut_cpu: int | None,
     ) -> None:
         self.config = config
         self.sut = sut
@@ -809,6 +896,7 @@ def harness(
     ready_timeout: float = 30.0,
     stop_timeout: float = 15.0,
     lib_path: Path | None = None,
+    workers: int = 1,
 ) -> Iterator[Harness]:
     """Start a SUT ('baseline', 'fastsfu' or an argv taking the config path last) on `config`,
     open a LoadGen on the same config, yield a Harness; on exit stop the SUT and put its final
@@ -824,7 +912,14 @@ def harness(
             config_path = Path(tmp) / "config.json"
         benchconfig.save_config(config, config_path)
         argv = sut_command(sut, config_path) if isinstance(sut, str) else [*sut, str(config_path)]
-        proc = stack.enter_context(SutProcess(argv, cpu=sut_cpu, ready_timeout=ready_timeout))
+        proc: SutProcess | SutGroup
+        if workers > 1:
+            # One argv per worker: the split SUT (sut_split.py) takes its index and the count.
+            head, tail = argv[:-1], argv[-1:]
+            argvs = [[*head, "--worker", str(i), "--workers", str(workers), *tail] for i in range(workers)]
+            proc = stack.enter_context(SutGroup(argvs, cpu=sut_cpu, ready_timeout=ready_timeout))
+        else:
+            proc = stack.enter_context(SutProcess(argv, cpu=sut_cpu, ready_timeout=ready_timeout))
         gen = stack.enter_context(LoadGen(config, lib_path=lib_path))
         h = Harness(config, proc, gen, gen_cpu, sut_cpu)
         yield h
