@@ -110,6 +110,7 @@ def test_red_forwarded_to_red_receivers_and_unwrapped_for_opus_receivers() -> No
             assert [p.payload for p in got_opus] == [primary] * 4
             assert [p.timestamp for p in got_opus] == [0, 48000, 96000, 7 * 48000]
             # The four malformed packets: a counted drop for each receiver, nothing sent.
+            assert producer.get_stats()[0]["redPacketCount"] == 3
             drops = engine.datapath.stats()["drops"]
             assert drops["red_malformed"] == 4 * 2
             for c in clients:

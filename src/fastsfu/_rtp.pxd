@@ -169,6 +169,7 @@ ctypedef struct Producer:
     uint8_t red_state                # the current packet (set by _rtp): 0 Opus, 1 RED, 2 malformed RED
     uint8_t red_blocks               # ... a RED packet's header blocks (the primary's included)
     int red_prim_off                 # ... and its primary block's offset in the payload
+    uint64_t red_packets             # well-formed RED packets parsed for receivers
     uint32_t clock_rate
     uint8_t ext_kind[256]            # extension ID -> kind (0: not forwarded)
     int32_t *consumers

@@ -1541,7 +1541,8 @@ cdef class Datapath:
                     "extended_highest_seq": pr.highest if pr.have_seq else None,
                     "expected": expected, "lost": max(0, expected - <int64_t>pr.packets),
                     "jitter": pr.jitter_q4 >> 4, "epoch": pr.epoch,
-                    "consumers": pr.n_consumers, "active_consumers": pr.n_active}
+                    "consumers": pr.n_consumers, "active_consumers": pr.n_active,
+                    "red_packets": pr.red_packets}
 
     def consumer_stats(self, int c) -> dict:
         cdef Consumer *co
@@ -1899,6 +1900,7 @@ cdef class Datapath:
             pr.red_blocks = red_parse(&buf[hlen], n - hlen - (buf[n - 1] if buf[0] & 0x20 else 0),
                                       pr.pt, &pr.red_prim_off)
             pr.red_state = 1 if pr.red_blocks else 2
+            pr.red_packets += pr.red_state == 1
         for i in range(pr.n_consumers):
             c = pr.consumers[i]
             if self.consumers[c].direct:

@@ -144,6 +144,7 @@ class Producer(EventEmitter):
                 "highestSequenceNumber": s["highest_seq"],
                 "packetsDiscarded": s["drops"],
                 "activeConsumers": s["active_consumers"],
+                "redPacketCount": s["red_packets"],
             }
         ]
 
