@@ -381,8 +381,9 @@ class ReferenceForwarder:
             self.drops["no_consumers"] += 1
             return
         red: tuple[int, int] | None = None  # (header blocks, primary offset) of a RED packet
-        if data[1] & 0x7F == pr.red_pt:
-            red = red_primary(data[hlen : n - (data[-1] if data[0] & 0x20 else 0)], pr.pt)
+        body = data[hlen : n - (data[-1] if data[0] & 0x20 else 0)]
+        if data[1] & 0x7F == pr.red_pt and body:  # padding only (a probe): no RED, Opus PT
+            red = red_primary(body, pr.pt)
         for c in pr.consumers:
             self._forward(pr, self.consumers[c], data, hlen, ext_off, ext_len, profile, ext, now, red)
 

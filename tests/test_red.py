@@ -87,28 +87,33 @@ def test_red_forwarded_to_red_receivers_and_unwrapped_for_opus_receivers() -> No
                 await asyncio.sleep(0.002)
             # A plain Opus packet of the same producer reaches both as Opus.
             clients[0].send_rtp(server, RtpPacket(OPUS, 107, 7 * 48000, 4242, payload=primary))
+            # Padding only, at the RED PT (Chromium's bandwidth probes): no RED in it, so it goes
+            # out as it came, at each receiver's Opus PT, padding kept.
+            clients[0].send_rtp(server, RtpPacket(RED, 108, 8 * 48000, 4242, payload=b"", padding=32))
 
             assert clients[1].rx is not None and clients[2].rx is not None
             got_red = [
-                RtpPacket.parse(clients[1].rx.unprotect(d)) for d in await clients[1].receive_rtp(4, 5)
+                RtpPacket.parse(clients[1].rx.unprotect(d)) for d in await clients[1].receive_rtp(5, 5)
             ]
             got_opus = [
-                RtpPacket.parse(clients[2].rx.unprotect(d)) for d in await clients[2].receive_rtp(4, 5)
+                RtpPacket.parse(clients[2].rx.unprotect(d)) for d in await clients[2].receive_rtp(5, 5)
             ]
-            assert [p.sequence_number for p in got_red] == [100, 101, 102, 107]
-            assert [p.sequence_number for p in got_opus] == [100, 101, 102, 107]
+            assert [p.sequence_number for p in got_red] == [100, 101, 102, 107, 108]
+            assert [p.sequence_number for p in got_opus] == [100, 101, 102, 107, 108]
+            assert [p.padding for p in got_red] == [p.padding for p in got_opus] == [0, 0, 0, 0, 32]
             # RED as sent, with every block header naming the receiver's Opus PT (100).
-            assert [p.payload_type for p in got_red] == [101, 101, 101, 100]
+            assert [p.payload_type for p in got_red] == [101, 101, 101, 100, 100]
             assert [p.payload for p in got_red] == [
                 red([(100, 960, prev)], 100, primary),
                 red([], 100, primary),
                 red([(100, 1920, b""), (100, 960, prev)], 100, primary),
                 primary,
+                b"",
             ]
             # Unwrapped: the primary block alone, at the receiver's Opus PT.
-            assert [p.payload_type for p in got_opus] == [109] * 4
-            assert [p.payload for p in got_opus] == [primary] * 4
-            assert [p.timestamp for p in got_opus] == [0, 48000, 96000, 7 * 48000]
+            assert [p.payload_type for p in got_opus] == [109] * 5
+            assert [p.payload for p in got_opus] == [primary] * 4 + [b""]
+            assert [p.timestamp for p in got_opus] == [0, 48000, 96000, 7 * 48000, 8 * 48000]
             # The four malformed packets: a counted drop for each receiver, nothing sent.
             assert producer.get_stats()[0]["redPacketCount"] == 3
             drops = engine.datapath.stats()["drops"]

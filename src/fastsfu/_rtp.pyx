@@ -1765,7 +1765,7 @@ cdef class Datapath:
 
     cdef void _rtp(self, int t, Transport *tr, uint8_t *buf, int n, const uint8_t *src, int64_t now,
                    int tentative) noexcept nogil:
-        cdef int hlen, cc, status, p, decrypt, i, c, clear
+        cdef int hlen, cc, status, p, decrypt, i, c, clear, body
         cdef int ext_off = 0, ext_len = 0, profile = 0
         cdef uint16_t seq
         cdef uint32_t ssrc, ts
@@ -1895,10 +1895,11 @@ cdef class Datapath:
             self._drop(tr, DROP_NO_CONSUMERS)
             return
         pr.red_state = 0
-        if (buf[1] & 0x7F) == pr.red_pt:
-            # Parsed once for every receiver; padding (RFC 3550 §5.1, checked above) is not RED.
-            pr.red_blocks = red_parse(&buf[hlen], n - hlen - (buf[n - 1] if buf[0] & 0x20 else 0),
-                                      pr.pt, &pr.red_prim_off)
+        body = n - hlen - (buf[n - 1] if buf[0] & 0x20 else 0)   # padding (RFC 3550 §5.1) is not RED
+        if (buf[1] & 0x7F) == pr.red_pt and body > 0:
+            # Parsed once for every receiver. A padding-only packet (a sender's bandwidth probe)
+            # carries no RED: it goes out as it came, at the Opus PT.
+            pr.red_blocks = red_parse(&buf[hlen], body, pr.pt, &pr.red_prim_off)
             pr.red_state = 1 if pr.red_blocks else 2
             pr.red_packets += pr.red_state == 1
         for i in range(pr.n_consumers):

@@ -745,7 +745,7 @@ def consumer_rtp_parameters(
     consumer_codec["rtcpFeedback"] = rtcp_feedback
 
     codecs = [consumer_codec]
-    red = _consumer_red_codec(producer, router, remote)
+    red = _consumer_red_codec(producer, router, remote, payload_type)
     if red is not None:
         codecs.append(red)
     # mid first, as before: the JSON reads in mediasoup's order.
@@ -760,12 +760,16 @@ def consumer_rtp_parameters(
 
 
 def _consumer_red_codec(
-    producer: RtpParameters, router: RtpCapabilities, remote: RtpCapabilities
+    producer: RtpParameters, router: RtpCapabilities, remote: RtpCapabilities, opus_pt: int
 ) -> RtpCodecParameters | None:
     """audio/red at the remote's PT when the producer may send RED and the remote receives it.
 
     Listed after Opus: the receiver gets RED packets as they come and plain Opus otherwise, and
-    a producer without RED never gets RED wrapped around its packets (nothing to add)."""
+    a producer without RED never gets RED wrapped around its packets (nothing to add). The fmtp
+    names the Opus PT (RFC 2198 §5: "<primary>/<redundant>"); Chromium drops audio/red from its
+    answer without it. mediasoup-client writes a parameter as `key=value`, and Chromium reads a
+    value after an empty key as the fmtp of a format without key-value parameters, so the
+    parameter's key is empty: `a=fmtp:101 =100/100`."""
     router_red = _red_codec(router.get("codecs", []))
     remote_red = _red_codec(remote.get("codecs", []))
     if router_red is None or remote_red is None or _red_codec(producer["codecs"]) is None:
@@ -778,7 +782,7 @@ def _consumer_red_codec(
         "payloadType": pt,
         "clockRate": 48000,
         "channels": 2,
-        "parameters": {},
+        "parameters": {"": f"{opus_pt}/{opus_pt}"},
         "rtcpFeedback": [],
     }
 
