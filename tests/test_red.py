@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -158,3 +159,32 @@ def test_opus_producer_reaches_red_receiver_as_plain_opus() -> None:
 def test_router_red_needs_opus() -> None:
     with pytest.raises(ortc.OrtcError, match="audio/red needs audio/opus"):
         ortc.generate_router_rtp_capabilities([RED_CODECS[0]])
+
+
+def test_opus_red_room_policy_routes_red_and_defaults_off() -> None:
+    """`[voice] opus_red` (VoiceSettings.opus_red): the rooms' routers list audio/red after Opus."""
+    from fastsfu.harmony.session import VoiceRooms, VoiceSettings
+
+    async def main() -> None:
+        async with Engine() as engine:
+            on = VoiceRooms(engine, VoiceSettings(opus_red=True)).acquire(("guild", "red"))
+            off = VoiceRooms(engine).acquire(("guild", "plain"))
+            assert [c["mimeType"] for c in on.router.rtp_capabilities["codecs"]] == [
+                "audio/opus",
+                "audio/red",
+            ]
+            assert [c["mimeType"] for c in off.router.rtp_capabilities["codecs"]] == ["audio/opus"]
+
+    asyncio.run(asyncio.wait_for(main(), 30))
+
+
+def test_opus_red_config_knob(tmp_path: Path) -> None:
+    """TOML `[voice] opus_red`, FASTSFU_OPUS_RED and --opus-red reach VoiceSettings."""
+    from fastsfu.server.config import load_config
+
+    assert load_config(None, {}, {}).voice.opus_red is False
+    toml = tmp_path / "fastsfu.toml"
+    toml.write_text("[voice]\nopus_red = true\n")
+    assert load_config(str(toml), {}, {}).voice.opus_red is True
+    assert load_config(str(toml), {"FASTSFU_OPUS_RED": "false"}, {}).voice.opus_red is False
+    assert load_config(None, {}, {"voice.opus_red": "true"}).voice.opus_red is True
