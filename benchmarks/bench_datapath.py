@@ -28,6 +28,10 @@ DISCORD_MODES = {
 }
 
 
+# RFC 2198 §3: one redundant 60-byte Opus block (the previous frame), then a 71-byte primary.
+RED_PAYLOAD = bytes([0x80 | 111]) + (960 << 10 | 60).to_bytes(3, "big") + bytes([111]) + bytes(60 + 71)
+
+
 class Sealer:
     """The sender side of a Discord transport: seal() where SRTP suites call protect()."""
 
@@ -42,10 +46,12 @@ class Sealer:
 class Fixture:
     """A producer fanned out to `fanout` consumers, and enough pre-protected input for every round."""
 
-    def __init__(self, fanout: int, suite: str | None, levels: bool = False) -> None:
+    def __init__(self, fanout: int, suite: str | None, levels: bool = False, red: str | None = None) -> None:
         """levels: packets also carry ssrc-audio-level (RFC 6464) and the producer's levels are
         read (what an observer turns on); the level element is there either way when asked, so
-        that only the read differs between the two variants."""
+        that only the read differs between the two variants. red: the packets are Opus RED
+        (RFC 2198, same 136-byte payload) and every receiver gets them as RED ("forward") or
+        unwrapped to the primary block ("unwrap")."""
         self.dp = _rtp.Datapath(max_consumers=max(64, fanout))
         self.dp.set_output_mode(_rtp.OUTPUT_DISCARD)
         self.sock = self.dp.add_socket(-1, socket.AF_INET, False)
@@ -67,6 +73,8 @@ class Fixture:
         # The same rewrite in every case (SSRC, PT, one extension ID), so only the crypto differs.
         p = self.dp.add_producer(t_in, 1, 111, 48000, {3: 3, 1: 2})
         self.producer = p
+        if red:
+            self.dp.set_producer_red(p, 63)
         for i in range(fanout):
             t = self.dp.add_transport(self.sock)
             self.dp.set_transport_remote(t, "127.0.0.1", 5000 + i)
@@ -79,7 +87,9 @@ class Fixture:
                 out.add_stream(100 + i)
                 self.dp.set_transport_srtp(t, None, out)
                 self.keep.append(out)
-            self.dp.add_consumer(p, t, 100 + i, 100, {3: 7, 2: 1} if levels else {3: 7})
+            c = self.dp.add_consumer(p, t, 100 + i, 100, {3: 7, 2: 1} if levels else {3: 7})
+            if red == "forward":
+                self.dp.set_consumer_red(c, 101)  # block PTs rewritten 111 -> 100 as well
         sender: SrtpContext | Sealer | None = None
         if mode:
             sender = Sealer(mode, up)
@@ -93,13 +103,13 @@ class Fixture:
                 # 160-byte anchor (docs/benchmarks.md#micro-benchmarks): 12 header, 12 extension, 136 payload.
                 pkt = bytes(
                     RtpPacket(
-                        111,
+                        63 if red else 111,
                         seq & 0xFFFF,
                         seq * 960 & 0xFFFFFFFF,
                         1,
                         extensions=[(3, seq.to_bytes(8, "big"))]
                         + ([(1, bytes([0x80 | (seq % 90)]))] if levels else []),
-                        payload=bytes(132 if levels else 136),
+                        payload=RED_PAYLOAD if red else bytes(132 if levels else 136),
                     )
                 )
                 data = sender.protect(pkt) if sender else pkt
@@ -186,3 +196,37 @@ def test_audio_level_observer_overhead() -> None:
     print(
         f"  take_levels(50 producers): {per_call / 1000:.1f} us per call, {share:.4f} % of a core at 300 ms"
     )
+
+
+def test_red_unwrap_vs_forward() -> None:
+    """CPU per forwarded packet, AES-CM-80 at fan-out 10 and 49, no encryption at 49: plain Opus,
+    Opus RED forwarded (block PTs rewritten per receiver) and Opus RED unwrapped to its primary block
+    (docs/transports.md#opus-red). Interleaved rounds (order rotating), medians and ranges."""
+    import statistics
+    import time
+
+    for suite, fanout in (("AES_CM_128_HMAC_SHA1_80", 10), ("AES_CM_128_HMAC_SHA1_80", 49), (None, 49)):
+        fixtures = {
+            name: Fixture(fanout, suite, red=red)
+            for name, red in (("opus", None), ("red_forward", "forward"), ("red_unwrap", "unwrap"))
+        }
+        for fx in fixtures.values():
+            fx.run(*fx.setup()[0])
+        samples: dict[str, list[float]] = {name: [] for name in fixtures}
+        names = list(fixtures)
+        for r in range(ROUNDS):
+            for name in names[r % 3 :] + names[: r % 3]:
+                fx = fixtures[name]
+                args = fx.setup()[0]
+                t0 = time.process_time_ns()
+                fx.run(*args)
+                samples[name].append((time.process_time_ns() - t0) / (PACKETS_PER_ROUND * fanout))
+        for name, fx in fixtures.items():
+            assert fx.dp.stats()["forwarded_packets"] == (ROUNDS + 1) * PACKETS_PER_ROUND * fanout, name
+            assert not any(fx.dp.drop_counts().values()), name
+        base = statistics.median(samples["opus"])
+        print(f"\n  {suite or 'plain'}, fan-out {fanout:2d}:", end="")
+        for name, v in samples.items():
+            m = statistics.median(v)
+            print(f"  {name} {m:6.1f} ns [{min(v):.1f}-{max(v):.1f}] ({100 * (m / base - 1):+.1f} %)", end="")
+        print()

@@ -30,6 +30,7 @@ from fastsfu.rtp import (
 )
 
 MAX_DROPOUT, MAX_MISORDER = 3000, 100  # RFC 3550 A.1
+RED_MAX_BLOCKS = 16  # RFC 2198 header blocks accepted per packet (docs/transports.md#opus-red)
 SRTP_KEEPALIVE_SEQ = 4096
 SRTP_REPLAY_ERRORS = ("replay check failed (bad index)", "replay check failed (index too old)")
 
@@ -60,6 +61,7 @@ class _Producer:
     pt: int
     clock_rate: int
     ext_kind: dict[int, int]
+    red_pt: int = -1  # audio/red (RFC 2198) PT, -1: none
     consumers: list[int] = field(default_factory=list)
     paused: bool = False
     epoch: int = 0
@@ -86,6 +88,7 @@ class _Consumer:
     paused: bool
     epoch: int
     passthrough: bool = False
+    red_pt: int = -1  # RED forwarded with this PT; -1: unwrapped to Opus
     sync_needed: bool = True
     has_sent: bool = False
     sync_ext: int = 0
@@ -186,6 +189,16 @@ class ReferenceForwarder:
         self.producers[p] = _Producer(t, ssrc, payload_type, clock_rate, dict(ext_kinds))
         self.ssrcs[(t, ssrc)] = p
         return p
+
+    def set_producer_red(self, p: int, red_pt: int) -> None:
+        if not -1 <= red_pt < 128 or red_pt == self.producers[p].pt:
+            raise ValueError("RED payload type must be 0..127 (or -1) and not the Opus one")
+        self.producers[p].red_pt = red_pt
+
+    def set_consumer_red(self, c: int, red_pt: int) -> None:
+        if not -1 <= red_pt < 128 or red_pt == self.consumers[c].pt:
+            raise ValueError("RED payload type must be 0..127 (or -1) and not the Opus one")
+        self.consumers[c].red_pt = red_pt
 
     def set_producer_paused(self, p: int, paused: bool) -> None:
         pr = self.producers[p]
@@ -326,7 +339,7 @@ class ReferenceForwarder:
                 self.events.append((EVENT_UNKNOWN_SSRC, t, ssrc))
             return
         pr = self.producers[p]
-        if data[1] & 0x7F != pr.pt:
+        if data[1] & 0x7F not in (pr.pt, pr.red_pt):
             self.drops["unknown_pt"] += 1
             return
         seq = struct.unpack_from("!H", data, 2)[0]
@@ -367,8 +380,12 @@ class ReferenceForwarder:
         if active == 0:
             self.drops["no_consumers"] += 1
             return
+        red: tuple[int, int] | None = None  # (header blocks, primary offset) of a RED packet
+        body = data[hlen : n - (data[-1] if data[0] & 0x20 else 0)]
+        if data[1] & 0x7F == pr.red_pt and body:  # padding only (a probe): no RED, Opus PT
+            red = red_primary(body, pr.pt)
         for c in pr.consumers:
-            self._forward(pr, self.consumers[c], data, hlen, ext_off, ext_len, profile, ext, now)
+            self._forward(pr, self.consumers[c], data, hlen, ext_off, ext_len, profile, ext, now, red)
 
     @staticmethod
     def _read_level(pr: _Producer, block: bytes, profile: int) -> None:
@@ -425,6 +442,7 @@ class ReferenceForwarder:
         profile: int,
         ext: int,
         now: int,
+        red: tuple[int, int] | None = None,
     ) -> None:
         dst = self.transports[co.transport]
         if co.paused:
@@ -432,6 +450,9 @@ class ReferenceForwarder:
             return
         if dst.remote is None:
             self.drops["no_remote"] += 1
+            return
+        if red == (0, 0):
+            self.drops["red_malformed"] += 1
             return
         in_ts = struct.unpack_from("!I", data, 4)[0]
         if co.passthrough:
@@ -463,11 +484,21 @@ class ReferenceForwarder:
                     elements.append((out_id, value))
         ext_block = write_extensions(elements)
         b0 = (data[0] & 0xEF) | (0x10 if ext_block else 0)
+        pt, payload = co.pt, data[hlen:]
+        if red is not None and co.red_pt < 0:
+            # Unwrapped: the primary block alone, without the padding.
+            b0 &= 0xDF
+            payload = data[hlen + red[1] : len(data) - (data[-1] if data[0] & 0x20 else 0)]
+        elif red is not None:
+            pt, headers = co.red_pt, bytearray(payload)
+            for i in range(red[0]):  # every block header names the receiver's Opus PT
+                headers[4 * i] = (headers[4 * i] & 0x80) | co.pt
+            payload = bytes(headers)
         out = (
-            struct.pack("!BBHII", b0, (data[1] & 0x80) | co.pt, out_seq, out_ts, co.ssrc)
+            struct.pack("!BBHII", b0, (data[1] & 0x80) | pt, out_seq, out_ts, co.ssrc)
             + data[12 : 12 + 4 * cc]
             + ext_block
-            + data[hlen:]
+            + payload
         )
         if dst.srtp_out is not None:
             try:
@@ -481,3 +512,23 @@ class ReferenceForwarder:
         co.packets += 1
         dst.tx_packets += 1
         self.captured.append((dst.sock, dst.remote, out))
+
+
+def red_primary(payload: bytes, opus_pt: int) -> tuple[int, int]:
+    """(header blocks, primary offset) of a RED payload (RFC 2198 §3), or (0, 0) if malformed:
+    a header or block past the end, too many blocks, a block that is not Opus, an empty primary."""
+    pos = blocks = data = 0
+    while True:
+        if pos >= len(payload) or blocks == RED_MAX_BLOCKS or payload[pos] & 0x7F != opus_pt:
+            return 0, 0
+        blocks += 1
+        if not payload[pos] & 0x80:
+            pos += 1
+            break
+        if pos + 4 > len(payload):
+            return 0, 0
+        data += struct.unpack_from("!I", payload, pos)[0] & 0x3FF
+        pos += 4
+    if pos + data >= len(payload):
+        return 0, 0
+    return blocks, pos + data

@@ -27,6 +27,7 @@ class Sender:
     seq: int
     ts: int
     producer: int = -1
+    red_pt: int = -1  # the producer also sends audio/red (RFC 2198) with this PT
     consumers: list[int] = field(default_factory=list)
     pipes: set[int] = field(default_factory=set)  # the consumers that are pipe (passthrough) ones
 
@@ -110,8 +111,9 @@ def make_packet(rng: random.Random, s: Sender) -> bytes | None:
     s.seq = (s.seq + step) & 0xFFFF
     s.ts = (s.ts + 960 * step) & 0xFFFFFFFF
     ext, profile = random_extensions(rng, s)
+    red = s.red_pt >= 0 and rng.random() < 0.6
     pkt = RtpPacket(
-        payload_type=s.pt,
+        payload_type=s.red_pt if red else s.pt,
         sequence_number=s.seq,
         timestamp=s.ts,
         ssrc=s.ssrc,
@@ -119,7 +121,7 @@ def make_packet(rng: random.Random, s: Sender) -> bytes | None:
         csrcs=[rng.getrandbits(32)] if rng.random() < 0.05 else [],
         extensions=ext,
         extension_profile=profile,
-        payload=rng.randbytes(rng.randint(1, 160)),
+        payload=red_payload(rng, s.pt) if red else rng.randbytes(rng.randint(1, 160)),
         padding=rng.choice([0, 0, 0, 0, 1, 4]),
     )
     data = bytes(pkt)
@@ -129,6 +131,33 @@ def make_packet(rng: random.Random, s: Sender) -> bytes | None:
         except Exception:
             return None  # libsrtp will not protect far into its own past: no such packet exists
     return data
+
+
+def red_payload(rng: random.Random, opus_pt: int) -> bytes:
+    """An RFC 2198 payload of Opus blocks: well formed mostly, else one of the malformations."""
+    blocks = [rng.randbytes(rng.randint(0, 40)) for _ in range(rng.choice([0, 1, 1, 2, 3]))]
+    primary = rng.randbytes(rng.randint(1, 100))
+    pts = [opus_pt] * (len(blocks) + 1)
+    lengths = [len(b) for b in blocks]
+    flaw = rng.randrange(12)
+    if flaw == 0 and blocks:
+        lengths[-1] += len(primary) + rng.randint(0, 5)  # a block length past the packet
+    elif flaw == 1:
+        pts[rng.randrange(len(pts))] = (opus_pt + 1) & 0x7F  # a block that is not Opus
+    elif flaw == 2:
+        blocks = [b""] * 16  # too many blocks (17 headers)
+        lengths = [0] * 16
+        pts = [opus_pt] * 17
+    elif flaw == 3:
+        primary = b""  # an empty primary
+    headers = b"".join(
+        struct.pack("!BHB", 0x80 | pt, (rng.getrandbits(14) << 2) | (n >> 8), n & 0xFF)
+        for pt, n in zip(pts, lengths, strict=False)
+    )
+    out = headers + bytes([pts[-1]]) + b"".join(blocks) + primary
+    if flaw == 4:
+        return out[: rng.randint(0, len(headers))]  # truncated inside the headers
+    return out
 
 
 def corrupt(rng: random.Random, data: bytes) -> bytes:
@@ -175,6 +204,9 @@ def build(rng: random.Random, pair: Pair) -> tuple[int, list[Sender], list[int]]
             ts=rng.getrandbits(32),
         )
         s.producer = pair.call("add_producer", t, s.ssrc, s.pt, 48000, ext_ids)
+        if rng.random() < 0.6:
+            s.red_pt = rng.choice([63, 110])
+            pair.call("set_producer_red", s.producer, s.red_pt)
         if rng.random() < 0.5:
             pair.call("set_producer_levels", s.producer, True)
         senders.append(s)
@@ -201,6 +233,8 @@ def add_consumer(rng: random.Random, pair: Pair, s: Sender, t: int, pipe: bool =
     c = pair.call(
         "add_consumer", s.producer, t, ssrc, rng.choice([100, 109, 111]), ext_ids, mid, rng.random() < 0.1
     )
+    if s.red_pt >= 0 and rng.random() < 0.5:
+        pair.call("set_consumer_red", c, rng.choice([63, 120]))  # negotiated RED; else unwrapped
     s.consumers.append(c)
     # The outbound SRTP session needs no stream per SSRC: its template covers any SSRC.
 

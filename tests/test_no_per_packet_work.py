@@ -29,10 +29,13 @@ def malloc_counter(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return lib
 
 
-def probe(lib: Path, n: int, fanout: int, kind: str = "srtp", mode: str = "inline") -> dict[str, int]:
+def probe(
+    lib: Path, n: int, fanout: int, kind: str = "srtp", mode: str = "inline", red: bool = False
+) -> dict[str, int]:
     env = dict(os.environ, PYTHONMALLOC="malloc", LD_PRELOAD=str(lib))
     out = subprocess.run(
-        [sys.executable, str(HERE / "native" / "drain_probe.py"), str(n), str(fanout), kind, mode],
+        [sys.executable, str(HERE / "native" / "drain_probe.py"), str(n), str(fanout), kind, mode]
+        + (["red"] if red else []),
         env=env,
         capture_output=True,
         text=True,
@@ -60,5 +63,17 @@ def test_counts_do_not_grow_with_packets(malloc_counter: Path, fanout: int, kind
     if mode == "threaded":
         assert small["thread_profiled_calls"] >= 1  # the profiler does see the thread's Python calls
     # Draining, decrypting, rewriting, encrypting and sending: no allocation and no Python call.
+    assert small["allocations"] == large["allocations"] == 0, (small, large)
+    assert small["python_calls"] == large["python_calls"] == 0, (small, large)
+
+
+@pytest.mark.parametrize("mode", ["inline", "threaded"])
+def test_red_unwrap_and_forward_do_no_per_packet_work(malloc_counter: Path, mode: str) -> None:
+    """Opus RED (docs/transports.md#opus-red): unwrapped for half the receivers, forwarded with
+    rewritten block PTs to the others, the primary block tapped: still nothing per packet."""
+    small = probe(malloc_counter, 32, 10, "srtp", mode, red=True)
+    large = probe(malloc_counter, 320, 10, "srtp", mode, red=True)
+    assert small["forwarded"] == (32 + 32) * 10 and large["forwarded"] == (320 + 32) * 10
+    assert small["tapped"] == 32 + 32 and large["tapped"] == 320 + 32
     assert small["allocations"] == large["allocations"] == 0, (small, large)
     assert small["python_calls"] == large["python_calls"] == 0, (small, large)

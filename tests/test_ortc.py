@@ -139,12 +139,19 @@ def router_caps() -> dict[str, Any]:
 
 
 def test_supported_capabilities_shape() -> None:
-    (codec,) = SUPPORTED_RTP_CAPABILITIES["codecs"]
+    codec, red = SUPPORTED_RTP_CAPABILITIES["codecs"]
     assert (codec["mimeType"], codec["clockRate"], codec["channels"], codec["kind"]) == (
         "audio/opus",
         48000,
         2,
         "audio",
+    )
+    # Opus RED (RFC 2198) in WebRTC's form, routed only beside Opus (docs/transports.md#opus-red).
+    assert (red["mimeType"], red["clockRate"], red["channels"], red["rtcpFeedback"]) == (
+        "audio/red",
+        48000,
+        2,
+        [],
     )
     # Neither NACK nor transport-cc is offered until the server honours them.
     assert codec["rtcpFeedback"] == []
@@ -791,3 +798,72 @@ def test_random_cname() -> None:
     names = {random_cname() for _ in range(50)}
     assert len(names) == 50
     assert all(isinstance(n, str) and len(n) == 16 for n in names)
+
+
+# --------------------------------------------------------------------------
+# Opus RED (RFC 2198, docs/transports.md#opus-red)
+# --------------------------------------------------------------------------
+
+RED_ROUTER_CODECS: list[Any] = [
+    {"kind": "audio", "mimeType": "audio/red", "clockRate": 48000, "channels": 2},
+    {"kind": "audio", "mimeType": "audio/opus", "clockRate": 48000, "channels": 2},
+]
+
+
+def with_red(params: dict[str, Any], red_pt: int = 63) -> dict[str, Any]:
+    params = copy.deepcopy(params)
+    params["codecs"].append(
+        {"mimeType": "audio/red", "payloadType": red_pt, "clockRate": 48000, "channels": 2, "parameters": {}}
+    )
+    return params
+
+
+def red_remote_caps(red_pt: int = 63) -> dict[str, Any]:
+    caps = remote_caps()
+    caps["codecs"].insert(
+        0,
+        {
+            "mimeType": "audio/red",
+            "kind": "audio",
+            "preferredPayloadType": red_pt,
+            "clockRate": 48000,
+            "channels": 2,
+        },
+    )
+    return caps
+
+
+def test_router_lists_red_after_opus_with_its_own_payload_type() -> None:
+    caps = generate_router_rtp_capabilities(copy.deepcopy(RED_ROUTER_CODECS))
+    assert [(c["mimeType"], c["preferredPayloadType"]) for c in caps["codecs"]] == [
+        ("audio/opus", 100),
+        ("audio/red", 101),
+    ]
+    with pytest.raises(OrtcError, match="needs audio/opus"):
+        generate_router_rtp_capabilities([copy.deepcopy(RED_ROUTER_CODECS[0])])
+
+
+def test_producer_red_payload_type_only_when_the_router_routes_red() -> None:
+    red_router = generate_router_rtp_capabilities(copy.deepcopy(RED_ROUTER_CODECS))
+    info = get_producer_rtp_info(with_red(CHROME_PRODUCER_PARAMS), red_router)
+    assert (info.payload_type, info.red_payload_type) == (111, 63)
+    plain = get_producer_rtp_info(with_red(CHROME_PRODUCER_PARAMS), generate_router_rtp_capabilities())
+    assert (plain.payload_type, plain.red_payload_type) == (111, None)
+    assert get_producer_rtp_info(CHROME_PRODUCER_PARAMS, red_router).red_payload_type is None
+
+
+def test_consumer_gets_red_only_when_producer_and_receiver_have_it() -> None:
+    router = generate_router_rtp_capabilities(copy.deepcopy(RED_ROUTER_CODECS))
+    both = get_consumer_rtp_parameters(with_red(CHROME_PRODUCER_PARAMS), router, red_remote_caps(120), 5)
+    assert [(c["mimeType"], c["payloadType"]) for c in both["codecs"]] == [
+        ("audio/opus", 109),
+        ("audio/red", 120),
+    ]
+    assert ortc.red_payload_type(both) == 120
+    # A receiver without RED: Opus only (the datapath unwraps RED for it).
+    opus_only = get_consumer_rtp_parameters(with_red(CHROME_PRODUCER_PARAMS), router, remote_caps(), 5)
+    assert [c["mimeType"] for c in opus_only["codecs"]] == ["audio/opus"]
+    assert ortc.red_payload_type(opus_only) is None
+    # A producer without RED: nothing to forward as RED, whatever the receiver can take.
+    no_red = get_consumer_rtp_parameters(CHROME_PRODUCER_PARAMS, router, red_remote_caps(), 5)
+    assert [c["mimeType"] for c in no_red["codecs"]] == ["audio/opus"]

@@ -28,6 +28,8 @@ cdef enum:
     LOCK_FORWARDS = 2048      # ... or this many forwarded packets (a join never waits long)
     MAX_TAPS = 64             # recording taps (docs/recording.md)
     TAP_SLOT = 1500           # largest RTP payload a tap copies; larger is a counted drop
+    RED_MAX_BLOCKS = 16       # RFC 2198 header blocks accepted per packet (docs/transports.md#opus-red)
+    NO_PT = 0xFF              # no RED payload type negotiated
 
 # Drop reasons; the names list below is the Python view, in the same order.
 cdef enum:
@@ -51,6 +53,7 @@ cdef enum:
     DROP_RECV_ERROR
     DROP_AEAD_REPLAY                 # a Discord transport-encryption nonce seen before
     DROP_SLOW_RING_FULL              # the event loop is behind: a slow-path datagram had no room
+    DROP_RED_MALFORMED               # RFC 2198 blocks past the packet, too many, or not Opus
     N_DROPS
 
 cdef enum:
@@ -162,6 +165,11 @@ ctypedef struct Producer:
     int paused
     uint32_t ssrc
     uint8_t pt
+    uint8_t red_pt                   # the producer's audio/red PT (RFC 2198), NO_PT: none
+    uint8_t red_state                # the current packet (set by _rtp): 0 Opus, 1 RED, 2 malformed RED
+    uint8_t red_blocks               # ... a RED packet's header blocks (the primary's included)
+    int red_prim_off                 # ... and its primary block's offset in the payload
+    uint64_t red_packets             # well-formed RED packets parsed for receivers
     uint32_t clock_rate
     uint8_t ext_kind[256]            # extension ID -> kind (0: not forwarded)
     int32_t *consumers
@@ -197,6 +205,7 @@ ctypedef struct Consumer:
     int paused
     uint32_t ssrc
     uint8_t pt
+    uint8_t red_pt                   # RED forwarded with this PT; NO_PT: unwrapped to Opus (pt)
     uint8_t ext_id[MAX_EXT_KINDS]    # kind -> extension ID on this receiver (0: drop)
     uint8_t mid_len
     uint8_t mid[MID_MAX]

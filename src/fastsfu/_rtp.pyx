@@ -34,7 +34,7 @@ DROP_REASONS = (
     "malformed", "oversize", "unknown_protocol", "unknown_tuple", "unknown_ssrc", "unknown_pt",
     "decrypt_failed", "srtp_replay", "producer_paused", "no_consumers", "consumer_paused",
     "stale_seq", "seq_jump", "no_remote", "encrypt_failed", "send_failed", "queue_age", "recv_error",
-    "aead_replay", "slow_ring_full",
+    "aead_replay", "slow_ring_full", "red_malformed",
 )
 
 DEFAULT_MAX_QUEUE_AGE = DEFAULT_MAX_QUEUE_AGE_MS
@@ -356,6 +356,32 @@ cdef inline int64_t realtime_ns() noexcept nogil:
     cdef timespec ts
     clock_gettime(CLOCK_REALTIME, &ts)
     return <int64_t>ts.tv_sec * 1000000000 + ts.tv_nsec
+
+
+# ---------------------------------------------------------------------------------------------
+# Opus RED (RFC 2198 §3): find the primary block once per packet (docs/transports.md#opus-red).
+
+cdef inline int red_parse(const uint8_t *d, int n, uint8_t opus_pt, int *prim_off) noexcept nogil:
+    """Header blocks of a RED payload d[0:n] (the primary's included), with prim_off at the
+    primary block's data; 0 if malformed: a header or a block past the end, more than
+    RED_MAX_BLOCKS blocks, a block that is not Opus, or an empty primary."""
+    cdef int pos = 0, blocks = 0, data = 0
+    while True:
+        if pos >= n or blocks == RED_MAX_BLOCKS or (d[pos] & 0x7F) != opus_pt:
+            return 0
+        blocks += 1
+        if not d[pos] & 0x80:            # F clear: the last, one-byte header (the primary's)
+            pos += 1
+            break
+        if pos + 4 > n:
+            return 0
+        # F set: PT, 14-bit timestamp offset, 10-bit block length
+        data += ((d[pos + 2] & 0x03) << 8) | d[pos + 3]
+        pos += 4
+    if pos + data >= n:
+        return 0
+    prim_off[0] = pos + data
+    return blocks
 
 
 # ---------------------------------------------------------------------------------------------
@@ -992,10 +1018,27 @@ cdef class Datapath:
             pr.transport = t
             pr.ssrc = ssrc
             pr.pt = payload_type
+            pr.red_pt = NO_PT
             pr.clock_rate = clock_rate
             pr.level_min = 127               # no level yet: silence (RFC 6464 §3)
             table_put(&self.ssrcs, &k, p)
             return p
+
+    def set_producer_red(self, int p, int red_pt) -> None:
+        """p may also send audio/red (RFC 2198) with PT red_pt, its blocks in p's Opus PT; -1: not."""
+        with self.tables_lock:
+            self._check_producer(p)
+            if not -1 <= red_pt < 128 or red_pt == self.producers[p].pt:
+                raise ValueError("RED payload type must be 0..127 (or -1) and not the Opus one")
+            self.producers[p].red_pt = NO_PT if red_pt < 0 else red_pt
+
+    def set_consumer_red(self, int c, int red_pt) -> None:
+        """Forward RED to c as PT red_pt (its blocks in c's Opus PT); -1: unwrap RED to Opus."""
+        with self.tables_lock:
+            self._check_consumer(c)
+            if not -1 <= red_pt < 128 or red_pt == self.consumers[c].pt:
+                raise ValueError("RED payload type must be 0..127 (or -1) and not the Opus one")
+            self.consumers[c].red_pt = NO_PT if red_pt < 0 else red_pt
 
     def set_producer_paused(self, int p, bint paused) -> None:
         with self.tables_lock:
@@ -1098,6 +1141,7 @@ cdef class Datapath:
             co.paused = paused
             co.ssrc = ssrc
             co.pt = payload_type
+            co.red_pt = NO_PT
             co.passthrough = passthrough
             co.sync_needed = 1
             co.epoch = pr.epoch
@@ -1524,7 +1568,8 @@ cdef class Datapath:
                     "extended_highest_seq": pr.highest if pr.have_seq else None,
                     "expected": expected, "lost": max(0, expected - <int64_t>pr.packets),
                     "jitter": pr.jitter_q4 >> 4, "epoch": pr.epoch,
-                    "consumers": pr.n_consumers, "active_consumers": pr.n_active}
+                    "consumers": pr.n_consumers, "active_consumers": pr.n_active,
+                    "red_packets": pr.red_packets}
 
     def consumer_stats(self, int c) -> dict:
         cdef Consumer *co
@@ -1747,7 +1792,7 @@ cdef class Datapath:
 
     cdef void _rtp(self, int t, Transport *tr, uint8_t *buf, int n, const uint8_t *src, int64_t now,
                    int tentative) noexcept nogil:
-        cdef int hlen, cc, status, p, decrypt, i, c, clear
+        cdef int hlen, cc, status, p, decrypt, i, c, clear, body
         cdef int ext_off = 0, ext_len = 0, profile = 0
         cdef uint16_t seq
         cdef uint32_t ssrc, ts
@@ -1806,7 +1851,7 @@ cdef class Datapath:
                 self._event(K_EVENT_UNKNOWN_SSRC, t, ssrc)
             return
         pr = &self.producers[p]
-        if (buf[1] & 0x7F) != pr.pt:
+        if (buf[1] & 0x7F) != pr.pt and (buf[1] & 0x7F) != pr.red_pt:
             self._drop(tr, DROP_UNKNOWN_PT)
             pr.drops += 1
             return
@@ -1876,6 +1921,14 @@ cdef class Datapath:
         if pr.n_active == 0:
             self._drop(tr, DROP_NO_CONSUMERS)
             return
+        pr.red_state = 0
+        body = n - hlen - (buf[n - 1] if buf[0] & 0x20 else 0)   # padding (RFC 3550 §5.1) is not RED
+        if (buf[1] & 0x7F) == pr.red_pt and body > 0:
+            # Parsed once for every receiver. A padding-only packet (a sender's bandwidth probe)
+            # carries no RED: it goes out as it came, at the Opus PT.
+            pr.red_blocks = red_parse(&buf[hlen], body, pr.pt, &pr.red_prim_off)
+            pr.red_state = 1 if pr.red_blocks else 2
+            pr.red_packets += pr.red_state == 1
         for i in range(pr.n_consumers):
             c = pr.consumers[i]
             if self.consumers[c].direct:
@@ -1888,10 +1941,17 @@ cdef class Datapath:
         """Copy the decrypted payload (padding removed, RFC 3550 §5.1) into the consumer's tap."""
         cdef TapRing *r = self.taps[co.direct - 1]
         cdef TapSlot *slot
+        cdef Producer *pr = &self.producers[co.producer]
         cdef int body = n - hlen - (buf[n - 1] if buf[0] & 0x20 else 0)
         if co.paused:
             co.drops += 1
             return
+        if pr.red_state == 2:
+            co.drops += 1
+            return
+        if pr.red_state == 1:            # a recording holds Opus: the RED packet's primary block
+            hlen += pr.red_prim_off
+            body -= pr.red_prim_off
         if body > TAP_SLOT:
             r.oversize += 1
             co.drops += 1
@@ -1985,7 +2045,7 @@ cdef class Datapath:
     cdef void _forward(self, Producer *pr, Consumer *co, const uint8_t *buf, int n, int hlen,
                        int ext_off, int ext_len, int profile, int64_t ext, int64_t now) noexcept nogil:
         cdef Transport *dst = &self.transports[co.transport]
-        cdef int slot, w, body, cc
+        cdef int slot, w, body, cc, src_off, src_len, i
         cdef int64_t gap
         cdef uint16_t out_seq
         cdef uint32_t out_ts
@@ -1997,6 +2057,11 @@ cdef class Datapath:
         if not dst.has_remote:
             co.drops += 1
             self._drop(dst, DROP_NO_REMOTE)
+            return
+        if pr.red_state == 2:
+            # Malformed RED: its block PTs cannot be rewritten nor its primary found.
+            co.drops += 1
+            self._drop(dst, DROP_RED_MALFORMED)
             return
         if co.passthrough:
             pass                         # a pipe: the far side tracks the producer's own numbering
@@ -2029,6 +2094,16 @@ cdef class Datapath:
         # Fixed header and CSRCs, then the rewritten extension block, then the payload.
         o[0] = (buf[0] & 0xE0) | cc
         o[1] = (buf[1] & 0x80) | co.pt
+        # RED to a receiver that did not negotiate it: the primary block alone, unpadded.
+        src_off = hlen
+        src_len = n - hlen
+        if pr.red_state == 1:
+            if co.red_pt == NO_PT:
+                o[0] &= 0xDF
+                src_off = hlen + pr.red_prim_off
+                src_len = n - src_off - (buf[n - 1] if buf[0] & 0x20 else 0)
+            else:
+                o[1] = (buf[1] & 0x80) | co.red_pt
         wr16(&o[2], out_seq)
         wr32(&o[4], out_ts)
         wr32(&o[8], co.ssrc)
@@ -2039,13 +2114,17 @@ cdef class Datapath:
             if body:
                 o[0] |= 0x10
                 w += body
-        if w + (n - hlen) + SRTP_TRAILER > OUT_SLOT:
+        if w + src_len + SRTP_TRAILER > OUT_SLOT:
             self._release_out(slot)
             co.drops += 1
             self._drop(dst, DROP_OVERSIZE)
             return
-        memcpy(&o[w], &buf[hlen], n - hlen)
-        w += n - hlen
+        memcpy(&o[w], &buf[src_off], src_len)
+        if pr.red_state == 1 and co.red_pt != NO_PT and co.pt != pr.pt:
+            # Forwarded RED: every block header names the receiver's Opus PT (F bit kept).
+            for i in range(pr.red_blocks):
+                o[w + 4 * i] = (o[w + 4 * i] & 0x80) | co.pt
+        w += src_len
         if dst.srtp_out != NULL and g_protect(dst.srtp_out, o, &w) != 0:
             self._release_out(slot)
             co.drops += 1

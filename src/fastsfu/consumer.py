@@ -7,6 +7,7 @@ import uuid
 from typing import TYPE_CHECKING, Any, Protocol
 
 from fastsfu.events import EventEmitter
+from fastsfu.ortc import red_payload_type
 from fastsfu.types import ConsumerDump, ConsumerStats, MediaKind, RtpParameters
 
 if TYPE_CHECKING:
@@ -59,6 +60,9 @@ class Consumer(EventEmitter):
         self.slot: int = self._dp.add_consumer(
             producer.slot, transport.slot, self.ssrc, codec["payloadType"], ext_ids, mid, paused, passthrough
         )
+        red_pt = red_payload_type(rtp_parameters)
+        if red_pt is not None:
+            self._dp.set_consumer_red(self.slot, red_pt)  # else RED is unwrapped to Opus
         # RTCP receiver reports about this stream (RFC 3550 §6.4.1), for stats.
         self.fraction_lost = 0
         self.round_trip_time: float | None = None

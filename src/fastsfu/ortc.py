@@ -39,6 +39,7 @@ __all__ = [
     "get_producer_rtp_info",
     "random_cname",
     "random_ssrc",
+    "red_payload_type",
     "validate_rtp_capabilities",
     "validate_rtp_parameters",
 ]
@@ -82,7 +83,17 @@ SUPPORTED_RTP_CAPABILITIES: RtpCapabilities = {
             # No NACK (the datapath keeps no retransmission buffer) and no transport-cc
             # feedback yet: neither is offered until the server can honour it.
             "rtcpFeedback": [],
-        }
+        },
+        # Redundant Opus (RFC 2198): forwarded to receivers that negotiate it, unwrapped to the
+        # primary Opus block for the others (docs/transports.md#opus-red).
+        {
+            "kind": "audio",
+            "mimeType": "audio/red",
+            "clockRate": 48000,
+            "channels": 2,
+            "parameters": {},
+            "rtcpFeedback": [],
+        },
     ],
     # abs-send-time and transport-wide sequence numbers describe one hop, so they are
     # accepted from producers but never forwarded to consumers (recvonly, as in mediasoup).
@@ -386,6 +397,15 @@ def _is_media_codec(codec: Mapping[str, Any]) -> bool:
     return _subtype(codec) not in _AUXILIARY_SUBTYPES
 
 
+def _is_red(codec: Mapping[str, Any]) -> bool:
+    """Opus RED as fastsfu routes it: audio/red 48000/2 (RFC 2198, the form WebRTC uses)."""
+    return _subtype(codec) == "red" and codec["clockRate"] == 48000 and codec.get("channels") == 2
+
+
+def _red_codec(codecs: list[Any]) -> Any:
+    return next((c for c in codecs if c.get("kind", "audio") == "audio" and _is_red(c)), None)
+
+
 def _codecs_match(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
     """Same codec per mediasoup's (non-strict) rule: mime, clock rate, channels.
 
@@ -465,6 +485,11 @@ def generate_router_rtp_capabilities(
                 + ")",
             )
         matches.append((media_codec, found))
+    if any(_is_red(m) for m, _ in matches) and not any(_subtype(m) == "opus" for m, _ in matches):
+        _fail(path, "audio/red needs audio/opus in the same list (its blocks are Opus)")
+    # Media codecs before RED: mediasoup-client sends with the first codec of the list, and RED
+    # is only ever sent beside Opus.
+    matches.sort(key=lambda m: _is_red(m[0]))
 
     # Reserve every explicitly chosen payload type before auto-assigning, so an
     # explicit PT later in the list cannot collide with an earlier automatic one.
@@ -516,6 +541,7 @@ class ProducerRtpInfo:
     mime_type: str
     header_extensions: dict[int, str]  # id -> uri, only URIs the router understands
     cname: str | None
+    red_payload_type: int | None = None  # audio/red beside Opus, when the router routes RED
 
 
 def get_producer_rtp_info(params: RtpParameters, router_caps: RtpCapabilities) -> ProducerRtpInfo:
@@ -567,7 +593,16 @@ def get_producer_rtp_info(params: RtpParameters, router_caps: RtpCapabilities) -
         mime_type=router_codec["mimeType"],
         header_extensions=header_extensions,
         cname=params.get("rtcp", {}).get("cname"),
+        red_payload_type=_producer_red_pt(params, router),
     )
+
+
+def _producer_red_pt(params: RtpParameters, router: RtpCapabilities) -> int | None:
+    """The producer's RED PT if it may send RED: it lists audio/red and the router routes it."""
+    red = _red_codec(params["codecs"])
+    if red is None or _red_codec(router.get("codecs", [])) is None:
+        return None
+    return int(red["payloadType"])
 
 
 # --------------------------------------------------------------------------
@@ -709,10 +744,12 @@ def consumer_rtp_parameters(
     consumer_codec["parameters"] = {**router_codec.get("parameters", {}), **codec.get("parameters", {})}
     consumer_codec["rtcpFeedback"] = rtcp_feedback
 
+    codecs = [consumer_codec]
+    red = _consumer_red_codec(producer, router, remote, payload_type)
+    if red is not None:
+        codecs.append(red)
     # mid first, as before: the JSON reads in mediasoup's order.
-    result: RtpParameters = (
-        {"mid": mid, "codecs": [consumer_codec]} if mid is not None else {"codecs": [consumer_codec]}
-    )
+    result: RtpParameters = {"mid": mid, "codecs": codecs} if mid is not None else {"codecs": codecs}
     result["headerExtensions"] = header_extensions
     result["encodings"] = [{"ssrc": ssrc}]
     result["rtcp"] = {
@@ -720,6 +757,40 @@ def consumer_rtp_parameters(
         "reducedSize": True,
     }
     return result
+
+
+def _consumer_red_codec(
+    producer: RtpParameters, router: RtpCapabilities, remote: RtpCapabilities, opus_pt: int
+) -> RtpCodecParameters | None:
+    """audio/red at the remote's PT when the producer may send RED and the remote receives it.
+
+    Listed after Opus: the receiver gets RED packets as they come and plain Opus otherwise, and
+    a producer without RED never gets RED wrapped around its packets (nothing to add). The fmtp
+    names the Opus PT (RFC 2198 §5: "<primary>/<redundant>"); Chromium drops audio/red from its
+    answer without it. mediasoup-client writes a parameter as `key=value`, and Chromium reads a
+    value after an empty key as the fmtp of a format without key-value parameters, so the
+    parameter's key is empty: `a=fmtp:101 =100/100`."""
+    router_red = _red_codec(router.get("codecs", []))
+    remote_red = _red_codec(remote.get("codecs", []))
+    if router_red is None or remote_red is None or _red_codec(producer["codecs"]) is None:
+        return None
+    pt = remote_red.get("preferredPayloadType", router_red.get("preferredPayloadType"))
+    if pt is None:
+        return None
+    return {
+        "mimeType": router_red["mimeType"],
+        "payloadType": pt,
+        "clockRate": 48000,
+        "channels": 2,
+        "parameters": {"": f"{opus_pt}/{opus_pt}"},
+        "rtcpFeedback": [],
+    }
+
+
+def red_payload_type(params: RtpParameters) -> int | None:
+    """The audio/red PT of (consumer) RtpParameters, or None: RED is then unwrapped to Opus."""
+    red = _red_codec(params["codecs"])
+    return None if red is None else int(red["payloadType"])
 
 
 def extension_id_map(params: RtpParameters) -> dict[str, int]:

@@ -60,6 +60,8 @@ class Producer(EventEmitter):
         self.slot: int = self._dp.add_producer(
             transport.slot, info.ssrc, info.payload_type, info.clock_rate, ext_kinds
         )
+        if info.red_payload_type is not None:
+            self._dp.set_producer_red(self.slot, info.red_payload_type)  # RFC 2198 beside Opus
         if paused:
             self._dp.set_producer_paused(self.slot, True)
         # RTCP state: the last SR from the sender (RFC 3550 §6.4.1 LSR/DLSR) and the last report.
@@ -145,6 +147,7 @@ class Producer(EventEmitter):
                 "highestSequenceNumber": s["highest_seq"],
                 "packetsDiscarded": s["drops"],
                 "activeConsumers": s["active_consumers"],
+                "redPacketCount": s["red_packets"],
             }
         ]
 

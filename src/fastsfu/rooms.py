@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from fastsfu.observers import SpeakingObserver
     from fastsfu.producer import Producer
     from fastsfu.router import Router
+    from fastsfu.types import RtpCodecCapability
 
 # A room's key: Harmony's (guild_id, channel_id), or e.g. ("discord", server_id) for a room of its own.
 RoomKey = tuple[Hashable, ...]
@@ -201,11 +202,21 @@ class Rooms:
         authorize: Authorize | None = None,
         speaking_detection: bool = True,
         last_n: int = 0,
+        opus_red: bool = False,
     ) -> None:
         if max_members < 1 or last_n < 0:
             raise ValueError("max_members must be >= 1 and last_n >= 0")
         self.speaking_detection = speaking_detection
         self.last_n = last_n  # 0: every member hears everyone
+        # Routers route Opus RED beside Opus (docs/transports.md#opus-red).
+        self.media_codecs: list[RtpCodecCapability] | None = (
+            [
+                {"kind": "audio", "mimeType": "audio/opus", "clockRate": 48000, "channels": 2},
+                {"kind": "audio", "mimeType": "audio/red", "clockRate": 48000, "channels": 2},
+            ]
+            if opus_red
+            else None
+        )
         self.engine = engine
         self.max_members = max_members
         self.authorize = authorize
@@ -218,7 +229,7 @@ class Rooms:
         """The room of `key`, created with a router if it has none. Hold or join it, or release() it."""
         room = self.rooms.get(key)
         if room is None:
-            router = self.engine.create_router(app_data={"voice": key})
+            router = self.engine.create_router(self.media_codecs, app_data={"voice": key})
             room = self.rooms[key] = Room(key, router, self.max_members, self.speaking_detection, self.last_n)
         return room
 

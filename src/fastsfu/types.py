@@ -211,6 +211,7 @@ class ProducerStats(TypedDict):
     highestSequenceNumber: int | None
     packetsDiscarded: int
     activeConsumers: int
+    redPacketCount: int  # of packetCount, Opus RED (docs/transports.md#opus-red)
 
 
 class ConsumerStats(TypedDict):
@@ -327,6 +328,7 @@ class DatapathProducerStats(TypedDict):
     epoch: int
     consumers: int
     active_consumers: int
+    red_packets: int  # well-formed Opus RED (RFC 2198) packets parsed for receivers
 
 
 class DatapathConsumerStats(TypedDict):

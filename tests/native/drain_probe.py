@@ -1,7 +1,8 @@
 """Subprocess for test_no_per_packet_work: drains N protected packets (SRTP, or a Discord AEAD
 mode) through a real socket and prints (allocations, python calls, forwarded) measured around the
 drain calls only: inline (the event loop's poll() call) or on the datapath thread. With a fan-out
-above 1 the last consumer is a pipe (passthrough) consumer, and a recording tap copies every packet."""
+above 1 the last consumer is a pipe (passthrough) consumer, and a recording tap copies every packet.
+With "red", the packets are Opus RED (RFC 2198): every other consumer unwraps them, the rest get RED."""
 
 from __future__ import annotations
 
@@ -60,7 +61,12 @@ def _out_srtp(ssrc: int) -> SrtpContext:
     return out
 
 
-def main(n: int, fanout: int, kind: str, threaded: bool) -> None:
+def red_payload(s: int) -> bytes:
+    """One redundant 40-byte Opus block (the previous frame's), then a 100-byte primary."""
+    return bytes([0x80 | 111]) + (960 << 10 | 40).to_bytes(3, "big") + bytes([111]) + bytes(140)
+
+
+def main(n: int, fanout: int, kind: str, threaded: bool, red: bool = False) -> None:
     counter = ctypes.CDLL(None).malloc_count
     counter.restype = ctypes.c_uint64
     dp = _rtp.Datapath()
@@ -81,6 +87,8 @@ def main(n: int, fanout: int, kind: str, threaded: bool) -> None:
     install(dp, t_in, inbound, None)
     p = dp.add_producer(t_in, 1, 111, 48000, {1: 2})
     assert dp.set_producer_levels(p, True)  # ssrc-audio-level read per packet (an observer's)
+    if red:
+        dp.set_producer_red(p, 63)
     keep = [inbound]
     for i in range(fanout):
         t = dp.add_transport(sock)
@@ -93,7 +101,9 @@ def main(n: int, fanout: int, kind: str, threaded: bool) -> None:
         else:
             out = make_outbound(100 + i)
             install(dp, t, None, out)
-            dp.add_consumer(p, t, 100 + i, 100, {2: 3}, b"0")
+            c = dp.add_consumer(p, t, 100 + i, 100, {2: 3}, b"0")
+            if red and i % 2:
+                dp.set_consumer_red(c, 101)  # RED forwarded, its block PTs rewritten to 100
         keep.append(out)
     # With a fan-out above 1, a recording tap too (docs/recording.md): a direct consumer copying
     # each decrypted payload into a ring the probe never drains (512 slots: room for them all).
@@ -101,7 +111,18 @@ def main(n: int, fanout: int, kind: str, threaded: bool) -> None:
     if tap >= 0:
         dp.add_direct_consumer(p, tap)
     packets = [
-        protect(bytes(RtpPacket(111, s, s * 960, 1, extensions=[(1, b"\x80")], payload=bytes(100))))
+        protect(
+            bytes(
+                RtpPacket(
+                    63 if red else 111,
+                    s,
+                    s * 960,
+                    1,
+                    extensions=[(1, b"\x80")],
+                    payload=red_payload(s) if red else bytes(100),
+                )
+            )
+        )
         for s in range(n + 32)
     ]
     poll = dp.poll  # what the Engine calls when the epoll fd is readable
@@ -192,4 +213,5 @@ if __name__ == "__main__":
         int(sys.argv[2]),
         sys.argv[3] if len(sys.argv) > 3 else "srtp",
         len(sys.argv) > 4 and sys.argv[4] == "threaded",
+        len(sys.argv) > 5 and sys.argv[5] == "red",
     )

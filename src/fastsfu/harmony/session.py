@@ -107,6 +107,7 @@ class VoiceSettings:
     max_outbox: int = 4096  # queued responses before a client that does not read is dropped
     speaking_detection: bool = True  # measure who speaks from audio levels (docs/observers.md#speaking)
     last_n: int = 0  # forward each member only the N most recent loud speakers; 0: everyone
+    opus_red: bool = False  # rooms route Opus RED beside Opus (docs/transports.md#opus-red)
 
     def __post_init__(self) -> None:
         if self.id_quoting not in ("json", "bare") or self.duplicate_session not in ("replace", "reject"):
@@ -132,6 +133,7 @@ class VoiceRooms(Rooms):
             authorize,
             self.settings.speaking_detection,
             self.settings.last_n,
+            self.settings.opus_red,
         )
         self.sessions: dict[int, VoiceSession] = {}  # user -> the session that passed Initialize
         self.open_sessions: set[VoiceSession] = set()  # every stream's session, until it closes

@@ -256,6 +256,7 @@ OPTIONS = (
     ),
     Option("voice.speaking_detection", "--speaking-detection", bool, "measure who speaks from audio levels"),
     Option("voice.last_n", "--last-n", int, "forward only the N latest loud speakers; 0: all", minimum=0),
+    Option("voice.opus_red", "--opus-red", bool, "route Opus RED (RFC 2198) beside Opus"),
     Option(
         "rate_limit.burst",
         "--rate-limit-burst",
