@@ -101,13 +101,13 @@ def _consumer_template(
 def _instantiate(template: RtpParameters, producer: Producer, ssrc: int, mid: str | None) -> RtpParameters:
     """A consumer's own copy of `template` with its SSRC and mid (as ortc.consumer_rtp_parameters
     builds it, key order included: the JSON reads in mediasoup's order)."""
-    codec = template["codecs"][0]
     codecs: list[RtpCodecParameters] = [
         {
             **codec,
             "parameters": dict(codec.get("parameters", {})),
             "rtcpFeedback": [{**fb} for fb in codec.get("rtcpFeedback", [])],
         }
+        for codec in template["codecs"]  # Opus, then audio/red for a receiver that takes it
     ]
     params: RtpParameters = {"mid": mid, "codecs": codecs} if mid is not None else {"codecs": codecs}
     params["headerExtensions"] = [{**e, "parameters": {}} for e in template.get("headerExtensions", [])]
