@@ -1,7 +1,8 @@
 """Subprocess for test_no_per_packet_work: drains N protected packets (SRTP, or a Discord AEAD
 mode) through a real socket and prints (allocations, python calls, forwarded) measured around the
 drain calls only: inline (the event loop's poll() call) or on the datapath thread. With a fan-out
-above 1 the last consumer is a pipe (passthrough) consumer."""
+above 1 the last consumer is a pipe (passthrough) consumer. With "tcp" the sender and the first
+receiver are ICE-TCP connections (RFC 4571 frames) instead of UDP tuples."""
 
 from __future__ import annotations
 
@@ -60,7 +61,26 @@ def _out_srtp(ssrc: int) -> SrtpContext:
     return out
 
 
-def main(n: int, fanout: int, kind: str, threaded: bool) -> None:
+class FramedClient:
+    """The sending client over TCP: sendto() writes one RFC 4571 frame."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+
+    def sendto(self, data: bytes, _addr: object) -> None:
+        self.sock.sendall(len(data).to_bytes(2, "big") + data)
+
+
+def tcp_pair(listener: socket.socket, dp: Any) -> tuple[socket.socket, socket.socket, int]:
+    """(client end, server end, datapath slot) of one accepted loopback connection."""
+    client = socket.create_connection(listener.getsockname())
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
+    server, addr = listener.accept()
+    server.setblocking(False)
+    return client, server, dp.add_tcp_connection(server.fileno(), socket.AF_INET, addr[0], addr[1])
+
+
+def main(n: int, fanout: int, kind: str, threaded: bool, tcp: bool = False) -> None:
     counter = ctypes.CDLL(None).malloc_count
     counter.restype = ctypes.c_uint64
     dp = _rtp.Datapath()
@@ -78,6 +98,14 @@ def main(n: int, fanout: int, kind: str, threaded: bool) -> None:
     inbound, make_outbound = contexts()
     t_in = dp.add_transport(sock)
     dp.set_transport_remote(t_in, *client.getsockname())
+    if tcp:
+        listener = socket.create_server(("127.0.0.1", 0))
+        tcp_client, tcp_in, slot_in = tcp_pair(listener, dp)
+        tcp_sink, tcp_out, slot_out = tcp_pair(listener, dp)
+        dp.set_transport_tcp(t_in, slot_in)
+        client = FramedClient(tcp_client)  # type: ignore[assignment]
+        sink = tcp_sink
+        sink.settimeout(10)
     install(dp, t_in, inbound, None)
     p = dp.add_producer(t_in, 1, 111, 48000, {1: 2})
     assert dp.set_producer_levels(p, True)  # ssrc-audio-level read per packet (an observer's)
@@ -85,6 +113,8 @@ def main(n: int, fanout: int, kind: str, threaded: bool) -> None:
     for i in range(fanout):
         t = dp.add_transport(sock)
         dp.set_transport_remote(t, "127.0.0.1", sink.getsockname()[1] if i == 0 else 9 + i)
+        if tcp and i == 0:
+            dp.set_transport_tcp(t, slot_out)
         if fanout > 1 and i == fanout - 1:
             # A pipe consumer (passthrough): the producer's SSRC, PT, extension ID, seq and ts.
             out = make_outbound(1)
@@ -97,8 +127,9 @@ def main(n: int, fanout: int, kind: str, threaded: bool) -> None:
         keep.append(out)
     packets = [
         protect(bytes(RtpPacket(111, s, s * 960, 1, extensions=[(1, b"\x80")], payload=bytes(100))))
-        for s in range(n + 32)
+        for s in range(n + 33)
     ]
+    first, packets = packets[0], packets[1:]
     poll = dp.poll  # what the Engine calls when the epoll fd is readable
     destination = server.getsockname()
     # Threaded: Python calls on the datapath thread are counted by a profiler installed in it.
@@ -115,6 +146,13 @@ def main(n: int, fanout: int, kind: str, threaded: bool) -> None:
         sink.settimeout(10)
         lock = dp.tables_lock
         received = bytearray(4096)
+    # One packet before measuring: its size at the sink is every forwarded packet's (the same
+    # header, extensions and payload), so that a TCP sink reads exactly one frame per recv.
+    client.sendto(first, destination)
+    if not threaded:
+        poll(1 << 30)
+    frame = len(sink.recv(4096))
+    wait_all = socket.MSG_WAITALL if tcp else 0
 
     def window(chunk: list[bytes]) -> int:
         """Allocations while draining one chunk of datagrams already queued on the socket."""
@@ -130,7 +168,7 @@ def main(n: int, fanout: int, kind: str, threaded: bool) -> None:
                 client.sendto(data, destination)
             before = counter()
         for _ in chunk:  # consumer 0's copies reach the sink once their batch is sent
-            sink.recv_into(received)
+            sink.recv_into(received, frame, wait_all)
         return counter() - before
 
     window([])  # warm up lazy initialisation
@@ -164,6 +202,8 @@ def main(n: int, fanout: int, kind: str, threaded: bool) -> None:
     stats = dp.stats()
     ((level_count, _, _, _),) = dp.take_levels([p])
     dp.close()
+    if tcp:
+        assert stats["drops"]["tcp_overflow"] == 0 and not dp.take_tcp_closed()
     print(
         json.dumps(
             {
@@ -185,4 +225,5 @@ if __name__ == "__main__":
         int(sys.argv[2]),
         sys.argv[3] if len(sys.argv) > 3 else "srtp",
         len(sys.argv) > 4 and sys.argv[4] == "threaded",
+        len(sys.argv) > 5 and sys.argv[5] == "tcp",
     )
