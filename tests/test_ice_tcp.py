@@ -10,12 +10,20 @@ import socket
 import struct
 from typing import Any
 
+import aiohttp
 import pytest
-from helpers import client_caps, producer_params
+from helpers import client_caps, producer_params, serve_app
+from test_discord_voice import AUTH, SERVER_ID, GatewayClient, serve
+from test_server_ops import scrape
 from test_webrtc_transport import WebRtcClient, connect
 
-from fastsfu import Engine, Settings
+from fastsfu import Engine, Settings, stun
+from fastsfu.dtls import DtlsCertificate
+from fastsfu.harmony import VoiceRooms
+from fastsfu.harmony.auth import StaticTokens
+from fastsfu.harmony.hrpc_server import make_app
 from fastsfu.rtp import RtpPacket
+from fastsfu.server.metrics import metrics_mount
 from fastsfu.srtp import SrtpContext
 from fastsfu.webrtc_transport import TCP_PATH_CLOSED
 
@@ -287,5 +295,82 @@ def test_a_receiver_that_stops_reading_is_cut_off() -> None:
             assert cu.get_stats()[0]["packetCount"] >= got
             assert open_fds() == baseline - 1  # the stuck connection's descriptor is gone
             stuck.sock.close()  # type: ignore[attr-defined]
+
+    run(main())
+
+
+def test_discord_webrtc_answer_carries_the_tcp_candidate() -> None:
+    """A Discord `webrtc` client gets `a=candidate:... TCP ... tcptype passive` in op 4's SDP, and
+    a Binding request over that TCP candidate, with the answer's credentials, is answered on it."""
+
+    async def body(url: str, http: Any, rooms: Any) -> None:
+        engine = rooms.engine
+        browser = GatewayClient(await http.ws_connect(url), 1001)
+        await browser.recv()  # HELLO
+        token = AUTH.mint(1001)
+        await browser.send(0, {"server_id": SERVER_ID, "user_id": "1001", "session_id": "t", "token": token})
+        await browser.expect(2)
+        fp = DtlsCertificate.generate().fingerprint("sha-256")
+        fragment = (
+            f"a=ice-ufrag:brws\na=ice-pwd:{'p' * 24}\na=fingerprint:sha-256 {fp}\na=rtpmap:111 opus/48000/2"
+        )
+        await browser.send(1, {"protocol": "webrtc", "data": fragment, "sdp": fragment})
+        sdp = (await browser.expect(4))["d"]["sdp"]
+        tcp_lines = [line for line in sdp.splitlines() if " TCP " in line]
+        assert engine.ice_tcp is not None
+        port = engine.ice_tcp.local_address[1]
+        assert len(tcp_lines) == 1 and tcp_lines[0].startswith("a=candidate:2 1 TCP ")
+        assert tcp_lines[0].endswith(f" 127.0.0.1 {port} typ host tcptype passive")
+        attrs = dict(line[2:].split(":", 1) for line in sdp.splitlines() if line.startswith("a=ice-"))
+        framed = FramedSocket(("127.0.0.1", port))
+        attributes = [
+            (stun.ATTR_USERNAME, f"{attrs['ice-ufrag']}:brws".encode()),
+            (stun.ATTR_PRIORITY, struct.pack("!I", 1853824767)),
+            (stun.ATTR_ICE_CONTROLLING, os.urandom(8)),
+            (stun.ATTR_USE_CANDIDATE, b""),
+        ]
+        framed.sendto(
+            stun.build_message(stun.BINDING_REQUEST, os.urandom(12), attributes, attrs["ice-pwd"].encode())
+        )
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 3
+        while True:
+            try:
+                response = stun.parse_message(framed.recv())
+                break
+            except BlockingIOError:
+                assert loop.time() < deadline and not framed.eof, "no answer over TCP"
+                await asyncio.sleep(0.01)
+        assert response.message_type == stun.BINDING_SUCCESS
+        (member_transport,) = [t for r in engine.routers.values() for t in r.transports.values()]
+        assert member_transport.ice_selected_tuple["protocol"] == "tcp"
+        framed.close()
+
+    serve(body, settings=Settings(ice_tcp=True))
+
+
+def test_closes_and_connections_on_metrics() -> None:
+    """/metrics reports open ICE-TCP connections, accepts and closes by reason."""
+
+    async def main() -> None:
+        async with Engine(Settings(ice_tcp=True)) as engine:
+            rooms = VoiceRooms(engine)
+            engine.create_router().create_webrtc_transport()  # opens the media ports
+            assert engine.ice_tcp is not None
+            async with serve_app(
+                make_app(rooms, StaticTokens({}).authenticate, [metrics_mount(rooms)])
+            ) as port:
+                bad = FramedSocket(engine.ice_tcp.local_address)
+                bad.sendto(b"\x80" * 40)  # RTP first: not ICE
+                held = FramedSocket(engine.ice_tcp.local_address)
+                await until(lambda: engine.stats()["ice_tcp"].get("bad_first_frame") == 1)
+                await until(lambda: len(engine.ice_tcp.conns) == 1)  # type: ignore[union-attr]
+                async with aiohttp.ClientSession() as http:
+                    metrics = await scrape(http, f"http://127.0.0.1:{port}")
+                assert metrics['fastsfu_ice_tcp_closes_total{reason="bad_first_frame"}'] == 1
+                assert metrics["fastsfu_ice_tcp_accepted_total"] == 2
+                assert metrics["fastsfu_ice_tcp_connections"] == 1
+                bad.close()
+                held.close()
 
     run(main())
