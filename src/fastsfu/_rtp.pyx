@@ -742,6 +742,8 @@ cdef class Datapath:
         cdef int t
         with self.tables_lock:
             self._check_socket(sock)
+            if self.sockets[sock].tcp != NULL:
+                raise ValueError("a TCP connection is removed with close_tcp_connection()")
             for t in range(self.max_transports):
                 if self.transports[t].in_use and self.transports[t].sock == sock:
                     raise ValueError("socket still has transports")
@@ -2214,8 +2216,9 @@ cdef class Datapath:
             frame = c.rx + off + 2
             off += 2 + flen
             if not c.started:
-                # RFC 6544 §7.2: the first frame on a passive candidate's connection is the
-                # peer's Binding request; anything else is not ICE.
+                # RFC 6544: the peer opens a passive candidate's connection to run its
+                # connectivity check, so the first frame is a Binding request; anything else
+                # is not ICE.
                 if flen < 20 or frame[0] > 3:
                     self._tcp_fail(s, TCP_BAD_FIRST_FRAME)
                     return n

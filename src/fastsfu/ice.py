@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from fastsfu import stun
 
 # (ip, port) of a UDP path, or (ip, port, connection) of an ICE-TCP one: a TCP candidate pair is
-# one connection (RFC 6544 §7.1), told apart from a UDP path of the same address by its slot.
+# one connection (RFC 6544), told apart from a UDP path of the same address by its slot.
 Address = tuple[str, int] | tuple[str, int, int]
 
 DEFAULT_CONSENT_TIMEOUT = 30.0  # RFC 7675 §5.1

@@ -115,7 +115,7 @@ def answer(
     tcp_candidate: IceCandidate | None = None,
 ) -> str:
     """Op 4's `sdp`: the template answer (the browser builds the full remote answer from it).
-    With ICE-TCP on, the passive TCP candidate follows the UDP one (RFC 6544 §4.5 syntax)."""
+    With ICE-TCP on, the passive TCP candidate follows the UDP one (RFC 6544's `tcptype` syntax)."""
     fp = f"a=fingerprint:{fingerprint['algorithm']} {fingerprint['value']}"
     lines = [
         f"m=audio {port} ICE/SDP",
