@@ -374,3 +374,34 @@ def test_closes_and_connections_on_metrics() -> None:
                 held.close()
 
     run(main())
+
+
+def test_a_tcp_path_whose_consent_expires_is_closed() -> None:
+    """A validated TCP path that is not refreshed (RFC 7675) while a UDP path is: ICE forgets it
+    and its connection is closed (`consent_expired`), the transport stays on UDP."""
+
+    async def main() -> None:
+        async with Engine(Settings(ice_tcp=True, ice_tcp_timeout=0.2)) as engine:
+            t = engine.create_router().create_webrtc_transport()
+            u, c = WebRtcClient(t), tcp_client(t)
+            u.check()
+            assert await u.recv() is not None
+            c.check(use_candidate=False)  # validated, not selected
+            assert await c.recv() is not None
+            assert len(t.ice.validated_tuples) == 2
+            t.ice.consent_timeout = 0.5  # white-box: the setting is clamped to 10..60 s
+            loop = asyncio.get_running_loop()
+            end = loop.time() + 1.5
+            while loop.time() < end:  # keep only the UDP path fresh
+                u.check()
+                await u.recv()
+                await asyncio.sleep(0.1)
+            assert engine.stats()["ice_tcp"].get("consent_expired") == 1, engine.stats()["ice_tcp"]
+            assert not engine.ice_tcp.conns  # type: ignore[union-attr]
+            with pytest.raises(BlockingIOError):
+                c.sock.recv()
+            assert c.sock.eof  # type: ignore[attr-defined]
+            assert not t.closed and t.ice_selected_tuple is not None
+            assert t.ice_selected_tuple["protocol"] == "udp"
+
+    run(main())

@@ -103,10 +103,11 @@ class IceServer:
         return out
 
     def get_timer(self) -> float | None:
-        """When consent of the selected tuple expires."""
-        if self._selected is None:
+        """When consent of the stalest validated tuple expires (the selected one's, or a fallback
+        path's, which is then forgotten on time: an ICE-TCP path's connection closes with it)."""
+        if not self._tuples:
             return None
-        return self._tuples[self._selected].last_valid + self.consent_timeout
+        return min(t.last_valid for t in self._tuples.values()) + self.consent_timeout
 
     def handle_timer(self, now: float) -> None:
         for addr in [a for a, t in self._tuples.items() if t.last_valid + self.consent_timeout <= now]:

@@ -152,6 +152,15 @@ class IceTcpServer:
         for slot, reason in self.engine.datapath.take_tcp_closed():
             self.close_connection(slot, reason)
 
+    def prune(self, transport: WebRtcTransport) -> None:
+        """Close the transport's connections whose ICE path is gone (consent expired, RFC 7675, or
+        evicted for a newer one), once past their first deadline (until then a path may still
+        validate): a connection ICE no longer uses holds a descriptor and the address's cap."""
+        valid = set(transport.ice.validated_tuples)
+        for c in [c for c in self.conns.values() if c.transport is transport and c.deadline is None]:
+            if c.path not in valid:
+                self.close_connection(c.slot, "consent_expired", notify=False)
+
     def close_transport(self, transport: WebRtcTransport) -> None:
         for c in [c for c in self.conns.values() if c.transport is transport]:
             self.close_connection(c.slot, "transport_closed", notify=False)

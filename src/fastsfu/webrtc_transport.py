@@ -412,6 +412,9 @@ class WebRtcTransport(Transport):
         if self._dtls is not None:
             self._dtls.handle_timer(now)
         self._pump()
+        tcp = self.engine.ice_tcp
+        if self.tcp_enabled and tcp is not None and not self._closed:
+            tcp.prune(self)  # connections of paths whose consent just expired
 
     # ------------------------------------------------------------------ close, stats
 
