@@ -16,7 +16,7 @@ import pytest
 from discord_helpers import AES, XCHACHA, Client, discover, ref_open, rtp_packet
 from helpers import serve_app
 
-from fastsfu import Engine
+from fastsfu import Engine, Settings
 from fastsfu.discord.gateway import Gateway, GatewayConfig
 from fastsfu.discord.voice import DiscordVoice
 from fastsfu.discord.ws_server import make_gateway_app
@@ -77,9 +77,10 @@ def serve(
     resume_grace: float = 60.0,
     voices: list[DiscordVoice] | None = None,
     legacy_modes: bool = False,
+    settings: Settings | None = None,
 ) -> None:
     async def main() -> None:
-        async with Engine() as engine:
+        async with Engine(settings) as engine:
             rooms = VoiceRooms(engine)
             voice = DiscordVoice(rooms, AUTH.authenticate, room_map, legacy_modes=legacy_modes)
             if voices is not None:

@@ -179,9 +179,10 @@ def test_consent_expiry_falls_back_then_disconnects() -> None:
     events(ice)
     assert ice.get_timer() == 30.0
     answer(ice, check()[0], PEER, now=20.0)  # consent refreshed
-    assert ice.get_timer() == 50.0
-    ice.handle_timer(45.0)  # PEER2 (last seen at 10) expired; PEER still fresh
+    assert ice.get_timer() == 40.0  # the stalest path's expiry: PEER2, last seen at 10
+    ice.handle_timer(45.0)  # PEER2 expired; PEER still fresh
     assert ice.validated_tuples == [PEER] and events(ice) == []
+    assert ice.get_timer() == 50.0
     ice.handle_timer(50.0)
     assert events(ice) == [IceDisconnected(PEER)] and ice.selected_tuple is None and ice.get_timer() is None
 

@@ -30,12 +30,12 @@ def malloc_counter(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def probe(
-    lib: Path, n: int, fanout: int, kind: str = "srtp", mode: str = "inline", red: bool = False
+    lib: Path, n: int, fanout: int, kind: str = "srtp", mode: str = "inline", variant: str = ""
 ) -> dict[str, int]:
     env = dict(os.environ, PYTHONMALLOC="malloc", LD_PRELOAD=str(lib))
     out = subprocess.run(
         [sys.executable, str(HERE / "native" / "drain_probe.py"), str(n), str(fanout), kind, mode]
-        + (["red"] if red else []),
+        + ([variant] if variant else []),
         env=env,
         capture_output=True,
         text=True,
@@ -54,11 +54,12 @@ def test_counts_do_not_grow_with_packets(malloc_counter: Path, fanout: int, kind
     audio levels are on."""
     small = probe(malloc_counter, 32, fanout, kind, mode)
     large = probe(malloc_counter, 320, fanout, kind, mode)
-    assert small["forwarded"] == (32 + 32) * fanout and large["forwarded"] == (320 + 32) * fanout
+    # n measured packets, 32 more under a profiler, 1 before measuring (the sink's frame size)
+    assert small["forwarded"] == (32 + 33) * fanout and large["forwarded"] == (320 + 33) * fanout
     if fanout > 1:  # the recording tap copied every packet as well
-        assert small["tapped"] == 32 + 32 and large["tapped"] == 320 + 32
+        assert small["tapped"] == 32 + 33 and large["tapped"] == 320 + 33
     assert large["batches"] > small["batches"]  # recvmmsg takes 64 datagrams a batch
-    assert small["levels"] == 32 + 32 and large["levels"] == 320 + 32  # every level was read
+    assert small["levels"] == 32 + 33 and large["levels"] == 320 + 33  # every level was read
     assert small["control_allocations"] >= 10  # the counter sees Python objects being made
     if mode == "threaded":
         assert small["thread_profiled_calls"] >= 1  # the profiler does see the thread's Python calls
@@ -71,9 +72,22 @@ def test_counts_do_not_grow_with_packets(malloc_counter: Path, fanout: int, kind
 def test_red_unwrap_and_forward_do_no_per_packet_work(malloc_counter: Path, mode: str) -> None:
     """Opus RED (docs/transports.md#opus-red): unwrapped for half the receivers, forwarded with
     rewritten block PTs to the others, the primary block tapped: still nothing per packet."""
-    small = probe(malloc_counter, 32, 10, "srtp", mode, red=True)
-    large = probe(malloc_counter, 320, 10, "srtp", mode, red=True)
-    assert small["forwarded"] == (32 + 32) * 10 and large["forwarded"] == (320 + 32) * 10
-    assert small["tapped"] == 32 + 32 and large["tapped"] == 320 + 32
+    small = probe(malloc_counter, 32, 10, "srtp", mode, "red")
+    large = probe(malloc_counter, 320, 10, "srtp", mode, "red")
+    assert small["forwarded"] == (32 + 33) * 10 and large["forwarded"] == (320 + 33) * 10
+    assert small["tapped"] == 32 + 33 and large["tapped"] == 320 + 33
+    assert small["allocations"] == large["allocations"] == 0, (small, large)
+    assert small["python_calls"] == large["python_calls"] == 0, (small, large)
+
+
+@pytest.mark.parametrize("mode", ["inline", "threaded"])
+@pytest.mark.parametrize("fanout", [1, 10])
+def test_tcp_counts_do_not_grow_with_packets(malloc_counter: Path, fanout: int, mode: str) -> None:
+    """ICE-TCP (docs/transports.md, "ICE over TCP"): frames read from a connection, forwarded, and
+    written framed to a TCP receiver, with no allocation and no Python call per packet either."""
+    small = probe(malloc_counter, 32, fanout, "srtp", mode, "tcp")
+    large = probe(malloc_counter, 320, fanout, "srtp", mode, "tcp")
+    assert small["forwarded"] == (32 + 33) * fanout and large["forwarded"] == (320 + 33) * fanout
+    assert small["control_allocations"] >= 10
     assert small["allocations"] == large["allocations"] == 0, (small, large)
     assert small["python_calls"] == large["python_calls"] == 0, (small, large)

@@ -46,11 +46,14 @@ cdef extern from "<sys/socket.h>" nogil:
     int MSG_DONTWAIT
     int MSG_TRUNC
     int MSG_CTRUNC
+    int MSG_NOSIGNAL
 
     int recvmmsg(int fd, mmsghdr *msgvec, unsigned int vlen, int flags, timespec *timeout)
     int sendmmsg(int fd, mmsghdr *msgvec, unsigned int vlen, int flags)
     int setsockopt(int fd, int level, int optname, const void *optval, socklen_t optlen)
     int connect(int fd, const sockaddr *addr, socklen_t addrlen)
+    ssize_t recv(int fd, void *buf, size_t n, int flags)
+    ssize_t send(int fd, const void *buf, size_t n, int flags)
 
     cmsghdr *CMSG_FIRSTHDR(msghdr *msg)
     cmsghdr *CMSG_NXTHDR(msghdr *msg, cmsghdr *cmsg)
@@ -98,6 +101,10 @@ cdef extern from "<sys/epoll.h>" nogil:
         epoll_data_t data
 
     int EPOLLIN
+    int EPOLLOUT
+    int EPOLLHUP
+    int EPOLLERR
+    int EPOLL_CTL_MOD
     int EPOLL_CLOEXEC
     int EPOLL_CTL_ADD
     int EPOLL_CTL_DEL

@@ -30,6 +30,8 @@ cdef enum:
     TAP_SLOT = 1500           # largest RTP payload a tap copies; larger is a counted drop
     RED_MAX_BLOCKS = 16       # RFC 2198 header blocks accepted per packet (docs/transports.md#opus-red)
     NO_PT = 0xFF              # no RED payload type negotiated
+    TCP_RXBUF = 4096          # per ICE-TCP connection: partial RFC 4571 frames wait here
+    TCP_MAX_FRAME = RECV_SLOT # a longer announced frame closes the connection
 
 # Drop reasons; the names list below is the Python view, in the same order.
 cdef enum:
@@ -54,6 +56,7 @@ cdef enum:
     DROP_AEAD_REPLAY                 # a Discord transport-encryption nonce seen before
     DROP_SLOW_RING_FULL              # the event loop is behind: a slow-path datagram had no room
     DROP_RED_MALFORMED               # RFC 2198 blocks past the packet, too many, or not Opus
+    DROP_TCP_OVERFLOW                # an ICE-TCP receiver's send buffer was full: it is cut off
     N_DROPS
 
 cdef enum:
@@ -63,9 +66,19 @@ cdef enum:
     K_SLOW_OTHER = 4
     K_EVENT_TUPLE_LEARNED = 1         # the datapath changed a transport's remote (learned, moved or lost)
     K_EVENT_UNKNOWN_SSRC = 2
+    K_EVENT_TCP_CLOSED = 3            # the datapath closed an ICE-TCP connection (take_tcp_closed)
     K_OUTPUT_SEND = 0
     K_OUTPUT_CAPTURE = 1
     K_OUTPUT_DISCARD = 2
+
+# Why the datapath gave up an ICE-TCP connection; the names list in _rtp.pyx is the Python view.
+cdef enum:
+    TCP_OPEN = 0
+    TCP_PEER_CLOSED
+    TCP_ERROR
+    TCP_BAD_FIRST_FRAME
+    TCP_FRAME_TOO_LONG
+    TCP_SEND_OVERFLOW
 
 # libsrtp 2.x status codes we tell apart (srtp.h: srtp_err_status_replay_fail, _replay_old).
 cdef enum:
@@ -121,8 +134,21 @@ ctypedef struct Table:               # open addressing, linear probing, backward
     Entry *entries
     uint32_t mask
 
+ctypedef struct TcpConn:             # an accepted ICE-TCP connection (RFC 6544), RFC 4571 framing
+    uint8_t peer[28]                 # the remote address, in the socket's family
+    uint8_t *rx                      # TCP_RXBUF bytes: the start of the next frame, maybe partial
+    int rx_len
+    uint8_t *tx                      # tx_cap bytes of framed output the kernel did not take yet
+    int tx_off
+    int tx_len
+    int tx_cap
+    int started                      # the first frame was STUN
+    int dead                         # TCP_* close reason once the datapath gave it up
+    int want_out                     # EPOLLOUT is armed
+
 ctypedef struct Socket:
     int in_use
+    TcpConn *tcp                     # an ICE-TCP connection, or NULL for a UDP socket
     uint32_t gen                     # changes with every add_socket into this slot
     int fd
     int family
@@ -138,6 +164,7 @@ ctypedef struct Socket:
 ctypedef struct Transport:
     int in_use
     int sock
+    int home_sock                    # the socket it was made on (sock may be an ICE-TCP connection)
     int comedia
     int has_remote
     uint8_t remote[28]               # sockaddr_in or sockaddr_in6, in the socket's family
@@ -333,6 +360,8 @@ cdef class Datapath:
     cdef int wake_fd                     # eventfd in the epoll set: wakes the thread to stop
     cdef object _thread
     cdef TapRing *taps[MAX_TAPS]         # recording taps (NULL: free)
+    cdef readonly int tcp_dead           # ICE-TCP connections given up and not yet closed by Python
+    cdef int tcp_tx_cap
 
     cdef object _take_slow(self)
     cdef int _drain(self, int sock, int budget) noexcept nogil
@@ -371,3 +400,10 @@ cdef class Datapath:
     cdef void _flush_all(self, bint on_thread=*) noexcept nogil
     cdef void _discard_queue(self, int sock) noexcept nogil
     cdef void _flush_socket(self, int sock, bint on_thread) noexcept nogil
+    cdef int _socket_ready(self, int s, uint32_t events, bint on_thread) noexcept nogil
+    cdef int _tcp_ready(self, int s, uint32_t events, bint on_thread) noexcept nogil
+    cdef void _tcp_fail(self, int s, int reason) noexcept nogil
+    cdef void _tcp_detach(self, int s) noexcept nogil
+    cdef void _tcp_flush(self, int s) noexcept nogil
+    cdef void _tcp_push(self, int s) noexcept nogil
+    cdef int _tcp_append(self, TcpConn *c, const uint8_t *data, int n) noexcept nogil

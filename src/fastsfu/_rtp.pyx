@@ -7,7 +7,7 @@ for byte.
 """
 
 from cpython.bytes cimport PyBytes_FromStringAndSize
-from libc.errno cimport EAGAIN, EINTR, errno
+from libc.errno cimport EAGAIN, ECONNRESET, EINTR, EPIPE, errno
 from libc.stdint cimport int16_t, int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t, uintptr_t
 from libc.stdlib cimport calloc, free, realloc
 from libc.string cimport memcmp, memcpy, memmove, memset
@@ -15,14 +15,15 @@ from posix.time cimport CLOCK_MONOTONIC, CLOCK_REALTIME, clock_gettime, timespec
 
 from fastsfu._csys cimport (
     AF_INET, AF_INET6, AF_UNSPEC, CMSG_DATA, CMSG_FIRSTHDR, CMSG_NXTHDR, CMSG_SPACE, EFD_CLOEXEC, EFD_NONBLOCK,
-    INET6_ADDRSTRLEN, EPOLL_CLOEXEC, EPOLL_CTL_ADD, EPOLL_CTL_DEL, EPOLLIN, MSG_DONTWAIT, MSG_TRUNC,
+    INET6_ADDRSTRLEN, EPOLL_CLOEXEC, EPOLL_CTL_ADD, EPOLL_CTL_DEL, EPOLL_CTL_MOD, EPOLLERR, EPOLLHUP, EPOLLIN,
+    EPOLLOUT, MSG_DONTWAIT, MSG_NOSIGNAL, MSG_TRUNC,
     PTHREAD_MUTEX_RECURSIVE, SCM_TIMESTAMPNS, SO_TIMESTAMPNS, SOL_SOCKET, close, cmsghdr, epoll_create1,
     epoll_ctl, epoll_event, epoll_wait, eventfd, fsfu_add_int, fsfu_load_int, fsfu_load_u32,
     fsfu_store_int, fsfu_store_u32, fsfu_xchg_int, htons, inet_ntop, inet_pton, iovec, mmsghdr, msghdr,
     ntohs, pthread_mutex_destroy, pthread_mutex_init, pthread_mutex_lock, pthread_mutex_trylock,
     pthread_mutex_unlock, pthread_mutexattr_destroy, pthread_mutexattr_init, pthread_mutexattr_settype,
-    pthread_mutexattr_t, connect, read, recvmmsg, sendmmsg, setsockopt, sockaddr, sockaddr_in,
-    sched_yield, sockaddr_in6, socklen_t, write,
+    pthread_mutexattr_t, connect, read, recv, recvmmsg, send, sendmmsg, setsockopt, sockaddr,
+    sockaddr_in, sched_yield, sockaddr_in6, socklen_t, write,
 )
 
 import threading
@@ -34,8 +35,10 @@ DROP_REASONS = (
     "malformed", "oversize", "unknown_protocol", "unknown_tuple", "unknown_ssrc", "unknown_pt",
     "decrypt_failed", "srtp_replay", "producer_paused", "no_consumers", "consumer_paused",
     "stale_seq", "seq_jump", "no_remote", "encrypt_failed", "send_failed", "queue_age", "recv_error",
-    "aead_replay", "slow_ring_full", "red_malformed",
+    "aead_replay", "slow_ring_full", "red_malformed", "tcp_overflow",
 )
+# Why the datapath closed an ICE-TCP connection (take_tcp_closed), indexed by TCP_* (docs/transports.md).
+TCP_CLOSE_REASONS = ("closed", "peer_closed", "error", "bad_first_frame", "frame_too_long", "send_overflow")
 
 DEFAULT_MAX_QUEUE_AGE = DEFAULT_MAX_QUEUE_AGE_MS
 LATE_THRESHOLD_MS = LATE_MS
@@ -45,6 +48,7 @@ SLOW_RTCP = K_SLOW_RTCP
 SLOW_OTHER = K_SLOW_OTHER
 EVENT_TUPLE_LEARNED = K_EVENT_TUPLE_LEARNED
 EVENT_UNKNOWN_SSRC = K_EVENT_UNKNOWN_SSRC
+EVENT_TCP_CLOSED = K_EVENT_TCP_CLOSED
 OUTPUT_SEND = K_OUTPUT_SEND
 OUTPUT_CAPTURE = K_OUTPUT_CAPTURE
 OUTPUT_DISCARD = K_OUTPUT_DISCARD
@@ -575,10 +579,14 @@ cdef class Datapath:
     """
 
     def __cinit__(self, int max_sockets=256, int max_transports=4096, int max_producers=4096,
-                  int max_consumers=65536, int out_slots=1024, double max_queue_age_ms=DEFAULT_MAX_QUEUE_AGE_MS):
+                  int max_consumers=65536, int out_slots=1024, double max_queue_age_ms=DEFAULT_MAX_QUEUE_AGE_MS,
+                  int tcp_send_buffer=65536):
         cdef int i
         if min(max_sockets, max_transports, max_producers, max_consumers) < 1 or out_slots < SEND_BATCH:
             raise ValueError("datapath capacities must be positive (out_slots >= 64)")
+        if not OUT_SLOT + 2 <= tcp_send_buffer <= 1 << 24:
+            raise ValueError("tcp_send_buffer must hold at least one packet (3330 bytes .. 16 MiB)")
+        self.tcp_tx_cap = tcp_send_buffer
         self.max_sockets = max_sockets
         self.max_transports = max_transports
         self.max_producers = max_producers
@@ -626,6 +634,12 @@ cdef class Datapath:
         cdef int i
         if self.epoll_fd >= 0:
             close(self.epoll_fd)
+        if self.sockets != NULL:
+            for i in range(self.max_sockets):
+                if self.sockets[i].tcp != NULL:
+                    free(self.sockets[i].tcp.rx)
+                    free(self.sockets[i].tcp.tx)
+                    free(self.sockets[i].tcp)
         if self.notify_fd >= 0:
             close(self.notify_fd)
         if self.wake_fd >= 0:
@@ -751,7 +765,7 @@ cdef class Datapath:
                     elif 0 <= s < self.max_sockets and self.sockets[s].in_use:
                         # One batch per ready socket per round; epoll is level-triggered, so a
                         # socket with more waiting is ready again next round (fair across rooms).
-                        total += self._drain_batch(s, True)
+                        total += self._socket_ready(s, self.ready[i - 1].events, True)
                 self._flush_all(True)
                 notify = (self.pending_events > 0 or
                           self.sync.ring_head != fsfu_load_u32(&self.sync.ring_tail))
@@ -803,6 +817,8 @@ cdef class Datapath:
         cdef int t
         with self.tables_lock:
             self._check_socket(sock)
+            if self.sockets[sock].tcp != NULL:
+                raise ValueError("a TCP connection is removed with close_tcp_connection()")
             for t in range(self.max_transports):
                 if self.transports[t].in_use and self.transports[t].sock == sock:
                     raise ValueError("socket still has transports")
@@ -846,6 +862,7 @@ cdef class Datapath:
             memset(&self.transports[t], 0, sizeof(Transport))
             self.transports[t].in_use = 1
             self.transports[t].sock = sock
+            self.transports[t].home_sock = sock
             self.transports[t].comedia = comedia
             if comedia:
                 self.sockets[sock].comedia_transport = t
@@ -899,6 +916,9 @@ cdef class Datapath:
             if not 0 < port < 65536:
                 raise ValueError("port must be 1..65535")
             tr = &self.transports[t]
+            if tr.sock != tr.home_sock:
+                self._clear_remote(t)       # back from an ICE-TCP connection to its own socket
+                tr.sock = tr.home_sock
             so = &self.sockets[tr.sock]
             self._clear_remote(t)
             memset(tr.remote, 0, 28)
@@ -1306,7 +1326,10 @@ cdef class Datapath:
                     for i in range(n):
                         s = <int>self.ready[i].data.u32
                         if 0 <= s < self.max_sockets and self.sockets[s].in_use:
-                            total += self._drain(s, budget)
+                            if self.sockets[s].tcp != NULL:
+                                total += self._tcp_ready(s, self.ready[i].events, False)
+                            else:
+                                total += self._drain(s, budget)
                     self._flush_all()
             return self._take_slow()
 
@@ -2211,6 +2234,9 @@ cdef class Datapath:
     cdef void _flush_socket(self, int sock, bint on_thread) noexcept nogil:
         cdef Socket *so = &self.sockets[sock]
         cdef int slot, nxt, m, sent, i, fd
+        if so.tcp != NULL and self.output_mode == K_OUTPUT_SEND:
+            self._tcp_flush(sock)
+            return
         if self.output_mode != K_OUTPUT_SEND:
             if self.output_mode == K_OUTPUT_CAPTURE:
                 # Tests only, never on the thread (start() refuses capture mode).
@@ -2273,3 +2299,278 @@ cdef class Datapath:
                 so.out_tail = -1
             elif on_thread and fsfu_load_int(&self.sync.waiters) > 0:
                 self._hand_off()
+
+    # ----------------------------------------------------------------- ICE over TCP (RFC 6544)
+    # An accepted TCP connection is a socket slot of its own with a TcpConn: RFC 4571 frames (a
+    # 2-byte length, then one STUN, DTLS, RTP or RTCP packet) are cut out of the stream and handled
+    # like datagrams from the connection's peer; output is framed into a bounded buffer
+    # (docs/transports.md, "ICE over TCP"). Accepting, and closing what the datapath gave up, is
+    # the event loop's work.
+
+    def add_tcp_connection(self, int fd, int family, str ip, int port) -> int:
+        """Register an accepted, non-blocking TCP connection from (ip, port); returns its socket slot."""
+        cdef int s
+        cdef TcpConn *c
+        with self.tables_lock:
+            c = <TcpConn *>calloc(1, sizeof(TcpConn))
+            if c == NULL:
+                raise MemoryError()
+            c.rx = <uint8_t *>calloc(1, TCP_RXBUF)
+            c.tx = <uint8_t *>calloc(1, self.tcp_tx_cap)
+            c.tx_cap = self.tcp_tx_cap
+            if c.rx == NULL or c.tx == NULL:
+                free(c.rx)
+                free(c.tx)
+                free(c)
+                raise MemoryError()
+            try:
+                self._fake_source(-1, ip, port)
+                if (<sockaddr *>self.raddr[0]).sa_family != family:
+                    raise ValueError("the peer address is not in the socket's family")
+                s = self.add_socket(fd, family, False)
+            except BaseException:
+                free(c.rx)
+                free(c.tx)
+                free(c)
+                raise
+            memcpy(c.peer, self.raddr[0], 28)
+            self.sockets[s].tcp = c
+            return s
+
+    def close_tcp_connection(self, int sock) -> None:
+        """Forget an ICE-TCP connection (the caller closes the descriptor afterwards): a transport
+        sending over it loses its remote and returns to its own socket."""
+        cdef TcpConn *c
+        with self.tables_lock:
+            self._check_socket(sock)
+            c = self.sockets[sock].tcp
+            if c == NULL:
+                raise ValueError(f"socket {sock} is not a TCP connection")
+            if c.dead:
+                self.tcp_dead -= 1
+            else:
+                self._tcp_detach(sock)
+            self._discard_queue(sock)
+            self.sockets[sock].tcp = NULL
+            self.sockets[sock].in_use = 0
+            free(c.rx)
+            free(c.tx)
+            free(c)
+
+    def take_tcp_closed(self) -> list:
+        """(socket slot, reason) of every ICE-TCP connection the datapath gave up (the peer closed
+        it, a bad frame, a receiver that stopped reading) and Python has not closed yet."""
+        cdef int s
+        out = []
+        with self.tables_lock:
+            if self.tcp_dead:
+                for s in range(self.max_sockets):
+                    if self.sockets[s].in_use and self.sockets[s].tcp != NULL and self.sockets[s].tcp.dead:
+                        out.append((s, TCP_CLOSE_REASONS[self.sockets[s].tcp.dead]))
+        return out
+
+    def tcp_send(self, int sock, const uint8_t[:] data) -> bool:
+        """Frame one packet (STUN, DTLS) onto an ICE-TCP connection and send what the kernel takes;
+        False if the connection is gone or its buffer is full (which cuts it off)."""
+        cdef TcpConn *c
+        cdef int n = data.shape[0]
+        with self.tables_lock:
+            self._check_socket(sock)
+            c = self.sockets[sock].tcp
+            if c == NULL:
+                raise ValueError(f"socket {sock} is not a TCP connection")
+            if not 0 < n <= 0xFFFF:
+                raise ValueError("an RFC 4571 frame holds 1..65535 bytes")
+            if c.dead:
+                return False
+            if not self._tcp_append(c, &data[0], n):
+                self._drop(NULL, DROP_TCP_OVERFLOW)
+                self._tcp_fail(sock, TCP_SEND_OVERFLOW)
+                return False
+            with nogil:
+                self._tcp_push(sock)
+            return not c.dead
+
+    def set_transport_tcp(self, int t, int sock) -> None:
+        """Admit ICE-TCP connection `sock` (its peer) for transport t and send t's packets over it."""
+        cdef Transport *tr
+        cdef TcpConn *c
+        cdef Key k
+        cdef int owner
+        with self.tables_lock:
+            self._check_transport(t)
+            self._check_socket(sock)
+            c = self.sockets[sock].tcp
+            if c == NULL or c.dead:
+                raise ValueError(f"socket {sock} is not an open TCP connection")
+            tuple_key_from_sockaddr(&k, sock, c.peer)
+            owner = table_get(&self.tuples, &k)
+            if owner >= 0 and owner != t:
+                raise ValueError("the connection already belongs to another transport")
+            tr = &self.transports[t]
+            self._clear_remote(t)
+            c.started = 1                   # ICE is done with the first-frame rule: it is claimed
+            tr.sock = sock
+            memcpy(tr.remote, c.peer, 28)
+            tr.remote_len = sizeof(sockaddr_in) if (<sockaddr *>c.peer).sa_family == AF_INET else sizeof(sockaddr_in6)
+            self._bind_tuple(t, &k)
+
+    def tcp_stats(self, int sock) -> dict:
+        """One ICE-TCP connection: bytes waiting to be read as a frame, and to be sent."""
+        cdef TcpConn *c
+        with self.tables_lock:
+            self._check_socket(sock)
+            c = self.sockets[sock].tcp
+            if c == NULL:
+                raise ValueError(f"socket {sock} is not a TCP connection")
+            return {"rx_pending": c.rx_len, "tx_pending": c.tx_len, "tx_capacity": c.tx_cap,
+                    "closed": TCP_CLOSE_REASONS[c.dead] if c.dead else None}
+
+    cdef int _socket_ready(self, int s, uint32_t events, bint on_thread) noexcept nogil:
+        if self.sockets[s].tcp != NULL:
+            return self._tcp_ready(s, events, on_thread)
+        return self._drain_batch(s, on_thread)
+
+    cdef int _tcp_ready(self, int s, uint32_t events, bint on_thread) noexcept nogil:
+        """Send what waits (EPOLLOUT), then one recv: every complete frame is handled like a
+        datagram from the peer, a partial one waits in the connection's buffer. Returns frames."""
+        cdef Socket *so = &self.sockets[s]
+        cdef TcpConn *c = so.tcp
+        cdef uint32_t gen = so.gen
+        cdef ssize_t r
+        cdef int off = 0, flen, n = 0, kind, t, m
+        cdef int64_t now
+        cdef uint8_t *frame
+        if c == NULL or c.dead:
+            return 0
+        if events & EPOLLOUT:
+            self._tcp_push(s)
+            if c.dead:
+                return 0
+        if not events & (EPOLLIN | EPOLLHUP | EPOLLERR):
+            return 0
+        while True:
+            r = recv(so.fd, c.rx + c.rx_len, TCP_RXBUF - c.rx_len, MSG_DONTWAIT)
+            if r >= 0 or errno != EINTR:
+                break
+        if r == 0:
+            self._tcp_fail(s, TCP_PEER_CLOSED)
+            return 0
+        if r < 0:
+            if errno != EAGAIN:
+                self._tcp_fail(s, TCP_PEER_CLOSED if errno == ECONNRESET else TCP_ERROR)
+            return 0
+        c.rx_len += <int>r
+        now = monotonic_ns()
+        while c.rx_len - off >= 2:
+            flen = rd16(c.rx + off)
+            if flen > TCP_MAX_FRAME:
+                # RFC 4571 allows 65535, but nothing we carry is longer than a datagram we read.
+                self._tcp_fail(s, TCP_FRAME_TOO_LONG)
+                return n
+            if c.rx_len - off - 2 < flen:
+                break                       # a partial frame: the rest comes with a later read
+            frame = c.rx + off + 2
+            off += 2 + flen
+            if not c.started:
+                # RFC 6544: the peer opens a passive candidate's connection to run its
+                # connectivity check, so the first frame is a Binding request; anything else
+                # is not ICE.
+                if flen < 20 or frame[0] > 3:
+                    self._tcp_fail(s, TCP_BAD_FIRST_FRAME)
+                    return n
+                c.started = 1
+            if flen:
+                memcpy(self.rbuf, frame, flen)
+            memcpy(self.raddr[0], c.peer, 28)
+            kind = self._handle(s, self.rbuf, flen, self.raddr[0], now, &t, &m)
+            if kind:
+                self._slow_push(kind, t, 0, m, s)
+            n += 1
+            if on_thread and fsfu_load_int(&self.sync.waiters) > 0:
+                self._hand_off()
+            if not so.in_use or so.gen != gen or so.tcp != c or c.dead:
+                return n                    # closed while we worked (a hand-off, or our own send failed)
+        if off:
+            memmove(c.rx, c.rx + off, c.rx_len - off)
+            c.rx_len -= off
+        return n
+
+    cdef void _tcp_detach(self, int s) noexcept nogil:
+        """Stop using connection s: out of the epoll set; a transport sending over it loses its
+        remote and returns to its own socket (ICE picks another path or ends)."""
+        cdef int t
+        cdef Transport *tr
+        if self.sockets[s].fd >= 0:
+            epoll_ctl(self.epoll_fd, EPOLL_CTL_DEL, self.sockets[s].fd, NULL)
+        for t in range(self.max_transports):
+            tr = &self.transports[t]
+            if tr.in_use and tr.sock == s:
+                self._clear_remote(t)
+                tr.sock = tr.home_sock
+
+    cdef void _tcp_fail(self, int s, int reason) noexcept nogil:
+        """Give up connection s (counted by reason); the loop learns it from take_tcp_closed()."""
+        cdef TcpConn *c = self.sockets[s].tcp
+        if c == NULL or c.dead:
+            return
+        c.dead = reason
+        self._tcp_detach(s)
+        self.tcp_dead += 1
+        self._event(K_EVENT_TCP_CLOSED, -1, <uint32_t>s)
+
+    cdef int _tcp_append(self, TcpConn *c, const uint8_t *data, int n) noexcept nogil:
+        """Frame data into the send buffer (RFC 4571 §2); 0 if it does not fit."""
+        if c.tx_len + 2 + n > c.tx_cap:
+            return 0
+        if c.tx_off + c.tx_len + 2 + n > c.tx_cap:
+            memmove(c.tx, c.tx + c.tx_off, c.tx_len)
+            c.tx_off = 0
+        wr16(c.tx + c.tx_off + c.tx_len, <uint16_t>n)
+        memcpy(c.tx + c.tx_off + c.tx_len + 2, data, n)
+        c.tx_len += 2 + n
+        return 1
+
+    cdef void _tcp_flush(self, int s) noexcept nogil:
+        """Frame the socket's queued packets into its buffer and send. A receiver whose buffer is
+        full is not reading: it is cut off rather than allowed to hold memory or the thread."""
+        cdef TcpConn *c = self.sockets[s].tcp
+        cdef int slot = self.sockets[s].out_head, overflow = 0
+        while slot >= 0:
+            if not c.dead and not overflow:
+                if not self._tcp_append(c, self.out[slot].data, self.out[slot].len):
+                    overflow = 1
+            if overflow or c.dead:
+                self._drop(NULL, DROP_TCP_OVERFLOW if overflow else DROP_NO_REMOTE)
+            slot = self.out[slot].next
+        self._discard_queue(s)
+        if overflow:
+            self._tcp_fail(s, TCP_SEND_OVERFLOW)
+        elif not c.dead:
+            self._tcp_push(s)
+
+    cdef void _tcp_push(self, int s) noexcept nogil:
+        """send() what the buffer holds until the kernel refuses; wait for EPOLLOUT while some is left."""
+        cdef Socket *so = &self.sockets[s]
+        cdef TcpConn *c = so.tcp
+        cdef ssize_t r
+        cdef epoll_event ev
+        while c.tx_len > 0:
+            r = send(so.fd, c.tx + c.tx_off, c.tx_len, MSG_DONTWAIT | MSG_NOSIGNAL)
+            if r > 0:
+                c.tx_off += <int>r
+                c.tx_len -= <int>r
+            elif r < 0 and errno == EINTR:
+                continue
+            elif r < 0 and errno == EAGAIN:
+                break
+            else:
+                self._tcp_fail(s, TCP_PEER_CLOSED if errno == ECONNRESET or errno == EPIPE else TCP_ERROR)
+                return
+        if c.tx_len == 0:
+            c.tx_off = 0
+        if (c.tx_len > 0) != (c.want_out != 0):
+            c.want_out = c.tx_len > 0
+            ev.events = EPOLLIN | (EPOLLOUT if c.want_out else 0)
+            ev.data.u32 = s
+            epoll_ctl(self.epoll_fd, EPOLL_CTL_MOD, so.fd, &ev)

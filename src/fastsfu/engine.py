@@ -18,6 +18,7 @@ from fastsfu import _rtp, rtp
 from fastsfu import srtp as _srtp  # noqa: F401 - installs the libsrtp entry points in the datapath
 from fastsfu.dtls import DtlsCertificate
 from fastsfu.events import EventEmitter
+from fastsfu.ice_tcp import IceTcpServer
 from fastsfu.router import Router
 
 if TYPE_CHECKING:
@@ -66,6 +67,14 @@ class Settings:
     media_listen_ip: str | None = None  # default: listen_ip
     media_announced_ip: str | None = None  # the address put in ICE candidates (NAT, containers)
     media_port: int = 0  # 0: any free port
+    # ICE over TCP, passive (RFC 6544; docs/transports.md, "ICE over TCP"): a listening TCP port
+    # beside the UDP one, offered as a `tcptype passive` candidate of every WebRtcTransport.
+    ice_tcp: bool = False
+    media_tcp_port: int | None = None  # None: the UDP media port's number; 0: any free port
+    ice_tcp_max_connections: int = 1000
+    ice_tcp_max_connections_per_ip: int = 16
+    ice_tcp_timeout: float = 10.0  # seconds an accepted connection has to complete an ICE check
+    ice_tcp_send_buffer_bytes: int = 65536  # per connection; a receiver that fills it is cut off
     ice_consent_timeout: float = 30.0  # RFC 7675 §5.1, clamped to 10..60 s
     dtls_handshake_timeout: float = 30.0
     # PEM certificate and key for DTLS (ECDSA P-256); None: a fresh one per engine.
@@ -82,12 +91,16 @@ class Settings:
             "max_consumers_per_router",
             "drain_budget",
             "out_slots",
+            "ice_tcp_max_connections",
+            "ice_tcp_max_connections_per_ip",
         ):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"settings.{name} must be a positive integer")
         if self.max_queue_age_ms < 0 or self.rtcp_interval <= 0:
             raise ValueError("settings.max_queue_age_ms must be >= 0 and rtcp_interval > 0")
+        if self.ice_tcp_timeout <= 0:
+            raise ValueError("settings.ice_tcp_timeout must be positive")
 
 
 class UdpSocket:
@@ -131,6 +144,7 @@ class Engine(EventEmitter):
             max_consumers=s.max_consumers,
             max_queue_age_ms=s.max_queue_age_ms,
             out_slots=s.out_slots,
+            tcp_send_buffer=s.ice_tcp_send_buffer_bytes,
         )
         self.observer = EventEmitter()
         self.routers: dict[str, Router] = {}
@@ -147,6 +161,7 @@ class Engine(EventEmitter):
         self._closed = False
         self._dtls_certificate: DtlsCertificate | None = None
         self._media_socket: UdpSocket | None = None
+        self._ice_tcp: IceTcpServer | None = None
         self._claimers: dict[str, Claimer] = {}
         if s.datapath_thread:
             # RTP never reaches Python: the loop wakes only for slow-path datagrams and events.
@@ -180,6 +195,8 @@ class Engine(EventEmitter):
         self._closed = True
         for router in list(self.routers.values()):
             router._engine_closed()
+        if self._ice_tcp is not None:
+            self._ice_tcp.close()
         for sock in list(self._sockets.values()):
             self.close_socket(sock)
         self.loop.remove_reader(self._reader_fd)
@@ -205,6 +222,7 @@ class Engine(EventEmitter):
         out["discord_remote_moves"] = self.discord_remote_moves
         out["routers"] = len(self.routers)
         out["transports"] = len(self._transports)
+        out["ice_tcp"] = self._ice_tcp.stats() if self._ice_tcp is not None else {}
         return out
 
     # ------------------------------------------------------------------ sockets and transports
@@ -248,8 +266,35 @@ class Engine(EventEmitter):
         """The UDP socket shared by WebRtcTransports (and Discord transports) of this engine."""
         if self._media_socket is None:
             s = self.settings
-            self._media_socket = self.open_socket(s.media_listen_ip or s.listen_ip, s.media_port)
+            ip = s.media_listen_ip or s.listen_ip
+            for attempt in range(16):
+                sock = self.open_socket(ip, s.media_port)
+                if not s.ice_tcp:
+                    break
+                tcp_port = sock.local_address[1] if s.media_tcp_port is None else s.media_tcp_port
+                try:
+                    self._ice_tcp = IceTcpServer(self, ip, tcp_port)
+                    break
+                except OSError:
+                    # The UDP port's number is taken for TCP: with a port of our choosing, try another.
+                    self.close_socket(sock)
+                    if s.media_port or s.media_tcp_port is not None or attempt == 15:
+                        raise
+            self._media_socket = sock
         return self._media_socket
+
+    @property
+    def ice_tcp(self) -> IceTcpServer | None:
+        """The passive ICE-TCP listener (with Settings.ice_tcp, once the media socket exists)."""
+        return self._ice_tcp
+
+    def transport(self, slot: int) -> Transport | None:
+        """The transport in datapath slot `slot`."""
+        return self._transports.get(slot)
+
+    def claim(self, kind: int, data: bytes) -> Transport | None:
+        """The transport a slow-path datagram from an unknown tuple names (ICE ufrag, Discord SSRC)."""
+        return self._claim(kind, data)
 
     def register_claimer(self, name: str, claimer: Claimer) -> None:
         """Consult `claimer` for slow-path datagrams from unknown tuples (one per transport family)."""
@@ -270,12 +315,16 @@ class Engine(EventEmitter):
     def _on_readable(self) -> None:
         # One Python wake-up per loop iteration for every ready socket; RTP never surfaces here.
         self._on_slow(self.datapath.poll(self.settings.drain_budget))
-        if self.datapath.pending_events:
+        if self.datapath.pending_events or self.datapath.tcp_dead:
             self._on_events()
 
     def _on_slow(self, slow: list[_rtp.SlowItem] | None) -> None:
         if slow is not None:
-            for kind, t, data, addr, _sock in slow:
+            tcp = self._ice_tcp
+            for kind, t, data, addr, sock in slow:
+                if tcp is not None and sock in tcp.conns:
+                    tcp.on_frame(sock, t, kind, data)  # an ICE-TCP frame (docs/transports.md)
+                    continue
                 transport = self._transports.get(t)
                 if transport is None:
                     transport = self._claim(kind, data)  # a new tuple (ICE ufrag, Discord SSRC...)
@@ -303,6 +352,8 @@ class Engine(EventEmitter):
 
     def _on_events(self) -> None:
         for kind, t, value in self.datapath.take_events():
+            if kind == rtp.EVENT_TCP_CLOSED:
+                continue  # reaped below, all at once
             transport = self._transports.get(t)
             if transport is None:
                 continue
@@ -312,3 +363,5 @@ class Engine(EventEmitter):
                     learned()
             elif kind == rtp.EVENT_UNKNOWN_SSRC:
                 log.debug("transport %s: RTP with unknown SSRC %d dropped", transport.id, value)
+        if self._ice_tcp is not None and self.datapath.tcp_dead:
+            self._ice_tcp.reap()

@@ -12,7 +12,9 @@ from dataclasses import dataclass
 
 from fastsfu import stun
 
-Address = tuple[str, int]
+# (ip, port) of a UDP path, or (ip, port, connection) of an ICE-TCP one: a TCP candidate pair is
+# one connection (RFC 6544), told apart from a UDP path of the same address by its slot.
+Address = tuple[str, int] | tuple[str, int, int]
 
 DEFAULT_CONSENT_TIMEOUT = 30.0  # RFC 7675 §5.1
 MIN_CONSENT_TIMEOUT, MAX_CONSENT_TIMEOUT = 10.0, 60.0  # clamped as mediasoup does
@@ -101,22 +103,33 @@ class IceServer:
         return out
 
     def get_timer(self) -> float | None:
-        """When consent of the selected tuple expires."""
-        if self._selected is None:
+        """When consent of the stalest validated tuple expires (the selected one's, or a fallback
+        path's, which is then forgotten on time: an ICE-TCP path's connection closes with it)."""
+        if not self._tuples:
             return None
-        return self._tuples[self._selected].last_valid + self.consent_timeout
+        return min(t.last_valid for t in self._tuples.values()) + self.consent_timeout
 
     def handle_timer(self, now: float) -> None:
         for addr in [a for a, t in self._tuples.items() if t.last_valid + self.consent_timeout <= now]:
-            del self._tuples[addr]
             self.counters["consent_expired"] += 1
-            if addr == self._selected:
-                self._selected = None
-                fallback = self._best_tuple()
-                if fallback is None:
-                    self._events.append(IceDisconnected(addr))
-                else:
-                    self._select(fallback)
+            self._remove(addr)
+
+    def _remove(self, addr: Address) -> None:
+        del self._tuples[addr]
+        if addr == self._selected:
+            self._selected = None
+            fallback = self._best_tuple()
+            if fallback is None:
+                self._events.append(IceDisconnected(addr))
+            else:
+                self._select(fallback)
+
+    def forget(self, addr: Address) -> None:
+        """A path is gone for good (its TCP connection closed): another validated one takes over, or
+        IceDisconnected when none is left."""
+        if addr in self._tuples:
+            self.counters["paths_closed"] += 1
+            self._remove(addr)
 
     def next_event(self) -> IceEvent | None:
         return self._events.popleft() if self._events else None

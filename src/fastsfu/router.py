@@ -168,11 +168,25 @@ class Router(EventEmitter):
         announced_ip: str | None = None,
         port: int | None = None,
         app_data: dict[str, Any] | None = None,
+        enable_udp: bool = True,
+        enable_tcp: bool | None = None,
+        prefer_udp: bool = False,
+        prefer_tcp: bool = False,
     ) -> WebRtcTransport:
         """A WebRtcTransport (ICE-lite, DTLS, SRTP). By default it shares the engine's WebRTC port;
-        `listen_ip` or `port` give it a socket of its own."""
+        `listen_ip` or `port` give it a socket of its own. `enable_tcp` (default: Settings.ice_tcp)
+        adds a passive ICE-TCP candidate on the engine's TCP port; UDP is preferred unless
+        `prefer_tcp` (mediasoup's enableUdp/enableTcp/preferUdp/preferTcp)."""
         if self._closed:
             raise RuntimeError("router closed")
+        if enable_tcp is None:
+            enable_tcp = self.engine.settings.ice_tcp
+        if not (enable_udp or enable_tcp):
+            raise ValueError("enable_udp and enable_tcp cannot both be false")
+        if enable_tcp and not self.engine.settings.ice_tcp:
+            raise ValueError("enable_tcp needs Settings.ice_tcp (the engine's ICE-TCP port)")
+        if prefer_udp and prefer_tcp:
+            raise ValueError("prefer_udp and prefer_tcp are exclusive")
         settings = self.engine.settings
         own = listen_ip is not None or port is not None
         socket = (
@@ -181,7 +195,15 @@ class Router(EventEmitter):
             else self.engine.media_socket()
         )
         try:
-            transport = WebRtcTransport(self, socket, announced_ip or settings.media_announced_ip, app_data)
+            transport = WebRtcTransport(
+                self,
+                socket,
+                announced_ip or settings.media_announced_ip,
+                app_data,
+                enable_udp=enable_udp,
+                enable_tcp=enable_tcp and not own,  # the TCP port belongs to the shared socket
+                prefer_tcp=prefer_tcp,
+            )
         except BaseException:
             if own:
                 self.engine.close_socket(socket)

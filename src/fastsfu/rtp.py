@@ -13,6 +13,7 @@ from fastsfu.ortc import URI_ABS_CAPTURE_TIME, URI_AUDIO_LEVEL, URI_MID
 DROP_REASONS: tuple[str, ...] = _rtp.DROP_REASONS
 SLOW_STUN, SLOW_DTLS, SLOW_RTCP, SLOW_OTHER = _rtp.SLOW_STUN, _rtp.SLOW_DTLS, _rtp.SLOW_RTCP, _rtp.SLOW_OTHER
 EVENT_TUPLE_LEARNED, EVENT_UNKNOWN_SSRC = _rtp.EVENT_TUPLE_LEARNED, _rtp.EVENT_UNKNOWN_SSRC
+EVENT_TCP_CLOSED = _rtp.EVENT_TCP_CLOSED
 
 KIND_MID = 1  # the extension kind each consumer fills with its own MID (RFC 8843 §15)
 # Header extensions the datapath forwards, by URI -> kind (a small integer the C tables use).

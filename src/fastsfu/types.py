@@ -302,6 +302,8 @@ class EngineStats(DatapathStats):
     discord_remote_moves: int
     routers: int
     transports: int
+    # ICE-TCP (Settings.ice_tcp): open "connections", "accepted", and closes by reason
+    ice_tcp: dict[str, int]
 
 
 class DatapathTransportStats(TypedDict):

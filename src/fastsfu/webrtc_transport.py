@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from fastsfu import rtp, stun
 from fastsfu.dtls import DtlsClosed, DtlsConnected, DtlsFailed, DtlsTransport
 from fastsfu.dtls.crypto import FINGERPRINT_ALGORITHMS
-from fastsfu.ice import IceDisconnected, IceRestarted, IceSelectedTuple, IceServer
+from fastsfu.ice import Address, IceDisconnected, IceRestarted, IceSelectedTuple, IceServer
 from fastsfu.srtp import SrtpContext
 from fastsfu.transport import Transport, TransportError
 from fastsfu.types import (
@@ -37,6 +37,19 @@ CLOSED_BY_PEER = "DTLS closed by the peer"
 DTLS_ROLES = ("auto", "client", "server")
 # Host candidate priority (RFC 8445 §5.1.2.1): type preference 126, local preference 65535, component 1.
 HOST_PRIORITY = (126 << 24) | (65535 << 8) | (256 - 1)
+# close_reason when the ICE-TCP connection carrying media closed and no other path was left.
+TCP_PATH_CLOSED = "ICE-TCP connection closed"
+
+
+def host_priority(local_preference: int) -> int:
+    """RFC 8445 §5.1.2.1 priority of a host candidate of component 1."""
+    return (126 << 24) | (local_preference << 8) | (256 - 1)
+
+
+def tcp_local_preference(preferred: bool) -> int:
+    """RFC 6544 §4.2: (2^13) * direction-pref + other-pref; a passive candidate's direction-pref
+    is 4 (below UDP's 65535, so UDP wins), or 7 when TCP is preferred."""
+    return ((7 if preferred else 4) << 13) | 8191
 
 
 class UfragTable:
@@ -80,10 +93,22 @@ class WebRtcTransport(Transport):
     STATS_TYPE = "webrtc-transport"
 
     def __init__(
-        self, router: Router, socket: UdpSocket, announced_ip: str | None, app_data: dict[str, Any] | None
+        self,
+        router: Router,
+        socket: UdpSocket,
+        announced_ip: str | None,
+        app_data: dict[str, Any] | None,
+        enable_udp: bool = True,
+        enable_tcp: bool = False,
+        prefer_tcp: bool = False,
     ) -> None:
         super().__init__(router, socket, app_data)
         settings = self.engine.settings
+        # mediasoup's enableUdp/enableTcp/preferTcp: which candidates we offer and accept checks on.
+        self.udp_enabled = enable_udp
+        self.tcp_enabled = enable_tcp and self.engine.ice_tcp is not None
+        self._prefer_tcp = prefer_tcp
+        self._tcp_path_closed: Address | None = None
         self.ice = IceServer(consent_timeout=settings.ice_consent_timeout)
         self._ufrag_table = UfragTable.of(self.engine)
         self._ufrag_table.add(self.ice.credentials.ufrag, self)
@@ -115,17 +140,34 @@ class WebRtcTransport(Transport):
     def ice_candidates(self) -> list[IceCandidate]:
         local_ip, port = self.socket.local_address
         ip = self._announced_ip or local_ip
-        return [
-            {
-                "foundation": "udpcandidate",
-                "priority": HOST_PRIORITY,
-                "ip": ip,
-                "address": ip,
-                "protocol": "udp",
-                "port": port,
-                "type": "host",
-            }
-        ]
+        out: list[IceCandidate] = []
+        if self.udp_enabled:
+            out.append(
+                {
+                    "foundation": "udpcandidate",
+                    "priority": host_priority(32767 if self._prefer_tcp and self.tcp_enabled else 65535),
+                    "ip": ip,
+                    "address": ip,
+                    "protocol": "udp",
+                    "port": port,
+                    "type": "host",
+                }
+            )
+        tcp = self.engine.ice_tcp
+        if self.tcp_enabled and tcp is not None:
+            out.append(
+                {
+                    "foundation": "tcpcandidate",
+                    "priority": host_priority(tcp_local_preference(self._prefer_tcp)),
+                    "ip": ip,
+                    "address": ip,
+                    "protocol": "tcp",
+                    "port": tcp.local_address[1],
+                    "type": "host",
+                    "tcpType": "passive",
+                }
+            )
+        return out
 
     @property
     def dtls_parameters(self) -> DtlsParameters:
@@ -137,13 +179,16 @@ class WebRtcTransport(Transport):
         if addr is None:
             return None
         local_ip, local_port = self.socket.local_address
+        tcp = self.engine.ice_tcp
+        if len(addr) == 3 and tcp is not None:
+            local_ip, local_port = tcp.local_address
         return {
             "localIp": local_ip,
             "localAddress": local_ip,
             "localPort": local_port,
             "remoteIp": addr[0],
             "remotePort": addr[1],
-            "protocol": "udp",
+            "protocol": "tcp" if len(addr) == 3 else "udp",
         }
 
     # ------------------------------------------------------------------ connect / restart
@@ -202,6 +247,24 @@ class WebRtcTransport(Transport):
         return self.engine.loop.time()
 
     def _on_slow_datagram(self, kind: int, data: bytes, addr: tuple[str, int]) -> None:
+        if not self.udp_enabled:
+            self.engine.unhandled_datagrams += 1  # enableUdp false: no UDP candidate, no UDP path
+            return
+        self._on_packet(kind, data, addr)
+
+    def _on_tcp_frame(self, kind: int, data: bytes, path: tuple[str, int, int]) -> None:
+        """A frame from an ICE-TCP connection this transport's ufrag claimed (fastsfu.ice_tcp)."""
+        self._on_packet(kind, data, path)
+
+    def _on_tcp_closed(self, path: tuple[str, int, int]) -> None:
+        """The connection is gone: ICE falls back to another validated path, or disconnects."""
+        if not self._closed:
+            self._tcp_path_closed = path
+            self.ice.forget(path)
+            self._pump()
+            self._tcp_path_closed = None
+
+    def _on_packet(self, kind: int, data: bytes, addr: Address) -> None:
         if kind == rtp.SLOW_STUN:
             self.ice.receive_datagram(data, addr, self._now())
         elif kind == rtp.SLOW_DTLS:
@@ -233,9 +296,15 @@ class WebRtcTransport(Transport):
                 self._dtls.set_remote_fingerprints(self._remote_fingerprints)
         return self._dtls
 
-    def _send(self, data: bytes, addr: tuple[str, int]) -> None:
+    def _send(self, data: bytes, addr: Address) -> None:
+        if len(addr) == 3:
+            # ICE-TCP: the datapath frames it (RFC 4571) into the connection's send buffer.
+            tcp = self.engine.ice_tcp
+            if tcp is None or not tcp.send(addr[2], data):
+                self.control_send_failures += 1
+            return
         try:
-            self.socket.sock.sendto(data, addr)
+            self.socket.sock.sendto(data, (addr[0], addr[1]))
         except OSError:
             self.control_send_failures += 1  # e.g. a full socket buffer: ICE and DTLS retransmit
 
@@ -259,22 +328,30 @@ class WebRtcTransport(Transport):
 
     def _on_ice_event(self, event: IceSelectedTuple | IceDisconnected | IceRestarted) -> None:
         if isinstance(event, IceSelectedTuple):
-            ip, port = event.addr
+            addr = event.addr
             try:
-                self.engine.datapath.set_transport_remote(self.slot, ip, port)
+                if len(addr) == 3:
+                    self.engine.datapath.set_transport_tcp(self.slot, addr[2])
+                else:
+                    self.engine.datapath.set_transport_remote(self.slot, addr[0], addr[1])
             except ValueError:
-                log.warning("transport %s: tuple %s:%d belongs to another transport", self.id, ip, port)
+                log.warning(
+                    "transport %s: tuple %s:%d belongs to another transport", self.id, addr[0], addr[1]
+                )
                 return
             self._set_ice_state("completed")
             self.emit("iceselectedtuplechange", self.ice_selected_tuple)
             if self._dtls is not None and self._dtls_role == "client" and self._dtls.state == "new":
                 self._dtls.start(self._now())
         elif isinstance(event, IceDisconnected):
-            # No valid check for the consent timeout (RFC 7675 §5.1): stop sending and close.
+            # No valid check for the consent timeout (RFC 7675 §5.1), or the last path's TCP
+            # connection closed: stop sending and close.
             self.engine.datapath.clear_transport_remote(self.slot)
-            self.engine.ice_consent_expiries += 1
+            tcp_closed = event.addr == self._tcp_path_closed
+            if not tcp_closed:
+                self.engine.ice_consent_expiries += 1
             self._set_ice_state("disconnected")
-            self._close_soon("ICE consent expired")
+            self._close_soon(TCP_PATH_CLOSED if tcp_closed else "ICE consent expired")
         elif isinstance(event, IceRestarted):
             for ufrag in self._ufrags[:-1]:
                 self._ufrag_table.remove(ufrag)
@@ -335,6 +412,9 @@ class WebRtcTransport(Transport):
         if self._dtls is not None:
             self._dtls.handle_timer(now)
         self._pump()
+        tcp = self.engine.ice_tcp
+        if self.tcp_enabled and tcp is not None and not self._closed:
+            tcp.prune(self)  # connections of paths whose consent just expired
 
     # ------------------------------------------------------------------ close, stats
 
@@ -350,6 +430,8 @@ class WebRtcTransport(Transport):
             self._timer = None
         for ufrag in self._ufrags:
             self._ufrag_table.remove(ufrag)
+        if self.engine.ice_tcp is not None:
+            self.engine.ice_tcp.close_transport(self)
         self.ice_state = "closed"
         if self.dtls_state != "failed":  # a failure stays visible in dump() and stats
             self.dtls_state = "closed"

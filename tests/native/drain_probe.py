@@ -2,7 +2,8 @@
 mode) through a real socket and prints (allocations, python calls, forwarded) measured around the
 drain calls only: inline (the event loop's poll() call) or on the datapath thread. With a fan-out
 above 1 the last consumer is a pipe (passthrough) consumer, and a recording tap copies every packet.
-With "red", the packets are Opus RED (RFC 2198): every other consumer unwraps them, the rest get RED."""
+With "red", the packets are Opus RED (RFC 2198): every other consumer unwraps them, the rest get RED.
+With "tcp" the sender and the first receiver are ICE-TCP connections (RFC 4571 frames)."""
 
 from __future__ import annotations
 
@@ -66,7 +67,27 @@ def red_payload(s: int) -> bytes:
     return bytes([0x80 | 111]) + (960 << 10 | 40).to_bytes(3, "big") + bytes([111]) + bytes(140)
 
 
-def main(n: int, fanout: int, kind: str, threaded: bool, red: bool = False) -> None:
+class FramedClient:
+    """The sending client over TCP: sendto() writes one RFC 4571 frame."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+
+    def sendto(self, data: bytes, _addr: object) -> None:
+        self.sock.sendall(len(data).to_bytes(2, "big") + data)
+
+
+def tcp_pair(listener: socket.socket, dp: Any) -> tuple[socket.socket, socket.socket, int]:
+    """(client end, server end, datapath slot) of one accepted loopback connection."""
+    client = socket.create_connection(listener.getsockname())
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
+    server, addr = listener.accept()
+    server.setblocking(False)
+    return client, server, dp.add_tcp_connection(server.fileno(), socket.AF_INET, addr[0], addr[1])
+
+
+def main(n: int, fanout: int, kind: str, threaded: bool, variant: str = "") -> None:
+    red, tcp = variant == "red", variant == "tcp"
     counter = ctypes.CDLL(None).malloc_count
     counter.restype = ctypes.c_uint64
     dp = _rtp.Datapath()
@@ -84,6 +105,14 @@ def main(n: int, fanout: int, kind: str, threaded: bool, red: bool = False) -> N
     inbound, make_outbound = contexts()
     t_in = dp.add_transport(sock)
     dp.set_transport_remote(t_in, *client.getsockname())
+    if tcp:
+        listener = socket.create_server(("127.0.0.1", 0))
+        tcp_client, tcp_in, slot_in = tcp_pair(listener, dp)
+        tcp_sink, tcp_out, slot_out = tcp_pair(listener, dp)
+        dp.set_transport_tcp(t_in, slot_in)
+        client = FramedClient(tcp_client)  # type: ignore[assignment]
+        sink = tcp_sink
+        sink.settimeout(10)
     install(dp, t_in, inbound, None)
     p = dp.add_producer(t_in, 1, 111, 48000, {1: 2})
     assert dp.set_producer_levels(p, True)  # ssrc-audio-level read per packet (an observer's)
@@ -93,6 +122,8 @@ def main(n: int, fanout: int, kind: str, threaded: bool, red: bool = False) -> N
     for i in range(fanout):
         t = dp.add_transport(sock)
         dp.set_transport_remote(t, "127.0.0.1", sink.getsockname()[1] if i == 0 else 9 + i)
+        if tcp and i == 0:
+            dp.set_transport_tcp(t, slot_out)
         if fanout > 1 and i == fanout - 1:
             # A pipe consumer (passthrough): the producer's SSRC, PT, extension ID, seq and ts.
             out = make_outbound(1)
@@ -123,8 +154,9 @@ def main(n: int, fanout: int, kind: str, threaded: bool, red: bool = False) -> N
                 )
             )
         )
-        for s in range(n + 32)
+        for s in range(n + 33)
     ]
+    first, packets = packets[0], packets[1:]
     poll = dp.poll  # what the Engine calls when the epoll fd is readable
     destination = server.getsockname()
     # Threaded: Python calls on the datapath thread are counted by a profiler installed in it.
@@ -141,6 +173,13 @@ def main(n: int, fanout: int, kind: str, threaded: bool, red: bool = False) -> N
         sink.settimeout(10)
         lock = dp.tables_lock
         received = bytearray(4096)
+    # One packet before measuring: its size at the sink is every forwarded packet's (the same
+    # header, extensions and payload), so that a TCP sink reads exactly one frame per recv.
+    client.sendto(first, destination)
+    if not threaded:
+        poll(1 << 30)
+    frame = len(sink.recv(4096))
+    wait_all = socket.MSG_WAITALL if tcp else 0
 
     def window(chunk: list[bytes]) -> int:
         """Allocations while draining one chunk of datagrams already queued on the socket."""
@@ -156,7 +195,7 @@ def main(n: int, fanout: int, kind: str, threaded: bool, red: bool = False) -> N
                 client.sendto(data, destination)
             before = counter()
         for _ in chunk:  # consumer 0's copies reach the sink once their batch is sent
-            sink.recv_into(received)
+            sink.recv_into(received, frame, wait_all)
         return counter() - before
 
     window([])  # warm up lazy initialisation
@@ -191,6 +230,8 @@ def main(n: int, fanout: int, kind: str, threaded: bool, red: bool = False) -> N
     ((level_count, _, _, _),) = dp.take_levels([p])
     tapped = dp.tap_stats(tap)["packets"] if tap >= 0 else 0
     dp.close()
+    if tcp:
+        assert stats["drops"]["tcp_overflow"] == 0 and not dp.take_tcp_closed()
     print(
         json.dumps(
             {
@@ -213,5 +254,5 @@ if __name__ == "__main__":
         int(sys.argv[2]),
         sys.argv[3] if len(sys.argv) > 3 else "srtp",
         len(sys.argv) > 4 and sys.argv[4] == "threaded",
-        len(sys.argv) > 5 and sys.argv[5] == "red",
+        sys.argv[5] if len(sys.argv) > 5 else "",
     )

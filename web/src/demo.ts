@@ -22,6 +22,7 @@ interface DemoState {
   leave: () => Promise<void>;
   peers: () => string[];
   stats: () => Promise<{ packetsSent: number; peers: PeerStats[] }>;
+  paths: () => Promise<string[]>;
 }
 
 const $ = <T extends HTMLElement>(id: string) => document.getElementById(id) as T;
@@ -52,6 +53,7 @@ const demo: DemoState = {
   leave,
   peers: () => [...(connection?.peers.keys() ?? [])],
   stats,
+  paths,
 };
 (window as unknown as { fastsfuDemo: DemoState }).fastsfuDemo = demo;
 
@@ -154,6 +156,24 @@ async function stats(): Promise<{ packetsSent: number; peers: PeerStats[] }> {
     peers.push(out);
   }
   return { packetsSent, peers };
+}
+
+// The protocol ("udp" or "tcp") of the send and the receive transport's selected ICE candidate
+// pair, from getStats (the ICE-TCP browser test; docs/transports.md, "ICE over TCP").
+async function paths(): Promise<string[]> {
+  const out: string[] = [];
+  for (const transport of [connection?.sendTransport, connection?.recvTransport]) {
+    if (!transport) continue;
+    const report = await transport.getStats();
+    let pairId: string | undefined;
+    report.forEach((s) => {
+      if (s.type === "transport" && s.selectedCandidatePairId) pairId = s.selectedCandidatePairId;
+    });
+    const pair = pairId ? report.get(pairId) : undefined;
+    const local = pair ? report.get(pair.localCandidateId) : undefined;
+    out.push(local ? String(local.protocol) : "none");
+  }
+  return out;
 }
 
 // Level meters from the audio-level header extension the SFU forwards (RFC 6464).

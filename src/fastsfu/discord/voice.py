@@ -296,12 +296,13 @@ class DiscordVoice(GatewayHandler):
         self._join(member)
         member.session.send(Op.MEDIA_SINK_WANTS, {"any": 100})
         candidate = webrtc.ice_candidates[0]
+        tcp = next((c for c in webrtc.ice_candidates if c["protocol"] == "tcp"), None)
         fingerprint = next(f for f in webrtc.dtls_parameters["fingerprints"] if f["algorithm"] == "sha-256")
         return {
             "audio_codec": "opus",
             "video_codec": "H264",
             "media_session_id": uuid.uuid4().hex,
-            "sdp": answer(candidate["ip"], candidate["port"], webrtc.ice_parameters, fingerprint),
+            "sdp": answer(candidate["ip"], candidate["port"], webrtc.ice_parameters, fingerprint, tcp),
             "dave_protocol_version": 0,
         }
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fastsfu.dtls.crypto import FINGERPRINT_ALGORITHMS
-from fastsfu.types import DtlsFingerprint, IceParameters, RtpCapabilities, RtpParameters
+from fastsfu.types import DtlsFingerprint, IceCandidate, IceParameters, RtpCapabilities, RtpParameters
 
 # Extensions a forwarded stream may carry to a browser (the ones fastsfu rewrites per receiver).
 FORWARDED_EXTENSIONS = ("urn:ietf:params:rtp-hdrext:ssrc-audio-level",)
@@ -107,19 +107,27 @@ def parse_fragment(text: str, codecs: Any = None) -> WebRtcOffer:
     return WebRtcOffer(ufrag, pwd, fingerprints, opus_pt if opus_pt is not None else 111, extensions)
 
 
-def answer(ip: str, port: int, ice: IceParameters, fingerprint: DtlsFingerprint) -> str:
-    """Op 4's `sdp`: the template answer (the browser builds the full remote answer from it)."""
+def answer(
+    ip: str,
+    port: int,
+    ice: IceParameters,
+    fingerprint: DtlsFingerprint,
+    tcp_candidate: IceCandidate | None = None,
+) -> str:
+    """Op 4's `sdp`: the template answer (the browser builds the full remote answer from it).
+    With ICE-TCP on, the passive TCP candidate follows the UDP one (RFC 6544's `tcptype` syntax)."""
     fp = f"a=fingerprint:{fingerprint['algorithm']} {fingerprint['value']}"
-    return "\n".join(
-        [
-            f"m=audio {port} ICE/SDP",
-            fp,
-            f"c=IN IP4 {ip}",
-            f"a=rtcp:{port}",
-            f"a=ice-ufrag:{ice['usernameFragment']}",
-            f"a=ice-pwd:{ice['password']}",
-            fp,
-            f"a=candidate:1 1 UDP 4261412862 {ip} {port} typ host",
-            "",
-        ]
-    )
+    lines = [
+        f"m=audio {port} ICE/SDP",
+        fp,
+        f"c=IN IP4 {ip}",
+        f"a=rtcp:{port}",
+        f"a=ice-ufrag:{ice['usernameFragment']}",
+        f"a=ice-pwd:{ice['password']}",
+        fp,
+        f"a=candidate:1 1 UDP 4261412862 {ip} {port} typ host",
+    ]
+    if tcp_candidate is not None:
+        c = tcp_candidate
+        lines.append(f"a=candidate:2 1 TCP {c['priority']} {c['ip']} {c['port']} typ host tcptype passive")
+    return "\n".join([*lines, ""])

@@ -78,6 +78,8 @@ class ServerConfig:
     hrpc_port: int = 2289  # Harmony's default port
     grpc_port: int = 2290
     media_port: int = 0  # the shared WebRTC UDP port; 0: any free port
+    ice_tcp: bool = False  # also a passive ICE-TCP port for clients whose networks block UDP
+    media_tcp_port: int = -1  # that TCP port; -1: the UDP media port's number; 0: any free port
     token_secret: str | None = None  # None: generated at start (tokens then only work until restart)
     # A file holding the secret instead (kept out of `ps` and the environment); read at start.
     token_secret_file: str | None = None
@@ -175,6 +177,15 @@ OPTIONS = (
     ),
     Option("grpc_port", "--grpc-port", int, "gRPC port; 0: any", minimum=0, maximum=65535),
     Option("media_port", "--media-port", int, "shared WebRTC UDP port; 0: any", minimum=0, maximum=65535),
+    Option("ice_tcp", "--ice-tcp", bool, "offer a passive ICE-TCP candidate (clients that cannot use UDP)"),
+    Option(
+        "media_tcp_port",
+        "--media-tcp-port",
+        int,
+        "ICE-TCP port; -1: the UDP media port's number; 0: any",
+        minimum=-1,
+        maximum=65535,
+    ),
     Option(
         "token_secret",
         "--token-secret",

@@ -129,6 +129,16 @@ class ServerCollector(Collector):
             "WebRTC transports closed because ICE consent expired (RFC 7675)",
             s["ice_consent_expiries"],
         )
+        if s["ice_tcp"]:  # ICE over TCP is on (docs/transports.md, "ICE over TCP")
+            tcp = dict(s["ice_tcp"])
+            yield _gauge("fastsfu_ice_tcp_connections", "Open ICE-TCP connections", tcp.pop("connections"))
+            yield _counter("fastsfu_ice_tcp_accepted", "ICE-TCP connections accepted", tcp.pop("accepted"))
+            closes = CounterMetricFamily(
+                "fastsfu_ice_tcp_closes", "ICE-TCP connections closed, by reason", labels=["reason"]
+            )
+            for reason, count in tcp.items():
+                closes.add_metric([reason], count)
+            yield closes
         if self.discord is not None:
             yield _counter(
                 "fastsfu_discord_discoveries_refused",

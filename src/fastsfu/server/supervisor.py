@@ -157,6 +157,8 @@ def worker_argv(
         str(ports["discord"]),
         "--media-port",
         str(media),
+        "--media-tcp-port",
+        str(config.media_tcp_port + index if config.media_tcp_port > 0 else config.media_tcp_port),
         "--worker-metrics-port",
         str(metrics),
         "--nats",
