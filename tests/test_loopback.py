@@ -12,6 +12,7 @@ from helpers import AUDIO_LEVEL_ID, MID_ID, SrtpClient, client_caps, producer_pa
 
 from fastsfu import Engine, Settings, _rtp, ortc, rtp
 from fastsfu.rtp import RtpPacket
+from fastsfu.transport import ntp_from
 
 pytestmark = pytest.mark.loopback
 
@@ -154,10 +155,37 @@ def test_rtcp_reports_flow_both_ways() -> None:
             listener.sock.sendto(
                 listener.tx.protect_rtcp(rtp.build_receiver_report(77, [block])), server_addr(transports[1])
             )
-            await asyncio.sleep(0.05)
+            # Alone, RTCP waits up to 100 ms for company before the loop is woken (docs/datapath.md).
+            deadline = time.monotonic() + 2.0
+            while consumer.get_stats()[0]["fractionLost"] != 64 and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
             assert consumer.get_stats()[0]["fractionLost"] == 64
             stats = transports[1].get_stats()[0]
             assert stats["type"] == "plain-rtp-transport" and stats["rtcpPacketsReceived"] == 1
+
+    run(main())
+
+
+def test_round_trip_time_counts_from_the_reports_arrival() -> None:
+    """RTCP alone waits up to 100 ms in the datapath's ring before the loop takes it
+    (docs/datapath.md): RTT = A - LSR - DLSR (RFC 3550 §6.4.1) must use its arrival A, not the
+    moment the loop got to it, or every RTT would grow by that wait."""
+
+    async def main() -> None:
+        async with Engine(Settings(rtcp_interval=3600.0)) as engine:
+            clients, transports, _producers, consumers = await make_room(engine, 2, "AEAD_AES_128_GCM")
+            consumer = consumers[(1, 5000)]
+            # Our SR "left" 0.2 s ago and the receiver held it 0.15 s: the path took 0.05 s.
+            lsr = (ntp_from(time.time() - 0.2) >> 16) & 0xFFFFFFFF
+            block = rtp.ReportBlock(consumer.ssrc, 0, 0, 1, 0, lsr=lsr, dlsr=int(0.15 * 65536))
+            clients[1].sock.sendto(
+                clients[1].tx.protect_rtcp(rtp.build_receiver_report(77, [block])), server_addr(transports[1])
+            )
+            deadline = time.monotonic() + 2.0
+            while consumer.round_trip_time is None and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            assert consumer.round_trip_time is not None
+            assert abs(consumer.round_trip_time - 0.05) < 0.03
 
     run(main())
 

@@ -25,6 +25,7 @@ cdef enum:
     SLOW_RING = 1024          # slow-path datagrams waiting for the event loop (power of two)
     LOCK_DATAGRAMS = 256      # the datapath thread releases the tables after this many datagrams
     LOCK_FORWARDS = 2048      # ... or this many forwarded packets (a join never waits long)
+    SLOW_DEFER_MS = 100       # slow-path RTCP alone waits this long for company before waking the loop
 
 # Drop reasons; the names list below is the Python view, in the same order.
 cdef enum:
@@ -217,6 +218,7 @@ ctypedef struct SlowSlot:            # a slow-path datagram copied for the event
     int transport
     int sock
     int len
+    int64_t arrival_ns               # CLOCK_REALTIME when it was received (RTCP timing: RTT, DLSR)
     uint8_t addr[28]
     uint8_t data[RECV_SLOT]
 
@@ -291,14 +293,19 @@ cdef class Datapath:
     cdef readonly int notify_fd          # eventfd: readable when slow-path datagrams or events wait
     cdef int wake_fd                     # eventfd in the epoll set: wakes the thread to stop
     cdef object _thread
+    # the thread's alone (no other reader): when to wake the loop (docs/datapath.md)
+    cdef int64_t notify_deadline         # CLOCK_MONOTONIC ns by which deferred RTCP wakes the loop; 0: none
+    cdef int slow_urgent                 # a datagram other than RTCP was queued since the last wake-up
+    cdef uint64_t loop_wakeups           # notify_fd writes (guarded by the table mutex, like every counter)
 
-    cdef object _take_slow(self)
+    cdef object _take_slow(self, bint stamped=*)
     cdef int _drain(self, int sock, int budget) noexcept nogil
     cdef int _drain_batch(self, int sock, bint on_thread) noexcept nogil
     cdef void _thread_loop(self) noexcept nogil
     cdef void _wait_gate(self) noexcept nogil
     cdef void _hand_off(self) noexcept nogil
-    cdef void _slow_push(self, int kind, int t, int i, int n, int sock) noexcept nogil
+    cdef bint _notify_due(self) noexcept nogil
+    cdef void _slow_push(self, int kind, int t, int i, int n, int sock, int64_t wall) noexcept nogil
     cdef uint32_t _ring_room(self) noexcept nogil
     cdef int _check_inline(self) except -1
     cdef int _check_socket(self, int s) except -1

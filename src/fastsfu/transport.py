@@ -6,7 +6,6 @@ SRTP keys are learned; everything they share lives here.
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import copy
 import logging
@@ -19,6 +18,7 @@ from fastsfu import ortc, rtp
 from fastsfu.consumer import Consumer
 from fastsfu.events import EventEmitter
 from fastsfu.producer import Producer
+from fastsfu.rtcp_clock import RtcpEntry
 from fastsfu.srtp import SrtpContext
 from fastsfu.types import RtpCapabilities, RtpParameters, TransportStats
 
@@ -34,7 +34,12 @@ NTP_EPOCH_OFFSET = 2_208_988_800  # seconds from 1900 (NTP) to 1970 (Unix), RFC 
 
 def ntp_now() -> int:
     """64-bit NTP timestamp of the wall clock (RFC 3550 §4)."""
-    t = time.time() + NTP_EPOCH_OFFSET
+    return ntp_from(time.time())
+
+
+def ntp_from(unix: float) -> int:
+    """64-bit NTP timestamp of a wall-clock time in Unix seconds (RFC 3550 §4)."""
+    t = unix + NTP_EPOCH_OFFSET
     return (int(t) << 32) | int((t % 1) * (1 << 32))
 
 
@@ -82,11 +87,14 @@ class Transport(EventEmitter):
         self.rtcp_cname = ortc.random_cname()
         self._caps_cache: tuple[RtpCapabilities, RtpCapabilities] | None = None
         self._consumer_ssrcs: set[int] = {self.rtcp_ssrc}  # SSRCs we send: RTCP's and each consumer's
+        # RTCP names streams by SSRC: kept up to date so a report costs O(its blocks), not O(consumers).
+        self._consumers_by_ssrc: dict[int, Consumer] = {}
+        self._producers_by_ssrc: dict[int, Producer] = {}
         self.rtcp_malformed = 0
         self.rtcp_received: collections.Counter[int] = collections.Counter()  # by packet type
         self.slot: int = self.engine.datapath.add_transport(socket.slot, False)
         self.engine.add_transport(self)
-        self._rtcp_timer: asyncio.TimerHandle | None = None
+        self._rtcp_timer: RtcpEntry | None = None
         self._schedule_rtcp()
 
     @property
@@ -116,6 +124,7 @@ class Transport(EventEmitter):
         self._listener.on_transport_will_produce()
         producer = Producer(self, params, info, paused, app_data, id)
         self.producers[producer.id] = producer
+        self._producers_by_ssrc[info.ssrc] = producer
         if self.srtp_in is not None:
             with self.engine.datapath.tables_lock:  # the datapath thread may be using this session
                 self.srtp_in.add_stream(info.ssrc)
@@ -184,6 +193,7 @@ class Transport(EventEmitter):
                 self.srtp_out.add_stream(ssrc)
         consumer = Consumer(self, producer, params, ext_ids, paused, app_data, passthrough)
         self._consumer_ssrcs.add(ssrc)
+        self._consumers_by_ssrc[ssrc] = consumer
         self.consumers[consumer.id] = consumer
         producer.consumers[consumer.id] = consumer
         self._listener.on_transport_new_consumer(consumer)
@@ -224,6 +234,7 @@ class Transport(EventEmitter):
     def on_producer_closed(self, producer: Producer) -> None:
         """A producer of this transport closed: its SRTP stream is freed, the router forgets it."""
         self.producers.pop(producer.id, None)
+        self._producers_by_ssrc.pop(producer.ssrc, None)
         if self.srtp_in is not None:
             with self.engine.datapath.tables_lock:  # the datapath thread may be using this session
                 self.srtp_in.remove_stream(producer.ssrc)
@@ -236,6 +247,7 @@ class Transport(EventEmitter):
             with self.engine.datapath.tables_lock:  # the datapath thread may be using this session
                 self.srtp_out.remove_stream(consumer.ssrc)
         self._consumer_ssrcs.discard(consumer.ssrc)
+        self._consumers_by_ssrc.pop(consumer.ssrc, None)
         self._listener.on_transport_consumer_closed(consumer)
 
     # ------------------------------------------------------------------ slow path
@@ -252,9 +264,11 @@ class Transport(EventEmitter):
         except rtp.RtpError:
             self.rtcp_malformed += 1
             return
-        now = time.time()
-        by_ssrc = {c.ssrc: c for c in self.consumers.values()}
-        producers = {p.ssrc: p for p in self.producers.values()}
+        # RTT and DLSR count from the report's arrival, which may be a little before now.
+        arrival = self.engine.slow_arrival
+        now = time.time() if arrival is None else arrival
+        by_ssrc = self._consumers_by_ssrc
+        producers = self._producers_by_ssrc
         for pkt in packets:
             self.rtcp_received[pkt.packet_type] += (
                 1  # SR, RR, SDES, BYE, transport-cc (RTPFB): counted, not forwarded
@@ -270,7 +284,7 @@ class Transport(EventEmitter):
                 consumer.fraction_lost = block.fraction_lost
                 if block.lsr:
                     # RFC 3550 §6.4.1: RTT = A - LSR - DLSR, in 1/65536 s.
-                    a = (ntp_now() >> 16) & 0xFFFFFFFF
+                    a = (ntp_from(now) >> 16) & 0xFFFFFFFF
                     rtt = (a - block.lsr - block.dlsr) & 0xFFFFFFFF
                     if rtt < 0x80000000:
                         consumer.round_trip_time = rtt / 65536.0
@@ -284,11 +298,22 @@ class Transport(EventEmitter):
         out: list[bytes] = []
         ntp = ntp_now()
         srs: list[tuple[bytes, tuple[int, str]]] = []
-        for consumer in self.consumers.values():
-            state = consumer.sender_report_state()
-            if state is None or consumer.paused:
-                continue
-            rtp_ts, packets, octets = state
+        # One hold of the table mutex and one call for every stream's counters: a call per
+        # stream would take the mutex each time, and each time the datapath thread holds it
+        # costs a hand-off (docs/datapath.md).
+        consumers = [c for c in self.consumers.values() if not c.paused]
+        with self.engine.datapath.tables_lock:
+            sent = self.engine.datapath.sender_states([c.slot for c in consumers])
+            blocks = [
+                b
+                for p in self.producers.values()
+                if not p.closed and (b := self._report_block(p)) is not None
+            ]
+        now_ns = time.monotonic_ns()
+        states = [
+            (c, c.report_state(st, now_ns)) for c, st in zip(consumers, sent, strict=True) if st is not None
+        ]
+        for consumer, (rtp_ts, packets, octets) in states:
             cname = consumer.rtp_parameters.get("rtcp", {}).get("cname") or self.rtcp_cname
             srs.append(
                 (rtp.build_sender_report(consumer.ssrc, ntp, rtp_ts, packets, octets), (consumer.ssrc, cname))
@@ -305,9 +330,6 @@ class Transport(EventEmitter):
             size += cost
         if group:
             out.append(b"".join(g[0] for g in group) + rtp.build_sdes([g[1] for g in group]))
-        blocks = [
-            b for p in self.producers.values() if not p.closed and (b := self._report_block(p)) is not None
-        ]
         for i in range(0, len(blocks), 31):  # the RC field holds 31 blocks (RFC 3550 §6.4.2)
             out.append(
                 rtp.build_receiver_report(self.rtcp_ssrc, blocks[i : i + 31])
@@ -345,15 +367,18 @@ class Transport(EventEmitter):
         dp = self.engine.datapath
         if self._closed or not dp.transport_stats(self.slot)["has_remote"]:
             return 0
-        sent = sum(bool(dp.send_rtcp(self.slot, packet, False)) for packet in self.rtcp_reports())
-        dp.flush()
+        packets = self.rtcp_reports()
+        with dp.tables_lock:  # one hold for the sends and their flush
+            sent = sum(bool(dp.send_rtcp(self.slot, packet, False)) for packet in packets)
+            dp.flush()
         return sent
 
     def _schedule_rtcp(self) -> None:
         # RFC 3550 §6.3.1: randomize each interval to [0.5, 1.5] x T so that transports created
-        # together never report together (one big report tick would stall the datapath).
+        # together never report together (one big report tick would stall the datapath); the
+        # engine's RtcpClock sends the reports due within 100 ms of each other in one wake-up.
         delay = self.engine.settings.rtcp_interval * random.uniform(0.5, 1.5)
-        self._rtcp_timer = self.engine.loop.call_later(delay, self._on_rtcp_timer)
+        self._rtcp_timer = self.engine.rtcp_clock.call_later(delay, self._on_rtcp_timer)
 
     def _on_rtcp_timer(self) -> None:
         self._rtcp_timer = None
@@ -393,8 +418,10 @@ class Transport(EventEmitter):
         # instead of leaving cycles for the garbage collector (a full collection pauses the loop).
         self.consumers.clear()
         self.producers.clear()
+        self._consumers_by_ssrc.clear()
+        self._producers_by_ssrc.clear()
         if self._rtcp_timer is not None:
-            self._rtcp_timer.cancel()
+            self.engine.rtcp_clock.cancel(self._rtcp_timer)
             self._rtcp_timer = None
         self.engine.datapath.remove_transport(self.slot)
         self.engine.remove_transport(self)
