@@ -61,7 +61,9 @@ class Settings:
     recv_buffer_bytes: int = 1 << 20
     send_buffer_bytes: int = 1 << 20
     # Mean seconds between a transport's RTCP reports, randomized per transport (RFC 3550 §6.3.1).
-    rtcp_interval: float = 1.0
+    # 5 s: RFC 3550 §6.2's recommended minimum, and what libwebrtc and mediasoup use for audio;
+    # every report costs the event loop a wake-up (docs/datapath.md, "Waking the event loop").
+    rtcp_interval: float = 5.0
     # The one shared media socket of an engine: every WebRtcTransport and Discord UDP transport
     # uses it (demuxed by tuple, then by STUN ufrag or Discord IP discovery).
     media_listen_ip: str | None = None  # default: listen_ip
