@@ -116,9 +116,10 @@ def test_comedia_learns_the_remote_and_emits_tuple() -> None:
     run(main())
 
 
-def test_rtcp_reports_flow_both_ways() -> None:
+@pytest.mark.parametrize("thread", [True, False])
+def test_rtcp_reports_flow_both_ways(thread: bool) -> None:
     async def main() -> None:
-        async with Engine(Settings(rtcp_interval=0.1)) as engine:
+        async with Engine(Settings(rtcp_interval=0.1, datapath_thread=thread)) as engine:
             clients, transports, producers, consumers = await make_room(engine, 2, "AEAD_AES_128_GCM")
             speaker, listener = clients
             for seq in range(20):
