@@ -86,6 +86,12 @@ def test_everyone_hears_everyone_else(suite: str) -> None:
             stats = engine.stats()
             assert stats["forwarded_packets"] == 4 * 3 * 25
             assert {k: v for k, v in stats["drops"].items() if v} == {}
+            # Each consumer's packets came from an SRTP session of its own: libsrtp never walked
+            # the transport's other consumers' streams to find it (benchmarks/README.md).
+            for t in transports:
+                assert t.srtp_out is not None and t.srtp_out.streams.isdisjoint(
+                    c.ssrc for c in t.consumers.values()
+                )
 
     run(main())
 

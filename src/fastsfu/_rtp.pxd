@@ -183,6 +183,7 @@ ctypedef struct Producer:
 
 ctypedef struct Consumer:
     int in_use
+    void *srtp_out                   # its own one-stream libsrtp session, else NULL: the transport's
     int producer
     int transport
     int paused
@@ -265,6 +266,7 @@ cdef class Datapath:
     cdef int output_mode
     cdef list captured
     cdef list keepalive                  # Python objects owning the SRTP contexts, per transport
+    cdef dict consumer_srtp              # consumer slot -> the object owning its own SRTP session
     # receive side
     cdef mmsghdr rmsgs[RECV_BATCH]
     cdef iovec riov[RECV_BATCH]

@@ -544,6 +544,7 @@ cdef class Datapath:
         self.output_mode = K_OUTPUT_SEND
         self.captured = []
         self.keepalive = [None] * max_transports
+        self.consumer_srtp = {}
         for i in range(RECV_BATCH):
             self.riov[i].iov_base = self.rbuf + i * RECV_SLOT
             self.riov[i].iov_len = RECV_SLOT
@@ -936,6 +937,23 @@ cdef class Datapath:
             self.transports[t].srtp_out = <void *><uintptr_t>(outbound.address if outbound is not None else 0)
             self.keepalive[t] = (inbound, outbound)
 
+    def set_consumer_srtp(self, int c, outbound) -> None:
+        """Give a consumer an SRTP session of its own (an object with the `address` of a libsrtp
+        srtp_t holding the consumer's one stream), or None to use its transport's session.
+
+        libsrtp finds a stream by walking its session's list; in the transport's session every
+        forwarded packet walked past the transport's other consumers (benchmarks/README.md,
+        "Where the time goes at 24.5 k")."""
+        with self.tables_lock:
+            self._check_consumer(c)
+            if outbound is not None and g_protect == NULL:
+                raise RuntimeError("libsrtp functions are not installed (import fastsfu.srtp)")
+            self.consumers[c].srtp_out = <void *><uintptr_t>(outbound.address if outbound is not None else 0)
+            if outbound is None:
+                self.consumer_srtp.pop(c, None)
+            else:
+                self.consumer_srtp[c] = outbound
+
     def set_transport_aead(self, int t, AeadContext context) -> None:
         """Protect this transport with a Discord rtpsize AEAD mode (None: none). Its receivers get
         CC 0 and no CSRCs, as Discord clients require (docs/transports.md#encryption-modes)."""
@@ -1001,11 +1019,12 @@ cdef class Datapath:
             pr.in_use = 0
 
     def add_consumer(self, int p, int t, uint32_t ssrc, int payload_type, dict ext_ids,
-                     bytes mid=b"", bint paused=False, bint passthrough=False) -> int:
+                     bytes mid=b"", bint paused=False, bint passthrough=False, outbound=None) -> int:
         """Forward producer p to transport t as SSRC ssrc; ext_ids maps kind -> extension ID.
 
         passthrough (a pipe consumer, docs/transports.md): sequence numbers and timestamps go out
         as the producer sent them, with no resync after a pause and no stale-packet drop.
+        outbound: the consumer's own SRTP session (set_consumer_srtp), in place from its first packet.
         """
         cdef int c
         cdef int32_t *grown
@@ -1045,6 +1064,11 @@ cdef class Datapath:
             co.passthrough = passthrough
             co.sync_needed = 1
             co.epoch = pr.epoch
+            if outbound is not None:
+                if g_protect == NULL:
+                    raise RuntimeError("libsrtp functions are not installed (import fastsfu.srtp)")
+                co.srtp_out = <void *><uintptr_t>outbound.address
+                self.consumer_srtp[c] = outbound
             pr.consumers[pr.n_consumers] = c
             pr.n_consumers += 1
             if not paused:
@@ -1082,6 +1106,8 @@ cdef class Datapath:
             if not co.paused:
                 pr.n_active -= 1
             co.in_use = 0
+            co.srtp_out = NULL
+            self.consumer_srtp.pop(c, None)
 
     # ----------------------------------------------------------------- I/O
 
@@ -1849,7 +1875,7 @@ cdef class Datapath:
             return
         memcpy(&o[w], &buf[hlen], n - hlen)
         w += n - hlen
-        if dst.srtp_out != NULL and g_protect(dst.srtp_out, o, &w) != 0:
+        if dst.srtp_out != NULL and g_protect(co.srtp_out if co.srtp_out != NULL else dst.srtp_out, o, &w) != 0:
             self._release_out(slot)
             co.drops += 1
             self._drop(dst, DROP_ENCRYPT_FAILED)

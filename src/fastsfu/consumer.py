@@ -11,6 +11,7 @@ from fastsfu.types import ConsumerDump, ConsumerStats, MediaKind, RtpParameters
 
 if TYPE_CHECKING:
     from fastsfu.producer import Producer
+    from fastsfu.srtp import SrtpStream
     from fastsfu.transport import Transport
 
 
@@ -36,6 +37,7 @@ class Consumer(EventEmitter):
         paused: bool,
         app_data: dict[str, Any] | None,
         passthrough: bool = False,
+        srtp_stream: SrtpStream | None = None,
     ) -> None:
         super().__init__()
         self.id = str(uuid.uuid4())
@@ -58,7 +60,15 @@ class Consumer(EventEmitter):
         # Fixed for the consumer's life; read per RTCP report block and per report, so kept once.
         self._ssrc = int(rtp_parameters["encodings"][0]["ssrc"])
         self.slot: int = self._dp.add_consumer(
-            producer.slot, transport.slot, self.ssrc, codec["payloadType"], ext_ids, mid, paused, passthrough
+            producer.slot,
+            transport.slot,
+            self.ssrc,
+            codec["payloadType"],
+            ext_ids,
+            mid,
+            paused,
+            passthrough,
+            srtp_stream,
         )
         # RTCP receiver reports about this stream (RFC 3550 §6.4.1), for stats.
         self.fraction_lost = 0

@@ -188,10 +188,10 @@ class Transport(EventEmitter):
     ) -> Consumer:
         """Create and register a consumer whose SSRC (in `params`) is free on this transport."""
         ssrc = int(params["encodings"][0]["ssrc"])
-        if self.srtp_out is not None:
-            with self.engine.datapath.tables_lock:  # the datapath thread may be using this session
-                self.srtp_out.add_stream(ssrc)
-        consumer = Consumer(self, producer, params, ext_ids, paused, app_data, passthrough)
+        # A session of its own: the datapath protects its packets without walking past the
+        # transport's other consumers (benchmarks/README.md, "Where the time goes at 24.5 k").
+        stream = self.srtp_out.stream_session(ssrc) if self.srtp_out is not None else None
+        consumer = Consumer(self, producer, params, ext_ids, paused, app_data, passthrough, stream)
         self._consumer_ssrcs.add(ssrc)
         self._consumers_by_ssrc[ssrc] = consumer
         self.consumers[consumer.id] = consumer
@@ -219,14 +219,20 @@ class Transport(EventEmitter):
 
     def _install_srtp(self, inbound: SrtpContext | None, outbound: SrtpContext | None) -> None:
         """Give the datapath new contexts, with a specific stream for every known SSRC
-        (libsrtp then never allocates on a packet, docs/transports.md#srtp)."""
+        (libsrtp then never allocates on a packet, docs/transports.md#srtp): the producers' in
+        the inbound session, each consumer's in a session of its own."""
         if inbound is not None:
             for producer in self.producers.values():
                 inbound.add_stream(producer.ssrc)
-        if outbound is not None:
-            for consumer in self.consumers.values():
-                outbound.add_stream(consumer.ssrc)
-        self.engine.datapath.set_transport_srtp(self.slot, inbound, outbound)
+        dp = self.engine.datapath
+        streams = [
+            (c, outbound.stream_session(c.ssrc) if outbound is not None else None)
+            for c in self.consumers.values()
+        ]
+        with dp.tables_lock:  # consumers and transport switch together
+            for consumer, stream in streams:
+                dp.set_consumer_srtp(consumer.slot, stream)
+            dp.set_transport_srtp(self.slot, inbound, outbound)
         self.srtp_in, self.srtp_out = inbound, outbound
 
     # ------------------------------------------------------------------ ProducerListener, ConsumerListener
@@ -245,7 +251,9 @@ class Transport(EventEmitter):
         self.consumers.pop(consumer.id, None)
         if self.srtp_out is not None:
             with self.engine.datapath.tables_lock:  # the datapath thread may be using this session
-                self.srtp_out.remove_stream(consumer.ssrc)
+                # Its RTP had a session of its own (freed with the consumer's datapath slot);
+                # its sender reports went through ours, cloned from the template.
+                self.srtp_out.forget_stream(consumer.ssrc)
         self._consumer_ssrcs.discard(consumer.ssrc)
         self._consumers_by_ssrc.pop(consumer.ssrc, None)
         self._listener.on_transport_consumer_closed(consumer)
