@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from helpers import SrtpClient, client_caps, producer_params
 
-from fastsfu import Engine, Settings, _rtp
+from fastsfu import Engine, Settings, _rtp, rtp
 from fastsfu.plain_transport import PlainTransport
 from fastsfu.rtp import RtpPacket
 
@@ -92,6 +92,57 @@ def test_slow_path_reaches_the_loop_and_a_full_ring_is_a_counted_drop() -> None:
         got = dp.take_slow() or []
         assert [d[2][2:] for d in got] == [i.to_bytes(4, "big") for i in range(SLOW_RING)]
         assert dp.take_slow() is None
+    finally:
+        dp.close()
+        server.close()
+        client.close()
+
+
+def wait_rx(dp: _rtp.Datapath, count: int) -> None:
+    deadline = time.monotonic() + 2
+    while dp.stats()["rx_packets"] < count and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert dp.stats()["rx_packets"] == count
+
+
+def test_rtcp_alone_waits_for_company_with_its_arrival_time() -> None:
+    """The loop is woken at once for an ICE check, but not for RTCP: reports wait in the ring (up
+    to SLOW_DEFER_MS, 100 ms) and go up with the next wake-up, each with its arrival time, so a
+    burst of reports costs the loop one wake-up instead of one each (docs/datapath.md)."""
+    dp = _rtp.Datapath(max_sockets=2, max_transports=2, max_producers=2, max_consumers=2)
+    server, client = udp(), udp()
+    rr = rtp.build_receiver_report(77, [])
+    try:
+        s = dp.add_socket(server.fileno(), socket.AF_INET, True)
+        t = dp.add_transport(s)
+        dp.set_transport_remote(t, *client.getsockname())
+        dp.start()
+        target = server.getsockname()
+        first_sent = time.time_ns()
+        start = time.monotonic()
+        for _ in range(10):
+            client.sendto(rr, target)
+        wait_rx(dp, 10)
+        # The thread decides under the table mutex, in the batch that queued them: no wake-up yet
+        # (unless this process was descheduled past the 100 ms).
+        assert dp.stats()["loop_wakeups"] == 0 or time.monotonic() - start >= 0.1
+        client.sendto(b"\x00\x01hello", target)
+        wait_rx(dp, 11)
+        assert dp.stats()["loop_wakeups"] in (1, 2)  # 2 only if the 100 ms passed in between
+        assert wait_readable(dp.notify_fd, 2)
+        items = dp.take_slow(stamped=True) or []
+        taken = time.time_ns()
+        assert [i[0] for i in items] == [_rtp.SLOW_RTCP] * 10 + [_rtp.SLOW_STUN]
+        arrivals = [i[5] for i in items]
+        assert (
+            arrivals == sorted(arrivals) and first_sent - 1_000_000 <= arrivals[0] and arrivals[-1] <= taken
+        )
+        # Alone, a report still reaches the loop, after the wait.
+        wakeups = dp.stats()["loop_wakeups"]
+        client.sendto(rr, target)
+        assert wait_readable(dp.notify_fd, 2)
+        assert [i[0] for i in dp.take_slow() or []] == [_rtp.SLOW_RTCP]
+        assert dp.stats()["loop_wakeups"] == wakeups + 1
     finally:
         dp.close()
         server.close()

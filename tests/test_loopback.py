@@ -12,6 +12,7 @@ from helpers import AUDIO_LEVEL_ID, MID_ID, SrtpClient, client_caps, producer_pa
 
 from fastsfu import Engine, Settings, _rtp, ortc, rtp
 from fastsfu.rtp import RtpPacket
+from fastsfu.transport import ntp_from
 
 pytestmark = pytest.mark.loopback
 
@@ -85,6 +86,12 @@ def test_everyone_hears_everyone_else(suite: str) -> None:
             stats = engine.stats()
             assert stats["forwarded_packets"] == 4 * 3 * 25
             assert {k: v for k, v in stats["drops"].items() if v} == {}
+            # Each consumer's packets came from an SRTP session of its own: libsrtp never walked
+            # the transport's other consumers' streams to find it (benchmarks/README.md).
+            for t in transports:
+                assert t.srtp_out is not None and t.srtp_out.streams.isdisjoint(
+                    c.ssrc for c in t.consumers.values()
+                )
 
     run(main())
 
@@ -115,9 +122,10 @@ def test_comedia_learns_the_remote_and_emits_tuple() -> None:
     run(main())
 
 
-def test_rtcp_reports_flow_both_ways() -> None:
+@pytest.mark.parametrize("thread", [True, False])
+def test_rtcp_reports_flow_both_ways(thread: bool) -> None:
     async def main() -> None:
-        async with Engine(Settings(rtcp_interval=0.1)) as engine:
+        async with Engine(Settings(rtcp_interval=0.1, datapath_thread=thread)) as engine:
             clients, transports, producers, consumers = await make_room(engine, 2, "AEAD_AES_128_GCM")
             speaker, listener = clients
             for seq in range(20):
@@ -154,10 +162,37 @@ def test_rtcp_reports_flow_both_ways() -> None:
             listener.sock.sendto(
                 listener.tx.protect_rtcp(rtp.build_receiver_report(77, [block])), server_addr(transports[1])
             )
-            await asyncio.sleep(0.05)
+            # Alone, RTCP waits up to 100 ms for company before the loop is woken (docs/datapath.md).
+            deadline = time.monotonic() + 2.0
+            while consumer.get_stats()[0]["fractionLost"] != 64 and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
             assert consumer.get_stats()[0]["fractionLost"] == 64
             stats = transports[1].get_stats()[0]
             assert stats["type"] == "plain-rtp-transport" and stats["rtcpPacketsReceived"] == 1
+
+    run(main())
+
+
+def test_round_trip_time_counts_from_the_reports_arrival() -> None:
+    """RTCP alone waits up to 100 ms in the datapath's ring before the loop takes it
+    (docs/datapath.md): RTT = A - LSR - DLSR (RFC 3550 §6.4.1) must use its arrival A, not the
+    moment the loop got to it, or every RTT would grow by that wait."""
+
+    async def main() -> None:
+        async with Engine(Settings(rtcp_interval=3600.0)) as engine:
+            clients, transports, _producers, consumers = await make_room(engine, 2, "AEAD_AES_128_GCM")
+            consumer = consumers[(1, 5000)]
+            # Our SR "left" 0.2 s ago and the receiver held it 0.15 s: the path took 0.05 s.
+            lsr = (ntp_from(time.time() - 0.2) >> 16) & 0xFFFFFFFF
+            block = rtp.ReportBlock(consumer.ssrc, 0, 0, 1, 0, lsr=lsr, dlsr=int(0.15 * 65536))
+            clients[1].sock.sendto(
+                clients[1].tx.protect_rtcp(rtp.build_receiver_report(77, [block])), server_addr(transports[1])
+            )
+            deadline = time.monotonic() + 2.0
+            while consumer.round_trip_time is None and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            assert consumer.round_trip_time is not None
+            assert abs(consumer.round_trip_time - 0.05) < 0.03
 
     run(main())
 

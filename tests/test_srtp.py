@@ -61,6 +61,50 @@ def test_datapath_protect_is_byte_identical_to_pylibsrtp(suite: str) -> None:
 
 
 @pytest.mark.parametrize("suite", SUITES)
+def test_a_consumers_own_session_protects_byte_identically(suite: str) -> None:
+    """A consumer with a session of its own (`stream_session`, docs/transports.md#srtp) sends
+    what the transport's session would have sent, across a rollover, while a second consumer
+    on the same transport still uses the transport's session."""
+    up, down = srtp.generate_key(suite), srtp.generate_key(suite)
+    dp = _rtp.Datapath()
+    dp.set_output_mode(_rtp.OUTPUT_CAPTURE)
+    sock = dp.add_socket(-1, socket.AF_INET, False)
+    a, b = dp.add_transport(sock), dp.add_transport(sock)
+    dp.set_transport_remote(a, "127.0.0.1", 1000)
+    dp.set_transport_remote(b, "127.0.0.1", 1001)
+    dp.set_transport_srtp(a, srtp.SrtpContext(suite, up, True), None)
+    out_ctx = srtp.SrtpContext(suite, down, False)
+    out_ctx.add_stream(4343)
+    dp.set_transport_srtp(b, None, out_ctx)
+    p = dp.add_producer(a, 42, 111, 48000, {})
+    dp.add_consumer(p, b, 4242, 100, {}, outbound=out_ctx.stream_session(4242))
+    dp.add_consumer(p, b, 4343, 100, {})
+    assert out_ctx.streams == {4343}
+    profile = srtp.suite(suite).profile
+    sender = pylibsrtp.Session(pylibsrtp.Policy(up, pylibsrtp.Policy.SSRC_ANY_OUTBOUND, srtp_profile=profile))
+    oracle = pylibsrtp.Session(
+        pylibsrtp.Policy(down, pylibsrtp.Policy.SSRC_ANY_OUTBOUND, srtp_profile=profile)
+    )
+    for seq in range(65530, 65550):  # across a rollover (RFC 3711 §3.3.1)
+        plain = bytes(
+            RtpPacket(111, seq & 0xFFFF, seq * 960 & 0xFFFFFFFF, 42, payload=bytes([seq & 0xFF]) * 90)
+        )
+        dp.process(sock, sender.protect(plain), "127.0.0.1", 1000, 0)
+        got = [data for _, _, data in dp.take_captured()]
+        expected = [
+            bytes(
+                RtpPacket(100, seq & 0xFFFF, seq * 960 & 0xFFFFFFFF, ssrc, payload=bytes([seq & 0xFF]) * 90)
+            )
+            for ssrc in (4242, 4343)
+        ]
+        assert got == [oracle.protect(e) for e in expected]
+    # Had 4242's packets gone through the transport's session, libsrtp would have cloned a stream
+    # for it from the template there.
+    with pytest.raises(pylibsrtp.Error):
+        out_ctx.session.remove_stream(4242)
+
+
+@pytest.mark.parametrize("suite", SUITES)
 def test_rtcp_protect_in_c_unprotects_with_pylibsrtp(suite: str) -> None:
     key = srtp.generate_key(suite)
     dp = _rtp.Datapath()

@@ -32,6 +32,7 @@ cdef enum:
     NO_PT = 0xFF              # no RED payload type negotiated
     TCP_RXBUF = 4096          # per ICE-TCP connection: partial RFC 4571 frames wait here
     TCP_MAX_FRAME = RECV_SLOT # a longer announced frame closes the connection
+    SLOW_DEFER_MS = 100       # slow-path RTCP alone waits this long for company before waking the loop
 
 # Drop reasons; the names list below is the Python view, in the same order.
 cdef enum:
@@ -227,6 +228,7 @@ ctypedef struct Producer:
 
 ctypedef struct Consumer:
     int in_use
+    void *srtp_out                   # its own one-stream libsrtp session, else NULL: the transport's
     int producer
     int transport
     int paused
@@ -283,6 +285,7 @@ ctypedef struct SlowSlot:            # a slow-path datagram copied for the event
     int transport
     int sock
     int len
+    int64_t arrival_ns               # CLOCK_REALTIME when it was received (RTCP timing: RTT, DLSR)
     uint8_t addr[28]
     uint8_t data[RECV_SLOT]
 
@@ -331,6 +334,7 @@ cdef class Datapath:
     cdef int output_mode
     cdef list captured
     cdef list keepalive                  # Python objects owning the SRTP contexts, per transport
+    cdef dict consumer_srtp              # consumer slot -> the object owning its own SRTP session
     # receive side
     cdef mmsghdr rmsgs[RECV_BATCH]
     cdef iovec riov[RECV_BATCH]
@@ -362,8 +366,12 @@ cdef class Datapath:
     cdef TapRing *taps[MAX_TAPS]         # recording taps (NULL: free)
     cdef readonly int tcp_dead           # ICE-TCP connections given up and not yet closed by Python
     cdef int tcp_tx_cap
+    # the thread's alone (no other reader): when to wake the loop (docs/datapath.md)
+    cdef int64_t notify_deadline         # CLOCK_MONOTONIC ns by which deferred RTCP wakes the loop; 0: none
+    cdef int slow_urgent                 # a datagram other than RTCP was queued since the last wake-up
+    cdef uint64_t loop_wakeups           # notify_fd writes (guarded by the table mutex, like every counter)
 
-    cdef object _take_slow(self)
+    cdef object _take_slow(self, bint stamped=*)
     cdef int _drain(self, int sock, int budget) noexcept nogil
     cdef int _drain_batch(self, int sock, bint on_thread) noexcept nogil
     cdef void _thread_loop(self) noexcept nogil
@@ -371,7 +379,8 @@ cdef class Datapath:
     cdef void _hand_off(self) noexcept nogil
     cdef void _tap_push(self, Consumer *co, const uint8_t *buf, int n, int hlen, int64_t ext,
                         int64_t now) noexcept nogil
-    cdef void _slow_push(self, int kind, int t, int i, int n, int sock) noexcept nogil
+    cdef bint _notify_due(self) noexcept nogil
+    cdef void _slow_push(self, int kind, int t, int i, int n, int sock, int64_t wall) noexcept nogil
     cdef uint32_t _ring_room(self) noexcept nogil
     cdef int _check_inline(self) except -1
     cdef int _check_socket(self, int s) except -1

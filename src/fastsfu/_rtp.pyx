@@ -621,6 +621,7 @@ cdef class Datapath:
         self.output_mode = K_OUTPUT_SEND
         self.captured = []
         self.keepalive = [None] * max_transports
+        self.consumer_srtp = {}
         for i in range(RECV_BATCH):
             self.riov[i].iov_base = self.rbuf + i * RECV_SLOT
             self.riov[i].iov_len = RECV_SLOT
@@ -739,17 +740,31 @@ cdef class Datapath:
 
     cdef void _thread_loop(self) noexcept nogil:
         """Wait, then drain the ready sockets a batch each under the table mutex, flush, release;
-        wake the event loop when slow-path datagrams or events are waiting."""
-        cdef int n, i, s, total
+        wake the event loop when slow-path datagrams or events are waiting (_notify_due)."""
+        cdef int n, i, s, total, timeout
+        cdef int64_t left
         cdef uint64_t fwd0, one = 1, junk
         cdef bint notify, waiting
+        self.notify_deadline = 0
         while not fsfu_load_int(&self.sync.stop):
-            n = epoll_wait(self.epoll_fd, self.ready, RECV_BATCH, -1)
+            timeout = -1
+            if self.notify_deadline:
+                left = self.notify_deadline - monotonic_ns()
+                timeout = 0 if left <= 0 else <int>((left + 999999) // 1000000)
+            n = epoll_wait(self.epoll_fd, self.ready, RECV_BATCH, timeout)
             if n < 0:
                 if errno == EINTR:
                     continue
                 self.drops[DROP_RECV_ERROR] += 1
                 break                      # the epoll descriptor is gone: nothing left to wait on
+            if n == 0:
+                # Deferred RTCP's time is up and nothing else arrived.
+                pthread_mutex_lock(&self.sync.mu)
+                notify = self._notify_due()
+                pthread_mutex_unlock(&self.sync.mu)
+                if notify:
+                    write(self.notify_fd, &one, 8)
+                continue
             i = 0
             while i < n:
                 fsfu_add_int(&self.sync.thread_waiting, 1)   # TableLock.hand_back() looks at it
@@ -767,16 +782,42 @@ cdef class Datapath:
                         # socket with more waiting is ready again next round (fair across rooms).
                         total += self._socket_ready(s, self.ready[i - 1].events, True)
                 self._flush_all(True)
-                notify = (self.pending_events > 0 or
-                          self.sync.ring_head != fsfu_load_u32(&self.sync.ring_tail))
+                notify = self._notify_due()
                 waiting = fsfu_load_int(&self.sync.waiters) > 0
                 if waiting:
                     self.hand_offs += 1       # counted under the mutex, like every counter
                 pthread_mutex_unlock(&self.sync.mu)
-                if notify and not fsfu_xchg_int(&self.sync.wake_pending, 1):
+                if notify:
                     write(self.notify_fd, &one, 8)
                 if waiting:
                     self._wait_gate()         # a control-plane call has the tables now: wait for it
+
+    cdef bint _notify_due(self) noexcept nogil:
+        """Whether the thread writes notify_fd now (called under the table mutex).
+
+        Events and every slow-path datagram but RTCP wake the loop at once: an ICE check, a DTLS
+        flight or a Discord keep-alive is answered while its sender waits. RTCP alone waits up to
+        SLOW_DEFER_MS for company: a receiver report a second or more apart needs no prompt
+        answer, its arrival time travels with it (take_slow(stamped=True)), and each wake-up of
+        the loop costs it far more than the report itself (docs/datapath.md)."""
+        cdef int64_t now
+        if self.pending_events == 0 and self.sync.ring_head == fsfu_load_u32(&self.sync.ring_tail):
+            self.notify_deadline = 0       # the loop took everything (woken by something else)
+            self.slow_urgent = 0
+            return False
+        if not (self.pending_events > 0 or self.slow_urgent or self._ring_room() < SLOW_RING // 2):
+            now = monotonic_ns()
+            if not self.notify_deadline:
+                self.notify_deadline = now + <int64_t>SLOW_DEFER_MS * 1000000
+                return False
+            if now < self.notify_deadline:
+                return False
+        self.notify_deadline = 0
+        self.slow_urgent = 0
+        if fsfu_xchg_int(&self.sync.wake_pending, 1):
+            return False                   # the loop has not read the last one: it takes these too
+        self.loop_wakeups += 1
+        return True
 
     # ----------------------------------------------------------------- programming the tables
 
@@ -1000,6 +1041,23 @@ cdef class Datapath:
             self.transports[t].srtp_out = <void *><uintptr_t>(outbound.address if outbound is not None else 0)
             self.keepalive[t] = (inbound, outbound)
 
+    def set_consumer_srtp(self, int c, outbound) -> None:
+        """Give a consumer an SRTP session of its own (an object with the `address` of a libsrtp
+        srtp_t holding the consumer's one stream), or None to use its transport's session.
+
+        libsrtp finds a stream by walking its session's list; in the transport's session every
+        forwarded packet walked past the transport's other consumers (benchmarks/README.md,
+        "Where the time goes at 24.5 k")."""
+        with self.tables_lock:
+            self._check_consumer(c)
+            if outbound is not None and g_protect == NULL:
+                raise RuntimeError("libsrtp functions are not installed (import fastsfu.srtp)")
+            self.consumers[c].srtp_out = <void *><uintptr_t>(outbound.address if outbound is not None else 0)
+            if outbound is None:
+                self.consumer_srtp.pop(c, None)
+            else:
+                self.consumer_srtp[c] = outbound
+
     def set_transport_aead(self, int t, AeadContext context) -> None:
         """Protect this transport with a Discord rtpsize AEAD mode (None: none). Its receivers get
         CC 0 and no CSRCs, as Discord clients require (docs/transports.md#encryption-modes)."""
@@ -1116,11 +1174,12 @@ cdef class Datapath:
             pr.in_use = 0
 
     def add_consumer(self, int p, int t, uint32_t ssrc, int payload_type, dict ext_ids,
-                     bytes mid=b"", bint paused=False, bint passthrough=False) -> int:
+                     bytes mid=b"", bint paused=False, bint passthrough=False, outbound=None) -> int:
         """Forward producer p to transport t as SSRC ssrc; ext_ids maps kind -> extension ID.
 
         passthrough (a pipe consumer, docs/transports.md): sequence numbers and timestamps go out
         as the producer sent them, with no resync after a pause and no stale-packet drop.
+        outbound: the consumer's own SRTP session (set_consumer_srtp), in place from its first packet.
         """
         cdef int c
         cdef int32_t *grown
@@ -1165,6 +1224,11 @@ cdef class Datapath:
             co.passthrough = passthrough
             co.sync_needed = 1
             co.epoch = pr.epoch
+            if outbound is not None:
+                if g_protect == NULL:
+                    raise RuntimeError("libsrtp functions are not installed (import fastsfu.srtp)")
+                co.srtp_out = <void *><uintptr_t>outbound.address
+                self.consumer_srtp[c] = outbound
             pr.consumers[pr.n_consumers] = c
             pr.n_consumers += 1
             if not paused:
@@ -1294,6 +1358,8 @@ cdef class Datapath:
             co.in_use = 0
             if c < self.consumer_hint:
                 self.consumer_hint = c
+            co.srtp_out = NULL
+            self.consumer_srtp.pop(c, None)
 
     # ----------------------------------------------------------------- I/O
 
@@ -1333,17 +1399,18 @@ cdef class Datapath:
                     self._flush_all()
             return self._take_slow()
 
-    def take_slow(self):
+    def take_slow(self, bint stamped=False):
         """The slow-path datagrams the thread queued, like poll()'s result (None if none); reads
-        notify_fd. Call it from the one consumer thread (the event loop)."""
+        notify_fd. Call it from the one consumer thread (the event loop). stamped: each tuple
+        ends with its arrival time (CLOCK_REALTIME ns): RTCP may wait in the ring (_notify_due)."""
         cdef uint64_t junk
         if self.notify_fd >= 0:
             read(self.notify_fd, &junk, 8)
         # Clear before reading the ring: a datagram queued after this writes notify_fd again.
         fsfu_xchg_int(&self.sync.wake_pending, 0)
-        return self._take_slow()
+        return self._take_slow(stamped)
 
-    cdef object _take_slow(self):
+    cdef object _take_slow(self, bint stamped=False):
         """Copy the ring's datagrams out as Python tuples (consumer side; no table mutex needed)."""
         cdef uint32_t tail = self.sync.ring_tail
         cdef uint32_t head = fsfu_load_u32(&self.sync.ring_head)
@@ -1353,8 +1420,12 @@ cdef class Datapath:
         out = []
         while tail != head:
             slot = &self.ring[tail & (SLOW_RING - 1)]
-            out.append((slot.kind, slot.transport, PyBytes_FromStringAndSize(<char *>slot.data, slot.len),
-                        self._addr_tuple(slot.addr), slot.sock))
+            if stamped:
+                out.append((slot.kind, slot.transport, PyBytes_FromStringAndSize(<char *>slot.data, slot.len),
+                            self._addr_tuple(slot.addr), slot.sock, slot.arrival_ns))
+            else:
+                out.append((slot.kind, slot.transport, PyBytes_FromStringAndSize(<char *>slot.data, slot.len),
+                            self._addr_tuple(slot.addr), slot.sock))
             tail += 1
         fsfu_store_u32(&self.sync.ring_tail, tail)
         return out
@@ -1362,18 +1433,23 @@ cdef class Datapath:
     cdef inline uint32_t _ring_room(self) noexcept nogil:
         return SLOW_RING - (self.sync.ring_head - fsfu_load_u32(&self.sync.ring_tail))
 
-    cdef void _slow_push(self, int kind, int t, int i, int n, int sock) noexcept nogil:
-        """Copy datagram i into the slow-path ring (producer side); a full ring is a counted drop."""
+    cdef void _slow_push(self, int kind, int t, int i, int n, int sock, int64_t wall) noexcept nogil:
+        """Copy datagram i, received at wall (CLOCK_REALTIME ns; 0: now), into the slow-path ring
+        (producer side); a full ring is a counted drop."""
         cdef uint32_t head = self.sync.ring_head
         cdef SlowSlot *slot
         if self._ring_room() == 0:
             self._drop(&self.transports[t] if t >= 0 else NULL, DROP_SLOW_RING_FULL)
             return
+        if kind != K_SLOW_RTCP:
+            self.slow_urgent = 1
         slot = &self.ring[head & (SLOW_RING - 1)]
         slot.kind = kind
         slot.transport = t
         slot.sock = sock
         slot.len = n
+        # The kernel's receive time when the socket stamps datagrams, else the batch's clock.
+        slot.arrival_ns = wall - self._queue_age(i, wall) if wall else realtime_ns()
         memcpy(slot.addr, self.raddr[i], 28)
         memcpy(slot.data, self.rbuf + i * RECV_SLOT, n)
         fsfu_store_u32(&self.sync.ring_head, head + 1)
@@ -1447,7 +1523,7 @@ cdef class Datapath:
             kind = self._handle(sock, self.rbuf + i * RECV_SLOT, self.rmsgs[i].msg_len,
                                 self.raddr[i], now, &t, &m)
             if kind:
-                self._slow_push(kind, t, i, m, sock)
+                self._slow_push(kind, t, i, m, sock, wall)
         return n
 
     def process(self, int sock, const uint8_t[:] data, str ip, int port, int64_t now_ns):
@@ -1566,6 +1642,7 @@ cdef class Datapath:
                     "forwarded_packets": self.fwd_packets, "forwarded_bytes": self.fwd_bytes,
                     "batches": self.batches, "slow_path_packets": self.slow_packets,
                     "late_packets": self.late_packets, "table_hand_offs": self.hand_offs,
+                    "loop_wakeups": self.loop_wakeups,
                     "events_lost": self.events_lost, "drops": self.drop_counts()}
 
     def transport_stats(self, int t) -> dict:
@@ -1603,6 +1680,20 @@ cdef class Datapath:
                     "last_seq": co.last_seq if co.has_sent else None,
                     "last_timestamp": co.last_ts if co.has_sent else None,
                     "last_send_ns": co.last_ns if co.has_sent else None}
+
+    def sender_states(self, list slots) -> list:
+        """For each consumer slot: (last RTP timestamp, its send time in ns, packets, bytes), or
+        None before its first packet. A transport's RTCP report reads all its streams in one call
+        under one hold of the mutex."""
+        cdef int c
+        cdef Consumer *co
+        out = []
+        with self.tables_lock:
+            for c in slots:
+                self._check_consumer(c)
+                co = &self.consumers[c]
+                out.append((co.last_ts, co.last_ns, co.packets, co.bytes) if co.has_sent else None)
+        return out
 
     # ----------------------------------------------------------------- internals (control path)
 
@@ -2148,7 +2239,7 @@ cdef class Datapath:
             for i in range(pr.red_blocks):
                 o[w + 4 * i] = (o[w + 4 * i] & 0x80) | co.pt
         w += src_len
-        if dst.srtp_out != NULL and g_protect(dst.srtp_out, o, &w) != 0:
+        if dst.srtp_out != NULL and g_protect(co.srtp_out if co.srtp_out != NULL else dst.srtp_out, o, &w) != 0:
             self._release_out(slot)
             co.drops += 1
             self._drop(dst, DROP_ENCRYPT_FAILED)
@@ -2485,7 +2576,7 @@ cdef class Datapath:
             memcpy(self.raddr[0], c.peer, 28)
             kind = self._handle(s, self.rbuf, flen, self.raddr[0], now, &t, &m)
             if kind:
-                self._slow_push(kind, t, 0, m, s)
+                self._slow_push(kind, t, 0, m, s, 0)  # a TCP read has no kernel timestamp: now
             n += 1
             if on_thread and fsfu_load_int(&self.sync.waiters) > 0:
                 self._hand_off()

@@ -12,6 +12,7 @@ from fastsfu.types import ConsumerDump, ConsumerStats, MediaKind, RtpParameters
 
 if TYPE_CHECKING:
     from fastsfu.producer import Producer
+    from fastsfu.srtp import SrtpStream
     from fastsfu.transport import Transport
 
 
@@ -37,6 +38,7 @@ class Consumer(EventEmitter):
         paused: bool,
         app_data: dict[str, Any] | None,
         passthrough: bool = False,
+        srtp_stream: SrtpStream | None = None,
     ) -> None:
         super().__init__()
         self.id = str(uuid.uuid4())
@@ -57,8 +59,18 @@ class Consumer(EventEmitter):
         codec = rtp_parameters["codecs"][0]
         self.clock_rate: int = codec["clockRate"]
         mid = rtp_parameters.get("mid", "").encode()
+        # Fixed for the consumer's life; read per RTCP report block and per report, so kept once.
+        self._ssrc = int(rtp_parameters["encodings"][0]["ssrc"])
         self.slot: int = self._dp.add_consumer(
-            producer.slot, transport.slot, self.ssrc, codec["payloadType"], ext_ids, mid, paused, passthrough
+            producer.slot,
+            transport.slot,
+            self.ssrc,
+            codec["payloadType"],
+            ext_ids,
+            mid,
+            paused,
+            passthrough,
+            srtp_stream,
         )
         red_pt = red_payload_type(rtp_parameters)
         if red_pt is not None:
@@ -69,7 +81,7 @@ class Consumer(EventEmitter):
 
     @property
     def ssrc(self) -> int:
-        return int(self.rtp_parameters["encodings"][0]["ssrc"])
+        return self._ssrc
 
     @property
     def paused(self) -> bool:
@@ -139,13 +151,16 @@ class Consumer(EventEmitter):
 
     def sender_report_state(self) -> tuple[int, int, int] | None:
         """(RTP timestamp now, packets, octets) for an RTCP SR, or None before the first packet."""
-        s = self._dp.consumer_stats(self.slot)
-        last_timestamp, last_send_ns = s["last_timestamp"], s["last_send_ns"]
-        if last_timestamp is None or last_send_ns is None:  # both are set by the first packet sent
-            return None
-        elapsed_ns = max(0, time.monotonic_ns() - last_send_ns)
+        (sent,) = self._dp.sender_states([self.slot])
+        return None if sent is None else self.report_state(sent, time.monotonic_ns())
+
+    def report_state(self, sent: tuple[int, int, int, int], now_ns: int) -> tuple[int, int, int]:
+        """sender_report_state() from the datapath's (last timestamp, its send time, packets,
+        octets) of this consumer (`Datapath.sender_states`, one call for a transport's report)."""
+        last_timestamp, last_send_ns, packets, octets = sent
+        elapsed_ns = max(0, now_ns - last_send_ns)
         rtp_now = (last_timestamp + elapsed_ns * self.clock_rate // 1_000_000_000) & 0xFFFFFFFF
-        return rtp_now, s["packets"], s["bytes"]
+        return rtp_now, packets, octets
 
     def get_stats(self) -> list[ConsumerStats]:
         if self._closed:

@@ -20,6 +20,7 @@ from fastsfu.dtls import DtlsCertificate
 from fastsfu.events import EventEmitter
 from fastsfu.ice_tcp import IceTcpServer
 from fastsfu.router import Router
+from fastsfu.rtcp_clock import RtcpClock
 
 if TYPE_CHECKING:
     from fastsfu.transport import Transport
@@ -61,7 +62,9 @@ class Settings:
     recv_buffer_bytes: int = 1 << 20
     send_buffer_bytes: int = 1 << 20
     # Mean seconds between a transport's RTCP reports, randomized per transport (RFC 3550 §6.3.1).
-    rtcp_interval: float = 1.0
+    # 5 s: RFC 3550 §6.2's recommended minimum, and what libwebrtc and mediasoup use for audio;
+    # every report costs the event loop a wake-up (docs/datapath.md, "Waking the event loop").
+    rtcp_interval: float = 5.0
     # The one shared media socket of an engine: every WebRtcTransport and Discord UDP transport
     # uses it (demuxed by tuple, then by STUN ufrag or Discord IP discovery).
     media_listen_ip: str | None = None  # default: listen_ip
@@ -136,6 +139,7 @@ class Engine(EventEmitter):
         super().__init__()
         self.settings = settings or Settings()
         self.loop = asyncio.get_running_loop()
+        self.rtcp_clock = RtcpClock(self.loop)  # every transport's periodic reports, one timer
         s = self.settings
         self.datapath = _rtp.Datapath(
             max_sockets=s.max_sockets,
@@ -149,6 +153,9 @@ class Engine(EventEmitter):
         self.observer = EventEmitter()
         self.routers: dict[str, Router] = {}
         self.unhandled_datagrams = 0
+        # Wall-clock arrival (s) of the slow-path datagram being handled, when it is not now:
+        # the datapath thread lets RTCP wait for company (docs/datapath.md). None: it is now.
+        self.slow_arrival: float | None = None
         self.slow_path_errors = 0
         # WebRtcTransport handshake failures (monitoring: a rise means clients cannot connect).
         self.dtls_failures = 0
@@ -200,6 +207,7 @@ class Engine(EventEmitter):
         for sock in list(self._sockets.values()):
             self.close_socket(sock)
         self.loop.remove_reader(self._reader_fd)
+        self.rtcp_clock.close()
         self.datapath.close()  # joins the thread before the tables can go away
         self.observer.emit("close")
 
@@ -308,8 +316,20 @@ class Engine(EventEmitter):
     # ------------------------------------------------------------------ the read path
 
     def _on_notify(self) -> None:
-        # The datapath thread queued slow-path datagrams or events (never RTP).
-        self._on_slow(self.datapath.take_slow())
+        # The datapath thread queued slow-path datagrams or events (never RTP). RTCP may have
+        # waited in its ring (docs/datapath.md): each datagram comes with its arrival time.
+        slow = self.datapath.take_slow(stamped=True)
+        if slow is not None:
+            tcp = self._ice_tcp
+            try:
+                for kind, t, data, addr, sock, arrival_ns in slow:
+                    if tcp is not None and sock in tcp.conns:
+                        tcp.on_frame(sock, t, kind, data)  # an ICE-TCP frame (docs/transports.md)
+                        continue
+                    self.slow_arrival = arrival_ns / 1e9
+                    self._dispatch(kind, t, data, addr)
+            finally:
+                self.slow_arrival = None
         self._on_events()
 
     def _on_readable(self) -> None:
@@ -325,18 +345,21 @@ class Engine(EventEmitter):
                 if tcp is not None and sock in tcp.conns:
                     tcp.on_frame(sock, t, kind, data)  # an ICE-TCP frame (docs/transports.md)
                     continue
-                transport = self._transports.get(t)
-                if transport is None:
-                    transport = self._claim(kind, data)  # a new tuple (ICE ufrag, Discord SSRC...)
-                if transport is None:
-                    self.unhandled_datagrams += 1
-                    continue
-                try:
-                    transport._on_slow_datagram(kind, data, addr)
-                except Exception:
-                    # Bad input must not break the loop or other sessions: count and log.
-                    self.slow_path_errors += 1
-                    log.exception("slow-path datagram handling failed")
+                self._dispatch(kind, t, data, addr)
+
+    def _dispatch(self, kind: int, t: int, data: bytes, addr: tuple[str, int]) -> None:
+        transport = self._transports.get(t)
+        if transport is None:
+            transport = self._claim(kind, data)  # a new tuple (ICE ufrag, Discord SSRC...)
+        if transport is None:
+            self.unhandled_datagrams += 1
+            return
+        try:
+            transport._on_slow_datagram(kind, data, addr)
+        except Exception:
+            # Bad input must not break the loop or other sessions: count and log.
+            self.slow_path_errors += 1
+            log.exception("slow-path datagram handling failed")
 
     def _claim(self, kind: int, data: bytes) -> Transport | None:
         for claimer in self._claimers.values():

@@ -7,6 +7,7 @@ Importing this module checks pylibsrtp's bundled libsrtp is 2.x and hands its en
 from __future__ import annotations
 
 import base64
+import contextlib
 import ctypes
 import secrets
 from dataclasses import dataclass
@@ -129,6 +130,26 @@ class SrtpContext:
             self.session.remove_stream(ssrc)
             self._streams.discard(ssrc)
 
+    @property
+    def streams(self) -> frozenset[int]:
+        """SSRCs with a stream of their own in this session (the template covers the rest)."""
+        return frozenset(self._streams)
+
+    def forget_stream(self, ssrc: int) -> None:
+        """Drop the stream libsrtp cloned from the template for `ssrc` (an RTCP sender SSRC), if any."""
+        if ssrc not in self._streams:
+            with contextlib.suppress(pylibsrtp.Error):  # it never sent RTCP: no clone
+                self.session.remove_stream(ssrc)
+
+    def stream_session(self, ssrc: int) -> SrtpStream:
+        """A session of its own for one outbound SSRC, with this context's key: one stream, no
+        template. libsrtp finds a stream by walking its session's list, so in a shared session
+        every packet of a consumer walks past its transport's other consumers (cold memory at
+        low load: benchmarks/README.md, "Where the time goes at 24.5 k")."""
+        if self.inbound:
+            raise SrtpError("stream sessions are for outbound streams")
+        return SrtpStream(self._policy(pylibsrtp.Policy.SSRC_SPECIFIC, ssrc))
+
     # Python-level operations: the reference forwarder and tests; never the datapath.
     def protect(self, packet: bytes) -> bytes:
         return self.session.protect(packet)
@@ -141,6 +162,28 @@ class SrtpContext:
 
     def unprotect_rtcp(self, packet: bytes) -> bytes:
         return self.session.unprotect_rtcp(packet)
+
+
+class SrtpStream:
+    """A libsrtp session holding exactly one stream; `address` is its `srtp_t` for the datapath.
+
+    Made with `srtp_create` directly: pylibsrtp's Session would add a 1.5 KB buffer per stream
+    that the datapath never uses."""
+
+    __slots__ = ("_srtp", "address")  # one per consumer: kept small
+
+    def __init__(self, policy: pylibsrtp.Policy) -> None:
+        ffi, lib = _binding.ffi, _binding.lib
+        srtp = ffi.new("srtp_t *")
+        status = lib.srtp_create(srtp, policy._policy)
+        if status != 0:
+            raise SrtpError(f"srtp_create failed (libsrtp status {status})")
+        self._srtp = ffi.gc(srtp, _srtp_dealloc)
+        self.address: int = int(ffi.cast("uintptr_t", srtp[0]))
+
+
+def _srtp_dealloc(srtp: Any) -> None:
+    _binding.lib.srtp_dealloc(srtp[0])
 
 
 def libsrtp_version() -> int:

@@ -6,7 +6,6 @@ SRTP keys are learned; everything they share lives here.
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import copy
 import json
@@ -20,6 +19,7 @@ from fastsfu import ortc, rtp
 from fastsfu.consumer import Consumer
 from fastsfu.events import EventEmitter
 from fastsfu.producer import Producer
+from fastsfu.rtcp_clock import RtcpEntry
 from fastsfu.srtp import SrtpContext
 from fastsfu.table_hold import TableHold
 from fastsfu.types import RtpCapabilities, RtpCodecParameters, RtpParameters, TransportStats
@@ -36,7 +36,12 @@ NTP_EPOCH_OFFSET = 2_208_988_800  # seconds from 1900 (NTP) to 1970 (Unix), RFC 
 
 def ntp_now() -> int:
     """64-bit NTP timestamp of the wall clock (RFC 3550 §4)."""
-    t = time.time() + NTP_EPOCH_OFFSET
+    return ntp_from(time.time())
+
+
+def ntp_from(unix: float) -> int:
+    """64-bit NTP timestamp of a wall-clock time in Unix seconds (RFC 3550 §4)."""
+    t = unix + NTP_EPOCH_OFFSET
     return (int(t) << 32) | int((t % 1) * (1 << 32))
 
 
@@ -145,11 +150,14 @@ class Transport(EventEmitter):
         self.rtcp_cname = ortc.random_cname()
         self._caps_cache: tuple[RtpCapabilities, RtpCapabilities] | None = None
         self._consumer_ssrcs: set[int] = {self.rtcp_ssrc}  # SSRCs we send: RTCP's and each consumer's
+        # RTCP names streams by SSRC: kept up to date so a report costs O(its blocks), not O(consumers).
+        self._consumers_by_ssrc: dict[int, Consumer] = {}
+        self._producers_by_ssrc: dict[int, Producer] = {}
         self.rtcp_malformed = 0
         self.rtcp_received: collections.Counter[int] = collections.Counter()  # by packet type
         self.slot: int = self.engine.datapath.add_transport(socket.slot, False)
         self.engine.add_transport(self)
-        self._rtcp_timer: asyncio.TimerHandle | None = None
+        self._rtcp_timer: RtcpEntry | None = None
         self._schedule_rtcp()
 
     @property
@@ -179,6 +187,7 @@ class Transport(EventEmitter):
         self._listener.on_transport_will_produce()
         producer = Producer(self, params, info, paused, app_data, id)
         self.producers[producer.id] = producer
+        self._producers_by_ssrc[info.ssrc] = producer
         if self.srtp_in is not None:
             with self.engine.datapath.tables_lock:  # the datapath thread may be using this session
                 self.srtp_in.add_stream(info.ssrc)
@@ -235,14 +244,12 @@ class Transport(EventEmitter):
     ) -> Consumer:
         """Create and register a consumer whose SSRC (in `params`) is free on this transport."""
         ssrc = int(params["encodings"][0]["ssrc"])
-        # One hold for the SRTP stream and the consumer's table entry (which takes the same,
-        # recursive, mutex): under load each hold can wait for a hand-off from the datapath
-        # thread (docs/datapath.md#the-datapath-thread).
-        with self.engine.datapath.tables_lock:  # the datapath thread may be using this session
-            if self.srtp_out is not None:
-                self.srtp_out.add_stream(ssrc)
-            consumer = Consumer(self, producer, params, ext_ids, paused, app_data, passthrough)
+        # A session of its own: the datapath protects its packets without walking past the
+        # transport's other consumers (benchmarks/README.md, "Where the time goes at 24.5 k").
+        stream = self.srtp_out.stream_session(ssrc) if self.srtp_out is not None else None
+        consumer = Consumer(self, producer, params, ext_ids, paused, app_data, passthrough, stream)
         self._consumer_ssrcs.add(ssrc)
+        self._consumers_by_ssrc[ssrc] = consumer
         self.consumers[consumer.id] = consumer
         producer.consumers[consumer.id] = consumer
         self._listener.on_transport_new_consumer(consumer)
@@ -270,14 +277,20 @@ class Transport(EventEmitter):
 
     def _install_srtp(self, inbound: SrtpContext | None, outbound: SrtpContext | None) -> None:
         """Give the datapath new contexts, with a specific stream for every known SSRC
-        (libsrtp then never allocates on a packet, docs/transports.md#srtp)."""
+        (libsrtp then never allocates on a packet, docs/transports.md#srtp): the producers' in
+        the inbound session, each consumer's in a session of its own."""
         if inbound is not None:
             for producer in self.producers.values():
                 inbound.add_stream(producer.ssrc)
-        if outbound is not None:
-            for consumer in self.consumers.values():
-                outbound.add_stream(consumer.ssrc)
-        self.engine.datapath.set_transport_srtp(self.slot, inbound, outbound)
+        dp = self.engine.datapath
+        streams = [
+            (c, outbound.stream_session(c.ssrc) if outbound is not None else None)
+            for c in self.consumers.values()
+        ]
+        with dp.tables_lock:  # consumers and transport switch together
+            for consumer, stream in streams:
+                dp.set_consumer_srtp(consumer.slot, stream)
+            dp.set_transport_srtp(self.slot, inbound, outbound)
         self.srtp_in, self.srtp_out = inbound, outbound
 
     # ------------------------------------------------------------------ ProducerListener, ConsumerListener
@@ -285,6 +298,7 @@ class Transport(EventEmitter):
     def on_producer_closed(self, producer: Producer) -> None:
         """A producer of this transport closed: its SRTP stream is freed, the router forgets it."""
         self.producers.pop(producer.id, None)
+        self._producers_by_ssrc.pop(producer.ssrc, None)
         if self.srtp_in is not None:
             with self.engine.datapath.tables_lock:  # the datapath thread may be using this session
                 self.srtp_in.remove_stream(producer.ssrc)
@@ -295,8 +309,11 @@ class Transport(EventEmitter):
         self.consumers.pop(consumer.id, None)
         if self.srtp_out is not None:
             with self.engine.datapath.tables_lock:  # the datapath thread may be using this session
-                self.srtp_out.remove_stream(consumer.ssrc)
+                # Its RTP had a session of its own (freed with the consumer's datapath slot);
+                # its sender reports went through ours, cloned from the template.
+                self.srtp_out.forget_stream(consumer.ssrc)
         self._consumer_ssrcs.discard(consumer.ssrc)
+        self._consumers_by_ssrc.pop(consumer.ssrc, None)
         self._listener.on_transport_consumer_closed(consumer)
 
     # ------------------------------------------------------------------ slow path
@@ -313,9 +330,11 @@ class Transport(EventEmitter):
         except rtp.RtpError:
             self.rtcp_malformed += 1
             return
-        now = time.time()
-        by_ssrc = {c.ssrc: c for c in self.consumers.values()}
-        producers = {p.ssrc: p for p in self.producers.values()}
+        # RTT and DLSR count from the report's arrival, which may be a little before now.
+        arrival = self.engine.slow_arrival
+        now = time.time() if arrival is None else arrival
+        by_ssrc = self._consumers_by_ssrc
+        producers = self._producers_by_ssrc
         for pkt in packets:
             self.rtcp_received[pkt.packet_type] += (
                 1  # SR, RR, SDES, BYE, transport-cc (RTPFB): counted, not forwarded
@@ -331,7 +350,7 @@ class Transport(EventEmitter):
                 consumer.fraction_lost = block.fraction_lost
                 if block.lsr:
                     # RFC 3550 §6.4.1: RTT = A - LSR - DLSR, in 1/65536 s.
-                    a = (ntp_now() >> 16) & 0xFFFFFFFF
+                    a = (ntp_from(now) >> 16) & 0xFFFFFFFF
                     rtt = (a - block.lsr - block.dlsr) & 0xFFFFFFFF
                     if rtt < 0x80000000:
                         consumer.round_trip_time = rtt / 65536.0
@@ -345,11 +364,22 @@ class Transport(EventEmitter):
         out: list[bytes] = []
         ntp = ntp_now()
         srs: list[tuple[bytes, tuple[int, str]]] = []
-        for consumer in self.consumers.values():
-            state = consumer.sender_report_state()
-            if state is None or consumer.paused:
-                continue
-            rtp_ts, packets, octets = state
+        # One hold of the table mutex and one call for every stream's counters: a call per
+        # stream would take the mutex each time, and each time the datapath thread holds it
+        # costs a hand-off (docs/datapath.md).
+        consumers = [c for c in self.consumers.values() if not c.paused]
+        with self.engine.datapath.tables_lock:
+            sent = self.engine.datapath.sender_states([c.slot for c in consumers])
+            blocks = [
+                b
+                for p in self.producers.values()
+                if not p.closed and (b := self._report_block(p)) is not None
+            ]
+        now_ns = time.monotonic_ns()
+        states = [
+            (c, c.report_state(st, now_ns)) for c, st in zip(consumers, sent, strict=True) if st is not None
+        ]
+        for consumer, (rtp_ts, packets, octets) in states:
             cname = consumer.rtp_parameters.get("rtcp", {}).get("cname") or self.rtcp_cname
             srs.append(
                 (rtp.build_sender_report(consumer.ssrc, ntp, rtp_ts, packets, octets), (consumer.ssrc, cname))
@@ -366,9 +396,6 @@ class Transport(EventEmitter):
             size += cost
         if group:
             out.append(b"".join(g[0] for g in group) + rtp.build_sdes([g[1] for g in group]))
-        blocks = [
-            b for p in self.producers.values() if not p.closed and (b := self._report_block(p)) is not None
-        ]
         for i in range(0, len(blocks), 31):  # the RC field holds 31 blocks (RFC 3550 §6.4.2)
             out.append(
                 rtp.build_receiver_report(self.rtcp_ssrc, blocks[i : i + 31])
@@ -406,15 +433,18 @@ class Transport(EventEmitter):
         dp = self.engine.datapath
         if self._closed or not dp.transport_stats(self.slot)["has_remote"]:
             return 0
-        sent = sum(bool(dp.send_rtcp(self.slot, packet, False)) for packet in self.rtcp_reports())
-        dp.flush()
+        packets = self.rtcp_reports()
+        with dp.tables_lock:  # one hold for the sends and their flush
+            sent = sum(bool(dp.send_rtcp(self.slot, packet, False)) for packet in packets)
+            dp.flush()
         return sent
 
     def _schedule_rtcp(self) -> None:
         # RFC 3550 §6.3.1: randomize each interval to [0.5, 1.5] x T so that transports created
-        # together never report together (one big report tick would stall the datapath).
+        # together never report together (one big report tick would stall the datapath); the
+        # engine's RtcpClock sends the reports due within 100 ms of each other in one wake-up.
         delay = self.engine.settings.rtcp_interval * random.uniform(0.5, 1.5)
-        self._rtcp_timer = self.engine.loop.call_later(delay, self._on_rtcp_timer)
+        self._rtcp_timer = self.engine.rtcp_clock.call_later(delay, self._on_rtcp_timer)
 
     def _on_rtcp_timer(self) -> None:
         self._rtcp_timer = None
@@ -459,8 +489,10 @@ class Transport(EventEmitter):
         # instead of leaving cycles for the garbage collector (a full collection pauses the loop).
         self.consumers.clear()
         self.producers.clear()
+        self._consumers_by_ssrc.clear()
+        self._producers_by_ssrc.clear()
         if self._rtcp_timer is not None:
-            self._rtcp_timer.cancel()
+            self.engine.rtcp_clock.cancel(self._rtcp_timer)
             self._rtcp_timer = None
         self.engine.datapath.remove_transport(self.slot)
         self.engine.remove_transport(self)

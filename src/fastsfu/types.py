@@ -286,6 +286,7 @@ class DatapathStats(TypedDict):
     slow_path_packets: int
     late_packets: int  # RTP forwarded after waiting over 20 ms in the socket queue
     table_hand_offs: int  # times the datapath thread handed its tables to a control-plane call
+    loop_wakeups: int  # times the datapath thread woke the event loop (notify_fd writes)
     events_lost: int
     drops: dict[str, int]  # every reason of fastsfu._rtp.DROP_REASONS
 
