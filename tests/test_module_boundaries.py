@@ -16,7 +16,13 @@ RULES: list[tuple[str, frozenset[str], str]] = [
     (r"\b_Room\b", frozenset(), "the old private room class (use fastsfu.rooms.Room)"),
     (r"\brooms\._[a-z]", frozenset({"rooms.py"}), "the room registry's private names"),
     (r"\.router\._[a-z]", frozenset(), "upward calls into the router (use TransportListener)"),
-    (r"\.transport\._[a-z]", frozenset(), "upward calls into a transport (Producer/ConsumerListener)"),
+    # ice_tcp.py is the engine's TCP side: it hands a transport its frames as the engine hands it
+    # datagrams (_on_slow_datagram), a downward call.
+    (
+        r"\.transport\._[a-z]",
+        frozenset({"ice_tcp.py"}),
+        "upward calls into a transport (Producer/ConsumerListener)",
+    ),
     (r"_discord_ssrc|parse_discovery_request", frozenset({"discord/udp_transport.py"}), "Discord discovery"),
     (r"_register_ufrag|_unregister_ufrag", frozenset(), "the engine's old ICE table (UfragTable claims)"),
 ]

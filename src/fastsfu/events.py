@@ -30,6 +30,13 @@ class EventEmitter:
         entries = self._listeners.get(event, [])
         self._listeners[event] = [e for e in entries if e[0] is not listener]
 
+    def remove_all_listeners(self, event: str | None = None) -> None:
+        """Drop the listeners of `event`, or of every event (Node's removeAllListeners)."""
+        if event is None:
+            self._listeners.clear()
+        else:
+            self._listeners.pop(event, None)
+
     def listener_count(self, event: str) -> int:
         return len(self._listeners.get(event, ()))
 

@@ -135,11 +135,19 @@ class RtpObserver(EventEmitter):
         self.observer.emit("resume")
 
     def close(self) -> None:
-        self._close()
+        if self._close():
+            self._drop_listeners()
 
     def _router_closed(self) -> None:
         if self._close():
             self.emit("routerclose")
+            self._drop_listeners()
+
+    def _drop_listeners(self) -> None:
+        # A closed observer emits nothing more. Its listeners are often bound methods of an owner
+        # that holds the observer (a Room): kept, they would be a cycle only the collector frees.
+        self.remove_all_listeners()
+        self.observer.remove_all_listeners()
 
     def _close(self) -> bool:
         if self._closed:
