@@ -4,7 +4,6 @@ synthetic level sequences: 20 ms frames, decisions every 300 ms (15 frames), as 
 from __future__ import annotations
 
 from fastsfu.dominant_speaker import (
-    C1,
     IMMEDIATE_SCORES,
     LONG_SCORES,
     MEDIUM_SCORES,
@@ -38,7 +37,7 @@ class Room:
                 else:
                     frames = spec[:INTERVAL]
                     levels[key] = spec[INTERVAL:] or NOISE
-                self.dsi.feed(key, frames, INTERVAL)
+                self.dsi.feed(key, bytes(frames), INTERVAL)
             out.append(self.dsi.decide())
         return out
 
@@ -109,7 +108,16 @@ def test_removing_the_dominant_speaker_lets_the_next_speaker_in() -> None:
     room.dsi.remove("A")
     assert room.dsi.dominant is None
     assert room.run(2, B=NOISE, C=TALK)[-1] == "C"
-    assert C1 == 3.0  # the margins are the paper's (§2.2)
+
+
+def test_the_switch_waits_for_a_frame_where_the_challenger_speaks() -> None:
+    """The immediate horizon (C1): B out-talks a silent A over the medium and long horizons, but
+    at every decision B's newest frame is a pause; B takes over at the first decision on speech."""
+    room = Room()
+    room.run(10, A=TALK, B=NOISE, C=NOISE)
+    pausing = ([TALK] * 14 + [NOISE]) * 4
+    assert set(room.run(4, A=NOISE, B=pausing, C=NOISE)) == {"A"}
+    assert room.run(1, A=NOISE, B=TALK, C=NOISE) == ["B"]
 
 
 def test_a_dominant_speaker_who_stops_sending_is_silent_not_frozen() -> None:
@@ -119,3 +127,32 @@ def test_a_dominant_speaker_who_stops_sending_is_silent_not_frozen() -> None:
     room.run(10, A=TALK, B=NOISE, C=NOISE)
     decisions = room.run(4, B=TALK, C=NOISE)
     assert decisions[-1] == "B" and decisions.index("B") <= 2, decisions
+
+
+def test_a_late_burst_of_packets_is_speech_not_silence() -> None:
+    """The interval lasted 22 frames but the network delivered 15 of them (the rest come late, in
+    the next batch): the speaker is still talking, and takes over from a silent one."""
+    dsi: DominantSpeakerIdentification[str] = DominantSpeakerIdentification()
+    dsi.add("A")
+    dsi.add("B")
+    for _ in range(4):
+        dsi.feed("A", bytes([TALK] * 15), 15)
+        dsi.feed("B", bytes([NOISE] * 15), 15)
+        dsi.decide()
+    decisions = []
+    for _ in range(4):
+        dsi.feed("A", b"", 22)
+        dsi.feed("B", bytes([TALK] * 15), 22)
+        decisions.append(dsi.decide())
+    assert decisions[-1] == "B" and decisions.index("B") <= 2, decisions
+
+
+def test_talking_over_a_dominant_speaker_who_is_still_talking_does_not_switch() -> None:
+    """The medium horizon (C2): B talks without a break over A, who pauses 20 ms in every 100 ms
+    (so A has no fully active 100 ms, and the decisions fall on A's pauses); A's last 100 ms are
+    still speech, so B does not take over until A stops."""
+    room = Room()
+    room.run(10, A=TALK, B=NOISE, C=NOISE)
+    breathing = ([TALK] * 4 + [NOISE]) * 15
+    assert set(room.run(5, A=breathing, B=TALK, C=NOISE)) == {"A"}
+    assert room.run(2, A=NOISE, B=TALK, C=NOISE)[-1] == "B"

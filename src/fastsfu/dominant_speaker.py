@@ -4,9 +4,10 @@ speaker's per-frame RFC 6464 levels, then ask who dominates (docs/observers.md#a
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import deque
-from collections.abc import Hashable, Iterable
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
@@ -40,9 +41,11 @@ C1 = 3.0
 C2 = 2.0
 C3 = 0.0
 
-# Per-packet arrival wobbles around the decision time: one frame fewer than the interval's length
-# is not yet silence (fastsfu's; see DominantSpeakerIdentification.feed).
-JITTER_FRAMES = 1
+# Packets arrive in bursts around the decision time (network jitter, a late batch): an interval
+# that brought fewer than half its frames is silence at its end (DTX sends one frame in 20, a
+# muted or stopped sender none); a fuller one is a late or early speaker (fastsfu's rule; see
+# DominantSpeakerIdentification.feed).
+SILENT_SHARE = 0.5
 
 # Noise floor (the paper's sub-band noise estimate, §2.1, reduced to the frame's level as Jitsi
 # does): a frame within one band of the quietest loudness of the last window of about 15 s is not
@@ -67,11 +70,21 @@ def activity_score(active: int, n: int, lam: float) -> float:
 IMMEDIATE_SCORES = [activity_score(k, N1, LAMBDA_IMMEDIATE) for k in range(N1 + 1)]
 MEDIUM_SCORES = [activity_score(k, N2, LAMBDA_MEDIUM) for k in range(N2 + 1)]
 LONG_SCORES = [activity_score(k, N3, LAMBDA_LONG) for k in range(N3 + 1)]
-SILENT_SCORES = (MIN_SCORE, MIN_SCORE, MIN_SCORE)
+SILENT_SCORES = (MIN_SCORE, MIN_SCORE, MIN_SCORE)  # no dominant speaker yet: compared with silence
 
 
 def _count_active(values: list[int], start: int, length: int, threshold: int) -> int:
     return sum(1 for v in values[start : start + length] if v > threshold)
+
+
+# A level byte (-dBov) to its loudness; the levels of an interval are mapped with bytes.translate.
+LOUDNESS = bytes(MAX_LOUDNESS - min(v, MAX_LOUDNESS) for v in range(256))
+
+
+@functools.cache
+def _immediates_table(floor: int) -> bytes:
+    """Loudness to immediate (its sub-band), 0 within one band of the noise floor."""
+    return bytes(0 if v < floor + BAND else min(v // BAND, N1 - 1) for v in range(256))
 
 
 @dataclass
@@ -82,36 +95,34 @@ class Speaker:
     floor: int = 0  # the noise floor's loudness (0: no full window seen yet)
     window_min: int = 0  # the quietest non-silent loudness of the current window
     window: int = 0
-    _scores: tuple[float, float, float] | None = None  # cached until the next frame
+    _scores: tuple[float, float, float] | None = None  # cached until the next frames
 
-    def frame(self, level: int) -> None:
-        """One frame's RFC 6464 level (-dBov)."""
-        self._scores = None
-        loudness = MAX_LOUDNESS - min(max(level, 0), MAX_LOUDNESS)
-        self._track_floor(loudness)
-        if loudness < self.floor + BAND:
-            loudness = 0
-        self.immediates.appendleft(min(loudness // BAND, N1 - 1))
-
-    def _track_floor(self, loudness: int) -> None:
-        if loudness == 0:  # digital silence, or no packet: says nothing about the room's noise
+    def frames(self, levels: bytes) -> None:
+        """Frames' RFC 6464 levels (-dBov), oldest first; the floor moves per call (an interval)."""
+        if not levels:
             return
-        if loudness < self.floor:
-            self.floor = loudness
-        self.window_min = loudness if self.window_min == 0 else min(self.window_min, loudness)
-        self.window += 1
-        if self.window >= NOISE_WINDOW:
-            rise = self.window_min if self.floor == 0 else math.sqrt(self.floor * self.window_min)
-            self.floor = int(rise)
-            self.window_min = self.window = 0
+        self._scores = None
+        loudness = levels.translate(LOUDNESS)
+        heard = loudness.replace(b"\0", b"")  # digital silence or no packet: not the room's noise
+        if heard:
+            quietest = min(heard)
+            if quietest < self.floor:
+                self.floor = quietest
+            self.window_min = min(self.window_min or quietest, quietest)
+            self.window += len(heard)
+            if self.window >= NOISE_WINDOW:
+                rise = self.window_min if self.floor == 0 else math.sqrt(self.floor * self.window_min)
+                self.floor = int(rise)
+                self.window_min = self.window = 0
+        self.immediates.extendleft(loudness.translate(_immediates_table(self.floor)))
 
     def scores(self) -> tuple[float, float, float]:
         """§2.1: immediate, medium and long scores from the newest frame, the newest N2 frames and
         the newest N3 mediums."""
         if self._scores is None:
             imm = list(self.immediates)
-            if max(imm) <= IMMEDIATE_ACTIVE and imm[0] == 0:
-                self._scores = SILENT_SCORES  # nothing active in the long interval, silent now
+            if max(imm) <= IMMEDIATE_ACTIVE:  # nothing active in the long interval
+                self._scores = (IMMEDIATE_SCORES[imm[0]], MIN_SCORE, MIN_SCORE)
             else:
                 mediums = [_count_active(imm, i * N2, N2, IMMEDIATE_ACTIVE) for i in range(N3)]
                 long = _count_active(mediums, 0, N3, MEDIUM_ACTIVE)
@@ -135,18 +146,15 @@ class DominantSpeakerIdentification(Generic[K]):
         if self.dominant == key:
             self.dominant = None
 
-    def feed(self, key: K, levels: Iterable[int], frames: int = 0) -> None:
+    def feed(self, key: K, levels: bytes, frames: int = 0) -> None:
         """The interval's levels (-dBov, oldest first), one per frame; `frames`: how many frames
-        the interval lasted. Frames that brought no level (DTX, muted, stopped), beyond
-        JITTER_FRAMES, are silent, and count as the newest (the sender is silent now; mediasoup's
-        idle timeout does the same)."""
+        the interval lasted. When fewer than SILENT_SHARE of them brought a level (DTX, muted,
+        stopped), the missing ones are silent and count as the newest (the sender is silent now;
+        mediasoup's idle timeout does the same)."""
         speaker = self.speakers[key]
-        got = 0
-        for level in levels:
-            speaker.frame(level)
-            got += 1
-        for _ in range(min(frames - got - JITTER_FRAMES, FRAMES)):
-            speaker.frame(MAX_LOUDNESS)
+        speaker.frames(levels)
+        if len(levels) < frames * SILENT_SHARE:
+            speaker.frames(bytes([MAX_LOUDNESS]) * min(frames - len(levels), FRAMES))
 
     def decide(self) -> K | None:
         """§2.2: the dominant speaker after this interval. With none yet, the challengers are
@@ -159,10 +167,10 @@ class DominantSpeakerIdentification(Generic[K]):
             if speaker is current:
                 continue
             imm, med, lng = speaker.scores()
-            c1 = math.log(imm / base[0])
+            if math.log(imm / base[0]) <= C1:  # most speakers, most of the time: not speaking now
+                continue
             c2 = math.log(med / base[1])
-            c3 = math.log(lng / base[2])
-            if c1 > C1 and c2 > best_c2 and c3 > C3:
+            if c2 > best_c2 and math.log(lng / base[2]) > C3:
                 best, best_c2 = key, c2
         if best is not None:
             self.dominant = best

@@ -252,7 +252,7 @@ class ActiveSpeakerObserver(RtpObserver):
         frames = int((now - self._last) * 1000 / self.FRAME_MS)
         self._last = now
         for producer, levels in taken:
-            self._dsi.feed(producer.id, levels.recent, frames)
+            self._dsi.feed(producer.id, bytes(levels.recent), frames)
         winner = self._dsi.decide()
         if winner is not None and (self.dominant is None or winner != self.dominant.id):
             self.dominant = self.producers[winner]
