@@ -172,7 +172,7 @@ def test_audio_level_observer_overhead() -> None:
                 t0 = time.process_time_ns()
                 fx.run(*args)
                 samples[name].append((time.process_time_ns() - t0) / (PACKETS_PER_ROUND * fanout))
-        ((count, _, _, _),) = on.dp.take_levels([on.producer])
+        ((count, _, _, _, _),) = on.dp.take_levels([on.producer])
         assert count == (ROUNDS + 1) * PACKETS_PER_ROUND
         m_off, m_on = statistics.median(samples["off"]), statistics.median(samples["on"])
         span = {k: f"[{min(v):.1f}-{max(v):.1f}]" for k, v in samples.items()}

@@ -19,6 +19,7 @@ from fastsfu.rtp import (
     EVENT_UNKNOWN_SSRC,
     KIND_AUDIO_LEVEL,
     KIND_MID,
+    LEVEL_RECENT,
     SLOW_DTLS,
     SLOW_OTHER,
     SLOW_RTCP,
@@ -75,6 +76,7 @@ class _Producer:
     packets: int = 0
     level_id: int = 0  # ssrc-audio-level read (RFC 6464) while an observer wants it
     levels: tuple[int, int, int, int] = (0, 0, 127, 0)  # count, sum, loudest, voiced
+    recent: list[int] = field(default_factory=list)  # the interval's levels, one per packet
 
 
 @dataclass
@@ -211,13 +213,17 @@ class ReferenceForwarder:
         kinds = [eid for eid, kind in sorted(pr.ext_kind.items()) if kind == KIND_AUDIO_LEVEL]
         pr.level_id = kinds[0] if on and kinds else 0
         pr.levels = (0, 0, 127, 0)
+        pr.recent = []
         return pr.level_id != 0
 
-    def take_levels(self, slots: list[int]) -> list[tuple[int, int, int, int]]:
+    def take_levels(self, slots: list[int]) -> list[tuple[int, int, int, int, bytes]]:
+        """The sums, and the last LEVEL_RECENT levels in arrival order."""
         out = []
         for p in slots:
-            out.append(self.producers[p].levels)
-            self.producers[p].levels = (0, 0, 127, 0)
+            pr = self.producers[p]
+            out.append((*pr.levels, bytes(pr.recent[-LEVEL_RECENT:])))
+            pr.levels = (0, 0, 127, 0)
+            pr.recent = []
         return out
 
     def remove_producer(self, p: int) -> None:
@@ -396,6 +402,7 @@ class ReferenceForwarder:
                     count, total, loudest, voiced = pr.levels
                     level = value[0] & 0x7F
                     pr.levels = (count + 1, total + level, min(loudest, level), voiced + (value[0] >> 7))
+                    pr.recent.append(level)
                 return
 
     @staticmethod

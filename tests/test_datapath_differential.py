@@ -294,6 +294,33 @@ def test_random_traffic_matches_reference(seed: int) -> None:
     assert_counters_agree(pair, senders)
 
 
+@pytest.mark.parametrize("packets", [0, 40, 64, 150])
+def test_the_levels_of_an_interval_come_back_in_order_past_the_ring(packets: int) -> None:
+    """The per-frame levels the active speaker needs (docs/observers.md): the last 64 of an
+    interval in arrival order, alike in C and in the reference, across the ring's wrap."""
+    rng = random.Random(packets)
+    pair = Pair()
+    sock, senders, transports = build(rng, pair)
+    s = senders[0]
+    assert pair.call("set_producer_levels", s.producer, True)
+    level_id = next(eid for eid, kind in s.ext_ids.items() if kind == 2)
+    sent = []
+    for _ in range(packets):
+        level = rng.randrange(128)
+        sent.append(level)
+        s.seq = (s.seq + 1) & 0xFFFF
+        s.ts = (s.ts + 960) & 0xFFFFFFFF
+        pkt = RtpPacket(
+            s.pt, s.seq, s.ts, s.ssrc, extensions=[(level_id, bytes([0x80 | level]))], payload=b"x"
+        )
+        data = s.srtp.protect(bytes(pkt)) if s.srtp is not None else bytes(pkt)
+        pair.feed(sock, data, "127.0.0.1", 7000 + transports.index(s.transport), 1_000_000_000_000)
+    ((count, total, loudest, voiced, recent),) = pair.call("take_levels", [s.producer])  # type: ignore[misc]
+    assert (count, total, voiced) == (packets, sum(sent), packets)
+    assert loudest == min(sent, default=127) and recent == bytes(sent[-64:])
+    assert pair.call("take_levels", [s.producer]) == [(0, 0, 127, 0, b"")]  # and reset
+
+
 def test_slow_path_rtcp_is_unprotected_and_matches() -> None:
     pair = Pair()
     sock = pair.call("add_socket", -1, socket.AF_INET, False)

@@ -98,6 +98,38 @@ def test_volumes_silence_and_dominant_speaker_follow_who_is_loud() -> None:
     run(main())
 
 
+def test_a_cough_over_the_dominant_speaker_does_not_switch_and_a_paused_observer_starts_afresh() -> None:
+    """Through real sockets (levels read per packet in the datapath, frames handed over by
+    take_levels): B's 200 ms cough over A, who talks on, leaves A dominant; paused and resumed,
+    the observer hears B take over once A has stopped."""
+
+    async def main() -> None:
+        async with Engine(Settings(datapath_thread=True)) as engine:
+            router = engine.create_router()
+            ca, ta, a = speaker(router, 6666)
+            cb, tb, b = speaker(router, 7777)
+            active = router.create_active_speaker_observer(interval=300)
+            dominant: list[str] = []
+            active.on("dominantspeaker", lambda d: dominant.append(d["producer"].id))
+            active.add_producer(a.id)
+            active.add_producer(b.id)
+            seq = await talk([(ca, ta, 6666, LOUD), (cb, tb, 7777, QUIET)], 1.2, 0)
+            seq = await talk([(ca, ta, 6666, LOUD), (cb, tb, 7777, LOUD)], 0.2, seq)
+            seq = await talk([(ca, ta, 6666, LOUD), (cb, tb, 7777, QUIET)], 0.9, seq)
+            assert dominant == [a.id], dominant
+            active.pause()
+            seq = await talk([(ca, ta, 6666, QUIET), (cb, tb, 7777, LOUD)], 0.4, seq)
+            assert dominant == [a.id], dominant  # paused: nothing decided
+            active.resume()
+            await talk([(ca, ta, 6666, QUIET), (cb, tb, 7777, LOUD)], 1.5, seq)
+            assert dominant == [a.id, b.id], dominant
+            assert active.dominant is b
+            for c in (ca, cb):
+                c.close()
+
+    run(main())
+
+
 def test_two_observers_share_a_producer_and_closing_cleans_up() -> None:
     """Two observers of one producer each see every level (read once from the datapath); a closed
     producer leaves both; pause stops events; the router's close closes its observers."""

@@ -14,6 +14,7 @@ cdef enum:
     MAX_EXT_KINDS = 32
     KIND_MID = 1              # the extension kind whose value each consumer writes itself
     KIND_AUDIO_LEVEL = 2      # ssrc-audio-level (RFC 6464): read per producer when levels are on
+    LEVEL_RECENT = 64         # levels kept per interval for the frame-wise speaker identification
     MID_MAX = 16
     SEND_BATCH = 64
     EVENT_CAP = 256
@@ -225,6 +226,9 @@ ctypedef struct Producer:
     uint32_t level_count
     uint32_t level_sum
     uint32_t level_voiced            # packets with the V (voice activity) bit set
+    # The interval's last LEVEL_RECENT levels in arrival order (slot level_count % LEVEL_RECENT):
+    # the dominant speaker identification wants one level per frame (docs/observers.md)
+    uint8_t level_recent[LEVEL_RECENT]
 
 ctypedef struct Consumer:
     int in_use
@@ -401,6 +405,7 @@ cdef class Datapath:
     cdef int _handle(self, int sock, uint8_t *buf, int n, const uint8_t *src, int64_t now, int *out_t, int *out_n) noexcept nogil
     cdef void _rtp(self, int t, Transport *tr, uint8_t *buf, int n, const uint8_t *src, int64_t now, int tentative) noexcept nogil
     cdef void _read_level(self, Producer *pr, const uint8_t *blk, int blk_len, int profile) noexcept nogil
+    cdef bytes _recent_levels(self, Producer *pr)
     cdef int64_t _track(self, Producer *pr, uint16_t seq, uint32_t ts, int64_t now) noexcept nogil
     cdef void _forward(self, Producer *pr, Consumer *co, const uint8_t *buf, int n, int hlen, int ext_off, int ext_len, int profile, int64_t ext, int64_t now) noexcept nogil
     cdef int _alloc_out(self) noexcept nogil

@@ -1144,8 +1144,9 @@ cdef class Datapath:
             return pr.level_id != 0
 
     def take_levels(self, list slots) -> list:
-        """(count, sum, min, voiced) of each producer's levels since the last call, and reset:
-        one table hold for a whole room, on a timer (never per packet)."""
+        """(count, sum, min, voiced, recent) of each producer's levels since the last call, and reset:
+        one table hold for a whole room, on a timer (never per packet). `recent`: the last
+        LEVEL_RECENT levels (-dBov) in arrival order, one per packet."""
         cdef int p
         cdef Producer *pr
         out = []
@@ -1153,10 +1154,18 @@ cdef class Datapath:
             for p in slots:
                 self._check_producer(p)
                 pr = &self.producers[p]
-                out.append((pr.level_count, pr.level_sum, pr.level_min, pr.level_voiced))
+                out.append((pr.level_count, pr.level_sum, pr.level_min, pr.level_voiced, self._recent_levels(pr)))
                 pr.level_count = pr.level_sum = pr.level_voiced = 0
                 pr.level_min = 127
         return out
+
+    cdef bytes _recent_levels(self, Producer *pr):
+        """The interval's last (up to LEVEL_RECENT) levels, oldest first, from the ring."""
+        cdef uint32_t n = pr.level_count, head = pr.level_count % LEVEL_RECENT
+        cdef const char *ring = <const char *>pr.level_recent
+        if n <= LEVEL_RECENT:
+            return ring[:n]
+        return ring[head:LEVEL_RECENT] + ring[:head]
 
     def remove_producer(self, int p) -> None:
         cdef Key k
@@ -2103,6 +2112,7 @@ cdef class Datapath:
                 if elen == 0:            # the two-byte form allows empty elements (RFC 8285 §4.3)
                     return
                 v = blk[pos - elen]
+                pr.level_recent[pr.level_count % LEVEL_RECENT] = v & 0x7F
                 pr.level_count += 1
                 pr.level_sum += v & 0x7F
                 if (v & 0x7F) < pr.level_min:

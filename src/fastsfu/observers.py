@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypedDict
 
+from fastsfu.dominant_speaker import DominantSpeakerIdentification, Speaker
 from fastsfu.events import EventEmitter
+from fastsfu.rtp import LEVEL_RECENT
 
 if TYPE_CHECKING:
     from fastsfu.producer import Producer
@@ -36,17 +38,21 @@ class Levels:
     total: int = 0
     loudest: int = SILENT
     voiced: int = 0
+    recent: bytearray = field(default_factory=bytearray)  # the last LEVEL_RECENT levels, in order
 
-    def add(self, count: int, total: int, loudest: int, voiced: int) -> None:
+    def add(self, count: int, total: int, loudest: int, voiced: int, recent: bytes) -> None:
         self.count += count
         self.total += total
         self.loudest = min(self.loudest, loudest)
         self.voiced += voiced
+        self.recent += recent
+        del self.recent[:-LEVEL_RECENT]
 
     def take(self) -> Levels:
-        out = Levels(self.count, self.total, self.loudest, self.voiced)
+        out = Levels(self.count, self.total, self.loudest, self.voiced, self.recent)
         self.count = self.total = self.voiced = 0
         self.loudest = SILENT
+        self.recent = bytearray()
         return out
 
     @property
@@ -62,10 +68,10 @@ def collect(producers: list[Producer]) -> None:
     if not live:
         return
     rows = live[0].transport.engine.datapath.take_levels([p.slot for p in live])
-    for producer, (count, total, loudest, voiced) in zip(live, rows, strict=True):
+    for producer, (count, total, loudest, voiced, recent) in zip(live, rows, strict=True):
         if count:
             for levels in producer.level_subscribers:
-                levels.add(count, total, loudest, voiced)
+                levels.add(count, total, loudest, voiced, recent)
 
 
 class RtpObserver(EventEmitter):
@@ -132,6 +138,7 @@ class RtpObserver(EventEmitter):
         self._paused = False
         for levels in self._levels.values():
             levels.take()  # what arrived while paused is not this interval's
+        self._on_resume()
         self.observer.emit("resume")
 
     def close(self) -> None:
@@ -183,6 +190,9 @@ class RtpObserver(EventEmitter):
     def _on_pause(self) -> None:
         pass
 
+    def _on_resume(self) -> None:
+        pass
+
 
 class AudioLevelObserver(RtpObserver):
     """mediasoup's AudioLevelObserver: every `interval` ms, "volumes" with the `max_entries`
@@ -229,60 +239,47 @@ class AudioLevelObserver(RtpObserver):
 
 class ActiveSpeakerObserver(RtpObserver):
     """mediasoup's ActiveSpeakerObserver: "dominantspeaker" ({producer}) when the dominant speaker
-    changes. Each interval gives every producer a speech score from its level and voice-activity
-    bits; scores are smoothed over about a second, and a challenger takes over only when it is
-    speaking now and its smoothed score beats the dominant's by a margin, so a cough or a short
-    overlap does not switch (docs/observers.md#active-speaker)."""
+    changes, by the dominant speaker identification of Volfin and Cohen (fastsfu.dominant_speaker)
+    over every packet's level, one frame each; silence keeps the last dominant speaker
+    (docs/observers.md#active-speaker)."""
 
-    SPEECH_FLOOR = 70  # dBov below -70 counts as no speech (room noise, comfort noise)
-    MARGIN = 6.0  # score units (dB above the floor) a challenger must lead by
+    FRAME_MS = 20  # the packet time the frames are counted in (Opus's usual 20 ms)
 
     def __init__(self, router: Router, interval: int = 300, app_data: dict[str, Any] | None = None) -> None:
         self.dominant: Producer | None = None
-        self._scores: dict[str, float] = {}
-        self._voicing: set[str] = set()  # producers whose senders set V bits (RFC 6464 §3)
+        self._dsi: DominantSpeakerIdentification[str] = DominantSpeakerIdentification()
         super().__init__(router, min(max(interval, 100), 5000), app_data)
-        # Smoothing per interval such that about a second of history weighs in, whatever the interval.
-        self._alpha = min(1.0, self.interval_ms / 1000)
+        self._last = router.engine.loop.time()
 
-    def _speech(self, producer: Producer, levels: Levels) -> float:
-        """dB above the speech floor over the interval, 0 for silence or too few samples (DTX);
-        a sender that sets V bits (RFC 6464 §3) but set none this interval is not speaking."""
-        if levels.voiced:
-            self._voicing.add(producer.id)
-        if levels.count < max(1, MIN_SAMPLES * self.interval_ms // 2000):
-            return 0.0
-        if levels.voiced == 0 and producer.id in self._voicing:
-            return 0.0
-        return max(0.0, float(self.SPEECH_FLOOR + levels.mean_dbov))
+    def add_producer(self, producer_id: str) -> None:
+        super().add_producer(producer_id)
+        self._dsi.add(producer_id)
 
     def _evaluate(self, taken: list[tuple[Producer, Levels]]) -> None:
-        now: dict[str, float] = {}
+        now = self.router.engine.loop.time()
+        frames = int((now - self._last) * 1000 / self.FRAME_MS)
+        self._last = now
         for producer, levels in taken:
-            speech = self._speech(producer, levels)
-            now[producer.id] = speech
-            old = self._scores.get(producer.id, 0.0)
-            self._scores[producer.id] = old + self._alpha * (speech - old)
-        best = max(taken, key=lambda t: self._scores[t[0].id], default=None)
-        if best is None or now[best[0].id] <= 0.0:
-            return
-        challenger = best[0]
-        if challenger is self.dominant:
-            return
-        current = self._scores.get(self.dominant.id, 0.0) if self.dominant is not None else 0.0
-        if self.dominant is None or self._scores[challenger.id] > current + self.MARGIN:
-            self.dominant = challenger
-            self.emit("dominantspeaker", {"producer": challenger})
-            self.observer.emit("dominantspeaker", {"producer": challenger})
+            self._dsi.feed(producer.id, bytes(levels.recent), frames)
+        winner = self._dsi.decide()
+        if winner is not None and (self.dominant is None or winner != self.dominant.id):
+            self.dominant = self.producers[winner]
+            self.emit("dominantspeaker", {"producer": self.dominant})
+            self.observer.emit("dominantspeaker", {"producer": self.dominant})
 
     def _producer_removed(self, producer: Producer) -> None:
-        self._scores.pop(producer.id, None)
-        self._voicing.discard(producer.id)
+        self._dsi.remove(producer.id)
         if self.dominant is producer:
             self.dominant = None
 
     def _on_pause(self) -> None:
-        self._scores.clear()
+        # What was heard before the pause is stale after it: everyone starts from silence, and
+        # the dominant speaker stays until someone speaks (as after any silence).
+        for producer_id in self._dsi.speakers:
+            self._dsi.speakers[producer_id] = Speaker()
+
+    def _on_resume(self) -> None:
+        self._last = self.router.engine.loop.time()  # the paused time is not silence to count
 
 
 class SpeakingObserver(RtpObserver):

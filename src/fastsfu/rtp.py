@@ -19,6 +19,7 @@ KIND_MID = 1  # the extension kind each consumer fills with its own MID (RFC 884
 # Header extensions the datapath forwards, by URI -> kind (a small integer the C tables use).
 # Anything else (abs-send-time, transport-cc: per-hop values) is stripped from forwarded packets.
 KIND_AUDIO_LEVEL = 2  # ssrc-audio-level (RFC 6464): the datapath reads it for observers
+LEVEL_RECENT = 64  # levels per producer and interval the datapath keeps in order (_rtp.pxd)
 EXTENSION_KINDS: dict[str, int] = {
     URI_MID: KIND_MID,
     URI_AUDIO_LEVEL: KIND_AUDIO_LEVEL,

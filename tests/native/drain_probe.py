@@ -227,7 +227,7 @@ def main(n: int, fanout: int, kind: str, threaded: bool, variant: str = "") -> N
     control_allocations = counter() - before - overhead
     del control
     stats = dp.stats()
-    ((level_count, _, _, _),) = dp.take_levels([p])
+    ((level_count, _, _, _, _),) = dp.take_levels([p])
     tapped = dp.tap_stats(tap)["packets"] if tap >= 0 else 0
     dp.close()
     if tcp:
