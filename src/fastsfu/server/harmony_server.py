@@ -73,7 +73,7 @@ async def serve_harmony(config: ServerConfig, voice: VoiceSettings | None = None
             guards.append(ConnectionGuard("discord", limits))
         mounts: list[Callable[[web.Application], None]] = [mount_demo]
         gc_monitor = GcMonitor().install()
-        cluster = worker.bind(rooms, engine) if worker is not None else ()
+        cluster = worker.bind(rooms, engine, discord) if worker is not None else ()
         scrape = None
         if config.metrics:
             scrape = metrics_mount(rooms, rate_limit, discord, guards, gc_monitor, cluster)
