@@ -125,6 +125,7 @@ class Observer:
         self.udp = udp
         self.received: list[tuple[float, dict[str, Any]]] = []
         self.close_code: int | None = None  # the server's close frame's, once it closed the socket
+        self.token = ""
         self._arrived = asyncio.Event()
         self._seq = -1
         self._reader = asyncio.ensure_future(self._read())
@@ -161,7 +162,9 @@ class Observer:
         await ws.send_json(
             {"op": 1, "d": {"protocol": "udp", "data": {"address": ip, "port": port, "mode": AES}}}
         )
-        return cls(ws, udp, hello["d"]["heartbeat_interval"] / 1000)
+        observer = cls(ws, udp, hello["d"]["heartbeat_interval"] / 1000)
+        observer.token = token  # RESUME needs IDENTIFY's
+        return observer
 
     async def _read(self) -> None:
         loop = asyncio.get_running_loop()

@@ -36,6 +36,7 @@ from fastsfu.cluster.bus import Bus
 from fastsfu.cluster.discord_bridge import CLOSE_SUBJECT
 from fastsfu.cluster.registry import NODE_TTL
 from fastsfu.harmony.auth import TokenAuth
+from fastsfu.server.worker import DRAIN_WAIT
 
 pytestmark = [pytest.mark.loopback, pytest.mark.slow]
 AUTH = TokenAuth(SECRET)
@@ -180,6 +181,52 @@ def test_a_dead_home_or_edge_ends_a_bridged_discord_session_cleanly(
                     await asyncio.wait_for(observer.close(), 5)
 
     asyncio.run(asyncio.wait_for(run(), 100))
+
+
+@pytest.mark.timeout(90)
+def test_a_draining_edge_hands_its_discord_sockets_to_the_other_worker(
+    discord_cluster: DiscordCluster,
+) -> None:
+    """SIGTERM to the worker a bridged Discord member's socket reached (not its room's home): the
+    socket is closed with 4015, and the session, kept at the home, RESUMEs through the other worker
+    (op 9, the messages after seq_ack replayed); the member at the home never hears it leave."""
+    cluster = discord_cluster
+
+    async def run() -> None:
+        async with aiohttp.ClientSession() as http:
+            await both_nodes(http, cluster)
+            bridged, edge, home = await bridged_observer(http, cluster, "79", 1)
+            other = await Observer.join(
+                http, cluster.url, server_id="79", user_id=2, token=AUTH.mint(2), ssl=cluster.tls
+            )
+            await bridged.wait_op(11, 2, 10)
+            os.kill(cluster.pids[edge], signal.SIGTERM)
+            assert await observer_closed(bridged, DRAIN_WAIT + 5) == 4015
+            resume = {
+                "server_id": "79",
+                "session_id": "obs-1",
+                "token": bridged.token,
+                "seq_ack": bridged._seq,
+            }
+            resumed = None
+            for _ in range(20):  # the draining worker's listener may still take a socket (4015 again)
+                ws = await http.ws_connect(cluster.url, ssl=cluster.tls)
+                try:
+                    assert (await ws.receive_json(timeout=5))["op"] == 8
+                    await ws.send_json({"op": 7, "d": resume})
+                    msg = await ws.receive(timeout=5)
+                    if msg.type == aiohttp.WSMsgType.TEXT:
+                        resumed = msg.json()
+                        break
+                finally:
+                    await ws.close()
+                await asyncio.sleep(0.2)
+            assert resumed == {"op": 9, "d": None}, resumed
+            await asyncio.sleep(0.5)
+            assert not [m for _, m in other.received if m["op"] == 13], other.received
+            await other.close()
+
+    asyncio.run(asyncio.wait_for(run(), 80))
 
 
 @pytest.mark.timeout(90)
