@@ -211,19 +211,20 @@ def test_a_draining_edge_hands_its_discord_sockets_to_the_other_worker(
             resumed = None
             for _ in range(20):  # the draining worker's listener may still take a socket (4015 again)
                 ws = await http.ws_connect(cluster.url, ssl=cluster.tls)
-                try:
-                    assert (await ws.receive_json(timeout=5))["op"] == 8
+                msg = await ws.receive(timeout=5)
+                if msg.type == aiohttp.WSMsgType.TEXT and msg.json()["op"] == 8:
                     await ws.send_json({"op": 7, "d": resume})
                     msg = await ws.receive(timeout=5)
                     if msg.type == aiohttp.WSMsgType.TEXT:
                         resumed = msg.json()
                         break
-                finally:
-                    await ws.close()
+                await ws.close()
                 await asyncio.sleep(0.2)
             assert resumed == {"op": 9, "d": None}, resumed
             await asyncio.sleep(0.5)
             assert not [m for _, m in other.received if m["op"] == 13], other.received
+            await ws.close()  # 1000: now it leaves
+            await other.wait_op(13, 1, 5)
             await other.close()
 
     asyncio.run(asyncio.wait_for(run(), 80))
@@ -283,7 +284,7 @@ def test_without_the_bus_an_identify_is_closed_with_4000(tmp_path: Path) -> None
                     assert await closed_with(ws, 10) == UNAVAILABLE
                     assert time.monotonic() - t0 < 6
                 closes = [(await scrape(http, cluster.metrics[i])) for i in (0, 1)]
-                assert total(closes, 'fastsfu_discord_closes_total{code="4000"}') == 2
+                assert sum(m.get('fastsfu_discord_closes_total{code="4000"}', 0) for m in closes) == 2
 
         asyncio.run(asyncio.wait_for(run(), 60))
     finally:
@@ -437,8 +438,15 @@ def test_harmony_and_discord_clients_on_both_workers_share_one_channel(
         assert result.ok, (result.errors, result.stderr[-3000:])
         assert result.ws_close_codes[:RESUMES] == [4015] * RESUMES, result.ws_close_codes
         assert result.resumes == RESUMES, result.networking_states[-6:]
+        # Every one of the bot's frames from djs's first on, in order. djs 0.19.2 strips a "header
+        # extension" from any packet whose encrypted payload starts with 0xBEDE (it does not look
+        # at the X bit), so about one packet in 65536 reaches it garbled: such a frame counts as
+        # received at its place when the frames around it are in sequence.
         got = [marker_index(f) for f in result.received_from(DPY)]
-        assert len(got) >= DJS_EXPECT and got == list(range(got[0], got[0] + len(got))), got[:5]
+        start = next(i - k for k, i in enumerate(got) if i is not None)
+        garbled = [k for k, i in enumerate(got) if i is None]
+        assert len(got) >= DJS_EXPECT and all(i in (None, start + k) for k, i in enumerate(got)), got[:5]
+        assert len(garbled) <= 2, garbled
         for member in harmony:
             assert len(result.received_from(member.user)) >= 25
         assert result.ws_ops_received.count(11) == 1  # CLIENTS_CONNECT once, none replayed twice
