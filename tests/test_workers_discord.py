@@ -106,6 +106,21 @@ async def bridged_observer(
     raise AssertionError("every socket reached the room's home")
 
 
+async def observer_at_home(
+    http: aiohttp.ClientSession, cluster: DiscordCluster, server_id: str, user: int, home: int
+) -> Observer:
+    """An Observer in `server_id` whose socket reached worker `home` (the room's home)."""
+    for _ in range(12):
+        before = (await scrape(http, cluster.metrics[home]))[sessions("here")]
+        observer = await Observer.join(
+            http, cluster.url, server_id=server_id, user_id=user, token=AUTH.mint(user), ssl=cluster.tls
+        )
+        if (await scrape(http, cluster.metrics[home]))[sessions("here")] > before:
+            return observer
+        await observer.close()
+    raise AssertionError("no socket reached the home")
+
+
 async def observer_closed(observer: Observer, timeout: float) -> int | None:
     """The close code the server ends an Observer's socket with, within `timeout`."""
     await asyncio.wait_for(asyncio.shield(observer._reader), timeout)
@@ -148,17 +163,7 @@ def test_a_dead_home_or_edge_ends_a_bridged_discord_session_cleanly(
         async with aiohttp.ClientSession() as http:
             await both_nodes(http, cluster)
             bridged, edge, home = await bridged_observer(http, cluster, "77", 1)
-            local = None
-            for _ in range(12):  # the second member: until its socket reached the home
-                before = (await scrape(http, cluster.metrics[home]))[sessions("here")]
-                local = await Observer.join(
-                    http, cluster.url, server_id="77", user_id=2, token=AUTH.mint(2), ssl=cluster.tls
-                )
-                if (await scrape(http, cluster.metrics[home]))[sessions("here")] > before:
-                    break
-                await local.close()
-                local = None
-            assert local is not None, "no socket reached the home"
+            local = await observer_at_home(http, cluster, "77", 2, home)
             # They hear each other: media straight to the home (READY named its media port).
             await bridged.wait_op(11, 2, 10)
             await local.wait_op(11, 1, 10)
@@ -196,9 +201,7 @@ def test_a_draining_edge_hands_its_discord_sockets_to_the_other_worker(
         async with aiohttp.ClientSession() as http:
             await both_nodes(http, cluster)
             bridged, edge, home = await bridged_observer(http, cluster, "79", 1)
-            other = await Observer.join(
-                http, cluster.url, server_id="79", user_id=2, token=AUTH.mint(2), ssl=cluster.tls
-            )
+            other = await observer_at_home(http, cluster, "79", 2, home)
             await bridged.wait_op(11, 2, 10)
             os.kill(cluster.pids[edge], signal.SIGTERM)
             assert await observer_closed(bridged, DRAIN_WAIT + 5) == 4015
