@@ -124,6 +124,8 @@ class Observer:
         self.ws = ws
         self.udp = udp
         self.received: list[tuple[float, dict[str, Any]]] = []
+        self.close_code: int | None = None  # the server's close frame's, once it closed the socket
+        self.token = ""
         self._arrived = asyncio.Event()
         self._seq = -1
         self._reader = asyncio.ensure_future(self._read())
@@ -160,11 +162,18 @@ class Observer:
         await ws.send_json(
             {"op": 1, "d": {"protocol": "udp", "data": {"address": ip, "port": port, "mode": AES}}}
         )
-        return cls(ws, udp, hello["d"]["heartbeat_interval"] / 1000)
+        observer = cls(ws, udp, hello["d"]["heartbeat_interval"] / 1000)
+        observer.token = token  # RESUME needs IDENTIFY's
+        return observer
 
     async def _read(self) -> None:
         loop = asyncio.get_running_loop()
-        async for msg in self.ws:
+        while True:
+            msg = await self.ws.receive()
+            if msg.type == aiohttp.WSMsgType.CLOSE:  # the server's code (aiohttp may log 1006 after)
+                self.close_code = msg.data
+            if msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSING, aiohttp.WSMsgType.CLOSED):
+                return
             if msg.type == aiohttp.WSMsgType.TEXT:
                 message = json.loads(msg.data)
                 self._seq = message.get("seq", self._seq)

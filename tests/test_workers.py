@@ -39,7 +39,7 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 GRACE = 2.0  # --shutdown-grace given to the supervisor (and so to each worker)
 STARTED = re.compile(r"worker (\d+) started: pid (\d+)")
 METRICS = re.compile(r"fastsfu: worker (\d+) metrics (\S+)")
-PORTS = re.compile(r"fastsfu: 2 workers on hRPC (\d+), gRPC (\d+)")
+PORTS = re.compile(r"fastsfu: 2 workers on hRPC (\d+), gRPC (\d+), Discord (-?\d+)")
 NATS = re.compile(r"fastsfu: nats (nats://\S+) \(embedded\)")
 
 
@@ -63,7 +63,7 @@ class Cluster:
         self.output: list[str] = []
         self.pids: dict[int, int] = {}
         self.metrics: dict[int, str] = {}
-        self.hrpc = self.grpc = 0
+        self.hrpc = self.grpc = self.discord = 0
         self.nats = ""
         threading.Thread(target=self._read, daemon=True).start()
 
@@ -86,7 +86,7 @@ class Cluster:
             if m := METRICS.search(line):
                 self.metrics[int(m[1])] = m[2]
             if m := PORTS.search(line):
-                self.hrpc, self.grpc = int(m[1]), int(m[2])
+                self.hrpc, self.grpc, self.discord = int(m[1]), int(m[2]), int(m[3])
             if m := NATS.search(line):
                 self.nats = m[1]
 
@@ -202,10 +202,10 @@ def test_two_workers_share_the_signaling_port_and_place_every_room_once(cluster:
     assert sum(edges) == 40 and min(edges) >= 1, edges
     # ... and each session runs at its room's home: some bridged there from the other worker.
     assert total(during, "fastsfu_voice_sessions") == 40
-    bridged = total(during, 'fastsfu_cluster_sessions_total{where="bridged"}')
-    here = total(during, 'fastsfu_cluster_sessions_total{where="here"}')
+    bridged = total(during, 'fastsfu_cluster_sessions_total{protocol="harmony",where="bridged"}')
+    here = total(during, 'fastsfu_cluster_sessions_total{protocol="harmony",where="here"}')
     assert bridged + here == 40 and bridged >= 1, (bridged, here)
-    assert total(during, 'fastsfu_cluster_sessions_total{where="hosted"}') == bridged
+    assert total(during, 'fastsfu_cluster_sessions_total{protocol="harmony",where="hosted"}') == bridged
     assert [m["fastsfu_cluster_nodes"] for m in during] == [2, 2]
     assert [m["fastsfu_cluster_connected"] for m in during] == [1, 1]
     assert placed(during), during
@@ -423,7 +423,7 @@ def test_members_on_different_workers_hear_each_other_through_the_bridge(
             assert await first.heard(ids[second]) == 5 and await second.heard(ids[first]) == 5
             seen = [await scrape(http, cluster.metrics[i]) for i in (0, 1)]
             for where in ("bridged", "hosted"):  # exactly one of the two sessions went over the bus
-                key = f'fastsfu_cluster_sessions_total{{where="{where}"}}'
+                key = f'fastsfu_cluster_sessions_total{{protocol="harmony",where="{where}"}}'
                 assert total(seen, key) - total(base, key) == 1, where
             assert (
                 total(seen, "fastsfu_room_members") == 2 and min(m["fastsfu_room_members"] for m in seen) == 0

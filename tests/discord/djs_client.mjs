@@ -17,7 +17,7 @@
 // tests/discord_clients.py); debug output goes to stderr. Exit code 0 if ok, 1 if not, 2 for bad
 // arguments. Every wait is bounded; `hard_deadline_ms` ends the process whatever happens.
 
-import { readFileSync } from 'node:fs';
+import { readFileSync, readSync } from 'node:fs';
 import { Readable } from 'node:stream';
 import {
   AudioPlayerStatus,
@@ -39,11 +39,33 @@ const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
 const SILENCE = Buffer.from([0xf8, 0xff, 0xfe]);
 const emit = (obj) => process.stdout.write(`${JSON.stringify(obj)}\n`);
 
+// All of stdin: readFileSync(0) fails with EAGAIN when the harness's (non-blocking) socket has
+// no data yet or only part of a large argument object, so read until EOF, waiting briefly on EAGAIN.
+function readStdin() {
+  const chunks = [];
+  const buf = Buffer.alloc(65536);
+  const pause = new Int32Array(new SharedArrayBuffer(4));
+  for (let waited = 0; waited < 20000; ) {
+    let n;
+    try {
+      n = readSync(0, buf, 0, buf.length, null);
+    } catch (err) {
+      if (err.code !== 'EAGAIN') throw err;
+      Atomics.wait(pause, 0, 0, 5);
+      waited += 5;
+      continue;
+    }
+    if (n === 0) return Buffer.concat(chunks).toString('utf8');
+    chunks.push(Buffer.from(buf.subarray(0, n)));
+  }
+  throw new Error('no end of the arguments on stdin within 20 s');
+}
+
 function loadArgs(argv) {
   const i = argv.indexOf('--json-args');
   if (i < 0 || i + 1 >= argv.length) throw new Error('usage: djs_client.mjs --json-args JSON|@file|-');
   const spec = argv[i + 1];
-  const text = spec === '-' ? readFileSync(0, 'utf8') : spec.startsWith('@') ? readFileSync(spec.slice(1), 'utf8') : spec;
+  const text = spec === '-' ? readStdin() : spec.startsWith('@') ? readFileSync(spec.slice(1), 'utf8') : spec;
   const args = JSON.parse(text);
   if (args === null || typeof args !== 'object' || Array.isArray(args)) throw new Error('--json-args must be a JSON object');
   if (args.frames_file) args.frames = JSON.parse(readFileSync(args.frames_file, 'utf8'));

@@ -1,7 +1,7 @@
-"""Harmony sessions bridged to their room's home (docs/cluster.md#bridging): the worker a stream
-lands on places the room at its first message (Initialize) and, when the home is another node,
-forwards the stream's frames over NATS; the session's state machine runs at the home, so its ICE
-candidates name the home's media port and media goes straight there."""
+"""Sessions bridged to their room's home (docs/cluster.md#bridging), whatever the protocol: the
+worker a client lands on (the edge) places the room at its first message and, when the home is
+another node, relays the session's frames over NATS on per-session subjects; the session's state
+machine runs at the home (a `Hosted` there), so media addresses name the home's media port."""
 
 from __future__ import annotations
 
@@ -11,87 +11,107 @@ import contextlib
 import logging
 import uuid
 from collections import Counter
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
 
-from fastsfu._proto.protocol.voice.v1 import voice_pb2
 from fastsfu.cluster.bus import BusError
 from fastsfu.cluster.placement import VERSION
 from fastsfu.cluster.registry import Registry
-from fastsfu.harmony.session import VoiceError, VoiceRooms, VoiceSession
 
 log = logging.getLogger(__name__)
 
-Req, Resp = voice_pb2.StreamMessageRequest, voice_pb2.StreamMessageResponse
-OPEN_TIMEOUT = 3.0  # seconds for the home to accept a bridged session
-UNAVAILABLE = "fastsfu.voice-cluster-unavailable"  # the bus cannot place or bridge: join elsewhere/later
+OPEN_TIMEOUT = 3.0  # seconds for the home to accept a bridged session (and for a starting node's NATS)
+
+Message = dict[str, Any]  # one versioned bus message: {"v": 1, "k": kind, ...}
+Wake = Callable[[], None]
 
 
 def open_subject(node: str) -> str:
     return f"fastsfu.v1.bridge.{node}.open"
 
 
-def _b64(data: bytes) -> str:
+def b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
 
-def _unb64(data: object) -> bytes:
+def unb64(data: object) -> bytes:
     if not isinstance(data, str):
         raise ValueError("not base64 text")
     return base64.b64decode(data, validate=True)
 
 
-def error_message(error: VoiceError) -> dict[str, object]:
-    return {
-        "v": VERSION,
-        "k": "e",
-        "id": error.identifier,
-        "msg": error.human_message,
-        "det": _b64(error.details),
-    }
+class Hosted(Protocol):
+    """A session the home runs for a bridged edge. Frames from the edge are `{"k": "f", ...}`, the
+    edge's end `{"k": "x", ...}`; what `take` returns goes to the edge in order."""
+
+    def feed(self, message: Message) -> None: ...
+
+    def take(self) -> tuple[list[Message], bool]:
+        """The messages for the edge, and whether the session is over (the last ones are sent)."""
+        ...
+
+    def timeout(self) -> float | None:
+        """Seconds until `expire` is due (None: no timer)."""
+        ...
+
+    def expire(self) -> None: ...
+
+    def orphaned(self) -> None:
+        """The edge's node is gone (no heartbeat within the TTL): end the session."""
+        ...
+
+    def dispose(self) -> None:
+        """The bridge is over (ended, or the bus failed): release what the session holds."""
+        ...
+
+
+# Builds the home's session for an open request of one kind ("harmony", "discord"); ValueError,
+# KeyError or TypeError for a request it cannot serve. `wake` is called when output is queued.
+HostedFactory = Callable[[Message, Wake], Hosted]
 
 
 class BridgeHost:
-    """The home's side: a local VoiceSession per bridged stream, its output sent to the edge."""
+    """The home's side: one `Hosted` per bridged session, by kind; its output sent to the edge."""
 
-    def __init__(self, rooms: VoiceRooms, registry: Registry) -> None:
-        self.rooms = rooms
+    def __init__(self, registry: Registry, kinds: Mapping[str, HostedFactory]) -> None:
         self.registry = registry
         self.bus = registry.bus
-        self.sessions: dict[str, VoiceSession] = {}
-        self.edges: dict[str, str] = {}  # the node each bridged session's stream is on
-        self.hosted = 0  # bridged sessions accepted (a metric)
+        self.kinds = dict(kinds)
+        self.sessions: dict[str, Hosted] = {}
+        self.edges: dict[str, str] = {}  # the node each bridged session's client is on
+        self.hosted: Counter[str] = Counter()  # bridged sessions accepted, by kind (a metric)
 
     def drop_orphans(self, live: set[str]) -> int:
-        """End the bridged sessions whose edge node is gone (its stream died with it): the others
-        in the room get UserLeft. The count ended."""
+        """End the bridged sessions whose edge node is gone (its client's connection died with it):
+        the others in the room hear them leave once. The count ended."""
         gone = [sid for sid, edge in self.edges.items() if edge not in live]
         for sid in gone:
             session = self.sessions.get(sid)
             if session is not None:
-                session.close("the edge of this session went away")
+                session.orphaned()
         return len(gone)
 
     async def start(self) -> None:
         await self.bus.nc.subscribe(open_subject(self.registry.node), cb=self._open)
 
     async def _open(self, msg: Any) -> None:
+        wake = asyncio.Event()
         try:
             req = self.bus.decode(msg.data)
-            sid, user_id = str(req["sid"]), int(req["user"])
-            first = Req.FromString(_unb64(req["first"]))
+            sid, kind, frames = str(req["sid"]), str(req["kind"]), req["frames"]
+            if not isinstance(frames, list) or kind not in self.kinds:
+                raise ValueError(f"cannot host a {kind!r} session")
+            session = self.kinds[kind](req, wake.set)
         except (ValueError, KeyError, TypeError) as exc:
             await msg.respond(self.bus.encode({"v": VERSION, "ok": False, "why": str(exc)}))
             return
-        session = VoiceSession(self.rooms, user_id, str(req.get("frontend", "")), str(req.get("remote", "")))
-        self.rooms.open_sessions.add(session)
         self.sessions[sid] = session
         self.edges[sid] = str(req.get("edge", ""))
-        self.hosted += 1
-        out = f"fastsfu.v1.bridge.{sid}.out"
-        wake = asyncio.Event()
-        session.on_output = wake.set
-        inbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self.hosted[kind] += 1
+        inbox: asyncio.Queue[Message] = asyncio.Queue()
+        for frame in frames:  # the first frames, in order, before any that follow on .in
+            if isinstance(frame, dict):
+                inbox.put_nowait(frame)
 
         async def on_in(m: Any) -> None:
             try:
@@ -102,259 +122,141 @@ class BridgeHost:
 
         sub = await self.bus.nc.subscribe(f"fastsfu.v1.bridge.{sid}.in", cb=on_in)
         await msg.respond(self.bus.encode({"v": VERSION, "ok": True}))
-        asyncio.create_task(self._run(sid, session, first, inbox, wake, out, sub))
+        asyncio.create_task(self._run(sid, session, inbox, wake, sub))
 
     async def _run(
-        self,
-        sid: str,
-        session: VoiceSession,
-        first: Any,
-        inbox: asyncio.Queue[dict[str, Any]],
-        wake: asyncio.Event,
-        out: str,
-        sub: Any,
+        self, sid: str, session: Hosted, inbox: asyncio.Queue[Message], wake: asyncio.Event, sub: Any
     ) -> None:
-        """Mirror of a front-end's stream loop, with the edge at the other end of two subjects."""
-        pending: list[Any] = [first]
+        """A front-end's connection loop, with the edge at the other end of two subjects."""
+        out = f"fastsfu.v1.bridge.{sid}.out"
         try:
             while True:
                 wake.clear()
-                for message in session.take_outgoing():
-                    if isinstance(message, VoiceError):
-                        session.end_reason = message.identifier
-                        await self.bus.publish(out, error_message(message))
-                        return
-                    await self.bus.publish(
-                        out, {"v": VERSION, "k": "m", "d": _b64(message.SerializeToString())}
-                    )
-                if session.state == "closed":
-                    await self.bus.publish(out, {"v": VERSION, "k": "c", "left": session.left_by_peer})
+                messages, over = session.take()
+                for message in messages:
+                    await self.bus.publish(out, message)
+                if over:
                     return
-                while not inbox.empty():
-                    item = inbox.get_nowait()
-                    if item.get("k") == "x":
-                        session.end_reason = str(item.get("why", "")) or session.end_reason
-                        return
-                    if item.get("k") == "f":
-                        with contextlib.suppress(ValueError):
-                            pending.append(Req.FromString(_unb64(item.get("d"))))
-                if pending:
-                    request = pending.pop(0)
-                    wake.set()
-                    try:
-                        session.handle(request)
-                    except VoiceError as exc:
-                        for message in session.take_outgoing():
-                            if not isinstance(message, VoiceError):
-                                await self.bus.publish(
-                                    out, {"v": VERSION, "k": "m", "d": _b64(message.SerializeToString())}
-                                )
-                        session.end_reason = exc.identifier
-                        await self.bus.publish(out, error_message(exc))
-                        return
+                if not inbox.empty():
+                    session.feed(inbox.get_nowait())
                     continue
                 try:
                     async with asyncio.timeout(session.timeout()):
                         await wake.wait()
                 except TimeoutError:
-                    error = session.timed_out()
-                    session.end_reason = error.identifier
-                    await self.bus.publish(out, error_message(error))
-                    return
+                    session.expire()
         except BusError as exc:
             log.info("bridged session %s: the bus failed: %s", sid, exc)
         finally:
-            session.on_output = None
-            session.close()
+            session.dispose()
             self.sessions.pop(sid, None)
             self.edges.pop(sid, None)
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
 
 
-class RoutedSession(VoiceSession):
-    """The edge's side, in place of a VoiceSession for the front-ends: at Initialize it asks the
-    registry for the room's home, then runs the session here or bridges it there."""
+class BridgeLink:
+    """The edge's end of one bridged session: frames to the home on `.in`, the home's messages
+    from `.out` to `on_message`; `on_home_gone` when the home's node stops heartbeating."""
 
     def __init__(
         self,
-        rooms: VoiceRooms,
-        user_id: int,
-        frontend: str,
-        remote: str,
-        registry: Callable[[], Registry | None],
-        counts: Counter[str],
-        connected: asyncio.Event | None = None,
+        edge: Edge,
+        registry: Registry,
+        home: str,
+        on_message: Callable[[Message], None],
+        on_home_gone: Callable[[], None],
     ) -> None:
-        super().__init__(rooms, user_id, frontend, remote)
-        self._registry = registry
-        self.counts = counts  # sessions by where they ran: here, or bridged to another home
-        self.connected = connected  # set once the node reached NATS (a stream may come just before)
-        self.inner: VoiceSession | None = None  # the session, when the room is homed here
-        self.sid = ""  # the bridge, when it is homed elsewhere
-        self.home = ""
-        self._task: asyncio.Task[None] | None = None
+        self.edge = edge
+        self.registry = registry
+        self.home = home
+        self.sid = uuid.uuid4().hex
+        self.on_message = on_message
+        self.on_home_gone = on_home_gone
         self._sub: Any = None
 
-    def timeout(self) -> float | None:
-        if self.inner is not None:
-            return self.inner.timeout()
-        return super().timeout() if self.state == "init" else None  # the home times the rest
-
-    def timed_out(self) -> VoiceError:
-        return self.inner.timed_out() if self.inner is not None else super().timed_out()
-
-    def handle(self, request: Any) -> None:
-        if self.state == "closed":
-            return
-        if self.inner is not None:
-            self.inner.handle(request)
-            return
-        if self.sid:
-            self._forward({"v": VERSION, "k": "f", "d": _b64(request.SerializeToString())})
-            return
-        if self.state != "init":  # placing: the client must wait for Initialized
-            raise VoiceError("fastsfu.voice-unexpected-message", "expected nothing before initialized")
-        if request.WhichOneof("message") != "initialize":
-            super().handle(request)  # raises the unexpected-message error
-            return
-        self.state = "placing"
-        self._task = asyncio.get_running_loop().create_task(self._place(request))
-
-    async def _place(self, first: Any) -> None:
-        init = first.initialize
-        key = f"{init.guild_id}.{init.channel_id}"
+    async def open(self, kind: str, fields: Message) -> None:
+        """Ask the home to host the session (BusError if it refuses or does not answer in time)."""
+        bus = self.registry.bus
+        self._sub = await bus.nc.subscribe(f"fastsfu.v1.bridge.{self.sid}.out", cb=self._from_home)
+        request = {"v": VERSION, "sid": self.sid, "kind": kind, "edge": self.registry.node, **fields}
         try:
-            if self.connected is not None and not self.connected.is_set():
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.connected.wait(), OPEN_TIMEOUT)
-            registry = self._registry()
-            if registry is None:
-                raise BusError("not connected to the cluster")
-            home = (await registry.home(key)).home
-            if self.state == "closed":
-                return
-            if home == registry.node:
-                self.counts["here"] += 1
-                self._run_here(first)
-                return
-            sid = uuid.uuid4().hex
-            self._sub = await registry.bus.nc.subscribe(f"fastsfu.v1.bridge.{sid}.out", cb=self._from_home)
-            request = {
-                "v": VERSION,
-                "sid": sid,
-                "user": self.user_id,
-                "edge": registry.node,
-                "frontend": self.frontend,
-                "remote": self.remote,
-                "first": _b64(first.SerializeToString()),
-            }
-            subject, payload = open_subject(home), registry.bus.encode(request)
-            answer = await registry.bus.call(registry.bus.nc.request(subject, payload, timeout=OPEN_TIMEOUT))
-            reply = registry.bus.decode(answer.data)
+            answer = await bus.call(
+                bus.nc.request(open_subject(self.home), bus.encode(request), timeout=OPEN_TIMEOUT)
+            )
+            reply = bus.decode(answer.data)
             if not reply.get("ok"):
                 raise BusError(f"the home refused the session: {reply.get('why')}")
-        except (BusError, ValueError) as exc:
-            log.info("user %d: cannot place room %s: %s", self.user_id, key, exc)
-            self._error(VoiceError(UNAVAILABLE, "the voice cluster cannot place this channel now"))
-            return
-        except Exception:  # a bug: this stream ends with an error, the others go on
-            log.exception("user %d: placing room %s failed", self.user_id, key)
-            self._error(VoiceError(UNAVAILABLE, "the voice cluster cannot place this channel now"))
-            return
-        if self.state == "closed":  # the stream ended while the home was accepting it
-            self.sid = sid
-            self._forward({"v": VERSION, "k": "x", "why": self.end_reason})
-            return
-        self.sid, self.home = sid, home
-        self.state = "bridged"
-        self.counts["bridged"] += 1
-
-    def _run_here(self, first: Any) -> None:
-        inner = VoiceSession(self.rooms, self.user_id, self.frontend, self.remote)
-        self.inner = inner
-        inner.on_output = self._pull
-        self.state = "local"
-        try:
-            inner.handle(first)
-        except VoiceError as exc:
-            self._error(exc)
-        self._pull()
-
-    def _pull(self) -> None:
-        inner = self.inner
-        if inner is None:
-            return
-        self.outbox.extend(inner.take_outgoing())
-        if inner.state == "closed" and self.state != "closed":
-            self.left_by_peer = inner.left_by_peer
-            self._closed_here()
-        elif self.on_output is not None:
-            self.on_output()
+        except (BusError, ValueError):
+            self.end(None)
+            raise
+        self.edge.links.add(self)
 
     async def _from_home(self, msg: Any) -> None:
-        bus = self._bus()
         try:
-            data = bus.decode(msg.data) if bus is not None else {}
-            kind = data.get("k")
-            if kind == "m":
-                self.outbox.append(Resp.FromString(_unb64(data.get("d"))))
-            elif kind == "e":
-                error = VoiceError(str(data.get("id")), str(data.get("msg")), _unb64(data.get("det", "")))
-                self.outbox.append(error)
-            elif kind == "c":
-                self.left_by_peer = bool(data.get("left"))
-                self.sid = ""  # the home ended it: nothing to tell it back
-                self._closed_here()
-                return
+            message = self.registry.bus.decode(msg.data)
         except ValueError:
             log.debug("dropped a bridged message that does not decode")
             return
-        if self.on_output is not None:
-            self.on_output()
+        self.on_message(message)
 
-    def check_home(self, live: set[str]) -> None:
-        """A bridged session whose home is gone ends with a clear error (the client may rejoin and
-        be placed on a live node)."""
-        if self.state == "bridged" and self.home not in live:
-            self.sid = ""
-            self._error(VoiceError(UNAVAILABLE, "the voice server of this channel went away"))
+    def send(self, message: Message) -> None:
+        """Publish to the home, in order; a frame lost to the bus is the home's timeout to notice."""
+        bus = self.registry.bus
+        task = asyncio.get_running_loop().create_task(
+            bus.publish(f"fastsfu.v1.bridge.{self.sid}.in", {"v": VERSION, **message})
+        )
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
-    def _error(self, error: VoiceError) -> None:
-        self.outbox.append(error)
-        if self.on_output is not None:
-            self.on_output()
-
-    def _bus(self) -> Any:
-        registry = self._registry()
-        return registry.bus if registry is not None else None
-
-    def _forward(self, message: dict[str, object]) -> None:
-        bus = self._bus()
-        if bus is not None and self.sid:
-            task = asyncio.get_running_loop().create_task(
-                bus.publish(f"fastsfu.v1.bridge.{self.sid}.in", message)
-            )
-            task.add_done_callback(
-                lambda t: t.cancelled() or t.exception()
-            )  # a lost frame: the home times out
-
-    def _closed_here(self) -> None:
-        self.state = "closed"
-        self.rooms.open_sessions.discard(self)
+    def end(self, message: Message | None) -> None:
+        """Stop listening; first tell the home `message` (the client's end) if given."""
+        if message is not None:
+            self.send(message)
+        self.edge.links.discard(self)
         if self._sub is not None:
             sub, self._sub = self._sub, None
-            asyncio.get_running_loop().create_task(sub.unsubscribe())
-        if self.on_output is not None:
-            self.on_output()
+            task = asyncio.get_running_loop().create_task(sub.unsubscribe())
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
-    def close(self, reason: str = "") -> None:
-        if self.state == "closed":
-            return
-        if self.inner is not None:
-            self.inner.end_reason = self.end_reason
-            self.inner.on_output = None
-            self.inner.close(reason)
-        elif self.sid:
-            self._forward({"v": VERSION, "k": "x", "why": reason or self.end_reason})
-        self._closed_here()
+
+class Edge:
+    """A node's edge side: where a room's home is, the bridges open from here, and how many
+    sessions of each protocol ran here or were bridged (a metric)."""
+
+    def __init__(
+        self, registry: Callable[[], Registry | None], connected: asyncio.Event | None = None
+    ) -> None:
+        self._registry = registry
+        self.connected = connected  # set once the node reached NATS (a client may come just before)
+        self.links: set[BridgeLink] = set()
+        self.counts: Counter[tuple[str, str]] = Counter()  # (protocol, here|bridged)
+
+    async def home(self, key: str) -> tuple[Registry, str]:
+        """The registry and the home of room `key` (placed now if it has none); BusError if the
+        node is not in the cluster or the bus fails."""
+        if self.connected is not None and not self.connected.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.connected.wait(), OPEN_TIMEOUT)
+        registry = self._registry()
+        if registry is None:
+            raise BusError("not connected to the cluster")
+        return registry, (await registry.home(key)).home
+
+    async def link(
+        self,
+        registry: Registry,
+        home: str,
+        kind: str,
+        fields: Message,
+        on_message: Callable[[Message], None],
+        on_home_gone: Callable[[], None],
+    ) -> BridgeLink:
+        link = BridgeLink(self, registry, home, on_message, on_home_gone)
+        await link.open(kind, fields)
+        return link
+
+    def check_homes(self, live: set[str]) -> None:
+        """Bridges whose home's node is gone end at the edge with the protocol's clear error."""
+        for link in [link for link in self.links if link.home not in live]:
+            self.links.discard(link)
+            link.on_home_gone()

@@ -7,35 +7,36 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import re
-from collections import Counter
-from collections.abc import Hashable, Iterator
+from collections.abc import Iterator
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from fastsfu.cluster.bridge import BridgeHost, RoutedSession
+from fastsfu.cluster import discord_bridge
+from fastsfu.cluster.bridge import BridgeHost, Edge, HostedFactory
 from fastsfu.cluster.bus import Bus, BusError
-from fastsfu.cluster.placement import NodeLoad
+from fastsfu.cluster.harmony_bridge import HostedVoice, RoutedSession
+from fastsfu.cluster.placement import NodeLoad, room_subject_key
 from fastsfu.cluster.registry import Registry
+from fastsfu.discord.voice import DiscordVoice
+from fastsfu.discord.ws_server import GatewayEndpoint
 from fastsfu.harmony.session import VoiceRooms, VoiceSession
 
 log = logging.getLogger(__name__)
 
 HEARTBEAT_INTERVAL = 1.0  # seconds between two load heartbeats (NODE_TTL is ten of them)
 RETRY_INTERVAL = 1.0  # seconds between two attempts to reach NATS
-_KEY_UNSAFE = re.compile(r"[^-/_=a-zA-Z0-9]")
+PROTOCOLS = ("harmony", "discord")
 
-
-def room_subject_key(key: tuple[Hashable, ...]) -> str:
-    """A room key as a key of the rooms bucket: its parts joined by dots, other characters as _."""
-    return ".".join(_KEY_UNSAFE.sub("_", str(part)) for part in key) or "_"
+__all__ = ["ClusterCollector", "Node", "room_subject_key"]
 
 
 class Node:
     """This worker in the registry: `run` until cancelled; `drain` publishes draining at once."""
 
-    def __init__(self, node_id: str, url: str, rooms: VoiceRooms, media: str) -> None:
+    def __init__(
+        self, node_id: str, url: str, rooms: VoiceRooms, media: str, discord: GatewayEndpoint | None = None
+    ) -> None:
         self.node_id = node_id
         self.url = url
         self.rooms = rooms
@@ -46,13 +47,17 @@ class Node:
         self.homes: dict[str, str] = {}  # rooms served here -> their home node
         self.connected = asyncio.Event()
         self.host: BridgeHost | None = None
-        self.sessions: Counter[str] = Counter()  # Harmony sessions run here or bridged elsewhere
+        self.edge = Edge(lambda: self.registry, self.connected)  # sessions run here or bridged elsewhere
         rooms.session_factory = self._session
+        self.kinds: dict[str, HostedFactory] = {"harmony": lambda req, wake: HostedVoice(rooms, req, wake)}
+        self.discord = discord
+        if discord is not None and isinstance(discord.gateway.handler, DiscordVoice):
+            gateway = discord.gateway
+            discord.connect = discord_bridge.connection_factory(gateway, discord.gateway.handler, self.edge)
+            self.kinds["discord"] = discord_bridge.hosted_factory(gateway)
 
     def _session(self, rooms: VoiceRooms, user_id: int, frontend: str, remote: str) -> VoiceSession:
-        return RoutedSession(
-            rooms, user_id, frontend, remote, lambda: self.registry, self.sessions, self.connected
-        )
+        return RoutedSession(rooms, user_id, frontend, remote, self.edge)
 
     def load(self) -> NodeLoad:
         # Members, and sessions holding a room before they join: both will cost media soon.
@@ -68,8 +73,12 @@ class Node:
                 bus = await Bus.connect(self.url, self.node_id)
                 registry = Registry(bus, self.node_id)
                 await registry.open()
-                host = BridgeHost(self.rooms, registry)
+                host = BridgeHost(registry, self.kinds)
                 await host.start()
+                if self.discord is not None:
+                    await bus.subscribe(
+                        discord_bridge.CLOSE_SUBJECT, discord_bridge.DiscordCloses(self.discord.gateway)
+                    )
             except BusError as exc:
                 log.warning("cluster: %s; retrying", exc)
                 await asyncio.sleep(RETRY_INTERVAL)
@@ -91,9 +100,7 @@ class Node:
         live = set(registry.nodes())
         if self.host is not None:
             self.host.drop_orphans(live)
-        for session in list(self.rooms.open_sessions):
-            if isinstance(session, RoutedSession):
-                session.check_home(live)
+        self.edge.check_homes(live)
 
     async def _reconcile(self, registry: Registry) -> None:
         """Record the home of every room served here (a placement a dead node held is made again, so
@@ -154,13 +161,15 @@ class ClusterCollector(Collector):
         )
         sessions = CounterMetricFamily(
             "fastsfu_cluster_sessions",
-            "Harmony sessions by where they ran: here (this node is the room's home), bridged (to the "
-            "home elsewhere), hosted (bridged here from another node)",
-            labels=["where"],
+            "Sessions (Harmony streams, Discord WebSockets past IDENTIFY or RESUME) by where they ran: "
+            "here (this node is the room's home), bridged (to the home elsewhere), hosted (bridged here "
+            "from another node)",
+            labels=["protocol", "where"],
         )
-        for where in ("here", "bridged"):
-            sessions.add_metric([where], n.sessions[where])
-        sessions.add_metric(["hosted"], n.host.hosted if n.host is not None else 0)
+        for protocol in PROTOCOLS:
+            for where in ("here", "bridged"):
+                sessions.add_metric([protocol, where], n.edge.counts[protocol, where])
+            sessions.add_metric([protocol, "hosted"], n.host.hosted[protocol] if n.host is not None else 0)
         yield sessions
         bus = n.bus
         yield CounterMetricFamily(

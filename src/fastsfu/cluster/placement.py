@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import re
+from collections.abc import Hashable, Mapping
 from dataclasses import dataclass
 
 VERSION = 1  # of every message on the bus, so that a rolling upgrade can tell versions apart
+_KEY_UNSAFE = re.compile(r"[^-/_=a-zA-Z0-9]")
+
+
+def room_subject_key(key: tuple[Hashable, ...]) -> str:
+    """A room key as a key of the rooms bucket: its parts joined by dots, other characters as _."""
+    return ".".join(_KEY_UNSAFE.sub("_", str(part)) for part in key) or "_"
 
 
 @dataclass(frozen=True)

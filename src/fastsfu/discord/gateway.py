@@ -332,13 +332,13 @@ class Session:
 
 # ---------------------------------------------------------------------------------------------- connection
 
-ConnState = Literal["hello", "ready", "closed"]
+ConnState = Literal["hello", "ready", "relayed", "closed"]
 
 
 class Connection:
     """One WebSocket: feed receive()/handle_timer()/transport_closed(), drain poll_output()."""
 
-    def __init__(self, gateway: Gateway, version: int | None, now: float) -> None:
+    def __init__(self, gateway: Gateway, version: int | None, now: float, greet: bool = True) -> None:
         self.version = version or 0
         self._gateway = gateway
         self._state: ConnState = "hello"
@@ -357,9 +357,9 @@ class Connection:
             self._finish(now, CloseCode.BAD_REQUEST, f"unsupported gateway version {version}")
         else:
             gateway._connections.add(self)
-            # HELLO at once.
-            hello = {"v": self.version, "heartbeat_interval": gateway.config.heartbeat_interval_ms}
-            self._emit(Send(_message(Op.HELLO, hello)))
+            if greet:  # HELLO at once (unless a cluster edge already sent it: docs/cluster.md#bridging)
+                hello = {"v": self.version, "heartbeat_interval": gateway.config.heartbeat_interval_ms}
+                self._emit(Send(_message(Op.HELLO, hello)))
 
     def __repr__(self) -> str:
         return f"<Connection v{self.version} {self._state} {self._session!r}>"
@@ -393,6 +393,12 @@ class Connection:
             # A silent client is most likely a dead network path: keep the session for RESUME.
             self._finish(now, CloseCode.SESSION_TIMEOUT, "no heartbeat in time", resumable=True)
 
+    def relay(self) -> None:
+        """This WebSocket's session runs on another node, its frames relayed there (docs/cluster.md,
+        "Bridging"): no frames or timers here any more, but shutdown() still closes the socket."""
+        if self._state == "hello":
+            self._state = "relayed"
+
     def transport_closed(self, now: float, code: int | None = None) -> None:
         """The socket went away; `code` is the status of the client's close frame (None: none).
 
@@ -415,7 +421,7 @@ class Connection:
     def receive(self, frame: str | bytes, now: float) -> None:
         """One WebSocket message (str for text frames, bytes for binary ones)."""
         self._gateway._tick(now)
-        if self._state == "closed":
+        if self._state in ("closed", "relayed"):
             return
         try:
             op, d = payloads.decode(frame, self._gateway.config.max_frame_bytes)
@@ -652,10 +658,11 @@ class Gateway:
         """Whether `?v=` is supported; the edge may answer HTTP 400 instead of connecting."""
         return version is not None and self.config.min_version <= version <= self.config.max_version
 
-    def connect(self, version: int | None, now: float) -> Connection:
-        """A new WebSocket with its parse_version() result; HELLO (or a 4020 close) is queued."""
+    def connect(self, version: int | None, now: float, greet: bool = True) -> Connection:
+        """A new WebSocket with its parse_version() result; HELLO (or a 4020 close) is queued.
+        greet=False: the client has its HELLO already (a cluster edge relays this connection)."""
         self._tick(now)
-        return Connection(self, version, now)
+        return Connection(self, version, now, greet)
 
     def session(self, session_id: str, user_id: str | None = None) -> Session | None:
         """The live session `session_id` of `user_id` (None: of whichever user got it first)."""

@@ -64,6 +64,9 @@ CORE_OPS: frozenset[int] = frozenset({Op.READY, Op.HEARTBEAT_ACK, Op.HELLO, Op.R
 class CloseCode(IntEnum):
     """Voice WebSocket close codes. Clients rejoin on all of them except where noted."""
 
+    # fastsfu's own (the main gateway's 4000 "unknown error, try reconnecting"): with --workers, the
+    # cluster cannot place or reach this server's room now (docs/cluster.md#bridging). Clients rejoin.
+    CLUSTER_UNAVAILABLE = 4000
     UNKNOWN_OPCODE = 4001
     FAILED_TO_DECODE = 4002
     NOT_AUTHENTICATED = 4003
@@ -84,6 +87,7 @@ class CloseCode(IntEnum):
 
 
 CLOSE_MEANINGS: dict[int, str] = {
+    CloseCode.CLUSTER_UNAVAILABLE: "voice cluster unavailable, reconnect later",
     CloseCode.UNKNOWN_OPCODE: "unknown opcode",
     CloseCode.FAILED_TO_DECODE: "failed to decode payload",
     CloseCode.NOT_AUTHENTICATED: "not authenticated",

@@ -10,12 +10,12 @@ import asyncio
 import contextlib
 import logging
 from collections import Counter
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Callable
+from typing import Any, Protocol
 
 from aiohttp import WSMessage, WSMsgType, web
 
-from fastsfu.discord.gateway import Close, Gateway, parse_version
+from fastsfu.discord.gateway import Close, Gateway, Output, parse_version
 
 log = logging.getLogger("fastsfu.discord")
 
@@ -24,12 +24,34 @@ log = logging.getLogger("fastsfu.discord")
 HARD_FRAME_LIMIT = 1024 * 1024
 
 
+class GatewayLink(Protocol):
+    """What the edge drives per WebSocket: a gateway Connection, or a cluster worker's connection
+    that may run at its room's home node (docs/cluster.md#bridging)."""
+
+    on_output: Callable[[], None] | None
+
+    @property
+    def closed(self) -> bool: ...
+
+    def poll_output(self) -> list[Output]: ...
+
+    def next_deadline(self) -> float | None: ...
+
+    def handle_timer(self, now: float) -> None: ...
+
+    def receive(self, frame: str | bytes, now: float) -> None: ...
+
+    def transport_closed(self, now: float, code: int | None = None) -> None: ...
+
+
 class GatewayEndpoint:
     """One handler for every WebSocket; `run_timers()` expires suspended sessions."""
 
     def __init__(self, gateway: Gateway) -> None:
         self.gateway = gateway
         self.closes: Counter[int] = Counter()  # close codes sent, for /metrics
+        # Makes each WebSocket's link (version, now); a cluster worker's routes it to the room's home.
+        self.connect: Callable[[int | None, float], GatewayLink] = gateway.connect
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         version = parse_version(request.query_string)
@@ -40,7 +62,7 @@ class GatewayEndpoint:
             return web.Response(status=400, text="this is a WebSocket endpoint\n")
         await ws.prepare(request)
         loop = asyncio.get_running_loop()
-        connection = self.gateway.connect(version, loop.time())
+        connection = self.connect(version, loop.time())
         wake = asyncio.Event()
         connection.on_output = wake.set
         receiver: asyncio.Future[WSMessage] | None = None

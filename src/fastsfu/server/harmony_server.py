@@ -81,7 +81,7 @@ async def serve_harmony(config: ServerConfig, voice: VoiceSettings | None = None
             speaking_mount(rooms, auth.authenticate),
         ]
         gc_monitor = GcMonitor().install()
-        cluster = worker.bind(rooms, engine) if worker is not None else ()
+        cluster = worker.bind(rooms, engine, discord) if worker is not None else ()
         recordings, admin = recordings_for(config, rooms)  # docs/recording.md
         if admin is not None:
             mounts.append(admin)

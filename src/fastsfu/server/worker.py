@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 from prometheus_client.registry import Collector
 
+from fastsfu.discord.ws_server import GatewayEndpoint
 from fastsfu.engine import Engine
 from fastsfu.harmony.session import VoiceRooms
 from fastsfu.server.config import ServerConfig
@@ -41,15 +42,19 @@ class WorkerRole:
         self._runner: web.AppRunner | None = None
         self._node_task: asyncio.Task[None] | None = None
 
-    def bind(self, rooms: VoiceRooms, engine: Engine) -> Sequence[Collector]:
-        """This worker's node in the cluster registry (when a NATS URL is set); its metrics."""
+    def bind(
+        self, rooms: VoiceRooms, engine: Engine, discord: GatewayEndpoint | None = None
+    ) -> Sequence[Collector]:
+        """This worker's node in the cluster registry (when a NATS URL is set), routing Harmony
+        streams and Discord WebSockets to their rooms' homes; its metrics."""
         if self.config.nats is None:
             return ()
         from fastsfu.cluster.node import ClusterCollector, Node  # needs the cluster extra
 
         host, port = engine.media_socket().local_address[:2]
         node_id = f"{socket.gethostname()}-w{self.index}-{os.getpid()}"
-        self.node = Node(node_id, self.config.nats, rooms, f"{self.config.announced_ip or host}:{port}")
+        media = f"{self.config.announced_ip or host}:{port}"
+        self.node = Node(node_id, self.config.nats, rooms, media, discord)
         return (ClusterCollector(self.node),)
 
     async def start(self, metrics: Callable[[web.Application], None] | None) -> None:
