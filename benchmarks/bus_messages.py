@@ -173,8 +173,8 @@ def total(seen: list[dict[str, float]], name: str) -> float:
     return sum(m.get(name, 0.0) for m in seen)
 
 
-HERE = 'fastsfu_cluster_sessions_total{where="here"}'
-BRIDGED = 'fastsfu_cluster_sessions_total{where="bridged"}'
+HERE = 'fastsfu_cluster_sessions_total{protocol="harmony",where="here"}'
+BRIDGED = 'fastsfu_cluster_sessions_total{protocol="harmony",where="bridged"}'
 REQUESTS = "fastsfu_cluster_bus_requests_total"
 
 

@@ -76,7 +76,7 @@ def test_a_sustained_challenger_takes_over_within_a_bounded_number_of_intervals(
     decisions = room.run(6, A=NOISE, B=TALK, C=NOISE)
     assert "B" in decisions, decisions
     switched = decisions.index("B")
-    assert switched <= 2, decisions  # within 900 ms of B starting (about 0.6 s: §2.2's C3)
+    assert switched <= 2, decisions  # within 900 ms of B starting (about 0.6 s: the global decision's C3)
     assert set(decisions[switched:]) == {"B"}
     # B talking over A (both loud) never switches back while B keeps talking.
     assert set(room.run(5, A=TALK, B=TALK, C=NOISE)) == {"B"}

@@ -584,6 +584,17 @@ class SutProcess:
         # After "pid (comm) ", field 3 (state) is index 0: utime is field 14, stime field 15.
         return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
 
+    def cpu_ns(self) -> int:
+        """Nanoseconds on a CPU of the SUT's live threads (/proc/<pid>/task/*/schedstat): the
+        clock-tick times above read 0 for a worker that ran under 10 ms in a short step."""
+        total = 0
+        for task in Path(f"/proc/{self.pid}/task").iterdir():
+            try:
+                total += int((task / "schedstat").read_text().split()[0])
+            except (OSError, ValueError, IndexError):  # a thread that just exited
+                continue
+        return total
+
     def alive(self) -> bool:
         return self.proc.poll() is None
 
@@ -671,6 +682,9 @@ class SutGroup:
 
     def cpu_times_each(self) -> list[tuple[float, float]]:
         return [p.cpu_times() for p in self.procs]
+
+    def cpu_ns_each(self) -> list[int]:
+        return [p.cpu_ns() for p in self.procs]
 
     def cpu_times(self) -> tuple[float, float]:
         each = self.cpu_times_each()
@@ -789,6 +803,7 @@ def measure_step(
     d0 = udp_sockets()
     c0 = sut.cpu_times() if sut else (0.0, 0.0)
     e0 = sut.cpu_times_each() if isinstance(sut, SutGroup) else []
+    n0 = sut.cpu_ns_each() if isinstance(sut, SutGroup) else []
     i0 = cpu_state_seconds(sut_cpu) if sut_cpu is not None else (0.0, 0.0)
     t0 = time.monotonic()
     res = gen.run_step(
@@ -807,6 +822,7 @@ def measure_step(
     wall = time.monotonic() - t0
     c1 = sut.cpu_times() if sut else (0.0, 0.0)
     e1 = sut.cpu_times_each() if isinstance(sut, SutGroup) else []
+    n1 = sut.cpu_ns_each() if isinstance(sut, SutGroup) else []
     i1 = cpu_state_seconds(sut_cpu) if sut_cpu is not None else (0.0, 0.0)
     d1 = udp_sockets()
     m = res.metrics()
@@ -828,7 +844,9 @@ def measure_step(
         # Each worker's CPU (user + sys) in this step, and its share of the workers' total.
         spent = [sum(b) - sum(a) for a, b in zip(e0, e1, strict=True)]
         m["worker_cpu_us_per_pkt"] = [round(x * 1e6 / fwd, 3) if fwd else None for x in spent]
-        m["worker_cpu_share"] = [round(x / sum(spent), 3) if sum(spent) else None for x in spent]
+        # Shares from the schedulers' nanosecond counts (tick-based times can read 0 in a short step).
+        ran = [b - a for a, b in zip(n0, n1, strict=True)]
+        m["worker_cpu_share"] = [round(x / sum(ran), 3) if sum(ran) else None for x in ran]
     if sut_cpu is not None:
         # Everything on the SUT's core, softirq and any other process there included.
         busy = wall - (i1[0] - i0[0])

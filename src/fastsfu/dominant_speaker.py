@@ -16,8 +16,9 @@ K = TypeVar("K", bound=Hashable)
 # Levels are RFC 6464 §3 -dBov (0 loudest, 127 silence); the algorithm works on loudness, 127 - level.
 MAX_LOUDNESS = 127
 
-# §2.1 (local processing). The paper counts active frequency sub-bands per frame; with only the
-# level of each frame at hand, its loudness is cut into N1 bands instead (as Jitsi and mediasoup do).
+# The paper's local processing stage (docs/observers.md#active-speaker) counts active frequency
+# sub-bands per frame; with only the level of each frame at hand, its loudness is cut into N1 bands
+# instead (as Jitsi and mediasoup do).
 N1 = 13  # sub-bands of a frame: an "immediate" is 0..N1-1
 N2 = 5  # immediates per medium time-interval (5 frames: 100 ms of 20 ms packets)
 N3 = 10  # mediums per long time-interval (50 frames: 1 s)
@@ -26,7 +27,7 @@ IMMEDIATE_ACTIVE = 7  # an immediate above this (louder than about -47 dBov) mak
 MEDIUM_ACTIVE = 4  # a medium above this (all N2 frames active) makes a long count it
 FRAMES = N2 * N3  # the frames the long time-interval spans: all the history a speaker needs
 
-# §2.1: a speech activity score is the log likelihood ratio of k active sub-units out of n under
+# Local processing: a speech activity score is the log likelihood ratio of k active sub-units out of n under
 # speech (binomial, p) against non-speech (exponential, lambda): one lambda per time-interval.
 P = 0.5
 LAMBDA_IMMEDIATE = 0.78
@@ -34,7 +35,7 @@ LAMBDA_MEDIUM = 24.0
 LAMBDA_LONG = 47.0
 MIN_SCORE = 1e-10  # scores are floored so that the ratios below stay finite
 
-# §2.2 (global decision): a challenger replaces the dominant speaker when the log ratios of its
+# The paper's global decision stage: a challenger replaces the dominant speaker when the log ratios of its
 # scores to the dominant's exceed C1 (immediate), C2 (medium) and C3 (long); among several, the
 # one with the largest medium ratio wins.
 C1 = 3.0
@@ -47,7 +48,7 @@ C3 = 0.0
 # DominantSpeakerIdentification.feed).
 SILENT_SHARE = 0.5
 
-# Noise floor (the paper's sub-band noise estimate, §2.1, reduced to the frame's level as Jitsi
+# Noise floor (the paper's sub-band noise estimate of its local stage, reduced to the frame's level as Jitsi
 # does): a frame within one band of the quietest loudness of the last window of about 15 s is not
 # activity, so a constant background does not count as speech. A quieter frame lowers the floor at
 # once; it rises only at the end of a window, halfway (geometric mean) to that window's quietest.
@@ -55,7 +56,7 @@ NOISE_WINDOW = 15_000 // 20
 
 
 def activity_score(active: int, n: int, lam: float) -> float:
-    """§2.1: log( C(n,k) p^k (1-p)^(n-k) / (lam e^(-lam k)) ), floored at MIN_SCORE."""
+    """Local processing: log( C(n,k) p^k (1-p)^(n-k) / (lam e^(-lam k)) ), floored at MIN_SCORE."""
     score = (
         math.log(math.comb(n, active))
         + active * math.log(P)
@@ -117,7 +118,7 @@ class Speaker:
         self.immediates.extendleft(loudness.translate(_immediates_table(self.floor)))
 
     def scores(self) -> tuple[float, float, float]:
-        """§2.1: immediate, medium and long scores from the newest frame, the newest N2 frames and
+        """Local processing: immediate, medium and long scores from the newest frame, the newest N2 frames and
         the newest N3 mediums."""
         if self._scores is None:
             imm = list(self.immediates)
@@ -131,7 +132,7 @@ class Speaker:
 
 
 class DominantSpeakerIdentification(Generic[K]):
-    """Speakers by key; `feed` frames after each interval, then `decide` (§2.2). Silence changes
+    """Speakers by key; `feed` frames after each interval, then `decide` (global decision). Silence changes
     nothing: the last dominant speaker stays until someone else wins the comparison."""
 
     def __init__(self) -> None:
@@ -157,7 +158,7 @@ class DominantSpeakerIdentification(Generic[K]):
             speaker.frames(bytes([MAX_LOUDNESS]) * min(frames - len(levels), FRAMES))
 
     def decide(self) -> K | None:
-        """§2.2: the dominant speaker after this interval. With none yet, the challengers are
+        """Global decision: the dominant speaker after this interval. With none yet, the challengers are
         compared with silence, so the first who speaks becomes dominant."""
         current = self.speakers.get(self.dominant) if self.dominant is not None else None
         base = current.scores() if current is not None else SILENT_SCORES
