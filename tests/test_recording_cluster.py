@@ -105,7 +105,8 @@ def test_a_recording_is_started_listed_and_stopped_through_either_worker(tmp_pat
                     async with sessions[other].post(url, json=room, headers=auth()) as resp:
                         assert resp.status == 201, await resp.text()
                         recording = await resp.json()
-                    assert recording["node"] == node_id(cluster, home) and recording["room"] == [GUILD, CHANNEL]
+                    assert recording["node"] == node_id(cluster, home)
+                    assert recording["room"] == [GUILD, CHANNEL]
                     async with sessions[home].post(url, json=room, headers=auth()) as resp:
                         assert resp.status == 409, await resp.text()
                     m = [await scrape(http, cluster.metrics[i]) for i in (0, 1)]
@@ -218,7 +219,8 @@ def test_a_silent_home_is_a_503_within_the_timeout_and_bad_bus_messages_are_coun
 
                 os.kill(cluster.pids[home], signal.SIGSTOP)  # within the heartbeat TTL: still a node
                 stopped.append(cluster.pids[home])
-                start = await timed(sessions[other].post(url, json={"room": [GUILD, CHANNEL]}, headers=auth()))
+                room = {"room": [GUILD, CHANNEL]}
+                start = await timed(sessions[other].post(url, json=room, headers=auth()))
                 listing = await timed(sessions[other].get(url, headers=auth()))
                 os.kill(cluster.pids[home], signal.SIGCONT)
                 stopped.clear()
