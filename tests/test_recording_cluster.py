@@ -227,6 +227,16 @@ def test_a_silent_home_is_a_503_within_the_timeout_and_bad_bus_messages_are_coun
                 assert start[0] == 503 and node_id(cluster, home) in start[1]["error"], start
                 assert listing[0] == 503 and node_id(cluster, home) in listing[1]["missing"], listing
                 assert max(start[2], listing[2]) < TIMEOUT + 1.5, (start, listing)
+                # The resumed home finds the requests past their deadline: no recording starts late.
+                seen = await wait_metrics(
+                    http, cluster, lambda s: s[home][RELAYED.format("start", "expired")] == 1
+                )
+                assert seen[home][RELAYED.format("start", "expired")] == 1
+                assert seen[home][RELAYED.format("start", "served")] == 0
+                async with sessions[other].get(url, headers=auth()) as resp:
+                    body = await resp.json()  # the ghost may still be within its TTL
+                    ok = resp.status == 200 or (resp.status == 503 and body["missing"] == ["ghost"])
+                    assert ok and (body if resp.status == 200 else body["recordings"]) == [], body
             finally:
                 for pid in stopped:
                     os.kill(pid, signal.SIGCONT)

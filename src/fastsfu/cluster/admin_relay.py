@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import Any, Protocol
@@ -84,9 +85,17 @@ class AdminRelay:
                 recorder_id = request["id"]
                 if not isinstance(recorder_id, str):
                     raise ValueError("bad id")
+            until = request.get("until")
+            if until is not None and not isinstance(until, (int, float)):
+                raise ValueError("bad deadline")
         except (ValueError, KeyError, TypeError) as exc:
             self.dropped += 1  # counted and ignored: the sender's timeout is its answer
             log.debug("dropped an admin message: %s", exc)
+            return
+        if until is not None and time.time() > until:
+            # The asker already answered 503 (e.g. this node was stopped): doing it now would
+            # start or stop a recording behind the operator's back.
+            self.counts[op, "expired"] += 1
             return
         self.counts[op, "served"] += 1
         local = self.local
@@ -163,10 +172,11 @@ class AdminRelay:
     async def _ask(self, bus: Bus, node: str, request: dict[str, Any], timeout: float) -> Answer | None:
         """One node's answer, or None if the bus failed, it did not answer in time, or badly."""
         self.counts[request["op"], "sent"] += 1
+        # A wall-clock deadline (nodes' clocks agree within NTP's error, far below the timeout).
+        message = {"v": VERSION, **request, "until": time.time() + timeout}
         try:
             reply = await asyncio.wait_for(
-                bus.call(bus.nc.request(admin_subject(node), bus.encode({"v": VERSION, **request}), timeout)),
-                timeout + 0.5,
+                bus.call(bus.nc.request(admin_subject(node), bus.encode(message), timeout)), timeout + 0.5
             )
         except (BusError, TimeoutError) as exc:
             log.info("admin %s to %s: %s", request["op"], node, exc)
@@ -197,12 +207,12 @@ class AdminRelayCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         relayed = CounterMetricFamily(
             "fastsfu_cluster_admin_relayed",
-            "Recording admin requests by op: sent (to the node that answers them) and served (for "
-            "another node)",
+            "Recording admin requests by op: sent (to the node that answers them), served (for "
+            "another node), expired (came after the asker's timeout, not carried out)",
             labels=["op", "way"],
         )
         for op in OPS:
-            for way in ("sent", "served"):
+            for way in ("sent", "served", "expired"):
                 relayed.add_metric([op, way], self.relay.counts[op, way])
         yield relayed
         yield CounterMetricFamily(
