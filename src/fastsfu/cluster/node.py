@@ -13,6 +13,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from fastsfu.cluster import discord_bridge
+from fastsfu.cluster.admin_relay import AdminRelay
 from fastsfu.cluster.bridge import BridgeHost, Edge, HostedFactory
 from fastsfu.cluster.bus import Bus, BusError
 from fastsfu.cluster.harmony_bridge import HostedVoice, RoutedSession
@@ -47,6 +48,7 @@ class Node:
         self.homes: dict[str, str] = {}  # rooms served here -> their home node
         self.connected = asyncio.Event()
         self.host: BridgeHost | None = None
+        self.admin = AdminRelay(node_id, lambda: self.registry)  # recording requests (docs/recording.md)
         self.edge = Edge(lambda: self.registry, self.connected)  # sessions run here or bridged elsewhere
         rooms.session_factory = self._session
         self.kinds: dict[str, HostedFactory] = {"harmony": lambda req, wake: HostedVoice(rooms, req, wake)}
@@ -75,6 +77,7 @@ class Node:
                 await registry.open()
                 host = BridgeHost(registry, self.kinds)
                 await host.start()
+                await self.admin.serve(bus)
                 if self.discord is not None:
                     await bus.subscribe(
                         discord_bridge.CLOSE_SUBJECT, discord_bridge.DiscordCloses(self.discord.gateway)

@@ -94,6 +94,17 @@ class Registry:
             return Placement(choice, True)
         raise BusError(f"room {room}: placement kept racing")
 
+    async def lookup(self, room: str) -> str | None:
+        """The recorded home of `room` while its node lives, without placing it (None: no home).
+        BusError if NATS fails."""
+        kv = self._kv()
+        try:
+            entry = await self.bus.call(kv.get(room))
+        except KeyNotFoundError:
+            return None
+        home = (entry.value or b"").decode()
+        return home if home_is_valid(home, self.nodes()) else None
+
     def _count_room(self, node: str) -> None:
         """Count a room just placed on `node` in this view until its next heartbeat, so that rooms
         placed within one heartbeat interval spread instead of all going to the same node."""

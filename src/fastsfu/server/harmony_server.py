@@ -82,7 +82,8 @@ async def serve_harmony(config: ServerConfig, voice: VoiceSettings | None = None
         ]
         gc_monitor = GcMonitor().install()
         cluster = worker.bind(rooms, engine, discord) if worker is not None else ()
-        recordings, admin = recordings_for(config, rooms)  # docs/recording.md
+        relay = worker.node.admin if worker is not None and worker.node is not None else None
+        recordings, admin = recordings_for(config, rooms, relay)  # docs/recording.md
         if admin is not None:
             mounts.append(admin)
         scrape = None

@@ -10,7 +10,7 @@ import json
 import logging
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
-from typing import Any
+from typing import Any, Protocol
 
 from aiohttp import web
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -24,6 +24,7 @@ from fastsfu.server.config import ServerConfig
 log = logging.getLogger(__name__)
 
 ADMIN_PATH = "/admin/recordings"
+Answer = tuple[int, Any]  # an HTTP status and its JSON body
 DROP_KINDS = ("ring_full", "oversize", "late", "malformed")
 
 
@@ -41,6 +42,7 @@ class Recordings:
         self.started = 0
         self.errors = 0
         self._closing: set[Recorder] = set()  # ended, the writer thread still finishing
+        self.node: str | None = None  # this node's id in a cluster, named in each recording
 
     def start(self, key: RoomKey) -> Recorder:
         """Record every speaker of the room `key` (KeyError: no such room; ValueError: recorded)."""
@@ -50,7 +52,11 @@ class Recordings:
         if key in self._keys:
             raise ValueError("this room is being recorded")
         recorder = room.router.create_recorder(
-            self.directory, self.options, record_all=True, label=_member_label(room), app_data={"room": key}
+            self.directory,
+            self.options,
+            record_all=True,
+            label=_member_label(room),
+            app_data={"room": key, "node": self.node},
         )
         self.active[recorder.id] = recorder
         self._keys[key] = recorder.id
@@ -114,32 +120,81 @@ def _member_label(room: Room) -> Callable[[Producer], str | None]:
 
 def describe(recorder: Recorder) -> dict[str, Any]:
     stats = recorder.stats()
-    return {"id": recorder.id, "room": list(recorder.app_data.get("room", ())), **stats}
+    node = recorder.app_data.get("node")
+    where = {"node": node} if node is not None else {}
+    return {"id": recorder.id, "room": list(recorder.app_data.get("room", ())), **where, **stats}
 
 
 def recordings_for(
-    config: ServerConfig, rooms: Rooms
+    config: ServerConfig, rooms: Rooms, relay: Relay | None = None
 ) -> tuple[Recordings | None, Callable[[web.Application], None] | None]:
-    """The server's recordings and the mount of their admin endpoint, when [recording] is enabled."""
+    """The server's recordings and the mount of their admin endpoint, when [recording] is enabled;
+    in a cluster, `relay` forwards what another node must answer (docs/cluster.md#recording)."""
     r = config.recording
     if not r.enabled or config.admin_token is None:
         return None, None
     on_cap: OnCap = "stop" if r.on_cap == "stop" else "rotate"
     options = RecorderOptions(r.max_file_bytes, r.max_file_seconds, on_cap)
     recordings = Recordings(rooms, r.directory, options)
-    return recordings, admin_mount(recordings, config.admin_token)
+    if relay is not None:
+        recordings.node = relay.node
+        relay.local = LocalRecordings(recordings)
+    return recordings, admin_mount(recordings, config.admin_token, relay)
 
 
 # ---------------------------------------------------------------------- the admin endpoint
 
 
-def admin_mount(recordings: Recordings, token: str) -> Callable[[web.Application], None]:
+class LocalRecordings:
+    """This node's answers to the admin requests (also to those another node forwards here)."""
+
+    def __init__(self, recordings: Recordings) -> None:
+        self.recordings = recordings
+
+    def start(self, key: RoomKey) -> Answer:
+        try:
+            recorder = self.recordings.start(key)
+        except KeyError:
+            return 404, {"error": "no such room"}
+        except ValueError as exc:
+            return 409, {"error": str(exc)}
+        return 201, describe(recorder)
+
+    def listing(self) -> list[Any]:
+        return [describe(r) for r in self.recordings.active.values()]
+
+    async def stop(self, recorder_id: str) -> Answer:
+        recorder = self.recordings.stop(recorder_id)
+        if recorder is None:
+            return 404, {"error": "no such recording"}
+        await recorder.wait_closed()
+        return 200, describe(recorder)
+
+
+class Relay(Protocol):
+    """Forwards to the node that holds the room or the recording (fastsfu.cluster.admin_relay)."""
+
+    node: str
+    local: Any
+
+    async def start(self, key: tuple[int | str, ...]) -> Answer | None: ...
+
+    async def listing(self, local: list[Any]) -> Answer: ...
+
+    async def stop(self, recorder_id: str) -> Answer: ...
+
+
+def admin_mount(
+    recordings: Recordings, token: str, relay: Relay | None = None
+) -> Callable[[web.Application], None]:
     """POST /admin/recordings {"room": [...]} starts, GET lists, DELETE /admin/recordings/{id}
-    stops; each needs `Authorization: Bearer <token>` (401 otherwise)."""
+    stops; each needs `Authorization: Bearer <token>` (401 otherwise). With a relay, what this
+    node cannot answer goes to the node that can."""
     expected = f"Bearer {token}".encode()
+    local = LocalRecordings(recordings)
 
     def guarded(
-        handler: Callable[[web.Request], Awaitable[web.Response]],
+        handler: Callable[[web.Request], Awaitable[Answer]],
     ) -> Callable[[web.Request], Awaitable[web.Response]]:
         async def check(request: web.Request) -> web.Response:
             given = request.headers.get("Authorization", "").encode()
@@ -147,35 +202,36 @@ def admin_mount(recordings: Recordings, token: str) -> Callable[[web.Application
                 return web.json_response(
                     {"error": "unauthorized"}, status=401, headers={"WWW-Authenticate": "Bearer"}
                 )
-            return await handler(request)
+            status, body = await handler(request)
+            return web.json_response(body, status=status)
 
         return check
 
-    async def create(request: web.Request) -> web.Response:
+    async def create(request: web.Request) -> Answer:
         try:
             body = await request.json()
             key = tuple(body["room"])
             if not key or not all(type(k) in (int, str) for k in key):
                 raise ValueError
         except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-            return web.json_response({"error": 'expected {"room": [guild_id, channel_id]}'}, status=400)
-        try:
-            recorder = recordings.start(key)
-        except KeyError:
-            return web.json_response({"error": "no such room"}, status=404)
-        except ValueError as exc:
-            return web.json_response({"error": str(exc)}, status=409)
-        return web.json_response(describe(recorder), status=201)
+            return 400, {"error": 'expected {"room": [guild_id, channel_id]}'}
+        if relay is not None and recordings.rooms.get(key) is None:
+            forwarded = await relay.start(key)  # None: no live home elsewhere, answered here
+            if forwarded is not None:
+                return forwarded
+        return local.start(key)
 
-    async def listing(request: web.Request) -> web.Response:
-        return web.json_response([describe(r) for r in recordings.active.values()])
+    async def listing(request: web.Request) -> Answer:
+        if relay is not None:
+            return await relay.listing(local.listing())
+        return 200, local.listing()
 
-    async def delete(request: web.Request) -> web.Response:
-        recorder = recordings.stop(request.match_info["id"])
-        if recorder is None:
-            return web.json_response({"error": "no such recording"}, status=404)
-        await recorder.wait_closed()
-        return web.json_response(describe(recorder))
+    async def delete(request: web.Request) -> Answer:
+        recorder_id = request.match_info["id"]
+        answer = await local.stop(recorder_id)
+        if answer[0] == 404 and relay is not None:
+            return await relay.stop(recorder_id)
+        return answer
 
     def mount(app: web.Application) -> None:
         app.router.add_post(ADMIN_PATH, guarded(create))

@@ -49,13 +49,14 @@ class WorkerRole:
         streams and Discord WebSockets to their rooms' homes; its metrics."""
         if self.config.nats is None:
             return ()
+        from fastsfu.cluster.admin_relay import AdminRelayCollector
         from fastsfu.cluster.node import ClusterCollector, Node  # needs the cluster extra
 
         host, port = engine.media_socket().local_address[:2]
         node_id = f"{socket.gethostname()}-w{self.index}-{os.getpid()}"
         media = f"{self.config.announced_ip or host}:{port}"
         self.node = Node(node_id, self.config.nats, rooms, media, discord)
-        return (ClusterCollector(self.node),)
+        return (ClusterCollector(self.node), AdminRelayCollector(self.node.admin))
 
     async def start(self, metrics: Callable[[web.Application], None] | None) -> None:
         """Join the cluster in the background; serve this worker's own /metrics (when metrics are
