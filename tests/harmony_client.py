@@ -37,9 +37,11 @@ def start(leg: AiortcLeg, options: Any) -> Any:
 class HarmonyMember:
     """A Harmony voice client over gRPC with aiortc legs (docs/harmony.md#client-side, ORTC style)."""
 
-    def __init__(self, port: int, token: str, guild_id: int = 10, channel_id: int = 20) -> None:
+    def __init__(
+        self, port: int, token: str, guild_id: int = 10, channel_id: int = 20, host: str = "127.0.0.1"
+    ) -> None:
         self.guild_id, self.channel_id = guild_id, channel_id
-        self.channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+        self.channel = grpc.aio.insecure_channel(f"{host}:{port}")
         self.call = voice_pb2_grpc.VoiceServiceStub(self.channel).StreamMessage(
             metadata=(("authorization", token),)
         )

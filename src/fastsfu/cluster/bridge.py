@@ -9,15 +9,16 @@ import asyncio
 import base64
 import contextlib
 import logging
+import time
 import uuid
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
 from fastsfu._proto.protocol.voice.v1 import voice_pb2
-from fastsfu.cluster.bus import BusError
-from fastsfu.cluster.placement import VERSION
-from fastsfu.cluster.registry import Registry
+from fastsfu.cluster.bus import BusError, NoResponders
+from fastsfu.cluster.placement import TOKEN, VERSION, NodeLoad
+from fastsfu.cluster.registry import RETRY_PAUSE, Registry
 from fastsfu.harmony.session import VoiceError, VoiceRooms, VoiceSession
 
 log = logging.getLogger(__name__)
@@ -25,6 +26,9 @@ log = logging.getLogger(__name__)
 Req, Resp = voice_pb2.StreamMessageRequest, voice_pb2.StreamMessageResponse
 OPEN_TIMEOUT = 3.0  # seconds for the home to accept a bridged session
 UNAVAILABLE = "fastsfu.voice-cluster-unavailable"  # the bus cannot place or bridge: join elsewhere/later
+# Seconds after a bridge opened from which the other end's heartbeats must list it: a session one
+# end no longer lists ended there (its last message lost, e.g. in a NATS outage) and ends here too.
+LIST_GRACE = 3.0
 
 
 def open_subject(node: str) -> str:
@@ -39,6 +43,23 @@ def _unb64(data: object) -> bytes:
     if not isinstance(data, str):
         raise ValueError("not base64 text")
     return base64.b64decode(data, validate=True)
+
+
+def _frame(data: object, kind: type[Any]) -> Any:
+    """A protobuf message from base64 text (ValueError if it is not one)."""
+    raw = _unb64(data)
+    try:
+        return kind.FromString(raw)
+    except Exception:  # protobuf's DecodeError (and RecursionError on deep nesting)
+        raise ValueError(f"not a {kind.__name__}") from None
+
+
+def unlisted(registry: Registry, node: str, sid: str, since: float) -> bool:
+    """Whether `node` is live and a heartbeat of it that arrived LIST_GRACE after `since` does
+    not list the bridged session `sid` (so that end has closed it)."""
+    load: NodeLoad | None = registry.nodes().get(node)
+    heard = registry.heard_at(node)
+    return load is not None and heard is not None and heard > since + LIST_GRACE and sid not in load.bridges
 
 
 def error_message(error: VoiceError) -> dict[str, object]:
@@ -60,12 +81,18 @@ class BridgeHost:
         self.bus = registry.bus
         self.sessions: dict[str, VoiceSession] = {}
         self.edges: dict[str, str] = {}  # the node each bridged session's stream is on
+        self.opened: dict[str, float] = {}  # when each was accepted (the registry's clock)
         self.hosted = 0  # bridged sessions accepted (a metric)
 
     def drop_orphans(self, live: set[str]) -> int:
-        """End the bridged sessions whose edge node is gone (its stream died with it): the others
-        in the room get UserLeft. The count ended."""
-        gone = [sid for sid, edge in self.edges.items() if edge not in live]
+        """End the bridged sessions whose edge node is gone (its stream died with it), or whose
+        edge no longer lists them (it ended the stream and its word was lost): the others in the
+        room get UserLeft. The count ended."""
+        gone = [
+            sid
+            for sid, edge in self.edges.items()
+            if edge not in live or unlisted(self.registry, edge, sid, self.opened.get(sid, 0.0))
+        ]
         for sid in gone:
             session = self.sessions.get(sid)
             if session is not None:
@@ -75,18 +102,38 @@ class BridgeHost:
     async def start(self) -> None:
         await self.bus.nc.subscribe(open_subject(self.registry.node), cb=self._open)
 
+    @staticmethod
+    def _parse_open(req: dict[str, Any]) -> tuple[str, int, str, Any]:
+        """The session id, user, edge node and first frame (an Initialize) of an open request."""
+        sid, user, edge = req.get("sid"), req.get("user"), req.get("edge")
+        if not isinstance(sid, str) or not TOKEN.fullmatch(sid):
+            raise ValueError("bad session id")
+        if not isinstance(user, int) or isinstance(user, bool) or not 0 <= user < 2**64:
+            raise ValueError("bad user id")
+        if not isinstance(edge, str) or not TOKEN.fullmatch(edge):
+            raise ValueError("bad edge node")
+        first = _frame(req.get("first"), Req)
+        if first.WhichOneof("message") != "initialize":
+            raise ValueError("the first frame is not an Initialize")
+        return sid, user, edge, first
+
     async def _open(self, msg: Any) -> None:
         try:
             req = self.bus.decode(msg.data)
-            sid, user_id = str(req["sid"]), int(req["user"])
-            first = Req.FromString(_unb64(req["first"]))
-        except (ValueError, KeyError, TypeError) as exc:
-            await msg.respond(self.bus.encode({"v": VERSION, "ok": False, "why": str(exc)}))
+            sid, user_id, edge, first = self._parse_open(req)
+            if sid in self.sessions:
+                raise ValueError("the session is open already")
+        except ValueError as exc:  # counted and refused, so that a real edge fails at once
+            self.bus.drop("bridge_open", exc)
+            if msg.reply:
+                with contextlib.suppress(Exception):
+                    await msg.respond(self.bus.encode({"v": VERSION, "ok": False, "why": str(exc)}))
             return
         session = VoiceSession(self.rooms, user_id, str(req.get("frontend", "")), str(req.get("remote", "")))
         self.rooms.open_sessions.add(session)
         self.sessions[sid] = session
-        self.edges[sid] = str(req.get("edge", ""))
+        self.edges[sid] = edge
+        self.opened[sid] = self.registry.clock()
         self.hosted += 1
         out = f"fastsfu.v1.bridge.{sid}.out"
         wake = asyncio.Event()
@@ -95,14 +142,25 @@ class BridgeHost:
 
         async def on_in(m: Any) -> None:
             try:
-                inbox.put_nowait(self.bus.decode(m.data))
-            except ValueError:
+                item = self.bus.decode(m.data)
+                if item.get("k") == "f":
+                    item["req"] = _frame(item.get("d"), Req)
+                elif item.get("k") != "x":
+                    raise ValueError(f"unknown kind {item.get('k')!r}")
+            except ValueError as exc:
+                self.bus.drop("bridge_in", exc)
                 return
+            inbox.put_nowait(item)
             wake.set()
 
         sub = await self.bus.nc.subscribe(f"fastsfu.v1.bridge.{sid}.in", cb=on_in)
-        await msg.respond(self.bus.encode({"v": VERSION, "ok": True}))
-        asyncio.create_task(self._run(sid, session, first, inbox, wake, out, sub))
+        task = asyncio.create_task(self._run(sid, session, first, inbox, wake, out, sub))
+        try:
+            await msg.respond(self.bus.encode({"v": VERSION, "ok": True}))
+        except Exception as exc:  # no reply subject, or the connection went: the edge times out
+            log.debug("bridged session %s: cannot answer the open: %s", sid, exc)
+            session.close("the edge cannot be answered")
+            task.cancel()
 
     async def _run(
         self,
@@ -136,8 +194,7 @@ class BridgeHost:
                         session.end_reason = str(item.get("why", "")) or session.end_reason
                         return
                     if item.get("k") == "f":
-                        with contextlib.suppress(ValueError):
-                            pending.append(Req.FromString(_unb64(item.get("d"))))
+                        pending.append(item["req"])
                 if pending:
                     request = pending.pop(0)
                     wake.set()
@@ -168,6 +225,7 @@ class BridgeHost:
             session.close()
             self.sessions.pop(sid, None)
             self.edges.pop(sid, None)
+            self.opened.pop(sid, None)
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
 
@@ -193,6 +251,7 @@ class RoutedSession(VoiceSession):
         self.inner: VoiceSession | None = None  # the session, when the room is homed here
         self.sid = ""  # the bridge, when it is homed elsewhere
         self.home = ""
+        self.bridged_at = 0.0  # when the home accepted it (the registry's clock)
         self._task: asyncio.Task[None] | None = None
         self._sub: Any = None
 
@@ -250,7 +309,16 @@ class RoutedSession(VoiceSession):
                 "first": _b64(first.SerializeToString()),
             }
             subject, payload = open_subject(home), registry.bus.encode(request)
-            answer = await registry.bus.call(registry.bus.nc.request(subject, payload, timeout=OPEN_TIMEOUT))
+            deadline = time.monotonic() + OPEN_TIMEOUT
+            while True:  # the home may be reconnecting (e.g. its NATS server died): not there yet
+                left = deadline - time.monotonic()
+                try:
+                    answer = await registry.bus.call(registry.bus.nc.request(subject, payload, timeout=left))
+                    break
+                except NoResponders:
+                    if left < 2 * RETRY_PAUSE:
+                        raise
+                    await asyncio.sleep(RETRY_PAUSE)
             reply = registry.bus.decode(answer.data)
             if not reply.get("ok"):
                 raise BusError(f"the home refused the session: {reply.get('why')}")
@@ -267,6 +335,7 @@ class RoutedSession(VoiceSession):
             self._forward({"v": VERSION, "k": "x", "why": self.end_reason})
             return
         self.sid, self.home = sid, home
+        self.bridged_at = registry.clock()
         self.state = "bridged"
         self.counts["bridged"] += 1
 
@@ -294,29 +363,38 @@ class RoutedSession(VoiceSession):
 
     async def _from_home(self, msg: Any) -> None:
         bus = self._bus()
+        if bus is None or self.state == "closed":
+            return
         try:
-            data = bus.decode(msg.data) if bus is not None else {}
+            data = bus.decode(msg.data)
             kind = data.get("k")
             if kind == "m":
-                self.outbox.append(Resp.FromString(_unb64(data.get("d"))))
+                self.outbox.append(_frame(data.get("d"), Resp))
             elif kind == "e":
-                error = VoiceError(str(data.get("id")), str(data.get("msg")), _unb64(data.get("det", "")))
-                self.outbox.append(error)
+                ident, text = data.get("id"), data.get("msg")
+                if not isinstance(ident, str) or not isinstance(text, str):
+                    raise ValueError("bad error identifier or message")
+                self.outbox.append(VoiceError(ident, text, _unb64(data.get("det", ""))))
             elif kind == "c":
-                self.left_by_peer = bool(data.get("left"))
+                self.left_by_peer = data.get("left") is True
                 self.sid = ""  # the home ended it: nothing to tell it back
                 self._closed_here()
                 return
-        except ValueError:
-            log.debug("dropped a bridged message that does not decode")
+            else:
+                raise ValueError(f"unknown kind {kind!r}")
+        except ValueError as exc:
+            bus.drop("bridge_out", exc)
             return
         if self.on_output is not None:
             self.on_output()
 
     def check_home(self, live: set[str]) -> None:
-        """A bridged session whose home is gone ends with a clear error (the client may rejoin and
-        be placed on a live node)."""
-        if self.state == "bridged" and self.home not in live:
+        """A bridged session whose home is gone, or no longer lists it (the home ended it and its
+        word was lost), ends with a clear error (the client may rejoin and be placed anew)."""
+        registry = self._registry()
+        if self.state != "bridged" or registry is None:
+            return
+        if self.home not in live or unlisted(registry, self.home, self.sid, self.bridged_at):
             self.sid = ""
             self._error(VoiceError(UNAVAILABLE, "the voice server of this channel went away"))
 
