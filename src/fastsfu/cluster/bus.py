@@ -4,6 +4,7 @@ The only module that imports `nats`."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -74,18 +75,22 @@ class Bus:
                 holder[0].resumed_at = time.monotonic()
 
         try:
-            nc = await nats.connect(
-                servers,
-                name=name,
-                connect_timeout=CONNECT_TIMEOUT,
-                max_reconnect_attempts=-1,
-                reconnect_time_wait=0.5,
-                error_cb=_connection_error,
-                disconnected_cb=disconnected,
-                reconnected_cb=reconnected,
+            # Bounded here: with unlimited reconnects nats-py retries a first connection forever.
+            nc = await asyncio.wait_for(
+                nats.connect(
+                    servers,
+                    name=name,
+                    connect_timeout=CONNECT_TIMEOUT,
+                    max_reconnect_attempts=-1,
+                    reconnect_time_wait=0.5,
+                    error_cb=_connection_error,
+                    disconnected_cb=disconnected,
+                    reconnected_cb=reconnected,
+                ),
+                CONNECT_TIMEOUT * len(servers) + 1.0,
             )
         except Exception as exc:  # nats raises its own errors and OSError alike
-            raise BusError(f"cannot connect to NATS at {url}: {exc}") from exc
+            raise BusError(f"cannot connect to NATS at {url}: {str(exc) or 'no server answered'}") from exc
         holder.append(cls(nc))
         return holder[0]
 
@@ -146,9 +151,17 @@ class Bus:
         return json.dumps(message, separators=(",", ":")).encode()
 
     @staticmethod
+    def loads(data: bytes) -> Any:
+        """JSON (ValueError for anything else, deep nesting included)."""
+        try:
+            return json.loads(data)
+        except RecursionError:
+            raise ValueError("JSON nested too deeply") from None
+
+    @staticmethod
     def decode(data: bytes) -> dict[str, Any]:
         """A JSON object of this version (ValueError for anything else)."""
-        message = json.loads(data)
+        message = Bus.loads(data)
         if not isinstance(message, dict) or message.get("v") != 1:
             raise ValueError("not a v1 message")
         return message
@@ -166,7 +179,7 @@ class Bus:
 
         async def on_msg(msg: Msg) -> None:
             try:
-                handler(json.loads(msg.data))
+                handler(self.loads(msg.data))
             except ValueError as exc:  # also UnicodeDecodeError
                 self.drop(kind, exc)
 
