@@ -1,4 +1,4 @@
-"""Three fastsfu nodes on 127.0.0.2-4 over a 3-server NATS cluster (docs/cluster.md#faults), with
+"""Three fastsfu nodes on 127.0.0.2-4 over a 3-server NATS cluster (docs/cluster.md#faults-as-tested), with
 aiortc gRPC clients on different nodes in rooms homed on different nodes (bridged sessions): a node
 SIGKILLed, one NATS server killed, all of NATS stopped; what the survivors hear and lose, and that
 the cluster's state converges afterwards."""
@@ -224,7 +224,7 @@ def test_one_nats_server_killed_is_not_visible(cluster: MultiNode) -> None:
     asyncio.run(asyncio.wait_for(run(), 100))
 
 
-OUTAGE = 30.0  # seconds all of NATS is down (issue 11 §4), three TTLs of silence
+OUTAGE = 30.0  # seconds all of NATS is down (docs/cluster.md#faults-as-tested): three TTLs of silence
 
 
 @pytest.mark.timeout(150)

@@ -234,3 +234,23 @@ def test_cluster_status_prints_the_nodes_and_the_room_homes(cluster: MultiNode) 
     assert down.returncode == 1 and down.stdout == ""
     assert "fastsfu cluster status: error: cannot connect to NATS" in down.stderr, down.stderr
     assert "Traceback" not in down.stderr and time.monotonic() - t0 < 15
+
+
+def test_nats_is_repeatable_in_every_layer(tmp_path: Path) -> None:
+    """`--nats` given once per server, a TOML list and a comma-separated env variable all name the
+    same servers (one string, split by the bus); `serve` with it alone is a node, not a supervisor."""
+    from fastsfu.server.cli import parse_args
+    from fastsfu.server.config import flag_values, load_config
+    from fastsfu.server.worker import worker_role
+
+    urls = ["nats://127.0.0.1:4222", "nats://127.0.0.1:4223"]
+    args = parse_args(["serve", "--nats", urls[0], "--nats", urls[1]])
+    assert load_config(None, {}, flag_values(args)).nats == ",".join(urls)
+    toml = tmp_path / "fastsfu.toml"
+    toml.write_text(f"nats = {json.dumps(urls)}\n")
+    config = load_config(str(toml), {}, {})
+    assert config.nats == ",".join(urls)
+    assert load_config(None, {"FASTSFU_NATS": ",".join(urls)}, {}).nats == ",".join(urls)
+    role = worker_role(config, {})
+    assert role is not None and not role.supervised and config.worker_count == 1
+    assert worker_role(load_config(None, {}, {}), {}) is None  # no NATS: a single server, as before

@@ -1,4 +1,4 @@
-"""`fastsfu cluster status` (docs/cluster.md#cluster-status): listen to the nodes' heartbeats for a
+"""`fastsfu cluster status` (docs/cluster.md#fastsfu-cluster-status): listen to the nodes' heartbeats for a
 moment, read the rooms bucket, and print the nodes and the room homes (text or JSON)."""
 
 from __future__ import annotations
