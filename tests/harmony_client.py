@@ -41,13 +41,19 @@ class HarmonyMember:
     """A Harmony voice client over gRPC with aiortc legs (docs/harmony.md#client-side, ORTC style)."""
 
     def __init__(
-        self, port: int, token: str, guild_id: int = 10, channel_id: int = 20, track: Any = None
+        self,
+        port: int,
+        token: str,
+        guild_id: int = 10,
+        channel_id: int = 20,
+        track: Any = None,
+        host: str = "127.0.0.1",
     ) -> None:
         """`track`: what to send (silence by default); with one, ssrc-audio-level is negotiated and
         aiortc writes the level of that audio (RFC 6464)."""
         self.guild_id, self.channel_id = guild_id, channel_id
         self.track = track
-        self.channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+        self.channel = grpc.aio.insecure_channel(f"{host}:{port}")
         self.call = voice_pb2_grpc.VoiceServiceStub(self.channel).StreamMessage(
             metadata=(("authorization", token),)
         )

@@ -256,7 +256,9 @@ def test_sigterm_drains_then_every_process_exits(cluster: Cluster) -> None:
     async def run() -> tuple[list[int], set[str], float]:
         bus = await Bus.connect(cluster.nats, "test")
         draining: set[str] = set()
-        await bus.subscribe(NODES_SUBJECT, lambda d: draining.add(d["node"]) if d.get("draining") else None)
+        await bus.subscribe(
+            NODES_SUBJECT, "heartbeat", lambda d: draining.add(d["node"]) if d.get("draining") else None
+        )
         # Health watches opened before SIGTERM, each on a connection of its own (either worker):
         # every one is told NOT_SERVING, however long the checks take on a loaded machine.
         channels = [

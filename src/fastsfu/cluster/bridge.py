@@ -9,18 +9,23 @@ import asyncio
 import base64
 import contextlib
 import logging
+import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
-from fastsfu.cluster.bus import BusError
-from fastsfu.cluster.placement import VERSION
-from fastsfu.cluster.registry import Registry
+from fastsfu.cluster.bus import BusError, NoResponders
+from fastsfu.cluster.placement import TOKEN, VERSION, NodeLoad
+from fastsfu.cluster.registry import RETRY_PAUSE, Registry
 
 log = logging.getLogger(__name__)
 
 OPEN_TIMEOUT = 3.0  # seconds for the home to accept a bridged session (and for a starting node's NATS)
+
+# Seconds after a bridge opened from which the other end's heartbeats must list it: a session one
+# end no longer lists ended there (its last message lost, e.g. in a NATS outage) and ends here too.
+LIST_GRACE = 3.0
 
 Message = dict[str, Any]  # one versioned bus message: {"v": 1, "k": kind, ...}
 Wake = Callable[[], None]
@@ -40,11 +45,21 @@ def unb64(data: object) -> bytes:
     return base64.b64decode(data, validate=True)
 
 
+def unlisted(registry: Registry, node: str, sid: str, since: float) -> bool:
+    """Whether `node` is live and a heartbeat of it that arrived LIST_GRACE after `since` does
+    not list the bridged session `sid` (so that end has closed it)."""
+    load: NodeLoad | None = registry.nodes().get(node)
+    heard = registry.heard_at(node)
+    return load is not None and heard is not None and heard > since + LIST_GRACE and sid not in load.bridges
+
+
 class Hosted(Protocol):
     """A session the home runs for a bridged edge. Frames from the edge are `{"k": "f", ...}`, the
     edge's end `{"k": "x", ...}`; what `take` returns goes to the edge in order."""
 
-    def feed(self, message: Message) -> None: ...
+    def feed(self, message: Message) -> None:
+        """One message from the edge; ValueError if it does not decode (counted, dropped)."""
+        ...
 
     def take(self) -> tuple[list[Message], bool]:
         """The messages for the edge, and whether the session is over (the last ones are sent)."""
@@ -79,12 +94,18 @@ class BridgeHost:
         self.kinds = dict(kinds)
         self.sessions: dict[str, Hosted] = {}
         self.edges: dict[str, str] = {}  # the node each bridged session's client is on
+        self.opened: dict[str, float] = {}  # when each was accepted (the registry's clock)
         self.hosted: Counter[str] = Counter()  # bridged sessions accepted, by kind (a metric)
 
     def drop_orphans(self, live: set[str]) -> int:
-        """End the bridged sessions whose edge node is gone (its client's connection died with it):
-        the others in the room hear them leave once. The count ended."""
-        gone = [sid for sid, edge in self.edges.items() if edge not in live]
+        """End the bridged sessions whose edge node is gone (its client's connection died with it),
+        or whose edge no longer lists them (it ended the session and its word was lost): the others
+        in the room hear them leave once. The count ended."""
+        gone = [
+            sid
+            for sid, edge in self.edges.items()
+            if edge not in live or unlisted(self.registry, edge, sid, self.opened.get(sid, 0.0))
+        ]
         for sid in gone:
             session = self.sessions.get(sid)
             if session is not None:
@@ -98,15 +119,25 @@ class BridgeHost:
         wake = asyncio.Event()
         try:
             req = self.bus.decode(msg.data)
-            sid, kind, frames = str(req["sid"]), str(req["kind"]), req["frames"]
-            if not isinstance(frames, list) or kind not in self.kinds:
+            sid, kind, frames, edge = req.get("sid"), req.get("kind"), req.get("frames"), req.get("edge")
+            if not isinstance(sid, str) or not TOKEN.fullmatch(sid):
+                raise ValueError("bad session id")
+            if not isinstance(edge, str) or not TOKEN.fullmatch(edge):
+                raise ValueError("bad edge node")
+            if not isinstance(frames, list) or not isinstance(kind, str) or kind not in self.kinds:
                 raise ValueError(f"cannot host a {kind!r} session")
+            if sid in self.sessions:
+                raise ValueError("the session is open already")
             session = self.kinds[kind](req, wake.set)
-        except (ValueError, KeyError, TypeError) as exc:
-            await msg.respond(self.bus.encode({"v": VERSION, "ok": False, "why": str(exc)}))
+        except (ValueError, KeyError, TypeError) as exc:  # counted and refused: a real edge fails at once
+            self.bus.drop("bridge_open", exc)
+            if msg.reply:
+                with contextlib.suppress(Exception):
+                    await msg.respond(self.bus.encode({"v": VERSION, "ok": False, "why": str(exc)}))
             return
         self.sessions[sid] = session
-        self.edges[sid] = str(req.get("edge", ""))
+        self.edges[sid] = edge
+        self.opened[sid] = self.registry.clock()
         self.hosted[kind] += 1
         inbox: asyncio.Queue[Message] = asyncio.Queue()
         for frame in frames:  # the first frames, in order, before any that follow on .in
@@ -115,14 +146,23 @@ class BridgeHost:
 
         async def on_in(m: Any) -> None:
             try:
-                inbox.put_nowait(self.bus.decode(m.data))
-            except ValueError:
+                item = self.bus.decode(m.data)
+                if item.get("k") not in ("f", "x"):
+                    raise ValueError(f"unknown kind {item.get('k')!r}")
+            except ValueError as exc:
+                self.bus.drop("bridge_in", exc)
                 return
+            inbox.put_nowait(item)
             wake.set()
 
         sub = await self.bus.nc.subscribe(f"fastsfu.v1.bridge.{sid}.in", cb=on_in)
-        await msg.respond(self.bus.encode({"v": VERSION, "ok": True}))
         asyncio.create_task(self._run(sid, session, inbox, wake, sub))
+        try:
+            await msg.respond(self.bus.encode({"v": VERSION, "ok": True}))
+        except Exception as exc:  # no reply subject, or the connection went: the edge times out
+            log.debug("bridged session %s: cannot answer the open: %s", sid, exc)
+            session.orphaned()
+            wake.set()
 
     async def _run(
         self, sid: str, session: Hosted, inbox: asyncio.Queue[Message], wake: asyncio.Event, sub: Any
@@ -138,7 +178,10 @@ class BridgeHost:
                 if over:
                     return
                 if not inbox.empty():
-                    session.feed(inbox.get_nowait())
+                    try:
+                        session.feed(inbox.get_nowait())
+                    except ValueError as exc:  # a frame that does not decode: counted, dropped
+                        self.bus.drop("bridge_in", exc)
                     continue
                 try:
                     async with asyncio.timeout(session.timeout()):
@@ -151,6 +194,7 @@ class BridgeHost:
             session.dispose()
             self.sessions.pop(sid, None)
             self.edges.pop(sid, None)
+            self.opened.pop(sid, None)
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
 
@@ -171,6 +215,7 @@ class BridgeLink:
         self.registry = registry
         self.home = home
         self.sid = uuid.uuid4().hex
+        self.bridged_at = 0.0  # when the home accepted it (the registry's clock)
         self.on_message = on_message
         self.on_home_gone = on_home_gone
         self._sub: Any = None
@@ -181,24 +226,34 @@ class BridgeLink:
         self._sub = await bus.nc.subscribe(f"fastsfu.v1.bridge.{self.sid}.out", cb=self._from_home)
         request = {"v": VERSION, "sid": self.sid, "kind": kind, "edge": self.registry.node, **fields}
         try:
-            answer = await bus.call(
-                bus.nc.request(open_subject(self.home), bus.encode(request), timeout=OPEN_TIMEOUT)
-            )
+            deadline = time.monotonic() + OPEN_TIMEOUT
+            while True:  # the home may be reconnecting (e.g. its NATS server died): not there yet
+                left = deadline - time.monotonic()
+                try:
+                    answer = await bus.call(
+                        bus.nc.request(open_subject(self.home), bus.encode(request), timeout=left)
+                    )
+                    break
+                except NoResponders:
+                    if left < 2 * RETRY_PAUSE:
+                        raise
+                    await asyncio.sleep(RETRY_PAUSE)
             reply = bus.decode(answer.data)
             if not reply.get("ok"):
                 raise BusError(f"the home refused the session: {reply.get('why')}")
         except (BusError, ValueError):
             self.end(None)
             raise
+        self.bridged_at = self.registry.clock()
         self.edge.links.add(self)
 
     async def _from_home(self, msg: Any) -> None:
+        """The home's message to `on_message`, which raises ValueError for one that does not
+        decode: counted and dropped, like one that is not a v1 message."""
         try:
-            message = self.registry.bus.decode(msg.data)
-        except ValueError:
-            log.debug("dropped a bridged message that does not decode")
-            return
-        self.on_message(message)
+            self.on_message(self.registry.bus.decode(msg.data))
+        except ValueError as exc:
+            self.registry.bus.drop("bridge_out", exc)
 
     def send(self, message: Message) -> None:
         """Publish to the home, in order; a frame lost to the bus is the home's timeout to notice."""
@@ -256,7 +311,15 @@ class Edge:
         return link
 
     def check_homes(self, live: set[str]) -> None:
-        """Bridges whose home's node is gone end at the edge with the protocol's clear error."""
-        for link in [link for link in self.links if link.home not in live]:
+        """Bridges whose home's node is gone, or no longer lists them (the home ended the session
+        and its word was lost), end at the edge with the protocol's clear error."""
+        registry = self._registry()
+        gone = [
+            link
+            for link in self.links
+            if link.home not in live
+            or (registry is not None and unlisted(registry, link.home, link.sid, link.bridged_at))
+        ]
+        for link in gone:
             self.links.discard(link)
             link.on_home_gone()

@@ -52,12 +52,10 @@ class HostedConnection:
         elif message.get("k") == "f":
             frame = message.get("d")
             if "b" in message:
-                try:
-                    frame = unb64(message["b"])
-                except ValueError:
-                    return
-            if isinstance(frame, str | bytes):
-                self.conn.receive(frame, now)
+                frame = unb64(message["b"])  # ValueError: counted by the bridge
+            if not isinstance(frame, str | bytes):
+                raise ValueError("a bridged Discord frame that is neither text nor binary")
+            self.conn.receive(frame, now)
 
     def take(self) -> tuple[list[Message], bool]:
         out: list[Message] = []
@@ -234,10 +232,14 @@ class RoutedConnection:
         if self.state not in ("placing", "bridged"):  # the home may answer before its open reply
             return
         kind = message.get("k")
-        if kind == "m" and isinstance(message.get("d"), str):
+        if kind == "m":
+            if not isinstance(message.get("d"), str):
+                raise ValueError("a bridged Discord message that is not text")  # counted by the link
             self._out.append(Send(message["d"]))
             self._wake()
-        elif kind == "c":  # the home closed it: that code, that reason
+        elif kind != "c":
+            raise ValueError(f"unknown kind {kind!r}")
+        else:  # the home closed it: that code, that reason
             code, reason = message.get("code"), message.get("reason")
             if not isinstance(code, int) or not 4000 <= code <= 4999:
                 code = CloseCode.VOICE_SERVER_CRASHED
@@ -274,12 +276,12 @@ class DiscordCloses:
         self.closed = 0
 
     def __call__(self, data: object) -> None:
+        # A bad request raises ValueError: the bus counts it (fastsfu_cluster_bus_dropped_total).
         if not isinstance(data, dict) or data.get("v") != VERSION:
-            return
+            raise ValueError("not a v1 discord close request")
         user, server, code = data.get("user_id"), data.get("server_id"), data.get("code")
         if not isinstance(user, str) or code not in CLOSE_CODES or not isinstance(server, str | None):
-            log.debug("dropped a discord close request: %r", data)
-            return
+            raise ValueError("bad user, server or close code in a discord close request")
         reason = str(data.get("reason") or "")[:100]
         for session in list(self.gateway.sessions.values()):
             if session.user_id == user and server in (None, session.server_id) and session.state != "ended":

@@ -12,11 +12,11 @@ from fastsfu._proto.protocol.voice.v1 import voice_pb2
 from fastsfu.cluster.bridge import BridgeLink, Edge, Message, Wake, b64, unb64
 from fastsfu.cluster.bus import BusError
 from fastsfu.cluster.placement import VERSION
-from fastsfu.harmony.session import VoiceError, VoiceRooms, VoiceSession
+from fastsfu.harmony.session import VoiceError, VoiceRooms, VoiceSession, parse_request
 
 log = logging.getLogger(__name__)
 
-Req, Resp = voice_pb2.StreamMessageRequest, voice_pb2.StreamMessageResponse
+Resp = voice_pb2.StreamMessageResponse
 UNAVAILABLE = "fastsfu.voice-cluster-unavailable"  # the bus cannot place or bridge: join elsewhere/later
 
 
@@ -53,10 +53,9 @@ class HostedVoice:
             self.session.end_reason = str(message.get("why", "")) or self.session.end_reason
             self.over = True
         elif message.get("k") == "f":
-            try:
-                request = Req.FromString(unb64(message.get("d")))
-            except ValueError:
-                return
+            request = parse_request(unb64(message.get("d")))
+            if isinstance(request, VoiceError):  # counted by the bridge: the home's timeout notices
+                raise ValueError("a bridged frame that is no StreamMessageRequest")
             try:
                 self.session.handle(request)
             except VoiceError as exc:
@@ -192,21 +191,28 @@ class RoutedSession(VoiceSession):
             self.on_output()
 
     def _from_home(self, data: Message) -> None:
-        try:
-            kind = data.get("k")
-            if kind == "m":
-                self.outbox.append(Resp.FromString(unb64(data.get("d"))))
-            elif kind == "e":
-                self.outbox.append(
-                    VoiceError(str(data.get("id")), str(data.get("msg")), unb64(data.get("det", "")))
-                )
-            elif kind == "c":
-                self.left_by_peer = bool(data.get("left"))
-                self._closed_here()  # the home ended it: nothing to tell it back
-                return
-        except ValueError:
-            log.debug("dropped a bridged message that does not decode")
+        """One message of the home; ValueError for one that does not decode (the link counts it)."""
+        if self.state == "closed":
             return
+        kind = data.get("k")
+        if kind == "m":
+            raw = unb64(data.get("d"))
+            try:
+                response = Resp.FromString(raw)
+            except Exception:  # protobuf's DecodeError (and RecursionError on deep nesting)
+                raise ValueError("a bridged frame that is no StreamMessageResponse") from None
+            self.outbox.append(response)
+        elif kind == "e":
+            ident, text = data.get("id"), data.get("msg")
+            if not isinstance(ident, str) or not isinstance(text, str):
+                raise ValueError("bad error identifier or message")
+            self.outbox.append(VoiceError(ident, text, unb64(data.get("det", ""))))
+        elif kind == "c":
+            self.left_by_peer = data.get("left") is True
+            self._closed_here()  # the home ended it: nothing to tell it back
+            return
+        else:
+            raise ValueError(f"unknown kind {kind!r}")
         if self.on_output is not None:
             self.on_output()
 

@@ -25,6 +25,7 @@ from fastsfu.harmony.session import VoiceRooms, VoiceSession
 
 log = logging.getLogger(__name__)
 
+DROP_KINDS = ("heartbeat", "bridge_open", "bridge_in", "bridge_out")  # the subjects a node listens to
 HEARTBEAT_INTERVAL = 1.0  # seconds between two load heartbeats (NODE_TTL is ten of them)
 RETRY_INTERVAL = 1.0  # seconds between two attempts to reach NATS
 PROTOCOLS = ("harmony", "discord")
@@ -67,7 +68,12 @@ class Node:
             len(room.members) + len(room.holders - set(room.members.values())) for room in self.rooms
         )
         served = tuple(sorted({room_subject_key(room.key) for room in self.rooms}))
-        return NodeLoad(self.node_id, members, len(self.rooms), self.draining, self.media, served)
+        bridges = [link.sid for link in self.edge.links]  # both protocols' bridges open from here
+        if self.host is not None:
+            bridges.extend(self.host.sessions)
+        return NodeLoad(
+            self.node_id, members, len(self.rooms), self.draining, self.media, served, tuple(bridges)
+        )
 
     async def run(self) -> None:
         while self.registry is None:
@@ -80,7 +86,9 @@ class Node:
                 await self.admin.serve(bus)
                 if self.discord is not None:
                     await bus.subscribe(
-                        discord_bridge.CLOSE_SUBJECT, discord_bridge.DiscordCloses(self.discord.gateway)
+                        discord_bridge.CLOSE_SUBJECT,
+                        "discord_close",
+                        discord_bridge.DiscordCloses(self.discord.gateway),
                     )
             except BusError as exc:
                 log.warning("cluster: %s; retrying", exc)
@@ -89,14 +97,21 @@ class Node:
             self.bus, self.registry, self.host = bus, registry, host
         self.connected.set()
         log.info("cluster: node %s on %s", self.node_id, self.url)
-        while True:
-            try:
-                await self.registry.heartbeat(self.load())
-                self._check_bridges(self.registry)
-                await self._reconcile(self.registry)
-            except BusError as exc:
-                log.debug("cluster: %s", exc)
-            await asyncio.sleep(HEARTBEAT_INTERVAL)
+        reconcile: asyncio.Task[None] | None = None
+        try:
+            while True:
+                try:
+                    await self.registry.heartbeat(self.load())
+                    self._check_bridges(self.registry)
+                except BusError as exc:
+                    log.debug("cluster: %s", exc)
+                # Beside the heartbeats, which a slow bus (a placement retrying) must not delay.
+                if reconcile is None or reconcile.done():
+                    reconcile = asyncio.create_task(self._reconcile(self.registry))
+                await asyncio.sleep(HEARTBEAT_INTERVAL)
+        finally:
+            if reconcile is not None:
+                reconcile.cancel()
 
     def _check_bridges(self, registry: Registry) -> None:
         """Bridged sessions whose other end's node is gone (no heartbeat within the TTL) end."""
@@ -110,12 +125,15 @@ class Node:
         its rooms move to a live one); release the ones that ended here and are served nowhere else."""
         local = {room_subject_key(room.key) for room in self.rooms}
         nodes = registry.nodes()
-        for key in local:
-            if self.homes.get(key) not in nodes:
-                self.homes[key] = (await registry.home(key)).home
-        for key in [k for k in self.homes if k not in local]:
-            del self.homes[key]
-            await registry.release(key)
+        try:
+            for key in local:
+                if self.homes.get(key) not in nodes:
+                    self.homes[key] = (await registry.home(key)).home
+            for key in [k for k in self.homes if k not in local]:
+                await registry.release(key)
+                del self.homes[key]
+        except BusError as exc:  # tried again at the next heartbeat
+            log.debug("cluster: %s", exc)
 
     async def drain(self) -> None:
         """Mark this node draining in the registry now (no new rooms are placed here)."""
@@ -185,6 +203,14 @@ class ClusterCollector(Collector):
             "Bus operations that failed or timed out",
             value=bus.failures if bus else 0,
         )
+        dropped = CounterMetricFamily(
+            "fastsfu_cluster_bus_dropped",
+            "Bus messages ignored (malformed, another version, wrong types), by the subject they came on",
+            labels=["subject_kind"],
+        )
+        for kind in DROP_KINDS:
+            dropped.add_metric([kind], bus.dropped[kind] if bus else 0)
+        yield dropped
 
 
 def _up(node: Node) -> int:

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 VERSION = 1  # of every message on the bus, so that a rolling upgrade can tell versions apart
 _KEY_UNSAFE = re.compile(r"[^-/_=a-zA-Z0-9]")
+# A node id or session id goes into NATS subjects: dot-separated words, no spaces or wildcards.
+TOKEN = re.compile(r"(?=.{1,128}$)[-_A-Za-z0-9]+(\.[-_A-Za-z0-9]+)*")
 
 
 def room_subject_key(key: tuple[Hashable, ...]) -> str:
@@ -25,23 +27,30 @@ class NodeLoad:
     draining: bool = False
     media: str = ""  # host:port of the node's media socket
     served: tuple[str, ...] = ()  # the rooms (bucket keys) with members or sessions on the node
+    bridges: tuple[str, ...] = ()  # the bridged sessions open on the node (as edge or as home)
 
     def to_json(self) -> dict[str, object]:
-        return {"v": VERSION, **vars(self), "served": list(self.served)}
+        return {"v": VERSION, **vars(self), "served": list(self.served), "bridges": list(self.bridges)}
 
     @classmethod
     def from_json(cls, data: object) -> NodeLoad:
         """ValueError if `data` is not a heartbeat of a version this code reads."""
-        if not isinstance(data, dict) or data.get("v") != VERSION or not isinstance(data.get("node"), str):
+        if not isinstance(data, dict) or data.get("v") != VERSION:
             raise ValueError("not a v1 node heartbeat")
+        node = data.get("node")
+        if not isinstance(node, str) or not TOKEN.fullmatch(node):
+            raise ValueError("bad node id in a node heartbeat")
         members, rooms = data.get("members", 0), data.get("rooms", 0)
-        if not isinstance(members, int) or not isinstance(rooms, int) or members < 0 or rooms < 0:
+        if any(not isinstance(n, int) or isinstance(n, bool) or n < 0 for n in (members, rooms)):
             raise ValueError("bad load in a node heartbeat")
-        served = data.get("served", [])
-        if not isinstance(served, list) or not all(isinstance(k, str) for k in served):
-            raise ValueError("bad room list in a node heartbeat")
-        draining, media = bool(data.get("draining")), str(data.get("media", ""))
-        return cls(data["node"], members, rooms, draining, media, tuple(served))
+        served, bridges = data.get("served", []), data.get("bridges", [])
+        for items in (served, bridges):
+            if not isinstance(items, list) or not all(isinstance(k, str) for k in items):
+                raise ValueError("bad room or session list in a node heartbeat")
+        draining, media = data.get("draining", False), data.get("media", "")
+        if not isinstance(draining, bool) or not isinstance(media, str):
+            raise ValueError("bad draining flag or media address in a node heartbeat")
+        return cls(node, members, rooms, draining, media, tuple(served), tuple(bridges))
 
 
 def choose_home(nodes: Mapping[str, NodeLoad]) -> str | None:

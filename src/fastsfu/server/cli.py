@@ -1,4 +1,5 @@
-"""The command line: `fastsfu serve` (the Harmony voice server, or `--demo`) and `fastsfu token`."""
+"""The command line: `fastsfu serve` (the Harmony voice server, or `--demo`), `fastsfu token` and
+`fastsfu cluster status`."""
 
 from __future__ import annotations
 
@@ -55,13 +56,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--secret", default=os.environ.get("FASTSFU_TOKEN_SECRET"), help="the server's token secret"
     )
     token.add_argument("--ttl", type=float, default=86400.0, help="seconds of validity")
+    cluster = sub.add_parser("cluster", help="a cluster of nodes over NATS (docs/cluster.md)")
+    cluster_sub = cluster.add_subparsers(dest="cluster_command", required=True)
+    status = cluster_sub.add_parser("status", help="print the nodes (load, last heard) and the room homes")
+    status.add_argument(
+        "--nats",
+        action="append",
+        default=None,
+        metavar="URL",
+        help="NATS server URL; repeatable (env FASTSFU_NATS, comma-separated; default nats://127.0.0.1:4222)",
+    )
+    status.add_argument("--json", action="store_true", help="print JSON")
     args = ap.parse_args(argv)
     if args.command == "serve":
         if not 0 <= args.speakers <= 64:
             ap.error("--speakers must be 0..64")
         if args.stats_interval <= 0 or args.duration < 0:
             ap.error("--stats-interval must be > 0 and --duration >= 0")
-    elif not args.secret:
+    elif args.command == "token" and not args.secret:
         ap.error("--secret (or FASTSFU_TOKEN_SECRET) is required")
     return args
 
@@ -129,6 +141,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "token":
         print(TokenAuth(args.secret).mint(args.user, args.ttl))
         return 0
+    if args.command == "cluster":
+        from fastsfu.cluster.status import run  # needs the cluster extra
+
+        urls = args.nats or [os.environ.get("FASTSFU_NATS") or "nats://127.0.0.1:4222"]
+        return run(urls, args.json)
     try:
         config = load_config(args.config, os.environ, flag_values(args), args.duration)
     except ConfigError as exc:

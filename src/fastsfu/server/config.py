@@ -94,9 +94,10 @@ class ServerConfig:
     datapath_thread: bool = True  # forward on a dedicated thread, GIL released (docs/datapath.md)
     max_queue_age_ms: float = 200.0  # drop RTP queued longer than this; 0: never (docs/datapath.md)
     duration: float = 0.0  # stop after this many seconds; 0: until SIGINT/SIGTERM (flag only)
-    # Scaling out on one host (docs/cluster.md): worker processes ("auto": one per core), the NATS
-    # server they coordinate over (None: an embedded one when workers > 1), and the first port of
-    # the workers' own /metrics listeners (worker i on this + i; 0: any free port each).
+    # Scaling out (docs/cluster.md): worker processes ("auto": one per core), the NATS server(s)
+    # they coordinate over (comma-separated URLs of one NATS cluster; None: an embedded one when
+    # workers > 1, else no cluster), and the first port of the workers' own /metrics listeners
+    # (worker i on this + i; 0: any free port each).
     workers: str = "1"
     nats: str | None = None
     worker_metrics_port: int = 0
@@ -231,7 +232,15 @@ OPTIONS = (
         minimum=0.0,
     ),
     Option("workers", "--workers", str, "worker processes (N or auto: one per core)", metavar="N|auto"),
-    Option("nats", "--nats", str, "NATS server URL for --workers (default: an embedded one)", metavar="URL"),
+    Option(
+        "nats",
+        "--nats",
+        str,
+        "NATS server URL of the cluster this node joins; repeatable (one per server of a NATS "
+        "cluster), or comma-separated; default with --workers: an embedded one",
+        metavar="URL",
+        repeat=True,
+    ),
     Option(
         "worker_metrics_port",
         "--worker-metrics-port",
@@ -468,6 +477,8 @@ def _file_value(path: str, key: str, value: Any) -> Any:
     o = _BY_KEY.get(key)
     if o is None:
         raise ConfigError(f"{path}: unknown key {key!r}")
+    if o.repeat and isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+        value = ",".join(value)  # a list in the file is the flag given once per item
     return _coerce(o, value, f"{path}: {key}", from_text=False)
 
 

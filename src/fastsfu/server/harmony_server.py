@@ -64,7 +64,7 @@ async def serve_harmony(config: ServerConfig, voice: VoiceSettings | None = None
     rate_limit = RateLimiter(limit.burst, limit.interval, limit.max_addresses) if limit.burst else None
     health = Health()
     worker = worker_role(config, os.environ)  # started by `--workers N`: shares the signaling ports
-    reuse_port = worker is not None
+    reuse_port = worker is not None and worker.supervised
     async with Engine(settings) as engine:
         rooms = VoiceRooms(engine, voice or config.voice, policy)
         rooms.schedule = asyncio.get_running_loop().call_soon  # big rooms join in slices

@@ -32,11 +32,13 @@ DRAIN_WAIT = 1.0  # seconds between NOT_SERVING (and draining in the registry) a
 
 
 class WorkerRole:
-    """What a worker process does beyond a single `fastsfu serve`."""
+    """What a worker process does beyond a single `fastsfu serve`: a worker of a supervisor
+    (`supervised`: shared signaling ports, its own /metrics), or a lone node of a cluster."""
 
-    def __init__(self, index: int, config: ServerConfig) -> None:
+    def __init__(self, index: int, config: ServerConfig, supervised: bool = True) -> None:
         self.index = index
         self.config = config
+        self.supervised = supervised
         self.metrics_port = 0
         self.node: Node | None = None
         self._runner: web.AppRunner | None = None
@@ -66,7 +68,7 @@ class WorkerRole:
             # Announced ready once in the cluster (bounded: the worker serves without NATS too).
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.node.connected.wait(), CONNECT_WAIT)
-        if metrics is None:
+        if metrics is None or not self.supervised:  # a lone node's /metrics is on its hRPC port
             return
         app = web.Application()
         metrics(app)
@@ -106,6 +108,9 @@ class WorkerRole:
 
 
 def worker_role(config: ServerConfig, env: Mapping[str, str]) -> WorkerRole | None:
-    """This process's worker role when the supervisor started it, else None (a single server)."""
+    """This process's worker role when the supervisor started it, a node's when it was given NATS
+    servers (a host of a cluster, docs/cluster.md#many-hosts), else None (a single server)."""
     raw = env.get(WORKER_ENV)
-    return WorkerRole(int(raw), config) if raw is not None and raw.isdigit() else None
+    if raw is not None and raw.isdigit():
+        return WorkerRole(int(raw), config)
+    return WorkerRole(0, config, supervised=False) if config.nats is not None else None
