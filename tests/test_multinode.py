@@ -24,8 +24,8 @@ from cluster_helpers import (
     wait_metrics,
 )
 
-from fastsfu.cluster.bridge import UNAVAILABLE
 from fastsfu.cluster.bus import Bus
+from fastsfu.cluster.harmony_bridge import UNAVAILABLE
 from fastsfu.cluster.registry import NODE_TTL, ROOMS_BUCKET
 
 pytestmark = [pytest.mark.loopback, pytest.mark.slow, pytest.mark.usefixtures("aiortc_loopback")]
@@ -98,7 +98,8 @@ def test_sigkilled_node_members_leave_within_the_ttl_and_survivors_lose_nothing(
             seen = await wait_metrics(http, cluster.nodes, lambda s: s[2]["fastsfu_room_members"] == 1)
             # Each room at its home only: A has 1.1, B 1.2, C 1.3; the others' sessions bridged there.
             assert [m["fastsfu_room_members"] for m in seen] == [3, 3, 1]
-            assert [m['fastsfu_cluster_sessions_total{where="hosted"}'] for m in seen] == [2, 2, 1]
+            hosted = 'fastsfu_cluster_sessions_total{protocol="harmony",where="hosted"}'
+            assert [m[hosted] for m in seen] == [2, 2, 1]
             survivors = [m for m in room1 + room2 if m.user not in (13, 23)]
             await asyncio.sleep(1.0)
             before = {m.user: await m.packets() for m in survivors}

@@ -18,8 +18,9 @@ import grpc
 import pytest
 from cluster_helpers import MultiNode, NodeMember, error_identifier, multi_node, place, wait_metrics
 
-from fastsfu.cluster.bridge import OPEN_TIMEOUT, UNAVAILABLE, open_subject
+from fastsfu.cluster.bridge import OPEN_TIMEOUT, open_subject
 from fastsfu.cluster.bus import Bus
+from fastsfu.cluster.harmony_bridge import UNAVAILABLE
 from fastsfu.cluster.placement import NodeLoad
 from fastsfu.cluster.registry import NODES_SUBJECT
 

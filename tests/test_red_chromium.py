@@ -144,7 +144,7 @@ async def run(chromium_path: str, args: list[str]) -> None:
                     pcm = b""
                     frame = None
                     for _ in range(100):  # 2 s of 20 ms frames
-                        frame = await asyncio.wait_for(receiver.track.recv(), 5)
+                        frame = await asyncio.wait_for(receiver.track.recv(), 15)  # a loaded CI host
                         pcm += bytes(frame.planes[0])
                     recv_result = await wait_result(chromium_rx, 30_000)
                     send_result = await wait_result(sender, 30_000)
