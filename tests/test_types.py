@@ -173,3 +173,11 @@ def test_what_the_api_returns_matches_its_typeddicts() -> None:
     )
     # The optional keys of each transport class are present on that class's stats only.
     assert "iceState" in snapshot.webrtc_stats[0] and "iceState" not in snapshot.plain_stats[0]
+
+
+def test_engine_stats_repeat_every_datapath_key() -> None:
+    """EngineStats lists DatapathStats' keys again (pdoc cannot place inherited TypedDict keys):
+    the two lists must not drift apart."""
+    from fastsfu.types import DatapathStats, EngineStats
+
+    assert set(DatapathStats.__annotations__) <= set(EngineStats.__annotations__)

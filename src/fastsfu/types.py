@@ -291,10 +291,21 @@ class DatapathStats(TypedDict):
     drops: dict[str, int]  # every reason of fastsfu._rtp.DROP_REASONS
 
 
-class EngineStats(DatapathStats):
-    """`Engine.stats()`: the datapath's totals (every key of DatapathStats) plus the control
-    plane's counters below."""
+class EngineStats(TypedDict):
+    """`Engine.stats()`: the datapath's totals (DatapathStats' keys, repeated here rather than
+    inherited: pdoc cannot place inherited TypedDict keys) plus the control plane's counters."""
 
+    rx_packets: int
+    rx_bytes: int
+    forwarded_packets: int
+    forwarded_bytes: int
+    batches: int
+    slow_path_packets: int
+    late_packets: int  # RTP forwarded after waiting over 20 ms in the socket queue
+    table_hand_offs: int  # times the datapath thread handed its tables to a control-plane call
+    loop_wakeups: int  # times the datapath thread woke the event loop (notify_fd writes)
+    events_lost: int
+    drops: dict[str, int]
     unhandled_datagrams: int
     slow_path_errors: int
     dtls_failures: int
