@@ -388,10 +388,11 @@ class ReferenceForwarder:
             return
         red: tuple[int, int] | None = None  # (header blocks, primary offset) of a RED packet
         body = data[hlen : n - (data[-1] if data[0] & 0x20 else 0)]
-        if data[1] & 0x7F == pr.red_pt and body:  # padding only (a probe): no RED, Opus PT
+        probe = not body  # padding only: a bandwidth probe, skipped by receivers (not by pipes)
+        if data[1] & 0x7F == pr.red_pt and body:
             red = red_primary(body, pr.pt)
         for c in pr.consumers:
-            self._forward(pr, self.consumers[c], data, hlen, ext_off, ext_len, profile, ext, now, red)
+            self._forward(pr, self.consumers[c], data, hlen, ext_off, ext_len, profile, ext, now, red, probe)
 
     @staticmethod
     def _read_level(pr: _Producer, block: bytes, profile: int) -> None:
@@ -450,6 +451,7 @@ class ReferenceForwarder:
         ext: int,
         now: int,
         red: tuple[int, int] | None = None,
+        probe: bool = False,
     ) -> None:
         dst = self.transports[co.transport]
         if co.paused:
@@ -475,6 +477,9 @@ class ReferenceForwarder:
             co.sync_needed, co.epoch = False, pr.epoch
         elif ext < co.sync_ext:
             self.drops["stale_seq"] += 1
+            return
+        if probe and not co.passthrough:
+            co.seq_off = (co.seq_off - 1) & 0xFFFF  # not sent; the receiver's sequence stays continuous
             return
         out_seq = (ext + co.seq_off) & 0xFFFF
         out_ts = (in_ts + co.ts_off) & 0xFFFFFFFF

@@ -264,7 +264,9 @@ async def run_firefox(chromium: str, netns: str, args: list[str], tmp_path: Path
             assert session.producer is not None and session.producer.get_stats()[0]["packetCount"] > 50
             (consumer,) = session.consumers.values()
             assert consumer.get_stats()[0]["packetCount"] > 50  # sent to Firefox over TCP
-            for _ in range(50):  # Firefox's receiver reports name the consumer's SSRC (RFC 3550 §6.4)
+            # Firefox's receiver reports name the consumer's SSRC (RFC 3550 §6.4); the round trip
+            # needs one that echoes a sender report of ours, which go out every 5 s (rtcp_interval).
+            for _ in range(150):
                 if consumer.round_trip_time is not None:
                     break
                 await asyncio.sleep(0.1)

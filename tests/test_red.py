@@ -88,9 +88,11 @@ def test_red_forwarded_to_red_receivers_and_unwrapped_for_opus_receivers() -> No
                 await asyncio.sleep(0.002)
             # A plain Opus packet of the same producer reaches both as Opus.
             clients[0].send_rtp(server, RtpPacket(OPUS, 107, 7 * 48000, 4242, payload=primary))
-            # Padding only, at the RED PT (Chromium's bandwidth probes): no RED in it, so it goes
-            # out as it came, at each receiver's Opus PT, padding kept.
+            # Padding only, at the RED PT (Chromium's bandwidth probes): no media, so no receiver
+            # gets it (an empty payload stops aiortc's decoder), and the next packet takes its
+            # sequence number so that the receivers see no loss.
             clients[0].send_rtp(server, RtpPacket(RED, 108, 8 * 48000, 4242, payload=b"", padding=32))
+            clients[0].send_rtp(server, RtpPacket(OPUS, 109, 8 * 48000, 4242, payload=primary))
 
             assert clients[1].rx is not None and clients[2].rx is not None
             got_red = [
@@ -101,7 +103,7 @@ def test_red_forwarded_to_red_receivers_and_unwrapped_for_opus_receivers() -> No
             ]
             assert [p.sequence_number for p in got_red] == [100, 101, 102, 107, 108]
             assert [p.sequence_number for p in got_opus] == [100, 101, 102, 107, 108]
-            assert [p.padding for p in got_red] == [p.padding for p in got_opus] == [0, 0, 0, 0, 32]
+            assert [p.padding for p in got_red] == [p.padding for p in got_opus] == [0, 0, 0, 0, 0]
             # RED as sent, with every block header naming the receiver's Opus PT (100).
             assert [p.payload_type for p in got_red] == [101, 101, 101, 100, 100]
             assert [p.payload for p in got_red] == [
@@ -109,11 +111,11 @@ def test_red_forwarded_to_red_receivers_and_unwrapped_for_opus_receivers() -> No
                 red([], 100, primary),
                 red([(100, 1920, b""), (100, 960, prev)], 100, primary),
                 primary,
-                b"",
+                primary,
             ]
             # Unwrapped: the primary block alone, at the receiver's Opus PT.
             assert [p.payload_type for p in got_opus] == [109] * 5
-            assert [p.payload for p in got_opus] == [primary] * 4 + [b""]
+            assert [p.payload for p in got_opus] == [primary] * 5
             assert [p.timestamp for p in got_opus] == [0, 48000, 96000, 7 * 48000, 8 * 48000]
             # The four malformed packets: a counted drop for each receiver, nothing sent.
             assert producer.get_stats()[0]["redPacketCount"] == 3

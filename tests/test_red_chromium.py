@@ -144,7 +144,13 @@ async def run(chromium_path: str, args: list[str]) -> None:
                     pcm = b""
                     frame = None
                     for _ in range(100):  # 2 s of 20 ms frames
-                        frame = await asyncio.wait_for(receiver.track.recv(), 15)  # a loaded CI host
+                        try:
+                            frame = await asyncio.wait_for(receiver.track.recv(), 15)  # a loaded CI host
+                        except TimeoutError:
+                            raise AssertionError(
+                                f"aiortc decoded nothing for 15 s: opus consumer {consumer.get_stats()}, "
+                                f"producer {producer.get_stats()}, drops {engine.stats()['drops']}"
+                            ) from None
                         pcm += bytes(frame.planes[0])
                     recv_result = await wait_result(chromium_rx, 30_000)
                     send_result = await wait_result(sender, 30_000)

@@ -195,7 +195,7 @@ ctypedef struct Producer:
     uint32_t ssrc
     uint8_t pt
     uint8_t red_pt                   # the producer's audio/red PT (RFC 2198), NO_PT: none
-    uint8_t red_state                # the current packet (set by _rtp): 0 Opus, 1 RED, 2 malformed RED
+    uint8_t red_state                # the current packet (set by _rtp): 0 Opus, 1 RED, 2 malformed RED, 3 padding only
     uint8_t red_blocks               # ... a RED packet's header blocks (the primary's included)
     int red_prim_off                 # ... and its primary block's offset in the payload
     uint64_t red_packets             # well-formed RED packets parsed for receivers

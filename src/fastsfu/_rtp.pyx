@@ -2046,9 +2046,10 @@ cdef class Datapath:
             return
         pr.red_state = 0
         body = n - hlen - (buf[n - 1] if buf[0] & 0x20 else 0)   # padding (RFC 3550 §5.1) is not RED
-        if (buf[1] & 0x7F) == pr.red_pt and body > 0:
-            # Parsed once for every receiver. A padding-only packet (a sender's bandwidth probe)
-            # carries no RED: it goes out as it came, at the Opus PT.
+        if body <= 0:
+            pr.red_state = 3   # padding only: a sender's bandwidth probe, no media (_forward)
+        elif (buf[1] & 0x7F) == pr.red_pt:
+            # Parsed once for every receiver.
             pr.red_blocks = red_parse(&buf[hlen], body, pr.pt, &pr.red_prim_off)
             pr.red_state = 1 if pr.red_blocks else 2
             pr.red_packets += pr.red_state == 1
@@ -2208,6 +2209,13 @@ cdef class Datapath:
         elif ext < co.sync_ext:
             co.drops += 1
             self._drop(dst, DROP_STALE_SEQ)
+            return
+        if pr.red_state == 3 and not co.passthrough:
+            # A padding-only packet carries no media (a sender's bandwidth probe, e.g. Chromium's
+            # at the RED PT): receivers do not get it, as mediasoup's do not (a decoder handed an
+            # empty payload may stop: aiortc's does), and their sequence stays continuous. A pipe
+            # carries it; the far side's receivers skip it the same way.
+            co.seq_off = <uint16_t>(co.seq_off - 1)
             return
         out_seq = <uint16_t>(<uint16_t>ext + co.seq_off)
         out_ts = rd32(&buf[4]) + co.ts_off
