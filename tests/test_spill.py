@@ -257,12 +257,12 @@ def test_a_sigkilled_spill_worker_its_members_leave_once_and_its_pipes_close(clu
                 assert m["fastsfu_cluster_pipe_consumers"] == CAP
             for member in alive:
                 await member.leave()
-            for member in ended:
+            for member in ended:  # each receiver's decoder thread too: a live one holds the exit
                 member.call.cancel()
-                with contextlib.suppress(Exception):
-                    await member.sender.stop()
-                    for leg in (member.producer, member.consumer):
-                        await leg.stop()
+                legs = [member.sender, *member.receivers.values(), member.producer, member.consumer]
+                for leg in legs:
+                    with contextlib.suppress(Exception):
+                        await asyncio.wait_for(leg.stop(), 5)
                 await member.channel.close()
 
     asyncio.run(asyncio.wait_for(run(), 220))
