@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import os
 import signal
@@ -30,6 +31,14 @@ from fastsfu.harmony.auth import TokenAuth
 pytestmark = [pytest.mark.loopback, pytest.mark.slow]
 WORKERS, CAP, USERS = 3, 2, 6
 Metrics = list[dict[str, float]]
+
+
+@pytest.fixture(autouse=True)
+def collected() -> Iterator[None]:
+    """Each test's leftovers (aiortc and gRPC objects of its loop) are finalized at its end, not
+    during a later test or pytest's own code."""
+    yield
+    gc.collect()
 
 
 @pytest.fixture
