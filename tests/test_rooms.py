@@ -19,7 +19,15 @@ from fastsfu import Engine
 from fastsfu.discord.voice import DiscordVoice
 from fastsfu.harmony import VoiceRooms
 from fastsfu.producer import Producer
-from fastsfu.rooms import ConsumeError, NotAllowedError, Room, RoomFullError, RoomMember, Rooms
+from fastsfu.rooms import (
+    ConsumeError,
+    NotAllowedError,
+    RemoteMember,
+    Room,
+    RoomFullError,
+    RoomMember,
+    Rooms,
+)
 
 pytestmark = [pytest.mark.timeout(60)]
 
@@ -92,6 +100,60 @@ def test_rooms_are_created_once_and_freed_when_nobody_holds_or_joins_them() -> N
         assert rooms.get((GUILD, CHANNEL)) is None and len(rooms) == 0
         assert room.router.closed and room.router.id not in engine.routers  # the engine forgot it
         assert rooms.acquire((GUILD, CHANNEL)) is not room  # a fresh room with a fresh router
+
+    run(body)
+
+
+class Listener:
+    """A RoomsListener that records what it is told, in order."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, int]] = []
+
+    def room_opened(self, room: Room) -> None:
+        self.events.append(("opened", 0))
+
+    def room_closed(self, room: Room) -> None:
+        self.events.append(("closed", 0))
+
+    def member_added(self, room: Room, member: RoomMember) -> None:
+        self.events.append(("added", member.user_id))
+
+    def member_removed(self, room: Room, member: RoomMember) -> None:
+        self.events.append(("removed", member.user_id))
+
+
+def test_remote_members_look_local_but_neither_keep_the_room_nor_count_for_its_node() -> None:
+    """A member served by another node (docs/cluster.md#spill) is announced to the local members like
+    any other, but the room's listener (the cluster's spill) hears only of local members, the
+    node's cap counts only local members and holders, and remote members alone do not keep the
+    room (its router) alive."""
+
+    async def body(engine: Engine) -> None:
+        rooms = Rooms(engine)
+        listener = Listener()
+        rooms.listener = listener
+        room = rooms.acquire((GUILD, CHANNEL))
+        holder = object()
+        room.hold(holder)
+        local = Recorder(1, producer_in(room, 1111))
+        enter(room, local)
+        room.unhold(holder)
+        remote = RemoteMember(2, producer_in(room, 2222), "n2")
+        room.check_capacity()
+        room.announce_joined(remote, list(room.members.values()))
+        room.add(remote)
+        assert local.events == [("joined", 2)]  # heard as a local member would be
+        assert [m.user_id for m in room.local_members()] == [1] and room.local_load() == 1
+        joining = object()
+        room.hold(joining)  # a session past Initialize, not joined yet, counts too
+        assert room.local_load() == 2
+        assert listener.events == [("opened", 0), ("added", 1)]  # not of the remote member
+        room.unhold(joining)
+        leave(rooms, room, local)
+        # The last local member left: the room closes though a remote member is still in it.
+        assert rooms.get((GUILD, CHANNEL)) is None and room.router.closed
+        assert listener.events == [("opened", 0), ("added", 1), ("removed", 1), ("closed", 0)]
 
     run(body)
 

@@ -39,16 +39,18 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 GRACE = 2.0  # --shutdown-grace given to the supervisor (and so to each worker)
 STARTED = re.compile(r"worker (\d+) started: pid (\d+)")
 METRICS = re.compile(r"fastsfu: worker (\d+) metrics (\S+)")
-PORTS = re.compile(r"fastsfu: 2 workers on hRPC (\d+), gRPC (\d+), Discord (-?\d+)")
+PORTS = re.compile(r"fastsfu: \d+ workers on hRPC (\d+), gRPC (\d+), Discord (-?\d+)")
 NATS = re.compile(r"fastsfu: nats (nats://\S+) \(embedded\)")
 
 
 class Cluster:
-    """A `fastsfu serve --workers 2` process and what its output says (read by a thread)."""
+    """A `fastsfu serve --workers N` process (2 unless told) and what its output says (read by a
+    thread)."""
 
-    def __init__(self, *extra: str) -> None:
+    def __init__(self, *extra: str, workers: int = 2) -> None:
+        self.workers = workers
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "fastsfu.server.cli", "serve", "--workers", "2"]
+            [sys.executable, "-m", "fastsfu.server.cli", "serve", "--workers", str(workers)]
             + ["--hrpc-port", "0", "--grpc-port", "0", "--discord-port", "-1", "--rate-limit-burst", "0"]
             + ["--shutdown-grace", str(GRACE), *extra],
             stdout=subprocess.PIPE,
@@ -91,7 +93,7 @@ class Cluster:
                 self.nats = m[1]
 
     def ready(self) -> None:
-        self.wait_for(lambda: len(self.metrics) == 2 and self.hrpc)
+        self.wait_for(lambda: len(self.metrics) == self.workers and self.hrpc)
 
     def stop(self) -> None:
         if self.proc.poll() is None:

@@ -88,12 +88,60 @@ class RoomMember(Protocol):
         ...
 
 
+class RemoteMember:
+    """A member of this room served by another node (docs/cluster.md#spill): its producer is the
+    far end of a pipe. Its own node tells it about the others, so the calls to it do nothing here."""
+
+    def __init__(self, user_id: int, producer: Producer, node: str) -> None:
+        self._user_id = user_id
+        self._producer = producer
+        self.node = node
+
+    @property
+    def user_id(self) -> int:
+        return self._user_id
+
+    @property
+    def producer(self) -> Producer | None:
+        return self._producer
+
+    @property
+    def reports_speaking(self) -> bool:
+        """No: its speaking is measured here from the piped producer's audio levels."""
+        return False
+
+    def member_joined(self, user_id: int, producer: Producer) -> None:
+        pass
+
+    def member_left(self, user_id: int) -> None:
+        pass
+
+    def member_speaking(self, user_id: int, speaking: bool) -> None:
+        pass
+
+
+class RoomsListener(Protocol):
+    """Told of a node's rooms opening and closing and of their local members (the cluster's spill
+    follows rooms that span nodes through this)."""
+
+    def room_opened(self, room: Room) -> None: ...
+    def room_closed(self, room: Room) -> None: ...
+    def member_added(self, room: Room, member: RoomMember) -> None: ...
+    def member_removed(self, room: Room, member: RoomMember) -> None: ...
+
+
 class Room:
     """One voice channel: its router, its members by user, and holders (sessions between taking
     the room and joining it, which keep it alive)."""
 
     def __init__(
-        self, key: RoomKey, router: Router, max_members: int, speaking_detection: bool = True, last_n: int = 0
+        self,
+        key: RoomKey,
+        router: Router,
+        max_members: int,
+        speaking_detection: bool = True,
+        last_n: int = 0,
+        listener: RoomsListener | None = None,
     ) -> None:
         self.key = key
         self.router = router
@@ -101,6 +149,7 @@ class Room:
         self.members: dict[int, RoomMember] = {}
         self.holders: set[object] = set()
         self.speaking_detection = speaking_detection
+        self.listener = listener
         self.speaking_users: set[int] = set()  # measured (SpeakingObserver), for members tracked
         self._speaking: SpeakingObserver | None = None  # made with the first tracked producer
         self._speakers: dict[str, int] = {}  # tracked producer id -> user id
@@ -136,7 +185,16 @@ class Room:
 
     @property
     def empty(self) -> bool:
-        return not self.members and not self.holders
+        """Nobody here holds or is in it (members served by other nodes do not keep it alive)."""
+        return not self.holders and not self.local_members()
+
+    def local_members(self) -> list[RoomMember]:
+        return [m for m in self.members.values() if not isinstance(m, RemoteMember)]
+
+    def local_load(self) -> int:
+        """Members and holders on this node: what a node's cap on a room counts."""
+        local = self.local_members()
+        return len(local) + len(self.holders - set(local))
 
     def hold(self, holder: object) -> None:
         self.holders.add(holder)
@@ -178,12 +236,16 @@ class Room:
         self.members[member.user_id] = member
         if member.producer is not None:
             self.track_speaking(member)
+        if self.listener is not None and not isinstance(member, RemoteMember):
+            self.listener.member_added(self, member)
 
     def remove(self, member: RoomMember) -> bool:
         """Take `member` out (not its holding); True if it was the member of its user."""
         if self.members.get(member.user_id) is member:
             del self.members[member.user_id]
             self.speaking_users.discard(member.user_id)
+            if self.listener is not None and not isinstance(member, RemoteMember):
+                self.listener.member_removed(self, member)
             return True
         return False
 
@@ -221,6 +283,7 @@ class Rooms:
         self.max_members = max_members
         self.authorize = authorize
         self.rooms: dict[RoomKey, Room] = {}
+        self.listener: RoomsListener | None = None  # a cluster node's spill
 
     def get(self, key: RoomKey) -> Room | None:
         return self.rooms.get(key)
@@ -230,7 +293,10 @@ class Rooms:
         room = self.rooms.get(key)
         if room is None:
             router = self.engine.create_router(self.media_codecs, app_data={"voice": key})
-            room = self.rooms[key] = Room(key, router, self.max_members, self.speaking_detection, self.last_n)
+            room = Room(key, router, self.max_members, self.speaking_detection, self.last_n, self.listener)
+            self.rooms[key] = room
+            if self.listener is not None:
+                self.listener.room_opened(room)
         return room
 
     def release(self, room: Room) -> None:
@@ -238,6 +304,8 @@ class Rooms:
         if room.empty and self.rooms.get(room.key) is room:
             del self.rooms[room.key]
             room.router.close()
+            if self.listener is not None:
+                self.listener.room_closed(room)
 
     def check_authorized(self, user_id: int, key: RoomKey) -> None:
         """Run the authorization hook for a (guild_id, channel_id) room; other rooms have no hook."""

@@ -19,6 +19,8 @@ from fastsfu.cluster.bus import BusError, NoResponders
 from fastsfu.cluster.placement import TOKEN, VERSION, NodeLoad
 from fastsfu.cluster.registry import RETRY_PAUSE, Registry
 
+__all__ = ["BridgeHost", "BridgeLink", "Edge", "NodeFullError"]
+
 log = logging.getLogger(__name__)
 
 OPEN_TIMEOUT = 3.0  # seconds for the home to accept a bridged session (and for a starting node's NATS)
@@ -29,6 +31,10 @@ LIST_GRACE = 3.0
 
 Message = dict[str, Any]  # one versioned bus message: {"v": 1, "k": kind, ...}
 Wake = Callable[[], None]
+
+
+class NodeFullError(BusError):
+    """The node asked to host a session has the room at its cap (docs/cluster.md#spill)."""
 
 
 def open_subject(node: str) -> str:
@@ -96,6 +102,8 @@ class BridgeHost:
         self.edges: dict[str, str] = {}  # the node each bridged session's client is on
         self.opened: dict[str, float] = {}  # when each was accepted (the registry's clock)
         self.hosted: Counter[str] = Counter()  # bridged sessions accepted, by kind (a metric)
+        # Whether this node takes one more session of a room (a rooms-bucket key): False at its cap.
+        self.admit: Callable[[str], bool] = lambda key: True
 
     def drop_orphans(self, live: set[str]) -> int:
         """End the bridged sessions whose edge node is gone (its client's connection died with it),
@@ -128,6 +136,14 @@ class BridgeHost:
                 raise ValueError(f"cannot host a {kind!r} session")
             if sid in self.sessions:
                 raise ValueError("the session is open already")
+            room = req.get("room")
+            if room is not None and (not isinstance(room, str) or not TOKEN.fullmatch(room)):
+                raise ValueError("bad room key")
+            if room is not None and not self.admit(room):  # the edge tries the room's next node
+                if msg.reply:
+                    with contextlib.suppress(Exception):
+                        await msg.respond(self.bus.encode({"v": VERSION, "ok": False, "full": True}))
+                return
             session = self.kinds[kind](req, wake.set)
         except (ValueError, KeyError, TypeError) as exc:  # counted and refused: a real edge fails at once
             self.bus.drop("bridge_open", exc)
@@ -140,9 +156,14 @@ class BridgeHost:
         self.opened[sid] = self.registry.clock()
         self.hosted[kind] += 1
         inbox: asyncio.Queue[Message] = asyncio.Queue()
-        for frame in frames:  # the first frames, in order, before any that follow on .in
+        # The first frames, in order, before any that follow on .in, in the same step as the cap
+        # check: the session holds its room at once, so concurrent opens cannot pass the cap.
+        for frame in frames:
             if isinstance(frame, dict):
-                inbox.put_nowait(frame)
+                try:
+                    session.feed(frame)
+                except ValueError as exc:
+                    self.bus.drop("bridge_in", exc)
 
         async def on_in(m: Any) -> None:
             try:
@@ -239,6 +260,8 @@ class BridgeLink:
                         raise
                     await asyncio.sleep(RETRY_PAUSE)
             reply = bus.decode(answer.data)
+            if reply.get("full") is True:
+                raise NodeFullError(f"node {self.home} has the room at its cap")
             if not reply.get("ok"):
                 raise BusError(f"the home refused the session: {reply.get('why')}")
         except (BusError, ValueError):
@@ -284,18 +307,31 @@ class Edge:
         self._registry = registry
         self.connected = connected  # set once the node reached NATS (a client may come just before)
         self.links: set[BridgeLink] = set()
+        # Whether this node takes one more session of a room (a rooms-bucket key): False at its cap.
+        self.admit: Callable[[str], bool] = lambda key: True
         self.counts: Counter[tuple[str, str]] = Counter()  # (protocol, here|bridged)
 
     async def home(self, key: str) -> tuple[Registry, str]:
         """The registry and the home of room `key` (placed now if it has none); BusError if the
         node is not in the cluster or the bus fails."""
+        registry = await self._ready()
+        return registry, (await registry.home(key)).home
+
+    async def _ready(self) -> Registry:
         if self.connected is not None and not self.connected.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.connected.wait(), OPEN_TIMEOUT)
         registry = self._registry()
         if registry is None:
             raise BusError("not connected to the cluster")
-        return registry, (await registry.home(key)).home
+        return registry
+
+    async def serving(self, key: str, refused: set[str]) -> tuple[Registry, str]:
+        """The registry and the node that serves the next member of room `key` (docs/cluster.md#spill),
+        skipping the nodes in `refused` (at their cap); RoomFullError when none is left, BusError
+        as for `home`."""
+        registry = await self._ready()
+        return registry, await registry.serving(key, refused)
 
     async def link(
         self,

@@ -19,6 +19,8 @@ from nats.errors import NoRespondersError
 from nats.js.errors import APIError, KeyNotFoundError, KeyValueError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
+from fastsfu.cluster.placement import loads_shallow
+
 # The key-value answers the registry handles (re-exported: no other module imports nats).
 __all__ = ["Bus", "BusError", "KeyNotFoundError", "KeyValue", "KeyWrongLastSequenceError", "NoResponders"]
 
@@ -152,11 +154,8 @@ class Bus:
 
     @staticmethod
     def loads(data: bytes) -> Any:
-        """JSON (ValueError for anything else, deep nesting included)."""
-        try:
-            return json.loads(data)
-        except RecursionError:
-            raise ValueError("JSON nested too deeply") from None
+        """JSON (ValueError for anything else, deep nesting included, refused before parsing)."""
+        return loads_shallow(data)
 
     @staticmethod
     def decode(data: bytes) -> dict[str, Any]:

@@ -11,9 +11,10 @@ import logging
 from collections.abc import Callable
 from typing import Literal
 
-from fastsfu.cluster.bridge import BridgeLink, Edge, Message, Wake, b64, unb64
+from fastsfu.cluster.bridge import BridgeLink, Edge, Message, NodeFullError, Wake, b64, unb64
 from fastsfu.cluster.bus import BusError
 from fastsfu.cluster.placement import VERSION, room_subject_key
+from fastsfu.cluster.registry import RoomFullError
 from fastsfu.discord import payloads
 from fastsfu.discord.gateway import Close, Connection, Gateway, GatewayError, Output, Send
 from fastsfu.discord.opcodes import CloseCode, Op
@@ -189,19 +190,37 @@ class RoutedConnection:
         return room_subject_key(self.voice.room_key(creds.server_id))
 
     async def _place(self, key: str) -> None:
+        refused: set[str] = set()  # nodes that have the room at their cap (docs/cluster.md#spill)
         try:
-            registry, home = await self.edge.home(key)
-            if self.closed:  # the client went meanwhile
-                return
-            if home == registry.node:
-                self.edge.counts["discord", "here"] += 1
-                self.state = "local"
-                now = asyncio.get_running_loop().time()
-                for frame in self._take_queue():
-                    self.local.receive(frame, now)
-                return
-            fields = {"version": self.version, "frames": [_frame(f) for f in self._take_queue()]}
-            link = await self.edge.link(registry, home, "discord", fields, self._from_home, self._home_gone)
+            while True:
+                registry, node = await self.edge.serving(key, refused)
+                if self.closed:  # the client went meanwhile
+                    return
+                if node == registry.node:
+                    if not self.edge.admit(key):
+                        refused.add(node)
+                        continue
+                    self.edge.counts["discord", "here"] += 1
+                    self.state = "local"
+                    now = asyncio.get_running_loop().time()
+                    for frame in self._take_queue():  # in the same step as the check: holds the room
+                        self.local.receive(frame, now)
+                    return
+                frames = [_frame(f) for f in self._queue]  # taken once the home accepted them
+                fields = {"version": self.version, "room": key, "frames": frames}
+                try:
+                    link = await self.edge.link(
+                        registry, node, "discord", fields, self._from_home, self._home_gone
+                    )
+                except NodeFullError:
+                    refused.add(node)
+                    continue
+                del self._queue[: len(frames)]
+                break
+        except RoomFullError as exc:
+            log.info("discord: room %s: %s", key, exc)
+            self._fail("every node has this server's room at its cap")
+            return
         except (BusError, ValueError) as exc:
             log.info("discord: cannot place room %s: %s", key, exc)
             self._fail("the voice cluster cannot place this server now")

@@ -9,10 +9,12 @@ import logging
 from typing import Any
 
 from fastsfu._proto.protocol.voice.v1 import voice_pb2
-from fastsfu.cluster.bridge import BridgeLink, Edge, Message, Wake, b64, unb64
+from fastsfu.cluster.bridge import BridgeLink, Edge, Message, NodeFullError, Wake, b64, unb64
 from fastsfu.cluster.bus import BusError
 from fastsfu.cluster.placement import VERSION
+from fastsfu.cluster.registry import RoomFullError
 from fastsfu.harmony.session import VoiceError, VoiceRooms, VoiceSession, parse_request
+from fastsfu.rooms import RoomFullError as RoomFull
 
 log = logging.getLogger(__name__)
 
@@ -138,21 +140,37 @@ class RoutedSession(VoiceSession):
     async def _place(self, first: Any) -> None:
         init = first.initialize
         key = f"{init.guild_id}.{init.channel_id}"
+        fields = {
+            "user": self.user_id,
+            "frontend": self.frontend,
+            "remote": self.remote,
+            "room": key,
+            "frames": [{"k": "f", "d": b64(first.SerializeToString())}],
+        }
+        refused: set[str] = set()  # nodes that have the room at their cap (docs/cluster.md#spill)
         try:
-            registry, home = await self.edge.home(key)
-            if self.state == "closed":
-                return
-            if home == registry.node:
-                self.edge.counts["harmony", "here"] += 1
-                self._run_here(first)
-                return
-            fields = {
-                "user": self.user_id,
-                "frontend": self.frontend,
-                "remote": self.remote,
-                "frames": [{"k": "f", "d": b64(first.SerializeToString())}],
-            }
-            link = await self.edge.link(registry, home, "harmony", fields, self._from_home, self._home_gone)
+            while True:
+                registry, node = await self.edge.serving(key, refused)
+                if self.state == "closed":
+                    return
+                if node == registry.node:
+                    if not self.edge.admit(key):
+                        refused.add(node)
+                        continue
+                    self.edge.counts["harmony", "here"] += 1
+                    self._run_here(first)  # in the same step as the check: it holds the room
+                    return
+                try:
+                    link = await self.edge.link(
+                        registry, node, "harmony", fields, self._from_home, self._home_gone
+                    )
+                    break
+                except NodeFullError:
+                    refused.add(node)
+        except RoomFullError as exc:
+            log.info("user %d: room %s: %s", self.user_id, key, exc)
+            self._error(VoiceError.of(RoomFull()))
+            return
         except (BusError, ValueError) as exc:
             log.info("user %d: cannot place room %s: %s", self.user_id, key, exc)
             self._error(VoiceError(UNAVAILABLE, "the voice cluster cannot place this channel now"))

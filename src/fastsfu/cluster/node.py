@@ -19,13 +19,15 @@ from fastsfu.cluster.bus import Bus, BusError
 from fastsfu.cluster.harmony_bridge import HostedVoice, RoutedSession
 from fastsfu.cluster.placement import NodeLoad, room_subject_key
 from fastsfu.cluster.registry import Registry
+from fastsfu.cluster.spill import Spill
 from fastsfu.discord.voice import DiscordVoice
 from fastsfu.discord.ws_server import GatewayEndpoint
 from fastsfu.harmony.session import VoiceRooms, VoiceSession
 
 log = logging.getLogger(__name__)
 
-DROP_KINDS = ("heartbeat", "bridge_open", "bridge_in", "bridge_out")  # the subjects a node listens to
+# The subjects a node listens to.
+DROP_KINDS = ("heartbeat", "bridge_open", "bridge_in", "bridge_out", "room", "pipe")
 HEARTBEAT_INTERVAL = 1.0  # seconds between two load heartbeats (NODE_TTL is ten of them)
 RETRY_INTERVAL = 1.0  # seconds between two attempts to reach NATS
 PROTOCOLS = ("harmony", "discord")
@@ -37,9 +39,19 @@ class Node:
     """This worker in the registry: `run` until cancelled; `drain` publishes draining at once."""
 
     def __init__(
-        self, node_id: str, url: str, rooms: VoiceRooms, media: str, discord: GatewayEndpoint | None = None
+        self,
+        node_id: str,
+        url: str,
+        rooms: VoiceRooms,
+        media: str,
+        discord: GatewayEndpoint | None = None,
+        cap: int = 0,
+        listen_ip: str = "",
     ) -> None:
         self.node_id = node_id
+        self.cap = cap  # members of a room on this node before the room spills (docs/cluster.md#spill)
+        self.listen_ip = listen_ip or media.rsplit(":", 1)[0]  # where pipes to other nodes listen
+        self.spill: Spill | None = None
         self.url = url
         self.rooms = rooms
         self.media = media
@@ -51,6 +63,7 @@ class Node:
         self.host: BridgeHost | None = None
         self.admin = AdminRelay(node_id, lambda: self.registry)  # recording requests (docs/recording.md)
         self.edge = Edge(lambda: self.registry, self.connected)  # sessions run here or bridged elsewhere
+        self.edge.admit = self._admit
         rooms.session_factory = self._session
         self.kinds: dict[str, HostedFactory] = {"harmony": lambda req, wake: HostedVoice(rooms, req, wake)}
         self.discord = discord
@@ -59,14 +72,16 @@ class Node:
             discord.connect = discord_bridge.connection_factory(gateway, discord.gateway.handler, self.edge)
             self.kinds["discord"] = discord_bridge.hosted_factory(gateway)
 
+    def _admit(self, key: str) -> bool:
+        """Whether this node takes one more session of room `key` (below its cap)."""
+        return self.spill is None or self.spill.admit(key)
+
     def _session(self, rooms: VoiceRooms, user_id: int, frontend: str, remote: str) -> VoiceSession:
         return RoutedSession(rooms, user_id, frontend, remote, self.edge)
 
     def load(self) -> NodeLoad:
         # Members, and sessions holding a room before they join: both will cost media soon.
-        members = sum(
-            len(room.members) + len(room.holders - set(room.members.values())) for room in self.rooms
-        )
+        members = sum(room.local_load() for room in self.rooms)
         served = tuple(sorted({room_subject_key(room.key) for room in self.rooms}))
         bridges = [link.sid for link in self.edge.links]  # both protocols' bridges open from here
         if self.host is not None:
@@ -82,7 +97,10 @@ class Node:
                 registry = Registry(bus, self.node_id)
                 await registry.open()
                 host = BridgeHost(registry, self.kinds)
+                host.admit = self._admit
                 await host.start()
+                spill = Spill(self.rooms, registry, self.cap, self.media.rsplit(":", 1)[0], self.listen_ip)
+                await spill.start()
                 await self.admin.serve(bus)
                 if self.discord is not None:
                     await bus.subscribe(
@@ -94,7 +112,7 @@ class Node:
                 log.warning("cluster: %s; retrying", exc)
                 await asyncio.sleep(RETRY_INTERVAL)
                 continue
-            self.bus, self.registry, self.host = bus, registry, host
+            self.bus, self.registry, self.host, self.spill = bus, registry, host, spill
         self.connected.set()
         log.info("cluster: node %s on %s", self.node_id, self.url)
         reconcile: asyncio.Task[None] | None = None
@@ -103,6 +121,8 @@ class Node:
                 try:
                     await self.registry.heartbeat(self.load())
                     self._check_bridges(self.registry)
+                    if self.spill is not None:
+                        self.spill.tick()
                 except BusError as exc:
                     log.debug("cluster: %s", exc)
                 # Beside the heartbeats, which a slow bus (a placement retrying) must not delay.
@@ -145,6 +165,8 @@ class Node:
                 await self.bus.nc.flush(timeout=1)
 
     async def close(self) -> None:
+        if self.spill is not None:
+            await self.spill.close()
         if self.bus is not None:
             with contextlib.suppress(Exception):  # closing on a dead connection is not an error
                 await asyncio.wait_for(self.bus.close(), 2.0)
@@ -180,6 +202,7 @@ class ClusterCollector(Collector):
             "Rooms this node placed",
             value=n.registry.placed if n.registry else 0,
         )
+        yield from spill_metrics(n)
         sessions = CounterMetricFamily(
             "fastsfu_cluster_sessions",
             "Sessions (Harmony streams, Discord WebSockets past IDENTIFY or RESUME) by where they ran: "
@@ -215,3 +238,43 @@ class ClusterCollector(Collector):
 
 def _up(node: Node) -> int:
     return int(node.bus is not None and node.bus.nc.is_connected)
+
+
+def spill_metrics(n: Node) -> Iterator[Metric]:
+    """Rooms spanning nodes (docs/cluster.md#spill): pipes, what crosses them, remote members."""
+    spill = n.spill
+    yield GaugeMetricFamily(
+        "fastsfu_cluster_pipes",
+        "Pipe transports open to other nodes",
+        value=len(spill.pipes.open) if spill else 0,
+    )
+    yield GaugeMetricFamily(
+        "fastsfu_cluster_pipes_srtp",
+        "Pipe transports open to other nodes that use SRTP (nodes on another IP)",
+        value=sum(p.srtp_parameters is not None for p in spill.pipes.open.values()) if spill else 0,
+    )
+    yield CounterMetricFamily(
+        "fastsfu_cluster_pipe_packets",
+        "RTP packets sent and received over pipes to other nodes",
+        value=spill.pipes.packets() if spill else 0,
+    )
+    yield GaugeMetricFamily(
+        "fastsfu_cluster_remote_members",
+        "Members of rooms served here who are on other nodes (presented here through pipes)",
+        value=spill.remote_members() if spill else 0,
+    )
+    yield GaugeMetricFamily(
+        "fastsfu_cluster_pipe_producers",
+        "Producers received from other nodes over pipes",
+        value=spill.pipe_producers() if spill else 0,
+    )
+    yield GaugeMetricFamily(
+        "fastsfu_cluster_pipe_consumers",
+        "Producers of members here sent to other nodes over pipes",
+        value=spill.pipe_consumers() if spill else 0,
+    )
+    yield CounterMetricFamily(
+        "fastsfu_cluster_rooms_spilled",
+        "Spill nodes this node added to rooms at their cap",
+        value=n.registry.spilled if n.registry else 0,
+    )

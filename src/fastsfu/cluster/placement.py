@@ -1,9 +1,11 @@
-"""Which node homes a room (docs/cluster.md#placement): pure functions over the nodes' loads."""
+"""Which node homes a room and where a full room spills (docs/cluster.md#placement, #spill): pure
+functions over the nodes' loads and the rooms' records."""
 
 from __future__ import annotations
 
+import json
 import re
-from collections.abc import Hashable, Mapping
+from collections.abc import Hashable, Mapping, Set
 from dataclasses import dataclass
 
 VERSION = 1  # of every message on the bus, so that a rolling upgrade can tell versions apart
@@ -66,3 +68,95 @@ def home_is_valid(home: str, nodes: Mapping[str, NodeLoad]) -> bool:
     """A recorded home still counts while its node is alive (a draining node keeps its rooms until
     they end; a dead one's rooms are placed again when their members come back)."""
     return home in nodes
+
+
+@dataclass(frozen=True)
+class RoomRecord:
+    """A room's entry in the rooms bucket (docs/cluster.md#spill): its home, then the nodes it
+    spilled to, in the order they were added (new members fill them in this order)."""
+
+    home: str
+    spill: tuple[str, ...] = ()
+
+    @property
+    def nodes(self) -> tuple[str, ...]:
+        return (self.home, *self.spill)
+
+    def encode(self) -> bytes:
+        """A room that never spilled is stored as its home's id alone, as before spill existed."""
+        if not self.spill:
+            return self.home.encode()
+        return json.dumps({"v": VERSION, "home": self.home, "spill": list(self.spill)}).encode()
+
+    @classmethod
+    def decode(cls, value: bytes | None) -> RoomRecord:
+        """ValueError if `value` is neither a node id nor a v1 record."""
+        text = (value or b"").decode("utf-8", "replace")
+        if not text.startswith("{"):
+            return cls(text)
+        data = loads_shallow(text.encode())
+        home = data.get("home") if isinstance(data, dict) else None
+        if not isinstance(data, dict) or data.get("v") != VERSION or not isinstance(home, str):
+            raise ValueError("not a v1 room record")
+        spill = data.get("spill", [])
+        if not isinstance(spill, list) or not all(isinstance(n, str) for n in spill):
+            raise ValueError("bad spill list in a room record")
+        return cls(home, tuple(n for n in dict.fromkeys(spill) if n != home))
+
+
+MAX_DEPTH = 32  # nesting of JSON taken from the bus; deeper is refused before parsing
+
+
+def loads_shallow(data: bytes) -> object:
+    """JSON nested at most MAX_DEPTH deep (ValueError otherwise). The depth is checked before
+    parsing: a RecursionError inside the parser leaves the interpreter's recursion accounting
+    unreliable, so it must never be provoked by a message."""
+    if data.count(b"[") + data.count(b"{") > MAX_DEPTH:
+        depth, in_string, escaped = 0, False, False
+        for byte in data:
+            if in_string:
+                if escaped:
+                    escaped = False
+                elif byte == 0x5C:  # backslash
+                    escaped = True
+                elif byte == 0x22:
+                    in_string = False
+            elif byte == 0x22:
+                in_string = True
+            elif byte in (0x5B, 0x7B):
+                depth += 1
+                if depth > MAX_DEPTH:
+                    raise ValueError("JSON nested too deeply")
+            elif byte in (0x5D, 0x7D):
+                depth -= 1
+    return json.loads(data)
+
+
+def serving_choice(record: RoomRecord, nodes: Mapping[str, NodeLoad], refused: Set[str]) -> str | None:
+    """The node a new member of the room goes to: the first live one of its nodes (home first)
+    that did not refuse it as full; None when each is gone or full (then the room spills)."""
+    for node in record.nodes:
+        if node in nodes and node not in refused:
+            return node
+    return None
+
+
+def with_spill(record: RoomRecord, nodes: Mapping[str, NodeLoad], refused: Set[str]) -> RoomRecord | None:
+    """The record with one more node: the least-loaded open node that is neither serving the room
+    nor refused it; dead spill nodes are dropped. None if no node is left to take it."""
+    live_spill = tuple(n for n in record.spill if n in nodes)
+    taken = {record.home, *live_spill, *refused}
+    choice = choose_home({n: load for n, load in nodes.items() if n not in taken})
+    if choice is None:
+        return None
+    return RoomRecord(record.home, (*live_spill, choice))
+
+
+def rehomed(record: RoomRecord | None, nodes: Mapping[str, NodeLoad]) -> RoomRecord | None:
+    """A record whose home is gone, given a new one: its first live spill node (its members stay
+    where they are), else the least-loaded open node. None if no node takes rooms."""
+    live_spill = tuple(n for n in record.spill if n in nodes) if record is not None else ()
+    if live_spill:
+        return RoomRecord(live_spill[0], live_spill[1:])
+    home = choose_home(nodes)
+    return RoomRecord(home) if home is not None else None

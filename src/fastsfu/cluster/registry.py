@@ -9,16 +9,25 @@ import dataclasses
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Set
 from dataclasses import dataclass
+from typing import TypeVar
 
 from fastsfu.cluster.bus import Bus, BusError, KeyNotFoundError, KeyValue, KeyWrongLastSequenceError
-from fastsfu.cluster.placement import NodeLoad, choose_home, home_is_valid
+from fastsfu.cluster.placement import (
+    NodeLoad,
+    RoomRecord,
+    home_is_valid,
+    rehomed,
+    serving_choice,
+    with_spill,
+)
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 NODES_SUBJECT = "fastsfu.v1.nodes"  # every node's heartbeats
-ROOMS_BUCKET = "fastsfu_rooms"  # room key -> home node id
+ROOMS_BUCKET = "fastsfu_rooms"  # room key -> home node id, or a RoomRecord with spill nodes
 NODE_TTL = 10.0  # seconds without a heartbeat after which a node counts as gone
 PLACE_ATTEMPTS = 3  # compare-and-set rounds before giving up (each lost round means another won)
 # Seconds a placement retries while the bus is connected but JetStream does not answer: after a
@@ -34,6 +43,10 @@ WARMUP = 1.5
 
 class NoNodeError(BusError):
     """No live node takes new rooms (all draining)."""
+
+
+class RoomFullError(BusError):
+    """Every live node serving a room is at its cap and no other node takes it."""
 
 
 @dataclass(frozen=True)
@@ -52,6 +65,7 @@ class Registry:
         self._seen: dict[str, tuple[float, NodeLoad]] = {}
         self._rooms: KeyValue | None = None
         self.placed = 0  # rooms this node placed (it won the compare-and-set)
+        self.spilled = 0  # spill nodes this node added to rooms' records
         self._outages = 0  # the bus's count of lost connections when last looked at
         self._resumed = -math.inf  # when this node could last have started hearing again
 
@@ -90,11 +104,21 @@ class Registry:
         """The room's home: the recorded one while its node lives, else the least-loaded node,
         written with compare-and-set (a lost race reads the winner's). BusError if NATS fails
         (retried within PLACE_BUDGET while connected) or no node takes new rooms."""
+        return await self._retried(lambda: self._place(room))
+
+    async def serving(self, room: str, refused: Set[str]) -> str:
+        """The node a new member of `room` goes to (docs/cluster.md#spill): its home, else the
+        first of its spill nodes that did not refuse it as full (`refused`), else a new spill node
+        added to the room's record with compare-and-set. RoomFullError when no node is left;
+        BusError as for `home`."""
+        return await self._retried(lambda: self._serve(room, refused))
+
+    async def _retried(self, op: Callable[[], Awaitable[T]]) -> T:
         deadline = time.monotonic() + PLACE_BUDGET  # real time: the wait is real
         while True:
             try:
-                return await self._place(room)
-            except NoNodeError:
+                return await op()
+            except (NoNodeError, RoomFullError):
                 raise
             except BusError:
                 if not await self._may_retry(deadline):
@@ -109,46 +133,73 @@ class Registry:
         return self.bus.connected and time.monotonic() + RETRY_PAUSE < deadline
 
     async def _place(self, room: str) -> Placement:
-        kv = self._kv()
         wait = self.bus.resumed_at + WARMUP - time.monotonic()
         if wait > 0:
             await asyncio.sleep(wait)
         for _ in range(PLACE_ATTEMPTS):
-            revision = 0
-            try:
-                entry = await self.bus.call(kv.get(room))
-                current = (entry.value or b"").decode()
-                revision = entry.revision or 0
-                nodes = self.nodes()
-                if home_is_valid(current, nodes):
-                    return Placement(current, False)
-            except KeyNotFoundError:  # KeyDeletedError too: a released room
-                nodes = self.nodes()
-            choice = choose_home(nodes)
-            if choice is None:
-                raise NoNodeError("no node takes new rooms")
-            try:
-                if revision:
-                    await self.bus.call(kv.update(room, choice.encode(), last=revision))
-                else:
-                    await self.bus.call(kv.create(room, choice.encode()))
-            except KeyWrongLastSequenceError:
-                continue  # another node placed it first: read its choice
-            self._count_room(choice)
-            self.placed += 1
-            return Placement(choice, True)
+            record, revision = await self._read(room)
+            nodes = self.nodes()
+            if record is not None and home_is_valid(record.home, nodes):
+                return Placement(record.home, False)
+            placed = await self._write(room, rehomed(record, nodes), revision)
+            if placed is not None:
+                self._count_room(placed.home)
+                self.placed += 1
+                return Placement(placed.home, True)
         raise BusError(f"room {room}: placement kept racing")
+
+    async def _serve(self, room: str, refused: Set[str]) -> str:
+        for _ in range(PLACE_ATTEMPTS):
+            home = (await self._place(room)).home
+            record, revision = await self._read(room)
+            if record is None or record.home != home:
+                continue  # changed meanwhile: read again
+            nodes = self.nodes()
+            choice = serving_choice(record, nodes, refused)
+            if choice is not None:
+                return choice
+            grown = with_spill(record, nodes, refused)
+            if grown is None:
+                raise RoomFullError(f"room {room}: every node is full")
+            if await self._write(room, grown, revision) is not None:
+                self._count_room(grown.spill[-1])
+                self.spilled += 1
+                return grown.spill[-1]
+        raise BusError(f"room {room}: placement kept racing")
+
+    async def _read(self, room: str) -> tuple[RoomRecord | None, int]:
+        """The room's record (None: none, or one this version cannot read) and its revision."""
+        try:
+            entry = await self.bus.call(self._kv().get(room))
+        except KeyNotFoundError:  # KeyDeletedError too: a released room
+            return None, 0
+        try:
+            return RoomRecord.decode(entry.value), entry.revision or 0
+        except ValueError:
+            log.warning("room %s: unreadable record replaced", room)
+            return None, entry.revision or 0
+
+    async def _write(self, room: str, record: RoomRecord | None, revision: int) -> RoomRecord | None:
+        """Compare-and-set `record` over `revision` (0: create); None if another node wrote first."""
+        if record is None:
+            raise NoNodeError("no node takes new rooms")
+        kv = self._kv()
+        try:
+            if revision:
+                await self.bus.call(kv.update(room, record.encode(), last=revision))
+            else:
+                await self.bus.call(kv.create(room, record.encode()))
+        except KeyWrongLastSequenceError:
+            return None
+        return record
 
     async def lookup(self, room: str) -> str | None:
         """The recorded home of `room` while its node lives, without placing it (None: no home).
         BusError if NATS fails."""
-        kv = self._kv()
-        try:
-            entry = await self.bus.call(kv.get(room))
-        except KeyNotFoundError:
+        record, _ = await self._read(room)
+        if record is None:
             return None
-        home = (entry.value or b"").decode()
-        return home if home_is_valid(home, self.nodes()) else None
+        return record.home if home_is_valid(record.home, self.nodes()) else None
 
     def _count_room(self, node: str) -> None:
         """Count a room just placed on `node` in this view until its next heartbeat, so that rooms

@@ -101,6 +101,9 @@ class ServerConfig:
     workers: str = "1"
     nats: str | None = None
     worker_metrics_port: int = 0
+    # Members (and joining sessions) of one room on one node before new ones go to another node
+    # (docs/cluster.md#spill); 0: never spill.
+    cluster_room_members_per_node: int = 200
     voice: VoiceSettings = field(default_factory=VoiceSettings)
     rate_limit: RateLimitConfig = field(default_factory=RateLimitConfig)
     log: LogConfig = field(default_factory=LogConfig)
@@ -248,6 +251,13 @@ OPTIONS = (
         "with --workers: worker i serves /metrics on this + i; 0: any",
         minimum=0,
         maximum=65535,
+    ),
+    Option(
+        "cluster_room_members_per_node",
+        "--cluster-room-members-per-node",
+        int,
+        "with --workers: a room's members on one node before it spills to another; 0: never",
+        minimum=0,
     ),
     Option("datapath_thread", "--datapath-thread", bool, "forward media on its own thread, not the loop"),
     Option(

@@ -62,8 +62,8 @@ class ServerCollector(Collector):
         info.add_metric([fastsfu.__version__, platform.python_version()], 1)
         yield info
         yield _gauge("fastsfu_rooms", "Voice channels with a router", len(rooms.rooms))
-        members = sum(len(room.members) for room in rooms.rooms.values())
-        yield _gauge("fastsfu_room_members", "Users who completed the join, over all rooms", members)
+        members = sum(len(room.local_members()) for room in rooms.rooms.values())
+        yield _gauge("fastsfu_room_members", "Users who completed the join here, over all rooms", members)
         speaking = sum(len(room.speaking_users) for room in rooms.rooms.values())
         yield _gauge("fastsfu_speaking_members", "Members speaking now (measured, or their op 5)", speaking)
         yield _gauge("fastsfu_voice_sessions", "Users with a session past Initialize", len(rooms.sessions))

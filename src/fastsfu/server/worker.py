@@ -57,7 +57,8 @@ class WorkerRole:
         host, port = engine.media_socket().local_address[:2]
         node_id = f"{socket.gethostname()}-w{self.index}-{os.getpid()}"
         media = f"{self.config.announced_ip or host}:{port}"
-        self.node = Node(node_id, self.config.nats, rooms, media, discord)
+        cap = self.config.cluster_room_members_per_node
+        self.node = Node(node_id, self.config.nats, rooms, media, discord, cap, host)
         return (ClusterCollector(self.node), AdminRelayCollector(self.node.admin))
 
     async def start(self, metrics: Callable[[web.Application], None] | None) -> None:
