@@ -103,3 +103,27 @@ def test_hand_back_only_from_the_outermost_hold_to_a_waiting_thread_and_release_
         assert taken.is_set()
     finally:
         dp.close()
+
+
+def test_a_hold_taken_through_the_gate_hands_the_tables_back_too() -> None:
+    """A caller that waited for the thread's hand-off (it came in while the thread forwarded a
+    batch) holds the gate as well as the tables: the thread then waits at the gate, and a long
+    hold must still let it forward. Entered right after a burst, many times, so that the hold
+    often starts while the thread works (it starved there for the whole hold before)."""
+    dp, (server, client, sink) = forwarding_datapath()
+    try:
+        seq = 0
+        for _ in range(40):
+            before = forwarded(dp)
+            send_burst(client, server, seq)
+            seq += PACKETS
+            with TableHold(dp.tables_lock, budget=0.0) as hold:
+                deadline = time.monotonic() + 5
+                while forwarded(dp) < before + PACKETS and time.monotonic() < deadline:
+                    time.sleep(0.0005)
+                    hold.tick()
+                assert forwarded(dp) == before + PACKETS
+    finally:
+        dp.close()
+        for sock in (server, client, sink):
+            sock.close()

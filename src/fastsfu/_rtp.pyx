@@ -731,11 +731,17 @@ cdef class Datapath:
         self.hand_offs += 1
         pthread_mutex_unlock(&self.sync.mu)
         self._wait_gate()
+        fsfu_add_int(&self.sync.thread_waiting, 1)   # TableLock.hand_back() looks at it
         pthread_mutex_lock(&self.sync.mu)
+        fsfu_add_int(&self.sync.thread_waiting, -1)
 
     cdef void _wait_gate(self) noexcept nogil:
-        """Wait until the waiting control-plane caller (which holds gate) is done with the tables."""
+        """Wait until the waiting control-plane caller (which holds gate) is done with the tables.
+        Counted as waiting: a long hold of the caller's hands the tables back (hand_back), and a
+        caller that came in through the gate holds it for its whole hold."""
+        fsfu_add_int(&self.sync.thread_waiting, 1)
         pthread_mutex_lock(&self.sync.gate)
+        fsfu_add_int(&self.sync.thread_waiting, -1)
         pthread_mutex_unlock(&self.sync.gate)
 
     cdef void _thread_loop(self) noexcept nogil:
