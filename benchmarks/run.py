@@ -41,12 +41,14 @@ SUTS = ("baseline", "fastsfu", "fastsfu_nolimit", "pion")
 # fastsfu with its PlainTransport sockets left unconnected (every send carries its address).
 # fastsfu_split2: the members split over two fastsfu worker processes joined by plain-RTP
 # PipeTransports (sut_split.py), i.e. a room spilled over two workers; CPU summed over both.
+# fastsfu_nopriority: the datapath thread at the event loop's priority (datapath_priority 0).
 OPTIONAL_SUTS = (
     "fastsfu_sized",
     "fastsfu_inline",
     "fastsfu_unconnected",
     "fastsfu_observer",
     "fastsfu_split2",
+    "fastsfu_nopriority",
 )
 # SUTs that have no Discord mode.
 SRTP_ONLY = ("baseline", "pion", "fastsfu_split2")
@@ -153,6 +155,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar="RATE,SECONDS",
         help="instead of the usual run: fastsfu's fixed step of SECONDS, without and with RATE WebRTC "
         "joins per second (ICE, DTLS, produce, consume the room) in the SUT, --fixed-repeat rounds",
+    )
+    add(
+        "--datapath-priority",
+        type=int,
+        metavar="NICE",
+        help="fastsfu's datapath thread's lead over its event loop in nice levels [the server's default]",
     )
     add("--join-hold", type=float, default=1.0, help="seconds a storm joiner stays before leaving [1]")
     add("--verify-every", type=int, default=16, help="verify every n-th SRTP tag per subscription [16]")
@@ -383,6 +391,10 @@ def sut_argv(sut: str, args: argparse.Namespace, libs: dict[str, Path]) -> list[
         argv += ["--observer"]
     if sut == "fastsfu_sized":
         argv += ["--sized-tables"]
+    if sut == "fastsfu_nopriority":
+        argv += ["--datapath-priority", "0"]
+    elif args.datapath_priority is not None:
+        argv += ["--datapath-priority", str(args.datapath_priority)]
     return argv
 
 
@@ -722,7 +734,8 @@ def discord_report(summary: dict[str, Any]) -> list[str]:
 
 PEER_LABELS = {
     "baseline": "C baseline (libsrtp)",
-    "fastsfu": "fastsfu (Settings() defaults)",
+    "fastsfu": "fastsfu (`fastsfu serve`'s defaults)",
+    "fastsfu_nopriority": "fastsfu, datapath at the loop's priority",
     "fastsfu_nolimit": "fastsfu, no queue-age limit",
     "fastsfu_sized": "fastsfu, tables sized to the load",
     "fastsfu_inline": "fastsfu, datapath on the event loop",

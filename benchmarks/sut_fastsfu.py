@@ -27,6 +27,7 @@ import benchconfig  # noqa: E402
 from join_storm import JoinStorm  # noqa: E402
 
 from fastsfu import Engine, Settings, ortc  # noqa: E402
+from fastsfu.server.config import ServerConfig  # noqa: E402
 
 
 def producer_parameters(p: dict[str, Any]) -> dict[str, Any]:
@@ -89,13 +90,16 @@ def settings_for(
     sized: bool = False,
     inline: bool = False,
     unconnected: bool = False,
+    priority: int | None = None,
 ) -> Settings:
-    """`Settings()` defaults, as a user runs fastsfu, except what the command line overrides.
+    """`Settings()` defaults and `fastsfu serve`'s datapath priority, as a user runs fastsfu,
+    except what the command line overrides.
 
     sized: tables sized to this load instead of the defaults (65,536 consumers, 4,096 producers...),
     as the benchmark did before: smaller tables stay in cache, which flatters fastsfu.
     inline: the datapath on the event loop instead of its own thread (datapath_thread=False).
     unconnected: PlainTransport sockets left unconnected (connect_sockets=False), every send addressed.
+    priority: the datapath thread's lead over the loop in nice levels (None: the server's default).
     """
     n = len(cfg["participants"])
     discord = benchconfig.is_discord(cfg["suite"])
@@ -103,6 +107,9 @@ def settings_for(
         "media_listen_ip": "127.0.0.1",
         # Discord transports share the engine's media port; SRTP ones do not use it.
         "media_port": cfg["participants"][0]["sut_port"] if discord else 0,
+        # As `fastsfu serve` sets them: the SUT owns its loop, as the server does.
+        "datapath_priority": ServerConfig().datapath_priority if priority is None else priority,
+        "lower_loop_priority": True,
     }
     if max_queue_age_ms is not None:
         kw["max_queue_age_ms"] = max_queue_age_ms
@@ -250,6 +257,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--join-hold", type=float, default=1.0, help="seconds a storm joiner stays [1]")
     ap.add_argument("--join-delay", type=float, default=0.0, help="seconds from SIGUSR1 to the storm [0]")
     ap.add_argument(
+        "--datapath-priority", type=int, help="the datapath thread's lead in nice levels [the server's]"
+    )
+    ap.add_argument(
         "--unconnected", action="store_true", help="sockets left unconnected (connect_sockets=False)"
     )
     ap.add_argument(
@@ -278,7 +288,13 @@ def main(argv: list[str] | None = None) -> int:
         except OSError:
             pass
         settings = settings_for(
-            cfg, args.max_queue_age_ms, args.out_slots, args.sized_tables, args.inline, args.unconnected
+            cfg,
+            args.max_queue_age_ms,
+            args.out_slots,
+            args.sized_tables,
+            args.inline,
+            args.unconnected,
+            args.datapath_priority,
         )
         return await serve(cfg, stop, settings, storm, args.observer)
 

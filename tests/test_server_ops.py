@@ -203,6 +203,10 @@ def test_metrics_health_json_logs_and_sigterm_through_the_cli() -> None:
                 assert metrics["fastsfu_received_bytes_total"] >= 20 * 41
                 assert drops >= 20 > sum(v for k, v in before.items() if k.startswith(dropped))
                 assert metrics["fastsfu_rooms"] == 2 and metrics["fastsfu_routers"] == 2
+                # `fastsfu serve` runs the datapath thread 19 nice levels ahead of its loop
+                # (raised, as root; docs/datapath.md, "Thread priority").
+                loop_nice = metrics['fastsfu_thread_nice{thread="loop"}']
+                assert metrics['fastsfu_thread_nice{thread="datapath"}'] == max(-20, loop_nice - 19)
                 assert metrics["fastsfu_voice_sessions"] == 2 and metrics["fastsfu_voice_streams_open"] == 2
                 assert metrics["fastsfu_room_members"] == 0 and metrics["fastsfu_transports"] == 2
                 assert metrics["fastsfu_producers"] == 0 and metrics["fastsfu_consumers"] == 0

@@ -67,6 +67,8 @@ class Datapath:
     tables_lock: TableLock
     @property
     def running(self) -> bool: ...
+    @property
+    def thread_id(self) -> int | None: ...
     def __init__(
         self,
         max_sockets: int = 256,

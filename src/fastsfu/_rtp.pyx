@@ -677,6 +677,11 @@ cdef class Datapath:
     def running(self) -> bool:
         return self._thread is not None
 
+    @property
+    def thread_id(self) -> int | None:
+        """The datapath thread's kernel thread id (for its scheduling priority), or None inline."""
+        return None if self._thread is None else self._thread.native_id
+
     def start(self) -> None:
         """Run the datapath on its own thread: epoll_wait, recvmmsg, forward, sendmmsg, all with
         the GIL released. Slow-path datagrams and events then wait for take_slow()/take_events(),

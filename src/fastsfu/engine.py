@@ -10,11 +10,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket as socketlib
-from dataclasses import dataclass
+import threading
+from dataclasses import astuple, dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
-from fastsfu import _rtp, rtp
+from fastsfu import _rtp, rtp, thread_priority
 from fastsfu import srtp as _srtp  # noqa: F401 - installs the libsrtp entry points in the datapath
 from fastsfu.dtls import DtlsCertificate
 from fastsfu.events import EventEmitter
@@ -54,6 +55,12 @@ class Settings:
     # Forward on a dedicated thread with the GIL released, so that a join or a GC pause on the
     # event loop does not hold up media; False: drain on the event loop (deterministic, tests).
     datapath_thread: bool = True
+    # Nice levels the datapath thread runs ahead of the event-loop thread, so that a join's CPU
+    # work on a shared core cannot hold media up for a scheduler slice; 0: leave both alone.
+    # Raising the datapath needs CAP_SYS_NICE; when refused, `lower_loop_priority` lowers the
+    # loop's priority instead (for a process that owns its loop; docs/datapath.md, "Thread priority").
+    datapath_priority: int = 0
+    lower_loop_priority: bool = False
     # Output slots: forwarded packets queued before sendmmsg; when they run out the datapath flushes.
     out_slots: int = 1024
     # connect(2) the socket of a PlainTransport or PipeTransport to its one remote: sends skip
@@ -102,6 +109,8 @@ class Settings:
                 raise ValueError(f"settings.{name} must be a positive integer")
         if self.max_queue_age_ms < 0 or self.rtcp_interval <= 0:
             raise ValueError("settings.max_queue_age_ms must be >= 0 and rtcp_interval > 0")
+        if not 0 <= self.datapath_priority <= 39:
+            raise ValueError("settings.datapath_priority must be in 0..39 (nice levels)")
         if self.ice_tcp_timeout <= 0:
             raise ValueError("settings.ice_tcp_timeout must be positive")
 
@@ -170,9 +179,17 @@ class Engine(EventEmitter):
         self._media_socket: UdpSocket | None = None
         self._ice_tcp: IceTcpServer | None = None
         self._claimers: dict[str, Claimer] = {}
+        # The datapath and loop threads' nice values (None: inline datapath, one thread).
+        self.thread_nice: thread_priority.ThreadNice | None = None
         if s.datapath_thread:
             # RTP never reaches Python: the loop wakes only for slow-path datagrams and events.
             self.datapath.start()
+            tid = self.datapath.thread_id
+            assert tid is not None
+            self.thread_nice = thread_priority.apply(
+                tid, threading.get_native_id(), s.datapath_priority, s.lower_loop_priority
+            )
+            log.info("datapath thread nice %d, event loop %d (%s)", *astuple(self.thread_nice))
             self._reader_fd: int = self.datapath.notify_fd
             self.loop.add_reader(self._reader_fd, self._on_notify)
         else:

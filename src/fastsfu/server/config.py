@@ -93,6 +93,9 @@ class ServerConfig:
     shutdown_grace: float = 3.0  # seconds SIGTERM waits for sessions to close before cutting them
     datapath_thread: bool = True  # forward on a dedicated thread, GIL released (docs/datapath.md)
     max_queue_age_ms: float = 200.0  # drop RTP queued longer than this; 0: never (docs/datapath.md)
+    # Nice levels the datapath thread runs ahead of the event loop (docs/datapath.md, "Thread
+    # priority"); without CAP_SYS_NICE the loop's priority is lowered instead; 0: off.
+    datapath_priority: int = 19
     duration: float = 0.0  # stop after this many seconds; 0: until SIGINT/SIGTERM (flag only)
     # Scaling out (docs/cluster.md): worker processes ("auto": one per core), the NATS server(s)
     # they coordinate over (comma-separated URLs of one NATS cluster; None: an embedded one when
@@ -262,6 +265,14 @@ OPTIONS = (
     Option("datapath_thread", "--datapath-thread", bool, "forward media on its own thread, not the loop"),
     Option(
         "max_queue_age_ms", "--max-queue-age-ms", float, "drop RTP queued longer (ms); 0: never", minimum=0.0
+    ),
+    Option(
+        "datapath_priority",
+        "--datapath-priority",
+        int,
+        "nice levels the datapath thread runs ahead of the event loop; 0: off",
+        minimum=0,
+        maximum=39,
     ),
     Option("voice.id_quoting", "--id-quoting", str, "IDs as JSON string literals or bare", ("json", "bare")),
     Option(

@@ -57,6 +57,8 @@ async def serve_harmony(config: ServerConfig, voice: VoiceSettings | None = None
         dtls_private_key_pem=pem[1] if pem else None,
         datapath_thread=config.datapath_thread,
         max_queue_age_ms=config.max_queue_age_ms,
+        datapath_priority=config.datapath_priority,
+        lower_loop_priority=True,  # this process owns its loop
     )
     policy = StaticAuthorization(config.auth).authorize if config.auth is not None else None
     limit = config.rate_limit

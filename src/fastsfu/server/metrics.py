@@ -100,6 +100,13 @@ class ServerCollector(Collector):
         s = engine.stats()
         yield _gauge("fastsfu_routers", "Routers", s["routers"])
         yield _gauge("fastsfu_transports", "Transports (WebRTC and plain)", s["transports"])
+        if engine.thread_nice is not None:
+            nice = GaugeMetricFamily(
+                "fastsfu_thread_nice", "Nice value of the datapath and event-loop threads", labels=["thread"]
+            )
+            nice.add_metric(["datapath"], engine.thread_nice.datapath)
+            nice.add_metric(["loop"], engine.thread_nice.loop)
+            yield nice
         producers = [p for router in engine.routers.values() for p in router.producers.values()]
         yield _gauge("fastsfu_producers", "Producers, over all routers", len(producers))
         consumers = sum(len(p.consumers) for p in producers)
