@@ -5,14 +5,19 @@ node chosen, a dead home replaced, and a home released only by its own node."""
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
+import tempfile
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 
 from fastsfu.cluster.bus import Bus
 from fastsfu.cluster.placement import NodeLoad, choose_home
 from fastsfu.cluster.registry import NODE_TTL, Registry
-from fastsfu.server.supervisor import EmbeddedNats
+from fastsfu.server.supervisor import STORE_OWNER, STORE_PREFIX, EmbeddedNats, sweep_stale_stores
 
 pytestmark = [pytest.mark.loopback]
 
@@ -143,3 +148,61 @@ def test_draining_nodes_get_no_new_rooms_and_a_nats_outage_is_a_clear_error() ->
             await server.stop()
 
     asyncio.run(asyncio.wait_for(run(), 50))
+
+
+KILLED_SUPERVISOR = """
+import asyncio, sys
+from fastsfu.server.supervisor import EmbeddedNats
+
+async def main() -> None:
+    server = EmbeddedNats()  # held: its TemporaryDirectory is removed when collected
+    await server.start()
+    print("started", flush=True)
+    await asyncio.sleep(60)
+
+asyncio.run(main())
+"""
+
+
+def stores_of(pid: int) -> list[Path]:
+    return [
+        p
+        for p in Path(tempfile.gettempdir()).glob(STORE_PREFIX + "*")
+        if (p / STORE_OWNER).is_file() and (p / STORE_OWNER).read_text() == str(pid)
+    ]
+
+
+def test_a_killed_supervisors_nats_store_is_removed_by_the_next_start() -> None:
+    """SIGKILL leaves the embedded nats-server's store behind (no `stop()` runs); the next
+    start on the host removes it, and never a store whose owner still runs."""
+    child = subprocess.Popen([sys.executable, "-c", KILLED_SUPERVISOR], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout is not None and child.stdout.readline().strip() == "started"
+        assert len(stores_of(child.pid)) == 1
+    finally:
+        child.kill()
+        child.wait(10)
+    left = stores_of(child.pid)
+    assert len(left) == 1  # the crash left it
+
+    async def run() -> None:
+        async for _ in nats_server():
+            assert not left[0].exists()
+            assert len(stores_of(os.getpid())) == 1  # its own, alive: kept
+
+    asyncio.run(asyncio.wait_for(run(), 30))
+    assert stores_of(os.getpid()) == []  # removed at stop
+
+
+def test_the_sweep_keeps_stores_without_an_owner_file_or_with_a_live_owner(tmp_path: Path) -> None:
+    gone = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    for name, owner in (("dead", gone.stdout.strip()), ("live", str(os.getpid())), ("junk", "x")):
+        (tmp_path / (STORE_PREFIX + name)).mkdir()
+        (tmp_path / (STORE_PREFIX + name) / STORE_OWNER).write_text(owner)
+    (tmp_path / (STORE_PREFIX + "unowned")).mkdir()
+    assert sweep_stale_stores(str(tmp_path)) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        STORE_PREFIX + n for n in ("junk", "live", "unowned")
+    ]

@@ -63,9 +63,38 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
+STORE_PREFIX = "fastsfu-nats-"  # the embedded nats-server's store: a temporary directory
+STORE_OWNER = "owner.pid"  # in it: the pid of the supervisor that made it
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
+
+
+def sweep_stale_stores(root: str | None = None) -> int:
+    """Remove the stores of supervisors that died without stopping (SIGKILL, OOM): each names
+    its owner, and a store whose owner is gone is nobody's. Returns how many were removed."""
+    removed = 0
+    for path in Path(root or tempfile.gettempdir()).glob(STORE_PREFIX + "*"):
+        try:
+            owner = int((path / STORE_OWNER).read_text())
+        except (OSError, ValueError):
+            continue  # not one of ours, or still being made
+        if not _alive(owner):
+            shutil.rmtree(path, ignore_errors=True)
+            removed += 1
+    return removed
+
+
 class EmbeddedNats:
     """A nats-server with JetStream (the registry's KV buckets) on a free loopback port, its store
-    in a temporary directory removed at stop."""
+    in a temporary directory removed at stop (or by the next start, if this process is killed)."""
 
     def __init__(self, host: str = "127.0.0.1") -> None:
         self.host = host
@@ -78,7 +107,10 @@ class EmbeddedNats:
         return f"nats://{self.host}:{self.port}"
 
     async def start(self) -> str:
-        self._store = tempfile.TemporaryDirectory(prefix="fastsfu-nats-")
+        if removed := sweep_stale_stores():
+            log.info("removed %d store(s) of embedded nats-servers whose supervisor is gone", removed)
+        self._store = tempfile.TemporaryDirectory(prefix=STORE_PREFIX)
+        Path(self._store.name, STORE_OWNER).write_text(str(os.getpid()))
         self.port = free_port(self.host)
         cmd = [nats_server_binary(), "-a", self.host, "-p", str(self.port), "-js", "-sd", self._store.name]
         self.proc = await asyncio.create_subprocess_exec(
