@@ -19,6 +19,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -153,8 +154,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add(
         "--join-storm",
         metavar="RATE,SECONDS",
-        help="instead of the usual run: fastsfu's fixed step of SECONDS, without and with RATE WebRTC "
-        "joins per second (ICE, DTLS, produce, consume the room) in the SUT, --fixed-repeat rounds",
+        help="instead of the usual run: fastsfu's fixed step of SECONDS, without and with RATE joins per "
+        "second into the room, --fixed-repeat rounds (SRTP suites). The joining clients run in their own "
+        "process (storm_client.py) on the generator's CPU: WebRTC joins (ICE, DTLS, produce, consume the "
+        "room) and Discord voice joins through fastsfu's gateway (IDENTIFY, IP discovery, SELECT_PROTOCOL, "
+        "consume the room, SPEAKING, a few packets); per join, the SUT's loop time by kind",
     )
     add(
         "--datapath-priority",
@@ -163,6 +167,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="fastsfu's datapath thread's lead over its event loop in nice levels [the server's default]",
     )
     add("--join-hold", type=float, default=1.0, help="seconds a storm joiner stays before leaving [1]")
+    add(
+        "--discord-share",
+        type=float,
+        default=0.5,
+        help="share of the storm's joins that are Discord voice joins, the rest WebRTC [0.5]",
+    )
     add("--verify-every", type=int, default=16, help="verify every n-th SRTP tag per subscription [16]")
     add("--verify-all", action="store_true", help="verify every packet's SRTP tag")
     add("--sink-sleep", action="store_true", help="sink sleeps in epoll_wait instead of busy polling")
@@ -195,7 +205,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             ap.error("--join-storm RATE,SECONDS")
         if rate <= 0 or secs <= 0:
             ap.error("--join-storm: RATE and SECONDS must be > 0")
-        args.storm_seconds = secs
+        if not 0.0 <= args.discord_share <= 1.0:
+            ap.error("--discord-share must be in [0, 1]")
+        args.storm_rate, args.storm_seconds = rate, secs
     args.payload_size = 0 if args.payload == "opus" else int(args.payload)
     args.talkers = 0
     if args.stage:
@@ -536,37 +548,64 @@ def hog_rounds(
                     log(f"{sut} {phase}{HOG_SUFFIX}: hog took {share:.2f} of the SUT's CPU")
 
 
+STORM_CLIENT = BENCH_DIR / "storm_client.py"
+# Beyond the last join's start: its setup (storm_client.JOIN_TIMEOUT_S at most), its hold, its leave.
+STORM_END_SLACK_S = 30.0
+
+
 def run_storm(suite: str, args: argparse.Namespace, libs: dict[str, Path]) -> dict[str, Any]:
-    """fastsfu's fixed step, alternately without and with a join storm inside the SUT (SIGUSR1
-    starts one; the SUT waits out the step's warm-up first), each step as long as the storm."""
+    """fastsfu's fixed step, alternately without and with a join storm, each step as long as the
+    storm. The SUT serves the joins (sut_fastsfu.py --storm-control: its Discord gateway, and a
+    control socket for the WebRTC joins' server steps); the joining clients run in their own process
+    (storm_client.py) pinned to the generator's CPU, told to start as the storm step starts (they
+    wait out its warm-up first)."""
     n = args.rooms * args.size
     cfg = benchconfig.make_config(args.rooms, args.size, suite, benchconfig.find_free_base_port(n))
-    argv = sut_argv("fastsfu", args, libs)
-    argv += [
-        "--join-storm",
-        args.join_storm,
-        "--join-hold",
-        str(args.join_hold),
-        "--join-delay",
-        str(args.warmup),
-    ]
-    runner = None
-    with run_loadgen.harness(
-        cfg,
-        argv,
-        args.build_dir / f"config-storm-{suite}.json",
-        gen_cpu=args.gen_cpu,
-        sut_cpu=args.sut_cpu,
-        lib_path=libs["loadgen"],
-    ) as h:
-        runner = Runner(args, "fastsfu", suite, h)
-        for _ in range(args.fixed_repeat):
-            runner.step("fixed", args.fixed_rate, args.storm_seconds)
-            os.kill(h.sut.pid, signal.SIGUSR1)
-            runner.step("fixed_storm", args.fixed_rate, args.storm_seconds)
-            # The last joiners leave a hold after the window: not into the next step.
-            time.sleep(args.join_hold + 0.5)
-    return {"steps": runner.steps, "join_storms": h.final.get("join_storms", []), "sut_final": h.final}
+    with tempfile.TemporaryDirectory(prefix="fastsfu-storm-") as tmp:
+        control = str(Path(tmp) / "control.sock")  # short: a UNIX socket path has 107 bytes at most
+        argv = [*sut_argv("fastsfu", args, libs), "--storm-control", control]
+        client_argv = [
+            sys.executable,
+            str(STORM_CLIENT),
+            "--control",
+            control,
+            "--rate",
+            str(args.storm_rate),
+            "--seconds",
+            str(args.storm_seconds),
+            "--hold",
+            str(args.join_hold),
+            "--delay",
+            str(args.warmup),
+            "--discord-share",
+            str(args.discord_share),
+        ]
+        with (
+            run_loadgen.harness(
+                cfg,
+                argv,
+                args.build_dir / f"config-storm-{suite}.json",
+                gen_cpu=args.gen_cpu,
+                sut_cpu=args.sut_cpu,
+                lib_path=libs["loadgen"],
+            ) as h,
+            run_loadgen.SutProcess(client_argv, cpu=args.gen_cpu) as client,
+        ):
+            runner = Runner(args, "fastsfu", suite, h)
+            for _ in range(args.fixed_repeat):
+                runner.step("fixed", args.fixed_rate, args.storm_seconds)
+                client.send_line("start")
+                runner.step("fixed_storm", args.fixed_rate, args.storm_seconds)
+                # The last joiners leave a hold after the window: not into the next step.
+                done = client.wait_line("STORM", args.join_hold + STORM_END_SLACK_S)
+                log(f"storm: {done[:300]}")
+            client_final = client.stop()
+    return {
+        "steps": runner.steps,
+        "join_storms": h.final.get("join_storms", []),
+        "sut_final": h.final,
+        "client_final": client_final,
+    }
 
 
 def storm_report(summary: dict[str, Any]) -> list[str]:
@@ -574,8 +613,8 @@ def storm_report(summary: dict[str, Any]) -> list[str]:
     a = summary["args"]
     for suite, res in summary.get("join_storm", {}).items():
         lines += [
-            f"### Join storm (RATE,SECONDS {a['join_storm']}; hold {a['join_hold']} s), "
-            f"fastsfu, {suite}, {summary['scenario']}",
+            f"### Join storm (RATE,SECONDS {a['join_storm']}; hold {a['join_hold']} s; "
+            f"Discord share {a['discord_share']}), fastsfu, {suite}, {summary['scenario']}",
             "",
             "| step | fwd pps | loss | p50 us | p99 us | p99.9 us | CPU us/pkt |",
             "|---|---|---|---|---|---|---|",
@@ -592,22 +631,27 @@ def storm_report(summary: dict[str, Any]) -> list[str]:
             "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for i, st in enumerate(res["join_storms"]):
-            lp, cp, su = st["loop_ms"], st.get("loop_cpu_ms", {}), st["setup_ms"]
-            lines.append(
-                f"| {i + 1} | {st['joins']} | {st['failures']} | {_fmt(lp['p50'])} | {_fmt(lp['p99'])} "
-                f"| {_fmt(lp['max'])} | {_fmt(cp.get('p50'))} | {_fmt(cp.get('p99'))} "
-                f"| {_fmt(cp.get('max'))} "
-                f"| {_fmt(su['p50'])} | {_fmt(su['p99'])} |"
-            )
+            rows = [(f"{i + 1}", st), *((f"{i + 1} {k}", v) for k, v in st.get("kinds", {}).items())]
+            for name, row in rows:
+                lp, cp, su = row["loop_ms"], row.get("loop_cpu_ms", {}), row["setup_ms"]
+                lines.append(
+                    f"| {name} | {row['joins']} | {row['failures']} | {_fmt(lp['p50'])} | {_fmt(lp['p99'])} "
+                    f"| {_fmt(lp['max'])} | {_fmt(cp.get('p50'))} | {_fmt(cp.get('p99'))} "
+                    f"| {_fmt(cp.get('max'))} "
+                    f"| {_fmt(su['p50'])} | {_fmt(su['p99'])} |"
+                )
         lines += [
             "",
-            "Loop ms: per join, the event-loop time of its server steps (create, connect, produce, "
-            "consume the room, close, and its STUN/DTLS datagram callbacks); the in-process client's "
-            "own DTLS work also runs on the SUT's core but is not counted. Loop CPU ms: the loop "
-            "thread's CPU time over the same spans (the wall spans also hold waits for the core and "
-            "for the GIL). "
-            "Setup: create to consuming, wall time. Each joiner's consumers add the room's 50 streams "
-            "to the SUT's work while it stays, which the fwd pps column (the room's own) leaves out.",
+            "Loop ms: per join, the SUT's event-loop time of its server work. WebRTC: create, connect, "
+            "produce, consume the room, close, and its STUN/DTLS datagram callbacks. Discord: its gateway "
+            "connection's frames (IDENTIFY, SELECT_PROTOCOL, SPEAKING, the leave), the slices of its room "
+            "join, writing its messages to its WebSocket, its IP discovery. Not counted: aiohttp's upgrade "
+            "and frame parsing, the WebRTC control channel's JSON. The clients run in their own process on "
+            "the generator's CPU. Loop CPU ms: the loop thread's CPU time over the same spans (the wall "
+            "spans also hold waits for the core and for the GIL). Setup: the client's wall time from its "
+            "first request to consuming the room (WebRTC: the produce answer; Discord: SPEAKING for every "
+            "member). Each joiner's consumers add the room's streams to the SUT's work while it stays, "
+            "which the fwd pps column (the room's own) leaves out.",
             "",
         ]
     return lines
@@ -1129,9 +1173,13 @@ def storm_main(args: argparse.Namespace, libs: dict[str, Path], summary: dict[st
             log(f"{suite}: join storm runs on SRTP suites only: skipped")
             continue
         try:
-            summary["join_storm"][suite] = run_storm(suite, args, libs)
+            res = summary["join_storm"][suite] = run_storm(suite, args, libs)
         except (*HARNESS_ERRORS, RuntimeError) as exc:
             log(f"join storm ({suite}) failed: {exc}")
+            failed = True
+            continue
+        if not res["client_final"].get("ok") or len(res["join_storms"]) != args.fixed_repeat:
+            log(f"join storm ({suite}): a storm did not complete: {res['client_final']}")
             failed = True
     print("\n".join(storm_report(summary)), flush=True)
     if args.json:
@@ -1150,6 +1198,8 @@ def main(argv: list[str] | None = None) -> int:
                 suts.append(one)
     if args.sized_tables and "fastsfu_sized" not in suts:
         suts.append("fastsfu_sized")
+    if args.join_storm:
+        suts = ["fastsfu"]  # the storm runs fastsfu alone: nothing else to build
     skipped: dict[str, str] = {}
     failed = False
     if not run_loadgen.FASTSFU_SCRIPT.exists():

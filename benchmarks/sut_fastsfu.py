@@ -4,8 +4,10 @@ or for the Discord suites one Discord UDP transport per participant on the engin
 Reads the shared JSON config (benchconfig.py), prints READY once every transport is set up,
 forwards until SIGTERM/SIGINT or EOF on a stdin pipe, then prints one JSON line of counters.
 Discord transports learn the generator's address from its IP discovery requests, after READY.
-With --join-storm, each SIGUSR1 starts a join storm (join_storm.py) in the first room; the final
-line then carries each storm's per-join loop times.
+With --storm-control PATH (SRTP suites), the first room is a room of fastsfu's Discord gateway too,
+and the storm client (storm_client.py, another process) joins it over that gateway and, for WebRTC
+joins, through the control socket at PATH (join_storm.py); the final line then carries each storm's
+per-join loop times.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import benchconfig  # noqa: E402
-from join_storm import JoinStorm  # noqa: E402
+from join_storm import StormServer  # noqa: E402
 
 from fastsfu import Engine, Settings, ortc  # noqa: E402
 from fastsfu.server.config import ServerConfig  # noqa: E402
@@ -134,12 +136,19 @@ async def serve(
     cfg: dict[str, Any],
     stop: asyncio.Event,
     settings: Settings,
-    storm: StormSpec | None = None,
+    storm_control: str | None = None,
     observe: bool = False,
 ) -> dict[str, Any]:
     discord = benchconfig.is_discord(cfg["suite"])
     async with Engine(settings) as engine:
         routers: dict[int, Any] = {}
+        storm = None
+        if storm_control is not None:
+            # The first room's router is a room of the Discord gateway's registry: Discord joiners
+            # land in it and consume its producers.
+            room0 = sum(1 for p in cfg["participants"] if p["room"] == 0)
+            storm = StormServer(engine, storm_control, room0)
+            routers[0] = storm.router
         transports = []
         for p in cfg["participants"]:
             router = routers.get(p["room"]) or routers.setdefault(p["room"], engine.create_router())
@@ -175,12 +184,16 @@ async def serve(
                 for pr, p in zip(producers, cfg["participants"], strict=True):
                     if p["room"] == room:
                         observer.add_producer(pr.id)
-        storms: list[JoinStorm] = []
         if storm is not None:
-            room0 = [pr for pr, p in zip(producers, cfg["participants"], strict=True) if p["room"] == 0]
-            arm_storm(storm, routers[0], room0, storms)
+            # The participants are the room's users 1..n.
+            parts = zip(producers, cfg["participants"], strict=True)
+            await storm.start([(i + 1, pr) for i, (pr, p) in enumerate(parts) if p["room"] == 0])
         print("READY", flush=True)
-        await stop.wait()
+        try:
+            await stop.wait()
+        finally:
+            if storm is not None:
+                await storm.close()
         stats = engine.stats()
         return {
             "received": stats["rx_packets"],
@@ -193,40 +206,9 @@ async def serve(
             "drops": {k: v for k, v in stats["drops"].items() if v},
             # RTCP packets (not compounds) the transports took in: the generator's receiver reports.
             "rtcp_received": sum(sum(t.rtcp_received.values()) for t in transports),
-            "join_storms": [s.summary() for s in storms],
+            "join_storms": storm.summaries if storm is not None else [],
             "ok": True,
         }
-
-
-class StormSpec:
-    """--join-storm RATE,SECONDS with its hold and start delay."""
-
-    def __init__(self, spec: str, hold: float, delay: float) -> None:
-        rate, seconds = (float(x) for x in spec.split(","))
-        if rate <= 0 or seconds <= 0:
-            raise ValueError("--join-storm RATE,SECONDS: both > 0")
-        self.rate, self.seconds, self.hold, self.delay = rate, seconds, hold, delay
-
-
-def arm_storm(spec: StormSpec, router: Any, producers: list[Any], storms: list[JoinStorm]) -> None:
-    """On SIGUSR1 (sent by run.py as a fixed step starts), wait `delay` (the step's warm-up), then
-    run one storm; a signal during a storm is ignored."""
-    loop = asyncio.get_running_loop()
-    tasks: set[asyncio.Task[None]] = set()
-
-    async def one() -> None:
-        await asyncio.sleep(spec.delay)
-        storm = JoinStorm(router, producers, spec.rate, spec.seconds, spec.hold)
-        storms.append(storm)
-        await storm.run()
-
-    def start() -> None:
-        if not tasks:
-            task = asyncio.ensure_future(one())
-            tasks.add(task)
-            task.add_done_callback(tasks.discard)
-
-    loop.add_signal_handler(signal.SIGUSR1, start)
 
 
 def _b64(key: bytes) -> str:
@@ -250,12 +232,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--inline", action="store_true", help="datapath on the loop (datapath_thread=False)")
     ap.add_argument(
-        "--join-storm",
-        metavar="RATE,SECONDS",
-        help="on each SIGUSR1, RATE WebRTC joins per second for SECONDS into the first room",
+        "--storm-control",
+        metavar="PATH",
+        help="serve join storms: fastsfu's Discord gateway on the first room and a control socket at "
+        "PATH for the storm client (storm_client.py); SRTP suites",
     )
-    ap.add_argument("--join-hold", type=float, default=1.0, help="seconds a storm joiner stays [1]")
-    ap.add_argument("--join-delay", type=float, default=0.0, help="seconds from SIGUSR1 to the storm [0]")
     ap.add_argument(
         "--datapath-priority", type=int, help="the datapath thread's lead in nice levels [the server's]"
     )
@@ -266,16 +247,14 @@ def main(argv: list[str] | None = None) -> int:
         "--observer", action="store_true", help="an active-speaker observer per room over all its producers"
     )
     args = ap.parse_args(argv)
-    try:
-        storm = StormSpec(args.join_storm, args.join_hold, args.join_delay) if args.join_storm else None
-    except ValueError as exc:
-        ap.error(str(exc))
     if args.cpu >= 0:
         try:
             os.sched_setaffinity(0, {args.cpu})
         except OSError as exc:
             print(f"sut_fastsfu: cannot pin to CPU {args.cpu}: {exc}", file=sys.stderr)
     cfg = benchconfig.load_config(args.config)
+    if args.storm_control and benchconfig.is_discord(cfg["suite"]):
+        ap.error("--storm-control: SRTP suites only (a Discord suite's participants share the media port)")
 
     async def run() -> dict[str, Any]:
         loop = asyncio.get_running_loop()
@@ -296,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
             args.unconnected,
             args.datapath_priority,
         )
-        return await serve(cfg, stop, settings, storm, args.observer)
+        return await serve(cfg, stop, settings, args.storm_control, args.observer)
 
     counters = asyncio.run(run())
     print(json.dumps(counters), flush=True)

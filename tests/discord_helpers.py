@@ -168,17 +168,20 @@ class Observer:
 
     async def _read(self) -> None:
         loop = asyncio.get_running_loop()
-        while True:
-            msg = await self.ws.receive()
-            if msg.type == aiohttp.WSMsgType.CLOSE:  # the server's code (aiohttp may log 1006 after)
-                self.close_code = msg.data
-            if msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSING, aiohttp.WSMsgType.CLOSED):
-                return
-            if msg.type == aiohttp.WSMsgType.TEXT:
-                message = json.loads(msg.data)
-                self._seq = message.get("seq", self._seq)
-                self.received.append((loop.time(), message))
-                self._arrived.set()
+        try:
+            while True:
+                msg = await self.ws.receive()
+                if msg.type == aiohttp.WSMsgType.CLOSE:  # the server's code (aiohttp may log 1006 after)
+                    self.close_code = msg.data
+                if msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSING, aiohttp.WSMsgType.CLOSED):
+                    return
+                if msg.type == aiohttp.WSMsgType.TEXT:
+                    message = json.loads(msg.data)
+                    self._seq = message.get("seq", self._seq)
+                    self.received.append((loop.time(), message))
+                    self._arrived.set()
+        finally:
+            self._arrived.set()  # wait_received() learns of the end at once
 
     async def _beat(self, interval: float) -> None:
         """v8 heartbeats, so that a long observation is not closed with 4009."""
@@ -196,6 +199,17 @@ class Observer:
                 about = (d.get("user_id"), *d.get("user_ids", ())) if isinstance(d, dict) else ()
                 if message.get("op") == op and str(user_id) in about:
                     return at
+            self._arrived.clear()
+            await asyncio.wait_for(self._arrived.wait(), max(deadline - loop.time(), 0))
+
+    async def wait_received(self, count: int, timeout: float) -> None:
+        """Until `count` messages have arrived in all: ConnectionError if the socket closes first,
+        TimeoutError if they do not arrive in time."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while len(self.received) < count:
+            if self._reader.done():
+                raise ConnectionError(f"the gateway closed the socket ({self.close_code})")
             self._arrived.clear()
             await asyncio.wait_for(self._arrived.wait(), max(deadline - loop.time(), 0))
 

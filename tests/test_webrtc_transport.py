@@ -31,7 +31,7 @@ class WebRtcClient:
         self.sock.setblocking(False)
         c = transport.ice_candidates[0]
         self.server = (c["ip"], c["port"])
-        # A shared certificate saves a key generation per client (benchmarks/join_storm.py).
+        # A shared certificate saves a key generation per client (benchmarks/storm_client.py).
         self.cert = cert or DtlsCertificate.generate()
         self.dtls: DtlsTransport | None = None
         self.keys: DtlsConnected | None = None
