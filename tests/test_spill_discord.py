@@ -33,7 +33,9 @@ from test_server_ops import SECRET
 from test_workers import scrape
 from test_workers_discord import DiscordCluster, discord_ids, require_clients
 
+from fastsfu.cluster.bus import Bus
 from fastsfu.cluster.node import Node
+from fastsfu.cluster.room_messages import room_subject
 from fastsfu.discord.gateway import Gateway, GatewayConfig
 from fastsfu.discord.voice import DiscordVoice
 from fastsfu.discord.ws_server import GatewayEndpoint
@@ -303,6 +305,24 @@ class LocalNode:
         await self.node.close()
 
 
+BAD_MEDIA = (
+    b'{"v": 1, "k": "media", "node": "x", "media": [[1, "yes", null]]}',
+    b'{"v": 1, "k": "media", "node": "x", "media": [[1, true, null], [2, true, null]]}',
+    b'{"v": 1, "k": "media", "node": "x", "media": [[1, true, -5]]}',
+)
+
+
+async def send_bad_media(url: str) -> None:
+    """Media events that do not validate, on room (41, 42)'s subject (docs/cluster.md#remote-members)."""
+    bus = await Bus.connect(url, "test-bad-media")
+    try:
+        for data in BAD_MEDIA:
+            await bus.nc.publish(room_subject(ROOM), data)
+        await bus.nc.flush()
+    finally:
+        await bus.close()
+
+
 async def rtp_of(client: Client, into: list[tuple[int, int]]) -> None:
     """(SSRC, sequence number) of every RTP packet the Discord client's socket receives (the RTP
     header is in the clear in Discord's rtpsize modes)."""
@@ -323,7 +343,8 @@ def test_a_full_node_passes_opens_on_and_a_paused_producer_pauses_on_every_node(
     hear H1 through the pipes. H1's producer is paused on its node (the control API): the others
     get nothing while it is paused, and after the resume they receive again with no gap in the
     sequence numbers (the piped producers paused and resumed with it, so their consumers resynced
-    as a local producer's do; without that, each receiver sees the pause as ~150 lost packets)."""
+    as a local producer's do; without that, each receiver sees the pause as ~200 lost packets).
+    Media events that do not validate are counted once by each node and change nothing."""
     cluster = cap1
 
     async def run() -> None:
@@ -390,6 +411,16 @@ def test_a_full_node_passes_opens_on_and_a_paused_producer_pauses_on_every_node(
             seqs = [seq for s, seq in packets if s == ssrc]
             jumps = Counter((b - a) % 65536 for a, b in zip(seqs, seqs[1:], strict=False))
             assert max(jumps) <= 2, jumps
+
+            # Bad media events on the room's subject: each node counts each once, nothing changes.
+            await send_bad_media(cluster.nats)
+            dropped = 'fastsfu_cluster_bus_dropped_total{subject_kind="room"}'
+            bad = await metrics_when(http, cluster, lambda s: column(s, dropped) == [len(BAD_MEDIA)] * 2)
+            assert column(bad, dropped) == [len(BAD_MEDIA)] * 2
+            assert local.node.bus is not None and local.node.bus.dropped["room"] == len(BAD_MEDIA)
+            assert not producer.paused and column(bad, "fastsfu_cluster_remote_members") == [2, 2]
+            frames = h2.frames[H1]
+            await until(lambda: h2.frames[H1] > frames + 25, 10, "H1 no longer heard")
 
             await h1.leave_cleanly()
             await until(lambda: H1 in h2.events("user_left"), 15, "UserLeft H1")
