@@ -1,9 +1,6 @@
-"""Spill with Discord members (docs/cluster.md#spill): `fastsfu serve --workers 2` with a low cap per
-node and Discord server 41 mapped to the Harmony channel (41, 42). A discord.py bot, an
-@discordjs/voice client and aiortc Harmony clients on both nodes of one spilled room hear each other
-through the pipes, and Discord's member events (op 11, op 5, op 13) about members of the other node
-come once each; a node at its cap refuses bridged opens of both protocols and the edge goes on to a
-node with room; a producer paused on its node pauses its piped producers on the others."""
+"""Spill with Discord members (docs/cluster.md#spill) under `fastsfu serve --workers 2` with a low cap:
+discord.py, djs and aiortc clients on both nodes of one spilled room, a full node passing bridged
+opens on, and a producer paused on its node pausing its piped producers on the others."""
 
 from __future__ import annotations
 
