@@ -122,6 +122,9 @@ class Listener:
     def member_removed(self, room: Room, member: RoomMember) -> None:
         self.events.append(("removed", member.user_id))
 
+    def member_reported(self, room: Room, member: RoomMember) -> None:
+        self.events.append(("reported", room.reported[member.user_id]))
+
 
 def test_remote_members_look_local_but_neither_keep_the_room_nor_count_for_its_node() -> None:
     """A member served by another node (docs/cluster.md#spill) is announced to the local members like
@@ -154,6 +157,36 @@ def test_remote_members_look_local_but_neither_keep_the_room_nor_count_for_its_n
         # The last local member left: the room closes though a remote member is still in it.
         assert rooms.get((GUILD, CHANNEL)) is None and room.router.closed
         assert listener.events == [("opened", 0), ("added", 1), ("removed", 1), ("closed", 0)]
+
+    run(body)
+
+
+def test_reported_speaking_goes_to_the_listener_and_comes_back_as_a_remote_members() -> None:
+    """What a local member's client says of its speaking reaches the room's listener (the cluster's
+    spill) once per change; what a remote member's client said, relayed by its node, reaches the
+    local members once per change (docs/cluster.md#remote-members)."""
+
+    async def body(engine: Engine) -> None:
+        rooms = Rooms(engine)
+        listener = Listener()
+        rooms.listener = listener
+        room = rooms.acquire((GUILD, CHANNEL))
+        local = Recorder(1, producer_in(room, 1111))
+        room.report_speaking(local, 1)  # not in the room yet: nothing
+        enter(room, local)
+        for flags in (0, 0, 1, True, 5, 0):  # a pre-v4 client's boolean is its integer
+            room.report_speaking(local, flags)
+        assert listener.events[2:] == [("reported", 0), ("reported", 1), ("reported", 5), ("reported", 0)]
+        remote = RemoteMember(2, producer_in(room, 2222), "n2", speaking=0)
+        assert remote.reports_speaking  # not measured here: its client says it
+        room.announce_joined(remote, room.local_members())
+        room.add(remote)
+        for flags in (0, 1, 1, 0):
+            room.remote_speaking(remote, flags)
+        assert local.events == [("joined", 2), ("speaking", 2), ("quiet", 2)]
+        assert [e for e in listener.events if e[0] == "reported"][-1] == ("reported", 0)  # not of it
+        leave(rooms, room, local)
+        assert room.reported == {}
 
     run(body)
 

@@ -98,6 +98,41 @@ def test_room_messages_round_trip_and_bad_ones_are_refused_with_a_reason() -> No
         assert info.value.reason == reason, data[:60]
 
 
+def test_media_events_round_trip_and_bad_ones_are_refused() -> None:
+    """A member's pause and its client's speaking (docs/cluster.md#remote-members): one entry in a
+    media event, at most one per member in a state or a join; each entry a user id, a boolean and
+    flags (or null: measured); anything else is refused, so the node counts it as a drop."""
+    for event in (
+        RoomEvent("media", "n1", media=((7, True, None),)),
+        RoomEvent("media", "n1", media=((7, False, 5),)),
+        RoomEvent("state", "n1", ((1, "p1"), (2, "p2")), media=((1, True, 0), (2, False, 1))),
+        RoomEvent("join", "n1", ((3, "p3"),), media=((3, False, 0),)),
+        RoomEvent("state", "n1", ((1, "p1"),)),  # no entries: everyone not paused, measured
+    ):
+        data = json.dumps(event.to_json()).encode()
+        assert parse_room_event(data) == event
+    assert "media" not in RoomEvent("state", "n1", ((1, "p1"),)).to_json()
+    members = '"members": [[1, "p1"]]'
+    bad = [
+        '"k": "media"',  # no entry
+        '"k": "media", "media": []',
+        '"k": "media", "media": [[1, true, null], [2, true, null]]',  # one per event
+        '"k": "media", "media": [[1, 1, null]]',  # paused must be a boolean
+        '"k": "media", "media": [[1, true, true]]',  # flags: an integer or null
+        '"k": "media", "media": [[1, true, -1]]',
+        '"k": "media", "media": [[1, true, 2147483648]]',
+        '"k": "media", "media": [[-1, true, null]]',
+        '"k": "media", "media": [[1, true]]',
+        '"k": "media", "media": {"1": [true, null]}',
+        f'"k": "state", {members}, "media": [[1, true, null], [1, false, null]]',  # more than members
+        f'"k": "join", {members}, "media": "paused"',
+    ]
+    for fields in bad:
+        with pytest.raises(MessageError) as info:
+            parse_room_event(f'{{"v": 1, "node": "n1", {fields}}}'.encode())
+        assert info.value.reason == "malformed", fields
+
+
 def test_pipe_requests_and_replies_are_validated() -> None:
     request = PipeRequest("5.1", "n1", "127.0.0.1", 40000, None, ("p1",))
     assert parse_pipe_request(json.dumps(request.to_json()).encode()) == request

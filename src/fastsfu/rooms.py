@@ -92,10 +92,13 @@ class RemoteMember:
     """A member of this room served by another node (docs/cluster.md#spill): its producer is the
     far end of a pipe. Its own node tells it about the others, so the calls to it do nothing here."""
 
-    def __init__(self, user_id: int, producer: Producer, node: str) -> None:
+    def __init__(self, user_id: int, producer: Producer, node: str, speaking: int | None = None) -> None:
         self._user_id = user_id
         self._producer = producer
         self.node = node
+        # What its client said of its speaking last (Discord's op 5 bitmask), relayed by its node;
+        # None for a member whose speaking is measured (here, from the piped audio levels).
+        self.speaking = speaking
 
     @property
     def user_id(self) -> int:
@@ -107,8 +110,9 @@ class RemoteMember:
 
     @property
     def reports_speaking(self) -> bool:
-        """No: its speaking is measured here from the piped producer's audio levels."""
-        return False
+        """Whether its client says when it speaks (relayed by its node); else it is measured here
+        from the piped producer's audio levels."""
+        return self.speaking is not None
 
     def member_joined(self, user_id: int, producer: Producer) -> None:
         pass
@@ -128,6 +132,9 @@ class RoomsListener(Protocol):
     def room_closed(self, room: Room) -> None: ...
     def member_added(self, room: Room, member: RoomMember) -> None: ...
     def member_removed(self, room: Room, member: RoomMember) -> None: ...
+    def member_reported(self, room: Room, member: RoomMember) -> None:
+        """A local member's client changed what it says of its speaking (`Room.reported`)."""
+        ...
 
 
 class Room:
@@ -151,6 +158,8 @@ class Room:
         self.speaking_detection = speaking_detection
         self.listener = listener
         self.speaking_users: set[int] = set()  # measured (SpeakingObserver), for members tracked
+        # What local members' clients said of their speaking last (Discord's op 5), by user.
+        self.reported: dict[int, int] = {}
         self._speaking: SpeakingObserver | None = None  # made with the first tracked producer
         self._speakers: dict[str, int] = {}  # tracked producer id -> user id
         self.last_n = LastN(router, last_n, every_transport=True) if last_n > 0 else None
@@ -239,11 +248,39 @@ class Room:
         if self.listener is not None and not isinstance(member, RemoteMember):
             self.listener.member_added(self, member)
 
+    def report_speaking(self, member: RoomMember, flags: int) -> None:
+        """A local member's client says it speaks (`flags`, a bitmask such as Discord's op 5) or
+        not: a change is recorded and told to the listener (the cluster relays it to the room's
+        other nodes, docs/cluster.md#remote-members)."""
+        flags = int(flags)  # a pre-v4 Discord client's boolean
+        if self.members.get(member.user_id) is not member or self.reported.get(member.user_id) == flags:
+            return
+        self.reported[member.user_id] = flags
+        if self.listener is not None and not isinstance(member, RemoteMember):
+            self.listener.member_reported(self, member)
+
+    def remote_speaking(self, member: RemoteMember, flags: int) -> None:
+        """What a remote member's client said of its speaking, relayed by its node: the members
+        here are told as of a local member's report (Discord members get op 5), once per change."""
+        told = member.speaking
+        if told is None:  # measured until now: what the members here were told of it
+            told = int(member.user_id in self.speaking_users or not self.speaking_detection)
+        member.speaking = flags
+        if flags == told or self.members.get(member.user_id) is not member:
+            return
+        if flags:
+            self.speaking_users.add(member.user_id)
+        else:
+            self.speaking_users.discard(member.user_id)
+        for other in self.local_members():
+            other.member_speaking(member.user_id, bool(flags))
+
     def remove(self, member: RoomMember) -> bool:
         """Take `member` out (not its holding); True if it was the member of its user."""
         if self.members.get(member.user_id) is member:
             del self.members[member.user_id]
             self.speaking_users.discard(member.user_id)
+            self.reported.pop(member.user_id, None)
             if self.listener is not None and not isinstance(member, RemoteMember):
                 self.listener.member_removed(self, member)
             return True

@@ -102,6 +102,7 @@ class BridgeHost:
         self.edges: dict[str, str] = {}  # the node each bridged session's client is on
         self.opened: dict[str, float] = {}  # when each was accepted (the registry's clock)
         self.hosted: Counter[str] = Counter()  # bridged sessions accepted, by kind (a metric)
+        self.full: Counter[str] = Counter()  # refused at the room's cap, by kind (a metric)
         # Whether this node takes one more session of a room (a rooms-bucket key): False at its cap.
         self.admit: Callable[[str], bool] = lambda key: True
 
@@ -140,6 +141,7 @@ class BridgeHost:
             if room is not None and (not isinstance(room, str) or not TOKEN.fullmatch(room)):
                 raise ValueError("bad room key")
             if room is not None and not self.admit(room):  # the edge tries the room's next node
+                self.full[kind] += 1
                 if msg.reply:
                     with contextlib.suppress(Exception):
                         await msg.respond(self.bus.encode({"v": VERSION, "ok": False, "full": True}))

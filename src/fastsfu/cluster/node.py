@@ -215,6 +215,15 @@ class ClusterCollector(Collector):
                 sessions.add_metric([protocol, where], n.edge.counts[protocol, where])
             sessions.add_metric([protocol, "hosted"], n.host.hosted[protocol] if n.host is not None else 0)
         yield sessions
+        full = CounterMetricFamily(
+            "fastsfu_cluster_sessions_full",
+            "Bridged sessions refused here because this node has their room at its cap (their edge "
+            "then tried the room's next node)",
+            labels=["protocol"],
+        )
+        for protocol in PROTOCOLS:
+            full.add_metric([protocol], n.host.full[protocol] if n.host is not None else 0)
+        yield full
         bus = n.bus
         yield CounterMetricFamily(
             "fastsfu_cluster_bus_requests",

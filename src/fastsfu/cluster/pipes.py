@@ -55,6 +55,8 @@ class Peer:
     node: str
     created: float = field(default_factory=time.monotonic)
     announced: dict[int, str] = field(default_factory=dict)  # user -> producer id, as it says
+    # user -> (producer paused, speaking flags its client reported or None), as it says
+    media: dict[int, tuple[bool, int | None]] = field(default_factory=dict)
     remote: dict[int, RemoteMember] = field(default_factory=dict)
     inbound: PipeTransport | None = None
     inbound_connected: bool = False

@@ -8,7 +8,12 @@ from typing import Any
 
 from fastsfu.cluster.placement import VERSION, loads_shallow
 
-KINDS = ("state", "join", "leave", "bye")
+KINDS = ("state", "join", "leave", "bye", "media")
+MAX_FLAGS = 2**31 - 1  # the largest speaking bitmask carried (Discord's op 5 flags are 1, 2 and 4)
+
+# One member's media state: (user id, its producer paused, the speaking flags its client reported
+# last, e.g. Discord's op 5 bitmask, or None when its speaking is measured from its audio levels).
+Media = tuple[int, bool, int | None]
 
 
 def room_subject(key: str) -> str:
@@ -35,6 +40,9 @@ class RoomEvent:
 
     - state: all of them (`members`); `hello` asks the others to answer with theirs at once;
     - join / leave: one member (`members` has the one joiner);
+    - media: one member's producer paused or resumed, or its client's speaking changed (`media`
+      has that member's entry; state and join carry entries too, for members not in the default
+      state: not paused, speaking measured);
     - bye: the node no longer serves the room.
     """
 
@@ -43,6 +51,7 @@ class RoomEvent:
     members: tuple[tuple[int, str], ...] = ()  # (user id, producer id)
     user: int = 0  # leave
     hello: bool = False
+    media: tuple[Media, ...] = ()
 
     def to_json(self) -> dict[str, object]:
         out: dict[str, object] = {"v": VERSION, "k": self.kind, "node": self.node}
@@ -50,6 +59,8 @@ class RoomEvent:
             out["members"] = [[u, p] for u, p in self.members]
         if self.kind == "leave":
             out["user"] = self.user
+        if self.media:
+            out["media"] = [[u, p, s] for u, p, s in self.media]
         if self.hello:
             out["hello"] = True
         return out
@@ -79,6 +90,17 @@ def _text(value: object, what: str) -> str:
     return value
 
 
+def _media(item: object) -> Media:
+    if not isinstance(item, list) or len(item) != 3 or not isinstance(item[1], bool):
+        raise MessageError("malformed", "bad media entry")
+    flags = item[2]
+    if flags is not None and (
+        not isinstance(flags, int) or isinstance(flags, bool) or not 0 <= flags <= MAX_FLAGS
+    ):
+        raise MessageError("malformed", "bad speaking flags")
+    return _user(item[0]), item[1], flags
+
+
 def parse_room_event(data: bytes) -> RoomEvent:
     """A room event, or MessageError (malformed, or of another version)."""
     message = _json(data)
@@ -97,7 +119,16 @@ def parse_room_event(data: bytes) -> RoomEvent:
             pairs.append((_user(item[0]), _text(item[1], "producer id")))
         members = tuple(pairs)
     user = _user(message.get("user")) if kind == "leave" else 0
-    return RoomEvent(kind, node, members, user, message.get("hello") is True)
+    media: tuple[Media, ...] = ()
+    raw_media = message.get("media")
+    if kind == "media" or (kind in ("state", "join") and raw_media is not None):
+        # Bounded: one entry for a media event, at most one per member in a state or a join.
+        if not isinstance(raw_media, list) or not (
+            len(raw_media) == 1 if kind == "media" else len(raw_media) <= len(members)
+        ):
+            raise MessageError("malformed", "bad media list")
+        media = tuple(_media(item) for item in raw_media)
+    return RoomEvent(kind, node, members, user, message.get("hello") is True, media)
 
 
 @dataclass(frozen=True)

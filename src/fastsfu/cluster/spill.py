@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,6 +18,8 @@ from fastsfu.cluster.pipes import Peer, PipeCounts, serve_pipe_request
 from fastsfu.cluster.placement import VERSION, room_subject_key
 from fastsfu.cluster.registry import NODE_TTL, Registry
 from fastsfu.cluster.room_messages import (
+    MAX_FLAGS,
+    Media,
     MessageError,
     PipeRequest,
     RoomEvent,
@@ -43,6 +46,7 @@ class Link:
     peers: dict[str, Peer] = field(default_factory=dict)
     sub: Any = None
     closed: bool = False
+    watched: set[str] = field(default_factory=set)  # local producers whose pause we relay
 
 
 class Spill:
@@ -98,10 +102,47 @@ class Spill:
 
     def member_added(self, room: Room, member: RoomMember) -> None:
         if member.producer is not None:
+            link = self.links.get(room_subject_key(room.key))
+            if link is not None and link.room is room:
+                self._watch(link, member)
             self._publish(
                 room_subject_key(room.key),
-                RoomEvent("join", self.node, ((member.user_id, member.producer.id),)),
+                RoomEvent(
+                    "join",
+                    self.node,
+                    ((member.user_id, member.producer.id),),
+                    media=_media(room, (member,)),
+                ),
             )
+
+    def member_reported(self, room: Room, member: RoomMember) -> None:
+        """Its client's speaking changed: the other nodes tell their members (Discord op 5)."""
+        link = self.links.get(room_subject_key(room.key))
+        if link is not None and link.room is room and member.producer is not None:
+            self._publish_media(link, member)
+
+    def _publish_media(self, link: Link, member: RoomMember) -> None:
+        # Only to a room shared with another node (one that starts serving it later is answered
+        # with a state, which carries this too): a Discord client's every talk spurt calls this.
+        if link.peers and not link.closed:
+            self._publish(link.key, RoomEvent("media", self.node, media=(_entry(link.room, member),)))
+
+    def _watch(self, link: Link, member: RoomMember) -> None:
+        """Relay the pauses and resumes of a local member's producer: on the other nodes its piped
+        producer pauses and resumes with it, as mediasoup's pipe consumer makes the far producer
+        do, so their consumers follow it as local ones (and resume without a sequence gap)."""
+        producer = member.producer
+        if producer is None or producer.closed or producer.id in link.watched:
+            return
+        link.watched.add(producer.id)
+
+        def changed() -> None:
+            if link.room.members.get(member.user_id) is member:
+                self._publish_media(link, member)
+
+        producer.observer.on("pause", changed)
+        producer.observer.on("resume", changed)
+        producer.observer.once("close", lambda: link.watched.discard(producer.id))
 
     def member_removed(self, room: Room, member: RoomMember) -> None:
         self._publish(room_subject_key(room.key), RoomEvent("leave", self.node, user=member.user_id))
@@ -125,10 +166,11 @@ class Spill:
         self._publish(link.key, self._state(link, hello=True))
 
     def _state(self, link: Link, hello: bool = False) -> RoomEvent:
-        members = tuple(
-            (m.user_id, m.producer.id) for m in link.room.local_members() if m.producer is not None
-        )
-        return RoomEvent("state", self.node, members, hello=hello)
+        local = [m for m in link.room.local_members() if m.producer is not None]
+        for member in local:
+            self._watch(link, member)  # a producer made after the join (a Discord browser's)
+        members = tuple((m.user_id, m.producer.id) for m in local if m.producer is not None)
+        return RoomEvent("state", self.node, members, hello=hello, media=_media(link.room, local))
 
     def _on_room_message(self, link: Link, msg: Any) -> None:
         try:
@@ -146,12 +188,18 @@ class Spill:
             peer = link.peers[event.node] = Peer(event.node)
         if event.kind == "state":
             peer.announced = dict(event.members)
+            peer.media = {}
             if event.hello:
                 self._publish(link.key, self._state(link))
         elif event.kind == "join":
             peer.announced.update(event.members)
-        else:
+            for user, _ in event.members:
+                peer.media.pop(user, None)
+        elif event.kind == "leave":
             peer.announced.pop(event.user, None)
+            peer.media.pop(event.user, None)
+        # Only for members it announced: a state replaces them all, a leave takes its member's.
+        peer.media.update((u, (p, s)) for u, p, s in event.media if u in peer.announced)
         self._reconcile(link, peer)
 
     def _reconcile(self, link: Link, peer: Peer) -> None:
@@ -163,11 +211,26 @@ class Spill:
                 producer and producer.closed
             ):
                 self._drop_remote(link, peer, user)
+        for user, member in peer.remote.items():
+            self._follow(link, member, *peer.media.get(user, (False, None)))
         if any(u not in peer.remote for u in peer.announced):
             peer.dirty = True
             if not peer.pulling:
                 peer.pulling = True
                 self._spawn(self._pull(link, peer))
+
+    @staticmethod
+    def _follow(link: Link, member: RemoteMember, paused: bool, flags: int | None) -> None:
+        """A remote member's producer paused or resumed on its node, its client's speaking: the
+        piped producer pauses or resumes (its consumers here follow it: "producerpause"), the
+        members here hear of the speaking as of a local member's."""
+        producer = member.producer
+        if producer is not None and paused:
+            producer.pause()  # both idempotent
+        elif producer is not None:
+            producer.resume()
+        if flags is not None:
+            link.room.remote_speaking(member, flags)
 
     def _drop_remote(self, link: Link, peer: Peer, user: int) -> None:
         """A remote member leaves: out of the room, its piped producer closed (and with it our
@@ -251,12 +314,13 @@ class Spill:
     def _present(self, link: Link, peer: Peer, user: int, producer_id: str, rtp: dict[str, Any]) -> None:
         """The piped producer here with the same id, and the member announced to ours: UserJoined."""
         assert peer.inbound is not None
+        paused, flags = peer.media.get(user, (False, None))
         try:
-            producer = peer.inbound.produce(rtp, id=producer_id)  # type: ignore[arg-type]
+            producer = peer.inbound.produce(rtp, paused=paused, id=producer_id)  # type: ignore[arg-type]
         except (*CREATE_ERRORS, ValueError, KeyError, TypeError) as exc:
             log.info("room %s: cannot present user %d of %s: %s", link.key, user, peer.node, exc)
             return
-        member = RemoteMember(user, producer, peer.node)
+        member = RemoteMember(user, producer, peer.node, flags)
         try:
             link.room.announce_joined(member, link.room.local_members())
         except RoomError as exc:
@@ -265,6 +329,8 @@ class Spill:
             return
         link.room.add(member)
         peer.remote[user] = member
+        if flags:  # its client speaks now (fastsfu_speaking_members, the demo page)
+            link.room.speaking_users.add(user)
 
     # ------------------------------------------------------------------ answering pipe requests
 
@@ -363,6 +429,19 @@ class Spill:
         for task in list(self._tasks):
             with contextlib.suppress(BaseException):
                 await task
+
+
+def _entry(room: Room, member: RoomMember) -> Media:
+    """A local member's media state for the other nodes (docs/cluster.md#remote-members)."""
+    paused = member.producer is not None and member.producer.paused
+    flags = room.reported.get(member.user_id)
+    return member.user_id, paused, None if flags is None else min(max(flags, 0), MAX_FLAGS)
+
+
+def _media(room: Room, members: Iterable[RoomMember]) -> tuple[Media, ...]:
+    """The entries of `members` not in the default state (not paused, speaking measured)."""
+    entries = (_entry(room, m) for m in members)
+    return tuple(e for e in entries if e[1] or e[2] is not None)
 
 
 async def _respond(msg: Any, message: dict[str, object]) -> None:

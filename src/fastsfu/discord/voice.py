@@ -28,7 +28,16 @@ from fastsfu.discord.udp_transport import (
 )
 from fastsfu.discord.webrtc_sdp import SdpError, WebRtcOffer, answer, parse_fragment
 from fastsfu.producer import Producer
-from fastsfu.rooms import CREATE_ERRORS, ConsumeError, Room, RoomError, RoomKey, RoomMember, Rooms
+from fastsfu.rooms import (
+    CREATE_ERRORS,
+    ConsumeError,
+    RemoteMember,
+    Room,
+    RoomError,
+    RoomKey,
+    RoomMember,
+    Rooms,
+)
 from fastsfu.table_hold import TableHold
 from fastsfu.transport import Transport, TransportError
 from fastsfu.types import RtpCapabilities
@@ -96,10 +105,13 @@ class DiscordMember:
 
     def member_speaking(self, user_id: int, speaking: bool) -> None:
         """A measured member (a browser, a Harmony user) started or stopped speaking: op 5 with
-        the microphone bit, under the SSRC this client receives it as."""
+        the microphone bit, under the SSRC this client receives it as. A member on another node
+        whose client reports its speaking: op 5 with the flags it sent (docs/cluster.md#remote-members)."""
         consumer = self.consumers.get(user_id)
         if consumer is not None:
-            self._announce_speaking(user_id, consumer.ssrc, 1 if speaking else 0)
+            other = self.room.members.get(user_id)
+            flags = other.speaking if isinstance(other, RemoteMember) else None
+            self._announce_speaking(user_id, consumer.ssrc, flags if flags is not None else int(speaking))
 
     # ------------------------------------------------------------------ helpers
 
@@ -151,6 +163,8 @@ def _speaking_of(room: Room, user_id: int) -> int:
     member = room.members.get(user_id)
     if isinstance(member, DiscordMember) and (member.reports_speaking or member.speaking):
         return member.speaking  # what its client said last
+    if isinstance(member, RemoteMember) and member.speaking is not None:
+        return member.speaking  # what its client said last, relayed by its node
     if room.speaking_detection:  # measured: speaking now or not (docs/observers.md#speaking)
         return 1 if user_id in room.speaking_users else 0
     # Not measured: a Harmony user or a silent browser; announce a microphone (bit 1).
@@ -417,6 +431,8 @@ class DiscordVoice(GatewayHandler):
             raise GatewayError(CloseCode.BAD_REQUEST, exc.human_message) from None
         room.add(member)
         member.joined = True
+        if member.reports_speaking:  # what it said before its join, for the room's other nodes
+            room.report_speaking(member, member.speaking)
         return others
 
     def _join(self, member: DiscordMember) -> None:
@@ -442,6 +458,7 @@ class DiscordVoice(GatewayHandler):
                 member.room.speaking_users.add(member.user_id)
             else:
                 member.room.speaking_users.discard(member.user_id)
+            member.room.report_speaking(member, member.speaking)  # to the room's other nodes
         if self._claim_ssrc(member, d["ssrc"]) or not member.joined:
             return  # just announced to the room with this speaking state, or not in it yet
         # Relay to every Discord member, with the SSRC that member receives this user under.
