@@ -132,6 +132,60 @@ def settings_for(
     return Settings(**kw)
 
 
+def srtp_transport(router: Any, cfg: dict[str, Any], p: dict[str, Any]) -> Any:
+    """Participant p's PlainTransport on its SUT port: SRTP with the generator's keys (one per
+    direction), connected to the generator's port."""
+    t = router.create_plain_transport(
+        listen_ip="127.0.0.1",
+        port=p["sut_port"],
+        enable_srtp=True,
+        srtp_crypto_suite=cfg["suite"],
+        srtp_key=bytes.fromhex(p["key_down"]),
+    )
+    t.connect(
+        "127.0.0.1",
+        p["gen_port"],
+        {"cryptoSuite": cfg["suite"], "keyBase64": _b64(bytes.fromhex(p["key_up"]))},
+    )
+    return t
+
+
+def engine_counters(engine: Engine, transports: list[Any]) -> dict[str, Any]:
+    """The final JSON line's forwarding counters, from the engine's stats and these transports."""
+    stats = engine.stats()
+    return {
+        "received": stats["rx_packets"],
+        "forwarded": stats["forwarded_packets"],
+        "decrypt_failures": stats["drops"]["decrypt_failed"]
+        + stats["drops"]["srtp_replay"]
+        + stats["drops"].get("aead_replay", 0),
+        "send_failures": stats["drops"]["send_failed"],
+        "batches": stats["batches"],
+        "drops": {k: v for k, v in stats["drops"].items() if v},
+        # RTCP packets (not compounds) the transports took in: the generator's receiver reports.
+        "rtcp_received": sum(sum(t.rtcp_received.values()) for t in transports),
+        "ok": True,
+    }
+
+
+def pin_cpu(cpu: int, who: str) -> None:
+    """Pin this process to one CPU (-1: leave the affinity alone); a refusal is only reported."""
+    if cpu >= 0:
+        try:
+            os.sched_setaffinity(0, {cpu})
+        except OSError as exc:
+            print(f"{who}: cannot pin to CPU {cpu}: {exc}", file=sys.stderr)
+
+
+def stop_on_signals() -> asyncio.Event:
+    """An event that SIGTERM or SIGINT sets: the harness stops a SUT with SIGTERM."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    return stop
+
+
 async def serve(
     cfg: dict[str, Any],
     stop: asyncio.Event,
@@ -158,19 +212,7 @@ async def serve(
                 dt.select_mode(benchconfig.DISCORD_MODES[cfg["suite"]], key=bytes.fromhex(p["key_up"]))
                 transports.append(dt)
                 continue
-            t = router.create_plain_transport(
-                listen_ip="127.0.0.1",
-                port=p["sut_port"],
-                enable_srtp=True,
-                srtp_crypto_suite=cfg["suite"],
-                srtp_key=bytes.fromhex(p["key_down"]),
-            )
-            t.connect(
-                "127.0.0.1",
-                p["gen_port"],
-                {"cryptoSuite": cfg["suite"], "keyBase64": _b64(bytes.fromhex(p["key_up"]))},
-            )
-            transports.append(t)
+            transports.append(srtp_transport(router, cfg, p))
         params = discord_producer_parameters if discord else producer_parameters
         producers = [t.produce(params(p)) for t, p in zip(transports, cfg["participants"], strict=True)]
         caps = receiver_capabilities(cfg)
@@ -194,21 +236,7 @@ async def serve(
         finally:
             if storm is not None:
                 await storm.close()
-        stats = engine.stats()
-        return {
-            "received": stats["rx_packets"],
-            "forwarded": stats["forwarded_packets"],
-            "decrypt_failures": stats["drops"]["decrypt_failed"]
-            + stats["drops"]["srtp_replay"]
-            + stats["drops"].get("aead_replay", 0),
-            "send_failures": stats["drops"]["send_failed"],
-            "batches": stats["batches"],
-            "drops": {k: v for k, v in stats["drops"].items() if v},
-            # RTCP packets (not compounds) the transports took in: the generator's receiver reports.
-            "rtcp_received": sum(sum(t.rtcp_received.values()) for t in transports),
-            "join_storms": storm.summaries if storm is not None else [],
-            "ok": True,
-        }
+        return {**engine_counters(engine, transports), "join_storms": storm.summaries if storm else []}
 
 
 def _b64(key: bytes) -> str:
@@ -247,23 +275,16 @@ def main(argv: list[str] | None = None) -> int:
         "--observer", action="store_true", help="an active-speaker observer per room over all its producers"
     )
     args = ap.parse_args(argv)
-    if args.cpu >= 0:
-        try:
-            os.sched_setaffinity(0, {args.cpu})
-        except OSError as exc:
-            print(f"sut_fastsfu: cannot pin to CPU {args.cpu}: {exc}", file=sys.stderr)
+    pin_cpu(args.cpu, "sut_fastsfu")
     cfg = benchconfig.load_config(args.config)
     if args.storm_control and benchconfig.is_discord(cfg["suite"]):
         ap.error("--storm-control: SRTP suites only (a Discord suite's participants share the media port)")
 
     async def run() -> dict[str, Any]:
-        loop = asyncio.get_running_loop()
-        stop = asyncio.Event()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
+        stop = stop_on_signals()
         try:
             if stat.S_ISFIFO(os.fstat(0).st_mode):
-                loop.add_reader(0, lambda: os.read(0, 4096) or stop.set())
+                asyncio.get_running_loop().add_reader(0, lambda: os.read(0, 4096) or stop.set())
         except OSError:
             pass
         settings = settings_for(

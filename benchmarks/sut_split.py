@@ -15,7 +15,6 @@ import argparse
 import asyncio
 import json
 import os
-import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import benchconfig  # noqa: E402
-from sut_fastsfu import _b64, producer_parameters, receiver_capabilities, settings_for  # noqa: E402
+import sut_fastsfu as sut  # noqa: E402
 
 from fastsfu import Engine, Settings  # noqa: E402
 from fastsfu.pipe_transport import PipeTransport  # noqa: E402
@@ -72,21 +71,9 @@ async def serve(
         producers: dict[int, Any] = {}
         for p in mine:
             router = routers.get(p["room"]) or routers.setdefault(p["room"], engine.create_router())
-            t = router.create_plain_transport(
-                listen_ip="127.0.0.1",
-                port=p["sut_port"],
-                enable_srtp=True,
-                srtp_crypto_suite=cfg["suite"],
-                srtp_key=bytes.fromhex(p["key_down"]),
-            )
-            t.connect(
-                "127.0.0.1",
-                p["gen_port"],
-                {"cryptoSuite": cfg["suite"], "keyBase64": _b64(bytes.fromhex(p["key_up"]))},
-            )
-            transports[p["id"]] = t
+            t = transports[p["id"]] = sut.srtp_transport(router, cfg, p)
             if p["id"] in senders:  # a stage's listeners have nothing to produce
-                producers[p["id"]] = t.produce(producer_parameters(p))
+                producers[p["id"]] = t.produce(sut.producer_parameters(p))
         # Our end of each pipe, and the producers we send through it.
         pipes: dict[str, PipeTransport] = {}
         offer: dict[str, Any] = {"worker": me, "pipes": {}}
@@ -122,7 +109,7 @@ async def serve(
                     if me in heard_on[prod["participant"]]:
                         far = pipes[key].produce(prod["rtp_parameters"], id=prod["id"])
                         by_participant[prod["participant"]] = far.id
-        caps = receiver_capabilities(cfg)
+        caps = sut.receiver_capabilities(cfg)
         consumers = 0
         for c in cfg["consumers"]:
             if c["receiver"] in transports:
@@ -132,9 +119,7 @@ async def serve(
         # From now on stdin only signals EOF (the harness died): stop then.
         asyncio.get_running_loop().add_reader(0, lambda: os.read(0, 4096) or stop.set())
         await stop.wait()
-        stats = engine.stats()
         pipe_stats = [s for t in pipes.values() for s in t.get_stats()]
-        local = list(transports.values())
         return {
             "worker": me,
             "participants": len(mine),
@@ -142,14 +127,7 @@ async def serve(
             "pipes": len(pipes),
             "pipe_rx_packets": sum(s["rtpPacketsReceived"] for s in pipe_stats),
             "pipe_tx_packets": sum(s["rtpPacketsSent"] for s in pipe_stats),
-            "received": stats["rx_packets"],
-            "forwarded": stats["forwarded_packets"],
-            "decrypt_failures": stats["drops"]["decrypt_failed"] + stats["drops"]["srtp_replay"],
-            "send_failures": stats["drops"]["send_failed"],
-            "batches": stats["batches"],
-            "drops": {k: v for k, v in stats["drops"].items() if v},
-            "rtcp_received": sum(sum(t.rtcp_received.values()) for t in local),
-            "ok": True,
+            **sut.engine_counters(engine, list(transports.values())),
         }
 
 
@@ -163,22 +141,14 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if not 0 <= args.worker < args.workers:
         ap.error("--worker must be in 0..workers-1")
-    if args.cpu >= 0:
-        try:
-            os.sched_setaffinity(0, {args.cpu})
-        except OSError as exc:
-            print(f"sut_split: cannot pin to CPU {args.cpu}: {exc}", file=sys.stderr)
+    sut.pin_cpu(args.cpu, "sut_split")
     cfg = benchconfig.load_config(args.config)
     if benchconfig.is_discord(cfg["suite"]):
         ap.error("the split SUT runs the SRTP suites only")
 
     async def run() -> dict[str, Any]:
-        loop = asyncio.get_running_loop()
-        stop = asyncio.Event()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        settings = settings_for(cfg, args.max_queue_age_ms)
-        return await serve(cfg, args.worker, args.workers, stop, settings)
+        settings = sut.settings_for(cfg, args.max_queue_age_ms)
+        return await serve(cfg, args.worker, args.workers, sut.stop_on_signals(), settings)
 
     counters = asyncio.run(run())
     print(json.dumps(counters), flush=True)

@@ -4,6 +4,8 @@
 # namespace, which has no network. Never downloads a browser through playwright or puppeteer.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck source=scripts/lib/apt.sh
+. scripts/lib/apt.sh
 
 missing=()
 if ! command -v chromium >/dev/null && [ ! -x /usr/lib/chromium/chromium ]; then
@@ -16,13 +18,12 @@ if ! command -v nft >/dev/null; then
     missing+=(nftables)  # the ICE-TCP browser test drops UDP in a namespace (tests/test_ice_tcp_chromium.py)
 fi
 if [ ${#missing[@]} -gt 0 ]; then
-    if [ "$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null; then
+    # Always a failure (never a skip): scripts/test.sh then skips the browser tests outside CI.
+    if ! apt_can_install; then
         echo "browser_setup: ${missing[*]} missing; install (Debian: apt-get install ${missing[*]})" >&2
         exit 1
     fi
-    echo "browser_setup: installing ${missing[*]} (apt-get)"
-    apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+    apt_install browser_setup "${missing[@]}"
 fi
 
 echo "browser_setup: chromium $(command -v chromium || echo /usr/lib/chromium/chromium)"

@@ -3,6 +3,8 @@
 # (benchmarks/pion/, built in GOPATH mode: no module proxy is reachable). Idempotent. In CI
 # (CI=true) a failure is fatal; elsewhere, without root, it says what to install and skips.
 set -euo pipefail
+# shellcheck source=scripts/lib/apt.sh
+. "$(dirname "$0")/lib/apt.sh"
 
 PKGS=(golang-go golang-github-pion-srtp.v2-dev golang-github-pion-rtp-dev)
 GOPATH_DIR=/usr/share/gocode
@@ -13,28 +15,9 @@ have_all() {
 }
 
 if ! have_all; then
-    if [ "$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null; then
-        msg="pion_setup: Go or pion is missing; install them (Debian: apt-get install ${PKGS[*]})"
-        if [ "${CI:-}" = "true" ]; then
-            echo "$msg" >&2
-            exit 1
-        fi
-        echo "$msg; the benchmark's pion peer will be skipped"
-        exit 0
-    fi
-    echo "pion_setup: installing ${PKGS[*]} (apt-get)"
-    # Update the package lists once: first if the packages are not known yet, else only if the
-    # install fails (stale lists point at versions the mirror no longer has).
-    updated=0
-    if ! apt-cache show "${PKGS[@]}" >/dev/null 2>&1; then
-        apt-get update -qq
-        updated=1
-    fi
-    if ! DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${PKGS[@]}" >/dev/null; then
-        [ "$updated" = 1 ] && exit 1
-        apt-get update -qq
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${PKGS[@]}" >/dev/null
-    fi
+    apt_or_skip "pion_setup: Go or pion is missing; install them (Debian: apt-get install ${PKGS[*]})" \
+        "the benchmark's pion peer"
+    apt_install pion_setup "${PKGS[@]}"
     have_all || { echo "pion_setup: packages installed but Go or pion still missing" >&2; exit 1; }
 fi
 

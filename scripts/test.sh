@@ -53,4 +53,4 @@ echo "== wheel: python -m build, auditwheel repair, install in a fresh venv outs
 scripts/wheel_smoke.sh
 
 echo "== tests"
-$PY -m pytest tests -m "not browser" -q -p no:cacheprovider
+$PY -m pytest tests -m "not browser" -q -p no:cacheprovider --durations=25  # CI's log lists the 25 slowest tests

@@ -1,6 +1,8 @@
 """Many hosts on one machine (docs/cluster.md#many-hosts): a 3-server NATS cluster with JetStream on
 127.0.0.1 and `fastsfu serve` nodes on their own loopback addresses (127.0.0.2-4), each pointed at
-every NATS server; bounded start and stop, everything killed at the end whatever happened."""
+every NATS server; bounded start and stop, everything killed at the end whatever happened. Also
+what tests/test_workers.py shares: a `fastsfu serve` subprocess whose output a thread reads, and
+the metrics of several processes scraped until they agree."""
 
 from __future__ import annotations
 
@@ -146,17 +148,16 @@ class NatsCluster:
         return None
 
 
-class FastsfuNode:
-    """One `fastsfu serve --nats ... --nats ...` process on its own loopback address, and what its
-    output says (read by a thread)."""
+class ServeSubprocess:
+    """`fastsfu serve` with the signaling ports chosen by the kernel, no Discord port, no rate
+    limit, the token secret of test_server_ops (no other FASTSFU_* variable), this shutdown grace
+    and `args`; its output (stdout and stderr) is read by a thread."""
 
-    def __init__(self, ip: str, nats_urls: Sequence[str], *extra: str) -> None:
-        self.ip = ip
-        nats_flags = [arg for url in nats_urls for arg in ("--nats", url)]
+    def __init__(self, grace: float, *args: str) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "fastsfu.server.cli", "serve", "--listen-ip", ip]
+            [sys.executable, "-m", "fastsfu.server.cli", "serve"]
             + ["--hrpc-port", "0", "--grpc-port", "0", "--discord-port", "-1", "--rate-limit-burst", "0"]
-            + ["--shutdown-grace", "1", *nats_flags, *extra],
+            + ["--shutdown-grace", str(grace), *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -167,10 +168,6 @@ class FastsfuNode:
         )
         self.lines: queue.Queue[str] = queue.Queue()
         self.output: list[str] = []
-        self.grpc = 0
-        self.metrics = ""
-        self.media = ""
-        self.node_id = ""
         threading.Thread(target=self._read, daemon=True).start()
 
     def _read(self) -> None:
@@ -178,21 +175,46 @@ class FastsfuNode:
         for line in self.proc.stdout:
             self.lines.put(line)
 
-    def wait_ready(self, timeout: float = START_TIMEOUT) -> None:
-        """Read output lines until the metrics URL is announced (the last of the addresses)."""
+    def read_until(self, done: Callable[[], object], timeout: float, failure: str = "") -> None:
+        """Read output lines, each through `take`, until `done()` holds (an AssertionError with
+        `failure` and the output after `timeout` seconds)."""
         deadline = time.monotonic() + timeout
-        while not self.metrics:
+        while not done():
             try:
                 line = self.lines.get(timeout=max(0.01, deadline - time.monotonic()))
             except queue.Empty:
-                raise AssertionError(f"node {self.ip} did not start:\n" + "".join(self.output)) from None
+                raise AssertionError(failure + "".join(self.output)) from None
             self.output.append(line)
-            if m := GRPC.search(line):
-                self.grpc = int(m[2])
-            if m := MEDIA.search(line):
-                self.media = m[1]
-            if m := METRICS.search(line):
-                self.metrics = m[1]
+            self.take(line)
+
+    def take(self, line: str) -> None:
+        """Note what an output line announces (an address, a pid...)."""
+
+
+class FastsfuNode(ServeSubprocess):
+    """One `fastsfu serve --nats ... --nats ...` process on its own loopback address, and what its
+    output says (read by a thread)."""
+
+    def __init__(self, ip: str, nats_urls: Sequence[str], *extra: str) -> None:
+        nats_flags = [arg for url in nats_urls for arg in ("--nats", url)]
+        super().__init__(1, "--listen-ip", ip, *nats_flags, *extra)
+        self.ip = ip
+        self.grpc = 0
+        self.metrics = ""
+        self.media = ""
+        self.node_id = ""
+
+    def take(self, line: str) -> None:
+        if m := GRPC.search(line):
+            self.grpc = int(m[2])
+        if m := MEDIA.search(line):
+            self.media = m[1]
+        if m := METRICS.search(line):
+            self.metrics = m[1]
+
+    def wait_ready(self, timeout: float = START_TIMEOUT) -> None:
+        """Read output lines until the metrics URL is announced (the last of the addresses)."""
+        self.read_until(lambda: self.metrics, timeout, f"node {self.ip} did not start:\n")
 
     def rest(self) -> list[str]:
         """The output lines not read yet (after the process ended: all of them)."""
@@ -290,6 +312,22 @@ async def scrape(http: aiohttp.ClientSession, url: str) -> dict[str, float]:
         return parse_metrics(await resp.text())
 
 
+async def wait_scraped(
+    http: aiohttp.ClientSession,
+    urls: Sequence[str],
+    check: Callable[[list[dict[str, float]]], bool],
+    timeout: float,
+) -> list[dict[str, float]]:
+    """The metrics at `urls` once `check` holds of them (AssertionError with them after `timeout`)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        seen = [await scrape(http, url) for url in urls]
+        if check(seen):
+            return seen
+        assert time.monotonic() < deadline, seen
+        await asyncio.sleep(0.2)
+
+
 async def wait_metrics(
     http: aiohttp.ClientSession,
     nodes: Sequence[FastsfuNode],
@@ -297,13 +335,7 @@ async def wait_metrics(
     timeout: float = 20.0,
 ) -> list[dict[str, float]]:
     """The nodes' metrics once `check` holds of them (AssertionError with them after `timeout`)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        seen = [await scrape(http, node.metrics) for node in nodes]
-        if check(seen):
-            return seen
-        assert time.monotonic() < deadline, seen
-        await asyncio.sleep(0.2)
+    return await wait_scraped(http, [node.metrics for node in nodes], check, timeout)
 
 
 class NodeMember(HarmonyMember):

@@ -656,6 +656,18 @@ class DpyBot(ClientProcess):
                 os.kill(self.proc.pid, signal.SIGUSR1)
 
 
+def voice_ids(guild: int, channel: int, user: int, token: str) -> dict[str, Any]:
+    """The identity keywords of start_dpy_bot / start_djs_client for `user` in (guild, channel),
+    with session ID session-<user> and its `token`."""
+    return {
+        "guild_id": guild,
+        "channel_id": channel,
+        "user_id": user,
+        "session_id": f"session-{user}",
+        "token": token,
+    }
+
+
 def dpy_available() -> bool:
     """True if discord.py 2.7.1 with voice support (PyNaCl, davey) is importable here."""
     try:

@@ -1,14 +1,18 @@
-"""Shared test helpers: producer parameters, client capabilities, an SRTP UDP client, and an
-aiohttp app served on a free loopback port."""
+"""Shared test helpers: producer parameters, client capabilities, an SRTP UDP client, an aiohttp
+app served on a free loopback port, and `fastsfu serve` in a subprocess."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
 import contextlib
+import signal
 import socket
 import ssl
+import subprocess
+import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -48,6 +52,73 @@ async def serve_app(app: web.Application, ssl_context: ssl.SSLContext | None = N
         yield site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
     finally:
         await runner.cleanup()
+
+
+class ServeProcess:
+    """A `fastsfu serve` subprocess and the lines it printed on stdout at start-up."""
+
+    def __init__(self, proc: subprocess.Popen[str]) -> None:
+        self.proc = proc
+        self.lines: list[str] = []
+        self.stopped = False
+
+    def address(self, prefix: str) -> str:
+        """The last word of the start-up line that begins with `prefix` (a URL or host:port)."""
+        for line in self.lines:
+            if line.startswith(prefix):
+                return line.split()[-1]
+        raise AssertionError(f"no {prefix!r} in {self.lines}")
+
+    @property
+    def admin(self) -> str:
+        """The recordings admin endpoint's URL (docs/recording.md)."""
+        return self.address("fastsfu: recordings admin")
+
+    @property
+    def discord_endpoint(self) -> str:
+        """host:port of the Discord voice gateway (announced as ws[s]://127.0.0.1:PORT/?v=8)."""
+        return self.address("fastsfu: Discord voice gateway").split("://", 1)[1].split("/", 1)[0]
+
+    @property
+    def grpc_port(self) -> int:
+        return int(self.address("fastsfu: gRPC").rsplit(":", 1)[1])
+
+    async def stop(self) -> str:
+        """SIGTERM; the exit code must be 0; the log (stderr)."""
+        self.stopped = True
+        self.proc.send_signal(signal.SIGTERM)
+        loop = asyncio.get_running_loop()
+        try:
+            _, err = await loop.run_in_executor(None, lambda: self.proc.communicate(timeout=30))
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            raise
+        assert self.proc.returncode == 0, err[-3000:]
+        return err
+
+
+@contextlib.asynccontextmanager
+async def serve_process(config: Path, ready: str, *extra: str) -> AsyncIterator[ServeProcess]:
+    """`fastsfu serve --config config [extra]`, yielded once it printed a line starting with `ready`
+    (within 20 s); stopped at the end of the block unless the test stopped it (exit code 0)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fastsfu.server.cli", "serve", "--config", str(config), *extra],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    server = ServeProcess(proc)
+    loop = asyncio.get_running_loop()
+    try:
+        while not any(line.startswith(ready) for line in server.lines):
+            line = await asyncio.wait_for(loop.run_in_executor(None, proc.stdout.readline), 20)  # type: ignore[union-attr]
+            if not line:
+                raise AssertionError(f"fastsfu serve exited: {proc.stderr.read() if proc.stderr else ''}")
+            server.lines.append(line.strip())
+        yield server
+    finally:
+        if not server.stopped:
+            await server.stop()
 
 
 def producer_params(ssrc: int, pt: int = OPUS_PT, cname: str = "client") -> dict[str, Any]:

@@ -19,9 +19,15 @@ from typing import Any
 import pytest
 
 aiohttp_web = pytest.importorskip("aiohttp.web")
-playwright_async = pytest.importorskip("playwright.async_api")
+pytest.importorskip("playwright.async_api")
 
-from chromium_helpers import chromium_args, find_chromium, require_bundle, require_loopback_namespace  # noqa: E402
+from chromium_helpers import (  # noqa: E402
+    chromium_args,
+    find_chromium,
+    launched_chromium,
+    require_bundle,
+    require_loopback_namespace,
+)
 from helpers import serve_app  # noqa: E402
 
 from fastsfu import Engine, Settings  # noqa: E402
@@ -163,18 +169,8 @@ async def demo_browser(chromium: str, args: list[str]) -> AsyncIterator[DemoRun]
         mounts = [mount_demo, speaking_mount(rooms, auth.authenticate)]
         async with serve_app(make_app(rooms, auth.authenticate, mounts)) as port:
             run = DemoRun(engine, rooms, auth, port)
-            try:
-                async with playwright_async.async_playwright() as pw:
-                    run.browser = await asyncio.wait_for(
-                        pw.chromium.launch(executable_path=chromium, args=args, timeout=30_000), 40
-                    )
-                    try:
-                        yield run
-                    finally:
-                        await asyncio.wait_for(run.browser.close(), 15)
-            except BaseException:
-                print("\n".join(run.console[-80:]))
-                raise
+            async with launched_chromium(chromium, args, run.console) as run.browser:
+                yield run
 
 
 class DemoRun:

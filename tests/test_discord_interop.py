@@ -10,9 +10,6 @@ import asyncio
 import base64
 import contextlib
 import json
-import signal
-import subprocess
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -26,8 +23,9 @@ from discord_clients import (
     run_dpy_bot,
     start_djs_client,
     start_dpy_bot,
+    voice_ids,
 )
-from helpers import serve_app
+from helpers import ServeProcess, serve_app, serve_process
 
 from fastsfu.harmony.auth import TokenAuth
 
@@ -46,27 +44,9 @@ def require_clients() -> None:
         pytest.fail("tests/discord/node_modules is missing: run scripts/discord_clients_setup.sh")
 
 
-class Server:
-    """`fastsfu serve` in a subprocess with a wss Discord gateway and a room map."""
-
-    def __init__(self, proc: subprocess.Popen[str], lines: list[str]) -> None:
-        self.proc = proc
-        self.lines = lines
-
-    def address(self, prefix: str) -> str:
-        for line in self.lines:
-            if line.startswith(prefix):
-                return line.split()[-1]
-        raise AssertionError(f"no {prefix!r} in {self.lines}")
-
-    @property
-    def discord_endpoint(self) -> str:
-        url = self.address("fastsfu: Discord voice gateway")  # wss://127.0.0.1:PORT/?v=8
-        return url.split("://", 1)[1].split("/", 1)[0]
-
-
 @contextlib.asynccontextmanager
-async def fastsfu_serve(tmp_path: Path) -> AsyncIterator[tuple[Server, Path]]:
+async def fastsfu_serve(tmp_path: Path) -> AsyncIterator[tuple[ServeProcess, Path]]:
+    """`fastsfu serve` with a wss Discord gateway and a room map, and the certificate to trust."""
     cert, key = make_test_certificate(tmp_path)
     config = tmp_path / "fastsfu.toml"
     config.write_text(
@@ -74,39 +54,12 @@ async def fastsfu_serve(tmp_path: Path) -> AsyncIterator[tuple[Server, Path]]:
         f'[discord]\nport = 0\ntls_certificate = "{cert}"\ntls_private_key = "{key}"\nresume_grace = 10\n'
         f'[discord.rooms]\n"{GUILD}" = [{GUILD}, {CHANNEL}]\n'
     )
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "fastsfu.server.cli", "serve", "--config", str(config)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        lines: list[str] = []
-        loop = asyncio.get_running_loop()
-        while not any(line.startswith("fastsfu: Discord voice gateway") for line in lines):
-            line = await asyncio.wait_for(loop.run_in_executor(None, proc.stdout.readline), 20)  # type: ignore[union-attr]
-            if not line:
-                raise AssertionError(f"fastsfu serve exited: {proc.stderr.read() if proc.stderr else ''}")
-            lines.append(line.strip())
-        yield Server(proc, lines), cert
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            out, err = await loop.run_in_executor(None, lambda: proc.communicate(timeout=20))
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            raise
-        assert proc.returncode == 0, err[-3000:]
+    async with serve_process(config, "fastsfu: Discord voice gateway") as server:
+        yield server, cert
 
 
 def ids(user: int) -> dict[str, Any]:
-    return {
-        "guild_id": GUILD,
-        "channel_id": CHANNEL,
-        "user_id": user,
-        "session_id": f"session-{user}",
-        "token": AUTH.mint(user),
-    }
+    return voice_ids(GUILD, CHANNEL, user, AUTH.mint(user))
 
 
 def test_discord_py_and_discordjs_hear_each_other(tmp_path: Path) -> None:
@@ -194,9 +147,8 @@ def test_a_discord_bot_and_a_harmony_user_share_a_mapped_room(tmp_path: Path) ->
 
     async def main() -> None:
         async with fastsfu_serve(tmp_path) as (server, cert):
-            grpc_port = int(server.address("fastsfu: gRPC").rsplit(":", 1)[1])
             voice = VoiceTrack()
-            harmony = HarmonyMember(grpc_port, AUTH.mint(HARMONY_USER), GUILD, CHANNEL, track=voice)
+            harmony = HarmonyMember(server.grpc_port, AUTH.mint(HARMONY_USER), GUILD, CHANNEL, track=voice)
             await harmony.join()
             try:
                 bot = await start_dpy_bot(

@@ -21,6 +21,7 @@ from discord_clients import (
     opus_tone_frames,
     start_djs_client,
     start_dpy_bot,
+    voice_ids,
 )
 from discord_helpers import Observer
 from helpers import serve_app
@@ -39,14 +40,8 @@ GUILD, CHANNEL = 41, 42
 DPY_USER, DJS_USER, OBSERVER = 1001, 1002, 1003
 
 
-def ids(user: int) -> dict[str, object]:
-    return {
-        "guild_id": GUILD,
-        "channel_id": CHANNEL,
-        "user_id": user,
-        "session_id": f"session-{user}",
-        "token": AUTH.mint(user),
-    }
+def ids(user: int) -> dict[str, Any]:
+    return voice_ids(GUILD, CHANNEL, user, AUTH.mint(user))
 
 
 @contextlib.asynccontextmanager

@@ -7,16 +7,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import signal
-import subprocess
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
-from discord_clients import dpy_available, opus_tone_frames, start_dpy_bot
+from discord_clients import dpy_available, opus_tone_frames, start_dpy_bot, voice_ids
+from helpers import ServeProcess, serve_process
 from recording_helpers import (
     ToneTrack,
     check_structure,
@@ -39,68 +37,16 @@ GUILD, CHANNEL = 61, 62  # Discord server GUILD is mapped to the Harmony room (G
 HARMONY_USER, DPY_USER = 3001, 3002
 
 
-class Server:
-    def __init__(self, proc: subprocess.Popen[str], lines: list[str]) -> None:
-        self.proc = proc
-        self.lines = lines
-
-    def address(self, prefix: str) -> str:
-        for line in self.lines:
-            if line.startswith(prefix):
-                return line.split()[-1]
-        raise AssertionError(f"no {prefix!r} in {self.lines}")
-
-    @property
-    def admin(self) -> str:
-        return self.address("fastsfu: recordings admin")
-
-    @property
-    def discord_endpoint(self) -> str:
-        return self.address("fastsfu: Discord voice gateway").split("://", 1)[1].split("/", 1)[0]
-
-    @property
-    def grpc_port(self) -> int:
-        return int(self.address("fastsfu: gRPC").rsplit(":", 1)[1])
-
-    async def stop(self) -> str:
-        """SIGTERM; the exit code must be 0; the log."""
-        self.proc.send_signal(signal.SIGTERM)
-        loop = asyncio.get_running_loop()
-        try:
-            _, err = await loop.run_in_executor(None, lambda: self.proc.communicate(timeout=30))
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            raise
-        assert self.proc.returncode == 0, err[-3000:]
-        return err
-
-
 @contextlib.asynccontextmanager
-async def fastsfu_serve(tmp_path: Path, *extra: str) -> AsyncIterator[Server]:
+async def fastsfu_serve(tmp_path: Path, *extra: str) -> AsyncIterator[ServeProcess]:
     config = tmp_path / "fastsfu.toml"
     config.write_text(
         f'token_secret = "{SECRET}"\nhrpc_port = 0\ngrpc_port = 0\nadmin_token = "{ADMIN}"\n'
         f'[recording]\nenabled = true\ndirectory = "{tmp_path / "rec"}"\n'
         f'[discord]\nport = 0\n[discord.rooms]\n"{GUILD}" = [{GUILD}, {CHANNEL}]\n'
     )
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "fastsfu.server.cli", "serve", "--config", str(config), *extra],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    server = Server(proc, [])
-    loop = asyncio.get_running_loop()
-    try:
-        while not any(line.startswith("fastsfu: recordings admin") for line in server.lines):
-            line = await asyncio.wait_for(loop.run_in_executor(None, proc.stdout.readline), 20)  # type: ignore[union-attr]
-            if not line:
-                raise AssertionError(f"fastsfu serve exited: {proc.stderr.read() if proc.stderr else ''}")
-            server.lines.append(line.strip())
+    async with serve_process(config, "fastsfu: recordings admin", *extra) as server:
         yield server
-    finally:
-        if proc.poll() is None:
-            await server.stop()
 
 
 def headers(token: str = ADMIN) -> dict[str, str]:
@@ -108,14 +54,7 @@ def headers(token: str = ADMIN) -> dict[str, str]:
 
 
 def ids(user: int) -> dict[str, Any]:
-    return {
-        "guild_id": GUILD,
-        "channel_id": CHANNEL,
-        "user_id": user,
-        "session_id": f"session-{user}",
-        "token": AUTH.mint(user),
-        "scheme": "ws",
-    }
+    return {**voice_ids(GUILD, CHANNEL, user, AUTH.mint(user)), "scheme": "ws"}
 
 
 def test_recording_needs_an_admin_token() -> None:
@@ -153,7 +92,7 @@ def test_admin_endpoint_refuses_bad_tokens_and_unknown_rooms(tmp_path: Path) -> 
     asyncio.run(asyncio.wait_for(main(), 60))
 
 
-async def scrape(http: aiohttp.ClientSession, server: Server) -> dict[str, float]:
+async def scrape(http: aiohttp.ClientSession, server: ServeProcess) -> dict[str, float]:
     async with http.get(server.address("fastsfu: metrics")) as resp:
         text = await resp.text()
     out = {}

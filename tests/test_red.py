@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -161,6 +162,31 @@ def test_opus_producer_reaches_red_receiver_as_plain_opus() -> None:
 def test_router_red_needs_opus() -> None:
     with pytest.raises(ortc.OrtcError, match="audio/red needs audio/opus"):
         ortc.generate_router_rtp_capabilities([RED_CODECS[0]])
+
+
+@pytest.mark.parametrize("impl", ["datapath", "reference"])
+def test_red_payload_types_are_checked_against_the_opus_pt_of_each_side(impl: str) -> None:
+    """set_producer_red and set_consumer_red (and the pure-Python reference) take -1 (none) or
+    0..127, but not the Opus PT of that producer or consumer, whose blocks the RED packets carry:
+    the consumer's own Opus PT is refused, the producer's is not."""
+    from reference_forwarder import ReferenceForwarder
+
+    from fastsfu import _rtp
+
+    fw: Any = ReferenceForwarder()
+    if impl == "datapath":
+        fw = _rtp.Datapath(max_sockets=1, max_transports=2, max_producers=1, max_consumers=1)
+    sock = fw.add_socket(-1, socket.AF_INET, False)
+    t_in, t_out = fw.add_transport(sock), fw.add_transport(sock)
+    p = fw.add_producer(t_in, 1111, OPUS, 48000, {})
+    c = fw.add_consumer(p, t_out, 2222, 100, {})
+    for setter, slot, opus_pt in ((fw.set_producer_red, p, OPUS), (fw.set_consumer_red, c, 100)):
+        for bad in (-2, 128, opus_pt):
+            with pytest.raises(ValueError, match="RED payload type must be 0..127"):
+                setter(slot, bad)
+        for good in (RED, 0, 127, -1):
+            setter(slot, good)
+    fw.set_consumer_red(c, OPUS)  # the producer's Opus PT: another number on the consumer's side
 
 
 def test_opus_red_room_policy_routes_red_and_defaults_off() -> None:

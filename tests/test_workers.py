@@ -7,13 +7,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import queue
 import re
 import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -21,10 +19,11 @@ from pathlib import Path
 import aiohttp
 import grpc
 import pytest
+from cluster_helpers import ServeSubprocess, scrape, wait_scraped
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from harmony_client import HarmonyMember
 from nats.js.errors import KeyNotFoundError
-from test_server_ops import SECRET, parse_metrics
+from test_server_ops import SECRET
 
 from fastsfu._proto.protocol.voice.v1 import voice_pb2, voice_pb2_grpc
 from fastsfu.cluster.bus import Bus
@@ -43,54 +42,31 @@ PORTS = re.compile(r"fastsfu: \d+ workers on hRPC (\d+), gRPC (\d+), Discord (-?
 NATS = re.compile(r"fastsfu: nats (nats://\S+) \(embedded\)")
 
 
-class Cluster:
+class Cluster(ServeSubprocess):
     """A `fastsfu serve --workers N` process (2 unless told) and what its output says (read by a
     thread)."""
 
     def __init__(self, *extra: str, workers: int = 2) -> None:
         self.workers = workers
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "fastsfu.server.cli", "serve", "--workers", str(workers)]
-            + ["--hrpc-port", "0", "--grpc-port", "0", "--discord-port", "-1", "--rate-limit-burst", "0"]
-            + ["--shutdown-grace", str(GRACE), *extra],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env={
-                **{k: v for k, v in os.environ.items() if not k.startswith("FASTSFU_")},
-                "FASTSFU_TOKEN_SECRET": SECRET,
-            },
-        )
-        self.lines: queue.Queue[str] = queue.Queue()
-        self.output: list[str] = []
         self.pids: dict[int, int] = {}
         self.metrics: dict[int, str] = {}
         self.hrpc = self.grpc = self.discord = 0
         self.nats = ""
-        threading.Thread(target=self._read, daemon=True).start()
+        super().__init__(GRACE, "--workers", str(workers), *extra)
 
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.put(line)
+    def take(self, line: str) -> None:
+        if m := STARTED.search(line):
+            self.pids[int(m[1])] = int(m[2])
+        if m := METRICS.search(line):
+            self.metrics[int(m[1])] = m[2]
+        if m := PORTS.search(line):
+            self.hrpc, self.grpc, self.discord = int(m[1]), int(m[2]), int(m[3])
+        if m := NATS.search(line):
+            self.nats = m[1]
 
-    def wait_for(self, done: object, timeout: float = 30.0) -> None:
+    def wait_for(self, done: Callable[[], object], timeout: float = 30.0) -> None:
         """Read output lines until `done()` holds (an AssertionError with the output after timeout)."""
-        deadline = time.monotonic() + timeout
-        while not done():  # type: ignore[operator]
-            try:
-                line = self.lines.get(timeout=max(0.01, deadline - time.monotonic()))
-            except queue.Empty:
-                raise AssertionError("".join(self.output)) from None
-            self.output.append(line)
-            if m := STARTED.search(line):
-                self.pids[int(m[1])] = int(m[2])
-            if m := METRICS.search(line):
-                self.metrics[int(m[1])] = m[2]
-            if m := PORTS.search(line):
-                self.hrpc, self.grpc, self.discord = int(m[1]), int(m[2]), int(m[3])
-            if m := NATS.search(line):
-                self.nats = m[1]
+        self.read_until(done, timeout)
 
     def ready(self) -> None:
         self.wait_for(lambda: len(self.metrics) == self.workers and self.hrpc)
@@ -131,22 +107,12 @@ def cluster() -> Iterator[Cluster]:
         c.stop()
 
 
-async def scrape(http: aiohttp.ClientSession, url: str) -> dict[str, float]:
-    async with http.get(url, timeout=aiohttp.ClientTimeout(total=10)) as resp:
-        assert resp.status == 200
-        return parse_metrics(await resp.text())
-
-
 async def wait_metrics(
     http: aiohttp.ClientSession, cluster: Cluster, check: Callable[[list[dict[str, float]]], bool]
 ) -> list[dict[str, float]]:
-    """Both workers' metrics once `check` holds of them (within 15 s: heartbeats are every second)."""
-    deadline = time.monotonic() + 15
-    while True:
-        seen = [await scrape(http, cluster.metrics[i]) for i in (0, 1)]
-        if check(seen) or time.monotonic() > deadline:
-            return seen
-        await asyncio.sleep(0.2)
+    """Both workers' metrics once `check` holds of them (an AssertionError with them after 15 s:
+    heartbeats are every second)."""
+    return await wait_scraped(http, [cluster.metrics[i] for i in (0, 1)], check, 15)
 
 
 def total(seen: list[dict[str, float]], name: str) -> float:

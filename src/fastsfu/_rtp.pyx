@@ -388,6 +388,14 @@ cdef inline int red_parse(const uint8_t *d, int n, uint8_t opus_pt, int *prim_of
     return blocks
 
 
+cdef int red_pt_entry(int red_pt, uint8_t opus_pt) except -1:
+    """The table value for a producer's or consumer's RED PT red_pt (-1: none -> NO_PT); a RED PT
+    must differ from the Opus PT its blocks carry, since the datapath tells them apart by PT."""
+    if not -1 <= red_pt < 128 or red_pt == opus_pt:
+        raise ValueError("RED payload type must be 0..127 (or -1) and not the Opus one")
+    return NO_PT if red_pt < 0 else red_pt
+
+
 # ---------------------------------------------------------------------------------------------
 # RTP header extensions (RFC 8285): parse either form, rewrite IDs per consumer.
 
@@ -1117,17 +1125,13 @@ cdef class Datapath:
         """p may also send audio/red (RFC 2198) with PT red_pt, its blocks in p's Opus PT; -1: not."""
         with self.tables_lock:
             self._check_producer(p)
-            if not -1 <= red_pt < 128 or red_pt == self.producers[p].pt:
-                raise ValueError("RED payload type must be 0..127 (or -1) and not the Opus one")
-            self.producers[p].red_pt = NO_PT if red_pt < 0 else red_pt
+            self.producers[p].red_pt = red_pt_entry(red_pt, self.producers[p].pt)
 
     def set_consumer_red(self, int c, int red_pt) -> None:
         """Forward RED to c as PT red_pt (its blocks in c's Opus PT); -1: unwrap RED to Opus."""
         with self.tables_lock:
             self._check_consumer(c)
-            if not -1 <= red_pt < 128 or red_pt == self.consumers[c].pt:
-                raise ValueError("RED payload type must be 0..127 (or -1) and not the Opus one")
-            self.consumers[c].red_pt = NO_PT if red_pt < 0 else red_pt
+            self.consumers[c].red_pt = red_pt_entry(red_pt, self.consumers[c].pt)
 
     def set_producer_paused(self, int p, bint paused) -> None:
         with self.tables_lock:

@@ -55,7 +55,6 @@ class AdminRelay:
         self._registry = registry
         self.local: LocalAdmin | None = None
         self.counts: Counter[tuple[str, str]] = Counter()  # (op, sent|served)
-        self.dropped = 0  # bad messages on the admin subjects, and bad answers
         self._tasks: set[asyncio.Task[None]] = set()
 
     # ------------------------------------------------------------------ the serving side
@@ -89,8 +88,7 @@ class AdminRelay:
             if until is not None and not isinstance(until, (int, float)):
                 raise ValueError("bad deadline")
         except (ValueError, KeyError, TypeError) as exc:
-            self.dropped += 1  # counted and ignored: the sender's timeout is its answer
-            log.debug("dropped an admin message: %s", exc)
+            bus.drop("admin", exc)  # counted and ignored: the sender's timeout is its answer
             return
         if until is not None and time.time() > until:
             # The asker already answered 503 (e.g. this node was stopped): doing it now would
@@ -187,8 +185,7 @@ class AdminRelay:
             if not isinstance(status, int):
                 raise ValueError("bad status")
         except (ValueError, KeyError) as exc:
-            self.dropped += 1
-            log.debug("dropped an admin answer from %s: %s", node, exc)
+            bus.drop("admin", f"answer from {node}: {exc}")
             return None
         return status, body
 
@@ -215,8 +212,3 @@ class AdminRelayCollector(Collector):
             for way in ("sent", "served", "expired"):
                 relayed.add_metric([op, way], self.relay.counts[op, way])
         yield relayed
-        yield CounterMetricFamily(
-            "fastsfu_cluster_admin_dropped",
-            "Bad messages on the recording admin subjects (requests and answers), ignored",
-            value=self.relay.dropped,
-        )

@@ -27,7 +27,7 @@ from fastsfu.harmony.session import VoiceRooms, VoiceSession
 log = logging.getLogger(__name__)
 
 # The subjects a node listens to.
-DROP_KINDS = ("heartbeat", "bridge_open", "bridge_in", "bridge_out", "room", "pipe")
+DROP_KINDS = ("heartbeat", "bridge_open", "bridge_in", "bridge_out", "room", "pipe", "admin")
 HEARTBEAT_INTERVAL = 1.0  # seconds between two load heartbeats (NODE_TTL is ten of them)
 RETRY_INTERVAL = 1.0  # seconds between two attempts to reach NATS
 PROTOCOLS = ("harmony", "discord")
