@@ -119,7 +119,8 @@ def test_a_draining_home_hands_its_rooms_to_open_nodes(cluster: MultiNode) -> No
     """Rooms homed on A: 61.1 with a member at A and one bridged from C, 61.2 with a stream holding
     it at A, Discord server 62 with a member at A. SIGTERM A (drain grace 4 s): a new member of
     61.1 that reaches B is served by an open node (not A), hears both of A's members and they hear
-    it, until the grace ends; then it hears each of them leave once, and A exits. Coming back
+    it, until the grace ends (a stream reaching A itself then is bridged to an open node); then it
+    hears each of them leave once, and A exits. Coming back
     within A's heartbeat TTL, every one lands on an open node at once: the member of 61.1 (through
     C) joins the newcomer's node and both hear each other; 61.2's member is placed; the Discord
     member's RESUME finds no session (4006) and its IDENTIFY is READY, in the room of a new member.
@@ -150,8 +151,11 @@ def test_a_draining_home_hands_its_rooms_to_open_nodes(cluster: MultiNode) -> No
             await newcomer.until_hears([1, 2], GRACE)
             await at_home.until_hears([3], GRACE)
             await bridged.until_hears([3], GRACE)
+            late = Holder(a, 7, 61, 1)  # reaches the draining node itself: bridged to an open one
+            assert (await late.initialize())[0] == "initialized"
             seen = await wait_metrics(http, cluster.nodes, lambda s: True)
             during = time.monotonic() - t0
+            assert seen[0]['fastsfu_cluster_sessions_total{protocol="harmony",where="bridged"}'] == 1
             # The newcomer is served on B or C; A still serves its members (the grace is not over).
             assert seen[0]["fastsfu_room_members"] == 3
             assert sum(m["fastsfu_room_members"] for m in seen[1:]) == 1, seen
@@ -205,7 +209,7 @@ def test_a_draining_home_hands_its_rooms_to_open_nodes(cluster: MultiNode) -> No
                 await m.leave_cleanly()
             for m in (at_home, bridged):
                 await m.drop()
-            for h in (lone, again):
+            for h in (lone, late, again):
                 await h.close()
             for o in (gone, talker, listener):
                 await asyncio.wait_for(o.close(), 5)
