@@ -15,7 +15,15 @@ from pathlib import Path
 import pytest
 
 from fastsfu.cluster.bus import Bus
-from fastsfu.cluster.placement import NodeLoad, choose_home
+from fastsfu.cluster.placement import (
+    NodeLoad,
+    RoomRecord,
+    choose_home,
+    home_is_valid,
+    rehomed,
+    serving_choice,
+    with_spill,
+)
 from fastsfu.cluster.registry import NODE_TTL, Registry
 from fastsfu.server.supervisor import STORE_OWNER, STORE_PREFIX, EmbeddedNats, sweep_stale_stores
 
@@ -33,6 +41,27 @@ def test_choose_home_is_the_least_loaded_open_node() -> None:
     assert choose_home({"x": NodeLoad("x", 1), "w": NodeLoad("w", 1)}) == "w"  # the same pick everywhere
     assert choose_home({"c": nodes["c"]}) is None
     assert choose_home({}) is None
+
+
+def test_a_draining_node_is_no_home_or_spill_node_for_new_sessions() -> None:
+    """A draining home keeps its sessions but not its rooms (docs/cluster.md#workers): the next
+    session of a room homed there places it again, on its first open spill node or the least-loaded
+    open node; a draining spill node gets no new member and is dropped when the room spills."""
+    nodes = {
+        "a": NodeLoad("a", members=9, draining=True),
+        "b": NodeLoad("b", members=3),
+        "c": NodeLoad("c", members=1),
+        "d": NodeLoad("d", members=0, draining=True),
+    }
+    assert [home_is_valid(n, nodes) for n in ("a", "b", "d", "gone")] == [False, True, False, False]
+    assert rehomed(RoomRecord("a"), nodes) == RoomRecord("c")
+    assert rehomed(RoomRecord("a", ("d", "b", "c")), nodes) == RoomRecord("b", ("c",))
+    assert serving_choice(RoomRecord("a", ("d", "b")), nodes, set()) == "b"
+    assert serving_choice(RoomRecord("b", ("d", "c")), nodes, {"b"}) == "c"
+    assert serving_choice(RoomRecord("b", ("d",)), nodes, {"b"}) is None
+    assert with_spill(RoomRecord("b", ("d",)), nodes, {"b"}) == RoomRecord("b", ("c",))
+    # Every live node drains: no node takes the room.
+    assert rehomed(RoomRecord("a"), {n: nodes[n] for n in "ad"}) is None
 
 
 def test_heartbeats_of_another_version_or_bad_load_are_refused() -> None:
@@ -130,11 +159,20 @@ def test_draining_nodes_get_no_new_rooms_and_a_nats_outage_is_a_clear_error() ->
                 await b.heartbeat(NodeLoad("b", 50))
                 await until(lambda: len(a.nodes()) == 2)
                 assert (await a.home("r1")).home == "b"
-                await b.heartbeat(NodeLoad("b", 0, draining=True))
-                await until(lambda: a.nodes()["b"].draining)
-                assert (await a.home("r1")).home == "b"  # a draining home keeps its rooms
-                with pytest.raises(BusError, match="no node takes new rooms"):
-                    await a.home("r2")
+                # b drains, a opens: r1's next session places it on a (once, whoever asks).
+                await a.heartbeat(NodeLoad("a", 0))
+                await b.heartbeat(NodeLoad("b", 50, draining=True))
+                await until(lambda: a.nodes()["b"].draining and not b.nodes()["a"].draining)
+                moved = await asyncio.gather(a.home("r1"), b.home("r1"))
+                assert {p.home for p in moved} == {"a"} and sum(p.created for p in moved) == 1
+                assert await a.lookup("r1") == "a"
+                # Every node drains: no node takes a room, not even one homed on a live node.
+                await a.heartbeat(NodeLoad("a", 0, draining=True))
+                await until(lambda: b.nodes()["a"].draining)
+                for room in ("r1", "r2"):
+                    with pytest.raises(BusError, match="no node takes new rooms"):
+                        await b.home(room)
+                assert await b.lookup("r1") == "a"  # its members are still there
                 # NATS goes away: placement is a clear, counted error within the request timeout.
                 await server.stop()
                 t0 = asyncio.get_running_loop().time()

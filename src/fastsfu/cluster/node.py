@@ -73,8 +73,9 @@ class Node:
             self.kinds["discord"] = discord_bridge.hosted_factory(gateway)
 
     def _admit(self, key: str) -> bool:
-        """Whether this node takes one more session of room `key` (below its cap)."""
-        return self.spill is None or self.spill.admit(key)
+        """Whether this node takes one more session of room `key`: not while draining (an edge that
+        has not heard it yet then tries another node), and only below its cap."""
+        return not self.draining and (self.spill is None or self.spill.admit(key))
 
     def _session(self, rooms: VoiceRooms, user_id: int, frontend: str, remote: str) -> VoiceSession:
         return RoutedSession(rooms, user_id, frontend, remote, self.edge)
@@ -156,7 +157,8 @@ class Node:
             log.debug("cluster: %s", exc)
 
     async def drain(self) -> None:
-        """Mark this node draining in the registry now (no new rooms are placed here)."""
+        """Mark this node draining in the registry now: no new session comes here (its rooms are
+        placed again on open nodes for their next sessions); the sessions it has go on."""
         self.draining = True
         if self.registry is not None:
             with contextlib.suppress(BusError):

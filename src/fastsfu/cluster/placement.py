@@ -64,10 +64,19 @@ def choose_home(nodes: Mapping[str, NodeLoad]) -> str | None:
     return min(open_nodes, key=lambda n: (n.members, n.rooms, n.node)).node
 
 
+def takes_sessions(node: str, nodes: Mapping[str, NodeLoad]) -> bool:
+    """Whether `node` is alive and open (not draining): the only kind of node a new session of any
+    room goes to, as its home or as a spill node."""
+    load = nodes.get(node)
+    return load is not None and not load.draining
+
+
 def home_is_valid(home: str, nodes: Mapping[str, NodeLoad]) -> bool:
-    """A recorded home still counts while its node is alive (a draining node keeps its rooms until
-    they end; a dead one's rooms are placed again when their members come back)."""
-    return home in nodes
+    """A recorded home counts for new sessions while its node is alive and open. A draining home
+    keeps the sessions it has until its grace ends, but the room's next session places it again
+    (on an open node, joined to the draining one by pipes meanwhile); a dead home's rooms are
+    placed again when their members come back."""
+    return takes_sessions(home, nodes)
 
 
 @dataclass(frozen=True)
@@ -133,18 +142,18 @@ def loads_shallow(data: bytes) -> object:
 
 
 def serving_choice(record: RoomRecord, nodes: Mapping[str, NodeLoad], refused: Set[str]) -> str | None:
-    """The node a new member of the room goes to: the first live one of its nodes (home first)
-    that did not refuse it as full; None when each is gone or full (then the room spills)."""
+    """The node a new member of the room goes to: the first open one of its nodes (home first)
+    that did not refuse it as full; None when each is gone, draining or full (then it spills)."""
     for node in record.nodes:
-        if node in nodes and node not in refused:
+        if takes_sessions(node, nodes) and node not in refused:
             return node
     return None
 
 
 def with_spill(record: RoomRecord, nodes: Mapping[str, NodeLoad], refused: Set[str]) -> RoomRecord | None:
     """The record with one more node: the least-loaded open node that is neither serving the room
-    nor refused it; dead spill nodes are dropped. None if no node is left to take it."""
-    live_spill = tuple(n for n in record.spill if n in nodes)
+    nor refused it; dead or draining spill nodes are dropped. None if no node is left to take it."""
+    live_spill = tuple(n for n in record.spill if takes_sessions(n, nodes))
     taken = {record.home, *live_spill, *refused}
     choice = choose_home({n: load for n, load in nodes.items() if n not in taken})
     if choice is None:
@@ -153,9 +162,9 @@ def with_spill(record: RoomRecord, nodes: Mapping[str, NodeLoad], refused: Set[s
 
 
 def rehomed(record: RoomRecord | None, nodes: Mapping[str, NodeLoad]) -> RoomRecord | None:
-    """A record whose home is gone, given a new one: its first live spill node (its members stay
-    where they are), else the least-loaded open node. None if no node takes rooms."""
-    live_spill = tuple(n for n in record.spill if n in nodes) if record is not None else ()
+    """A record whose home is gone or draining, given a new one: its first open spill node (its
+    members stay where they are), else the least-loaded open node. None if no node takes rooms."""
+    live_spill = tuple(n for n in record.spill if takes_sessions(n, nodes)) if record is not None else ()
     if live_spill:
         return RoomRecord(live_spill[0], live_spill[1:])
     home = choose_home(nodes)

@@ -101,9 +101,10 @@ class Registry:
         return seen[0] if seen is not None else None
 
     async def home(self, room: str) -> Placement:
-        """The room's home: the recorded one while its node lives, else the least-loaded node,
-        written with compare-and-set (a lost race reads the winner's). BusError if NATS fails
-        (retried within PLACE_BUDGET while connected) or no node takes new rooms."""
+        """The room's home for a new session: the recorded one while its node lives and is not
+        draining, else its first open spill node or the least-loaded open node, written with
+        compare-and-set (a lost race reads the winner's). BusError if NATS fails (retried within
+        PLACE_BUDGET while connected) or no node takes new rooms."""
         return await self._retried(lambda: self._place(room))
 
     async def serving(self, room: str, refused: Set[str]) -> str:
@@ -194,12 +195,12 @@ class Registry:
         return record
 
     async def lookup(self, room: str) -> str | None:
-        """The recorded home of `room` while its node lives, without placing it (None: no home).
-        BusError if NATS fails."""
+        """The recorded home of `room` while its node lives (draining or not: its members are
+        there), without placing it (None: no home). BusError if NATS fails."""
         record, _ = await self._read(room)
         if record is None:
             return None
-        return record.home if home_is_valid(record.home, self.nodes()) else None
+        return record.home if record.home in self.nodes() else None
 
     def _count_room(self, node: str) -> None:
         """Count a room just placed on `node` in this view until its next heartbeat, so that rooms

@@ -91,6 +91,9 @@ class ServerConfig:
     header_timeout: float = 10.0
     max_connections_per_address: int = 64
     shutdown_grace: float = 3.0  # seconds SIGTERM waits for sessions to close before cutting them
+    # A node of a cluster (workers or nats): seconds from SIGTERM's NOT_SERVING and draining in the
+    # registry (new sessions go to other nodes) to closing its sessions (docs/cluster.md#workers).
+    drain_grace: float = 1.0
     datapath_thread: bool = True  # forward on a dedicated thread, GIL released (docs/datapath.md)
     max_queue_age_ms: float = 200.0  # drop RTP queued longer than this; 0: never (docs/datapath.md)
     # Nice levels the datapath thread runs ahead of the event loop (docs/datapath.md, "Thread
@@ -235,6 +238,13 @@ OPTIONS = (
         "--shutdown-grace",
         float,
         "seconds SIGTERM waits for sessions to close",
+        minimum=0.0,
+    ),
+    Option(
+        "drain_grace",
+        "--drain-grace",
+        float,
+        "with a cluster: seconds a SIGTERMed node drains (new sessions elsewhere) before closing its own",
         minimum=0.0,
     ),
     Option("workers", "--workers", str, "worker processes (N or auto: one per core)", metavar="N|auto"),

@@ -23,7 +23,7 @@ from typing import Any
 from fastsfu.harmony.auth import TokenAuth, generate_secret
 from fastsfu.server.config import ServerConfig
 from fastsfu.server.logs import announce
-from fastsfu.server.worker import DRAIN_WAIT, WORKER_ENV
+from fastsfu.server.worker import WORKER_ENV
 
 log = logging.getLogger(__name__)
 
@@ -326,7 +326,7 @@ class Supervisor:
                 proc.send_signal(signal.SIGTERM)
         if not running:
             return
-        limit = DRAIN_WAIT + self.config.shutdown_grace + STOP_MARGIN
+        limit = self.config.drain_grace + self.config.shutdown_grace + STOP_MARGIN
         _, pending = await asyncio.wait([asyncio.ensure_future(p.wait()) for p in running], timeout=limit)
         for proc in running:
             if proc.returncode is None:

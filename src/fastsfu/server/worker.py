@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 WORKER_ENV = "FASTSFU_WORKER_INDEX"  # set by the supervisor in each worker's environment
 CONNECT_WAIT = 5.0  # seconds a starting worker waits for NATS before announcing itself anyway
-DRAIN_WAIT = 1.0  # seconds between NOT_SERVING (and draining in the registry) and closing sessions
+DRAIN_WAIT = ServerConfig.drain_grace  # the default seconds between draining and closing sessions
 
 
 class WorkerRole:
@@ -90,12 +90,13 @@ class WorkerRole:
         )
 
     async def drain(self) -> None:
-        """Before sessions close: draining in the registry (no new rooms here), then DRAIN_WAIT
-        seconds for load balancers and edges to see it and NOT_SERVING."""
-        log.info("worker %d draining", self.index)
+        """Before sessions close: draining in the registry (new sessions go to other nodes, the
+        ones here go on), then `drain_grace` seconds for load balancers and edges to see it and
+        NOT_SERVING, and for the rooms homed here to be placed again on open nodes."""
+        log.info("worker %d draining for %g s", self.index, self.config.drain_grace)
         if self.node is not None:
             await self.node.drain()
-        await asyncio.sleep(DRAIN_WAIT)
+        await asyncio.sleep(self.config.drain_grace)
 
     async def close(self) -> None:
         if self._node_task is not None:
