@@ -320,6 +320,7 @@ cdef class AeadContext:
 
 cdef class TableLock:
     cdef Sync *sync
+    cdef bint gc_paused   # the outermost hold turned the garbage collector off
 
 
 cdef class Datapath:

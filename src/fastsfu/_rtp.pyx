@@ -7,6 +7,10 @@ for byte.
 """
 
 from cpython.bytes cimport PyBytes_FromStringAndSize
+
+cdef extern from "Python.h":
+    int PyGC_Enable()                 # both return the collector's previous state (3.10+)
+    int PyGC_Disable()
 from libc.errno cimport EAGAIN, ECONNRESET, EINTR, EPIPE, errno
 from libc.stdint cimport int16_t, int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t, uintptr_t
 from libc.stdlib cimport calloc, free, realloc
@@ -544,17 +548,27 @@ cdef class TableLock:
                 fsfu_add_int(&y.waiters, -1)
             y.gate_held = 1
         y.depth += 1
+        if y.depth == 1:
+            # No garbage collection while the tables are held: a full one (tens of ms in a busy
+            # process) would keep the datapath thread waiting at the gate all that time. It runs
+            # at the next allocation after the hold (docs/datapath.md, "Thread priority").
+            self.gc_paused = PyGC_Disable() == 1
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         cdef Sync *y = self.sync
         cdef bint gate = False
+        cdef bint last
         y.depth -= 1
-        if y.depth == 0 and y.gate_held:
+        last = y.depth == 0
+        if last and y.gate_held:
             y.gate_held = 0
             gate = True
         pthread_mutex_unlock(&y.mu)
         if gate:
             pthread_mutex_unlock(&y.gate)     # wakes the thread sleeping on it
+        if last and self.gc_paused:
+            self.gc_paused = False
+            PyGC_Enable()
         return False
 
     def hand_back(self) -> bool:
