@@ -54,6 +54,7 @@ class Peer:
 
     node: str
     created: float = field(default_factory=time.monotonic)
+    heard: float = field(default_factory=time.monotonic)  # its last word on the room (registry clock)
     announced: dict[int, str] = field(default_factory=dict)  # user -> producer id, as it says
     remote: dict[int, RemoteMember] = field(default_factory=dict)
     inbound: PipeTransport | None = None
