@@ -1,7 +1,8 @@
 """Spill through the real CLI (docs/cluster.md#spill): `fastsfu serve --workers 3` with a cap of 2
 members per room and node, and a Harmony room of 6 aiortc gRPC clients. The room spreads 2/2/2 over
-the three workers, joined by pipes; everyone hears everyone, member events come once each, and a
-leave closes the leaver's piped producers on every node (checked in each worker's metrics)."""
+the three workers, joined by pipes; everyone hears everyone, member events come once each, a
+leave closes the leaver's piped producers on every node, and a spill node whose members all left
+drops out of the room's record and its pipes (checked in each worker's metrics and the bucket)."""
 
 from __future__ import annotations
 
@@ -24,8 +25,9 @@ from test_server_ops import SECRET
 from test_workers import Cluster, scrape
 
 from fastsfu.cluster.bus import Bus
-from fastsfu.cluster.registry import NODE_TTL, NODES_SUBJECT
-from fastsfu.cluster.room_messages import pipe_subject, room_subject
+from fastsfu.cluster.placement import NodeLoad, RoomRecord
+from fastsfu.cluster.registry import NODE_TTL, NODES_SUBJECT, ROOMS_BUCKET
+from fastsfu.cluster.room_messages import RoomEvent, pipe_subject, room_subject
 from fastsfu.harmony.auth import TokenAuth
 
 pytestmark = [pytest.mark.loopback, pytest.mark.slow]
@@ -116,6 +118,52 @@ def column(seen: Metrics, name: str) -> list[float]:
     return sorted(m[name] for m in seen)
 
 
+def pipes(seen: Metrics) -> float:
+    return sum(column(seen, "fastsfu_cluster_pipes"))
+
+
+async def record(url: str, room: str) -> RoomRecord:
+    """The room's record in the rooms bucket."""
+    bus = await Bus.connect(url, "test-record")
+    try:
+        return RoomRecord.decode((await (await bus.bucket(ROOMS_BUCKET)).get(room)).value)
+    finally:
+        await bus.close()
+
+
+async def a_bye_lost(http: aiohttp.ClientSession, cluster: Cluster, room: str) -> None:
+    """A node whose bye was lost (its part of `room` ended while NATS was down, say), played by a
+    bus client: it announces a member of the room, so the worker serving it opens a pipe from it;
+    then it goes on heartbeating without the room, and never says bye. The worker must drop it and
+    its pipe once a heartbeat heard 3 s after its last word on the room does not list the room."""
+    bus = await Bus.connect(cluster.nats, "test-peer")
+    serving = NodeLoad("test-peer", draining=True, served=(room,))  # draining: no room placed on it
+    state = RoomEvent("state", "test-peer", ((99, "p-x"),), hello=True)
+
+    async def beat(load: NodeLoad, event: RoomEvent | None, until: Callable[[Metrics], bool]) -> Metrics:
+        """Heartbeat (and say `event`) every 0.5 s until the workers' metrics show `until`, 15 s at most."""
+        deadline = time.monotonic() + 15
+        while True:
+            await bus.publish(NODES_SUBJECT, load.to_json())
+            if event is not None:
+                await bus.publish(room_subject(room), event.to_json())
+            await asyncio.sleep(0.5)
+            seen = [await scrape(http, cluster.metrics[i]) for i in range(cluster.workers)]
+            if until(seen) or time.monotonic() > deadline:
+                return seen
+
+    try:
+        seen = await beat(serving, state, lambda s: pipes(s) == 1)
+        assert pipes(seen) == 1  # its inbound pipe (the pull itself finds no responder)
+        seen = await beat(NodeLoad("test-peer", draining=True), None, lambda s: pipes(s) == 0)
+        assert pipes(seen) == 0, (
+            "a pipe from a node that left the room",
+            column(seen, "fastsfu_cluster_pipes"),
+        )
+    finally:
+        await bus.close()
+
+
 async def spilled_room(http: aiohttp.ClientSession, cluster: Cluster) -> list[Member]:
     """USERS members joined one by one to one room once every worker sees the others; returned
     once each receives from every other (within 30 s: the asserts say who lacks whom)."""
@@ -201,6 +249,41 @@ def test_a_room_over_the_cap_spills_to_every_worker_and_all_hear_all(cluster3: C
             assert column(after, "fastsfu_cluster_pipe_consumers") == [2, 4, 4]
             assert column(after, "fastsfu_cluster_pipes") == [4] * WORKERS
 
+            # The other member of the leaver's node leaves: that spill node serves none of the room
+            # now. It drops out of the room's record (so the record lists only nodes serving it)
+            # and its pipes close, there and on the two others.
+            spilled = await record(cluster3.nats, "31.41")
+            assert len(spilled.spill) == 2
+            await members[3].leave()
+            stayers.remove(members[3])
+            emptied = await metrics_when(
+                http, cluster3, lambda s: column(s, "fastsfu_cluster_pipes") == [0, 2, 2]
+            )
+            for name in ("fastsfu_room_members", "fastsfu_cluster_pipes", "fastsfu_cluster_remote_members"):
+                assert column(emptied, name) == [0, 2, 2], name
+            deadline, shrunk = time.monotonic() + 10, RoomRecord(spilled.home, spilled.spill[1:])
+            while (now := await record(cluster3.nats, "31.41")) != shrunk:
+                assert time.monotonic() < deadline, (spilled, now)
+                await asyncio.sleep(0.2)
+            # A new member finds the home and the other spill node at their cap: the emptied node
+            # is added again, at the end of the record, and everyone hears the newcomer.
+            newcomer = Member(cluster3.grpc, TokenAuth(SECRET).mint(7), 31, 41)
+            await newcomer.join()
+            stayers.append(newcomer)
+            assert await record(cluster3.nats, "31.41") == RoomRecord(spilled.home, spilled.spill[::-1])
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline and (
+                len(newcomer.receivers) < 4 or any(7 not in m.receivers for m in stayers[:-1])
+            ):
+                await asyncio.sleep(0.1)
+            assert sorted(newcomer.receivers) == [1, 2, 5, 6]
+            for member in stayers[:-1]:
+                assert 7 in member.receivers, member.receivers
+            back = await metrics_when(http, cluster3, lambda s: column(s, "fastsfu_cluster_pipes") == [4] * 3)
+            assert column(back, "fastsfu_room_members") == [1, 2, 2]
+            assert column(back, "fastsfu_cluster_pipes") == [4] * WORKERS
+            assert sum(column(back, "fastsfu_cluster_rooms_spilled_total")) == 3
+
             for member in stayers:
                 await member.leave()
             empty = await metrics_when(
@@ -217,6 +300,11 @@ def test_a_room_over_the_cap_spills_to_every_worker_and_all_hear_all(cluster3: C
             # Nobody heard a member twice or a leave of someone still there.
             for member in stayers:
                 assert set(member.told_left()) <= set(users)
+            # A node that stopped serving a room without a bye heard: its pipe closes all the same.
+            lone = Member(cluster3.grpc, TokenAuth(SECRET).mint(8), 31, 42)
+            await lone.join()
+            await a_bye_lost(http, cluster3, "31.42")
+            await lone.leave()
 
     asyncio.run(asyncio.wait_for(run(), 220))
 

@@ -8,9 +8,16 @@ import asyncio
 import json
 
 import pytest
-from test_cluster_registry import Clock, nats_server, open_registry
+from test_cluster_registry import Clock, nats_server, open_registry, until
 
-from fastsfu.cluster.placement import NodeLoad, RoomRecord, rehomed, serving_choice, with_spill
+from fastsfu.cluster.placement import (
+    NodeLoad,
+    RoomRecord,
+    rehomed,
+    serving_choice,
+    with_spill,
+    without_spill,
+)
 from fastsfu.cluster.registry import ROOMS_BUCKET, RoomFullError
 from fastsfu.cluster.room_messages import (
     MessageError,
@@ -61,6 +68,17 @@ def test_a_room_spills_to_the_least_loaded_open_node_it_does_not_use() -> None:
     gone = {k: v for k, v in NODES.items() if k != "c"}
     assert with_spill(RoomRecord("b", ("c",)), gone, {"b"}) == RoomRecord("b", ("a",))
     assert with_spill(RoomRecord("b", ("c", "a", "e")), NODES, {"b", "c", "a", "e"}) is None
+
+
+def test_an_emptied_spill_node_leaves_the_record_and_may_be_added_again() -> None:
+    record = RoomRecord("b", ("a", "e"))
+    assert without_spill(record, "a") == RoomRecord("b", ("e",))
+    assert without_spill(RoomRecord("b", ("e",)), "e") == RoomRecord("b")  # stored as "b" again
+    assert without_spill(record, "b") is None  # the home stays the home
+    assert without_spill(record, "x") is None  # not in it: nothing to write
+    # A new member finds the others full: the emptied node may be chosen again, at the end.
+    three = {n: NODES[n] for n in ("a", "b", "e")}
+    assert with_spill(RoomRecord("b", ("e",)), three, {"b", "e"}) == RoomRecord("b", ("e", "a"))
 
 
 def test_a_room_whose_home_died_keeps_its_live_spill_nodes() -> None:
@@ -154,7 +172,9 @@ def test_pipe_requests_and_replies_are_validated() -> None:
 def test_nodes_racing_to_spill_a_full_room_agree_on_one_spill_node() -> None:
     """Three registries on one nats-server: the room's home is n1; when it refuses (full), all
     three ask at once and get the same spill node (the least loaded), written once; when that one
-    is full too, the next; when every node refused, RoomFullError."""
+    is full too, the next; when every node refused, RoomFullError. Spill nodes whose part of the
+    room ended leave the record (two at once: both, by compare-and-set), the home stays, and a node
+    that left is added again when a new member needs it."""
 
     async def run() -> None:
         async for url in nats_server():
@@ -175,6 +195,16 @@ def test_nodes_racing_to_spill_a_full_room_agree_on_one_spill_node() -> None:
                 assert await regs[1].serving("7.7", {"n1"}) == "n2"  # filled in order
                 with pytest.raises(RoomFullError):
                     await regs[2].serving("7.7", {"n0", "n1", "n2", "n3"})
+
+                # The room ends on n2 and n3 at once while its home (n1) still serves it: both
+                # leave the record (compare-and-set: the one that lost the race reads and retries).
+                await regs[1].heartbeat(NodeLoad("n1", 2, served=("7.7",)))
+                await until(lambda: all("7.7" in r.nodes()["n1"].served for r in regs))  # noqa: B023
+                assert await asyncio.gather(regs[2].release("7.7"), regs[3].release("7.7")) == [False] * 2
+                assert RoomRecord.decode((await kv.get("7.7")).value) == RoomRecord("n1")
+                assert not await regs[1].leave_spill("7.7")  # the home is no spill node
+                assert await regs[3].serving("7.7", {"n1"}) == "n2"  # the least loaded, added again
+                assert RoomRecord.decode((await kv.get("7.7")).value) == RoomRecord("n1", ("n2",))
             finally:
                 for reg in regs:
                     await reg.bus.close()

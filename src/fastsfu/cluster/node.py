@@ -59,6 +59,7 @@ class Node:
         self.bus: Bus | None = None
         self.registry: Registry | None = None
         self.homes: dict[str, str] = {}  # rooms served here -> their home node
+        self.served: set[str] = set()  # rooms seen served here, until their record is settled
         self.connected = asyncio.Event()
         self.host: BridgeHost | None = None
         self.admin = AdminRelay(node_id, lambda: self.registry)  # recording requests (docs/recording.md)
@@ -145,14 +146,18 @@ class Node:
         """Record the home of every room served here (a placement a dead node held is made again, so
         its rooms move to a live one); release the ones that ended here and are served nowhere else."""
         local = {room_subject_key(room.key) for room in self.rooms}
+        # Kept apart from `homes`: a room that ends before its home could be read (NATS down) is
+        # released all the same, so a spill node leaves the room's record.
+        self.served |= local
         nodes = registry.nodes()
         try:
             for key in local:
                 if self.homes.get(key) not in nodes:
                     self.homes[key] = (await registry.home(key)).home
-            for key in [k for k in self.homes if k not in local]:
+            for key in [k for k in self.served if k not in local]:
                 await registry.release(key)
-                del self.homes[key]
+                self.served.discard(key)
+                self.homes.pop(key, None)
         except BusError as exc:  # tried again at the next heartbeat
             log.debug("cluster: %s", exc)
 

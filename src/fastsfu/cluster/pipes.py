@@ -54,6 +54,7 @@ class Peer:
 
     node: str
     created: float = field(default_factory=time.monotonic)
+    heard: float = field(default_factory=time.monotonic)  # its last word on the room (registry clock)
     announced: dict[int, str] = field(default_factory=dict)  # user -> producer id, as it says
     # user -> (producer paused, speaking flags its client reported or None), as it says
     media: dict[int, tuple[bool, int | None]] = field(default_factory=dict)

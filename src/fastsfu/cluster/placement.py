@@ -161,6 +161,15 @@ def with_spill(record: RoomRecord, nodes: Mapping[str, NodeLoad], refused: Set[s
     return RoomRecord(record.home, (*live_spill, choice))
 
 
+def without_spill(record: RoomRecord, node: str) -> RoomRecord | None:
+    """The record without `node` among its spill nodes (its last member there left), so that the
+    record lists only nodes serving the room; None if `node` is not one of them (a home stays the
+    home). A new member may add it again (`with_spill`)."""
+    if node not in record.spill:
+        return None
+    return RoomRecord(record.home, tuple(n for n in record.spill if n != node))
+
+
 def rehomed(record: RoomRecord | None, nodes: Mapping[str, NodeLoad]) -> RoomRecord | None:
     """A record whose home is gone or draining, given a new one: its first open spill node (its
     members stay where they are), else the least-loaded open node. None if no node takes rooms."""

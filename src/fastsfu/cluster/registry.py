@@ -21,6 +21,7 @@ from fastsfu.cluster.placement import (
     rehomed,
     serving_choice,
     with_spill,
+    without_spill,
 )
 
 log = logging.getLogger(__name__)
@@ -215,9 +216,11 @@ class Registry:
 
     async def release(self, room: str) -> bool:
         """Forget the home of a room that ended here and is served nowhere else (compare-and-set on
-        the revision read, so a placement made meanwhile stays); whether it was removed."""
+        the revision read, so a placement made meanwhile stays); whether it was removed. A room
+        still served elsewhere stays, without this node among its spill nodes."""
         kv = self._kv()
         if self.served_elsewhere(room):
+            await self.leave_spill(room)
             return False
         try:
             entry = await self.bus.call(kv.get(room))
@@ -228,6 +231,19 @@ class Registry:
         except KeyWrongLastSequenceError:
             return False
         return True
+
+    async def leave_spill(self, room: str) -> bool:
+        """Take this node out of the spill nodes of `room` (its last member here left), with
+        compare-and-set, so that the record does not keep nodes that no longer serve the room
+        (docs/cluster.md#spill); whether it did. BusError if NATS fails."""
+        for _ in range(PLACE_ATTEMPTS):
+            record, revision = await self._read(room)
+            shrunk = without_spill(record, self.node) if record is not None else None
+            if shrunk is None:
+                return False
+            if await self._write(room, shrunk, revision) is not None:
+                return True
+        raise BusError(f"room {room}: leaving its spill nodes kept racing")
 
     def _kv(self) -> KeyValue:
         if self._rooms is None:

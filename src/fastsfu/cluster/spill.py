@@ -15,7 +15,7 @@ from typing import Any
 
 from fastsfu.cluster.bus import Bus, BusError
 from fastsfu.cluster.pipes import Peer, PipeCounts, serve_pipe_request
-from fastsfu.cluster.placement import VERSION, room_subject_key
+from fastsfu.cluster.placement import VERSION, NodeLoad, room_subject_key
 from fastsfu.cluster.registry import NODE_TTL, Registry
 from fastsfu.cluster.room_messages import (
     MAX_FLAGS,
@@ -35,6 +35,9 @@ from fastsfu.transport import TransportError
 log = logging.getLogger(__name__)
 
 PIPE_TIMEOUT = 2.0  # seconds for a node to answer a pipe request
+# Seconds after a node's last word on a room from which its heartbeats must list the room: one that
+# no longer does stopped serving it and its bye was lost (e.g. sent while NATS was down).
+BYE_GRACE = 3.0
 
 
 @dataclass
@@ -186,6 +189,7 @@ class Spill:
         peer = link.peers.get(event.node)
         if peer is None:
             peer = link.peers[event.node] = Peer(event.node)
+        peer.heard = self.registry.clock()
         if event.kind == "state":
             peer.announced = dict(event.members)
             peer.media = {}
@@ -348,6 +352,7 @@ class Spill:
         peer = link.peers.get(request.node)
         if peer is None:
             peer = link.peers[request.node] = Peer(request.node)
+        peer.heard = self.registry.clock()
         try:
             outbound, consumers = serve_pipe_request(link.room, peer, request, self.listen_ip, self.pipes)
         except (TransportError, ValueError, RuntimeError) as exc:
@@ -367,15 +372,19 @@ class Spill:
     # ------------------------------------------------------------------ every heartbeat
 
     def tick(self) -> None:
-        """Drop peers whose node is gone (no heartbeat within the TTL): their members leave once
-        and their pipes close. Tell the other nodes of each shared room our members again (a
-        lost message is repaired within a heartbeat), and read the pipes' packet counts."""
+        """Drop peers whose node is gone (no heartbeat within the TTL) or no longer serves the room
+        (its heartbeats stopped listing it, its bye lost): their members leave once and their pipes
+        close. Tell the other nodes of each shared room our members again (a lost message is
+        repaired within a heartbeat), and read the pipes' packet counts."""
         nodes = self.registry.nodes()
         now = time.monotonic()
         for link in list(self.links.values()):
             for peer in list(link.peers.values()):
                 if peer.node not in nodes and now - peer.created > NODE_TTL:
                     log.info("room %s: node %s is gone: its members leave", link.key, peer.node)
+                    self._drop_peer(link, peer.node)
+                elif self._unlisted(link, peer, nodes):
+                    log.info("room %s: node %s no longer serves it: its members leave", link.key, peer.node)
                     self._drop_peer(link, peer.node)
             shared = link.peers or any(
                 link.key in load.served for node, load in nodes.items() if node != self.node
@@ -385,6 +394,18 @@ class Spill:
             for peer in list(link.peers.values()):
                 self._reconcile(link, peer)
         self.pipes.packets()
+
+    def _unlisted(self, link: Link, peer: Peer, nodes: dict[str, NodeLoad]) -> bool:
+        """Whether a heartbeat of `peer`'s live node, heard BYE_GRACE after its last word on the
+        room, does not list the room (one node's messages arrive in order, so a room it opened
+        again is listed in every heartbeat heard after its hello)."""
+        load, heard = nodes.get(peer.node), self.registry.heard_at(peer.node)
+        return (
+            load is not None
+            and heard is not None
+            and heard > peer.heard + BYE_GRACE
+            and link.key not in load.served
+        )
 
     def _peer_ip(self, node: str) -> str:
         load = self.registry.nodes().get(node)
