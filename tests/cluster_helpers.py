@@ -18,7 +18,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,8 @@ from harmony_client import HarmonyMember
 from test_server_ops import SECRET, parse_metrics
 
 from fastsfu._proto.hrpc.v1 import hrpc_pb2
-from fastsfu.cluster.bus import Bus
+from fastsfu.cluster.bus import Bus, KeyNotFoundError
+from fastsfu.cluster.placement import RoomRecord
 from fastsfu.cluster.registry import NODES_SUBJECT, ROOMS_BUCKET
 from fastsfu.harmony.auth import TokenAuth
 from fastsfu.server.supervisor import free_port, nats_server_binary
@@ -409,12 +410,29 @@ def error_identifier(exc: grpc.aio.AioRpcError) -> str:
     return ""
 
 
-async def place(urls: Sequence[str], homes: dict[str, str]) -> None:
-    """Record room homes in the rooms bucket, as a placement would (to choose them in a test)."""
+async def place(urls: Sequence[str], homes: Mapping[str, str | RoomRecord]) -> None:
+    """Record room homes (a node id, or a record with spill nodes) in the rooms bucket, as a
+    placement (or a spill) would: to choose them in a test."""
     bus = await Bus.connect(",".join(urls), "test-place")
     try:
         kv = await bus.bucket(ROOMS_BUCKET)
         for room, node in homes.items():
             await kv.put(room, node.encode())
+    finally:
+        await bus.close()
+
+
+async def records(urls: Sequence[str], rooms: Sequence[str]) -> dict[str, RoomRecord | None]:
+    """The rooms' records in the rooms bucket (None: the room has none)."""
+    bus = await Bus.connect(",".join(urls), "test-records")
+    out: dict[str, RoomRecord | None] = {}
+    try:
+        kv = await bus.bucket(ROOMS_BUCKET)
+        for room in rooms:
+            try:
+                out[room] = RoomRecord.decode((await bus.call(kv.get(room))).value)
+            except KeyNotFoundError:
+                out[room] = None
+        return out
     finally:
         await bus.close()
