@@ -59,6 +59,9 @@ class Health(health_pb2_grpc.HealthServicer):  # type: ignore[misc]  # generated
             if status != last:
                 yield Status(status=status)
                 last = status
+                # Look again before ending: the shutdown may have come while grpc sent that
+                # message (it resumes us only then), and its NOT_SERVING is still owed.
+                continue
             if self.shutting_down:
                 return
             await changed.wait()
