@@ -65,6 +65,11 @@ def test_storm_of_webrtc_and_discord_joins(tmp_path: Path) -> None:
     assert (fixed["phase"], stormy["phase"]) == ("fixed", "fixed_storm")
     # The joiners' own media (Discord RTP, their producers) reaches none of the room's receivers.
     assert stormy["sink_errors"] == {} and stormy["received"] > 0
+    for step in (fixed, stormy):
+        # The storm's sink polls at idle priority, so its latency is to the kernel's arrival
+        # stamps (loadgen.c, klat_*): every counted packet has one, never later than the sink saw it.
+        assert step["klat_count"] == step["received"], step
+        assert 0 < step["kp50_us"] <= step["p50_us"] and step["kp99_us"] <= step["p99_us"], step
     assert res["sut_final"]["ok"] is True and res["sut_final"]["decrypt_failures"] == 0
 
 

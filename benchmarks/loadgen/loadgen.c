@@ -60,6 +60,7 @@ typedef int (*srtp_fn)(void *ctx, void *rtp_hdr, int *len_ptr);
 #define H_FINE 1000
 #define H_SEG 900
 #define H_N (H_FINE + 3 * H_SEG + 1)
+#define CTRL_SLOT 64 /* one SCM_TIMESTAMPNS control message per received datagram */
 
 /* ---- structures shared with Python (ctypes mirrors them; only fixed-width fields) ---- */
 
@@ -72,7 +73,9 @@ typedef struct {
     int32_t payload_size; /* 0 = Opus-like 80..120 bytes, otherwise fixed */
     /* 1: the sink polls without sleeping. A sleeping sink makes every SUT send to it pay a
      * cross-CPU wake-up (an IPI, expensive in a VM), a loopback artefact that a SUT sending to
-     * a NIC never pays and that made the SUT's CPU per packet noisy. */
+     * a NIC never pays and that made the SUT's CPU per packet noisy. 2: polls the same way at
+     * SCHED_IDLE, so it takes only what the CPU's other tasks (the join storm's client) leave;
+     * its latency then comes from the kernel's arrival stamps (lg_result.klat_*). */
     int32_t sink_busy_poll;
     /* 1: SCHED_FIFO sender thread, so its 1 ms ticks preempt a busy sink on the same core. */
     int32_t sender_rt;
@@ -108,6 +111,11 @@ typedef struct {
     /* timing */
     int64_t window_ns, elapsed_ns;
     int32_t sender_rt_ok, pad;
+    /* The same packets' latency to the kernel's arrival stamp in the sink socket (SO_TIMESTAMPNS;
+     * on loopback taken as the SUT's send enqueues it): the SUT's share without the sink's own
+     * scheduling delay, which the join storm's client process on the sink's CPU adds to lat_*. */
+    uint64_t klat_count;
+    int64_t kp50_ns, kp99_ns, kp999_ns, klat_max_ns;
 } lg_result;
 
 typedef struct {
@@ -156,6 +164,7 @@ typedef struct lg {
     int ep;
     uint8_t payload[MAX_PKT + 256];
     uint64_t hist[H_N];
+    uint64_t khist[H_N]; /* kernel arrival stamps (lg_result.klat_*) */
 } lg_t;
 
 typedef struct {
@@ -166,6 +175,25 @@ typedef struct {
 } lg_step;
 
 /* ---- helpers ---- */
+
+static inline int64_t realtime_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
+/* SCM_TIMESTAMPNS of a received datagram (CLOCK_REALTIME ns), 0 when it carries none. */
+static int64_t kernel_stamp(struct msghdr *mh)
+{
+    for (struct cmsghdr *c = CMSG_FIRSTHDR(mh); c != NULL; c = CMSG_NXTHDR(mh, c))
+        if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_TIMESTAMPNS) {
+            struct timespec ts;
+            memcpy(&ts, CMSG_DATA(c), sizeof ts);
+            return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+        }
+    return 0;
+}
 
 static inline int64_t now_ns(void)
 {
@@ -267,7 +295,7 @@ static int64_t hist_upper_ns(int i)
 }
 
 /* Upper edge of the bucket holding the q-quantile, clamped to the exact maximum. */
-static int64_t hist_quantile(const lg_t *g, uint64_t count, double q, int64_t max_ns)
+static int64_t hist_quantile(const uint64_t *hist, uint64_t count, double q, int64_t max_ns)
 {
     if (count == 0)
         return -1;
@@ -278,7 +306,7 @@ static int64_t hist_quantile(const lg_t *g, uint64_t count, double q, int64_t ma
         rank = count;
     uint64_t acc = 0;
     for (int i = 0; i < H_N; i++) {
-        acc += g->hist[i];
+        acc += hist[i];
         if (acc >= rank) {
             int64_t v = hist_upper_ns(i);
             return v < max_ns ? v : max_ns;
@@ -451,7 +479,7 @@ static int seq_track(lg_sub *s, uint16_t seq)
     return SEQ_REORDER;
 }
 
-static void sink_packet(lg_step *st, int rcv, uint8_t *b, int len, int64_t now)
+static void sink_packet(lg_step *st, int rcv, uint8_t *b, int len, int64_t now, int64_t karrival)
 {
     lg_t *g = st->g;
     lg_result *r = &st->res;
@@ -527,6 +555,13 @@ static void sink_packet(lg_step *st, int rcv, uint8_t *b, int len, int64_t now)
             r->lat_count++;
             r->lat_sum_ns += lat;
             g->hist[hist_index(lat)]++;
+            if (karrival > 0) {
+                int64_t klat = karrival - stamp;
+                r->klat_count++;
+                if (klat > r->klat_max_ns)
+                    r->klat_max_ns = klat;
+                g->khist[hist_index(klat)]++;
+            }
         }
     } else {
         r->out_of_window++;
@@ -552,13 +587,19 @@ static void *receiver_main(void *arg)
     struct iovec *iov = calloc(RX_BATCH, sizeof *iov);
     uint8_t *bufs = aligned_alloc(64, (size_t)RX_BATCH * SLOT);
     struct epoll_event evs[256];
-    if (!msgs || !iov || !bufs)
+    uint8_t *ctrl = calloc(RX_BATCH, CTRL_SLOT);
+    if (!msgs || !iov || !bufs || !ctrl)
         goto out;
     for (int i = 0; i < RX_BATCH; i++) {
         iov[i].iov_base = bufs + (size_t)i * SLOT;
         iov[i].iov_len = SLOT;
         msgs[i].msg_hdr.msg_iov = &iov[i];
         msgs[i].msg_hdr.msg_iovlen = 1;
+        msgs[i].msg_hdr.msg_control = ctrl + (size_t)i * CTRL_SLOT;
+    }
+    if (st->prm.sink_busy_poll == 2) {
+        struct sched_param sp = {.sched_priority = 0};
+        pthread_setschedparam(pthread_self(), SCHED_IDLE, &sp);
     }
     for (;;) {
         int64_t now = now_ns();
@@ -569,14 +610,20 @@ static void *receiver_main(void *arg)
         for (int e = 0; e < n; e++) {
             int rcv = (int)evs[e].data.u32;
             for (int it = 0; it < RX_MAX_BATCHES_PER_WAKE; it++) {
+                for (int k = 0; k < RX_BATCH; k++)
+                    msgs[k].msg_hdr.msg_controllen = CTRL_SLOT; /* the kernel shrinks it */
                 int got = recvmmsg(g->p[rcv].fd, msgs, RX_BATCH, MSG_DONTWAIT, NULL);
                 if (got <= 0)
                     break;
-                /* One clock read per batch: the time this sink saw these packets. */
-                int64_t t = now_ns();
+                /* One clock read per batch: the time this sink saw these packets. The kernel's
+                 * stamps are CLOCK_REALTIME: shift them by the clocks' offset read now. */
+                int64_t t = now_ns(), to_mono = t - realtime_ns();
                 st->res.rx_batches++;
-                for (int k = 0; k < got; k++)
-                    sink_packet(st, rcv, bufs + (size_t)k * SLOT, (int)msgs[k].msg_len, t);
+                for (int k = 0; k < got; k++) {
+                    int64_t karrival = kernel_stamp(&msgs[k].msg_hdr);
+                    sink_packet(st, rcv, bufs + (size_t)k * SLOT, (int)msgs[k].msg_len, t,
+                                karrival > 0 ? karrival + to_mono : 0);
+                }
                 if (got < RX_BATCH)
                     break;
             }
@@ -586,6 +633,7 @@ out:
     free(msgs);
     free(iov);
     free(bufs);
+    free(ctrl);
     return NULL;
 }
 
@@ -691,6 +739,9 @@ lg_t *lg_create(int n, const uint16_t *gen_ports, const uint16_t *sut_ports, con
             if (setsockopt(p->fd, SOL_SOCKET, SO_RCVBUFFORCE, &rcvbuf, sizeof rcvbuf) != 0)
                 setsockopt(p->fd, SOL_SOCKET, SO_RCVBUF, &rcvbuf, sizeof rcvbuf);
         }
+        /* Arrival stamps for lg_result.klat_*: best effort, the sink still has its own clock. */
+        int on = 1;
+        setsockopt(p->fd, SOL_SOCKET, SO_TIMESTAMPNS, &on, sizeof on);
         struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons(gen_ports[i])};
         a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
         if (bind(p->fd, (struct sockaddr *)&a, sizeof a) != 0) {
@@ -756,6 +807,7 @@ int lg_run_step(lg_t *g, const lg_params *prm, lg_result *res, lg_sub_result *su
     st.g = g;
     st.prm = *prm;
     memset(g->hist, 0, sizeof g->hist);
+    memset(g->khist, 0, sizeof g->khist);
     for (int i = 0; i < g->n; i++)
         g->p[i].sent_window = 0;
     for (int c = 0; c < g->n_cons; c++)
@@ -788,10 +840,13 @@ int lg_run_step(lg_t *g, const lg_params *prm, lg_result *res, lg_sub_result *su
         r->expected += s->r.expected;
         subs[c] = s->r;
     }
-    r->p50_ns = hist_quantile(g, r->lat_count, 0.50, r->lat_max_ns);
-    r->p90_ns = hist_quantile(g, r->lat_count, 0.90, r->lat_max_ns);
-    r->p99_ns = hist_quantile(g, r->lat_count, 0.99, r->lat_max_ns);
-    r->p999_ns = hist_quantile(g, r->lat_count, 0.999, r->lat_max_ns);
+    r->p50_ns = hist_quantile(g->hist, r->lat_count, 0.50, r->lat_max_ns);
+    r->p90_ns = hist_quantile(g->hist, r->lat_count, 0.90, r->lat_max_ns);
+    r->p99_ns = hist_quantile(g->hist, r->lat_count, 0.99, r->lat_max_ns);
+    r->p999_ns = hist_quantile(g->hist, r->lat_count, 0.999, r->lat_max_ns);
+    r->kp50_ns = hist_quantile(g->khist, r->klat_count, 0.50, r->klat_max_ns);
+    r->kp99_ns = hist_quantile(g->khist, r->klat_count, 0.99, r->klat_max_ns);
+    r->kp999_ns = hist_quantile(g->khist, r->klat_count, 0.999, r->klat_max_ns);
     r->window_ns = prm->duration_ns;
     r->elapsed_ns = now_ns() - st.start;
     *res = *r;

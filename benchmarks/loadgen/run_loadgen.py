@@ -90,6 +90,8 @@ class LgResult(ctypes.Structure):
         *[(n, _I64) for n in ("window_ns", "elapsed_ns")],
         ("sender_rt_ok", ctypes.c_int32),
         ("pad", ctypes.c_int32),
+        ("klat_count", _U64),
+        *[(n, _I64) for n in ("kp50_ns", "kp99_ns", "kp999_ns", "klat_max_ns")],
     ]
 
 
@@ -207,6 +209,9 @@ class StepResult:
         def us(ns: int) -> float | None:
             return None if ns < 0 or r["lat_count"] == 0 else round(ns / 1000, 1)
 
+        def kus(ns: int) -> float | None:
+            return None if ns < 0 or r["klat_count"] == 0 else round(ns / 1000, 1)
+
         return {
             "rate": round(self.rate, 3),
             "duration_s": self.duration_s,
@@ -223,6 +228,12 @@ class StepResult:
             "p90_us": us(r["p90_ns"]),
             "p99_us": us(r["p99_ns"]),
             "p999_us": us(r["p999_ns"]),
+            # The same packets to the kernel's arrival stamp (loadgen.c, lg_result.klat_*): the
+            # sink's own scheduling delay left out.
+            "kp50_us": kus(r["kp50_ns"]),
+            "kp99_us": kus(r["kp99_ns"]),
+            "kp999_us": kus(r["kp999_ns"]),
+            "klat_count": r["klat_count"],
             "lat_min_us": us(r["lat_min_ns"]),
             "lat_max_us": us(r["lat_max_ns"]),
             "lat_mean_us": round(r["lat_sum_ns"] / r["lat_count"] / 1000, 1) if r["lat_count"] else None,
@@ -387,7 +398,7 @@ class LoadGen:
         verify_every: int = 16,
         payload_size: int = 0,
         cpu: int | None = GEN_CPU,
-        busy_poll: bool = True,
+        busy_poll: bool | int = True,
         sender_rt: bool = True,
         speakers: int = 0,
         rtcp_interval: float = 0.0,
@@ -400,7 +411,7 @@ class LoadGen:
         `rtcp_interval` s (SRTP suites only; 5 s is libwebrtc's audio report interval).
         The calling thread is pinned to `cpu` for the call (both C threads inherit it) and
         restored afterwards, so importing this module from pytest does not pin the test run.
-        busy_poll/sender_rt: see lg_params in loadgen.c.
+        busy_poll/sender_rt: see lg_params in loadgen.c (busy_poll 2: polling at SCHED_IDLE).
         """
         if self._handle is None:
             raise HarnessError("LoadGen is closed")
