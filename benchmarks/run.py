@@ -674,9 +674,10 @@ def storm_report(summary: dict[str, Any]) -> list[str]:
             "spans also hold waits for the core and for the GIL). Setup: the client's wall time from its "
             "first request to consuming the room (WebRTC: the produce answer; Discord: SPEAKING for every "
             "member). Each joiner's consumers add the room's streams to the SUT's work while it stays, "
-            "which the fwd pps column (the room's own) leaves out. Kernel-stamped: the same packets' latency "
-            "to the kernel's arrival stamp in the sink's socket (taken on loopback as the SUT's send "
-            "enqueues the datagram), without the sink's own wake-up on the CPU it shares with the storm client.",
+            "which the fwd pps column (the room's own) leaves out. Kernel-stamped: the same packets' "
+            "latency to the kernel's arrival stamp in the sink's socket (taken on loopback as the SUT's "
+            "send enqueues the datagram), without the sink's own delay on the CPU it shares with the "
+            "storm client.",
             "",
         ]
     return lines
