@@ -30,6 +30,7 @@ from join_storm import StormServer  # noqa: E402
 
 from fastsfu import Engine, Settings, ortc  # noqa: E402
 from fastsfu.server.config import ServerConfig  # noqa: E402
+from fastsfu.server.gc_health import freeze_startup_heap  # noqa: E402
 
 
 def producer_parameters(p: dict[str, Any]) -> dict[str, Any]:
@@ -230,6 +231,9 @@ async def serve(
             # The participants are the room's users 1..n.
             parts = zip(producers, cfg["participants"], strict=True)
             await storm.start([(i + 1, pr) for i, (pr, p) in enumerate(parts) if p["room"] == 0])
+        # As `fastsfu serve` does once started (docs/operations.md): the start-up heap out of the
+        # collector's reach, so a full collection during a storm walks only the live joins.
+        freeze_startup_heap()
         print("READY", flush=True)
         try:
             await stop.wait()
