@@ -145,6 +145,30 @@ def test_nodes_race_to_place_rooms_and_exactly_one_wins_each() -> None:
 
 
 @pytest.mark.timeout(60)
+def test_a_subscription_hears_what_another_node_publishes_right_after_it() -> None:
+    """Bus.subscribe returns once the server has the interest: nats-py's flush() alone could come
+    back before the queued SUB reached the server, and a heartbeat another node sent then was lost
+    to the new subscriber for good (about one attempt in eight here)."""
+
+    async def run() -> None:
+        async for url in nats_server():
+            listener, speaker = await Bus.connect(url, "listener"), await Bus.connect(url, "speaker")
+            try:
+                for attempt in range(40):
+                    heard: list[object] = []
+                    subject = f"test.race.{attempt}"
+                    await listener.subscribe(subject, "test", heard.append)
+                    await speaker.publish(subject, {"v": 1, "attempt": attempt})
+                    await until(lambda: heard, timeout=2.0)  # noqa: B023
+                    assert heard == [{"v": 1, "attempt": attempt}]
+            finally:
+                await listener.close()
+                await speaker.close()
+
+    asyncio.run(asyncio.wait_for(run(), 50))
+
+
+@pytest.mark.timeout(60)
 def test_draining_nodes_get_no_new_rooms_and_a_nats_outage_is_a_clear_error() -> None:
     from fastsfu.cluster.bus import BusError
 

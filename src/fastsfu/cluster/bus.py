@@ -183,7 +183,16 @@ class Bus:
                 self.drop(kind, exc)
 
         await self.nc.subscribe(subject, cb=on_msg)
-        await self.call(self.nc.flush(timeout=round(REQUEST_TIMEOUT)))  # the server has the interest now
+        await self.flush(REQUEST_TIMEOUT)  # the server has the interest now
+
+    async def flush(self, timeout: float) -> None:
+        """Return once the server has every command given so far (BusError if not in `timeout` s
+        per round trip). nats-py writes flush()'s PING straight to the socket, ahead of commands
+        still queued for its flusher task (a SUB, a PUB), so its PONG can come back before they
+        arrive: another node's message published in between then misses a new subscription. The
+        flusher runs before that PONG is read, so a second round trip follows the queued commands."""
+        for _ in range(2):
+            await self.call(self.nc.flush(timeout=max(1, round(timeout))))
 
     async def close(self) -> None:
         """Drain (flush what is pending) when connected, else just close."""

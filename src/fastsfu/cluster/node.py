@@ -169,7 +169,7 @@ class Node:
             with contextlib.suppress(BusError):
                 await self.registry.heartbeat(self.load())
                 assert self.bus is not None
-                await self.bus.nc.flush(timeout=1)
+                await self.bus.flush(1)
 
     async def close(self) -> None:
         if self.spill is not None:

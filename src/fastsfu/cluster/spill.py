@@ -158,7 +158,7 @@ class Spill:
 
         try:
             sub = await self.bus.call(self.bus.nc.subscribe(room_subject(link.key), cb=on_message))
-            await self.bus.call(self.bus.nc.flush(timeout=2))
+            await self.bus.flush(2)
         except BusError as exc:
             log.info("room %s: cannot follow its other nodes: %s", link.key, exc)
             return
