@@ -20,6 +20,7 @@ import os
 import statistics
 import sys
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,8 +86,17 @@ class LoopMeter:
             record.cpu_s += time.thread_time() - c
             self.current = None
 
-    def wrap(self, record: JoinRecord, fn: Callable[..., Any]) -> Callable[..., Any]:
-        return lambda *args: self.call(record, fn, *args)
+    def wrap(self, record: JoinRecord, method: Callable[..., Any]) -> Callable[..., Any]:
+        """`method`, a bound method, timed for `record`. Held weakly: the wrapper is stored on the
+        method's own object, and a strong reference would make each transport a reference cycle
+        left to the garbage collector, which fastsfu's own code avoids."""
+        weak = weakref.WeakMethod(method)
+
+        def timed(*args: Any) -> Any:
+            fn = weak()
+            return None if fn is None else self.call(record, fn, *args)
+
+        return timed
 
     def scheduler(
         self, schedule: Callable[[Callable[[], None]], object]
