@@ -34,6 +34,7 @@ from test_workers import Cluster, OwnConnectionMember, kill, scrape, total, wait
 
 from fastsfu.cluster.bus import Bus
 from fastsfu.cluster.discord_bridge import CLOSE_SUBJECT
+from fastsfu.cluster.node import HEARTBEAT_INTERVAL
 from fastsfu.cluster.registry import NODE_TTL
 from fastsfu.harmony.auth import TokenAuth
 from fastsfu.server.worker import DRAIN_WAIT
@@ -233,6 +234,11 @@ def test_a_draining_edge_hands_its_discord_sockets_to_the_other_worker(
     asyncio.run(asyncio.wait_for(run(), 80))
 
 
+# The IDENTIFY goes out by then after the SIGSTOP: the home's last heartbeat is at most a
+# HEARTBEAT_INTERVAL older, so the home is still alive in the registry when the edge looks.
+IDENTIFY_BY = NODE_TTL - 2 * HEARTBEAT_INTERVAL
+
+
 @pytest.mark.timeout(90)
 def test_a_bridge_open_that_times_out_closes_with_4000(discord_cluster: DiscordCluster) -> None:
     """The room's home is alive in the registry but does not answer (SIGSTOP): an IDENTIFY that
@@ -244,20 +250,25 @@ def test_a_bridge_open_that_times_out_closes_with_4000(discord_cluster: DiscordC
             await both_nodes(http, cluster)
             first, edge, home = await bridged_observer(http, cluster, "78", 1)
             os.kill(cluster.pids[home], signal.SIGSTOP)
+            stopped = time.monotonic()
             try:
                 ws = None
-                for _ in range(12):  # sockets queued at the stopped worker get no HELLO
-                    try:  # the TLS handshake waits for the stopped worker too
-                        candidate = await asyncio.wait_for(http.ws_connect(cluster.url, ssl=cluster.tls), 2)
-                        hello = await candidate.receive_json(timeout=1)
+                # Sockets queued at the stopped worker get no HELLO (their TLS handshake waits for
+                # it too): short tries, each a new socket that lands on either worker, and all of
+                # them well within NODE_TTL, after which the stopped home would count as gone and
+                # the room be placed again (on the running worker: no bridge, no 4000).
+                while ws is None and time.monotonic() < stopped + IDENTIFY_BY - 1:
+                    try:
+                        candidate = await asyncio.wait_for(http.ws_connect(cluster.url, ssl=cluster.tls), 0.6)
+                        hello = await candidate.receive_json(timeout=0.6)
                     except (TimeoutError, aiohttp.ClientError):
                         continue
                     assert hello["op"] == 8
                     ws = candidate
-                    break
                 assert ws is not None, "no socket reached the running worker"
                 d = {"server_id": "78", "user_id": "3", "session_id": "s-3", "token": AUTH.mint(3)}
                 t0 = time.monotonic()
+                assert t0 < stopped + IDENTIFY_BY, "too late: the stopped home may count as gone"
                 await ws.send_json({"op": 0, "d": d})
                 assert await closed_with(ws, 10) == UNAVAILABLE
                 assert 2.5 < time.monotonic() - t0 < 6
