@@ -217,7 +217,7 @@ def test_bad_tcp_peers_are_closed_and_counted() -> None:
                 s.close()
 
             garbage = conn()
-            garbage.send_raw(os.urandom(1) + b"\xff" + os.urandom(200))  # length >= 0xff00: too long
+            garbage.send_raw(b"\xff" + os.urandom(1) + os.urandom(200))  # length >= 0xff00: too long
             dtls_first = conn()
             dtls_first.sendto(b"\x16\xfe\xfd" + os.urandom(60))  # not a Binding request
             huge = conn()
